@@ -49,7 +49,11 @@ class LocalChatModel(BaseChatModel):
         top_p: nucleus sampling when temperature > 0.
         seed: seeds sampling, so sampled answers are reproducible.
         max_retries: structured output's retries after the first try.
-        field_max_tokens: the token budget of one free-text field in structured output.
+        field_max_tokens: the token budget of one non-string field (number, list, object) in
+            structured output; an answer cut off by it is retried.
+        field_max_chars: the longest top-level string field in structured output. The grammar closes
+            the string by then and the token budget covers that many characters, so a string answer
+            is never cut off.
         timeout: seconds to wait for one answer before raising TimeoutError.
     """
 
@@ -61,6 +65,7 @@ class LocalChatModel(BaseChatModel):
     seed: int | None = 0
     max_retries: int = 2
     field_max_tokens: int = 160
+    field_max_chars: int = 400
     timeout: float = 300.0
     _engine: LocalEngine | None = PrivateAttr(default=None)
 
@@ -264,15 +269,23 @@ class LocalChatModel(BaseChatModel):
             value_schema = dict(field_schema)
             if "$defs" in schema:
                 value_schema["$defs"] = schema["$defs"]
+            budget = self.field_max_tokens
+            if value_schema.get("type") == "string" and "enum" not in value_schema:
+                # Every token holds at least one character: the space and two quotes, plus at most
+                # field_max_chars tokens, always fit.
+                value_schema["maxLength"] = min(
+                    value_schema.get("maxLength", self.field_max_chars), self.field_max_chars
+                )
+                budget = value_schema["maxLength"] + 3
             generation = self.engine.generate(
                 prompt_ids + self.engine.tokenizer.encode(text, add_special_tokens=False),
-                max_new_tokens=self.field_max_tokens,
+                max_new_tokens=budget,
                 grammar=self.engine.compile_json_schema(value_schema, leading_space=True),
                 timeout=self.timeout,
                 **sampling,
             )
             if generation.finish_reason != "stop":
-                raise _RetryableOutput(f"field {name!r} ran past {self.field_max_tokens} tokens")
+                raise _RetryableOutput(f"field {name!r} ran past {budget} tokens")
             text += generation.text
         return text + "}"
 

@@ -12,6 +12,7 @@ Two parts, top to bottom:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import importlib.util
 import json
@@ -261,11 +262,22 @@ class LocalEngine:
         self.eos_ids = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
         self.vocab_size = model.config.vocab_size
         self._queue: queue.Queue = queue.Queue()
+        # How many requests the worker served in how many model calls: batches < requests means
+        # concurrent callers really shared forward passes.
+        self.stats = {"requests": 0, "batches": 0}
         self._grammar_compiler = None
         self._grammar_cache: dict[tuple[str, bool], object] = {}
         self._grammar_lock = threading.Lock()
         self._worker = threading.Thread(target=self._serve, name="selfsteer-llm", daemon=True)
         self._worker.start()
+        # Stop the worker before the interpreter tears down torch under it (which aborts the process).
+        atexit.register(self.close)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker thread once the requests already queued are done."""
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout)
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -298,6 +310,8 @@ class LocalEngine:
         an already compiled xgrammar grammar instead."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if not self._worker.is_alive():
+            raise RuntimeError("the local engine is closed")
         if json_schema is not None:
             grammar = self.compile_json_schema(json_schema)
         requests = [
@@ -372,9 +386,15 @@ class LocalEngine:
                     pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            key = pending[0].batch_key()
-            batch = [r for r in pending if r.batch_key() == key][: self.max_batch]
-            pending = [r for r in pending if r not in batch]
+            if pending[0] is None:  # close(): everything queued before it has been served
+                return
+            candidates = pending[: pending.index(None)] if None in pending else pending
+            key = candidates[0].batch_key()
+            batch = [r for r in candidates if r.batch_key() == key][: self.max_batch]
+            taken = {id(r) for r in batch}
+            pending = [r for r in pending if id(r) not in taken]
+            self.stats["requests"] += len(batch)
+            self.stats["batches"] += 1
             try:
                 if key[0] == "score":
                     self._run_scores(batch)

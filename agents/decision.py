@@ -1,0 +1,33 @@
+"""The supervisor's decision about the learning rate: what it does, and why."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+MAX_EXPLANATION_WORDS = 100
+
+
+class LRDecision(BaseModel):
+    """Double, halve or keep the learning rate, with a short explanation."""
+
+    action: Literal["double", "halve", "keep"] = Field(description="what to do with the learning rate")
+    explanation: str = Field(
+        default="",
+        max_length=800,
+        description=f"why, in at most {MAX_EXPLANATION_WORDS} words",
+    )
+
+    @field_validator("explanation")
+    @classmethod
+    def _short(cls, text: str) -> str:
+        if len(text.split()) > MAX_EXPLANATION_WORDS:
+            raise ValueError(f"the explanation must have at most {MAX_EXPLANATION_WORDS} words")
+        return text.strip()
+
+
+def keep_decision(reason: BaseException | str | None = None) -> LRDecision:
+    """The safe action when no valid decision could be had: leave the learning rate alone."""
+    detail = f": {reason}" if reason else ""
+    return LRDecision(action="keep", explanation=f"fallback (no valid decision{detail})"[:800])
