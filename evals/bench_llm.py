@@ -1,0 +1,118 @@
+"""Benchmark of the embedded model on this machine's CPU.
+
+    .venv/bin/python -m selfsteer.evals.bench_llm [--decisions 20] [--rounds 3] [--tokens 32]
+
+Prints:
+- load time of the cached model (after `import transformers`);
+- median latency of a three-way structured decision (double / halve / keep) over varied loss
+  histories, and of the full decision with its explanation;
+- generation throughput of a batch of 16 prompts against the same 16 prompts one at a time, as the
+  median of paired rounds (the same process, the same prompts, greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+SYSTEM = (
+    "You supervise the training of a language model. Every few steps you see its losses and decide "
+    "whether to double, halve or keep the learning rate."
+)
+
+
+class Action(BaseModel):
+    action: Literal["double", "halve", "keep"]
+
+
+def observation(rng: random.Random) -> str:
+    lr = rng.choice([1e-4, 1e-3, 5e-3, 2e-2])
+    loss = rng.uniform(2.0, 4.5)
+    rows = []
+    for step in range(50, 300, 50):
+        loss *= rng.uniform(0.85, 1.2)
+        rows.append(f"{step} | {loss:.2f}")
+    return f"Current learning rate: {lr:g}.\nstep | eval loss\n" + "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--decisions", type=int, default=20, help="decisions to time (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="paired batch/sequential rounds (default 3)")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
+    args = parser.parse_args()
+
+    import torch
+    import transformers  # noqa: F401  (imported before the clock starts: its import is not the load)
+
+    from selfsteer.agents.decision import LRDecision
+    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+
+    load_embedded_model()  # converts on the very first run; the timed load below is from the cache
+    started = time.perf_counter()
+    model, tokenizer = load_embedded_model()
+    load_s = time.perf_counter() - started
+    chat = LocalChatModel()
+    chat._engine = LocalEngine(model, tokenizer)
+    print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"load from cache:                       {load_s:.2f} s")
+
+    rng = random.Random(0)
+    decide = chat.with_structured_output(Action)
+    decide.invoke([("system", SYSTEM), ("user", observation(rng))])  # warm-up
+    latencies = []
+    for _ in range(args.decisions):
+        messages = [("system", SYSTEM), ("user", observation(rng))]
+        started = time.perf_counter()
+        decide.invoke(messages)
+        latencies.append(time.perf_counter() - started)
+    print(
+        f"three-way decision, median of {args.decisions}:  {statistics.median(latencies):.3f} s "
+        f"(min {min(latencies):.3f}, max {max(latencies):.3f}; target < 0.3 s)"
+    )
+    explained = chat.with_structured_output(LRDecision)
+    full = []
+    for _ in range(max(3, args.decisions // 4)):
+        messages = [("system", SYSTEM), ("user", observation(rng))]
+        started = time.perf_counter()
+        explained.invoke(messages)
+        full.append(time.perf_counter() - started)
+    print(f"decision with explanation, median of {len(full)}: {statistics.median(full):.3f} s")
+
+    engine = chat.engine
+    prompts = [
+        engine.chat_prompt_ids([{"role": "user", "content": f"Write a short note about topic {i}."}])
+        for i in range(16)
+    ]
+    ratios, batch_rates, single_rates = [], [], []
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        batched = engine.generate_many(prompts, max_new_tokens=args.tokens)
+        batch_s = time.perf_counter() - started
+        started = time.perf_counter()
+        singles = [engine.generate(p, max_new_tokens=args.tokens) for p in prompts]
+        single_s = time.perf_counter() - started
+        batch_rates.append(sum(len(g.token_ids) for g in batched) / batch_s)
+        single_rates.append(sum(len(g.token_ids) for g in singles) / single_s)
+        ratios.append(batch_rates[-1] / single_rates[-1])
+    print(
+        f"16 prompts x {args.tokens} tokens: batched {statistics.median(batch_rates):.0f} tok/s, "
+        f"one at a time {statistics.median(single_rates):.0f} tok/s"
+    )
+    print(
+        f"batch throughput ratio, median of {args.rounds} paired rounds: {statistics.median(ratios):.1f}x "
+        f"(each: {', '.join(f'{r:.1f}' for r in ratios)}; target >= 4x)"
+    )
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
