@@ -168,9 +168,18 @@ class _GrammarLogitsProcessor:
         import xgrammar as xgr
 
         self.xgr = xgr
+        self.grammars = grammars
         self.matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
         self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
         self.started = False
+
+    def is_complete(self, row: int, tokens: list[int]) -> bool:
+        """Whether `tokens` form a complete sentence of the row's grammar. Checked on a fresh matcher:
+        the live one never sees the last token when the token budget ends generation."""
+        if self.grammars[row] is None:
+            return False
+        matcher = self.xgr.GrammarMatcher(self.grammars[row])
+        return all(matcher.accept_token(t) for t in tokens) and matcher.is_completed()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, matcher in enumerate(self.matchers):
@@ -360,7 +369,8 @@ class LocalEngine:
         value, for continuing after `"key":` the way the model itself tokenizes JSON (` "`)."""
         import xgrammar as xgr
 
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        # Not sort_keys: the grammar emits properties in the schema's order, which the caller chose.
+        text = schema if isinstance(schema, str) else json.dumps(schema)
         with self._grammar_lock:
             if self._grammar_compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
@@ -424,8 +434,10 @@ class LocalEngine:
             if first.seed is not None:
                 torch.manual_seed(first.seed)
         processors = LogitsProcessorList()
+        grammar = None
         if any(r.grammar is not None for r in batch):
-            processors.append(_GrammarLogitsProcessor([r.grammar for r in batch], self.vocab_size))
+            grammar = _GrammarLogitsProcessor([r.grammar for r in batch], self.vocab_size)
+            processors.append(grammar)
         streamer = _RowStreamer(self.tokenizer, batch, self.eos_ids)
         extra = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} if first.stop else {}
         output = self.model.generate(
@@ -446,6 +458,10 @@ class LocalEngine:
             reason = "length"
             new = output[row, length:].tolist()
             if len(new) > len(tokens) and new[len(tokens)] in self.eos_ids:
+                reason = "stop"
+            if grammar is not None and grammar.is_complete(
+                row, tokens
+            ):  # complete even if the budget ran out
                 reason = "stop"
             for stop in request.stop:
                 if stop in text:
