@@ -1,0 +1,158 @@
+"""What a supervisor sees of a training run: the metric history since the start, and the views of it
+that prompts use (down-sampled JSON, compact statistics, warnings)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+Series = list[tuple[int, float]]  # (step, value), by step
+
+
+@dataclass
+class Observation:
+    step: int
+    lr: float
+    max_steps: int | None = None
+    train_loss: Series = field(default_factory=list)
+    eval_loss: Series = field(default_factory=list)
+    grad_norm: Series = field(default_factory=list)
+    learning_rate: Series = field(default_factory=list)
+
+    @classmethod
+    def from_metrics(
+        cls, rows: Iterable[Mapping], *, step: int, lr: float, max_steps: int | None = None
+    ) -> Observation:
+        """From metric rows `{step, name, value}` as the store and the bridge give them
+        (names as the HF Trainer logs them: loss, eval_loss, grad_norm, learning_rate)."""
+        series: dict[str, Series] = {"loss": [], "eval_loss": [], "grad_norm": [], "learning_rate": []}
+        for row in rows:
+            if row["name"] in series:
+                value = row["value"]
+                series[row["name"]].append((int(row["step"]), math.nan if value is None else float(value)))
+        for values in series.values():
+            values.sort(key=lambda point: point[0])
+        return cls(
+            step=step,
+            lr=lr,
+            max_steps=max_steps,
+            train_loss=series["loss"],
+            eval_loss=series["eval_loss"],
+            grad_norm=series["grad_norm"],
+            learning_rate=series["learning_rate"],
+        )
+
+    # -- facts --------------------------------------------------------------------------------------
+
+    @property
+    def losses(self) -> Series:
+        """The loss a decision is about: eval loss where there is one, else train loss."""
+        return self.eval_loss or self.train_loss
+
+    @property
+    def nonfinite(self) -> bool:
+        recent = [v for _, v in self.train_loss[-5:] + self.eval_loss[-2:] + self.grad_norm[-5:]]
+        return any(not math.isfinite(v) for v in recent)
+
+    @property
+    def exploding_gradients(self) -> bool:
+        norms = [v for _, v in self.grad_norm if math.isfinite(v)]
+        return len(norms) >= 5 and norms[-1] > 10 * statistics.median(norms[:-1])
+
+    def last_lr_change_step(self) -> int:
+        """The step of the last change of learning rate (0 when it never changed)."""
+        changed = 0
+        for (_, before), (step, after) in zip(self.learning_rate, self.learning_rate[1:], strict=False):
+            if not math.isclose(before, after, rel_tol=1e-6):
+                changed = step
+        return changed
+
+    def warnings(self) -> list[str]:
+        found = []
+        if self.nonfinite:
+            found.append("the loss or gradient norm is NaN or infinite")
+        if self.exploding_gradients:
+            found.append("the gradient norm exploded (over 10x its median)")
+        return found
+
+    # -- views for prompts --------------------------------------------------------------------------
+
+    def history(self, max_points: int = 12, recent: int = 5) -> list[dict]:
+        """The loss history, every one of the last `recent` points and older ones ever sparser
+        (each step back twice as far): the present matters most, the past gives the trend."""
+        points = self.losses
+        if len(points) > max_points:
+            keep = set(range(len(points) - recent, len(points)))
+            gap, index = 2, len(points) - recent - 1
+            while index >= 0 and len(keep) < max_points:
+                keep.add(index)
+                index -= gap
+                gap *= 2
+            keep.add(0)
+            points = [points[i] for i in sorted(keep)]
+        key = "eval_loss" if self.eval_loss else "train_loss"
+        return [{"step": step, key: _round(value)} for step, value in points]
+
+    def history_json(self, **options) -> str:
+        return json.dumps(self.history(**options))
+
+    def stats(self) -> dict:
+        """A few numbers that say where the run stands."""
+        losses = [v for _, v in self.losses]
+        out: dict = {"points": len(losses)}
+        if not losses:
+            return out
+        finite = [v for v in losses if math.isfinite(v)]
+        out["latest"] = _round(losses[-1])
+        if finite:
+            out["best"] = _round(min(finite))
+            out["first"] = _round(finite[0])
+        if len(losses) >= 2:
+            out["change_vs_previous_pct"] = _pct(losses[-1], losses[-2])
+        if len(losses) >= 4:
+            half = len(losses[-6:]) // 2
+            older, newer = losses[-6:][:half], losses[-6:][half:]
+            out["recent_trend_pct"] = _pct(statistics.fmean(newer), statistics.fmean(older))
+        return out
+
+    def stats_text(self) -> str:
+        s = self.stats()
+        if s["points"] == 0:
+            return "No loss measured yet."
+        which = "eval" if self.eval_loss else "train"
+        parts = [f"{which} loss: latest {s['latest']}"]
+        if "best" in s:
+            parts.append(f"best {s['best']}, first {s['first']}")
+        if "change_vs_previous_pct" in s:
+            parts.append(f"change since previous {s['change_vs_previous_pct']:+.1f}%")
+        if "recent_trend_pct" in s:
+            parts.append(f"recent trend {s['recent_trend_pct']:+.1f}%")
+        return "; ".join(parts) + "."
+
+    def prompt_values(self) -> dict:
+        """The placeholders a prompt template may use."""
+        warnings = self.warnings()
+        return {
+            "step": self.step,
+            "max_steps": self.max_steps if self.max_steps is not None else "?",
+            "lr": self.lr,
+            "history_json": self.history_json(),
+            "stats": self.stats_text(),
+            "warnings": "".join(f" WARNING: {w}." for w in warnings),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _round(value: float) -> float | str:
+    return round(value, 4) if math.isfinite(value) else str(value)
+
+
+def _pct(new: float, old: float) -> float:
+    if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
+        return math.inf if not math.isfinite(new) else 0.0
+    return round(100.0 * (new - old) / abs(old), 2)

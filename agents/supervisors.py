@@ -1,0 +1,207 @@
+"""Supervisor agents: given an `Observation` of a training run, decide to double, halve or keep the
+learning rate, with a short explanation. One small interface for all of them:
+
+    class MySupervisor(Supervisor):
+        name = "mine"
+        def decide(self, observation: Observation) -> Decision:
+            ...
+            return Decision("keep", "why")
+
+- `LLMSupervisor`: any chat model from the factory, with a prompt strategy from `selfsteer.prompts`.
+- `RuleSupervisor`: the baselines: non-finite or rising loss -> halve; plateau -> halve
+  (a ReduceLROnPlateau equivalent); steady fall -> keep.
+- `HumanSupervisor`: asks a person (a LangGraph interrupt; see graphs/supervise.py).
+- Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from tenacity import Retrying, stop_after_attempt, wait_exponential
+
+from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision
+from selfsteer.agents.observation import Observation
+from selfsteer.prompts import PromptStrategy, load_strategy
+
+ACTIONS = ("double", "halve", "keep")
+ENTRY_POINT_GROUP = "selfsteer.supervisors"
+
+
+@dataclass
+class Decision:
+    action: str
+    explanation: str = ""
+    raw_output: str | None = None  # what the model said, verbatim (decision data)
+    fallback: bool = False  # True when no valid answer could be had and "keep" was taken
+    latency_s: float = 0.0
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, not {self.action!r}")
+
+    def apply(self, lr: float) -> float:
+        return {"double": lr * 2.0, "halve": lr / 2.0, "keep": lr}[self.action]
+
+
+class Supervisor:
+    """Subclass and implement `decide`. `name`, `strategy` and `model` are stored with each decision."""
+
+    name: str = "supervisor"
+    strategy: str | None = None
+    model: str | None = None
+
+    def decide(self, observation: Observation) -> Decision:
+        raise NotImplementedError
+
+
+class ReasonedDecision(BaseModel):
+    """Reasoning first, so that the action is chosen with the reasoning in context."""
+
+    reasoning: str = Field(
+        default="", max_length=400, description="one or two sentences about the loss trend"
+    )
+    action: Literal["double", "halve", "keep"] = Field(description="what to do with the learning rate")
+
+
+class LLMSupervisor(Supervisor):
+    """A chat model decides, prompted by a named strategy.
+
+    chat_model: any LangChain chat model (see `make_chat_model`).
+    strategy: a prompt strategy name (`selfsteer.prompts.list_strategies()`) or a .yaml path.
+    max_retries: retries after an error of the model (timeout, connection, malformed answer);
+        after the last one the decision is "keep", marked as a fallback.
+    """
+
+    name = "llm"
+
+    def __init__(self, chat_model, strategy: str | PromptStrategy = "json_history", max_retries: int = 2):
+        self.chat_model = chat_model
+        self.prompt = strategy if isinstance(strategy, PromptStrategy) else load_strategy(strategy)
+        self.strategy = self.prompt.id
+        self.model = getattr(chat_model, "model_name", None) or type(chat_model).__name__
+        self.max_retries = max_retries
+        schema = ReasonedDecision if self.prompt.schema == "reasoned" else LRDecision
+        self._decide = chat_model.with_structured_output(schema, include_raw=True)
+
+    def messages(self, observation: Observation) -> list[tuple[str, str]]:
+        return [
+            ("system", self.prompt.system.strip()),
+            ("user", self.prompt.render_user(**observation.prompt_values())),
+        ]
+
+    def decide(self, observation: Observation) -> Decision:
+        messages = self.messages(observation)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        answer = None
+        try:
+            for attempt in Retrying(
+                stop=stop_after_attempt(self.max_retries + 1),
+                wait=wait_exponential(0.2, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    answer = self._decide.invoke(messages)
+                    if answer.get("parsed") is None:
+                        raise ValueError(f"malformed answer: {answer.get('parsing_error')}")
+        except Exception as failure:  # any failure of the model ends in the safe action
+            error = failure
+        latency = time.perf_counter() - started
+        raw = answer.get("raw") if answer else None
+        raw_text = raw.content if raw is not None else None
+        fell_back = error is not None or bool(raw is not None and raw.response_metadata.get("fallback"))
+        if error is not None or answer is None:
+            return Decision("keep", f"fallback: {error}", raw_text, fallback=True, latency_s=latency)
+        parsed = answer["parsed"]
+        explanation = getattr(parsed, "explanation", None) or getattr(parsed, "reasoning", "")
+        explanation = " ".join(explanation.split()[:MAX_EXPLANATION_WORDS])
+        return Decision(parsed.action, explanation, raw_text, fallback=fell_back, latency_s=latency)
+
+
+class RuleSupervisor(Supervisor):
+    """Baselines that read the loss history (eval loss where there is one).
+
+    divergence: halve when the latest loss is this fraction above the previous one.
+    patience: halve when the best loss has not improved by `min_delta` (relative) for this many
+        measurements, counted since the last change of learning rate too (ReduceLROnPlateau).
+    """
+
+    name = "rule"
+    strategy = "rules"
+
+    def __init__(self, divergence: float = 0.02, patience: int = 3, min_delta: float = 0.005):
+        self.divergence = divergence
+        self.patience = patience
+        self.min_delta = min_delta
+
+    def decide(self, observation: Observation) -> Decision:
+        if observation.nonfinite:
+            return Decision("halve", "the loss is not finite: the learning rate is far too high")
+        losses = [value for _, value in observation.losses]
+        if len(losses) >= 2 and losses[-1] > losses[-2] * (1 + self.divergence):
+            return Decision("halve", f"the loss rose from {losses[-2]:.3f} to {losses[-1]:.3f}: diverging")
+        since_change = [v for s, v in observation.losses if s > observation.last_lr_change_step()]
+        if len(since_change) > self.patience:
+            best_before = min(since_change[: -self.patience])
+            if min(since_change[-self.patience :]) > best_before * (1 - self.min_delta):
+                return Decision(
+                    "halve", f"no improvement on {best_before:.3f} in {self.patience} measurements: plateau"
+                )
+        return Decision("keep", "the loss is falling steadily")
+
+
+class HumanSupervisor(Supervisor):
+    """A person decides. Inside a LangGraph node this pauses the graph with an `interrupt`; the
+    answer comes back through `Command(resume={"action": ..., "explanation": ...})` (from the
+    terminal or over REST)."""
+
+    name = "human"
+    strategy = "human"
+
+    def decide(self, observation: Observation) -> Decision:
+        from langgraph.types import interrupt
+
+        answer = interrupt(
+            {"question": "double, halve or keep the learning rate?", **observation.prompt_values()}
+        )
+        if isinstance(answer, str):
+            answer = {"action": answer}
+        return Decision(answer["action"], answer.get("explanation", "human decision"))
+
+
+def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
+    """`none` | `rule` | `llm` | `human` | `module:Class` | an entry point of `selfsteer.supervisors`."""
+    if spec == "none":
+        return None
+    if spec == "rule":
+        return RuleSupervisor()
+    if spec == "human":
+        return HumanSupervisor()
+    if spec == "llm":
+        if chat_model is None:
+            from selfsteer.agents.chat_models import make_chat_model
+
+            chat_model = make_chat_model("local")
+        return LLMSupervisor(chat_model, strategy)
+    if ":" in spec:
+        module_name, _, class_name = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"cannot load supervisor {spec!r}: {error}") from error
+    else:
+        points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        if spec not in points:
+            known = ", ".join(["none", "rule", "llm", "human", *points])
+            raise ValueError(f"unknown supervisor {spec!r}: use one of {known}, or module:Class")
+        cls = points[spec].load()
+    supervisor = cls()
+    if not callable(getattr(supervisor, "decide", None)):
+        raise ValueError(f"{spec} has no decide(observation) method")
+    return supervisor

@@ -1,0 +1,155 @@
+"""Supervisor agents on hand-made observations. The LLM supervisor runs once on the real embedded model
+and otherwise on a scripted chat model (a stand-in for a remote LLM: it answers from a script)."""
+
+import json
+import math
+
+import pytest
+from langchain_core.messages import AIMessage
+
+from selfsteer.agents.local_chat import LocalChatModel
+from selfsteer.agents.observation import Observation
+from selfsteer.agents.supervisors import (
+    Decision,
+    HumanSupervisor,
+    LLMSupervisor,
+    RuleSupervisor,
+    Supervisor,
+    load_supervisor,
+)
+from selfsteer.prompts import list_strategies, load_strategy
+
+
+def observe(evals, lrs=None, train=None, step=None):
+    rows = [{"step": 50 * (i + 1), "name": "eval_loss", "value": v} for i, v in enumerate(evals)]
+    rows += [{"step": 50 * (i + 1), "name": "learning_rate", "value": v} for i, v in enumerate(lrs or [])]
+    rows += [{"step": 10 * (i + 1), "name": "loss", "value": v} for i, v in enumerate(train or [])]
+    return Observation.from_metrics(rows, step=step or 50 * len(evals), lr=1e-3, max_steps=1000)
+
+
+FALLING = [3.0, 2.8, 2.6, 2.45, 2.3]
+RISING = [3.0, 2.8, 2.9, 3.3]
+PLATEAU = [3.0, 2.5, 2.41, 2.42, 2.41, 2.415]
+
+
+@pytest.mark.parametrize(
+    ("evals", "action", "reason"),
+    [(FALLING, "keep", "falling"), (RISING, "halve", "diverging"), (PLATEAU, "halve", "plateau")],
+)
+def test_rule_baselines(evals, action, reason):
+    decision = RuleSupervisor().decide(observe(evals))
+    assert decision.action == action and reason in decision.explanation
+
+
+def test_rule_waits_patience_after_a_change_of_learning_rate():
+    # The plateau is older than the last lr change (step 200): too soon to halve again.
+    obs = observe(PLATEAU, lrs=[1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 5e-4])
+    assert obs.last_lr_change_step() == 200
+    assert RuleSupervisor().decide(obs).action == "keep"
+
+
+def test_nonfinite_losses_are_detected_and_reported():
+    obs = observe([3.0, 2.9, math.nan])
+    assert obs.nonfinite and "NaN" in obs.prompt_values()["warnings"]
+    assert RuleSupervisor().decide(obs).action == "halve"
+
+
+def test_history_is_downsampled_toward_the_present():
+    obs = observe([3.0 - 0.01 * i for i in range(60)])
+    steps = [p["step"] for p in obs.history(max_points=12, recent=5)]
+    assert len(steps) <= 12 and steps[0] == 50 and steps[-5:] == [2800, 2850, 2900, 2950, 3000]
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert gaps == sorted(gaps, reverse=True)  # sparser the further back
+
+
+def test_prompt_strategies_render():
+    assert {"json_history", "compact_stats", "reason_then_answer"} <= set(list_strategies())
+    values = observe(RISING).prompt_values()
+    for name in list_strategies():
+        text = load_strategy(name).render_user(**values)
+        assert "Learning rate" in text or "learning rate" in text
+    assert '"eval_loss": 3.3' in load_strategy("json_history").render_user(**values)
+    with pytest.raises(ValueError, match="unknown prompt strategy"):
+        load_strategy("nope")
+
+
+class ScriptedChatModel:
+    """Answers from a script; each entry is a JSON text, or an exception to raise."""
+
+    model_name = "scripted"
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.prompts = []
+
+    def with_structured_output(self, schema, include_raw=False):
+        model = self
+
+        class Runnable:
+            def invoke(self, messages):
+                model.prompts.append(messages)
+                item = model.script.pop(0)
+                if isinstance(item, Exception):
+                    raise item
+                try:
+                    parsed, error = schema.model_validate_json(item), None
+                except ValueError as failure:
+                    parsed, error = None, failure
+                return {"raw": AIMessage(content=item), "parsed": parsed, "parsing_error": error}
+
+        return Runnable()
+
+
+def test_llm_supervisor_decides_from_the_model_answer():
+    model = ScriptedChatModel([json.dumps({"action": "halve", "explanation": "loss rises"})])
+    decision = LLMSupervisor(model, "compact_stats").decide(observe(RISING))
+    assert (decision.action, decision.explanation, decision.fallback) == ("halve", "loss rises", False)
+    assert decision.raw_output.startswith('{"action": "halve"')
+    system, user = model.prompts[0]
+    assert "recent trend" in user[1]
+
+
+def test_llm_supervisor_retries_then_falls_back_to_keep():
+    model = ScriptedChatModel([TimeoutError("slow"), "not json", '{"action": "triple"}'])
+    supervisor = LLMSupervisor(model, "json_history", max_retries=2)
+    decision = supervisor.decide(observe(RISING))
+    assert decision.action == "keep" and decision.fallback and "fallback" in decision.explanation
+    assert len(model.prompts) == 3 and model.script == []
+
+
+def test_reason_then_answer_keeps_the_reasoning_as_explanation():
+    model = ScriptedChatModel([json.dumps({"reasoning": "it rises", "action": "halve"})])
+    decision = LLMSupervisor(model, "reason_then_answer").decide(observe(RISING))
+    assert (decision.action, decision.explanation) == ("halve", "it rises")
+
+
+def test_llm_supervisor_on_the_embedded_model():
+    for strategy in list_strategies():
+        decision = LLMSupervisor(LocalChatModel(field_max_chars=60), strategy).decide(observe(RISING))
+        assert decision.action in ("double", "halve", "keep") and not decision.fallback
+        assert decision.latency_s > 0 and decision.raw_output
+
+
+class AlwaysKeep(Supervisor):
+    name = "always-keep"
+
+    def decide(self, observation):
+        return Decision("keep", "never touch it")
+
+
+def test_custom_supervisors_load_by_module_and_class():
+    supervisor = load_supervisor(f"{__name__}:AlwaysKeep")
+    assert supervisor.decide(observe(RISING)).action == "keep"
+    assert load_supervisor("none") is None
+    assert isinstance(load_supervisor("rule"), RuleSupervisor)
+    assert isinstance(load_supervisor("human"), HumanSupervisor)
+    with pytest.raises(ValueError, match="unknown supervisor"):
+        load_supervisor("no-such-supervisor")
+    with pytest.raises(ValueError, match="cannot load"):
+        load_supervisor("selfsteer.agents:Nope")
+
+
+def test_decisions_refuse_unknown_actions():
+    with pytest.raises(ValueError):
+        Decision("triple")
+    assert Decision("double").apply(1e-3) == 2e-3 and Decision("halve").apply(1e-3) == 5e-4
