@@ -12,6 +12,7 @@ COMMANDS = {
     "doctor": "doctor",
     "demo": "demo",
     "serve-llm": "serve_llm",
+    "reflect": "reflect",
 }
 
 

@@ -1,0 +1,302 @@
+"""`selfsteer reflect run|train|eval`: the self-correction loop (Reflect, Retry, Reward).
+
+selfsteer reflect run   --task countdown --n 8                  # episodes, printed and stored
+selfsteer reflect eval  --task bfcl:simple_python --n 100 --out runs/eval   # writes summary.json
+selfsteer reflect train --task countdown --n 64 --steps 20 --out runs/grpo  # GRPO on reflections
+selfsteer reflect eval  --task countdown --checkpoint runs/grpo/final --out runs/after
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import cache
+from pathlib import Path
+
+from selfsteer.cli.common import add_llm_arguments
+
+ACTIONS = ("run", "train", "eval")
+STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")
+
+
+def add_parser(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(
+        name,
+        help="the self-correction loop: run episodes, evaluate, or train reflections with GRPO",
+        description="Reflect, Retry, Reward. `run` plays episodes (attempt, validate, reflect, retry) and "
+        "stores them; `eval` adds first-try and second-try accuracy with 95%% bootstrap intervals and the "
+        "mean reflection length, written to OUT/summary.json; `train` mines failed first attempts and "
+        "trains the local model with GRPO so that its reflections make the retry pass.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("action", choices=ACTIONS)
+    parser.add_argument("--task", default="countdown", help="countdown, bfcl:CATEGORY or module:function")
+    parser.add_argument("--n", type=int, default=32, help="problems (default 32)")
+    parser.add_argument("--split", choices=("train", "test"), help="default: train for train, else test")
+    parser.add_argument(
+        "--out", default=None, help="output folder (summary.json, episodes.jsonl, checkpoints)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        default="reflect_attempt",
+        choices=STRATEGIES,
+        help="retry: no reflection; reflect: retry with the reflection only; reflect_attempt (default): "
+        "with the failed attempt and the reflection; memory: plus rewarded reflections of earlier episodes",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="eval: also evaluate every other strategy on the same problems (summary.json 'strategies')",
+    )
+    parser.add_argument(
+        "--max-retries", type=int, default=1, help="retries after the first attempt (default 1)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=96, help="tokens per answer or reflection (default 96)"
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="episodes at once (default 32)")
+    parser.add_argument("--db", default=None, help="store file (default ./selfsteer.sqlite)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    local = parser.add_argument_group("local model (eval --checkpoint, train)")
+    local.add_argument("--checkpoint", default=None, help="eval: a trained policy folder (e.g. OUT/final)")
+    local.add_argument(
+        "--no-baseline", action="store_true", help="eval --checkpoint: skip the untrained model"
+    )
+    local.add_argument("--model", default=None, help="train: model folder (default: the embedded model)")
+    grpo = parser.add_argument_group("GRPO (train)")
+    grpo.add_argument("--steps", type=int, default=20)
+    grpo.add_argument("--group-size", type=int, default=4, help="reflections per failed attempt")
+    grpo.add_argument("--prompts-per-step", type=int, default=1)
+    grpo.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model)")
+    grpo.add_argument("--lr", type=float, default=1e-6)
+    grpo.add_argument("--reflection-tokens", type=int, default=64)
+    grpo.add_argument("--retry-tokens", type=int, default=64)
+    grpo.add_argument("--save-steps", type=int, default=10)
+    grpo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    grpo.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has checkpoints")
+    add_llm_arguments(parser)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+@cache
+def _local_chat(directory: str | None, max_tokens: int):
+    """The embedded model, or a trained policy from a folder, as a batched LangChain chat model
+    (one per folder: each loads its weights once and owns one engine thread)."""
+    from selfsteer.agents.local_chat import LocalChatModel
+
+    chat = LocalChatModel(max_new_tokens=max_tokens)
+    if directory:
+        from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+
+        chat._engine = LocalEngine(*load_embedded_model(Path(directory)))
+    return chat
+
+
+def _chat_model(args: argparse.Namespace, checkpoint: str | None = None):
+    if checkpoint or args.llm == "local":
+        return _local_chat(checkpoint, args.max_tokens)
+    from selfsteer.agents.chat_models import make_chat_model
+
+    return make_chat_model(
+        args.llm,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        max_tokens=args.max_tokens,
+    )
+
+
+# -----------------------------------------------------------------------------
+# actions
+
+
+def _episodes(args, llm, problems, store, model_name: str, strategy: str | None = None):
+    from selfsteer.graphs.reflect import ReflectConfig, run_episodes
+
+    config = ReflectConfig(strategy=strategy or args.strategy, max_retries=args.max_retries)
+    run_config = {**_config(args, model_name), "strategy": config.strategy}
+    run_id = store.create_run(f"reflect-{args.action}", kind="reflect", config=run_config)
+    started = time.perf_counter()
+    results = run_episodes(
+        llm, problems, config, store, concurrency=args.concurrency, progress=True,
+        model_name=model_name, run_id=run_id, seed=args.seed,
+    )  # fmt: skip
+    return results, run_id, time.perf_counter() - started
+
+
+def _config(args: argparse.Namespace, model_name: str) -> dict:
+    keys = ("task", "n", "split", "seed", "strategy", "max_retries", "max_tokens", "checkpoint")
+    return {**{k: getattr(args, k) for k in keys}, "model": model_name}
+
+
+def _write_episodes(path: Path, results) -> None:
+    with path.open("w") as file:
+        for r in results:
+            record = {
+                "problem_id": r.problem_id, "episode_id": r.episode_id, "passed_first": r.passed_first,
+                "passed_final": r.passed_final, "rewards": r.rewards,
+                "attempts": [{k: a[k] for k in ("response", "passed", "reason")} for a in r.attempts],
+                "reflections": [{k: x[k] for k in ("text", "n_tokens")} for x in r.reflections],
+            }  # fmt: skip
+            file.write(json.dumps(record) + "\n")
+
+
+def _evaluate(
+    args, problems, store, console, checkpoint: str | None, label: str, strategy: str | None = None
+) -> dict:
+    from selfsteer.evals.tasks.metrics import summarize
+
+    model_name = checkpoint or args.llm
+    strategy = strategy or args.strategy
+    console.print(f"[bold]{label}[/]: {model_name}, {len(problems)} x {args.task} ({args.split}), {strategy}")
+    results, run_id, wall = _episodes(
+        args, _chat_model(args, checkpoint), problems, store, model_name, strategy
+    )
+    summary = {**summarize(results, seed=args.seed), "model": model_name, "wall_s": wall, "run_id": run_id}
+    summary["episodes_per_s"] = len(results) / wall if wall else 0.0
+    store.finish_run(run_id, "finished", summary=summary)
+    console.print(
+        f"  first try {summary['first_try_acc']:.3f} {_ci(summary['first_try_ci95'])}   "
+        f"second try {summary['second_try_acc']:.3f} {_ci(summary['second_try_ci95'])}   "
+        f"gain {summary['gain']:+.3f} {_ci(summary['gain_ci95'])}   "
+        f"reflection {summary['mean_reflection_tokens']:.1f} tokens   {wall:.0f} s"
+    )
+    if args.out:
+        _write_episodes(Path(args.out) / f"episodes-{label}.jsonl", results)
+    return summary
+
+
+def _ci(interval) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from selfsteer.evals.tasks import load_task
+    from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
+
+    console = Console()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.split = args.split or ("train" if args.action == "train" else "test")
+    if args.checkpoint and args.action != "eval":
+        console.print("[red]error:[/] --checkpoint is for eval (train takes --model)")
+        return 2
+    try:
+        problems = load_task(args.task, split=args.split, n=args.n, seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    try:
+        with Store(args.db or DEFAULT_DB_PATH) as store:
+            return _act(args, problems, store, console, out)
+    except Exception as error:  # a model or endpoint that fails: the one line a person needs
+        from selfsteer.agents.chat_models import describe_llm_error
+
+        console.print(f"[red]error:[/] {describe_llm_error(error, args.llm, args.base_url)}")
+        return 1
+
+
+def _act(args, problems, store, console, out: Path | None) -> int:
+    if args.action == "run":
+        results, run_id, wall = _episodes(args, _chat_model(args), problems, store, args.llm)
+        for r in results:
+            mark = "[green]pass[/]" if r.passed_final else "[red]fail[/]"
+            console.print(
+                f"{mark} {r.problem_id}: {len(r.attempts)} attempt(s); {r.attempts[-1]['reason'][:90]}"
+            )
+            for x in r.reflections:
+                console.print(f"    reflection: {x['text'][:120]!r}")
+        first = sum(r.passed_first for r in results)
+        final = sum(r.passed_final for r in results)
+        store.finish_run(run_id, "finished", summary={"n": len(results), "first": first, "final": final})
+        console.print(f"{first}/{len(results)} first try, {final}/{len(results)} after retries, {wall:.1f} s "
+                      f"(run {run_id} in {store.path})")  # fmt: skip
+        if out:
+            _write_episodes(out / "episodes.jsonl", results)
+        return 0
+
+    if args.action == "eval":
+        summary = _evaluate(
+            args, problems, store, console, args.checkpoint, "after" if args.checkpoint else "model"
+        )
+        if args.checkpoint and not args.no_baseline:
+            summary["baseline"] = _evaluate(args, problems, store, console, None, "before")
+        if args.compare:
+            summary["strategies"] = {args.strategy: {k: v for k, v in summary.items() if k != "baseline"}}
+            for strategy in (x for x in STRATEGIES if x != args.strategy):
+                summary["strategies"][strategy] = _evaluate(
+                    args, problems, store, console, args.checkpoint, strategy, strategy
+                )
+        summary.update(task=args.task, split=args.split, strategy=args.strategy, max_retries=args.max_retries)
+        if out:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            console.print(f"wrote {out / 'summary.json'}")
+        else:
+            console.print_json(json.dumps(summary))
+        return 0
+
+    return _train(args, problems, console, out)
+
+
+def _train(args, problems, console, out: Path | None) -> int:
+    from selfsteer.agents.local_llm import cache_dir, load_embedded_model
+    from selfsteer.graphs.reflect import mine_failures, reflection_reward
+    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, train
+
+    if args.strategy == "retry":
+        console.print(
+            "[red]error:[/] strategy 'retry' has no reflection to train; use reflect or reflect_attempt"
+        )
+        return 2
+    if args.model is None:
+        load_embedded_model()  # converts the GGUF once, so that cache_dir() holds a model folder
+    model = args.model or str(cache_dir())
+    out = out or Path("runs/reflect-grpo")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    console.print(
+        f"mining failed first attempts of {len(problems)} x {args.task} ({args.split}) with {model}"
+    )
+    rows = mine_failures(_local_chat(args.model, args.max_tokens), problems, progress=True)
+    console.print(f"{len(rows)} failures of {len(problems)} first attempts: the training set")
+    if not rows:
+        console.print("[yellow]nothing to train on: every first attempt passed[/]")
+        return 1
+    config = ReflectionGRPOConfig(
+        model=model, output_dir=str(out), num_generations=args.group_size, prompts_per_step=args.prompts_per_step,
+        beta=args.beta, learning_rate=args.lr, max_steps=args.steps, max_reflection_tokens=args.reflection_tokens,
+        max_retry_tokens=args.retry_tokens, save_steps=args.save_steps, seed=args.seed, device=args.device,
+    )  # fmt: skip
+    result = train(config, rows, reflection_reward(problems, args.strategy), resume=not args.no_resume)
+    log = [entry for entry in result["log_history"] if "reward" in entry]
+    summary = {
+        "task": args.task, "n_problems": len(problems), "n_failures": len(rows), "steps": args.steps,
+        "wall_s": time.perf_counter() - started, "final_model": result["final_model"],
+        "resumed_from": result["resumed_from"], "config": config.to_dict(),
+        "reward_per_step": [entry["reward"] for entry in log], "train_metrics": result["metrics"],
+    }  # fmt: skip
+    zero_std = [entry.get("frac_reward_zero_std", 0.0) for entry in log]
+    summary["frac_reward_zero_std"] = sum(zero_std) / len(zero_std) if zero_std else None
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"trained {args.steps} steps in {summary['wall_s']:.0f} s; policy in {result['final_model']}; "
+                  f"mean reward per step: {[round(r, 3) for r in summary['reward_per_step']]}")  # fmt: skip
+    if zero_std and min(zero_std) >= 1.0:
+        console.print("[yellow]warning:[/] in every group all reflections earned the same reward, so every "
+                      "advantage and every loss was zero and the weights did not move. The model never (or "
+                      "always) passes on the retry: use a stronger model or an easier task (Bensal et al.: "
+                      "models under 1.5B parameters barely gain).")  # fmt: skip
+    return 0

@@ -1,0 +1,61 @@
+"""Tasks for the self-correction loop: each is `load(split, n, seed) -> list[Problem]`, and each problem
+carries `validate(answer) -> Verdict`.
+
+    from selfsteer.evals.tasks import load_task
+    problems = load_task("countdown", split="test", n=50, seed=0)
+    problems[0].validate("(3 + 5) * 2")       # Verdict(passed=..., reason=...)
+
+Names: `countdown`, `bfcl:CATEGORY` (simple_python, multiple, parallel, parallel_multiple; the live_*
+categories are held out, test split only), or `module:function` for your own loader.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from selfsteer.evals.tasks import bfcl, countdown
+from selfsteer.evals.tasks.base import SPLITS, Problem, TaskLoader, Verdict, split_of
+
+TASKS: dict[str, TaskLoader] = {
+    "countdown": countdown.load,
+    **{f"bfcl:{category}": bfcl.loader(category) for category in bfcl.CATEGORIES},
+}
+
+
+def register(name: str, loader: TaskLoader) -> None:
+    TASKS[name] = loader
+
+
+def get_loader(name: str) -> TaskLoader:
+    """The loader of a registered task, or of `module:function` (a function with the loader signature)."""
+    if name in TASKS:
+        return TASKS[name]
+    module_name, _, attribute = name.partition(":")
+    if not attribute or module_name == "bfcl":
+        known = ", ".join(sorted(TASKS))
+        raise ValueError(f"unknown task {name!r}: use one of {known}, or module:function")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load task {name!r}: {error}") from error
+
+
+def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
+    problems = list(get_loader(name)(split=split, n=n, seed=seed))
+    for problem in problems:
+        if not isinstance(problem, Problem):
+            raise TypeError(f"task {name!r} returned {type(problem).__name__}, not a Problem")
+    return problems
+
+
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "Problem",
+    "TaskLoader",
+    "Verdict",
+    "get_loader",
+    "load_task",
+    "register",
+    "split_of",
+]

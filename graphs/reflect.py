@@ -1,0 +1,430 @@
+"""Reflect, Retry, Reward (Bensal et al. 2025) as a LangGraph state machine.
+
+    attempt -> validate --pass / out of retries--> reward -> END
+                  |
+                  +--fail--> reflect -> retry -> validate -> ...
+
+A model answers a problem; the problem's validator says pass or fail; on a failure the model writes
+a short reflection and tries again with it in context; a reflection earns reward 1 when the attempt
+right after it passes. `ReflectConfig.max_retries` caps the loop (LangGraph's recursion limit is a
+safety net, not a cap). Every episode, attempt, verdict, reflection and reward goes to the store.
+
+Strategies (compare them on the same problems):
+- `retry`: no reflection; the model is told its answer was wrong and tries again;
+- `reflect`: the retry sees the task and the reflection, not the failed attempt;
+- `reflect_attempt`: the retry continues the conversation: task, failed attempt, reflection (the paper's);
+- `memory`: `reflect_attempt`, plus the rewarded reflections of earlier episodes in the system prompt.
+
+Besides the graph: `run_episodes` (many episodes at once: their model calls share batched forward
+passes), `mine_failures` (first attempts in one batch, failures kept, the GRPO training set) and
+`reflection_reward` (the GRPO reward: does the retry with this reflection pass?).
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Annotated, Any, Literal, TypedDict
+
+import yaml
+from langchain_core.language_models import BaseChatModel
+from langgraph.graph import END, START, StateGraph
+
+from selfsteer.evals.tasks.base import Problem
+from selfsteer.trainer_bridge.store import Store
+
+STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")
+Strategy = Literal["retry", "reflect", "reflect_attempt", "memory"]
+Message = dict[str, str]  # {"role": ..., "content": ...}: what chat models and TRL both read
+
+
+@cache
+def load_prompts(version: str = "v1") -> dict[str, str]:
+    text = resources.files("selfsteer.prompts").joinpath(f"reflect_{version}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+@dataclass
+class ReflectConfig:
+    strategy: Strategy = "reflect_attempt"
+    max_retries: int = 1  # retries after the first attempt: the loop's explicit cap
+    prompts: str = "v1"  # prompts/reflect_{prompts}.yaml
+    memory_size: int = 5  # strategy "memory": how many rewarded reflections to remember
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+
+
+class ReflectionMemory:
+    """Rewarded reflections remembered across episodes (strategy `memory`); thread-safe."""
+
+    def __init__(self, size: int = 5):
+        self._items: deque[str] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, text: str) -> None:
+        with self._lock:
+            self._items.append(text.strip())
+
+    def lessons(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+
+# -----------------------------------------------------------------------------
+# state
+
+
+class Attempt(TypedDict):
+    prompt: list[Message]
+    response: str
+    passed: bool
+    reason: str
+
+
+class Reflection(TypedDict):
+    text: str
+    n_tokens: int
+    after_attempt: int
+    id: int | None  # row in the store
+
+
+class EpisodeState(TypedDict, total=False):
+    problem: Problem
+    episode_id: int | None
+    pending: Attempt | None  # the latest answer, not yet validated
+    attempts: Annotated[list[Attempt], operator.add]
+    reflections: Annotated[list[Reflection], operator.add]
+    lessons: list[str]  # strategy memory: what earlier episodes taught, fixed at the episode's start
+    rewards: list[float]  # one per reflection, set at the end
+
+
+# -----------------------------------------------------------------------------
+# prompts: which messages each step sees
+
+
+def first_messages(problem: Problem, lessons: Sequence[str] = (), version: str = "v1") -> list[Message]:
+    system = problem.system
+    if lessons:
+        memory = load_prompts(version)["memory"].format(lessons="\n".join(f"- {x}" for x in lessons))
+        system = f"{system}\n\n{memory}" if system else memory
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": problem.prompt}]
+
+
+def _conversation(first: list[Message], attempts: Sequence[str], reflections: Sequence[str], version: str):
+    """The task, then each failed attempt followed by its reflection (if any)."""
+    prompts = load_prompts(version)
+    messages = list(first)
+    for index, attempt in enumerate(attempts):
+        messages.append({"role": "assistant", "content": attempt})
+        if index < len(reflections):
+            messages.append({"role": "user", "content": prompts["reflect"]})
+            messages.append({"role": "assistant", "content": reflections[index]})
+    return messages
+
+
+def reflect_messages(
+    problem: Problem, attempts: Sequence[str], reflections: Sequence[str] = (), lessons=(), version="v1"
+) -> list[Message]:
+    """What the model sees when asked to reflect: the task, the failed attempt(s), the instruction.
+    This is also the prompt of GRPO training: its completion is the reflection."""
+    messages = _conversation(first_messages(problem, lessons, version), attempts, reflections, version)
+    return messages + [{"role": "user", "content": load_prompts(version)["reflect"]}]
+
+
+def retry_messages(
+    problem: Problem,
+    strategy: Strategy,
+    attempts: Sequence[str],
+    reflections: Sequence[str] = (),
+    lessons: Sequence[str] = (),
+    version: str = "v1",
+) -> list[Message]:
+    prompts = load_prompts(version)
+    first = first_messages(problem, lessons if strategy == "memory" else (), version)
+    if strategy == "retry":
+        messages = list(first)
+        for attempt in attempts:
+            messages += [
+                {"role": "assistant", "content": attempt},
+                {"role": "user", "content": prompts["plain_retry"]},
+            ]
+        return messages
+    if strategy == "reflect":
+        user = prompts["retry_with_reflection"].format(prompt=problem.prompt, reflection=reflections[-1])
+        return first[:-1] + [{"role": "user", "content": user}]
+    messages = _conversation(first, attempts, reflections, version)
+    return messages + [{"role": "user", "content": prompts["retry_after_reflection"]}]
+
+
+# -----------------------------------------------------------------------------
+# the graph
+
+
+def _text(message: Any) -> str:
+    content = getattr(message, "content", message)
+    return content if isinstance(content, str) else str(content)
+
+
+def _n_tokens(message: Any) -> int:
+    usage = getattr(message, "usage_metadata", None) or {}
+    return int(usage.get("output_tokens") or len(_text(message).split()))
+
+
+def build_graph(
+    llm: BaseChatModel,
+    config: ReflectConfig | None = None,
+    store: Store | None = None,
+    memory: ReflectionMemory | None = None,
+    *,
+    model_name: str | None = None,
+    run_id: str | None = None,
+    seed: int | None = None,
+):
+    """The compiled self-correction graph. Invoke it with `{"problem": problem}`."""
+    config = config or ReflectConfig()
+    memory = memory if memory is not None else ReflectionMemory(config.memory_size)
+    version = config.prompts
+
+    def attempt(state: EpisodeState) -> dict:
+        problem = state["problem"]
+        lessons = memory.lessons() if config.strategy == "memory" else []
+        episode_id = state.get("episode_id")
+        if store is not None and episode_id is None:
+            episode_id = store.add_episode(
+                problem.task or "custom", problem.id, config.strategy, model_name, seed, run_id
+            )
+        messages = first_messages(problem, lessons, version)
+        response = _text(llm.invoke(messages))
+        pending = Attempt(prompt=messages, response=response, passed=False, reason="")
+        return {"pending": pending, "episode_id": episode_id, "lessons": lessons}
+
+    def validate(state: EpisodeState) -> dict:
+        pending = state["pending"]
+        verdict = state["problem"].validate(pending["response"])
+        done = Attempt(
+            prompt=pending["prompt"],
+            response=pending["response"],
+            passed=verdict.passed,
+            reason=verdict.reason,
+        )
+        if store is not None:
+            store.add_attempt(
+                state["episode_id"],
+                len(state["attempts"]),
+                _render(done["prompt"]),
+                done["response"],
+                done["passed"],
+                done["reason"],
+            )
+        return {"attempts": [done], "pending": None}
+
+    def route(state: EpisodeState) -> str:
+        if state["attempts"][-1]["passed"] or len(state["attempts"]) > config.max_retries:
+            return "reward"
+        return "retry" if config.strategy == "retry" else "reflect"
+
+    def reflect(state: EpisodeState) -> dict:
+        attempts = [a["response"] for a in state["attempts"]]
+        previous = [r["text"] for r in state["reflections"]]
+        messages = reflect_messages(state["problem"], attempts, previous, state.get("lessons", ()), version)
+        answer = llm.invoke(messages)
+        text, n_tokens = _text(answer).strip(), _n_tokens(answer)
+        after = len(attempts) - 1
+        row = store.add_reflection(state["episode_id"], after, text, n_tokens) if store is not None else None
+        return {"reflections": [Reflection(text=text, n_tokens=n_tokens, after_attempt=after, id=row)]}
+
+    def retry(state: EpisodeState) -> dict:
+        messages = retry_messages(
+            state["problem"],
+            config.strategy,
+            [a["response"] for a in state["attempts"]],
+            [r["text"] for r in state["reflections"]],
+            state.get("lessons", ()),
+            version,
+        )
+        return {
+            "pending": Attempt(prompt=messages, response=_text(llm.invoke(messages)), passed=False, reason="")
+        }
+
+    def reward(state: EpisodeState) -> dict:
+        """A reflection earns 1 when the attempt right after it passed, else 0."""
+        attempts = state["attempts"]
+        rewards = []
+        for reflection in state["reflections"]:
+            value = float(attempts[reflection["after_attempt"] + 1]["passed"])
+            rewards.append(value)
+            if store is not None and reflection["id"] is not None:
+                store.set_reflection_reward(reflection["id"], value)
+            if value and config.strategy == "memory":
+                memory.add(reflection["text"])
+        if store is not None:
+            store.finish_episode(
+                state["episode_id"], "finished", attempts[0]["passed"], attempts[-1]["passed"]
+            )
+        return {"rewards": rewards}
+
+    graph = StateGraph(EpisodeState)
+    graph.add_node("attempt", attempt)
+    graph.add_node("validate", validate)
+    graph.add_node("reflect", reflect)
+    graph.add_node("retry", retry)
+    graph.add_node("reward", reward)
+    graph.add_edge(START, "attempt")
+    graph.add_edge("attempt", "validate")
+    graph.add_conditional_edges("validate", route, ["reflect", "retry", "reward"])
+    graph.add_edge("reflect", "retry")
+    graph.add_edge("retry", "validate")
+    graph.add_edge("reward", END)
+    return graph.compile()
+
+
+def _render(messages: list[Message]) -> str:
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+# -----------------------------------------------------------------------------
+# many episodes
+
+
+@dataclass
+class EpisodeResult:
+    problem_id: str
+    passed_first: bool
+    passed_final: bool
+    attempts: list[Attempt]
+    reflections: list[Reflection] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    episode_id: int | None = None
+
+    @classmethod
+    def from_state(cls, state: EpisodeState) -> EpisodeResult:
+        attempts = state["attempts"]
+        return cls(
+            problem_id=state["problem"].id,
+            passed_first=attempts[0]["passed"],
+            passed_final=attempts[-1]["passed"],
+            attempts=attempts,
+            reflections=state.get("reflections", []),
+            rewards=state.get("rewards", []),
+            episode_id=state.get("episode_id"),
+        )
+
+
+def run_episodes(
+    llm: BaseChatModel,
+    problems: Sequence[Problem],
+    config: ReflectConfig | None = None,
+    store: Store | None = None,
+    *,
+    concurrency: int = 32,
+    progress: bool = False,
+    memory: ReflectionMemory | None = None,
+    **graph_options: Any,
+) -> list[EpisodeResult]:
+    """One episode per problem, `concurrency` at a time on threads. Their model calls reach the chat
+    model at once, and the embedded model serves concurrent calls as one padded batch. Results come
+    back in the order of `problems`."""
+    config = config or ReflectConfig()
+    graph = build_graph(llm, config, store, memory, **graph_options)
+    limit = {"recursion_limit": 4 * (config.max_retries + 1) + 8}  # above the cap; never what stops it
+
+    def one(problem: Problem) -> EpisodeResult:
+        state: EpisodeState = {"problem": problem, "episode_id": None}
+        if store is not None:
+            state["episode_id"] = store.add_episode(
+                problem.task or "custom", problem.id, config.strategy, graph_options.get("model_name"),
+                graph_options.get("seed"), graph_options.get("run_id"),
+            )  # fmt: skip
+        try:
+            return EpisodeResult.from_state(graph.invoke(state, limit))
+        except BaseException:
+            if store is not None:  # an episode that broke (model error, interrupt) is not left "running"
+                store.finish_episode(state["episode_id"], "failed", False, False)
+            raise
+
+    results: list[EpisodeResult | None] = [None] * len(problems)
+    with ThreadPoolExecutor(max(1, min(concurrency, len(problems)))) as pool:
+        futures = {pool.submit(one, problem): index for index, problem in enumerate(problems)}
+        done = as_completed(futures)
+        if progress:
+            from tqdm import tqdm
+
+            done = tqdm(done, total=len(futures), desc=f"episodes ({config.strategy})", unit="ep")
+        for future in done:
+            results[futures[future]] = future.result()
+    return results  # type: ignore[return-value]
+
+
+# -----------------------------------------------------------------------------
+# training data and reward for GRPO (selfsteer.trainer_bridge.grpo_reflection)
+
+
+def mine_failures(
+    llm: BaseChatModel,
+    problems: Sequence[Problem],
+    version: str = "v1",
+    *,
+    chunk: int = 32,
+    progress: bool = False,
+) -> list[dict]:
+    """First attempts at every problem (batched, `chunk` prompts per call), the failures kept as GRPO
+    training rows: `prompt` (task + failed attempt + the reflect instruction), `problem_id`,
+    `failed_attempt`."""
+    prompts = [first_messages(problem, (), version) for problem in problems]
+    starts = range(0, len(prompts), chunk)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="first attempts", unit=f"x{chunk}")
+    answers = [answer for start in starts for answer in llm.batch(prompts[start : start + chunk])]
+    rows = []
+    for problem, answer in zip(problems, answers, strict=True):
+        response = _text(answer)
+        if not problem.validate(response).passed:
+            rows.append(
+                {
+                    "prompt": reflect_messages(problem, [response], version=version),
+                    "problem_id": problem.id,
+                    "failed_attempt": response,
+                }
+            )
+    return rows
+
+
+def reflection_reward(
+    problems: Sequence[Problem], strategy: Strategy = "reflect_attempt", version: str = "v1"
+) -> Callable[..., list[float]]:
+    """The GRPO reward of reflections: 1 when the retry with the reflection in context passes.
+
+    The returned function takes (reflections, rows, generate): rows are the dataset columns
+    (`problem_id`, `failed_attempt`), `generate` answers a list of conversations with the policy being
+    trained, so the retry is the current policy's."""
+    by_id = {problem.id: problem for problem in problems}
+
+    def reward(
+        reflections: list[str], rows: dict[str, list], generate: Callable[[list[list[Message]]], list[str]]
+    ) -> list[float]:
+        batch = [
+            retry_messages(by_id[pid], strategy, [failed], [reflection.strip()], version=version)
+            for pid, failed, reflection in zip(
+                rows["problem_id"], rows["failed_attempt"], reflections, strict=True
+            )
+        ]
+        retries = generate(batch)
+        return [
+            float(by_id[pid].validate(answer).passed)
+            for pid, answer in zip(rows["problem_id"], retries, strict=True)
+        ]
+
+    return reward

@@ -1,0 +1,206 @@
+"""The self-correction graph's paths, driven by a *scripted* chat model (the one stand-in in these
+tests: a LangChain chat model whose answer is a function of the conversation, so each path is
+reached on purpose). Validators, the store and LangGraph are real."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from selfsteer.evals.tasks import countdown
+from selfsteer.graphs.reflect import (
+    ReflectConfig,
+    ReflectionMemory,
+    load_prompts,
+    mine_failures,
+    reflection_reward,
+    run_episodes,
+)
+from selfsteer.trainer_bridge.store import Store
+
+REFLECT = load_prompts()["reflect"]
+LESSON = "I must use every number exactly once and multiply the sum."
+
+
+class ScriptedChatModel(BaseChatModel):
+    """Answers with `script(messages)`; records every conversation it was sent."""
+
+    script: Callable[[list[BaseMessage]], str]
+    calls: list = []
+    batches: list = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        self.calls.append(messages)
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=self.script(messages)))])
+
+    def batch(self, inputs, config=None, **kwargs):
+        self.batches.append(len(inputs))
+        return super().batch(inputs, config, **kwargs)
+
+
+def solver(fix_after_reflection: bool = True) -> Callable[[list[BaseMessage]], str]:
+    """Wrong at first; reflects; right on the retry when a reflection is in context (if asked to be)."""
+
+    def script(messages: list[BaseMessage]) -> str:
+        last = messages[-1].content
+        if last == REFLECT:
+            return LESSON
+        seen_lesson = any(LESSON in m.content for m in messages)
+        return "(3 + 5) * 2" if fix_after_reflection and seen_lesson else "3 + 5 + 2"
+
+    return script
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        yield store
+
+
+PROBLEM = countdown.make_problem([3, 5, 2], 16)
+
+
+def test_pass_on_first_try_ends_without_reflection(store):
+    llm = ScriptedChatModel(script=lambda messages: "(3 + 5) * 2", calls=[])
+    [result] = run_episodes(llm, [PROBLEM], ReflectConfig(), store)
+    assert result.passed_first and result.passed_final and not result.reflections
+    episode = store.get_episode(result.episode_id)
+    assert episode["status"] == "finished" and episode["passed_first"] and episode["passed_final"]
+    assert len(episode["attempts"]) == 1 and episode["attempts"][0]["reason"] == "correct"
+    assert episode["task"] == "countdown" and episode["task_id"] == PROBLEM.id
+
+
+def test_fail_reflect_retry_pass_rewards_the_reflection_and_stores_everything(store):
+    llm = ScriptedChatModel(script=solver(), calls=[])
+    [result] = run_episodes(
+        llm, [PROBLEM], ReflectConfig("reflect_attempt"), store, model_name="scripted", seed=7
+    )
+    assert not result.passed_first and result.passed_final
+    assert [r["text"] for r in result.reflections] == [LESSON] and result.rewards == [1.0]
+    retry_prompt = result.attempts[1]["prompt"]
+    assert any(m["content"] == "3 + 5 + 2" for m in retry_prompt)  # the failed attempt ...
+    assert any(m["content"] == LESSON for m in retry_prompt)  # ... and the reflection are in context
+
+    episode = store.get_episode(result.episode_id)
+    assert (episode["strategy"], episode["model"], episode["seed"]) == ("reflect_attempt", "scripted", 7)
+    assert not episode["passed_first"] and episode["passed_final"]
+    assert [(a["attempt_index"], a["passed"]) for a in episode["attempts"]] == [(0, False), (1, True)]
+    assert "not 16" in episode["attempts"][0]["reason"]
+    assert "3 + 5 + 2" in episode["attempts"][1]["prompt"] and LESSON in episode["attempts"][1]["prompt"]
+    [reflection] = episode["reflections"]
+    assert (reflection["text"], reflection["after_attempt"], reflection["reward"]) == (LESSON, 0, 1.0)
+    assert reflection["n_tokens"] > 0
+
+
+def test_strategy_reflect_retries_with_the_reflection_but_not_the_failed_attempt():
+    llm = ScriptedChatModel(script=solver(), calls=[])
+    [result] = run_episodes(llm, [PROBLEM], ReflectConfig("reflect"))
+    retry_prompt = result.attempts[1]["prompt"]
+    assert not any(m["role"] == "assistant" for m in retry_prompt)
+    assert LESSON in retry_prompt[-1]["content"] and PROBLEM.prompt in retry_prompt[-1]["content"]
+    assert result.passed_final and result.rewards == [1.0]
+
+
+def test_strategy_retry_tries_again_without_reflecting(store):
+    llm = ScriptedChatModel(script=solver(), calls=[])
+    [result] = run_episodes(llm, [PROBLEM], ReflectConfig("retry", max_retries=2), store)
+    assert len(result.attempts) == 3 and not result.reflections and not result.passed_final
+    assert all(m.content != REFLECT for call in llm.calls for m in call)
+    assert result.attempts[1]["prompt"][-1]["content"] == load_prompts()["plain_retry"]
+    assert store.get_episode(result.episode_id)["reflections"] == []
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 3])
+def test_the_retry_cap_is_explicit(store, max_retries):
+    llm = ScriptedChatModel(script=solver(fix_after_reflection=False), calls=[])
+    [result] = run_episodes(llm, [PROBLEM], ReflectConfig(max_retries=max_retries), store)
+    assert len(result.attempts) == max_retries + 1 and not result.passed_final
+    assert len(result.reflections) == max_retries and result.rewards == [0.0] * max_retries
+    episode = store.get_episode(result.episode_id)
+    assert len(episode["attempts"]) == max_retries + 1
+    assert [r["reward"] for r in episode["reflections"]] == [0.0] * max_retries
+
+
+def test_memory_carries_rewarded_reflections_to_later_episodes():
+    memory = ReflectionMemory(size=3)
+    llm = ScriptedChatModel(script=solver(), calls=[])
+    first, second = countdown.make_problem([3, 5, 2], 16), countdown.make_problem([4, 6, 1], 25)
+    run_episodes(llm, [first], ReflectConfig("memory"), memory=memory)
+    assert memory.lessons() == [LESSON]
+    [result] = run_episodes(llm, [second], ReflectConfig("memory"), memory=memory)
+    assert LESSON in result.attempts[0]["prompt"][0]["content"]  # in the first attempt's system prompt
+
+
+def test_many_episodes_run_concurrently_and_come_back_in_order(store):
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def script(messages):
+        import time
+
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return solver()(messages)
+
+    problems = countdown.load("test", n=8, seed=1)
+    llm = ScriptedChatModel(script=script, calls=[])
+    results = run_episodes(llm, problems, ReflectConfig(), store, concurrency=8)
+    assert [r.problem_id for r in results] == [p.id for p in problems]
+    assert peak[0] > 1  # calls overlapped: the embedded model would batch them
+    assert len(store.list_episodes(task="countdown")) == 8
+    assert all(e["status"] == "finished" for e in store.list_episodes())
+
+
+def test_mine_failures_keeps_failed_first_attempts_in_one_batch():
+    problems = [countdown.make_problem([3, 5, 2], 16), countdown.make_problem([2, 5, 3], 10)]
+    llm = ScriptedChatModel(script=lambda messages: "3 + 5 + 2", calls=[], batches=[])
+    rows = mine_failures(llm, problems)
+    assert llm.batches == [2]
+    assert [row["problem_id"] for row in rows] == [problems[0].id]  # 3 + 5 + 2 = 10 passes the second
+    assert rows[0]["failed_attempt"] == "3 + 5 + 2"
+    assert rows[0]["prompt"][-1]["content"] == REFLECT and rows[0]["prompt"][-2]["content"] == "3 + 5 + 2"
+
+
+def test_reflection_reward_runs_the_retry_with_each_reflection():
+    reward = reflection_reward([PROBLEM])
+    conversations = []
+
+    def generate(batch):
+        conversations.extend(batch)
+        return ["(3 + 5) * 2" if any("multiply" in m["content"] for m in c) else "3 * 5 * 2" for c in batch]
+
+    rows = {"problem_id": [PROBLEM.id, PROBLEM.id], "failed_attempt": ["3 + 5 + 2", "3 + 5 + 2"]}
+    assert reward([LESSON, "No idea."], rows, generate) == [1.0, 0.0]
+    assert conversations[0][-2]["content"] == LESSON and conversations[0][-1]["role"] == "user"
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="strategy"):
+        ReflectConfig("shout")
+    with pytest.raises(ValueError, match="max_retries"):
+        ReflectConfig(max_retries=-1)
+
+
+def test_an_episode_that_breaks_is_stored_as_failed(store):
+    def script(messages):
+        if messages[-1].content == REFLECT:
+            raise TimeoutError("model went away")
+        return "3 + 5 + 2"
+
+    with pytest.raises(TimeoutError):
+        run_episodes(ScriptedChatModel(script=script, calls=[]), [PROBLEM], ReflectConfig(), store)
+    [episode] = store.list_episodes()
+    assert episode["status"] == "failed"
+    assert len(store.get_episode(episode["id"])["attempts"]) == 1

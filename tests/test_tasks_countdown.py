@@ -1,0 +1,113 @@
+"""Countdown: generation (solvable, seeded, disjoint splits) and the validator on hand-written right
+and wrong answers. No model, no mocks."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfsteer.evals.tasks import countdown, load_task
+from selfsteer.evals.tasks.countdown import evaluate, extract_expression, validate
+
+
+def test_generation_is_seeded_sized_and_splits_never_overlap():
+    first = load_task("countdown", "train", n=50, seed=3)
+    assert [p.id for p in first] == [p.id for p in load_task("countdown", "train", n=50, seed=3)]
+    assert [p.id for p in first] != [p.id for p in load_task("countdown", "train", n=50, seed=4)]
+    train = {p.id for seed in range(3) for p in load_task("countdown", "train", n=200, seed=seed)}
+    test = {p.id for seed in range(3) for p in load_task("countdown", "test", n=100, seed=seed)}
+    assert train and test and not train & test
+    for problem in first:
+        numbers = [int(x) for x in problem.id.split("->")[0].split(",")]
+        assert 3 <= len(numbers) <= 5
+        assert problem.task == "countdown" and str(numbers[0]) in problem.prompt
+
+
+def test_every_generated_problem_is_solvable():
+    # Brute force over expression trees of small problems: the target is reachable.
+    import itertools
+    from fractions import Fraction
+
+    def reachable(values):
+        if len(values) == 1:
+            return {values[0]}
+        out = set()
+        for i, j in itertools.permutations(range(len(values)), 2):
+            rest = [v for k, v in enumerate(values) if k not in (i, j)]
+            a, b = values[i], values[j]
+            for c in {a + b, a - b, a * b} | ({a / b} if b else set()):
+                out |= reachable([*rest, c])
+        return out
+
+    for problem in load_task("countdown", "test", n=15, seed=0):
+        head, target = problem.id.split("->")
+        numbers = [Fraction(int(x)) for x in head.split(",")]
+        if len(numbers) <= 4:
+            assert Fraction(int(target)) in reachable(numbers)
+
+
+NUMBERS, TARGET = (3, 5, 2), 16
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "(3 + 5) * 2",
+        "2 * (5 + 3)",
+        "(3+5)*2 = 16",
+        "16 = 2 * (3 + 5)",
+        "<answer>(5 + 3) * 2</answer>",
+        "Let me think.\nThe answer:\n```\n(3 + 5) × 2\n```",
+        "(3 + 5) * 2.",
+    ],
+)
+def test_right_answers_pass(answer):
+    verdict = validate(answer, NUMBERS, TARGET)
+    assert verdict.passed, verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("(3 + 5) * 2 + 0", "exactly once"),  # a number that was not given
+        ("(3 + 3) * 2 + 4", "exactly once"),  # a number used twice (and one missing)
+        ("3 * 5", "exactly once"),  # not every number used
+        ("(3 + 5) * 2 * 1", "exactly once"),
+        ("3 + 5 + 2", "not 16"),  # right numbers, wrong result
+        ("(3 + 5) / (2 - 2) * 2", "division by zero"),
+        ("2 ** 3 + 5 + 3", "Pow"),  # an operator outside the whitelist
+        ("-3 + 5 * 2", "unary"),
+        ("(3.0 + 5) * 2", "whole numbers"),
+        ("__import__('os').system('true')", "not allowed"),  # never evaluated
+        ("abs(3 + 5) * 2", "not allowed"),
+        ("", "no expression"),
+        ("I cannot solve this.", "not an arithmetic expression"),
+    ],
+)
+def test_wrong_answers_fail_with_a_reason(answer, reason):
+    verdict = validate(answer, NUMBERS, TARGET)
+    assert not verdict.passed
+    assert reason in verdict.reason
+
+
+def test_division_by_zero_is_a_failure_with_its_reason():
+    verdict = validate("3 / (5 - 5) + 2", (3, 5, 5, 2), 16)
+    assert not verdict.passed and "division by zero" in verdict.reason
+
+
+def test_exact_arithmetic_with_fractions():
+    value, used = evaluate("7 / 2 * 2")
+    assert value == 7 and used == [7, 2, 2]
+    assert validate("(1 + 1 / 3) * 3", (1, 1, 3, 3), 4).passed  # 4/3 * 3 is exactly 4
+    assert not validate("10 / 3 * 3", (10, 3, 3), 9).passed
+
+
+def test_extract_expression_prefers_the_side_with_operators():
+    assert extract_expression("16 = (3 + 5) * 2") == "(3 + 5) * 2"
+    assert extract_expression("Thinking...\n(3 + 5) * 2 = 16") == "(3 + 5) * 2"
+
+
+def test_make_problem_prompt_and_validator():
+    problem = countdown.make_problem([4, 6, 1], 25)
+    assert "4, 6, 1" in problem.prompt and "25" in problem.prompt
+    assert problem.validate("4 * 6 + 1").passed
+    assert not problem.validate("4 * 6 - 1").passed
