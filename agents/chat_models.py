@@ -45,7 +45,9 @@ def make_chat_model(
     if kind == "local" and not model_name:
         from selfsteer.agents.local_chat import LocalChatModel
 
-        return LocalChatModel(temperature=temperature, seed=seed, max_retries=max_retries, **kwargs)
+        return LocalChatModel(
+            temperature=temperature, seed=seed, max_retries=max_retries, timeout=timeout, **kwargs
+        )
     if kind == "openai" and model_name:
         from langchain_openai import ChatOpenAI
 

@@ -8,7 +8,7 @@ learning rate, with a short explanation. One small interface for all of them:
             return Decision("keep", "why")
 
 - `LLMSupervisor`: any chat model from the factory, with a prompt strategy from `selfsteer.prompts`.
-- `RuleSupervisor`: the baselines: non-finite or rising loss -> halve; plateau -> halve
+- `RuleSupervisor`: the baselines: non-finite, exploded or rising loss -> halve; plateau -> halve
   (a ReduceLROnPlateau equivalent); steady fall -> keep.
 - `HumanSupervisor`: asks a person (a LangGraph interrupt; see graphs/supervise.py).
 - Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`.
@@ -128,6 +128,8 @@ class RuleSupervisor(Supervisor):
     """Baselines that read the loss history (eval loss where there is one).
 
     divergence: halve when the latest loss is this fraction above the previous one.
+    explosion: halve when the latest loss is this many times the first train loss measured (the run
+        is worse than where it started, even if it is falling back).
     patience: halve when the best loss has not improved by `min_delta` (relative) for this many
         measurements, counted since the last change of learning rate too (ReduceLROnPlateau).
     """
@@ -135,8 +137,11 @@ class RuleSupervisor(Supervisor):
     name = "rule"
     strategy = "rules"
 
-    def __init__(self, divergence: float = 0.02, patience: int = 3, min_delta: float = 0.005):
+    def __init__(
+        self, divergence: float = 0.02, explosion: float = 1.5, patience: int = 3, min_delta: float = 0.005
+    ):
         self.divergence = divergence
+        self.explosion = explosion
         self.patience = patience
         self.min_delta = min_delta
 
@@ -144,6 +149,11 @@ class RuleSupervisor(Supervisor):
         if observation.nonfinite:
             return Decision("halve", "the loss is not finite: the learning rate is far too high")
         losses = [value for _, value in observation.losses]
+        start = observation.train_loss[0][1] if observation.train_loss else None
+        if losses and start and losses[-1] > start * self.explosion:
+            return Decision(
+                "halve", f"the loss {losses[-1]:.3f} is far above where it started ({start:.3f}): exploded"
+            )
         if len(losses) >= 2 and losses[-1] > losses[-2] * (1 + self.divergence):
             return Decision("halve", f"the loss rose from {losses[-2]:.3f} to {losses[-1]:.3f}: diverging")
         since_change = [v for s, v in observation.losses if s > observation.last_lr_change_step()]

@@ -32,3 +32,62 @@ def chat_model_from_args(args: argparse.Namespace):
     from selfsteer.agents.chat_models import make_chat_model
 
     return make_chat_model(args.llm, base_url=args.base_url, api_key=args.api_key, timeout=args.timeout)
+
+
+def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | None = "rule") -> None:
+    group = parser.add_argument_group("supervisor")
+    group.add_argument(
+        "--supervisor",
+        default=default,
+        help="who steers the run: none | rule (loss rises or plateaus -> halve) | llm (a language model, "
+        "see --llm and --strategy) | human (asks on the terminal) | module:Class (your own Supervisor) | "
+        "a name registered under the entry-point group selfsteer.supervisors",
+    )
+    group.add_argument(
+        "--strategy",
+        default="json_history",
+        help="prompt strategy of --supervisor llm: json_history (default), compact_stats, "
+        "reason_then_answer, or a .yaml file",
+    )
+    group.add_argument("--max-iterations", type=int, default=100, help="cap on decisions (default 100)")
+    group.add_argument(
+        "--every-steps",
+        type=int,
+        default=0,
+        help="decide at least every N steps, not only after evaluations (default 0: after evaluations)",
+    )
+
+
+def supervisor_from_args(args: argparse.Namespace):
+    """The Supervisor the flags ask for, or None for `none`."""
+    from selfsteer.agents.supervisors import load_supervisor
+
+    chat_model = chat_model_from_args(args) if args.supervisor == "llm" else None
+    return load_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
+
+
+def supervisor_thread_from_args(args: argparse.Namespace, db: str, pause_while_deciding: bool = False):
+    """What `selfsteer train` runs beside training: a callable `(url, stop_event)` that supervises the
+    run through its server until it ends, or None for `--supervisor none`. A supervisor that crashes
+    is reported and the run goes on with its current settings."""
+    import sys
+    import traceback
+
+    supervisor = supervisor_from_args(args)
+    if supervisor is None:
+        return None
+
+    def supervise(url, stop_event):
+        from selfsteer.graphs.supervise import run_supervision
+
+        try:
+            run_supervision(
+                url, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
+                max_iterations=args.max_iterations, every_steps=args.every_steps,
+                pause_while_deciding=pause_while_deciding,
+            )  # fmt: skip
+        except Exception:
+            print("supervisor crashed; training goes on with its current settings:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+
+    return supervise

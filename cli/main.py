@@ -13,6 +13,12 @@ COMMANDS = {
     "demo": "demo",
     "serve-llm": "serve_llm",
     "reflect": "reflect",
+    "recipes": "recipes",
+    "train": "train",
+    "replay": "replay",
+    "supervise": "supervise",
+    "decisions": "decisions",
+    "eval": "eval",
 }
 
 

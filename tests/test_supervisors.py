@@ -41,6 +41,11 @@ def test_rule_baselines(evals, action, reason):
     assert decision.action == action and reason in decision.explanation
 
 
+def test_rule_halves_a_loss_far_above_where_it_started_even_while_it_falls():
+    decision = RuleSupervisor().decide(observe([192.0, 145.0, 103.0], train=[5.6, 40.0, 300.0]))
+    assert decision.action == "halve" and "exploded" in decision.explanation
+
+
 def test_rule_waits_patience_after_a_change_of_learning_rate():
     # The plateau is older than the last lr change (step 200): too soon to halve again.
     obs = observe(PLATEAU, lrs=[1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 5e-4])

@@ -1,0 +1,77 @@
+"""Agent decision data: every stored decision as a training example for better interveners.
+
+Each row holds what the agent saw (the observation, and the chat messages its strategy rendered from
+it), what it answered (raw output, parsed action, explanation), how (strategy, model, latency,
+fallback) and what followed (the outcome: the loss change over the next window)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selfsteer.agents.observation import Observation
+from selfsteer.prompts import load_strategy
+
+
+def decision_rows(store, run_id: str | None = None) -> list[dict]:
+    rows = []
+    for d in store.list_decisions(run_id):
+        row = {
+            "run_id": d["run_id"], "step": d["step"], "agent": d["agent"], "strategy": d["strategy"],
+            "model": d["model"], "action": d["action"], "explanation": d["explanation"],
+            "raw_output": d["raw_output"], "lr_before": d["lr_before"], "lr_after": d["lr_after"],
+            "latency_s": d["latency_s"], "fallback": bool(d["fallback"]),
+            "observation": d["observation"], "outcome": d["outcome"], "messages": _messages(d),
+        }  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _messages(decision: dict) -> list[dict] | None:
+    """The chat the agent had, re-rendered from the observation with its (versioned) strategy."""
+    strategy, observation = decision.get("strategy") or "", decision.get("observation")
+    name = strategy.split("@")[0]
+    if not observation or not isinstance(observation, dict) or "step" not in observation:
+        return None
+    try:
+        prompt = load_strategy(name)
+    except ValueError:  # rules, humans, custom agents: no prompt
+        return None
+    values = Observation(**_floats(observation)).prompt_values()
+    return [
+        {"role": "system", "content": prompt.system.strip()},
+        {"role": "user", "content": prompt.render_user(**values)},
+        {"role": "assistant", "content": decision.get("raw_output") or ""},
+    ]
+
+
+def _floats(observation: dict) -> dict:
+    """Stored observations spell non-finite numbers as strings ("nan"); series come back as lists."""
+    out = dict(observation)
+    for key in ("train_loss", "eval_loss", "grad_norm", "learning_rate"):
+        out[key] = [(int(s), float(v)) for s, v in observation.get(key, [])]
+    return out
+
+
+def export_decisions(store, out: str | Path, fmt: str = "jsonl", run_id: str | None = None) -> int:
+    """Write the decisions as JSON lines, or as a Hugging Face dataset (`datasets.load_from_disk`);
+    returns how many."""
+    rows = decision_rows(store, run_id)
+    out = Path(out)
+    if fmt == "jsonl":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    elif fmt == "hf":
+        from datasets import Dataset
+
+        # Nested, free-form fields as JSON text: one schema for every row.
+        flat = [
+            {**r, "observation": json.dumps(r["observation"]), "outcome": json.dumps(r["outcome"])}
+            for r in rows
+        ]
+        Dataset.from_list(flat).save_to_disk(str(out))
+    else:
+        raise ValueError(f"unknown format {fmt!r}: use jsonl or hf")
+    return len(rows)

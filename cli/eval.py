@@ -1,0 +1,88 @@
+"""`selfsteer eval lr-suite`: compare supervisors on runs started at bad learning rates."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfsteer.cli.common import add_llm_arguments
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _named_floats(text: str) -> dict[str, float]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError("use NAME=LR,NAME=LR (e.g. too_low=1e-5,good=1e-3,too_high=5e-2)")
+    return {name: float(value) for name, value in pairs}
+
+
+def add_parser(subparsers, name: str) -> None:
+    from selfsteer.evals.lr_suite import DEFAULT_SUPERVISORS
+
+    parser = subparsers.add_parser(
+        name, help="evaluation suites (lr-suite)", description="Evaluation suites."
+    )
+    suites = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    suite = suites.add_parser(
+        "lr-suite",
+        help="supervisors x workloads x initial learning rates x seeds -> report.md + plots",
+        description="Run every workload at a too-low, a good and a too-high initial learning rate, for each "
+        "seed, under each supervisor (static, cosine schedule, rules, the LLM with each prompt strategy), "
+        "and write a markdown report with plots: final and best eval loss, regret against the best static "
+        "learning rate of a grid, share of diverging runs rescued, interventions, wall time. Resumable: "
+        "runs already in OUT/results.jsonl are not run again.",
+    )
+    suite.add_argument("--recipes", default="tiny,small", help="workloads (default tiny,small)")
+    suite.add_argument(
+        "--lrs",
+        type=_named_floats,
+        default=None,
+        help="initial learning rates for every recipe, NAME=LR,... (default per recipe: tiny too_low=1e-4,"
+        "good=1e-2,too_high=1.0; small too_low=1e-5,good=1e-3,too_high=1e-1)",
+    )
+    suite.add_argument(
+        "--grid",
+        type=_floats,
+        default=None,
+        help="extra static learning rates for regret (default per recipe)",
+    )
+    suite.add_argument(
+        "--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2], help="default 0,1,2"
+    )
+    suite.add_argument("--supervisors", default=",".join(DEFAULT_SUPERVISORS), help="default: %(default)s")
+    suite.add_argument(
+        "--max-steps", type=int, default=None, help="steps per run (default: tiny 60, small 100)"
+    )
+    suite.add_argument(
+        "--eval-steps", type=int, default=None, help="evaluate every N steps (default: tiny 10, small 20)"
+    )
+    suite.add_argument("--out", default="runs/lr-suite", help="output folder (default runs/lr-suite)")
+    add_llm_arguments(suite)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfsteer.evals.lr_suite import SuiteConfig, main
+
+    config = SuiteConfig(
+        recipes=args.recipes.split(","), seeds=args.seeds, supervisors=args.supervisors.split(","),
+        llm=args.llm, base_url=args.base_url, api_key=args.api_key,
+    )  # fmt: skip
+    if args.lrs is not None:
+        config.lrs = dict.fromkeys(config.recipes, args.lrs)
+    if args.grid is not None:
+        config.grid_lrs = dict.fromkeys(config.recipes, args.grid)
+    if args.max_steps:
+        config.max_steps = dict.fromkeys(config.recipes, args.max_steps)
+    if args.eval_steps:
+        config.eval_steps = dict.fromkeys(config.recipes, args.eval_steps)
+    unknown = [
+        s for s in config.supervisors if s not in ("static", "cosine", "rule") and not s.startswith("llm:")
+    ]
+    if unknown:
+        print(f"selfsteer eval lr-suite: unknown supervisors {unknown}", file=sys.stderr)
+        return 2
+    main(config, args.out)
+    return 0

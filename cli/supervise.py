@@ -1,0 +1,63 @@
+"""`selfsteer supervise --url URL`: attach a supervisor to a run that is already serving."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from selfsteer.cli.common import add_llm_arguments, add_supervisor_arguments, supervisor_from_args
+
+
+def add_parser(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(
+        name,
+        help="attach a supervisor (rules, an LLM, a person, your own) to a running training run",
+        description="Watch a run served by `selfsteer train` (or any trainer made interactive) and steer its "
+        "learning rate: observe -> decide -> act -> wait, until the run ends. Decisions go to the store; "
+        "the loop's state is checkpointed there too, so running the same command again after a crash "
+        "resumes without acting twice.",
+    )
+    parser.add_argument("--url", required=True, help="the run's control server, e.g. http://127.0.0.1:7007")
+    parser.add_argument(
+        "--token", default=os.environ.get("SELFSTEER_TOKEN"), help="bearer token, if the server wants one"
+    )
+    parser.add_argument(
+        "--db", default="selfsteer.sqlite", help="store for decisions (default ./selfsteer.sqlite)"
+    )
+    add_supervisor_arguments(parser)
+    add_llm_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from selfsteer.agents.chat_models import describe_llm_error
+    from selfsteer.graphs.supervise import run_supervision
+    from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError
+
+    try:
+        supervisor = supervisor_from_args(args)
+    except ValueError as error:
+        print(f"selfsteer supervise: {error}", file=sys.stderr)
+        return 2
+    if supervisor is None:
+        print("selfsteer supervise: --supervisor none supervises nothing", file=sys.stderr)
+        return 2
+    try:
+        with BridgeClient(args.url, token=args.token) as client:
+            state = client.state()
+    except (httpx.HTTPError, BridgeHTTPError) as error:
+        print(f"selfsteer supervise: cannot reach the run at {args.url}: {error}", file=sys.stderr)
+        return 1
+    print(f"supervising run {state.get('run_id')} at {args.url} with {supervisor.name}", flush=True)
+    try:
+        final = run_supervision(
+            args.url, supervisor, db=args.db, token=args.token,
+            max_iterations=args.max_iterations, every_steps=args.every_steps,
+        )  # fmt: skip
+    except Exception as error:
+        print(f"selfsteer supervise: {describe_llm_error(error, args.llm, args.base_url)}", file=sys.stderr)
+        return 1
+    print(f"done after {final.get('iteration', 0)} decisions")
+    return 0

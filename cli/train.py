@@ -1,0 +1,156 @@
+"""`selfsteer train`: one run of a recipe, steerable through its control server while it trains."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from selfsteer.cli.common import add_llm_arguments, add_supervisor_arguments, supervisor_thread_from_args
+
+TOKEN_ENV = "SELFSTEER_TOKEN"
+
+DESCRIPTION = """\
+Train a recipe (a small byte-level GPT-2 on the Python standard library's source) with the control
+server up: while it runs, GET /api/state and /api/metrics, POST /api/commands (set_optimizer, pause,
+save_checkpoint, load_checkpoint, ...), or subscribe to WS /api/events. Every command and metric is
+journaled in the store; `selfsteer replay RUN` re-runs the run with the same commands at the same steps.
+Writes DIR/summary.json (final_eval_loss, best_eval_loss, steps, wall_s, decisions, commands, run_id, db).
+"""
+
+EPILOG = """\
+examples:
+  selfsteer recipes
+  selfsteer train --recipe tiny --out runs/tiny
+  selfsteer train --recipe small --set training.learning_rate=5e-3 --port 7007
+  selfsteer train --recipe small --set training.learning_rate=0.1 --supervisor rule
+  selfsteer train --recipe small --supervisor llm --strategy compact_stats --llm local
+  curl -X POST http://127.0.0.1:7007/api/commands -H 'Content-Type: application/json' \\
+       -d '{"type": "set_optimizer", "args": {"lr": 0.001}}'
+"""
+
+
+def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help="train a recipe with the control server up",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--recipe", required=True, help="a built-in recipe (see `selfsteer recipes`) or a YAML file"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. training.learning_rate=0.02 (repeatable; values are YAML)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="control server address (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=7007, help="control server port (default: 7007; 0: any free)"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"bearer token the server requires (default: ${TOKEN_ENV}); needed when --host is not loopback",
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: runs/RECIPE-TIME)")
+    parser.add_argument("--db", default="selfsteer.sqlite", help="the store (default: ./selfsteer.sqlite)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's)")
+    add_supervisor_arguments(parser, default=None)
+    parser.add_argument(
+        "--pause-while-deciding",
+        action="store_true",
+        help="hold training while the supervisor decides (default: training goes on beside it)",
+    )
+    add_llm_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfsteer.trainer_bridge.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.set, seed=args.seed)
+    except RecipeError as exc:
+        print(f"selfsteer train: {exc}", file=sys.stderr)
+        return 2
+    from selfsteer.agents.chat_models import ChatModelConfigError
+
+    args.supervisor = args.supervisor or recipe["supervisor"].get("type", "none")
+    try:
+        supervisor = supervisor_thread_from_args(
+            args, db=args.db, pause_while_deciding=args.pause_while_deciding
+        )
+    except (ValueError, ChatModelConfigError) as exc:
+        print(f"selfsteer train: {exc}", file=sys.stderr)
+        return 2
+    recipe["supervisor"]["type"] = args.supervisor
+    out = Path(args.out or f"runs/{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return train(recipe, out, args, supervisor)
+
+
+def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from selfsteer.trainer_bridge.recipe import RecipeError
+    from selfsteer.trainer_bridge.runner import RecipeRun
+
+    hf_logging.set_verbosity_error()
+    try:
+        run = RecipeRun(
+            recipe,
+            out_dir=out,
+            db=args.db,
+            host=args.host,
+            port=args.port,
+            token=args.token,
+            progress=True,
+            supervisor=supervisor,
+        )
+    except (RecipeError, ValueError, OSError) as exc:
+        print(f"selfsteer train: {exc}", file=sys.stderr)
+        return 2
+    print(f"run {run.run_id} ({recipe['name']}): control server at {run.url}", flush=True)
+    try:
+        summary = run.train()
+    finally:
+        run.close()
+    shown = {k: summary[k] for k in ("final_eval_loss", "best_eval_loss", "steps", "wall_s", "commands")}
+    print(json.dumps(shown))
+    if summary.get("decisions"):
+        print_decisions(summary["decisions"])
+    if summary.get("run_id"):
+        print(f"plot: {plot(summary, out)}")
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+def print_decisions(decisions: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="decisions")
+    for column in ("step", "action", "lr before", "lr after", "explanation"):
+        table.add_column(column, overflow="fold")
+    for d in decisions:
+        table.add_row(
+            str(d["step"]), d["action"], f"{d['lr_before']:.3g}", f"{d['lr_after']:.3g}", d["explanation"]
+        )
+    Console().print(table)
+
+
+def plot(summary: dict, out: Path) -> Path:
+    """Loss and learning rate with the decisions marked, as out/plot.png."""
+    from selfsteer.evals.plots import plot_run
+    from selfsteer.trainer_bridge.store import Store
+
+    with Store(summary["db"]) as store:
+        title = f"{summary.get('recipe')}: final eval loss {summary['final_eval_loss']:.3f}"
+        return plot_run(store, summary["run_id"], out / "plot.png", title=title)

@@ -1,0 +1,280 @@
+"""The learning-rate suite: how well does each supervisor steer runs started at a bad learning rate?
+
+A grid of workloads (built-in recipes) x initial learning rates (too low, good, too high) x seeds,
+each run under every supervisor:
+- `static`: the initial learning rate, untouched (no supervisor);
+- `cosine`: the scheduler baseline (cosine decay from the initial learning rate);
+- `rule`: the rule baselines (divergence or plateau -> halve);
+- `llm:STRATEGY`: the language model with a prompt strategy.
+Extra static runs at other learning rates complete a grid, so that each run's *regret* can be taken
+against the best static learning rate of that grid (same workload and seed).
+
+Supervisors pause training while they decide, so that a slow model is judged on its decisions, not
+its speed. Writes `results.jsonl` (one line per run), `report.md` (a table), and PNG plots.
+
+    selfsteer eval lr-suite --recipes tiny,small --seeds 0,1,2 --out runs/lr-suite
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+# Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
+# learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
+DEFAULT_LRS = {
+    "tiny": {"too_low": 1e-4, "good": 1e-2, "too_high": 1.0},
+    "small": {"too_low": 1e-5, "good": 1e-3, "too_high": 1e-1},
+}
+DEFAULT_GRID = {"tiny": [1e-3, 5e-2, 0.2], "small": [1e-4, 3e-3, 1e-2]}
+DEFAULT_SUPERVISORS = ["static", "cosine", "rule", "llm:json_history", "llm:compact_stats", "llm:reason_then_answer"]  # fmt: skip
+BAD_START = 0.10  # a static run started "badly" when it ends this fraction above the grid's best
+RESCUE_GAIN = 0.05  # a supervised run "rescued" a bad start when it ends this fraction below the static run
+
+
+@dataclass
+class SuiteConfig:
+    recipes: list[str] = field(default_factory=lambda: ["tiny", "small"])
+    # recipe -> {name: initial lr}; recipes missing here take the "small" values
+    lrs: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_LRS))
+    grid_lrs: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))  # extra static runs
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    supervisors: list[str] = field(default_factory=lambda: list(DEFAULT_SUPERVISORS))
+    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 100})
+    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 20})
+    explanation_chars: int = 160  # the embedded model's explanations: long ones cost seconds on a CPU
+    llm: str = "local"
+    base_url: str | None = None
+    api_key: str | None = None
+
+    def lrs_of(self, recipe: str) -> dict[str, float]:
+        return self.lrs.get(recipe) or self.lrs.get("small") or DEFAULT_LRS["small"]
+
+    def grid_of(self, recipe: str) -> list[float]:
+        return self.grid_lrs.get(recipe, [])
+
+
+@dataclass
+class Cell:
+    recipe: str
+    lr_name: str
+    lr: float
+    seed: int
+    supervisor: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.recipe}-{self.lr_name}-s{self.seed}-{self.supervisor.replace(':', '_')}"
+
+
+def cells(config: SuiteConfig) -> list[Cell]:
+    out = []
+    for recipe in config.recipes:
+        lrs = config.lrs_of(recipe)
+        for seed in config.seeds:
+            for lr_name, lr in lrs.items():
+                out += [Cell(recipe, lr_name, lr, seed, s) for s in config.supervisors]
+            for lr in config.grid_of(recipe):
+                if lr not in lrs.values():
+                    out.append(Cell(recipe, "grid", lr, seed, "static"))
+    return out
+
+
+def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
+    from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
+    from selfsteer.graphs.supervise import run_supervision
+    from selfsteer.trainer_bridge.recipe import load_recipe
+    from selfsteer.trainer_bridge.runner import RecipeRun
+
+    overrides = [
+        f"training.learning_rate={cell.lr:.6e}",  # YAML reads 1e-05 as text, 1.000000e-05 as a number
+        f"training.seed={cell.seed}",
+        f"training.max_steps={config.max_steps.get(cell.recipe, 150)}",
+        f"training.eval_steps={config.eval_steps.get(cell.recipe, 25)}",
+    ]
+    if cell.supervisor == "cosine":
+        overrides.append("training.lr_scheduler_type=cosine")
+    supervisor = None
+    if cell.supervisor == "rule":
+        supervisor = RuleSupervisor()
+    elif cell.supervisor.startswith("llm:"):
+        supervisor = LLMSupervisor(chat_model, cell.supervisor.split(":", 1)[1])
+
+    def supervise(url, stop):
+        try:
+            run_supervision(
+                url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, thread_id=cell.id
+            )
+        except Exception:  # a supervisor crash never stops the run; it is reported
+            traceback.print_exc(file=sys.stderr)
+
+    run = RecipeRun(
+        load_recipe(cell.recipe, overrides),
+        out_dir=out / "runs" / cell.id,
+        db=db,
+        port=0,
+        supervisor=supervise if supervisor is not None else None,
+    )
+    try:
+        summary = run.train()
+    finally:
+        run.close()
+    decisions = summary.get("decisions", [])
+    return {
+        **asdict(cell),
+        "run_id": summary["run_id"],
+        "final_eval_loss": summary["final_eval_loss"],
+        "best_eval_loss": summary["best_eval_loss"],
+        "wall_s": summary["wall_s"],
+        "decisions": len(decisions),
+        "interventions": sum(1 for d in decisions if d["action"] != "keep"),
+        "actions": [d["action"] for d in decisions],
+    }
+
+
+def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
+    """Run every cell (skipping those already in results.jsonl: an interrupted suite resumes)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, db = out / "results.jsonl", out / "suite.sqlite"
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            row = json.loads(line)
+            done[Cell(row["recipe"], row["lr_name"], row["lr"], row["seed"], row["supervisor"]).id] = row
+    chat_model = None
+    if any(s.startswith("llm:") for s in config.supervisors):
+        from selfsteer.agents.chat_models import make_chat_model
+
+        extra = {"field_max_chars": config.explanation_chars} if config.llm == "local" else {}
+        chat_model = make_chat_model(config.llm, base_url=config.base_url, api_key=config.api_key, **extra)
+    todo = [c for c in cells(config) if c.id not in done]
+    with results_path.open("a") as results:
+        for cell in tqdm(todo, desc="lr-suite", unit="run"):
+            row = run_cell(cell, config, out, db, chat_model)
+            results.write(json.dumps(row) + "\n")
+            results.flush()
+            done[cell.id] = row
+    return list(done.values())
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def score(rows: list[dict]) -> list[dict]:
+    """Regret against the best static learning rate of the grid; whether the static run at the same
+    start went badly, and whether the supervisor rescued it."""
+    best_static: dict[tuple, float] = {}
+    static_at: dict[tuple, dict] = {}
+    for r in rows:
+        if r["supervisor"] == "static":
+            static_at[(r["recipe"], r["seed"], r["lr"])] = r
+            if math.isfinite(r["final_eval_loss"]):
+                key = (r["recipe"], r["seed"])
+                best_static[key] = min(best_static.get(key, math.inf), r["final_eval_loss"])
+    scored = []
+    for r in rows:
+        best = best_static.get((r["recipe"], r["seed"]), math.nan)
+        static = static_at.get((r["recipe"], r["seed"], r["lr"]))
+        bad = static is not None and not static["final_eval_loss"] <= best * (1 + BAD_START)  # NaN is bad
+        rescued = bad and r["final_eval_loss"] < static["final_eval_loss"] * (1 - RESCUE_GAIN)
+        scored.append({**r, "regret": r["final_eval_loss"] - best, "bad_start": bad, "rescued": rescued})
+    return scored
+
+
+def _median(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
+    from selfsteer.evals.plots import plot_curves
+    from selfsteer.trainer_bridge.store import Store
+
+    out = Path(out)
+    rows = [r for r in score(rows) if r["lr_name"] != "grid"]
+    lines = [
+        "# lr-suite report",
+        "",
+        f"Workloads {', '.join(config.recipes)}; seeds {', '.join(map(str, config.seeds))}; LLM {config.llm}. "
+        "Medians over seeds. Regret: final eval loss minus that of the best static learning rate of the grid "
+        "(same workload and seed). Rescued: of the runs whose static twin ended over "
+        f"{BAD_START:.0%} above the grid's best (a bad start), how many the supervisor brought at least "
+        f"{RESCUE_GAIN:.0%} lower. Interventions: decisions other than keep.",
+        "",
+    ]
+    for recipe in config.recipes:
+        grid = sorted({*config.lrs_of(recipe).values(), *config.grid_of(recipe)})
+        lines += [
+            f"## {recipe}",
+            "",
+            "Initial learning rates: "
+            + ", ".join(f"{k} {v:g}" for k, v in config.lrs_of(recipe).items())
+            + "; static grid: "
+            + ", ".join(f"{v:g}" for v in grid)
+            + ".",
+            "",
+            "| initial lr | supervisor | final eval loss | best eval loss | regret | interventions | rescued | wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for lr_name in config.lrs_of(recipe):
+            for supervisor in config.supervisors:
+                group = [
+                    r
+                    for r in rows
+                    if (r["recipe"], r["lr_name"], r["supervisor"]) == (recipe, lr_name, supervisor)
+                ]
+                if not group:
+                    continue
+                bad = [r for r in group if r["bad_start"]]
+                rescued = (
+                    f"{sum(r['rescued'] for r in bad)}/{len(bad)}" if bad and supervisor != "static" else "-"
+                )
+                lines.append(
+                    f"| {lr_name} | {supervisor} | {_median(r['final_eval_loss'] for r in group):.3f} | "
+                    f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
+                    f"{_median(r['interventions'] for r in group):g} | {rescued} | {_median(r['wall_s'] for r in group):.1f} |"
+                )
+        lines.append("")
+    with Store(out / "suite.sqlite") as store:
+        for recipe in config.recipes:
+            for lr_name, lr in config.lrs_of(recipe).items():
+                curves = {}
+                for r in rows:
+                    if (r["recipe"], r["lr_name"], r["seed"]) == (recipe, lr_name, config.seeds[0]):
+                        metrics = store.get_metrics(r["run_id"], names=["eval_loss"])
+                        curves[r["supervisor"]] = (
+                            [m["step"] for m in metrics],
+                            [m["value"] for m in metrics],
+                        )
+                if curves:
+                    name = f"curves_{recipe}_{lr_name}.png"
+                    plot_curves(
+                        curves,
+                        out / name,
+                        f"{recipe}, initial lr {lr_name} ({lr:g}), seed {config.seeds[0]}",
+                    )
+                    lines.append(f"![{recipe} {lr_name}]({name})")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main(config: SuiteConfig, out: str | Path) -> str:
+    started = time.perf_counter()
+    rows = run_suite(config, out)
+    text = report(rows, config, out)
+    print(text)
+    print(f"{len(rows)} runs, {time.perf_counter() - started:.0f} s; report: {Path(out) / 'report.md'}")
+    return text

@@ -1,0 +1,270 @@
+"""The supervision loop as a LangGraph state machine: observe -> decide -> act -> wait -> observe ...
+
+    observe   metrics since the start (train and eval loss, lr, grad norm, step) from the control server
+    decide    the supervisor (LLM, rules, a person, your own class) looks and answers double/halve/keep
+    act       the learning rate is changed through the bridge (only when the answer is not "keep")
+    wait      until the next evaluation (or `every_steps` steps), or the end of the run
+
+The loop ends when the run ends or after `max_iterations` decisions (LangGraph's recursion limit is
+not a cap). With a checkpointer (`SqliteSaver`) the state is saved after every node, so a supervisor
+process that dies resumes where it was; every command carries an idempotency key (the journal's
+`source`), so an action that reached the server before the crash is not sent twice.
+
+    graph = build_supervision_graph(BridgeClient(url), RuleSupervisor(), store=Store("selfsteer.sqlite"))
+    graph.invoke({"max_iterations": 50}, {"configurable": {"thread_id": "supervise:RUN"}})
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any, TypedDict
+
+import httpx
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command
+
+from selfsteer.agents.observation import Observation
+from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.tools.bridge_tools import BridgeTools
+from selfsteer.trainer_bridge.client import BridgeHTTPError
+
+FINISHED_PHASES = ("finished", "stopped", "failed")
+
+
+class SupervisionState(TypedDict, total=False):
+    max_iterations: int  # the cap on decisions
+    every_steps: int  # decide at least this often when no evaluation comes (0: only after evaluations)
+    iteration: int  # decisions made so far
+    run_id: str
+    step: int  # the step of the latest observation
+    lr: float
+    observed_eval_step: int  # the step of the latest eval loss seen
+    observation: dict
+    decision: dict
+    decision_id: int | None
+    sent_lr: dict | None  # the last learning-rate command: {uuid, lr}
+    finished: bool
+
+
+def build_supervision_graph(
+    tools: BridgeTools,
+    supervisor: Supervisor,
+    *,
+    store=None,
+    checkpointer=None,
+    stop_event: threading.Event | None = None,
+    pause_while_deciding: bool = False,
+    poll_s: float = 0.2,
+    wait_timeout_s: float = 600.0,
+):
+    """Compile the loop. `tools` act on the run; `store` (optional) records every decision and its
+    outcome; `checkpointer` makes the loop resumable; `stop_event` ends it from outside.
+    pause_while_deciding: hold training from the decision to the action (reproducible comparisons;
+        by default training goes on while the supervisor thinks)."""
+
+    def observe(state: SupervisionState) -> dict:
+        run_state = tools.read_state()
+        rows = tools.read_metrics()
+        step = int(run_state.get("step") or 0)
+        lr = _current_lr(run_state, rows)
+        sent = state.get("sent_lr")
+        if sent and tools.client.command(sent["uuid"])["status"] in ("pending", "running"):
+            lr = sent["lr"]  # sent, not yet applied: the run will have it at its next step
+        observation = Observation.from_metrics(rows, step=step, lr=lr, max_steps=run_state.get("max_steps"))
+        if store is not None and state.get("decision_id") is not None:
+            store.set_decision_outcome(state["decision_id"], _outcome(state, observation))
+        return {
+            "run_id": run_state.get("run_id", ""),
+            "step": step,
+            "lr": lr,
+            "observation": observation.to_dict(),
+            "observed_eval_step": observation.eval_loss[-1][0] if observation.eval_loss else 0,
+            "finished": run_state.get("phase") in FINISHED_PHASES,
+        }
+
+    def decide(state: SupervisionState) -> dict:
+        if pause_while_deciding and not _run_over(tools.pause):
+            return {"finished": True}
+        observation = Observation(**state["observation"])
+        decision = supervisor.decide(observation)
+        lr_after = decision.apply(state["lr"])
+        decision_id = None
+        if store is not None and state.get("run_id"):
+            decision_id = store.add_decision(
+                state["run_id"], step=state["step"], agent=supervisor.name, action=decision.action,
+                explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
+                observation=_finite(observation.to_dict()), raw_output=decision.raw_output,
+                lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
+            )  # fmt: skip
+        return {
+            "decision": {
+                **decision.__dict__,
+                "lr_before": state["lr"],
+                "lr_after": lr_after,
+                "step": state["step"],
+            },
+            "decision_id": decision_id,
+            "iteration": state.get("iteration", 0) + 1,
+        }
+
+    def act(state: SupervisionState) -> dict:
+        if state.get("finished"):
+            return {}
+        decision = state["decision"]
+        update: dict = {}
+        if decision["action"] != "keep":
+            try:
+                row = tools.set_lr(decision["lr_after"], idempotency_key=str(state["iteration"]))
+                update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
+            except BridgeHTTPError as error:
+                if error.status_code == 409:  # the run ended while we were deciding
+                    return {"finished": True}
+                raise
+        if pause_while_deciding and not _run_over(tools.resume):
+            return {"finished": True}
+        return update
+
+    def wait(state: SupervisionState) -> dict:
+        """Until a newer evaluation, `every_steps` more steps, or the end of the run."""
+        deadline = time.monotonic() + wait_timeout_s
+        every = state.get("every_steps", 0)
+        while time.monotonic() < deadline:
+            if stop_event is not None and stop_event.is_set():
+                return {"finished": True}
+            run_state = tools.read_state()
+            if run_state.get("phase") in FINISHED_PHASES:
+                return {"finished": True}
+            if every and int(run_state.get("step") or 0) >= state["step"] + every:
+                return {}
+            if tools.read_metrics(since=state.get("observed_eval_step", 0), names=["eval_loss"]):
+                return {}
+            time.sleep(poll_s)
+        return {}
+
+    def after_observe(state: SupervisionState) -> str:
+        if state.get("finished") or state.get("iteration", 0) >= state.get("max_iterations", 100):
+            return END
+        return "decide"
+
+    def after_wait(state: SupervisionState) -> str:
+        return END if state.get("finished") else "observe"
+
+    graph = StateGraph(SupervisionState)
+    graph.add_node("observe", observe)
+    graph.add_node("decide", decide)
+    graph.add_node("act", act)
+    graph.add_node("wait", wait)
+    graph.add_edge(START, "observe")
+    graph.add_conditional_edges("observe", after_observe, ["decide", END])
+    graph.add_edge("decide", "act")
+    graph.add_edge("act", "wait")
+    graph.add_conditional_edges("wait", after_wait, ["observe", END])
+    return graph.compile(checkpointer=checkpointer)
+
+
+def run_supervision(
+    url: str,
+    supervisor: Supervisor,
+    *,
+    db: str | None = None,
+    token: str | None = None,
+    max_iterations: int = 100,
+    every_steps: int = 0,
+    stop_event: threading.Event | None = None,
+    thread_id: str | None = None,
+    ask_human=None,
+    pause_while_deciding: bool = False,
+) -> dict:
+    """Supervise the run served at `url` until it ends; returns the graph's final state.
+
+    db: the store for decisions and the graph's checkpoints (default ./selfsteer.sqlite); the same
+        `thread_id` (default: supervise:RUN_ID) resumes an interrupted supervisor.
+    ask_human: called with the question of a `HumanSupervisor` interrupt, returns the answer
+        (default: asks on the terminal).
+    """
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from selfsteer.trainer_bridge.client import BridgeClient
+    from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
+
+    db = db or DEFAULT_DB_PATH
+    with BridgeClient(url, token=token, source=supervisor.name[:40]) as client, Store(db) as store:
+        tools = BridgeTools(client)
+        thread_id = thread_id or f"supervise:{tools.read_state().get('run_id', url)}"
+        with SqliteSaver.from_conn_string(db) as checkpointer:
+            graph = build_supervision_graph(
+                tools, supervisor, store=store, checkpointer=checkpointer, stop_event=stop_event,
+                pause_while_deciding=pause_while_deciding,
+            )  # fmt: skip
+            config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * max_iterations + 10}
+            resuming = graph.get_state(config).next
+            start = None if resuming else {"max_iterations": max_iterations, "every_steps": every_steps}
+            try:
+                result = graph.invoke(start, config)
+                while result.get("__interrupt__"):  # a person's turn (HumanSupervisor)
+                    question = result["__interrupt__"][0].value
+                    result = graph.invoke(Command(resume=(ask_human or ask_on_terminal)(question)), config)
+            except httpx.TransportError:
+                if stop_event is None or not stop_event.is_set():
+                    raise
+                result = {"finished": True}  # the run ended and took its server with it
+            return result
+
+
+def ask_on_terminal(question: dict) -> dict:
+    print(f"\nstep {question.get('step')}, learning rate {question.get('lr'):g}. {question.get('stats', '')}")
+    while True:
+        answer = input("double, halve or keep? [keep] ").strip().lower() or "keep"
+        if answer in ("double", "halve", "keep"):
+            return {"action": answer, "explanation": input("why (optional)? ").strip() or "human decision"}
+        print("please answer double, halve or keep")
+
+
+def _run_over(command) -> bool:
+    """Send a command; False when the run has ended meanwhile (409, or its server is gone), which ends
+    the loop quietly."""
+    try:
+        command()
+        return True
+    except httpx.TransportError:
+        return False
+    except BridgeHTTPError as error:
+        if error.status_code == 409:
+            return False
+        raise
+
+
+def _current_lr(run_state: dict, rows: list[dict]) -> float:
+    value = (run_state.get("optimizer") or {}).get("lr")
+    if isinstance(value, int | float) and value > 0:
+        return float(value)
+    logged = [r["value"] for r in rows if r["name"] == "learning_rate" and r["value"] is not None]
+    return float(logged[-1]) if logged else 0.0
+
+
+def _outcome(state: SupervisionState, now: Observation) -> dict:
+    """How the eval loss moved between the decision and the next observation."""
+    before = Observation(**state["observation"]).losses
+    after = now.losses
+    outcome: dict[str, Any] = {"steps": now.step - state["step"]}
+    if before and after:
+        outcome["loss_before"], outcome["loss_after"] = before[-1][1], after[-1][1]
+        if math.isfinite(before[-1][1]) and math.isfinite(after[-1][1]):
+            outcome["loss_change"] = after[-1][1] - before[-1][1]
+    return _finite(outcome)
+
+
+def _finite(value):
+    """JSON cannot hold NaN: non-finite numbers become strings ("nan", "inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+__all__ = ["Decision", "SupervisionState", "build_supervision_graph"]

@@ -1,0 +1,156 @@
+"""The control server over real HTTP and WebSocket on loopback: bad input, finished runs, unknown
+uuids, auth, CORS, events, and clients that misbehave without touching training."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+from selfsteer.trainer_bridge.client import AsyncBridgeClient, BridgeClient, BridgeHTTPError
+from selfsteer.trainer_bridge.testing import LiveRun
+
+BAD_COMMANDS = [
+    ({"type": "launch_missiles"}, "unknown command type"),
+    ({"type": "set_optimizer", "args": {}}, "at least one of"),
+    ({"type": "set_optimizer", "args": {"lr": -0.1}}, "greater than 0"),
+    ({"type": "set_optimizer", "args": {"lr": "0.1"}}, "valid number"),
+    ({"type": "set_optimizer", "args": {"lr": True}}, "valid number"),
+    ({"type": "set_optimizer", "args": {"lr": 0.1, "nesterov": True}}, "Extra inputs"),
+    ({"type": "set_optimizer", "args": {"betas": [0.9]}}, "betas"),
+    ({"type": "set_optimizer", "args": {"momentum": 0.9}}, "has no momentum"),
+    ({"type": "set_max_grad_norm", "args": {}}, "value: Field required"),
+    ({"type": "load_checkpoint", "args": {"checkpoint": "x", "branch": "main"}}, "first branch"),
+    ({"type": "save_checkpoint", "args": {"name": "../../etc"}}, "pattern"),
+    ({"type": "pause", "args": {"now": 1}}, "Extra inputs"),
+    ({"type": "pause", "args": [1]}, "valid dictionary"),
+    ({"args": {}}, "type"),
+]
+
+
+def test_bad_input_finished_runs_and_unknown_uuids(tmp_path):
+    with LiveRun(tmp_path, ["training.max_steps=6"], gates=[2]) as live:
+        live.gate.wait(2)  # the optimizer exists: momentum on AdamW is refused up front
+        http = httpx.Client(base_url=live.run.url)
+        for body, reason in BAD_COMMANDS:
+            response = http.post("/api/commands", json=body)
+            assert response.status_code == 422, body
+            assert reason in json.dumps(response.json()["detail"]), (body, response.json())
+        # NaN is not JSON, but Python clients send it anyway.
+        raw = '{"type": "set_optimizer", "args": {"lr": NaN}}'
+        response = http.post("/api/commands", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and "finite" in response.text
+        assert live.client.commands() == []  # nothing was queued
+        assert http.get("/api/commands/0123abcd").status_code == 404
+        with pytest.raises(BridgeHTTPError) as err:
+            live.client.command("nope")
+        assert err.value.status_code == 404
+        live.gate.release(2)
+        live.join()
+        with pytest.raises(BridgeHTTPError) as err:
+            live.client.set_lr(0.1)
+        assert err.value.status_code == 409 and "finished" in str(err.value.detail)
+        assert http.get("/api/state").json()["phase"] == "finished"
+        http.close()
+
+
+def test_events_stream_and_misbehaving_clients(tmp_path):
+    with LiveRun(tmp_path, ["training.max_steps=25"], gates=[1]) as live, contextlib.ExitStack() as stack:
+        url = live.run.url.replace("http", "ws") + "/api/events"
+        received: list[dict] = []
+        subscribed = threading.Event()
+
+        def listen():
+            for event in BridgeClient(live.run.url).events():
+                received.append(event)
+                subscribed.set()
+                if event["event"] == "state" and event["state"]["phase"] in ("finished", "stopped"):
+                    return
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        # Clients that never read (their queues fill up), and one that vanishes without a close handshake.
+        for _ in range(5):
+            stack.enter_context(connect(url, max_queue=1, close_timeout=0.1))
+        rude = stack.enter_context(connect(url, close_timeout=0.1))
+        rude.recv()
+        rude.socket.shutdown(socket.SHUT_RDWR)
+        rude.socket.close()
+        assert subscribed.wait(10)
+        live.gate.wait(1)
+        uuid = live.client.evaluate()["uuid"]
+        live.gate.release(1)
+        summary = live.join()
+        listener.join(30)
+
+    assert summary["steps"] == 25
+    kinds = [event["event"] for event in received]
+    assert kinds[0] == "state" and "metrics" in kinds and "command" in kinds
+    points = [p for event in received if event["event"] == "metrics" for p in event["points"]]
+    steps = [p["step"] for p in points if "loss" in p["values"]]
+    assert steps == list(range(1, 26))
+    statuses = [
+        e["command"]["status"] for e in received if e["event"] == "command" and e["command"]["uuid"] == uuid
+    ]
+    assert statuses == ["pending", "running", "success"]
+
+
+def test_token_cors_and_page(tmp_path):
+    with pytest.raises(ValueError, match="needs a bearer token"):
+        Bridge(BridgeConfig(host="0.0.0.0", port=0, db=tmp_path / "a.sqlite"))
+
+    bridge = Bridge(BridgeConfig(host="0.0.0.0", port=0, token="s3cret", db=tmp_path / "b.sqlite"))
+    try:
+        base = f"http://127.0.0.1:{bridge.server.port}"
+        assert httpx.get(base + "/api/state").status_code == 401
+        assert httpx.get(base + "/api/state", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        with BridgeClient(base, token="s3cret") as client:
+            assert client.state()["phase"] == "created"
+            queued = client.pause()
+            assert client.command(queued["uuid"])["status"] == "pending"
+        with pytest.raises(Exception):  # noqa: B017 - the handshake is refused
+            connect(base.replace("http", "ws") + "/api/events").recv()
+    finally:
+        bridge.close()
+
+    bridge = Bridge(BridgeConfig(port=0, db=tmp_path / "c.sqlite"))
+    try:
+        base = bridge.url
+        page = httpx.get(base + "/")
+        assert page.status_code == 200 and "selfsteer" in page.text
+        evil = httpx.get(base + "/api/state", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in evil.headers
+        same = httpx.get(base + "/api/state", headers={"Origin": base})
+        assert same.headers["access-control-allow-origin"] == base
+        with pytest.raises(Exception):  # noqa: B017 - a page of another site cannot subscribe
+            connect(base.replace("http", "ws") + "/api/events", origin="http://evil.example").recv()
+    finally:
+        bridge.close()
+
+
+def test_async_client(tmp_path):
+    bridge = Bridge(BridgeConfig(port=0, db=tmp_path / "d.sqlite"))
+
+    async def main():
+        async with AsyncBridgeClient(bridge.url, source="agent:test") as client:
+            state = await client.state()
+            sent = await client.set_optimizer(lr=0.01, betas=(0.9, 0.99))
+            row = await client.command(sent["uuid"])
+            types = [t["type"] for t in await client.command_types()]
+            async for event in client.events():
+                return state, row, types, event
+
+    try:
+        state, row, types, event = asyncio.run(main())
+    finally:
+        bridge.close()
+    assert state["phase"] == "created" and event["event"] == "state"
+    assert row["source"] == "agent:test" and row["args"] == {"lr": 0.01, "betas": [0.9, 0.99]}
+    assert {"set_optimizer", "load_checkpoint", "reload_data", "evaluate"} <= set(types)

@@ -1,0 +1,90 @@
+"""Checkpoints and branches: loading a checkpoint forks the run into a new branch, recorded in the tree,
+with the checkpoint's weights and metrics tagged by branch."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from selfsteer.trainer_bridge.store import Store
+from selfsteer.trainer_bridge.testing import LiveRun
+
+
+class WeightsAt(TrainerCallback):
+    """Copies of the weights at the end of given steps, after the bridge applied that step's commands."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.weights = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_load_checkpoint_forks_a_branch(tmp_path):
+    overrides = ["training.max_steps=24", "training.save_strategy=steps", "training.save_steps=8"]
+    with LiveRun(tmp_path, overrides, gates=[5, 10, 15, 20]) as live:
+        weights = WeightsAt([5, 10, 15, 20])
+        live.run.trainer.add_callback(weights)  # after the bridge: sees what the commands did
+        c = live.client
+        live.gate.wait(5)
+        save = c.save_checkpoint("early")["uuid"]
+        live.gate.release(5)
+        live.gate.wait(10)
+        load = c.load_checkpoint("early", branch="retry")["uuid"]
+        live.gate.release(10)
+        live.gate.wait(15)
+        save2 = c.save_checkpoint()["uuid"]  # default name: <branch>-step-<step>
+        load2 = c.load_checkpoint("retry-step-15")["uuid"]  # default branch name
+        live.gate.release(15)
+        live.gate.wait(20)
+        load3 = c.load_checkpoint("checkpoint-8", branch="from-trainer")["uuid"]  # the Trainer's own save
+        live.gate.release(20)
+        live.join()
+        rows = {u: c.command(u) for u in (save, load, save2, load2, load3)}
+        branches = c.branches()
+        checkpoints = c.checkpoints()
+        state = c.state()
+
+    assert all(row["status"] == "success" for row in rows.values()), rows
+    assert [rows[u]["step"] for u in (save, load, save2, load2, load3)] == [5, 10, 15, 15, 20]
+    assert rows[load2]["result"]["branch"] == "branch-2"
+
+    # The tree: main -> retry -> branch-2 -> from-trainer (a checkpoint of main at step 8).
+    tree = {b["name"]: (b["parent"], b["checkpoint"], b["checkpoint_step"], b["fork_step"]) for b in branches}
+    assert tree == {
+        "main": (None, None, 0, 0),
+        "retry": ("main", "early", 5, 10),
+        "branch-2": ("retry", "retry-step-15", 15, 15),
+        "from-trainer": ("branch-2", "checkpoint-8", 8, 20),
+    }
+    assert state["branch"] == "from-trainer"
+    names = [(cp["name"], cp["step"], cp["branch"], cp["source"]) for cp in checkpoints]
+    assert ("early", 5, "main", "api") in names and ("retry-step-15", 15, "retry", "api") in names
+    assert ("checkpoint-8", 8, "main", "trainer") in names
+
+    # The weights right after the load are the checkpoint's (step 5's), not step 10's.
+    for key, value in weights.weights[5].items():
+        assert torch.equal(weights.weights[10][key], value)
+    assert any(not torch.equal(weights.weights[15][k], v) for k, v in weights.weights[5].items())
+
+    # Metrics carry the branch they were logged on.
+    with Store(live.db) as store:
+        losses = store.get_metrics(live.run.run_id, names=["loss"])
+    by_step = {row["step"]: row["branch"] for row in losses}
+    assert {by_step[s] for s in range(1, 11)} == {"main"}
+    assert {by_step[s] for s in range(11, 16)} == {"retry"}
+    assert {by_step[s] for s in range(16, 21)} == {"branch-2"}
+    assert {by_step[s] for s in range(21, 25)} == {"from-trainer"}
+
+
+def test_duplicate_names_fail_without_harm(tmp_path):
+    with LiveRun(tmp_path, ["training.max_steps=8"], gates=[2]) as live:
+        live.gate.wait(2)
+        first = live.client.save_checkpoint("a")["uuid"]
+        again = live.client.save_checkpoint("a")["uuid"]
+        live.gate.release(2)
+        summary = live.join()
+        statuses = [live.client.command(u)["status"] for u in (first, again)]
+    assert statuses == ["success", "failed"] and summary["steps"] == 8

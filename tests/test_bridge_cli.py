@@ -1,0 +1,49 @@
+"""`selfsteer recipes`, `selfsteer train` and their errors, run in-process through the real entry point."""
+
+from __future__ import annotations
+
+import json
+
+from selfsteer.cli.main import main
+from selfsteer.trainer_bridge.recipe import estimated_cost, load_recipe
+from selfsteer.trainer_bridge.store import Store
+
+
+def test_recipes_smallest_first(capsys):
+    assert main(["recipes"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names[:2] == ["tiny", "small"] and len(names) >= 2
+    costs = [estimated_cost(load_recipe(name)) for name in names]
+    assert costs == sorted(costs)
+
+
+def test_train_writes_the_summary_and_the_store(tmp_path, capsys):
+    out, db = tmp_path / "out", tmp_path / "runs.sqlite"
+    argv = ["train", "--recipe", "tiny", "--set", "training.max_steps=12", "--set", "training.eval_steps=5"]
+    argv += ["--port", "0", "--out", str(out), "--db", str(db), "--seed", "3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "control server at http://127.0.0.1:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["decisions"] == [] and summary["commands"] == 0
+    assert summary["best_eval_loss"] <= summary["final_eval_loss"] and summary["wall_s"] > 0
+    with Store(db) as store:
+        run = store.get_run(summary["run_id"])
+        assert run["status"] == "finished" and run["config"]["recipe"]["training"]["seed"] == 3
+        assert run["summary"]["final_eval_loss"] == summary["final_eval_loss"]
+        names = {m["name"] for m in store.get_metrics(summary["run_id"])}
+    assert {"loss", "eval_loss", "learning_rate", "grad_norm", "samples_per_s"} <= names
+
+
+def test_train_refuses_what_it_cannot_do(tmp_path, capsys):
+    base = ["train", "--recipe", "tiny", "--out", str(tmp_path), "--db", str(tmp_path / "x.sqlite")]
+    assert main([*base, "--supervisor", "no_such_module:Nope"]) == 2
+    assert "cannot load supervisor" in capsys.readouterr().err
+    assert main([*base, "--supervisor", "llm", "--llm", "bogus"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main([*base, "--set", "training.no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert main(["train", "--recipe", "nope", "--out", str(tmp_path)]) == 2
+    assert "tiny" in capsys.readouterr().err  # the built-in names are suggested
+    assert main([*base, "--host", "0.0.0.0", "--port", "0", "--token", ""]) == 2
+    assert "bearer token" in capsys.readouterr().err

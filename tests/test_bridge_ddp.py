@@ -1,0 +1,105 @@
+"""Two CPU processes under torchrun (gloo): only rank 0 serves; every command is broadcast and applied
+at the same step on both ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfsteer.trainer_bridge.client import BridgeClient
+from selfsteer.trainer_bridge.store import Store
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"torchrun exited with {proc.returncode} before {path.name}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {path.name} after {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun"
+)
+def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
+    (tmp_path / "gates").write_text("3\n6\n")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    overrides = [
+        "training.max_steps=12",
+        "training.ddp_find_unused_parameters=false",
+        "training.eval_steps=100",
+    ]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "selfsteer.trainer_bridge.testing_ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "log", "wb")  # noqa: SIM115 - closed in finally
+    # A session of its own, so a failing test can end torchrun *and* its workers (SIGKILL on torchrun
+    # alone would leave them orphaned, waiting in a collective).
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path), *overrides],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(tmp_path / "url", proc)
+        client = BridgeClient((tmp_path / "url").read_text())
+        wait_for(tmp_path / "reached-3", proc)
+        sent = [
+            client.set_lr(0.01),
+            client.save_checkpoint("c3"),
+            client.set_max_grad_norm(0.5),
+            client.pause(),
+        ]
+        (tmp_path / "release-3").touch()
+        client.wait(sent[-1]["uuid"])
+        time.sleep(0.3)  # paused: both ranks wait at step 3
+        assert client.state()["step"] == 3 and client.state()["paused"]
+        sent.append(client.resume())
+        wait_for(tmp_path / "reached-6", proc)
+        sent += [client.load_checkpoint("c3", branch="b"), client.evaluate()]
+        (tmp_path / "release-6").touch()
+        proc.wait(timeout=180)
+        assert proc.returncode == 0, (tmp_path / "log").read_text()[-3000:]
+        with Store(tmp_path / "selfsteer.sqlite") as store:  # the server is gone with the run
+            rows = [store.get_command(s["uuid"]) for s in sent]
+        client.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, even when torchrun is done
+        proc.wait()
+        log.close()
+        print((tmp_path / "log").read_text()[-3000:])
+
+    assert [(r["type"], r["status"], r["step"]) for r in rows] == [
+        ("set_optimizer", "success", 3),
+        ("save_checkpoint", "success", 3),
+        ("set_max_grad_norm", "success", 3),
+        ("pause", "success", 3),
+        ("resume", "success", 3),
+        ("load_checkpoint", "success", 6),
+        ("evaluate", "success", 6),
+    ]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["distributed"] for r in ranks] == [True, True] and ranks[0]["world_size"] == 2
+    assert ranks[0]["url"] and ranks[1]["url"] is None and ranks[1]["run_id"] is None  # only rank 0 serves
+    # The same lr at every step on both ranks: 0.003 up to step 3, then 0.01; then the checkpoint's.
+    assert ranks[0]["lr"] == ranks[1]["lr"]
+    assert [ranks[0]["lr"][str(s)] for s in (3, 4, 6, 7)] == [0.003, 0.01, 0.01, 0.01]
+    assert ranks[0]["branch"] == ranks[1]["branch"] == "b"
+    # The checkpoint was saved before set_max_grad_norm(0.5) (journal order): loading it restored 1.0.
+    assert ranks[0]["max_grad_norm"] == ranks[1]["max_grad_norm"]
+    assert [ranks[0]["max_grad_norm"][str(s)] for s in (3, 4, 6, 7)] == [1.0, 0.5, 0.5, 1.0]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the load happened on both ranks
+    assert ranks[0]["final_eval_loss"] == ranks[1]["final_eval_loss"]

@@ -1,0 +1,168 @@
+"""The supervision graph on real tiny training runs behind a real control server. The supervisors
+here are scripted (a list of actions) so that the path the graph takes is known in advance."""
+
+import threading
+import time
+
+import pytest
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from selfsteer.agents.supervisors import Decision, RuleSupervisor, Supervisor
+from selfsteer.graphs.supervise import build_supervision_graph, run_supervision
+from selfsteer.tools.bridge_tools import BridgeTools
+from selfsteer.trainer_bridge.client import BridgeClient
+from selfsteer.trainer_bridge.store import Store
+from selfsteer.trainer_bridge.testing import LiveRun
+
+
+class Scripted(Supervisor):
+    name = "scripted"
+
+    def __init__(self, actions):
+        self.actions = list(actions)
+        self.seen = []
+
+    def decide(self, observation):
+        self.seen.append(observation.step)
+        return Decision(self.actions.pop(0) if self.actions else "keep", "scripted")
+
+
+def wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(0.05)
+
+
+def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
+    supervisor = Scripted(["double", "halve", "keep"])
+    with LiveRun(tmp_path, ["training.max_steps=30"], gates=[1, 11, 21]) as live, Store(live.db) as store:
+        thread = threading.Thread(
+            target=run_supervision, args=(live.run.url, supervisor), kwargs={"db": str(live.db)}, daemon=True
+        )
+        thread.start()
+        # Training waits at step 1 for the first decision, at step 11 (the step-10 evaluation is done)
+        # for the second, at step 21 for the third: the path does not depend on how fast either side is.
+        for gate, decisions in ((1, 1), (11, 2), (21, 3)):
+            live.gate.wait(gate)
+            wait_for(lambda n=decisions: len(store.list_decisions()) >= n)
+            live.gate.release(gate)
+        summary = live.join()
+        thread.join(60)
+        assert not thread.is_alive()
+        decisions = store.list_decisions(live.run.run_id)
+        commands = [c for c in store.list_commands(live.run.run_id) if c["type"] == "set_optimizer"]
+
+    assert [d["action"] for d in decisions][:3] == ["double", "halve", "keep"]
+    assert decisions[0]["lr_before"] == pytest.approx(3e-3) and decisions[0]["lr_after"] == pytest.approx(
+        6e-3
+    )
+    assert decisions[1]["lr_before"] == pytest.approx(6e-3) and decisions[1]["lr_after"] == pytest.approx(
+        3e-3
+    )
+    assert [c["source"] for c in commands] == ["scripted#1", "scripted#2"]
+    assert [c["args"]["lr"] for c in commands] == pytest.approx([6e-3, 3e-3])
+    assert all(c["status"] == "success" for c in commands)
+    assert decisions[0]["outcome"] is not None and "steps" in decisions[0]["outcome"]
+    assert decisions[1]["observation"]["eval_loss"], "the second decision saw the step-10 evaluation"
+    assert summary["steps"] == 30
+
+
+def test_rule_supervisor_halves_a_run_whose_learning_rate_is_far_too_high(tmp_path):
+    # At lr 2.0 the tiny model's loss explodes from ~5.5 to ~190 by step 10, then drifts back down.
+    overrides = ["training.max_steps=40", "training.learning_rate=2.0"]
+    with LiveRun(tmp_path, overrides, gates=[21, 31]) as live, Store(live.db) as store:
+        thread = threading.Thread(
+            target=run_supervision,
+            args=(live.run.url, RuleSupervisor()),
+            kwargs={"db": str(live.db)},
+            daemon=True,
+        )
+        thread.start()
+        for gate in (21, 31):
+            live.gate.wait(gate)
+            wait_for(lambda gate=gate: any(d["step"] >= gate - 1 for d in store.list_decisions()))
+            live.gate.release(gate)
+        live.join()
+        thread.join(60)
+        actions = [d["action"] for d in store.list_decisions(live.run.run_id)]
+    assert "halve" in actions
+
+
+def test_a_supervisor_that_dies_resumes_without_acting_twice(tmp_path):
+    class DiesAfterSending(BridgeTools):
+        died = False
+
+        def set_lr(self, lr, idempotency_key=None):
+            row = super().set_lr(lr, idempotency_key)
+            if not DiesAfterSending.died:
+                DiesAfterSending.died = True
+                raise RuntimeError("the supervisor process died")
+            return row
+
+    config = {"configurable": {"thread_id": "crash-test"}}
+    with LiveRun(tmp_path, ["training.max_steps=20"], gates=[5]) as live, Store(live.db) as store:
+        live.gate.wait(5)
+        with SqliteSaver.from_conn_string(str(tmp_path / "graph.sqlite")) as saver:
+            client = BridgeClient(live.run.url, source="scripted")
+            graph = build_supervision_graph(
+                DiesAfterSending(client),
+                Scripted(["halve"]),
+                store=store,
+                checkpointer=saver,
+                wait_timeout_s=0.5,
+            )
+            with pytest.raises(RuntimeError, match="died"):
+                graph.invoke({"max_iterations": 1}, config)
+            # A new process: new tools and a new supervisor, the same checkpoint thread.
+            graph = build_supervision_graph(
+                DiesAfterSending(client),
+                Scripted(["double"]),
+                store=store,
+                checkpointer=saver,
+                wait_timeout_s=0.5,
+            )
+            assert graph.get_state(config).next == ("act",)
+            final = graph.invoke(None, config)
+            client.close()
+        live.gate.release(5)
+        live.join()
+        commands = [c for c in store.list_commands(live.run.run_id) if c["type"] == "set_optimizer"]
+        decisions = store.list_decisions(live.run.run_id)
+    assert final["iteration"] == 1
+    assert len(commands) == 1 and commands[0]["args"]["lr"] == pytest.approx(1.5e-3)
+    assert [d["action"] for d in decisions] == ["halve"]  # decided once, not again after the crash
+
+
+def test_a_person_decides_through_an_interrupt(tmp_path):
+    from selfsteer.agents.supervisors import HumanSupervisor
+
+    questions = []
+
+    def ask(question):
+        questions.append(question)
+        return {"action": "halve", "explanation": "too fast for my taste"}
+
+    with LiveRun(tmp_path, ["training.max_steps=20"], gates=[11]) as live, Store(live.db) as store:
+        thread = threading.Thread(
+            target=run_supervision,
+            args=(live.run.url, HumanSupervisor()),
+            kwargs={"db": str(live.db), "ask_human": ask, "max_iterations": 1},
+            daemon=True,
+        )
+        thread.start()
+        live.gate.wait(11)
+        wait_for(lambda: len(store.list_decisions()) >= 1)
+        live.gate.release(11)
+        live.join()
+        thread.join(30)
+        (decision,) = store.list_decisions(live.run.run_id)
+        (command,) = [c for c in store.list_commands(live.run.run_id) if c["type"] == "set_optimizer"]
+    assert questions and "double, halve or keep" in questions[0]["question"]
+    assert (decision["agent"], decision["action"], decision["explanation"]) == (
+        "human",
+        "halve",
+        "too fast for my taste",
+    )
+    assert command["source"] == "human#1" and command["args"]["lr"] == pytest.approx(1.5e-3)

@@ -1,0 +1,80 @@
+"""The bridge as tools: plain methods for graphs and code, LangChain tools for tool-calling agents.
+
+tools = BridgeTools(BridgeClient(url, source="llm"))
+tools.read_state(); tools.read_metrics(since=100); tools.set_lr(2e-3)
+agent_tools = tools.as_langchain_tools()     # read_state, read_metrics, set_learning_rate, pause, ...
+"""
+
+from __future__ import annotations
+
+from langchain_core.tools import StructuredTool
+
+from selfsteer.trainer_bridge.client import BridgeClient
+
+SOURCE_MAX = 64  # the journal's limit on a command's source
+
+
+class BridgeTools:
+    def __init__(self, client: BridgeClient, wait_s: float = 30.0):
+        self.client = client
+        self.wait_s = wait_s
+
+    def read_state(self) -> dict:
+        """The run's state: phase, step, max_steps, optimizer hyper-parameters, latest metrics."""
+        return self.client.state()
+
+    def read_metrics(self, since: int | None = None, names: list[str] | None = None) -> list[dict]:
+        """Metric rows {step, name, value, branch} after step `since` (all when None)."""
+        return self.client.metrics(since=since, names=names)
+
+    def set_lr(self, lr: float, idempotency_key: str | None = None) -> dict:
+        """Set the learning rate (it persists through the scheduler). With an idempotency key, a
+        command already in the journal under that key is returned instead of being sent again."""
+        if idempotency_key is None:
+            return self.client.set_lr(lr)
+        source = f"{self.client.source[: SOURCE_MAX - len(idempotency_key) - 1]}#{idempotency_key}"[
+            -SOURCE_MAX:
+        ]
+        for row in self.client.commands():
+            if row.get("source") == source:
+                return row
+        original, self.client.source = self.client.source, source
+        try:
+            return self.client.set_lr(lr)
+        finally:
+            self.client.source = original
+
+    def pause(self) -> dict:
+        """Pause training at the next step boundary; returns the journal row once it is paused."""
+        return self.client.wait(self.client.pause()["uuid"], timeout=self.wait_s)
+
+    def resume(self) -> dict:
+        """Resume a paused run; returns the journal row once it runs again."""
+        return self.client.wait(self.client.resume()["uuid"], timeout=self.wait_s)
+
+    def save_checkpoint(self) -> dict:
+        """Save a checkpoint now; returns the journal row once it is done."""
+        return self.client.wait(self.client.save_checkpoint()["uuid"], timeout=self.wait_s)
+
+    def load_checkpoint(self, checkpoint: str, branch: str | None = None) -> dict:
+        """Load a checkpoint into a new branch of the run (the run forks)."""
+        return self.client.wait(self.client.load_checkpoint(checkpoint, branch)["uuid"], timeout=self.wait_s)
+
+    def evaluate(self) -> dict:
+        """Evaluate now; returns the journal row with the result."""
+        return self.client.wait(self.client.evaluate()["uuid"], timeout=self.wait_s)
+
+    def as_langchain_tools(self) -> list[StructuredTool]:
+        def read_metrics_window(since_step: int = 0) -> list[dict]:
+            """Metric rows (loss, eval_loss, learning_rate, grad_norm) logged after `since_step`."""
+            return self.read_metrics(since=since_step)
+
+        def set_learning_rate(lr: float) -> dict:
+            """Set the optimizer's learning rate from the next step on."""
+            return self.set_lr(lr)
+
+        functions = [
+            self.read_state, read_metrics_window, set_learning_rate, self.pause, self.resume,
+            self.save_checkpoint, self.load_checkpoint, self.evaluate,
+        ]  # fmt: skip
+        return [StructuredTool.from_function(f) for f in functions]

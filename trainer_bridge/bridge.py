@@ -1,0 +1,521 @@
+"""The bridge between a live Hugging Face Trainer and the outside: commands in, metrics and events out.
+
+    trainer = make_interactive(Trainer)(model=..., args=..., train_dataset=...)   # or
+    bridge = attach(Trainer(...))                                                   # on any Trainer
+    trainer.train()                                   # now steerable at http://127.0.0.1:7007
+
+How a command travels:
+1. the control server (a thread) validates it and journals it in the store as `pending`;
+2. at the next optimizer-step boundary (`on_step_end`, through the public callback API and
+   `TrainerControl`; `on_train_begin` counts as step 0) the training thread reads the pending rows,
+   marks each `running` with the step, applies it, and journals `success` with a result or `failed`
+   with the error. A failing command never stops training;
+3. under DDP only rank 0 reads the journal and serves; it broadcasts the commands of each boundary, and
+   every rank applies the same ones at the same step.
+While paused, the training thread stays inside the boundary, applying commands until `resume` or `stop`.
+
+Nothing lives only in memory: runs, metrics, commands, checkpoints and branches are in the store (the
+last two as the results of journaled commands), so a replay can rebuild the run from the file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from selfsteer.trainer_bridge import checkpoints as ckpt
+from selfsteer.trainer_bridge import optim
+from selfsteer.trainer_bridge.commands import (
+    CommandError,
+    CommandRegistry,
+    InvalidCommand,
+    dump_args,
+)
+from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("finished", "stopped", "failed")
+
+
+class RunFinished(RuntimeError):
+    """A command sent to a run that is over (HTTP 409)."""
+
+
+@dataclass
+class BridgeConfig:
+    host: str = "127.0.0.1"
+    port: int | None = 7007  # None: no control server (replays, scripts); 0: any free port
+    token: str | None = None  # bearer token; required when serving on anything but loopback
+    db: str | os.PathLike = DEFAULT_DB_PATH
+    run_name: str = "run"
+    run_kind: str = "train"
+    run_config: dict | None = None  # what a replay needs to rebuild the run (the recipe)
+    parent_run_id: str | None = None
+    checkpoint_dir: str | None = None  # default: <output_dir>/bridge-checkpoints
+    poll_s: float = 0.05  # how often a paused run looks for new commands
+    event_interval_s: float = 0.5  # metrics reach WebSocket subscribers in batches this far apart
+    auto_finish: bool = True  # finish the run in the store when training ends
+    replay_of: str | None = None  # apply this run's journaled commands at their steps
+
+
+@dataclass
+class StepContext:
+    """What a command handler gets: the live objects at the boundary where it is applied."""
+
+    bridge: Bridge
+    args: TrainingArguments
+    state: TrainerState
+    control: TrainerControl
+    model: torch.nn.Module | None = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    train_dataloader: Any = None
+    eval_dataloader: Any = None
+
+    @property
+    def step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def trainer(self) -> Any:
+        return self.bridge.trainer
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    # Before the process group exists, torchrun/accelerate's environment says it.
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN/Infinity
+
+
+class Bridge:
+    def __init__(
+        self,
+        config: BridgeConfig | None = None,
+        *,
+        registry: CommandRegistry | None = None,
+        data_factories: dict[str, Any] | None = None,
+        store: Store | None = None,
+    ):
+        from selfsteer.trainer_bridge.handlers import default_registry
+
+        self.config = config or BridgeConfig()
+        self.registry = (registry or default_registry()).copy()
+        # name -> zero-argument callable returning a Dataset; `reload_data` may only pick from these.
+        self.data_factories: dict[str, Any] = dict(data_factories or {})
+        self.current_dataset: str | None = "train" if "train" in self.data_factories else None
+        self.trainer: Any = None
+        self.callback = BridgeCallback(self)
+        self.rank, self.world_size = _rank_and_world()
+        self.is_main = self.rank == 0
+
+        # Training-side state, changed only by the training thread (and mirrored on every rank).
+        self.phase = "created"  # created -> running -> finished | stopped | failed
+        self.training_done = False
+        self.paused = False
+        self.stop_requested = False
+        self.branch = "main"
+        self._step_branch = "main"
+        self.branches: dict[str, dict] = {"main": {"name": "main", "parent": None}}
+        self.checkpoints: dict[str, dict] = {}
+        self._snapshot: dict[str, Any] = {"step": 0}
+        self._published_paused = False  # as told in the last state event
+        self._last_metrics: dict[str, float | None] = {}
+        self._last_log: tuple[float, int] | None = None
+        self._decay_groups: list[int] | None = None
+        self._optimizer: Any = None  # last seen, for submit-time checks
+        self._finish_lock = threading.Lock()
+
+        self.store: Store | None = None
+        self._owns_store = False
+        self.run_id: str | None = None
+        self.server = None
+        self._replay: dict[int, list[dict]] | None = None
+        if self.is_main:
+            if self.config.port is not None:
+                from selfsteer.trainer_bridge.server import ControlServer
+
+                # Bound before the run exists: a taken port or a missing token leaves no orphan run.
+                self.server = ControlServer(
+                    self, self.config.host, self.config.port, self.config.token, self.config.event_interval_s
+                )
+            self._owns_store = store is None
+            try:
+                self.store = store or Store(self.config.db)
+                if self.config.replay_of:
+                    self._replay = self._load_replay(self.config.replay_of)
+                self.run_id = self.store.create_run(
+                    self.config.run_name,
+                    kind=self.config.run_kind,
+                    config=self.config.run_config,
+                    parent_run_id=self.config.parent_run_id or self.config.replay_of,
+                )
+                if self.server is not None:
+                    self.server.start()
+            except BaseException:
+                self.close()  # releases the bound port
+                raise
+
+    # ---- wiring
+
+    def attach(self, trainer: Any) -> Bridge:
+        self.trainer = trainer
+        trainer.add_callback(self.callback)
+        return self
+
+    @property
+    def url(self) -> str | None:
+        return self.server.url if self.server is not None else None
+
+    def publish(self, event: dict) -> None:
+        if self.server is not None:
+            self.server.hub.publish(event)
+
+    def close(self) -> None:
+        """Stops the server and releases the store (the run's rows stay)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.store is not None and self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ---- the outside's side (server threads, scripts)
+
+    def submit(self, type: str, args: dict | None = None, source: str = "api") -> dict:
+        """Validates and journals a command; the training thread applies it at the next boundary.
+        Raises InvalidCommand (422) or RunFinished (409); nothing is queued then."""
+        if not self.is_main:
+            raise RuntimeError("commands go to rank 0")
+        spec, parsed = self.registry.parse(type, args)
+        if spec.check is not None:
+            spec.check(self, parsed)
+        if self.training_done or self.phase in FINISHED:
+            raise RunFinished(f"run {self.run_id} is {self.phase if self.phase in FINISHED else 'over'}")
+        run = self.store.get_run(self.run_id)
+        if run is None or run["status"] != "running":
+            raise RunFinished(f"run {self.run_id} is {run['status'] if run else 'gone'}")
+        row = self.store.add_command(self.run_id, type, dump_args(parsed), source)
+        self.publish({"event": "command", "command": row})
+        if self.training_done:
+            # The run ended while this was being added, maybe after finish() failed what was pending:
+            # fail it here, so that no command waits forever.
+            with contextlib.suppress(StoreError):
+                self._journal(row["uuid"], "failed", error="the run ended before this command was applied")
+            raise RunFinished(f"run {self.run_id} is over")
+        return {"uuid": row["uuid"], "status": row["status"], "step": self._snapshot.get("step", 0)}
+
+    def state(self) -> dict:
+        return {
+            **self._snapshot,
+            "run_id": self.run_id,
+            "phase": self.phase,
+            "paused": self.paused,
+            "branch": self.branch,
+            "url": self.url,
+            "world_size": self.world_size,
+            "metrics": dict(self._last_metrics),
+        }
+
+    def metrics(self, since: int | None = None, branch: str | None = None, names: list[str] | None = None):
+        rows = self.store.get_metrics(self.run_id, since_step=since, branch=branch, names=names)
+        for row in rows:
+            row["value"] = _json_number(row["value"])
+        return rows
+
+    def commands(self, status: str | None = None) -> list[dict]:
+        return self.store.list_commands(self.run_id, status=status)
+
+    def command(self, uuid: str) -> dict:
+        row = self.store.get_command(uuid)
+        if row is None or row["run_id"] != self.run_id:
+            raise KeyError(uuid)
+        return row
+
+    def list_checkpoints(self) -> list[dict]:
+        return ckpt.list_checkpoints(self.store, self.run_id)
+
+    def list_branches(self) -> list[dict]:
+        return ckpt.list_branches(self.store, self.run_id)
+
+    # ---- the training thread's side
+
+    def context(self, args, state, control, **kwargs) -> StepContext:
+        names = ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
+        return StepContext(self, args, state, control, **{n: kwargs.get(n) for n in names})
+
+    def on_train_begin(self, ctx: StepContext) -> None:
+        self.phase = "running"
+        self._last_log = (time.perf_counter(), ctx.step)
+        self.boundary(ctx)
+
+    def boundary(self, ctx: StepContext) -> None:
+        """An optimizer-step boundary: apply what is pending; while paused, wait here for more."""
+        self._optimizer = ctx.optimizer
+        # The step that just ended trained on the branch active before this boundary's commands.
+        self._step_branch = self.branch
+        while True:
+            for command in self._next_commands(ctx.step):
+                self._apply(ctx, command)
+            if not self.paused or ctx.control.should_training_stop:
+                break
+            self._snapshot_state(ctx)
+            if self.is_main:
+                time.sleep(self.config.poll_s)  # other ranks wait in the next broadcast
+        self._snapshot_state(ctx)
+
+    def on_log(self, state: TrainerState, args: TrainingArguments, logs: dict) -> None:
+        if not self.is_main or not logs:
+            return
+        values = {
+            k: float(v) for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        if "loss" in values and self._last_log is not None:
+            # Throughput over the steps since the previous training log.
+            now, step = time.perf_counter(), state.global_step
+            last_time, last_step = self._last_log
+            if step > last_step and now > last_time:
+                batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
+                values["samples_per_s"] = (step - last_step) * batch / (now - last_time)
+            self._last_log = (now, step)
+        if not values:
+            return
+        # A training log describes the step just taken (on the branch it ran on); anything else (an
+        # evaluation) describes the weights as they are now.
+        branch = self._step_branch if "loss" in values else self.branch
+        rows = [
+            {"step": state.global_step, "name": k, "value": v, "branch": branch} for k, v in values.items()
+        ]
+        try:
+            self.store.add_metrics(self.run_id, rows)
+        except StoreError:
+            log.exception("could not store metrics at step %s", state.global_step)
+        finite = {k: _json_number(v) for k, v in values.items()}
+        self._last_metrics.update(finite)
+        if self.server is not None:
+            self.server.hub.publish_point({"step": state.global_step, "branch": branch, "values": finite})
+
+    def on_trainer_save(self, ctx: StepContext) -> None:
+        # The Trainer's own checkpoints (save_steps) go into the journal too, so they can be loaded.
+        name = f"checkpoint-{ctx.step}"
+        info = {
+            "name": name,
+            "path": str(Path(ctx.args.output_dir) / name),
+            "step": ctx.step,
+            "branch": self.branch,
+        }
+        self.checkpoints[name] = info
+        if self.is_main:
+            row = self.store.add_command(self.run_id, "save_checkpoint", {"name": name}, "trainer")
+            self._journal(row["uuid"], "running", step=ctx.step)
+            self._journal(row["uuid"], "success", result=info)
+
+    def on_train_end(self, ctx: StepContext) -> None:
+        self.training_done = True
+        self._snapshot_state(ctx)
+        if self.config.auto_finish:
+            self.finish()
+
+    def finish(self, status: str | None = None, summary: Any = None, error: str | None = None) -> None:
+        """Marks the run over in the store (once); commands still pending are failed, not lost."""
+        with self._finish_lock:
+            if self.phase in FINISHED:
+                return
+            status = status or ("stopped" if self.stop_requested else "finished")
+            self.training_done = True
+            self.phase = status
+        if not self.is_main:
+            return
+        reason = error or f"the run ended ({status}) before this command was applied"
+        for command in self.store.list_commands(self.run_id, status="pending"):
+            with contextlib.suppress(StoreError):  # applied meanwhile: nothing to fail
+                self._journal(command["uuid"], "failed", error=reason)
+        try:
+            self.store.finish_run(self.run_id, status, summary)
+        except StoreError:  # finished elsewhere (another process closed it): keep that record
+            log.exception("could not finish run %s", self.run_id)
+        self.publish({"event": "state", "state": self.state()})
+
+    # ---- commands at a boundary
+
+    def _load_replay(self, run_id: str) -> dict[int, list[dict]]:
+        """The original run's applied commands by step, keeping only what changes the training."""
+        if self.store.get_run(run_id) is None:
+            raise KeyError(f"no run {run_id!r} in {self.store.path}")
+        by_step: dict[int, list[dict]] = {}
+        for command in self.store.list_commands(run_id, status="success"):
+            spec = self.registry.specs.get(command["type"])
+            if command["source"] == "trainer" or (spec is not None and not spec.replay):
+                continue  # the Trainer's own saves happen again by themselves
+            by_step.setdefault(command["step"], []).append(command)
+        for commands in by_step.values():
+            # Applied order, not submitted order: `updated_at` of a success is when it ran.
+            commands.sort(key=lambda c: c["updated_at"])
+        return by_step
+
+    def _next_commands(self, step: int) -> list[dict]:
+        commands: list[dict] = []
+        if self.is_main:
+            if self._replay is not None:
+                for original in self._replay.pop(step, []):
+                    self.store.add_command(self.run_id, original["type"], original["args"], "replay")
+            commands = self.store.list_commands(self.run_id, status="pending")
+        if self.world_size > 1 and dist.is_initialized():
+            box = [commands]
+            dist.broadcast_object_list(box, src=0)
+            commands = box[0]
+        return commands
+
+    def _apply(self, ctx: StepContext, command: dict) -> None:
+        uuid = command["uuid"]
+        if self.is_main:
+            try:
+                self._journal(uuid, "running", step=ctx.step)
+            except StoreError:
+                log.exception("command %s moved on elsewhere; not applying it", uuid)
+                return
+        try:
+            spec, args = self.registry.parse(command["type"], command["args"])
+            result = spec.handler(ctx, args)
+        except (CommandError, InvalidCommand) as exc:
+            error = str(exc)
+        except Exception as exc:  # a handler bug must not end the run either
+            log.exception("command %s (%s) failed", uuid, command["type"])
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            if self.is_main:
+                try:
+                    self._journal(uuid, "success", result=result)
+                except StoreError as exc:  # e.g. a result that is not JSON
+                    self._journal(uuid, "failed", error=f"applied, but the result was not stored: {exc}")
+            return
+        log.warning("command %s (%s) failed at step %s: %s", uuid, command["type"], ctx.step, error)
+        if self.is_main:
+            self._journal(uuid, "failed", error=error)
+
+    def _journal(self, uuid: str, status: str, **changes: Any) -> dict:
+        row = self.store.update_command(uuid, status, **changes)
+        self.publish({"event": "command", "command": row})
+        return row
+
+    def agree(self, error: str | None) -> None:
+        """Rank 0's verdict on a step that only it performed (writing a checkpoint), for every rank:
+        all raise or none does, so no rank is left waiting in a collective."""
+        if self.world_size > 1 and dist.is_initialized():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise CommandError(error)
+
+    # ---- state
+
+    def decay_groups(self, ctx: StepContext) -> list[int]:
+        if self._decay_groups is None and ctx.optimizer is not None:
+            names = None
+            if self.trainer is not None and hasattr(self.trainer, "get_decay_parameter_names"):
+                names = set(self.trainer.get_decay_parameter_names(ctx.model))
+            self._decay_groups = optim.decay_groups(ctx.optimizer, names, ctx.model)
+        return self._decay_groups or []
+
+    def checkpoint_dir(self, ctx: StepContext) -> Path:
+        return Path(self.config.checkpoint_dir or Path(ctx.args.output_dir) / "bridge-checkpoints")
+
+    def _snapshot_state(self, ctx: StepContext) -> None:
+        snapshot = {
+            "step": ctx.step,
+            "max_steps": ctx.state.max_steps,
+            "epoch": ctx.state.epoch,
+            "max_grad_norm": ctx.args.max_grad_norm,
+            "optimizer": None,
+        }
+        if ctx.optimizer is not None:
+            snapshot["optimizer"] = {
+                "name": optim.optimizer_name(ctx.optimizer),
+                **optim.hparams(ctx.optimizer, self.decay_groups(ctx)),
+            }
+        previous, self._snapshot = self._snapshot, snapshot  # one reference swap: readers see old or new
+        if self.server is None or not self.server.hub.subscribers:
+            return
+        # A state event when something but the step moved: metrics points carry the step already.
+        moved = {k: v for k, v in snapshot.items() if k not in ("step", "epoch")}
+        before = {k: v for k, v in previous.items() if k not in ("step", "epoch")}
+        if moved != before or self.paused != self._published_paused:
+            self._published_paused = self.paused
+            self.publish({"event": "state", "state": self.state()})
+
+
+class BridgeCallback(TrainerCallback):
+    """The Trainer-facing half: public callback events only, forwarded to the bridge."""
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bridge.on_train_begin(self.bridge.context(args, state, control, **kwargs))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bridge.boundary(self.bridge.context(args, state, control, **kwargs))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.bridge.on_log(state, args, logs or {})
+
+    def on_save(self, args, state, control, **kwargs):
+        self.bridge.on_trainer_save(self.bridge.context(args, state, control, **kwargs))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bridge.on_train_end(self.bridge.context(args, state, control, **kwargs))
+
+
+# -----------------------------------------------------------------------------
+# drop-in integration
+
+
+def attach(trainer: Any, config: BridgeConfig | None = None, **kwargs: Any) -> Bridge:
+    """Makes an existing Trainer (or TRL trainer) steerable; returns its bridge. kwargs go to Bridge."""
+    return Bridge(config, **kwargs).attach(trainer)
+
+
+def make_interactive(trainer_class: type) -> type:
+    """A subclass of `trainer_class` that serves a control API while it trains.
+
+    Extra constructor keywords: `bridge` (a BridgeConfig or a ready Bridge), `data_factories` (for
+    `reload_data`), `commands` (a CommandRegistry with your own commands)."""
+
+    class Interactive(trainer_class):
+        def __init__(self, *args, bridge=None, data_factories=None, commands=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not isinstance(bridge, Bridge):
+                bridge = Bridge(bridge, registry=commands, data_factories=data_factories)
+            self.bridge = bridge.attach(self)
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            except BaseException as exc:
+                self.bridge.finish("failed", error=f"training failed: {type(exc).__name__}: {exc}")
+                raise
+
+    Interactive.__name__ = Interactive.__qualname__ = f"Interactive{trainer_class.__name__}"
+    return Interactive

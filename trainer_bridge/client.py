@@ -1,0 +1,232 @@
+"""Clients of the control server, over httpx (REST) and websockets (events): `BridgeClient` for plain code,
+`AsyncBridgeClient` for asyncio. Both mirror the API one method per route, plus a helper per command.
+
+    client = BridgeClient("http://127.0.0.1:7007", source="my-agent")
+    uuid = client.set_lr(2e-3)["uuid"]
+    client.wait(uuid)          # -> the journal row, status success or failed
+    for event in client.events():
+        ...
+
+Errors come back as `BridgeHTTPError` with the status code and the server's reason (422: bad command,
+409: the run is over, 404: unknown command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:7007"
+DONE = ("success", "failed")
+
+
+class BridgeHTTPError(RuntimeError):
+    def __init__(self, status_code: int, detail: Any):
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _raise_for(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text
+    raise BridgeHTTPError(response.status_code, detail)
+
+
+def _ws_url(url: str) -> str:
+    return "ws" + url.removeprefix("http") + "/api/events"  # http -> ws, https -> wss
+
+
+def _drop_none(args: dict) -> dict:
+    return {k: v for k, v in args.items() if v is not None}
+
+
+class _Commands:
+    """The typed helpers, shared by both clients: each is `send(type, **args)`."""
+
+    def send(self, type: str, **args: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def set_optimizer(self, lr=None, weight_decay=None, betas=None, eps=None, momentum=None):
+        betas = list(betas) if betas is not None else None
+        args = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum)
+        return self.send("set_optimizer", **_drop_none(args))
+
+    def set_lr(self, lr: float):
+        return self.send("set_optimizer", lr=lr)
+
+    def set_max_grad_norm(self, value: float):
+        return self.send("set_max_grad_norm", value=value)
+
+    def pause(self):
+        return self.send("pause")
+
+    def resume(self):
+        return self.send("resume")
+
+    def stop(self):
+        return self.send("stop")
+
+    def save_checkpoint(self, name: str | None = None):
+        return self.send("save_checkpoint", **_drop_none({"name": name}))
+
+    def load_checkpoint(self, checkpoint: str, branch: str | None = None):
+        return self.send("load_checkpoint", **_drop_none({"checkpoint": checkpoint, "branch": branch}))
+
+    def evaluate(self):
+        return self.send("evaluate")
+
+    def reload_data(self, dataset: str | None = None):
+        return self.send("reload_data", **_drop_none({"dataset": dataset}))
+
+
+class BridgeClient(_Commands):
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, source: str = "api", timeout: float = 10.0
+    ):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.source = source
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> BridgeClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ---- the routes
+
+    def state(self) -> dict:
+        return _raise_for(self.http.get("/api/state"))
+
+    def metrics(self, since: int | None = None, branch: str | None = None, names: list[str] | None = None):
+        params = _drop_none({"since": since, "branch": branch, "name": names})
+        return _raise_for(self.http.get("/api/metrics", params=params))
+
+    def send(self, type: str, **args: Any) -> dict:
+        """Queues a command; returns {uuid, status, step} (step: where the run was when it arrived)."""
+        body = {"type": type, "args": args, "source": self.source}
+        return _raise_for(self.http.post("/api/commands", json=body))
+
+    def commands(self, status: str | None = None) -> list[dict]:
+        return _raise_for(self.http.get("/api/commands", params=_drop_none({"status": status})))
+
+    def command(self, uuid: str) -> dict:
+        return _raise_for(self.http.get(f"/api/commands/{uuid}"))
+
+    def command_types(self) -> list[dict]:
+        return _raise_for(self.http.get("/api/command-types"))
+
+    def checkpoints(self) -> list[dict]:
+        return _raise_for(self.http.get("/api/checkpoints"))
+
+    def branches(self) -> list[dict]:
+        return _raise_for(self.http.get("/api/branches"))
+
+    def wait(self, uuid: str, timeout: float = 60.0, poll_s: float = 0.05) -> dict:
+        """Polls until the command succeeded or failed; returns its journal row."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.command(uuid)
+            if row["status"] in DONE:
+                return row
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"command {uuid} still {row['status']} after {timeout} s")
+            time.sleep(poll_s)
+
+    def events(self, open_timeout: float = 10.0) -> Iterator[dict]:
+        """Yields the server's events until the connection closes (first: the current state)."""
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        with connect(_ws_url(self.url), additional_headers=headers, open_timeout=open_timeout) as ws:
+            try:
+                for message in ws:
+                    yield json.loads(message)
+            except ConnectionClosed:
+                return
+
+
+class AsyncBridgeClient(_Commands):
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, source: str = "api", timeout: float = 10.0
+    ):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.source = source
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncBridgeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    async def state(self) -> dict:
+        return _raise_for(await self.http.get("/api/state"))
+
+    async def metrics(
+        self, since: int | None = None, branch: str | None = None, names: list[str] | None = None
+    ):
+        params = _drop_none({"since": since, "branch": branch, "name": names})
+        return _raise_for(await self.http.get("/api/metrics", params=params))
+
+    async def send(self, type: str, **args: Any) -> dict:
+        body = {"type": type, "args": args, "source": self.source}
+        return _raise_for(await self.http.post("/api/commands", json=body))
+
+    async def commands(self, status: str | None = None) -> list[dict]:
+        return _raise_for(await self.http.get("/api/commands", params=_drop_none({"status": status})))
+
+    async def command(self, uuid: str) -> dict:
+        return _raise_for(await self.http.get(f"/api/commands/{uuid}"))
+
+    async def command_types(self) -> list[dict]:
+        return _raise_for(await self.http.get("/api/command-types"))
+
+    async def checkpoints(self) -> list[dict]:
+        return _raise_for(await self.http.get("/api/checkpoints"))
+
+    async def branches(self) -> list[dict]:
+        return _raise_for(await self.http.get("/api/branches"))
+
+    async def wait(self, uuid: str, timeout: float = 60.0, poll_s: float = 0.05) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = await self.command(uuid)
+            if row["status"] in DONE:
+                return row
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"command {uuid} still {row['status']} after {timeout} s")
+            await asyncio.sleep(poll_s)
+
+    async def events(self, open_timeout: float = 10.0) -> AsyncIterator[dict]:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        async with connect(_ws_url(self.url), additional_headers=headers, open_timeout=open_timeout) as ws:
+            try:
+                async for message in ws:
+                    yield json.loads(message)
+            except ConnectionClosed:
+                return

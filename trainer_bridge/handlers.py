@@ -1,0 +1,192 @@
+"""The built-in commands. Each handler runs in the training thread at a step boundary, on every rank,
+and returns what the journal keeps as the command's result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfsteer.trainer_bridge import checkpoints as ckpt
+from selfsteer.trainer_bridge import optim
+from selfsteer.trainer_bridge.bridge import Bridge, StepContext
+from selfsteer.trainer_bridge.commands import (
+    CommandError,
+    CommandRegistry,
+    LoadCheckpointArgs,
+    NoArgs,
+    ReloadDataArgs,
+    SaveCheckpointArgs,
+    SetMaxGradNormArgs,
+    SetOptimizerArgs,
+)
+from selfsteer.trainer_bridge.data import SwappableDataset
+
+BUILTINS = CommandRegistry()
+command = BUILTINS.register
+
+
+def default_registry() -> CommandRegistry:
+    return BUILTINS.copy()
+
+
+# ---- optimizer
+
+
+def _check_optimizer(bridge: Bridge, args: SetOptimizerArgs) -> None:
+    # Before training starts there is no optimizer to check against; the apply step checks again.
+    if bridge._optimizer is not None:
+        optim.check_args(bridge._optimizer, args)
+
+
+@command(
+    "set_optimizer",
+    SetOptimizerArgs,
+    "Set any of lr, weight_decay, betas, eps, momentum; lr rescales the LR schedule so it sticks.",
+    check=_check_optimizer,
+)
+def set_optimizer(ctx: StepContext, args: SetOptimizerArgs) -> dict:
+    groups = ctx.bridge.decay_groups(ctx)
+    before = optim.hparams(ctx.optimizer, groups) if ctx.optimizer is not None else {}
+    optim.apply(ctx.optimizer, ctx.lr_scheduler, args, groups)
+    return {"before": before, "after": optim.hparams(ctx.optimizer, groups)}
+
+
+@command("set_max_grad_norm", SetMaxGradNormArgs, "Gradient clipping norm (0 turns clipping off).")
+def set_max_grad_norm(ctx: StepContext, args: SetMaxGradNormArgs) -> dict:
+    before = ctx.args.max_grad_norm
+    ctx.args.max_grad_norm = args.value
+    if ctx.trainer is not None and ctx.trainer.args is not ctx.args:
+        ctx.trainer.args.max_grad_norm = args.value
+    return {"before": before, "after": args.value}
+
+
+# ---- flow
+
+
+@command("pause", NoArgs, "Hold training at this step boundary until resume or stop.", replay=False)
+def pause(ctx: StepContext, args: NoArgs) -> dict:
+    ctx.bridge.paused = True
+    return {"paused": True}
+
+
+@command("resume", NoArgs, "Go on after a pause.", replay=False)
+def resume(ctx: StepContext, args: NoArgs) -> dict:
+    ctx.bridge.paused = False
+    return {"paused": False}
+
+
+@command("stop", NoArgs, "End training after this step (the run finishes as 'stopped').")
+def stop(ctx: StepContext, args: NoArgs) -> dict:
+    ctx.control.should_training_stop = True
+    ctx.bridge.paused = False
+    ctx.bridge.stop_requested = True
+    return {"stopped_at": ctx.step}
+
+
+@command("evaluate", NoArgs, "Evaluate on the eval set now; the result holds the eval metrics.")
+def evaluate(ctx: StepContext, args: NoArgs) -> dict:
+    if ctx.trainer is None:
+        # Callback-only use: the Trainer evaluates right after this boundary.
+        ctx.control.should_evaluate = True
+        return {"scheduled": True}
+    if ctx.trainer.eval_dataset is None:
+        raise CommandError("this run has no eval dataset")
+    # Trainer.evaluate() logs through the callback handler, which clears should_log: keep this step's
+    # training log. (Its clearing should_evaluate is right: this was the step's evaluation.)
+    should_log = ctx.control.should_log
+    metrics = ctx.trainer.evaluate()
+    ctx.control.should_log = should_log
+    return metrics
+
+
+# ---- checkpoints and branches
+
+
+@command("save_checkpoint", SaveCheckpointArgs, "Save model, optimizer, scheduler and RNG (name optional).")
+def save_checkpoint(ctx: StepContext, args: SaveCheckpointArgs) -> dict:
+    bridge = ctx.bridge
+    name = args.name or f"{bridge.branch}-step-{ctx.step}"
+    if name in bridge.checkpoints:
+        raise CommandError(f"this run already has a checkpoint named {name!r}")
+    path = bridge.checkpoint_dir(ctx) / name
+    error = None
+    if bridge.is_main:
+        meta = {"step": ctx.step, "branch": bridge.branch, "max_grad_norm": ctx.args.max_grad_norm}
+        try:
+            if path.exists():
+                raise CommandError(f"{path} exists already")
+            ckpt.save_checkpoint(path, ctx.model, ctx.optimizer, ctx.lr_scheduler, meta)
+        except Exception as exc:
+            error = f"cannot save checkpoint {name!r}: {exc}"
+    bridge.agree(error)
+    info = {"name": name, "path": str(path), "step": ctx.step, "branch": bridge.branch}
+    bridge.checkpoints[name] = info
+    return info
+
+
+def _resolve_checkpoint(ctx: StepContext, checkpoint: str) -> tuple[str, Path, int | None]:
+    known = ctx.bridge.checkpoints.get(checkpoint)
+    if known is not None:
+        return checkpoint, Path(known["path"]), known["step"]
+    # Otherwise a folder, but only one inside this run's output or checkpoint folder: no reading of
+    # arbitrary paths on the machine through the API.
+    roots = [Path(ctx.args.output_dir).resolve(), ctx.bridge.checkpoint_dir(ctx).resolve()]
+    path = Path(checkpoint)
+    candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
+    for candidate in candidates:
+        if any(candidate.is_relative_to(root) for root in roots) and candidate.is_dir():
+            return candidate.name, candidate, None
+    known_names = ", ".join(ctx.bridge.checkpoints) or "none"
+    raise CommandError(f"no checkpoint {checkpoint!r} in this run (known: {known_names})")
+
+
+@command(
+    "load_checkpoint",
+    LoadCheckpointArgs,
+    "Load a checkpoint into a new branch: the run forks; steps keep counting, metrics carry the branch.",
+)
+def load_checkpoint(ctx: StepContext, args: LoadCheckpointArgs) -> dict:
+    bridge = ctx.bridge
+    branch = args.branch or f"branch-{len(bridge.branches)}"
+    if branch in bridge.branches:
+        raise CommandError(f"branch {branch!r} exists already")
+    name, path, step = _resolve_checkpoint(ctx, args.checkpoint)
+    meta = ckpt.load_checkpoint(path, ctx.model, ctx.optimizer, ctx.lr_scheduler)
+    if meta.get("max_grad_norm") is not None:
+        ctx.args.max_grad_norm = meta["max_grad_norm"]
+    parent = bridge.branch
+    info = {
+        "branch": branch,
+        "parent": parent,
+        "checkpoint": name,
+        "checkpoint_step": meta.get("step", step),
+        "fork_step": ctx.step,
+        "path": str(path),
+        "restored": meta["restored"],
+    }
+    bridge.branches[branch] = {"name": branch, "parent": parent}
+    bridge.branch = branch
+    return info
+
+
+# ---- data
+
+
+@command(
+    "reload_data", ReloadDataArgs, "Reload the training data, or replace it with another registered set."
+)
+def reload_data(ctx: StepContext, args: ReloadDataArgs) -> dict:
+    bridge = ctx.bridge
+    name = args.dataset or bridge.current_dataset
+    if name is None or name not in bridge.data_factories:
+        registered = ", ".join(bridge.data_factories) or "none"
+        raise CommandError(f"no data factory {name!r} (registered: {registered})")
+    target = getattr(ctx.trainer, "train_dataset", None)
+    if target is None and ctx.train_dataloader is not None:
+        target = ctx.train_dataloader.dataset
+    if not isinstance(target, SwappableDataset):
+        raise CommandError("the training data cannot be replaced: give the Trainer a SwappableDataset")
+    dataset = bridge.data_factories[name]()
+    target.swap(dataset)
+    bridge.current_dataset = name
+    return {"dataset": name, "examples": len(dataset)}

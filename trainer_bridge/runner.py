@@ -1,0 +1,177 @@
+"""One run of a recipe, start to finish: build the workload, train it behind a bridge, evaluate, write
+`summary.json`. Used by `selfsteer train` and `selfsteer replay`, and by the tests and the benchmark.
+
+    run = RecipeRun(load_recipe("tiny"), out_dir="runs/x", port=0)
+    print(run.url)
+    summary = run.train()
+
+A supervisor plugs in as a callable `supervisor(url, stop_event)`, started in a thread once the server
+is up and told to stop when training ends; it steers the run through the API like any other client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, make_interactive
+from selfsteer.trainer_bridge.recipe import build_workload
+from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
+
+Supervisor = Callable[[str, threading.Event], None]
+
+InteractiveTrainer = make_interactive(Trainer)
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar over optimizer steps with the latest loss and lr."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class RecipeRun:
+    def __init__(
+        self,
+        recipe: dict,
+        out_dir: str | Path,
+        db: str | Path = DEFAULT_DB_PATH,
+        host: str = "127.0.0.1",
+        port: int | None = 7007,
+        token: str | None = None,
+        replay_of: str | None = None,
+        interactive: bool = True,
+        progress: bool = False,
+        supervisor: Supervisor | None = None,
+        callbacks: list | None = None,
+    ):
+        self.recipe = recipe
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor = supervisor
+        workload = build_workload(recipe, self.out_dir / "trainer")
+        kwargs: dict[str, Any] = {
+            "model": workload.model,
+            "args": workload.training_args,
+            "train_dataset": workload.train_dataset,
+            "eval_dataset": workload.eval_dataset,
+            "callbacks": list(callbacks or []),
+        }
+        self.bridge: Bridge | None = None
+        if interactive:
+            config = BridgeConfig(
+                host=host,
+                port=port,
+                token=token,
+                db=db,
+                run_name=recipe.get("name", "recipe"),
+                run_kind="replay" if replay_of else "train",
+                run_config={"recipe": recipe},
+                auto_finish=False,  # this class finishes the run, with the summary
+                replay_of=replay_of,
+            )
+            self.trainer = InteractiveTrainer(**kwargs, bridge=config, data_factories=workload.data_factories)
+            self.bridge = self.trainer.bridge
+        else:
+            self.trainer = Trainer(**kwargs)  # the plain baseline (benchmarks)
+        # One quiet bar instead of the Trainer's per-log printing.
+        self.trainer.remove_callback(PrinterCallback)
+        self.trainer.remove_callback(ProgressCallback)
+        if progress:
+            self.trainer.add_callback(ProgressBar())
+
+    @property
+    def url(self) -> str | None:
+        return self.bridge.url if self.bridge is not None else None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.bridge.run_id if self.bridge is not None else None
+
+    def train(self) -> dict:
+        stop = threading.Event()
+        thread = None
+        if self.supervisor is not None and self.url is not None:
+            thread = threading.Thread(
+                target=self.supervisor, args=(self.url, stop), name="supervisor", daemon=True
+            )
+            thread.start()
+        start = time.perf_counter()
+        try:
+            self.trainer.train()
+            final = self.trainer.evaluate()
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(timeout=30)
+        summary = self._summary(final, time.perf_counter() - start)
+        if self.bridge is not None and self.bridge.is_main:
+            self.bridge.finish(summary=summary)
+            summary["status"] = self.bridge.phase
+        if self.trainer.is_world_process_zero():
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+
+    def _summary(self, final: dict, wall_s: float) -> dict:
+        final_eval_loss = final.get("eval_loss", math.nan)
+        evals = [row["eval_loss"] for row in self.trainer.state.log_history if "eval_loss" in row]
+        summary: dict[str, Any] = {
+            "recipe": self.recipe.get("name"),
+            "final_eval_loss": final_eval_loss,
+            "best_eval_loss": min([*evals, final_eval_loss]),
+            "steps": self.trainer.state.global_step,
+            "wall_s": round(wall_s, 3),
+            "decisions": [],
+            "commands": 0,
+            "run_id": None,
+            "db": None,
+            "out_dir": str(self.out_dir),
+        }
+        bridge = self.bridge
+        if bridge is not None and bridge.is_main:
+            store = bridge.store
+            evals = [row["value"] for row in store.get_metrics(bridge.run_id, names=["eval_loss"])]
+            summary["best_eval_loss"] = min([v for v in evals if not math.isnan(v)] + [final_eval_loss])
+            summary["decisions"] = [
+                {k: d[k] for k in ("step", "action", "lr_before", "lr_after", "explanation")}
+                for d in store.list_decisions(bridge.run_id)
+            ]
+            journal = store.list_commands(bridge.run_id)
+            summary["commands"] = sum(1 for c in journal if c["source"] != "trainer")
+            summary["run_id"] = bridge.run_id
+            summary["db"] = str(store.path.resolve())
+            summary["branch"] = bridge.branch
+            summary["replay_of"] = bridge.config.replay_of
+            summary["url"] = bridge.url
+        return summary

@@ -1,0 +1,338 @@
+"""The control server: FastAPI + uvicorn in a daemon thread of the training process.
+
+    GET  /api/state                     where the run is (step, phase, branch, optimizer, last metrics)
+    GET  /api/metrics?since=STEP        stored metrics after STEP (optionally &branch=, &name=)
+    POST /api/commands                  {"type", "args", "source"} -> {uuid, status, step}; 422/409
+    GET  /api/commands[/{uuid}]         the journal (404 for a uuid of no command of this run)
+    GET  /api/command-types             what can be sent, with JSON schemas of the args
+    GET  /api/checkpoints, /api/branches
+    WS   /api/events                    JSON events: metrics (batched points), command changes, state changes
+    GET  /                              a plain page (the dashboard comes later)
+
+The training thread never waits on a client: events are handed to the server's event loop with one
+non-blocking call, and each subscriber has a bounded queue that drops its oldest events when the client
+is slow. Binding anything but loopback requires a bearer token; CORS allows only the served origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from selfsteer.trainer_bridge.commands import InvalidCommand
+
+if TYPE_CHECKING:
+    from selfsteer.trainer_bridge.bridge import Bridge
+
+EVENT_QUEUE_SIZE = 1000
+
+
+class CommandRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+    args: dict[str, Any] = Field(default_factory=dict)
+    # Who sends it: "human", an agent's name, "api" (the default), ...
+    source: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = "api"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# events
+
+
+class EventHub:
+    """Fan-out from the training thread to WebSocket subscribers on the server's loop.
+
+    Metrics come every step; sending each as its own frame to every subscriber would cost the training
+    process (and the subscribers) CPU per step. So metric points are batched: one
+    `{"event": "metrics", "points": [...]}` frame per `interval_s` at most. Command and state events go
+    out at once, after any metrics still waiting, so subscribers see everything in order."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.subscribers: set[asyncio.Queue] = set()
+        self._points: list[dict] = []
+        self._lock = threading.Lock()  # guards _points and _flush_scheduled across the two threads
+        self._flush_scheduled = False
+
+    def publish_point(self, point: dict) -> None:
+        """A metrics point {step, branch, values}; sent with others within interval_s."""
+        loop = self.loop
+        if loop is None or not self.subscribers:
+            return
+        with self._lock:
+            self._points.append(point)
+            schedule, self._flush_scheduled = not self._flush_scheduled, True
+        if schedule:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
+                loop.call_soon_threadsafe(loop.call_later, self.interval_s, self._flush)
+
+    def publish(self, event: dict) -> None:
+        loop = self.loop
+        if loop is None or not self.subscribers:
+            return
+        text = json.dumps(event, default=str)  # encoded once, here, for every subscriber
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._send_after_points, text)
+
+    def _send_after_points(self, text: str) -> None:
+        self._flush()
+        self._fan_out(text)
+
+    def _flush(self) -> None:
+        with self._lock:
+            points, self._points, self._flush_scheduled = self._points, [], False
+        if points:
+            self._fan_out(json.dumps({"event": "metrics", "points": points}, default=str))
+
+    def _fan_out(self, text: str) -> None:
+        for queue in list(self.subscribers):
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()  # a slow client loses its oldest event, never blocks anyone
+            queue.put_nowait(text)
+
+
+# -----------------------------------------------------------------------------
+# auth: a plain ASGI middleware, so it covers HTTP and WebSocket alike
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, token: str | None):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is None or scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
+        if not given:
+            # Browsers cannot set headers on a WebSocket or a page load: accept ?token= too.
+            query = dict(
+                part.split("=", 1)
+                for part in scope.get("query_string", b"").decode().split("&")
+                if "=" in part
+            )
+            given = query.get("token", "")
+        if hmac.compare_digest(given.encode(), self.token.encode()):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        await response(scope, receive, send)
+
+
+# -----------------------------------------------------------------------------
+# the app
+
+
+def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.loop = asyncio.get_running_loop()
+        yield
+        hub.loop = None
+
+    app = FastAPI(title="selfsteer control server", lifespan=lifespan)
+    app.add_middleware(
+        CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+    )
+    app.add_middleware(BearerAuth, token=token)
+
+    # The handlers are plain `def`: FastAPI runs them in its thread pool, so SQLite reads never block
+    # the event loop (and the WebSocket fan-out with it).
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return _INDEX_HTML
+
+    @app.get("/api/state")
+    def get_state() -> dict:
+        return bridge.state()
+
+    @app.get("/api/metrics")
+    def get_metrics(
+        since: Annotated[int | None, Query(ge=-1)] = None,
+        branch: str | None = None,
+        name: Annotated[list[str] | None, Query()] = None,
+    ) -> list[dict]:
+        return bridge.metrics(since=since, branch=branch, names=name)
+
+    @app.post("/api/commands")
+    def post_command(request: CommandRequest) -> dict:
+        from selfsteer.trainer_bridge.bridge import RunFinished
+
+        try:
+            return bridge.submit(request.type, request.args, request.source)
+        except InvalidCommand as exc:
+            raise HTTPException(422, str(exc)) from None
+        except RunFinished as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.get("/api/commands")
+    def get_commands(status: str | None = None) -> list[dict]:
+        return bridge.commands(status=status)
+
+    @app.get("/api/commands/{uuid}")
+    def get_command(uuid: str) -> dict:
+        try:
+            return bridge.command(uuid)
+        except KeyError:
+            raise HTTPException(404, f"no command {uuid!r} in run {bridge.run_id}") from None
+
+    @app.get("/api/command-types")
+    def get_command_types() -> list[dict]:
+        return bridge.registry.describe()
+
+    @app.get("/api/checkpoints")
+    def get_checkpoints() -> list[dict]:
+        return bridge.list_checkpoints()
+
+    @app.get("/api/branches")
+    def get_branches() -> list[dict]:
+        return bridge.list_branches()
+
+    @app.websocket("/api/events")
+    async def events(websocket: WebSocket) -> None:
+        origin = websocket.headers.get("origin")
+        if origin is not None and origin not in origins:
+            await websocket.close(code=1008)  # a page from another site must not read the run
+            return
+        await websocket.accept()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=EVENT_QUEUE_SIZE)
+        hub.subscribers.add(queue)
+        try:
+            await websocket.send_text(json.dumps({"event": "state", "state": bridge.state()}, default=str))
+            sender = asyncio.ensure_future(_send_loop(websocket, queue))
+            receiver = asyncio.ensure_future(_drain(websocket))
+            done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # a dropped client is its own business
+        finally:
+            hub.subscribers.discard(queue)
+
+    return app
+
+
+async def _send_loop(websocket: WebSocket, queue: asyncio.Queue) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        while True:
+            await websocket.send_text(await queue.get())
+
+
+async def _drain(websocket: WebSocket) -> None:
+    # Clients send nothing we act on; reading is how a disconnect is noticed.
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+
+# -----------------------------------------------------------------------------
+# running it in a thread
+
+
+class ControlServer:
+    def __init__(
+        self,
+        bridge: Bridge,
+        host: str = "127.0.0.1",
+        port: int = 7007,
+        token: str | None = None,
+        event_interval_s: float = 0.5,
+    ):
+        if not is_loopback(host) and not token:
+            raise ValueError(
+                f"serving on {host} (not loopback) needs a bearer token: pass token= or set SELFSTEER_TOKEN"
+            )
+        self.bridge = bridge
+        self.host = host
+        self.token = token
+        self.hub = EventHub(event_interval_s)
+        # Bind here, in the caller's thread: a taken port fails now, loudly, and port 0 gets a real one.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise OSError(f"cannot serve on {host}:{port}: {exc}") from exc
+        self.port = self.socket.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        origins = [self.url]
+        if is_loopback(host):
+            origins += [f"http://localhost:{self.port}", f"http://127.0.0.1:{self.port}"]
+        app = create_app(bridge, self.hub, sorted(set(origins)), token)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="selfsteer-server", daemon=True
+        )
+        self.thread.start()
+        for _ in range(int(timeout / 0.01)):
+            if self.server.started or not self.thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        if not self.server.started:
+            raise RuntimeError(f"the control server did not start on {self.url}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join(timeout)
+        self.socket.close()
+
+
+_INDEX_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>selfsteer run</title>
+<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}pre{background:#f4f4f4;padding:1em}</style>
+</head><body>
+<h1>selfsteer run</h1>
+<p>This run is steerable through its API:
+<a href="/api/state">state</a>, <a href="/api/metrics">metrics</a>, <a href="/api/commands">commands</a>,
+<a href="/api/checkpoints">checkpoints</a>, <a href="/api/branches">branches</a>,
+<a href="/api/command-types">command types</a>, <a href="/docs">OpenAPI docs</a>;
+live events on the WebSocket <code>/api/events</code>.</p>
+<pre id="state">loading...</pre>
+<script>
+async function refresh() {
+  const r = await fetch("/api/state" + location.search);
+  document.getElementById("state").textContent = JSON.stringify(await r.json(), null, 1);
+}
+refresh(); setInterval(refresh, 2000);
+</script>
+</body></html>
+"""
