@@ -1,9 +1,9 @@
-"""The supervision loop as a LangGraph state machine: observe -> decide -> act -> wait -> observe ...
+"""The supervision loop as a LangGraph state machine: wait -> observe -> decide -> act -> wait ...
 
+    wait      until the next evaluation (or `every_steps` steps), or the end of the run
     observe   metrics since the start (train and eval loss, lr, grad norm, step) from the control server
     decide    the supervisor (LLM, rules, a person, your own class) looks and answers double/halve/keep
     act       the learning rate is changed through the bridge (only when the answer is not "keep")
-    wait      until the next evaluation (or `every_steps` steps), or the end of the run
 
 The loop ends when the run ends or after `max_iterations` decisions (LangGraph's recursion limit is
 not a cap). With a checkpointer (`SqliteSaver`) the state is saved after every node, so a supervisor
@@ -136,7 +136,7 @@ def build_supervision_graph(
             run_state = tools.read_state()
             if run_state.get("phase") in FINISHED_PHASES:
                 return {"finished": True}
-            if every and int(run_state.get("step") or 0) >= state["step"] + every:
+            if every and int(run_state.get("step") or 0) >= state.get("step", 0) + every:
                 return {}
             if tools.read_metrics(since=state.get("observed_eval_step", 0), names=["eval_loss"]):
                 return {}
@@ -156,7 +156,7 @@ def build_supervision_graph(
     graph.add_node("decide", decide)
     graph.add_node("act", act)
     graph.add_node("wait", wait)
-    graph.add_edge(START, "observe")
+    graph.add_edge(START, "wait")  # the first decision waits for the first evaluation: nothing to see before
     graph.add_conditional_edges("observe", after_observe, ["decide", END])
     graph.add_edge("decide", "act")
     graph.add_edge("act", "wait")

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job: install (first time only), check the installation, then a live decision by the
-# embedded model. Extra arguments go to `selfsteer demo` (e.g. --llm openai:MODEL --base-url URL).
+# The main job: install (first time only), check the installation, then a training run started at a
+# too-high learning rate and supervised by the embedded LLM. Ends with the decision log and
+# runs/demo/plot.png (losses and learning rate, decisions marked). Extra arguments go to
+# `selfsteer train` (e.g. --supervisor rule, or --llm openai:MODEL --base-url URL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/selfsteer doctor
-.venv/bin/selfsteer demo "$@"
+.venv/bin/selfsteer train --recipe small --set training.learning_rate=0.02 --set training.max_steps=200 \
+  --supervisor llm --strategy json_history --port 0 --out runs/demo --db runs/demo.sqlite "$@"

@@ -37,14 +37,14 @@ def wait_for(condition, timeout=60.0):
 
 def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
     supervisor = Scripted(["double", "halve", "keep"])
-    with LiveRun(tmp_path, ["training.max_steps=30"], gates=[1, 11, 21]) as live, Store(live.db) as store:
+    with LiveRun(tmp_path, ["training.max_steps=40"], gates=[11, 21, 31]) as live, Store(live.db) as store:
         thread = threading.Thread(
             target=run_supervision, args=(live.run.url, supervisor), kwargs={"db": str(live.db)}, daemon=True
         )
         thread.start()
-        # Training waits at step 1 for the first decision, at step 11 (the step-10 evaluation is done)
-        # for the second, at step 21 for the third: the path does not depend on how fast either side is.
-        for gate, decisions in ((1, 1), (11, 2), (21, 3)):
+        # Training waits at step 11 (the step-10 evaluation is done) for the first decision, at step 21
+        # for the second, at step 31 for the third: the path does not depend on how fast either side is.
+        for gate, decisions in ((11, 1), (21, 2), (31, 3)):
             live.gate.wait(gate)
             wait_for(lambda n=decisions: len(store.list_decisions()) >= n)
             live.gate.release(gate)
@@ -65,8 +65,8 @@ def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
     assert [c["args"]["lr"] for c in commands] == pytest.approx([6e-3, 3e-3])
     assert all(c["status"] == "success" for c in commands)
     assert decisions[0]["outcome"] is not None and "steps" in decisions[0]["outcome"]
-    assert decisions[1]["observation"]["eval_loss"], "the second decision saw the step-10 evaluation"
-    assert summary["steps"] == 30
+    assert [d["observation"]["eval_loss"][-1][0] for d in decisions[:3]] == [10, 20, 30]  # one per evaluation
+    assert summary["steps"] == 40
 
 
 def test_rule_supervisor_halves_a_run_whose_learning_rate_is_far_too_high(tmp_path):
