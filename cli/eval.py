@@ -54,10 +54,10 @@ def add_parser(subparsers, name: str) -> None:
     )
     suite.add_argument("--supervisors", default=",".join(DEFAULT_SUPERVISORS), help="default: %(default)s")
     suite.add_argument(
-        "--max-steps", type=int, default=None, help="steps per run (default: tiny 60, small 100)"
+        "--max-steps", type=int, default=None, help="steps per run (default: tiny 60, small 60)"
     )
     suite.add_argument(
-        "--eval-steps", type=int, default=None, help="evaluate every N steps (default: tiny 10, small 20)"
+        "--eval-steps", type=int, default=None, help="evaluate every N steps (default: tiny 10, small 15)"
     )
     suite.add_argument("--out", default="runs/lr-suite", help="output folder (default runs/lr-suite)")
     add_llm_arguments(suite)

@@ -9,8 +9,8 @@ each run under every supervisor:
 Extra static runs at other learning rates complete a grid, so that each run's *regret* can be taken
 against the best static learning rate of that grid (same workload and seed).
 
-Supervisors pause training while they decide, so that a slow model is judged on its decisions, not
-its speed. Writes `results.jsonl` (one line per run), `report.md` (a table), and PNG plots.
+At every evaluation training waits until the supervisor has decided on it, so that a slow model is
+judged on its decisions, not its speed, and a fast run cannot finish before its supervisor has looked. Writes `results.jsonl` (one line per run), `report.md` (a table), and PNG plots.
 
     selfsteer eval lr-suite --recipes tiny,small --seeds 0,1,2 --out runs/lr-suite
 """
@@ -21,12 +21,14 @@ import json
 import math
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -48,9 +50,9 @@ class SuiteConfig:
     grid_lrs: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))  # extra static runs
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     supervisors: list[str] = field(default_factory=lambda: list(DEFAULT_SUPERVISORS))
-    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 100})
-    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 20})
-    explanation_chars: int = 160  # the embedded model's explanations: long ones cost seconds on a CPU
+    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 60})
+    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 15})
+    explanation_chars: int = 100  # the embedded model's explanations: long ones cost seconds on a CPU
     llm: str = "local"
     base_url: str | None = None
     api_key: str | None = None
@@ -88,6 +90,24 @@ def cells(config: SuiteConfig) -> list[Cell]:
     return out
 
 
+class WaitForDecision(TrainerCallback):
+    """Holds training after each evaluation until the supervisor has decided on it (or has stopped)."""
+
+    def __init__(self, db: Path, supervisor_done: threading.Event, timeout_s: float = 300.0):
+        self.db, self.supervisor_done, self.timeout_s = db, supervisor_done, timeout_s
+        self.run_id: str | None = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        from selfsteer.trainer_bridge.store import Store
+
+        deadline = time.monotonic() + self.timeout_s
+        with Store(self.db) as store:
+            while time.monotonic() < deadline and not self.supervisor_done.is_set():
+                if any(d["step"] >= state.global_step for d in store.list_decisions(self.run_id)):
+                    return
+                time.sleep(0.05)
+
+
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
     from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
     from selfsteer.graphs.supervise import run_supervision
@@ -108,21 +128,26 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     elif cell.supervisor.startswith("llm:"):
         supervisor = LLMSupervisor(chat_model, cell.supervisor.split(":", 1)[1])
 
+    supervisor_done = threading.Event()
+
     def supervise(url, stop):
         try:
-            run_supervision(
-                url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, thread_id=cell.id
-            )
+            run_supervision(url, supervisor, db=str(db), stop_event=stop, thread_id=cell.id)
         except Exception:  # a supervisor crash never stops the run; it is reported
             traceback.print_exc(file=sys.stderr)
+        finally:
+            supervisor_done.set()
 
+    waiter = WaitForDecision(db, supervisor_done)
     run = RecipeRun(
         load_recipe(cell.recipe, overrides),
         out_dir=out / "runs" / cell.id,
         db=db,
         port=0,
         supervisor=supervise if supervisor is not None else None,
+        callbacks=[waiter] if supervisor is not None else None,
     )
+    waiter.run_id = run.run_id
     try:
         summary = run.train()
     finally:
