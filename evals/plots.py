@@ -43,12 +43,7 @@ def plot_run(store, run_id: str, path: str | Path, title: str | None = None) -> 
     top.legend(loc="upper right")
     bottom.legend(handles=[*bottom.get_legend_handles_labels()[0], *handles], loc="upper right", fontsize=8)
     top.set_title(title or f"run {run_id[:8]}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: str | Path, title: str) -> Path:
@@ -60,6 +55,10 @@ def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: str | Pa
     axis.set_ylabel("eval loss")
     axis.set_title(title)
     axis.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
