@@ -74,7 +74,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.recipe}-{self.lr_name}-s{self.seed}-{self.supervisor.replace(':', '_')}"
+        return f"{self.recipe}-{self.lr_name}-{self.lr:g}-s{self.seed}-{self.supervisor.replace(':', '_')}"
 
 
 def cells(config: SuiteConfig) -> list[Cell]:
