@@ -6,20 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from selfsteer.cli.main import build_parser, main
 from selfsteer.trainer_bridge.store import Store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Measured on the shared 2-core test machine: with other jobs running, two torch threads made
-    # generation several times slower than one (threads spin-waiting on each other's cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_help_lists_the_actions(capsys):

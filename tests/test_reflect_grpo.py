@@ -12,17 +12,7 @@ import torch
 from selfsteer.evals.tasks import countdown
 from selfsteer.graphs.reflect import load_prompts, reflect_messages, reflection_reward
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Measured on the shared 2-core test machine: with other jobs running, two torch threads made this
-    # step several times slower than one (threads spin-waiting on each other's cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
