@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train",
     "replay": "replay",
     "supervise": "supervise",
+    "dashboard": "dashboard",
     "decisions": "decisions",
     "eval": "eval",
 }

@@ -15,7 +15,7 @@ TOKEN_ENV = "SELFSTEER_TOKEN"
 
 DESCRIPTION = """\
 Train a recipe (a small byte-level GPT-2 on the Python standard library's source) with the control
-server up: while it runs, GET /api/state and /api/metrics, POST /api/commands (set_optimizer, pause,
+server up: open its URL in a browser for the dashboard (live charts, controls, console), or GET /api/state and /api/metrics, POST /api/commands (set_optimizer, pause,
 save_checkpoint, load_checkpoint, ...), or subscribe to WS /api/events. Every command and metric is
 journaled in the store; `selfsteer replay RUN` re-runs the run with the same commands at the same steps.
 Writes DIR/summary.json (final_eval_loss, best_eval_loss, steps, wall_s, decisions, commands, run_id, db).
@@ -117,7 +117,8 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor) -> int:
     except (RecipeError, ValueError, OSError) as exc:
         print(f"selfsteer train: {exc}", file=sys.stderr)
         return 2
-    print(f"run {run.run_id} ({recipe['name']}): control server at {run.url}", flush=True)
+    page = f"{run.url}/?token={args.token}" if args.token else f"{run.url}/"
+    print(f"run {run.run_id} ({recipe['name']}): dashboard and API at {page}", flush=True)
     try:
         summary = run.train()
     finally:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -42,7 +41,7 @@ from selfsteer.trainer_bridge.commands import (
     InvalidCommand,
     dump_args,
 )
-from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
+from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError, json_number
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +97,6 @@ def _rank_and_world() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     # Before the process group exists, torchrun/accelerate's environment says it.
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _json_number(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no NaN/Infinity
 
 
 class Bridge:
@@ -241,7 +236,7 @@ class Bridge:
     def metrics(self, since: int | None = None, branch: str | None = None, names: list[str] | None = None):
         rows = self.store.get_metrics(self.run_id, since_step=since, branch=branch, names=names)
         for row in rows:
-            row["value"] = _json_number(row["value"])
+            row["value"] = json_number(row["value"])
         return rows
 
     def commands(self, status: str | None = None) -> list[dict]:
@@ -311,7 +306,7 @@ class Bridge:
             self.store.add_metrics(self.run_id, rows)
         except StoreError:
             log.exception("could not store metrics at step %s", state.global_step)
-        finite = {k: _json_number(v) for k, v in values.items()}
+        finite = {k: json_number(v) for k, v in values.items()}
         self._last_metrics.update(finite)
         if self.server is not None:
             self.server.hub.publish_point({"step": state.global_step, "branch": branch, "values": finite})

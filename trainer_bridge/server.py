@@ -6,12 +6,19 @@
     GET  /api/commands[/{uuid}]         the journal (404 for a uuid of no command of this run)
     GET  /api/command-types             what can be sent, with JSON schemas of the args
     GET  /api/checkpoints, /api/branches
+    GET  /api/decisions?after_id=N      the supervisor's decisions on this run (written to the store)
     WS   /api/events                    JSON events: metrics (batched points), command changes, state changes
-    GET  /                              a plain page (the dashboard comes later)
+    GET  /api/info                      {mode: "live" | "history", run_id, version}
+    GET  /api/runs[/{id}[/metrics|decisions|commands|branches|checkpoints]]   every run in the store
+    GET  /                              the dashboard (React, built by scripts/install.sh)
 
 The training thread never waits on a client: events are handed to the server's event loop with one
 non-blocking call, and each subscriber has a bounded queue that drops its oldest events when the client
 is slow. Binding anything but loopback requires a bearer token; CORS allows only the served origin.
+The dashboard's own files (`/`, `/assets/*`) load without the token: they hold no data, and the page asks
+for the token before it reads anything.
+
+`create_history_app(store)` serves the store's runs without a live run (`selfsteer dashboard`).
 """
 
 from __future__ import annotations
@@ -23,17 +30,20 @@ import ipaddress
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from selfsteer import dashboard
 from selfsteer.trainer_bridge.commands import InvalidCommand
+from selfsteer.trainer_bridge.store import Store, json_number
 
 if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import Bridge
@@ -120,6 +130,11 @@ class EventHub:
 # auth: a plain ASGI middleware, so it covers HTTP and WebSocket alike
 
 
+def is_public(path: str) -> bool:
+    """The dashboard's static files: no run data in them, and a browser loads them without headers."""
+    return path in ("/", "/favicon.svg") or path.startswith("/assets/")
+
+
 class BearerAuth:
     def __init__(self, app: ASGIApp, token: str | None):
         self.app = app
@@ -127,6 +142,8 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.token is None or scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "http" and is_public(scope.get("path", "")):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
@@ -151,6 +168,116 @@ class BearerAuth:
 # the app
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfsteer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _base_app(title: str, origins: list[str], token: str | None, lifespan=None) -> FastAPI:
+    """What every selfsteer server has: CORS to its own origin, the token, the dashboard's files."""
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.add_middleware(
+        CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+    )
+    app.add_middleware(BearerAuth, token=token)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return dashboard.index_html() or _NOT_BUILT_HTML
+
+    if (dashboard.DIST_DIR / "assets").is_dir():
+        app.mount("/assets", StaticFiles(directory=dashboard.DIST_DIR / "assets"), name="assets")
+    return app
+
+
+def store_router(get_store: Callable[[], Store]) -> APIRouter:
+    """Read-only views of every run in the store: the dashboard's history, and a live run's decisions.
+    Heavy columns (a run's config, a decision's observation) only come with the one row they belong to.
+    `get_store` because a live bridge opens its store when training starts, after the app is built."""
+    router = APIRouter(prefix="/api/runs")
+
+    def run_or_404(run_id: str) -> dict:
+        store = get_store()
+        run = store.get_run(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id!r} in {store.path}")
+        return run
+
+    @router.get("")
+    def list_runs(kind: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+        runs = get_store().list_runs(kind, limit)
+        return [{k: v for k, v in run.items() if k != "config"} for run in runs]
+
+    @router.get("/{run_id}")
+    def get_run(run_id: str) -> dict:
+        return run_or_404(run_id)
+
+    @router.get("/{run_id}/metrics")
+    def get_run_metrics(
+        run_id: str,
+        since: Annotated[int | None, Query(ge=-1)] = None,
+        branch: str | None = None,
+        name: Annotated[list[str] | None, Query()] = None,
+    ) -> list[dict]:
+        run_or_404(run_id)
+        rows = get_store().get_metrics(run_id, since_step=since, branch=branch, names=name)
+        for row in rows:
+            row["value"] = json_number(row["value"])
+        return rows
+
+    @router.get("/{run_id}/decisions")
+    def get_run_decisions(run_id: str, after_id: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+        run_or_404(run_id)
+        return list_decisions(get_store(), run_id, after_id)
+
+    @router.get("/{run_id}/commands")
+    def get_run_commands(run_id: str) -> list[dict]:
+        run_or_404(run_id)
+        return get_store().list_commands(run_id)
+
+    @router.get("/{run_id}/branches")
+    def get_run_branches(run_id: str) -> list[dict]:
+        from selfsteer.trainer_bridge.checkpoints import list_branches
+
+        run_or_404(run_id)
+        return list_branches(get_store(), run_id)
+
+    @router.get("/{run_id}/checkpoints")
+    def get_run_checkpoints(run_id: str) -> list[dict]:
+        from selfsteer.trainer_bridge.checkpoints import list_checkpoints
+
+        run_or_404(run_id)
+        return list_checkpoints(get_store(), run_id)
+
+    return router
+
+
+def list_decisions(store: Store, run_id: str, after_id: int = 0) -> list[dict]:
+    # The observation (the whole metric history the supervisor saw) stays in the store: it is large,
+    # and `selfsteer decisions export` is the way to it.
+    return [
+        {k: v for k, v in row.items() if k != "observation"}
+        for row in store.list_decisions(run_id)
+        if row["id"] > after_id
+    ]
+
+
+def create_history_app(store: Store, origins: list[str], token: str | None) -> FastAPI:
+    """The dashboard over a store with no live run: past runs, their metrics, decisions and journals."""
+    app = _base_app("selfsteer history", origins, token)
+
+    @app.get("/api/info")
+    def get_info() -> dict:
+        return {"mode": "history", "run_id": None, "version": _version()}
+
+    app.include_router(store_router(lambda: store))
+    return app
+
+
 def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,18 +285,18 @@ def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | N
         yield
         hub.loop = None
 
-    app = FastAPI(title="selfsteer control server", lifespan=lifespan)
-    app.add_middleware(
-        CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"]
-    )
-    app.add_middleware(BearerAuth, token=token)
+    app = _base_app("selfsteer control server", origins, token, lifespan)
 
     # The handlers are plain `def`: FastAPI runs them in its thread pool, so SQLite reads never block
     # the event loop (and the WebSocket fan-out with it).
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return _INDEX_HTML
+    @app.get("/api/info")
+    def get_info() -> dict:
+        return {"mode": "live", "run_id": bridge.run_id, "version": _version()}
+
+    @app.get("/api/decisions")
+    def get_decisions(after_id: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+        return list_decisions(bridge.store, bridge.run_id, after_id)
 
     @app.get("/api/state")
     def get_state() -> dict:
@@ -216,6 +343,8 @@ def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | N
     @app.get("/api/branches")
     def get_branches() -> list[dict]:
         return bridge.list_branches()
+
+    app.include_router(store_router(lambda: bridge.store))
 
     @app.websocket("/api/events")
     async def events(websocket: WebSocket) -> None:
@@ -316,23 +445,15 @@ class ControlServer:
         self.socket.close()
 
 
-_INDEX_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>selfsteer run</title>
-<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}pre{background:#f4f4f4;padding:1em}</style>
+_NOT_BUILT_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>selfsteer</title>
+<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}code{background:#f4f4f4;padding:0 .3em}</style>
 </head><body>
-<h1>selfsteer run</h1>
-<p>This run is steerable through its API:
-<a href="/api/state">state</a>, <a href="/api/metrics">metrics</a>, <a href="/api/commands">commands</a>,
-<a href="/api/checkpoints">checkpoints</a>, <a href="/api/branches">branches</a>,
-<a href="/api/command-types">command types</a>, <a href="/docs">OpenAPI docs</a>;
-live events on the WebSocket <code>/api/events</code>.</p>
-<pre id="state">loading...</pre>
-<script>
-async function refresh() {
-  const r = await fetch("/api/state" + location.search);
-  document.getElementById("state").textContent = JSON.stringify(await r.json(), null, 1);
-}
-refresh(); setInterval(refresh, 2000);
-</script>
+<h1>selfsteer</h1>
+<p>The dashboard is not built. Build it with <code>bash scripts/install.sh</code> (it needs Node.js 20+ and
+npm), or by hand: <code>cd dashboard &amp;&amp; npm ci &amp;&amp; npm run build</code>, then reload.</p>
+<p>The API works without it: <a href="/api/info">info</a>, <a href="/api/state">state</a>,
+<a href="/api/metrics">metrics</a>, <a href="/api/commands">commands</a>, <a href="/api/runs">runs</a>,
+<a href="/docs">OpenAPI docs</a>; live events on the WebSocket <code>/api/events</code>.</p>
 </body></html>
 """

@@ -166,6 +166,11 @@ def _v1_initial_schema(conn: sqlite3.Connection) -> None:
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_initial_schema]
 
 
+def json_number(value: float | None) -> float | None:
+    """A metric value for JSON, which has no NaN or Infinity: those become null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:

@@ -1,0 +1,12 @@
+"""The dashboard's built files (React + TypeScript, sources in this folder, built by
+`scripts/install.sh` with npm into `dist/`). The control server serves them at `/`."""
+
+from pathlib import Path
+
+DIST_DIR = Path(__file__).parent / "dist"
+
+
+def index_html() -> str | None:
+    """The built page, or None when the dashboard was not built (npm missing, build skipped)."""
+    index = DIST_DIR / "index.html"
+    return index.read_text(encoding="utf-8") if index.is_file() else None
