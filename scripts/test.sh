@@ -3,5 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The dashboard tests drive a real browser: Debian's chromium (Playwright never downloads one here).
+CHROMIUM="${SELFSTEER_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$CHROMIUM" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[test] installing Debian's chromium for the dashboard tests ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[test] FAILED: no browser at $CHROMIUM; install chromium (sudo apt-get install chromium)" \
+         "or point SELFSTEER_CHROMIUM at one" >&2
+    exit 1
+  fi
+fi
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"

@@ -82,7 +82,7 @@ class LiveRun:
             **run_kwargs,
         )
         self.bridge = self.run.bridge
-        self.client = BridgeClient(self.run.url) if self.run.url else None
+        self.client = BridgeClient(self.run.url, token=run_kwargs.get("token")) if self.run.url else None
         self.summary: dict | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._train, name="trainer", daemon=True)

@@ -1,0 +1,307 @@
+"""The dashboard in a real browser: Debian's headless Chromium driven by Playwright, against real tiny
+training runs behind the real control server. Every test saves screenshots (runs/screenshots, or
+$SELFSTEER_SCREENSHOTS) and fails on any console error the page logs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from selfsteer import dashboard
+from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.graphs.supervise import run_supervision
+from selfsteer.trainer_bridge.store import Store
+from selfsteer.trainer_bridge.testing import LiveRun
+
+CHROMIUM = os.environ.get("SELFSTEER_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = Path(os.environ.get("SELFSTEER_SCREENSHOTS", "runs/screenshots"))
+# Without the networking flags Chromium keeps calling Google's hosts, which this machine refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LONG_RUN = ["training.max_steps=100000", "training.eval_steps=50"]  # stopped by the test
+
+
+@pytest.fixture(scope="module")
+def browser(one_torch_thread):
+    if dashboard.index_html() is None:
+        pytest.fail("the dashboard is not built: run bash scripts/install.sh (it needs npm)")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (scripts/test.sh does it)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A fresh browser page that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser, name: str):
+        self.name = name
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(30_000)
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+
+    def by_id(self, test_id: str):
+        return self.page.get_by_test_id(test_id)
+
+    def attr_int(self, test_id: str, name: str) -> int:
+        return int(self.by_id(test_id).get_attribute(name) or 0)
+
+    def wait_until(self, condition, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.screenshot("timeout")
+                raise AssertionError(f"{self.name}: timed out waiting for {what}")
+            self.page.wait_for_timeout(100)
+
+    def screenshot(self, label: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{self.name}-{label}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def console_lines(self, kind: str) -> list[str]:
+        return self.page.locator(f'[data-testid="console-line"][data-kind="{kind}"]').all_inner_texts()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def open_page(browser, request):
+    pages: list[Page] = []
+
+    def open_(url: str) -> Page:
+        page = Page(browser, request.node.name.removeprefix("test_"))
+        pages.append(page)
+        page.page.goto(url)
+        return page
+
+    yield open_
+    for page in pages:
+        page.close()
+
+
+def chart_series(page: Page, name: str) -> list[str]:
+    return [s for s in (page.by_id(f"chart-{name}").get_attribute("data-series") or "").split(",") if s]
+
+
+def test_live_charts_grow_halve_changes_lr_and_a_checkpoint_draws_a_branch(tmp_path, open_page):
+    with LiveRun(tmp_path, LONG_RUN, gates=[20]) as live:
+        live.gate.wait(20)  # steps 1..19 are logged; step 20's log comes after the gate
+        page = open_page(live.run.url)
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") >= 19, "the first 19 losses")
+        held = page.attr_int("chart-loss", "data-points")
+        assert held == 19, "one train-loss point per logged step, nothing more while training is held"
+        assert page.attr_int("chart-learning_rate", "data-points") == 19
+        assert page.by_id("current-lr").inner_text().strip() in ("0.003", "3e-3", "3.00e-3", "3.000e-3")
+        page.screenshot("held")
+
+        live.gate.release(20)
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") > held + 50, "the chart to grow")
+        page.wait_until(lambda: page.attr_int("chart-eval_loss", "data-points") >= 1, "an eval point")
+        assert page.attr_int("chart-grad_norm", "data-points") > 0
+        assert page.attr_int("chart-samples_per_s", "data-points") > 0
+
+        # "halve" in the optimizer panel: a human command, applied at a step, the lr halved in the run.
+        page.by_id("lr-halve").click()
+        page.wait_until(lambda: _human_commands(live, "set_optimizer", "success"), "halve to be applied")
+        (command,) = _human_commands(live, "set_optimizer", "success")
+        assert command["args"] == {"lr": pytest.approx(0.0015)}
+        assert isinstance(command["step"], int) and command["step"] > 20
+        assert live.client.state()["optimizer"]["lr"] == pytest.approx(0.0015)
+        row = page.by_id(f"command-{command['uuid']}")
+        page.wait_until(lambda: row.get_attribute("data-status") == "success", "the page to show success")
+        assert str(command["step"]) in row.inner_text()
+        page.wait_until(lambda: "0.0015" in page.by_id("current-lr").inner_text()
+                        or "1.5e-3" in page.by_id("current-lr").inner_text(), "the new lr on the page")  # fmt: skip
+        page.wait_until(
+            lambda: any(str(command["step"]) in line for line in page.console_lines("ack")), "the ack"
+        )
+        page.screenshot("halved")
+
+        # Save a checkpoint, then load it into a new branch: the tree and the charts show the branch.
+        page.by_id("ckpt-name").fill("before-branch")
+        page.by_id("ckpt-save").click()
+        page.by_id("ckpt-row-before-branch").wait_for()
+        page.by_id("ckpt-new-branch").fill("retry")
+        page.by_id("ckpt-load-before-branch").click()
+        page.by_id("branch-retry").wait_for()
+        page.wait_until(lambda: "retry" in chart_series(page, "loss"), "a train-loss series for the branch")
+        assert "main" in chart_series(page, "loss")
+        (load,) = _human_commands(live, "load_checkpoint", "success")
+        assert load["result"]["branch"] == "retry" and load["result"]["parent"] == "main"
+        assert [b["name"] for b in live.client.branches()] == ["main", "retry"]
+        page.screenshot("branch")
+
+        # Stop asks for a confirmation first, then ends the run.
+        page.by_id("run-stop").click()
+        assert live.bridge.phase == "running"
+        page.by_id("run-stop-confirm").click()
+        live.join()
+        assert live.bridge.phase == "stopped"
+        page.wait_until(lambda: "ended" in page.by_id("connection").inner_text(), "the page to see the end")
+        assert page.errors == []
+
+
+def _human_commands(live: LiveRun, type: str, status: str) -> list[dict]:
+    return [
+        c
+        for c in live.client.commands()
+        if c["type"] == type and c["source"] == "human" and c["status"] == status
+    ]
+
+
+def test_bad_input_is_refused_in_the_page_and_nothing_is_sent(tmp_path, open_page):
+    with LiveRun(tmp_path, LONG_RUN, gates=[10]) as live:
+        live.gate.wait(10)
+        page = open_page(live.run.url)
+        page.by_id("lr-input").wait_for()
+        for bad in ("abc", "-1", "0", "1e9"):
+            page.by_id("lr-input").fill(bad)
+            page.by_id("lr-apply").click()
+            page.by_id("control-error").wait_for()
+            assert page.by_id("control-error").inner_text().strip()
+        assert live.client.commands() == []
+        page.screenshot("refused")
+        live.gate.release(10)
+        live.client.stop()
+        live.join()
+        assert page.errors == []
+
+
+def test_exploding_run_warns_in_the_console(tmp_path, open_page):
+    with LiveRun(tmp_path, LONG_RUN) as live:
+        page = open_page(live.run.url)
+        page.wait_until(lambda: page.attr_int("chart-grad_norm", "data-points") >= 30, "some grad norms")
+        page.by_id("lr-input").fill("100")  # the largest lr the server accepts: the tiny model blows up
+        page.by_id("lr-apply").click()
+        page.wait_until(lambda: page.console_lines("warning"), "a warning", timeout=60)
+        warnings = page.console_lines("warning")
+        assert any(re.search(r"grad norm exploding|NaN loss", w) for w in warnings), warnings
+        page.screenshot("warning")
+        live.client.stop()
+        live.join()
+        assert page.errors == []
+
+
+class Scripted(Supervisor):
+    name = "scripted"
+
+    def __init__(self, decisions):
+        self.decisions = list(decisions)
+
+    def decide(self, observation):
+        return self.decisions.pop(0) if self.decisions else Decision("keep", "nothing more to say")
+
+
+def test_decision_markers_tooltips_and_the_history_view(tmp_path, open_page):
+    """A supervisor decides at the evaluations; the live page marks each decision on the loss charts,
+    the tooltip tells what and why. After the run, `selfsteer dashboard` shows it in the history."""
+    supervisor = Scripted(
+        [Decision("halve", "the loss went up twice in a row"), Decision("double", "steady fall, too slow")]
+    )
+    overrides = ["training.max_steps=100000", "training.eval_steps=40"]
+    with LiveRun(tmp_path, overrides, gates=[41, 81, 121]) as live, Store(live.db) as store:
+        thread = threading.Thread(
+            target=run_supervision,
+            args=(live.run.url, supervisor),
+            kwargs={"db": str(live.db), "max_iterations": 3},
+            daemon=True,
+        )
+        thread.start()
+        # Evaluations at 40, 80, 120; training waits after each until its decision is in the store.
+        for gate, decided in ((41, 1), (81, 2), (121, 3)):
+            live.gate.wait(gate)
+            deadline = time.monotonic() + 60
+            while len(store.list_decisions(live.run.run_id)) < decided and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if gate != 121:
+                live.gate.release(gate)
+        page = open_page(live.run.url)
+        markers = page.page.get_by_test_id("chart-loss").get_by_test_id("decision-marker")
+        page.wait_until(lambda: markers.count() == 3, "three decision markers on the loss chart")
+        assert [markers.nth(i).get_attribute("data-action") for i in range(3)] == ["halve", "double", "keep"]
+        markers.nth(0).hover()
+        tooltip = page.by_id("decision-tooltip")
+        tooltip.wait_for()
+        text = tooltip.inner_text()
+        assert "halve" in text and "the loss went up twice in a row" in text and "scripted" in text
+        assert len(page.console_lines("decision")) == 3
+        page.screenshot("markers")
+        live.gate.release(121)
+        live.client.stop()
+        live.join()
+        thread.join(30)
+        run_id = live.run.run_id
+        assert page.errors == []
+
+    # The history: a server over the store alone, no run training.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "selfsteer.cli.main", "dashboard", "--db", str(live.db), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        assert match, line
+        page = open_page(match.group(1))
+        page.by_id(f"run-row-{run_id}").click()
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") >= 120, "the run's losses")
+        assert page.page.get_by_test_id("decision-row").count() == 3
+        assert "the loss went up twice in a row" in page.by_id("decision-log").inner_text()
+        journal = page.by_id("journal").inner_text()
+        assert "set_optimizer" in journal and "stop" in journal
+        page.screenshot("history")
+        assert page.errors == []
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_token_protected_server_asks_for_the_token(tmp_path, open_page):
+    with LiveRun(tmp_path, LONG_RUN, gates=[10], token="s3cret-token") as live:
+        live.gate.wait(10)
+        page = open_page(live.run.url)
+        page.by_id("token-form").wait_for()
+        page.by_id("token-input").fill("wrong")
+        page.by_id("token-submit").click()
+        page.by_id("token-error").wait_for()
+        page.screenshot("refused")
+        page.by_id("token-input").fill("s3cret-token")
+        page.by_id("token-submit").click()
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") >= 9, "the charts, with the token")
+        page.wait_until(lambda: page.by_id("connection").inner_text().strip() == "live", "the WebSocket")
+
+        # A link with ?token= works at once, and the token leaves the address bar.
+        direct = open_page(f"{live.run.url}/?token=s3cret-token")
+        direct.wait_until(lambda: direct.attr_int("chart-loss", "data-points") >= 9, "the charts via ?token=")
+        assert "token" not in direct.page.url
+        live.gate.release(10)
+        live.client.stop()
+        live.join()
+        # 401s of the refused token are the browser's own console errors: expected here, and only those.
+        assert all("401" in e for e in page.errors), page.errors
+        assert direct.errors == []
