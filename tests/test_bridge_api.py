@@ -117,6 +117,12 @@ def test_token_cors_and_page(tmp_path):
             assert client.command(queued["uuid"])["status"] == "pending"
         with pytest.raises(Exception):  # noqa: B017 - the handshake is refused
             connect(base.replace("http", "ws") + "/api/events").recv()
+        # The dashboard's page loads without the token (it asks for it); no data does.
+        assert httpx.get(base + "/").status_code == 200
+        for path in ("/api/info", "/api/runs", "/api/decisions", "/docs", "/assets/../api/state"):
+            assert httpx.get(base + path).status_code in (401, 404), path
+        with connect(base.replace("http", "ws") + "/api/events?token=s3cret") as ws:
+            assert json.loads(ws.recv())["event"] == "state"
     finally:
         bridge.close()
 
@@ -154,3 +160,63 @@ def test_async_client(tmp_path):
     assert state["phase"] == "created" and event["event"] == "state"
     assert row["source"] == "agent:test" and row["args"] == {"lr": 0.01, "betas": [0.9, 0.99]}
     assert {"set_optimizer", "load_checkpoint", "reload_data", "evaluate"} <= set(types)
+
+
+def test_store_views_for_the_dashboard_history(tmp_path):
+    """/api/info, /api/decisions and /api/runs/...: what the dashboard reads besides the live API, over
+    a live server and over `create_history_app` (no run)."""
+    from selfsteer.trainer_bridge.server import create_history_app
+    from selfsteer.trainer_bridge.store import Store
+
+    with LiveRun(tmp_path, ["training.max_steps=12", "training.eval_steps=10"], gates=[11]) as live:
+        live.gate.wait(11)
+        run_id = live.bridge.run_id
+        with Store(live.db) as store:
+            first = store.add_decision(run_id, 10, "llm", "halve", "rising", observation={"big": 1})
+            store.add_metrics(run_id, [{"step": 999, "name": "loss", "value": float("nan")}])
+        base = live.run.url
+        assert httpx.get(base + "/api/info").json() == {"mode": "live", "run_id": run_id, "version": "0.1.0"}
+        (decision,) = httpx.get(base + "/api/decisions").json()
+        assert decision["action"] == "halve" and decision["explanation"] == "rising"
+        assert "observation" not in decision  # large; `selfsteer decisions export` has it
+        assert httpx.get(base + f"/api/decisions?after_id={first}").json() == []
+        assert httpx.get(base + "/api/decisions?after_id=-1").status_code == 422
+        live.gate.release(11)
+        live.join()
+
+    with Store(live.db) as store, serve(create_history_app(store, [], token=None)) as base:
+        other = store.create_run("other", "reflect")
+        client = httpx.Client(base_url=base)
+        assert client.get("/api/info").json()["mode"] == "history"
+        runs = client.get("/api/runs").json()
+        assert [r["id"] for r in runs] == [other, run_id] and all("config" not in r for r in runs)
+        assert client.get(f"/api/runs/{run_id}").json()["config"]["recipe"]["name"] == "tiny"
+        assert client.get("/api/runs?kind=train").json()[0]["id"] == run_id
+        metrics = client.get(f"/api/runs/{run_id}/metrics", params={"name": "loss", "since": 10}).json()
+        assert [(m["step"], m["value"]) for m in metrics][-1] == (999, None)  # NaN travels as null
+        assert [d["id"] for d in client.get(f"/api/runs/{run_id}/decisions").json()] == [first]
+        assert [b["name"] for b in client.get(f"/api/runs/{run_id}/branches").json()] == ["main"]
+        assert client.get(f"/api/runs/{run_id}/commands").json() == []
+        assert client.get("/api/runs/nope/metrics").status_code == 404
+        assert client.get("/api/state").status_code == 404  # no live run here
+        client.close()
+
+
+@contextlib.contextmanager
+def serve(app):
+    """An ASGI app on a free loopback port, in a thread, for the length of the block."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        threading.Event().wait(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
