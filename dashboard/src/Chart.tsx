@@ -1,0 +1,235 @@
+// One metric over steps, one line per branch, drawn by uPlot on a canvas; supervisor decisions as
+// markers over it.
+//
+// uPlot is imperative: the chart is built once per set of series (and rebuilt when a branch appears or is
+// hidden), fed with setData as the metrics grow, and sized to its box by a ResizeObserver. The markers are
+// React elements portaled into uPlot's overlay; uPlot's draw hook places them, so they follow zooms and
+// resizes.
+
+import { useCallback, useEffect, useLayoutEffect, useRef, useState } from "react";
+import { createPortal } from "react-dom";
+import uPlot from "uplot";
+import "uplot/dist/uPlot.min.css";
+import { fmtLr, fmtNum } from "./format";
+import { type ChartData, countPoints } from "./series";
+import type { Decision } from "./types";
+
+export interface ChartProps {
+  name: string; // the metric; the element is data-testid="chart-<name>"
+  title: string;
+  data: ChartData;
+  color: (branch: string) => string;
+  log?: boolean;
+  decisions?: readonly Decision[];
+}
+
+interface Marker {
+  decision: Decision;
+  left: number;
+  top: number;
+}
+
+export const GLYPH: Record<string, string> = { double: "▲", halve: "▼", keep: "●" };
+export const glyph = (action: string): string => GLYPH[action] ?? "◆";
+
+const AXIS = "#6b7280";
+const GRID = "#eef0f3";
+const FONT = "11px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
+
+function aligned(data: ChartData): uPlot.AlignedData {
+  return [data.steps, ...data.series.map((s) => s.values)];
+}
+
+function options(data: ChartData, color: (branch: string) => string, log: boolean, draw: (u: uPlot) => void): uPlot.Options {
+  const axis = (size: number): uPlot.Axis => ({
+    stroke: AXIS,
+    font: FONT,
+    size,
+    grid: { stroke: GRID, width: 1 },
+    ticks: { stroke: GRID, width: 1, size: 3 },
+  });
+  return {
+    width: 300,
+    height: 150, // placeholders: the ResizeObserver sizes it to its box at once
+    legend: { show: true, live: true },
+    cursor: { drag: { x: true, y: false }, points: { size: 6 } },
+    scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {} },
+    series: [
+      { label: "step", value: (_u, v) => (v == null ? "–" : String(v)) },
+      ...data.series.map((s) => ({
+        label: s.branch,
+        stroke: color(s.branch),
+        width: 1.5,
+        spanGaps: true, // branches log at different steps: the union of steps leaves holes in each
+        value: (_u: uPlot, v: number | null) => (log ? fmtLr(v) : fmtNum(v)),
+      })),
+    ],
+    axes: [
+      axis(26),
+      { ...axis(46), values: (_u, splits) => splits.map((v) => (log ? fmtLr(v) : fmtNum(v, 3))) },
+    ],
+    hooks: { draw: [draw] },
+  };
+}
+
+function indexOf(steps: readonly number[], step: number): number {
+  let lo = 0;
+  let hi = steps.length - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    const s = steps[mid]!;
+    if (s === step) return mid;
+    if (s < step) lo = mid + 1;
+    else hi = mid - 1;
+  }
+  return -1;
+}
+
+/** Where each decision goes on the plot (CSS px in the overlay): at its step, on the first branch's line there. */
+function placeMarkers(u: uPlot, data: ChartData, decisions: readonly Decision[]): Marker[] {
+  const min = u.scales.x?.min;
+  const max = u.scales.x?.max;
+  if (min === undefined || max === undefined) return [];
+  const height = u.over.clientHeight;
+  const markers: Marker[] = [];
+  for (const decision of decisions) {
+    if (decision.step < min || decision.step > max) continue;
+    const i = indexOf(data.steps, decision.step);
+    let y: number | null = null;
+    if (i >= 0) {
+      for (const s of data.series) {
+        const v = s.values[i];
+        if (v !== null && v !== undefined) {
+          y = v;
+          break;
+        }
+      }
+    }
+    const top = y === null ? height - 8 : Math.min(height - 4, Math.max(4, u.valToPos(y, "y")));
+    markers.push({ decision, left: u.valToPos(decision.step, "x"), top });
+  }
+  return markers;
+}
+
+const sameMarkers = (a: Marker[], b: Marker[]): boolean =>
+  a.length === b.length &&
+  a.every((m, i) => m.decision === b[i]!.decision && Math.abs(m.left - b[i]!.left) < 0.5 && Math.abs(m.top - b[i]!.top) < 0.5);
+
+export function Chart({ name, title, data, color, log = false, decisions }: ChartProps) {
+  const boxRef = useRef<HTMLDivElement>(null);
+  const plotRef = useRef<uPlot | null>(null);
+  const dataRef = useRef(data);
+  const decisionsRef = useRef(decisions);
+  dataRef.current = data;
+  decisionsRef.current = decisions;
+  const [over, setOver] = useState<HTMLDivElement | null>(null);
+  const [markers, setMarkers] = useState<Marker[]>([]);
+  const [hover, setHover] = useState<{ decision: Decision; rect: DOMRect } | null>(null);
+
+  const layout = useCallback((u: uPlot) => {
+    const next = decisionsRef.current?.length ? placeMarkers(u, dataRef.current, decisionsRef.current) : [];
+    setMarkers((prev) => (sameMarkers(prev, next) ? prev : next));
+  }, []);
+
+  const fit = useCallback((u: uPlot) => {
+    const box = boxRef.current;
+    if (!box || box.clientWidth === 0) return; // hidden (another tab): keep the last size
+    const legend = u.root.querySelector(".u-legend");
+    const legendHeight = legend instanceof HTMLElement ? legend.offsetHeight : 0;
+    const width = box.clientWidth;
+    const height = Math.max(60, box.clientHeight - legendHeight);
+    if (u.width !== width || u.height !== height) u.setSize({ width, height });
+  }, []);
+
+  // A new uPlot when the series change (branches appear, hide, show): their count and colors are fixed
+  // at construction.
+  const seriesKey = data.series.map((s) => `${s.branch}:${color(s.branch)}`).join(",");
+  useLayoutEffect(() => {
+    const box = boxRef.current;
+    if (!box) return;
+    const u = new uPlot(options(dataRef.current, color, log, layout), aligned(dataRef.current), box);
+    plotRef.current = u;
+    setOver(u.over);
+    fit(u);
+    return () => {
+      u.destroy();
+      plotRef.current = null;
+      setOver(null);
+      setHover(null);
+    };
+    // color is read through seriesKey: a new function identity alone changes nothing drawn.
+  }, [seriesKey, log, layout, fit]);
+
+  useEffect(() => {
+    plotRef.current?.setData(aligned(data));
+  }, [data]);
+
+  useEffect(() => {
+    if (plotRef.current) layout(plotRef.current);
+  }, [decisions, layout]);
+
+  useEffect(() => {
+    const box = boxRef.current;
+    if (!box) return;
+    const observer = new ResizeObserver(() => {
+      if (plotRef.current) fit(plotRef.current);
+    });
+    observer.observe(box);
+    return () => observer.disconnect();
+  }, [fit]);
+
+  const drawn = data.series.filter((s) => s.values.some((v) => v !== null)).map((s) => s.branch);
+  const empty = drawn.length === 0;
+
+  return (
+    <section className="card chart" data-testid={`chart-${name}`} data-points={countPoints(data)} data-series={drawn.join(",")}>
+      <h3 className="card-title">{title}</h3>
+      <div className="plot" ref={boxRef} />
+      {empty && <div className="plot-empty">no data yet</div>}
+      {over &&
+        createPortal(
+          markers.map((m) => (
+            <div
+              key={m.decision.id}
+              className={`marker marker-${m.decision.action}`}
+              data-testid="decision-marker"
+              data-action={m.decision.action}
+              data-step={m.decision.step}
+              style={{ left: m.left, top: m.top }}
+              onMouseEnter={(e) => setHover({ decision: m.decision, rect: e.currentTarget.getBoundingClientRect() })}
+              onMouseLeave={() => setHover(null)}
+            >
+              {glyph(m.decision.action)}
+            </div>
+          )),
+          over,
+        )}
+      {hover && createPortal(<DecisionTooltip decision={hover.decision} rect={hover.rect} />, document.body)}
+    </section>
+  );
+}
+
+const TOOLTIP_WIDTH = 360;
+
+/** Fixed to the viewport, so no card's overflow clips it; below the marker in the upper half, else above. */
+function DecisionTooltip({ decision: d, rect }: { decision: Decision; rect: DOMRect }) {
+  const left = Math.max(8, Math.min(rect.left + rect.width / 2 - TOOLTIP_WIDTH / 2, window.innerWidth - TOOLTIP_WIDTH - 8));
+  const below = rect.top < window.innerHeight / 2;
+  const style = below ? { left, top: rect.bottom + 6 } : { left, bottom: window.innerHeight - rect.top + 6 };
+  return (
+    <div className="tooltip" data-testid="decision-tooltip" style={style}>
+      <div className="tooltip-head">
+        <span className={`glyph marker-${d.action}`}>{glyph(d.action)}</span>
+        <b>{d.action}</b> at step {d.step}
+        <span className="muted"> · {d.agent}</span>
+        {Boolean(d.fallback) && <span className="flag">fallback</span>}
+      </div>
+      <div>
+        lr {fmtLr(d.lr_before)} → {fmtLr(d.lr_after)}
+        {d.latency_s !== null && <span className="muted"> · decided in {d.latency_s.toFixed(1)} s</span>}
+      </div>
+      {d.explanation && <div className="tooltip-text">{d.explanation}</div>}
+      {(d.strategy || d.model) && <div className="muted">{[d.strategy, d.model].filter(Boolean).join(" · ")}</div>}
+    </div>
+  );
+}

@@ -1,0 +1,370 @@
+// The control panels: every control sends a command (source "human") to POST /api/commands.
+// Input is checked here first so an obvious typo costs no round trip; the server checks again, and its
+// 422/409 reason shows in the same place.
+
+import { type ReactNode, useEffect, useRef, useState } from "react";
+import { ApiError } from "./api";
+import type { BranchColors } from "./colors";
+import { NAME_PATTERN, fmtLr, fmtNum, parseNumber } from "./format";
+import { type LiveRun, isEnded } from "./store";
+import type { Checkpoint } from "./types";
+
+type Card = "optimizer" | "run" | "checkpoints" | "data";
+type Send = (card: Card, type: string, args: Record<string, unknown>) => Promise<boolean>;
+type Refuse = (card: Card, text: string) => void;
+
+const LOG_MIN = -7;
+const LOG_MAX = 2;
+const NAME_RULE = "letters, digits, '.', '_' or '-' (at most 64, not starting with '.', '_' or '-')";
+
+export function Controls({ run }: { run: LiveRun }) {
+  const [error, setError] = useState<{ card: Card; text: string } | null>(null);
+  const state = run.state;
+  const ended = state === null || isEnded(state.phase);
+
+  const send: Send = async (card, type, args) => {
+    setError(null);
+    try {
+      await run.send(type, args);
+      return true;
+    } catch (err) {
+      setError({ card, text: err instanceof ApiError ? err.detail : String(err) });
+      return false;
+    }
+  };
+  const refuse: Refuse = (card, text) => setError({ card, text });
+  const errorOf = (card: Card): ReactNode =>
+    error?.card === card ? (
+      <div className="control-error" data-testid="control-error" role="alert">
+        {error.text}
+      </div>
+    ) : null;
+
+  return (
+    // A disabled fieldset disables every control in it: nothing can be sent to a run that is over.
+    <fieldset className="controls-fields" disabled={ended}>
+      <OptimizerCard
+        lr={run.lr}
+        weightDecay={state?.optimizer?.weight_decay ?? null}
+        clip={state?.max_grad_norm ?? null}
+        send={send}
+        refuse={refuse}
+        error={errorOf("optimizer")}
+      />
+      <RunCard paused={state?.paused ?? false} send={send} error={errorOf("run")} />
+      <CheckpointCard checkpoints={run.checkpoints} colors={run.colors} send={send} refuse={refuse} error={errorOf("checkpoints")} />
+      <DataCard send={send} refuse={refuse} error={errorOf("data")} />
+    </fieldset>
+  );
+}
+
+// -----------------------------------------------------------------------------
+
+interface OptimizerProps {
+  lr: number | null;
+  weightDecay: number | null;
+  clip: number | null;
+  send: Send;
+  refuse: Refuse;
+  error: ReactNode;
+}
+
+function OptimizerCard({ lr, weightDecay, clip, send, refuse, error }: OptimizerProps) {
+  const [lrText, setLrText] = useState(lr === null ? "" : fmtLr(lr));
+  const [wdText, setWdText] = useState("");
+  const [clipText, setClipText] = useState("");
+  // While a person edits the lr, a new lr from the run must not overwrite what they typed.
+  const editing = useRef(false);
+  useEffect(() => {
+    if (!editing.current && lr !== null) setLrText(fmtLr(lr));
+  }, [lr]);
+
+  const typed = parseNumber(lrText);
+  const fallback = lr !== null && lr > 0 ? Math.log10(lr) : -3;
+  const slider = typed !== null && typed > 0 ? Math.log10(typed) : fallback;
+
+  const setLr = async (value: number | null, text: string) => {
+    if (value === null || !(value > 0) || value > 100) {
+      return refuse("optimizer", `"${text}" is not a learning rate: enter a number in (0, 100], like 3e-4`);
+    }
+    if (await send("optimizer", "set_optimizer", { lr: value })) editing.current = false;
+  };
+  const scale = (factor: number) => {
+    if (lr === null) return refuse("optimizer", "the current learning rate is not known yet");
+    void setLr(lr * factor, fmtLr(lr * factor));
+  };
+  const setWd = async () => {
+    const value = parseNumber(wdText);
+    if (value === null || value < 0) return refuse("optimizer", `"${wdText}" is not a weight decay: enter a number ≥ 0, like 0.01`);
+    if (await send("optimizer", "set_optimizer", { weight_decay: value })) setWdText("");
+  };
+  const setClip = async () => {
+    const value = parseNumber(clipText);
+    if (value === null || value < 0) return refuse("optimizer", `"${clipText}" is not a clipping norm: enter a number ≥ 0 (0 turns clipping off)`);
+    if (await send("optimizer", "set_max_grad_norm", { value })) setClipText("");
+  };
+
+  return (
+    <section className="card control-card">
+      <h3 className="card-title">
+        optimizer
+        <span className="card-value" title="the current learning rate">
+          lr <span data-testid="current-lr">{fmtLr(lr)}</span>
+        </span>
+      </h3>
+      <div className="row">
+        <button data-testid="lr-halve" onClick={() => scale(0.5)}>
+          ½ halve
+        </button>
+        <button data-testid="lr-double" onClick={() => scale(2)}>
+          ×2 double
+        </button>
+      </div>
+      <div className="row">
+        <input
+          data-testid="lr-slider"
+          type="range"
+          className="grow"
+          min={LOG_MIN}
+          max={LOG_MAX}
+          step={0.01}
+          value={Math.min(LOG_MAX, Math.max(LOG_MIN, slider))}
+          aria-label="learning rate (log10)"
+          onChange={(e) => {
+            editing.current = true;
+            setLrText(fmtLr(10 ** Number(e.target.value)));
+          }}
+        />
+      </div>
+      <form
+        className="row"
+        onSubmit={(e) => {
+          e.preventDefault();
+          void setLr(typed, lrText);
+        }}
+      >
+        <label className="field-label">lr</label>
+        <input
+          data-testid="lr-input"
+          className="grow mono"
+          value={lrText}
+          placeholder="3e-4"
+          aria-label="learning rate"
+          onChange={(e) => {
+            editing.current = true;
+            setLrText(e.target.value);
+          }}
+        />
+        <button data-testid="lr-apply" type="submit" className="primary">
+          apply
+        </button>
+      </form>
+      <form
+        className="row"
+        onSubmit={(e) => {
+          e.preventDefault();
+          void setWd();
+        }}
+      >
+        <label className="field-label">wd</label>
+        <input
+          data-testid="wd-input"
+          className="grow mono"
+          value={wdText}
+          placeholder={weightDecay === null ? "weight decay" : `${fmtNum(weightDecay)} now`}
+          aria-label="weight decay"
+          onChange={(e) => setWdText(e.target.value)}
+        />
+        <button data-testid="wd-apply" type="submit">
+          apply
+        </button>
+      </form>
+      <form
+        className="row"
+        onSubmit={(e) => {
+          e.preventDefault();
+          void setClip();
+        }}
+      >
+        <label className="field-label">clip</label>
+        <input
+          data-testid="clip-input"
+          className="grow mono"
+          value={clipText}
+          placeholder={clip === null ? "max grad norm (0 = off)" : `${fmtNum(clip)} now (0 = off)`}
+          aria-label="max grad norm"
+          onChange={(e) => setClipText(e.target.value)}
+        />
+        <button data-testid="clip-apply" type="submit">
+          apply
+        </button>
+      </form>
+      {error}
+    </section>
+  );
+}
+
+// -----------------------------------------------------------------------------
+
+const CONFIRM_MS = 4000;
+
+function RunCard({ paused, send, error }: { paused: boolean; send: Send; error: ReactNode }) {
+  // Stopping cannot be undone: the button asks once more instead of a window.confirm dialog.
+  const [confirming, setConfirming] = useState(false);
+  useEffect(() => {
+    if (!confirming) return;
+    const timer = window.setTimeout(() => setConfirming(false), CONFIRM_MS);
+    return () => window.clearTimeout(timer);
+  }, [confirming]);
+
+  return (
+    <section className="card control-card">
+      <h3 className="card-title">run</h3>
+      <div className="row">
+        <button data-testid="run-pause" disabled={paused} onClick={() => void send("run", "pause", {})}>
+          ❚❚ pause
+        </button>
+        <button data-testid="run-resume" disabled={!paused} onClick={() => void send("run", "resume", {})}>
+          ▶ resume
+        </button>
+        <button data-testid="run-evaluate" onClick={() => void send("run", "evaluate", {})}>
+          evaluate
+        </button>
+        {confirming ? (
+          <button
+            data-testid="run-stop-confirm"
+            className="danger solid"
+            onClick={() => {
+              setConfirming(false);
+              void send("run", "stop", {});
+            }}
+          >
+            confirm stop
+          </button>
+        ) : (
+          <button data-testid="run-stop" className="danger" onClick={() => setConfirming(true)}>
+            ■ stop
+          </button>
+        )}
+      </div>
+      {error}
+    </section>
+  );
+}
+
+// -----------------------------------------------------------------------------
+
+interface CheckpointProps {
+  checkpoints: readonly Checkpoint[];
+  colors: BranchColors;
+  send: Send;
+  refuse: Refuse;
+  error: ReactNode;
+}
+
+function CheckpointCard({ checkpoints, colors, send, refuse, error }: CheckpointProps) {
+  const [name, setName] = useState("");
+  const [branch, setBranch] = useState("");
+
+  const save = async () => {
+    const trimmed = name.trim();
+    if (trimmed && !NAME_PATTERN.test(trimmed)) return refuse("checkpoints", `"${trimmed}" is not a checkpoint name: use ${NAME_RULE}`);
+    if (await send("checkpoints", "save_checkpoint", trimmed ? { name: trimmed } : {})) setName("");
+  };
+  const load = async (checkpoint: string) => {
+    const target = branch.trim();
+    if (target && !NAME_PATTERN.test(target)) return refuse("checkpoints", `"${target}" is not a branch name: use ${NAME_RULE}`);
+    if (target === "main") return refuse("checkpoints", "'main' is the run's first branch; a loaded checkpoint starts a new one");
+    if (await send("checkpoints", "load_checkpoint", target ? { checkpoint, branch: target } : { checkpoint })) setBranch("");
+  };
+
+  return (
+    <section className="card control-card">
+      <h3 className="card-title">checkpoints</h3>
+      <form
+        className="row"
+        onSubmit={(e) => {
+          e.preventDefault();
+          void save();
+        }}
+      >
+        <input
+          data-testid="ckpt-name"
+          className="grow"
+          value={name}
+          placeholder="name (optional)"
+          aria-label="checkpoint name"
+          onChange={(e) => setName(e.target.value)}
+        />
+        <button data-testid="ckpt-save" type="submit">
+          save
+        </button>
+      </form>
+      <div className="row">
+        <input
+          data-testid="ckpt-new-branch"
+          className="grow"
+          value={branch}
+          placeholder="new branch name for a load (optional)"
+          aria-label="new branch name"
+          onChange={(e) => setBranch(e.target.value)}
+        />
+      </div>
+      <ul className="ckpt-list" data-testid="ckpt-list">
+        {checkpoints.map((c) => (
+          <li key={c.uuid} className="ckpt-row" data-testid={`ckpt-row-${c.name}`}>
+            <span className="ckpt-name mono" title={c.path}>
+              {c.name}
+            </span>
+            <span className="muted">step {c.step}</span>
+            <span className="ckpt-branch">
+              <span className="swatch" style={{ background: colors.color(c.branch) }} />
+              {c.branch}
+            </span>
+            <button data-testid={`ckpt-load-${c.name}`} className="small" onClick={() => void load(c.name)}>
+              load → new branch
+            </button>
+          </li>
+        ))}
+        {checkpoints.length === 0 && <li className="muted">none saved yet</li>}
+      </ul>
+      {error}
+    </section>
+  );
+}
+
+// -----------------------------------------------------------------------------
+
+function DataCard({ send, refuse, error }: { send: Send; refuse: Refuse; error: ReactNode }) {
+  const [dataset, setDataset] = useState("");
+  const reload = async () => {
+    const name = dataset.trim();
+    if (name && !NAME_PATTERN.test(name)) return refuse("data", `"${name}" is not a dataset name: use ${NAME_RULE}`);
+    await send("data", "reload_data", name ? { dataset: name } : {});
+  };
+  return (
+    <section className="card control-card">
+      <h3 className="card-title">data</h3>
+      <form
+        className="row"
+        onSubmit={(e) => {
+          e.preventDefault();
+          void reload();
+        }}
+      >
+        <input
+          data-testid="data-dataset"
+          className="grow"
+          value={dataset}
+          placeholder="dataset (optional: the current one)"
+          aria-label="dataset"
+          onChange={(e) => setDataset(e.target.value)}
+        />
+        <button data-testid="data-reload" type="submit">
+          reload data
+        </button>
+      </form>
+      {error}
+    </section>
+  );
+}

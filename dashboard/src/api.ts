@@ -1,0 +1,201 @@
+// Talking to the control server: typed fetches, the bearer token, and the event WebSocket.
+
+import type {
+  Accepted,
+  Branch,
+  Checkpoint,
+  Command,
+  Decision,
+  Info,
+  MetricRow,
+  Run,
+  RunState,
+  ServerEvent,
+} from "./types";
+
+// -----------------------------------------------------------------------------
+// the token
+
+// sessionStorage, not localStorage: a token should not outlive the tab it was given to.
+const TOKEN_KEY = "selfsteer.token";
+
+/** Moves ?token= from the address bar into sessionStorage, so it is not left in history or screenshots. */
+export function takeTokenFromUrl(): void {
+  const url = new URL(window.location.href);
+  const token = url.searchParams.get("token");
+  if (token === null) return;
+  setToken(token);
+  url.searchParams.delete("token");
+  window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
+}
+
+export function getToken(): string | null {
+  try {
+    return window.sessionStorage.getItem(TOKEN_KEY);
+  } catch {
+    return null; // storage disabled: run without a token
+  }
+}
+
+export function setToken(token: string | null): void {
+  try {
+    if (token) window.sessionStorage.setItem(TOKEN_KEY, token);
+    else window.sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // storage disabled: nothing to keep
+  }
+}
+
+// -----------------------------------------------------------------------------
+// HTTP
+
+/** A failed request. status 0: the server could not be reached. detail: the server's own words. */
+export class ApiError extends Error {
+  readonly status: number;
+  readonly detail: string;
+
+  constructor(status: number, detail: string) {
+    super(status ? `${status}: ${detail}` : detail);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+export const isUnauthorized = (err: unknown): boolean => err instanceof ApiError && err.status === 401;
+export const isNotFound = (err: unknown): boolean => err instanceof ApiError && err.status === 404;
+
+// FastAPI says why in "detail": a string for our own errors, a list of {loc, msg} for a bad body.
+async function detailOf(response: Response): Promise<string> {
+  const text = await response.text();
+  try {
+    const body: unknown = JSON.parse(text);
+    if (body && typeof body === "object" && "detail" in body) {
+      const detail = (body as { detail: unknown }).detail;
+      if (typeof detail === "string") return detail;
+      if (Array.isArray(detail)) {
+        return detail
+          .map((d) => (d && typeof d === "object" && "msg" in d ? String((d as { msg: unknown }).msg) : String(d)))
+          .join("; ");
+      }
+      return JSON.stringify(detail);
+    }
+  } catch {
+    // not JSON: the text itself is the best we have
+  }
+  return text.trim() || response.statusText || "request failed";
+}
+
+async function request<T>(path: string, init: RequestInit = {}): Promise<T> {
+  const headers = new Headers(init.headers);
+  const token = getToken();
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  let response: Response;
+  try {
+    response = await fetch(path, { ...init, headers });
+  } catch {
+    throw new ApiError(0, `cannot reach the server (${init.method ?? "GET"} ${path})`);
+  }
+  if (!response.ok) throw new ApiError(response.status, await detailOf(response));
+  return (await response.json()) as T;
+}
+
+const get = <T>(path: string): Promise<T> => request<T>(path);
+const enc = encodeURIComponent;
+
+export const api = {
+  info: () => get<Info>("/api/info"),
+  state: () => get<RunState>("/api/state"),
+  metrics: (since?: number) => get<MetricRow[]>(since === undefined ? "/api/metrics" : `/api/metrics?since=${since}`),
+  commands: () => get<Command[]>("/api/commands"),
+  command: (uuid: string) => get<Command>(`/api/commands/${enc(uuid)}`),
+  checkpoints: () => get<Checkpoint[]>("/api/checkpoints"),
+  branches: () => get<Branch[]>("/api/branches"),
+  decisions: (afterId = 0) => get<Decision[]>(`/api/decisions?after_id=${afterId}`),
+  postCommand: (type: string, args: Record<string, unknown>) =>
+    request<Accepted>("/api/commands", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ type, args, source: "human" }),
+    }),
+
+  runs: (limit = 100) => get<Run[]>(`/api/runs?limit=${limit}`),
+  run: (id: string) => get<Run>(`/api/runs/${enc(id)}`),
+  runMetrics: (id: string) => get<MetricRow[]>(`/api/runs/${enc(id)}/metrics`),
+  runDecisions: (id: string) => get<Decision[]>(`/api/runs/${enc(id)}/decisions`),
+  runCommands: (id: string) => get<Command[]>(`/api/runs/${enc(id)}/commands`),
+  runBranches: (id: string) => get<Branch[]>(`/api/runs/${enc(id)}/branches`),
+};
+
+// -----------------------------------------------------------------------------
+// the event WebSocket
+
+export interface StreamHandlers {
+  onEvent(event: ServerEvent): void;
+  /** reconnected: this is not the first connection, so events may have been missed meanwhile. */
+  onOpen(reconnected: boolean): void;
+  /** The socket closed (or never opened); the stream tries again unless closed. */
+  onDown(code: number, wasOpen: boolean): void;
+}
+
+const MIN_RETRY_MS = 500;
+const MAX_RETRY_MS = 10_000;
+
+function eventsUrl(): string {
+  const scheme = window.location.protocol === "https:" ? "wss" : "ws";
+  const token = getToken();
+  // Browsers cannot put a header on a WebSocket: the server takes ?token= there.
+  const query = token ? `?token=${enc(token)}` : "";
+  return `${scheme}://${window.location.host}/api/events${query}`;
+}
+
+/** WS /api/events, reconnecting with exponential backoff (and jitter) until close(). */
+export class EventStream {
+  private ws: WebSocket | null = null;
+  private retries = 0;
+  private everOpened = false;
+  private closed = false;
+  private timer: number | undefined;
+  private readonly handlers: StreamHandlers;
+
+  constructor(handlers: StreamHandlers) {
+    this.handlers = handlers;
+    this.connect();
+  }
+
+  close(): void {
+    this.closed = true;
+    window.clearTimeout(this.timer);
+    this.ws?.close();
+    this.ws = null;
+  }
+
+  private connect(): void {
+    if (this.closed) return;
+    let wasOpen = false;
+    const ws = new WebSocket(eventsUrl());
+    this.ws = ws;
+    ws.onopen = () => {
+      wasOpen = true;
+      this.retries = 0;
+      this.handlers.onOpen(this.everOpened);
+      this.everOpened = true;
+    };
+    ws.onmessage = (message: MessageEvent) => {
+      if (typeof message.data !== "string") return;
+      let event: unknown;
+      try {
+        event = JSON.parse(message.data);
+      } catch {
+        return; // not ours to understand
+      }
+      if (event && typeof event === "object" && "event" in event) this.handlers.onEvent(event as ServerEvent);
+    };
+    ws.onclose = (close: CloseEvent) => {
+      if (this.closed || this.ws !== ws) return;
+      this.handlers.onDown(close.code, wasOpen);
+      if (this.closed) return; // the handler gave up on the stream
+      const delay = Math.min(MAX_RETRY_MS, MIN_RETRY_MS * 2 ** this.retries++) * (0.8 + 0.4 * Math.random());
+      this.timer = window.setTimeout(() => this.connect(), delay);
+    };
+  }
+}
