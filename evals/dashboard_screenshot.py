@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_step(client, args.shot_at)
             page.wait_for_timeout(1500)  # the last metrics batch and the decisions poll
             markers = page.get_by_test_id("chart-loss").get_by_test_id("decision-marker")
-            if markers.count():
-                markers.nth(markers.count() - 1).hover()
+            marked = markers.count()
+            if marked:
+                markers.nth(marked - 1).hover()
                 page.wait_for_timeout(300)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out)
             browser.close()
-        print(f"wrote {args.out} at step {client.state()['step']} ({markers.count()} decisions marked)")
+        print(f"wrote {args.out} at step {client.state()['step']} ({marked} decisions marked)")
         client.stop()
         client.close()
     finally:

@@ -443,6 +443,7 @@ class Bridge:
             "max_steps": ctx.state.max_steps,
             "epoch": ctx.state.epoch,
             "max_grad_norm": ctx.args.max_grad_norm,
+            "branch": self.branch,  # a fork (load_checkpoint) is a state change the dashboard must hear of
             "optimizer": None,
         }
         if ctx.optimizer is not None:

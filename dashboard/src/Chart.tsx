@@ -10,7 +10,7 @@ import { useCallback, useEffect, useLayoutEffect, useRef, useState } from "react
 import { createPortal } from "react-dom";
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
-import { fmtLr, fmtNum } from "./format";
+import { fmtLr, fmtNum, fmtTick } from "./format";
 import { type ChartData, countPoints } from "./series";
 import type { Decision } from "./types";
 
@@ -40,7 +40,43 @@ function aligned(data: ChartData): uPlot.AlignedData {
   return [data.steps, ...data.series.map((s) => s.values)];
 }
 
-function options(data: ChartData, color: (branch: string) => string, log: boolean, draw: (u: uPlot) => void): uPlot.Options {
+function lastValue(values: ArrayLike<number | null | undefined> | undefined): number | null {
+  if (!values) return null;
+  for (let i = values.length - 1; i >= 0; i--) {
+    const v = values[i];
+    if (v !== null && v !== undefined) return v;
+  }
+  return null;
+}
+
+// Away from the cursor the legend shows each branch's latest value: on a live run, the number one wants.
+const legendValue =
+  (fmt: (v: number | null) => string) =>
+  (u: uPlot, v: number | null, seriesIdx: number, idx: number | null): string =>
+    fmt(idx === null ? lastValue(u.data[seriesIdx]) : v);
+
+// uPlot marks 1..9 of every decade on a log axis; that many labels overlap. Over a decade or two, 1 and 3
+// of each are enough to read a learning rate; over more, the decades alone (every other one past six).
+function logFilter(u: uPlot, splits: number[]): (number | null)[] {
+  const min = u.scales.y?.min ?? 1;
+  const max = u.scales.y?.max ?? 1;
+  const decades = Math.log10(max / min);
+  return splits.map((v) => {
+    const exponent = Math.floor(Math.log10(v) + 1e-9);
+    const mantissa = Number((v / 10 ** exponent).toPrecision(2));
+    if (decades <= 2.5) return mantissa === 1 || mantissa === 3 ? v : null;
+    if (decades <= 6) return mantissa === 1 ? v : null;
+    return mantissa === 1 && exponent % 2 === 0 ? v : null;
+  });
+}
+
+interface Hooks {
+  draw: (u: uPlot) => void;
+  setScale: (u: uPlot, key: string) => void;
+}
+
+function options(data: ChartData, color: (branch: string) => string, log: boolean, hooks: Hooks): uPlot.Options {
+  const fmt = log ? fmtLr : (v: number | null) => fmtNum(v);
   const axis = (size: number): uPlot.Axis => ({
     stroke: AXIS,
     font: FONT,
@@ -48,27 +84,35 @@ function options(data: ChartData, color: (branch: string) => string, log: boolea
     grid: { stroke: GRID, width: 1 },
     ticks: { stroke: GRID, width: 1, size: 3 },
   });
+  const yAxis: uPlot.Axis = { ...axis(46), values: (_u, splits) => splits.map((v) => (v == null ? "" : log ? fmtLr(v) : fmtTick(v))) };
+  if (log) {
+    yAxis.filter = logFilter;
+    yAxis.grid = { ...yAxis.grid, filter: logFilter };
+    yAxis.ticks = { ...yAxis.ticks, filter: logFilter };
+  }
   return {
     width: 300,
     height: 150, // placeholders: the ResizeObserver sizes it to its box at once
     legend: { show: true, live: true },
     cursor: { drag: { x: true, y: false }, points: { size: 6 } },
-    scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {} },
+    scales: {
+      x: { time: false },
+      // uPlot's own log range pads to whole decades, which flattens a constant lr into a line at the
+      // bottom; a factor of 2.5 either way keeps it readable and still shows a halving clearly.
+      y: log ? { distr: 3, log: 10, range: (_u, min, max) => (min === null || max === null ? [1e-4, 1e-2] : [min / 2.5, max * 2.5]) } : {},
+    },
     series: [
-      { label: "step", value: (_u, v) => (v == null ? "–" : String(v)) },
+      { label: "step", value: legendValue((v) => (v === null ? "–" : String(v))) },
       ...data.series.map((s) => ({
         label: s.branch,
         stroke: color(s.branch),
         width: 1.5,
         spanGaps: true, // branches log at different steps: the union of steps leaves holes in each
-        value: (_u: uPlot, v: number | null) => (log ? fmtLr(v) : fmtNum(v)),
+        value: legendValue(fmt),
       })),
     ],
-    axes: [
-      axis(26),
-      { ...axis(46), values: (_u, splits) => splits.map((v) => (log ? fmtLr(v) : fmtNum(v, 3))) },
-    ],
-    hooks: { draw: [draw] },
+    axes: [axis(26), yAxis],
+    hooks: { draw: [hooks.draw], setScale: [hooks.setScale] },
   };
 }
 
@@ -131,13 +175,22 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
     setMarkers((prev) => (sameMarkers(prev, next) ? prev : next));
   }, []);
 
+  // A person who drag-zoomed (double-click zooms out) keeps the view while points stream in.
+  const zoomed = useRef(false);
+  const onScale = useCallback((u: uPlot, key: string) => {
+    if (key !== "x") return;
+    const steps = u.data[0];
+    const { min, max } = u.scales.x ?? {};
+    zoomed.current =
+      steps.length > 1 && min != null && max != null && (min > steps[0]! || max < steps[steps.length - 1]!);
+  }, []);
+
   const fit = useCallback((u: uPlot) => {
     const box = boxRef.current;
     if (!box || box.clientWidth === 0) return; // hidden (another tab): keep the last size
-    const legend = u.root.querySelector(".u-legend");
-    const legendHeight = legend instanceof HTMLElement ? legend.offsetHeight : 0;
+    // The legend sits in the title row (styles.css), out of the flow: the plot takes the whole box.
     const width = box.clientWidth;
-    const height = Math.max(60, box.clientHeight - legendHeight);
+    const height = Math.max(60, box.clientHeight);
     if (u.width !== width || u.height !== height) u.setSize({ width, height });
   }, []);
 
@@ -147,7 +200,8 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
   useLayoutEffect(() => {
     const box = boxRef.current;
     if (!box) return;
-    const u = new uPlot(options(dataRef.current, color, log, layout), aligned(dataRef.current), box);
+    zoomed.current = false;
+    const u = new uPlot(options(dataRef.current, color, log, { draw: layout, setScale: onScale }), aligned(dataRef.current), box);
     plotRef.current = u;
     setOver(u.over);
     fit(u);
@@ -158,10 +212,10 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
       setHover(null);
     };
     // color is read through seriesKey: a new function identity alone changes nothing drawn.
-  }, [seriesKey, log, layout, fit]);
+  }, [seriesKey, log, layout, onScale, fit]);
 
   useEffect(() => {
-    plotRef.current?.setData(aligned(data));
+    plotRef.current?.setData(aligned(data), !zoomed.current);
   }, [data]);
 
   useEffect(() => {
@@ -182,7 +236,8 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
   const empty = drawn.length === 0;
 
   return (
-    <section className="card chart" data-testid={`chart-${name}`} data-points={countPoints(data)} data-series={drawn.join(",")}>
+    // Past two branches the legend has no room for the cursor's step as well (styles.css drops it).
+    <section className={`card chart${data.series.length > 2 ? " many" : ""}`} data-testid={`chart-${name}`} data-points={countPoints(data)} data-series={drawn.join(",")}>
       <h3 className="card-title">{title}</h3>
       <div className="plot" ref={boxRef} />
       {empty && <div className="plot-empty">no data yet</div>}

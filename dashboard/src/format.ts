@@ -16,6 +16,14 @@ export function fmtNum(value: number | null | undefined, digits = 4): string {
   return String(Number(value.toPrecision(digits)));
 }
 
+/** An axis label: short enough for the axis gutter (12k, 1.5M). */
+export function fmtTick(value: number): string {
+  const abs = Math.abs(value);
+  if (abs >= 1e6) return `${Number((value / 1e6).toPrecision(3))}M`;
+  if (abs >= 1e4) return `${Number((value / 1e3).toPrecision(3))}k`;
+  return fmtNum(value, 3);
+}
+
 /** {lr: 0.0015, name: "x"}; "" for no arguments. */
 export function fmtArgs(args: Record<string, unknown> | null | undefined): string {
   const entries = Object.entries(args ?? {});

@@ -168,7 +168,7 @@ export class LiveRun {
     try {
       const [rows, commands] = await Promise.all([api.metrics(Math.max(-1, this.metrics.lastStep - 1)), api.commands()]);
       if (this.stopped) return;
-      this.addPoints(rowsToPoints(rows), true);
+      this.addPoints(rowsToPoints(rows), false); // the lr: the state frame that opened the socket is newer
       for (const command of commands) this.applyCommand(command, !reconnected);
       await Promise.all([this.refreshBranches(), this.refreshCheckpoints()]);
     } catch (err) {
@@ -213,6 +213,10 @@ export class LiveRun {
   private applyState(state: RunState, quiet: boolean): void {
     const before = this.state;
     this.state = state;
+    if (isEnded(state.phase) && !isEnded(before?.phase) && before) {
+      // `selfsteer train` exits soon after its run ends: ask for the last decisions while it still answers.
+      void this.pollDecisions();
+    }
     if (typeof state.optimizer?.lr === "number") this.lr = state.optimizer.lr;
     if (before && !quiet) {
       if (before.paused !== state.paused) this.line("state", `${state.paused ? "paused" : "resumed"} at step ${state.step}`);
@@ -226,6 +230,9 @@ export class LiveRun {
   }
 
   private addPoints(points: MetricPoint[], live: boolean): void {
+    // State events come only when something besides the step moves: the step comes with the metrics.
+    const step = points.reduce((max, p) => Math.max(max, p.step), -1);
+    if (this.state && step > this.state.step) this.state = { ...this.state, step };
     for (const point of points) {
       const fresh = this.metrics.addPoint(point);
       if (fresh.length === 0) continue;
@@ -249,7 +256,15 @@ export class LiveRun {
     if (quiet) this.printed.set(command.uuid, command.status);
     else this.print(command);
     if (command.status === "success" && before?.status !== "success") {
-      if (command.type === "load_checkpoint") void this.refreshBranches();
+      if (command.type === "load_checkpoint") {
+        // The fork changes no optimizer setting, so no state event says so: the result names the branch.
+        const branch = (command.result as { branch?: unknown } | null)?.branch;
+        if (this.state && typeof branch === "string" && branch !== this.state.branch) {
+          if (!quiet) this.line("state", `branch changed: ${this.state.branch} → ${branch} at step ${command.step ?? "?"}`);
+          this.state = { ...this.state, branch };
+        }
+        void this.refreshBranches();
+      }
       if (command.type === "save_checkpoint") void this.refreshCheckpoints();
     }
     this.changed();
@@ -295,10 +310,10 @@ export class LiveRun {
   private scheduleDecisionPoll(): void {
     const tick = async () => {
       if (this.stopped) return;
-      const ended = isEnded(this.state?.phase);
+      // The run's end polled once more (applyState); after it there is nothing to wait for.
+      if (isEnded(this.state?.phase)) return;
       await this.pollDecisions();
-      // One more poll after the run ends picks up its last decision; then there is nothing to wait for.
-      if (!ended && !this.stopped) {
+      if (!this.stopped) {
         this.timers.push(window.setTimeout(tick, this.decisionsMissing ? DECISION_POLL_MISSING_MS : DECISION_POLL_MS));
       }
     };
@@ -368,6 +383,8 @@ export class LiveRun {
 
   private requestFailed(what: string, err: unknown): void {
     if (this.stopped) return;
+    // A run that ended may take its server with it: a request it no longer answers is no news.
+    if (isEnded(this.state?.phase) && err instanceof ApiError && (err.status === 0 || err.status >= 502)) return;
     if (isUnauthorized(err)) {
       this.stream?.close();
       this.onUnauthorized();
