@@ -3,8 +3,12 @@ with the checkpoint's weights and metrics tagged by branch."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import torch
 from transformers import TrainerCallback
+from websockets.sync.client import connect
 
 from selfsteer.trainer_bridge.store import Store
 from selfsteer.trainer_bridge.testing import LiveRun
@@ -29,6 +33,7 @@ def test_load_checkpoint_forks_a_branch(tmp_path):
         live.run.trainer.add_callback(weights)  # after the bridge: sees what the commands did
         c = live.client
         live.gate.wait(5)
+        events = connect(live.run.url.replace("http", "ws") + "/api/events")
         save = c.save_checkpoint("early")["uuid"]
         live.gate.release(5)
         live.gate.wait(10)
@@ -42,6 +47,13 @@ def test_load_checkpoint_forks_a_branch(tmp_path):
         load3 = c.load_checkpoint("checkpoint-8", branch="from-trainer")["uuid"]  # the Trainer's own save
         live.gate.release(20)
         live.join()
+        announced = []  # the branches that state events announced, in order (the dashboard follows them)
+        with contextlib.suppress(TimeoutError), events:
+            while True:
+                event = json.loads(events.recv(timeout=1))
+                branch = event["state"]["branch"] if event["event"] == "state" else None
+                if branch and (not announced or announced[-1] != branch):
+                    announced.append(branch)
         rows = {u: c.command(u) for u in (save, load, save2, load2, load3)}
         branches = c.branches()
         checkpoints = c.checkpoints()
@@ -60,6 +72,7 @@ def test_load_checkpoint_forks_a_branch(tmp_path):
         "from-trainer": ("branch-2", "checkpoint-8", 8, 20),
     }
     assert state["branch"] == "from-trainer"
+    assert announced == ["main", "retry", "branch-2", "from-trainer"]
     names = [(cp["name"], cp["step"], cp["branch"], cp["source"]) for cp in checkpoints]
     assert ("early", 5, "main", "api") in names and ("retry-step-15", 15, "retry", "api") in names
     assert ("checkpoint-8", 8, "main", "trainer") in names
