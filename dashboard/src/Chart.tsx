@@ -129,7 +129,8 @@ function indexOf(steps: readonly number[], step: number): number {
   return -1;
 }
 
-/** Where each decision goes on the plot (CSS px in the overlay): at its step, on the first branch's line there. */
+/** Where each decision goes on the plot (CSS px in the overlay): at its step, at the height of the latest
+ * value drawn at or before it (a decision follows the evaluation it read, usually a few steps earlier). */
 function placeMarkers(u: uPlot, data: ChartData, decisions: readonly Decision[]): Marker[] {
   const min = u.scales.x?.min;
   const max = u.scales.x?.max;
@@ -138,21 +139,26 @@ function placeMarkers(u: uPlot, data: ChartData, decisions: readonly Decision[])
   const markers: Marker[] = [];
   for (const decision of decisions) {
     if (decision.step < min || decision.step > max) continue;
-    const i = indexOf(data.steps, decision.step);
-    let y: number | null = null;
-    if (i >= 0) {
-      for (const s of data.series) {
-        const v = s.values[i];
-        if (v !== null && v !== undefined) {
-          y = v;
-          break;
-        }
-      }
-    }
+    const y = latestValueAtOrBefore(data, decision.step);
     const top = y === null ? height - 8 : Math.min(height - 4, Math.max(4, u.valToPos(y, "y")));
     markers.push({ decision, left: u.valToPos(decision.step, "x"), top });
   }
   return markers;
+}
+
+function latestValueAtOrBefore(data: ChartData, step: number): number | null {
+  let i = indexOf(data.steps, step);
+  if (i < 0) {
+    i = data.steps.length - 1;
+    while (i >= 0 && data.steps[i]! > step) i--;
+  }
+  for (; i >= 0; i--) {
+    for (const s of data.series) {
+      const v = s.values[i];
+      if (v !== null && v !== undefined) return v;
+    }
+  }
+  return null;
 }
 
 const sameMarkers = (a: Marker[], b: Marker[]): boolean =>
