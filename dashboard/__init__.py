@@ -1,5 +1,8 @@
 """The dashboard's built files (React + TypeScript, sources in this folder, built by
-`scripts/install.sh` with npm into `dist/`). The control server serves them at `/`."""
+`scripts/install.sh` with npm into `dist/`). The control server serves them at `/`.
+
+The install is editable, so `dist/` is read where it was built; it is not package data (setuptools would
+take the folder for a package of its own), and a wheel built without it serves a page saying how to build."""
 
 from pathlib import Path
 

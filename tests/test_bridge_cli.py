@@ -23,7 +23,7 @@ def test_train_writes_the_summary_and_the_store(tmp_path, capsys):
     argv += ["--port", "0", "--out", str(out), "--db", str(db), "--seed", "3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "control server at http://127.0.0.1:" in printed
+    assert "dashboard and API at http://127.0.0.1:" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["decisions"] == [] and summary["commands"] == 0
     assert summary["best_eval_loss"] <= summary["final_eval_loss"] and summary["wall_s"] > 0
