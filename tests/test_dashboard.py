@@ -190,6 +190,59 @@ def test_bad_input_is_refused_in_the_page_and_nothing_is_sent(tmp_path, open_pag
         assert page.errors == []
 
 
+def test_run_optimizer_and_data_controls_post_human_commands_and_show_their_status(tmp_path, open_page):
+    with LiveRun(tmp_path, LONG_RUN) as live:
+        page = open_page(live.run.url)
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") >= 5, "the first losses")
+        page.by_id("run-pause").click()
+        page.wait_until(lambda: live.bridge.paused, "the run to pause")
+        page.by_id("paused-badge").wait_for()
+        paused_at = live.client.state()["step"]
+
+        # Sent while paused: all applied at the paused step, one of them fails (no such data set).
+        page.by_id("wd-input").fill("0.05")
+        page.by_id("wd-apply").click()
+        page.by_id("clip-input").fill("0.5")
+        page.by_id("clip-apply").click()
+        page.by_id("run-evaluate").click()
+        page.by_id("data-reload").click()  # the current data set, reloaded
+        page.by_id("data-dataset").fill("nope")
+        page.by_id("data-reload").click()
+        rows = page.page.locator('[data-testid^="command-"]')
+        page.wait_until(lambda: rows.count() == 6, "six commands listed (pause and five more)")
+        page.wait_until(
+            lambda: all(rows.nth(i).get_attribute("data-status") in ("success", "failed") for i in range(6)),
+            "every command to succeed or fail",
+        )
+        journal = {(c["type"], c["status"]) for c in live.client.commands()}
+        assert journal == {
+            ("pause", "success"),
+            ("set_optimizer", "success"),
+            ("set_max_grad_norm", "success"),
+            ("evaluate", "success"),
+            ("reload_data", "success"),
+            ("reload_data", "failed"),
+        }
+        commands = live.client.commands()
+        assert {c["source"] for c in commands} == {"human"}
+        assert {c["step"] for c in commands if c["type"] != "pause"} == {paused_at}
+        (failed,) = [c for c in commands if c["status"] == "failed"]
+        assert failed["args"] == {"dataset": "nope"}
+        assert "no data factory 'nope'" in page.by_id(f"command-{failed['uuid']}").inner_text()
+        state = live.client.state()
+        assert state["optimizer"]["weight_decay"] == pytest.approx(0.05) and state["max_grad_norm"] == 0.5
+        held = page.attr_int("chart-loss", "data-points")
+        page.page.wait_for_timeout(1000)
+        assert page.attr_int("chart-loss", "data-points") == held, "no training while paused"
+        page.screenshot("paused")
+
+        page.by_id("run-resume").click()
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") > held + 20, "training to go on")
+        live.client.stop()
+        live.join()
+        assert page.errors == []
+
+
 def test_exploding_run_warns_in_the_console(tmp_path, open_page):
     with LiveRun(tmp_path, LONG_RUN) as live:
         page = open_page(live.run.url)
