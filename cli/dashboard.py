@@ -34,12 +34,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import socket
-
     import uvicorn
 
     from selfsteer import dashboard
-    from selfsteer.trainer_bridge.server import create_history_app, is_loopback
+    from selfsteer.trainer_bridge.server import bind, create_history_app, is_loopback
     from selfsteer.trainer_bridge.store import Store, StoreError
 
     if not Path(args.db).is_file():
@@ -53,17 +51,11 @@ def run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"selfsteer dashboard: {exc}", file=sys.stderr)
         return 2
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock, url, origins = bind(args.host, args.port)
     except OSError as exc:
-        print(f"selfsteer dashboard: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"selfsteer dashboard: {exc}", file=sys.stderr)
         return 2
-    port = sock.getsockname()[1]
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown}:{port}"
-    origins = sorted({url, f"http://localhost:{port}", f"http://127.0.0.1:{port}"})
     app = create_history_app(store, origins, args.token)
     if dashboard.index_html() is None:
         print(

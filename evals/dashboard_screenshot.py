@@ -11,7 +11,6 @@ the page. Then stops the run.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -19,15 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         "--branch-at", type=int, default=150, help="step of the checkpoint the branch starts from"
     )
     parser.add_argument("--shot-at", type=int, default=320, help="step at which the screenshot is taken")
-    parser.add_argument("--chromium", default=os.environ.get("SELFSTEER_CHROMIUM", "/usr/bin/chromium"))
+    parser.add_argument("--chromium", default=CHROMIUM, help=f"the browser (default: {CHROMIUM})")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright

@@ -17,22 +17,12 @@ from playwright.sync_api import sync_playwright
 
 from selfsteer import dashboard
 from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
 from selfsteer.graphs.supervise import run_supervision
 from selfsteer.trainer_bridge.store import Store
 from selfsteer.trainer_bridge.testing import LiveRun
 
-CHROMIUM = os.environ.get("SELFSTEER_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("SELFSTEER_SCREENSHOTS", "runs/screenshots"))
-# Without the networking flags Chromium keeps calling Google's hosts, which this machine refuses.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LONG_RUN = ["training.max_steps=100000", "training.eval_steps=50"]  # stopped by the test
 
 

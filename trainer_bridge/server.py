@@ -389,6 +389,23 @@ async def _drain(websocket: WebSocket) -> None:
 # running it in a thread
 
 
+def bind(host: str, port: int) -> tuple[socket.socket, str, list[str]]:
+    """A listening socket (port 0: any free one), the URL it serves and the origins CORS allows."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot serve on {host}:{port}: {exc}") from exc
+    port = sock.getsockname()[1]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    origins = [url]
+    if is_loopback(host):
+        origins += [f"http://localhost:{port}", f"http://127.0.0.1:{port}"]
+    return sock, url, sorted(set(origins))
+
+
 class ControlServer:
     def __init__(
         self,
@@ -407,21 +424,9 @@ class ControlServer:
         self.token = token
         self.hub = EventHub(event_interval_s)
         # Bind here, in the caller's thread: a taken port fails now, loudly, and port 0 gets a real one.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((host, port))
-        except OSError as exc:
-            self.socket.close()
-            raise OSError(f"cannot serve on {host}:{port}: {exc}") from exc
+        self.socket, self.url, origins = bind(host, port)
         self.port = self.socket.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{self.port}"
-        origins = [self.url]
-        if is_loopback(host):
-            origins += [f"http://localhost:{self.port}", f"http://127.0.0.1:{self.port}"]
-        app = create_app(bridge, self.hub, sorted(set(origins)), token)
+        app = create_app(bridge, self.hub, origins, token)
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
