@@ -47,13 +47,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"selfsteer dashboard: serving on {args.host} needs --token or ${TOKEN_ENV}", file=sys.stderr)
         return 2
     try:
-        store = Store(args.db)
-    except StoreError as exc:
-        print(f"selfsteer dashboard: {exc}", file=sys.stderr)
-        return 2
-    try:
         sock, url, origins = bind(args.host, args.port)
-    except OSError as exc:
+        store = Store(args.db)
+    except (OSError, StoreError) as exc:
         print(f"selfsteer dashboard: {exc}", file=sys.stderr)
         return 2
     app = create_history_app(store, origins, args.token)

@@ -15,8 +15,9 @@ TOKEN_ENV = "SELFSTEER_TOKEN"
 
 DESCRIPTION = """\
 Train a recipe (a small byte-level GPT-2 on the Python standard library's source) with the control
-server up: open its URL in a browser for the dashboard (live charts, controls, console), or GET /api/state and /api/metrics, POST /api/commands (set_optimizer, pause,
-save_checkpoint, load_checkpoint, ...), or subscribe to WS /api/events. Every command and metric is
+server up: open its URL in a browser for the dashboard (live charts, controls, console), or GET
+/api/state and /api/metrics, POST /api/commands (set_optimizer, pause, save_checkpoint,
+load_checkpoint, ...), or subscribe to WS /api/events. Every command and metric is
 journaled in the store; `selfsteer replay RUN` re-runs the run with the same commands at the same steps.
 Writes DIR/summary.json (final_eval_loss, best_eval_loss, steps, wall_s, decisions, commands, run_id, db).
 """

@@ -47,3 +47,12 @@ def test_train_refuses_what_it_cannot_do(tmp_path, capsys):
     assert "tiny" in capsys.readouterr().err  # the built-in names are suggested
     assert main([*base, "--host", "0.0.0.0", "--port", "0", "--token", ""]) == 2
     assert "bearer token" in capsys.readouterr().err
+
+
+def test_dashboard_refuses_a_missing_store_and_an_open_host_without_token(tmp_path, capsys):
+    assert main(["dashboard", "--db", str(tmp_path / "nope.sqlite")]) == 2
+    assert "no store at" in capsys.readouterr().err
+    Store(tmp_path / "s.sqlite").close()
+    assert main(["dashboard", "--db", str(tmp_path / "s.sqlite"), "--host", "0.0.0.0"]) == 2
+    assert "needs --token" in capsys.readouterr().err
+    assert not (tmp_path / "nope.sqlite").exists()

@@ -132,7 +132,7 @@ class EventHub:
 
 def is_public(path: str) -> bool:
     """The dashboard's static files: no run data in them, and a browser loads them without headers."""
-    return path in ("/", "/favicon.svg") or path.startswith("/assets/")
+    return path == "/" or path.startswith("/assets/")
 
 
 class BearerAuth:
@@ -195,7 +195,7 @@ def _base_app(title: str, origins: list[str], token: str | None, lifespan=None) 
 
 
 def store_router(get_store: Callable[[], Store]) -> APIRouter:
-    """Read-only views of every run in the store: the dashboard's history, and a live run's decisions.
+    """Read-only views of every run in the store: the dashboard's history.
     Heavy columns (a run's config, a decision's observation) only come with the one row they belong to.
     `get_store` because a live bridge opens its store when training starts, after the app is built."""
     router = APIRouter(prefix="/api/runs")
