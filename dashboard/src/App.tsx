@@ -2,7 +2,7 @@
 // wants one, then show the live run and the history as two tabs.
 
 import { useCallback, useEffect, useState } from "react";
-import { api, getToken, isNotFound, isUnauthorized, setToken } from "./api";
+import { api, getToken, isUnauthorized, setToken } from "./api";
 import { History } from "./History";
 import { LiveView, RunHeader } from "./LiveView";
 import { LiveRun, useLiveRun } from "./store";
@@ -17,9 +17,6 @@ type Boot =
 
 type Tab = "live" | "history";
 
-// A server from before /api/info serves one live run.
-const OLD_SERVER: Info = { mode: "live", run_id: null, version: "unknown" };
-
 export function App() {
   const [boot, setBoot] = useState<Boot>({ kind: "loading" });
   const [tab, setTab] = useState<Tab>("live");
@@ -32,7 +29,6 @@ export function App() {
       setBoot({ kind: "ready", info: await api.info() });
     } catch (err) {
       if (isUnauthorized(err)) setBoot({ kind: "token", refused: getToken() !== null });
-      else if (isNotFound(err)) setBoot({ kind: "ready", info: OLD_SERVER });
       else setBoot({ kind: "error", text: err instanceof Error ? err.message : String(err) });
     }
   }, []);

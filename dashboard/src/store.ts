@@ -25,7 +25,6 @@ export interface ConsoleLine {
 const RENDER_MS = 250;
 const MAX_LINES = 500;
 const DECISION_POLL_MS = 2000;
-const DECISION_POLL_MISSING_MS = 10_000; // a server without /api/decisions (yet)
 const COMMAND_POLL_MS = 1000;
 
 const ENDED = new Set(["finished", "stopped", "failed"]);
@@ -60,7 +59,6 @@ export class LiveRun {
   private lastRender = 0;
   private lineId = 0;
   private timers: number[] = [];
-  private decisionsMissing = false;
 
   constructor(onUnauthorized: () => void) {
     this.onUnauthorized = onUnauthorized;
@@ -97,11 +95,7 @@ export class LiveRun {
         api.branches(),
         api.checkpoints(),
         api.commands(),
-        api.decisions(0).catch((err: unknown) => {
-          if (!isNotFound(err)) throw err;
-          this.decisionsMissing = true; // a server from before /api/decisions: no markers, no harm
-          return [];
-        }),
+        api.decisions(0),
       ]);
       if (this.stopped) return;
       this.applyState(state, true);
@@ -314,7 +308,7 @@ export class LiveRun {
       if (isEnded(this.state?.phase)) return;
       await this.pollDecisions();
       if (!this.stopped) {
-        this.timers.push(window.setTimeout(tick, this.decisionsMissing ? DECISION_POLL_MISSING_MS : DECISION_POLL_MS));
+        this.timers.push(window.setTimeout(tick, DECISION_POLL_MS));
       }
     };
     this.timers.push(window.setTimeout(tick, DECISION_POLL_MS));
@@ -324,7 +318,6 @@ export class LiveRun {
     const lastId = this.decisions.at(-1)?.id ?? 0;
     try {
       const rows = await api.decisions(lastId);
-      this.decisionsMissing = false;
       if (this.stopped) return;
       const fresh = rows.filter((d) => d.id > lastId).sort((a, b) => a.id - b.id);
       if (fresh.length === 0) return;
@@ -332,8 +325,7 @@ export class LiveRun {
       for (const d of fresh) this.line("decision", decisionText(d));
       this.changed();
     } catch (err) {
-      if (isNotFound(err)) this.decisionsMissing = true;
-      else this.requestFailed("loading decisions", err);
+      this.requestFailed("loading decisions", err);
     }
   }
 
