@@ -30,7 +30,7 @@ export function RunHeader({ run }: { run: LiveRun }) {
           {s?.max_steps ? ` / ${s.max_steps}` : ""}
         </span>
         <span className="progress">
-          <span className="progress-bar" style={{ width: `${progress * 100}%` }} />
+          <span className="progress-bar" style={{ transform: `scaleX(${progress})` }} />
         </span>
       </span>
       {s && (
