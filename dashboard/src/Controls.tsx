@@ -159,46 +159,30 @@ function OptimizerCard({ lr, weightDecay, clip, send, refuse, error }: Optimizer
           apply
         </button>
       </form>
-      <form
-        className="row"
-        onSubmit={(e) => {
-          e.preventDefault();
-          void setWd();
-        }}
-      >
-        <label className="field-label">wd</label>
-        <input
-          data-testid="wd-input"
-          className="grow mono"
-          value={wdText}
-          placeholder={weightDecay === null ? "weight decay" : `${fmtNum(weightDecay)} now`}
-          aria-label="weight decay"
-          onChange={(e) => setWdText(e.target.value)}
-        />
-        <button data-testid="wd-apply" type="submit">
-          apply
-        </button>
-      </form>
-      <form
-        className="row"
-        onSubmit={(e) => {
-          e.preventDefault();
-          void setClip();
-        }}
-      >
-        <label className="field-label">clip</label>
-        <input
-          data-testid="clip-input"
-          className="grow mono"
-          value={clipText}
-          placeholder={clip === null ? "max grad norm (0 = off)" : `${fmtNum(clip)} now (0 = off)`}
-          aria-label="max grad norm"
-          onChange={(e) => setClipText(e.target.value)}
-        />
-        <button data-testid="clip-apply" type="submit">
-          apply
-        </button>
-      </form>
+      <FieldForm
+        label="wd"
+        mono
+        inputId="wd-input"
+        value={wdText}
+        onChange={setWdText}
+        placeholder={weightDecay === null ? "weight decay" : `${fmtNum(weightDecay)} now`}
+        ariaLabel="weight decay"
+        buttonId="wd-apply"
+        buttonText="apply"
+        onSubmit={setWd}
+      />
+      <FieldForm
+        label="clip"
+        mono
+        inputId="clip-input"
+        value={clipText}
+        onChange={setClipText}
+        placeholder={clip === null ? "max grad norm (0 = off)" : `${fmtNum(clip)} now (0 = off)`}
+        ariaLabel="max grad norm"
+        buttonId="clip-apply"
+        buttonText="apply"
+        onSubmit={setClip}
+      />
       {error}
     </section>
   );
@@ -281,25 +265,16 @@ function CheckpointCard({ checkpoints, colors, send, refuse, error }: Checkpoint
   return (
     <section className="card control-card">
       <h3 className="card-title">checkpoints</h3>
-      <form
-        className="row"
-        onSubmit={(e) => {
-          e.preventDefault();
-          void save();
-        }}
-      >
-        <input
-          data-testid="ckpt-name"
-          className="grow"
-          value={name}
-          placeholder="name (optional)"
-          aria-label="checkpoint name"
-          onChange={(e) => setName(e.target.value)}
-        />
-        <button data-testid="ckpt-save" type="submit">
-          save
-        </button>
-      </form>
+      <FieldForm
+        inputId="ckpt-name"
+        value={name}
+        onChange={setName}
+        placeholder="name (optional)"
+        ariaLabel="checkpoint name"
+        buttonId="ckpt-save"
+        buttonText="save"
+        onSubmit={save}
+      />
       <div className="row">
         <input
           data-testid="ckpt-new-branch"
@@ -345,26 +320,58 @@ function DataCard({ send, refuse, error }: { send: Send; refuse: Refuse; error: 
   return (
     <section className="card control-card">
       <h3 className="card-title">data</h3>
-      <form
-        className="row"
-        onSubmit={(e) => {
-          e.preventDefault();
-          void reload();
-        }}
-      >
-        <input
-          data-testid="data-dataset"
-          className="grow"
-          value={dataset}
-          placeholder="dataset (optional: the current one)"
-          aria-label="dataset"
-          onChange={(e) => setDataset(e.target.value)}
-        />
-        <button data-testid="data-reload" type="submit">
-          reload data
-        </button>
-      </form>
+      <FieldForm
+        inputId="data-dataset"
+        value={dataset}
+        onChange={setDataset}
+        placeholder="dataset (optional: the current one)"
+        ariaLabel="dataset"
+        buttonId="data-reload"
+        buttonText="reload data"
+        onSubmit={reload}
+      />
       {error}
     </section>
+  );
+}
+
+// -----------------------------------------------------------------------------
+
+interface FieldFormProps {
+  label?: string;
+  mono?: boolean;
+  inputId: string;
+  value: string;
+  onChange(value: string): void;
+  placeholder: string;
+  ariaLabel: string;
+  buttonId: string;
+  buttonText: string;
+  onSubmit(): Promise<unknown>;
+}
+
+/** One text field and its button, submitted by the button or by Enter. */
+function FieldForm(props: FieldFormProps) {
+  return (
+    <form
+      className="row"
+      onSubmit={(e) => {
+        e.preventDefault();
+        void props.onSubmit();
+      }}
+    >
+      {props.label && <label className="field-label">{props.label}</label>}
+      <input
+        data-testid={props.inputId}
+        className={props.mono ? "grow mono" : "grow"}
+        value={props.value}
+        placeholder={props.placeholder}
+        aria-label={props.ariaLabel}
+        onChange={(e) => props.onChange(e.target.value)}
+      />
+      <button data-testid={props.buttonId} type="submit">
+        {props.buttonText}
+      </button>
+    </form>
   );
 }
