@@ -399,21 +399,14 @@ async def _stream_events(
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None) -> None:
     """Take the port, load the model, say where the API listens, and serve until interrupted.
-    The port is bound first, so a busy port fails at once (OSError) instead of after the load."""
-    import socket
-
+    The port is bound (and listening) first, so a busy port fails at once (OSError) instead of after
+    the load, and a client that connects as soon as the URL is printed is queued, never refused."""
     import uvicorn
 
     from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.trainer_bridge.server import bind
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
+    sock, _, _ = bind(host, port)
     port = sock.getsockname()[1]  # port 0 picks a free one
     print("loading the embedded model ...", flush=True)
     engine = get_local_engine()  # before serving: the first request must not wait for the load

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the port is taken, or the address is not this machine's
-        print(f"error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)  # "cannot serve on HOST:PORT: why"
         return 1
     return 0
 

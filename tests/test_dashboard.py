@@ -303,13 +303,16 @@ def test_decision_markers_tooltips_and_the_history_view(tmp_path, open_page):
     server = subprocess.Popen(
         [sys.executable, "-m", "selfsteer.cli.main", "dashboard", "--db", str(live.db), "--port", "0"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.DEVNULL,  # warnings go there; the URL line is on stdout
         text=True,
     )
     try:
-        line = server.stdout.readline()
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-        assert match, line
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
+                break
+        assert match, lines
         page = open_page(match.group(1))
         page.by_id(f"run-row-{run_id}").click()
         page.wait_until(lambda: page.attr_int("chart-loss", "data-points") >= 120, "the run's losses")

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import Bridge
 
 EVENT_QUEUE_SIZE = 1000
+LISTEN_BACKLOG = 2048  # uvicorn's own default
 
 
 class CommandRequest(BaseModel):
@@ -390,11 +391,16 @@ async def _drain(websocket: WebSocket) -> None:
 
 
 def bind(host: str, port: int) -> tuple[socket.socket, str, list[str]]:
-    """A listening socket (port 0: any free one), the URL it serves and the origins CORS allows."""
+    """A listening socket (port 0: any free one), the URL it serves and the origins CORS allows.
+
+    It listens before it returns: the kernel queues connections from then on, so a client that
+    connects the instant the URL is printed waits for the server instead of being refused (uvicorn
+    itself calls listen() only after its start-up, some 200 ms later)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot serve on {host}:{port}: {exc}") from exc

@@ -1,0 +1,32 @@
+"""Every server accepts connections before it prints its URL: a client that connects the instant the URL
+line appears is never refused. Real commands (forked after the imports), real sockets, real HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from selfsteer.trainer_bridge.server import bind
+
+
+def test_bind_returns_a_socket_that_already_accepts_connections():
+    import socket
+
+    for _ in range(20):
+        sock, url, _ = bind("127.0.0.1", 0)
+        with sock, socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=5):
+            assert url == f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+# serve-llm loads the model at every start (about 3 s): 5 starts here, 20 in the benchmark
+# (`python -m selfsteer.evals.listen_race --trials 20`).
+@pytest.mark.parametrize(("server", "trials"), [("dashboard", 20), ("train", 20), ("serve-llm", 5)])
+def test_a_client_connecting_the_instant_the_url_is_printed_is_never_refused(server, trials):
+    result = subprocess.run(
+        [sys.executable, "-m", "selfsteer.evals.listen_race", "--servers", server, "--trials", str(trials)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{server}: {trials} starts, 0 refused" in result.stdout
