@@ -7,8 +7,11 @@
 
 The loop ends when the run ends or after `max_iterations` decisions (LangGraph's recursion limit is
 not a cap). With a checkpointer (`SqliteSaver`) the state is saved after every node, so a supervisor
-process that dies resumes where it was; every command carries an idempotency key (the journal's
-`source`), so an action that reached the server before the crash is not sent twice.
+process that dies resumes where it was, re-running the node it died in. Exactly once, nonetheless:
+every command it sends (the lr change, and the pause/resume around a decision) carries an idempotency
+key made of the run, the supervisor instance (the graph's thread id) and the iteration, so the server
+returns the first command instead of queueing another; and a decision is stored under such a key
+too, so a decision recorded before the crash is reused as it was, never asked for again.
 
     graph = build_supervision_graph(BridgeClient(url), RuleSupervisor(), store=Store("selfsteer.sqlite"))
     graph.invoke({"max_iterations": 50}, {"configurable": {"thread_id": "supervise:RUN"}})
@@ -20,8 +23,10 @@ import math
 import threading
 import time
 from typing import Any, TypedDict
+from uuid import uuid4
 
 import httpx
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
@@ -84,9 +89,23 @@ def build_supervision_graph(
             "finished": run_state.get("phase") in FINISHED_PHASES,
         }
 
-    def decide(state: SupervisionState) -> dict:
-        if pause_while_deciding and not _run_over(tools.pause):
+    instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
+
+    def key(state: SupervisionState, config: RunnableConfig, what: str, iteration: int) -> str:
+        thread_id = (config.get("configurable") or {}).get("thread_id") or instance
+        return f"{state.get('run_id', '')}/{thread_id}/{iteration}/{what}"
+
+    def decide(state: SupervisionState, config: RunnableConfig) -> dict:
+        iteration = state.get("iteration", 0) + 1
+        if pause_while_deciding and not _run_over(
+            lambda: tools.pause(key(state, config, "pause", iteration))
+        ):
             return {"finished": True}
+        decision_key = key(state, config, "decision", iteration)
+        recorded = store.get_decision(state["run_id"], decision_key) if store is not None else None
+        if recorded is not None:  # decided before this process died: the same decision, not a new one
+            decision = {k: recorded[k] for k in ("action", "explanation", "lr_before", "lr_after", "step")}
+            return {"decision": decision, "decision_id": recorded["id"], "iteration": iteration}
         observation = Observation(**state["observation"])
         decision = supervisor.decide(observation)
         lr_after = decision.apply(state["lr"])
@@ -97,6 +116,7 @@ def build_supervision_graph(
                 explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
                 observation=_finite(observation.to_dict()), raw_output=decision.raw_output,
                 lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
+                key=decision_key,
             )  # fmt: skip
         return {
             "decision": {
@@ -106,23 +126,25 @@ def build_supervision_graph(
                 "step": state["step"],
             },
             "decision_id": decision_id,
-            "iteration": state.get("iteration", 0) + 1,
+            "iteration": iteration,
         }
 
-    def act(state: SupervisionState) -> dict:
+    def act(state: SupervisionState, config: RunnableConfig) -> dict:
         if state.get("finished"):
             return {}
-        decision = state["decision"]
+        decision, iteration = state["decision"], state["iteration"]
         update: dict = {}
         if decision["action"] != "keep":
             try:
-                row = tools.set_lr(decision["lr_after"], idempotency_key=str(state["iteration"]))
+                row = tools.set_lr(decision["lr_after"], idempotency_key=key(state, config, "lr", iteration))
                 update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
             except BridgeHTTPError as error:
                 if error.status_code == 409:  # the run ended while we were deciding
                     return {"finished": True}
                 raise
-        if pause_while_deciding and not _run_over(tools.resume):
+        if pause_while_deciding and not _run_over(
+            lambda: tools.resume(key(state, config, "resume", iteration))
+        ):
             return {"finished": True}
         return update
 

@@ -49,7 +49,7 @@ def test_open_creates_parent_dir_uses_wal_and_migrates(tmp_path):
     path = tmp_path / "a" / "b" / "store.sqlite"
     with Store(path) as s:
         assert s.path == path and path.exists()
-        assert s.schema_version == len(MIGRATIONS) == 1
+        assert s.schema_version == len(MIGRATIONS) == 2
         assert s.applied_migrations == len(MIGRATIONS)
     conn = raw(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -428,7 +428,7 @@ def test_file_from_version_zero_is_migrated_on_open(tmp_path):
     db.close()
     assert "runs" not in table_names(path)
     with Store(path) as s:
-        assert s.applied_migrations == 1 and s.schema_version == 1
+        assert s.applied_migrations == s.schema_version == len(MIGRATIONS)
         s.create_run("r")
 
 
@@ -446,10 +446,11 @@ def test_older_file_is_brought_forward_and_keeps_its_data(tmp_path, monkeypatch)
     )
     db.close()
 
-    with Store(path) as s:
-        assert s.applied_migrations == 1 and s.schema_version == 2
+    with Store(path) as s:  # a version-1 file: the released migrations, then the test's own
+        assert s.applied_migrations == len(MIGRATIONS) and s.schema_version == len(MIGRATIONS) + 1
         run = s.get_run("r1")
         assert run["name"] == "old" and run["config"] == {"lr": 1} and run["tag"] == "untagged"
+        assert run["pid"] is None  # version 2's columns, empty for an old run
         assert [(m["step"], m["value"]) for m in s.get_metrics("r1")] == [(7, 2.0)]
         s.create_run("new")
     assert "notes" in table_names(path)
@@ -469,7 +470,7 @@ def test_failed_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="bug in migration 2"):
         Store(path)
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert "tag" not in [row[1] for row in conn.execute("PRAGMA table_info(runs)")]
     conn.close()
     assert "half_done" not in table_names(path)

@@ -61,7 +61,12 @@ def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
     assert decisions[1]["lr_before"] == pytest.approx(6e-3) and decisions[1]["lr_after"] == pytest.approx(
         3e-3
     )
-    assert [c["source"] for c in commands] == ["scripted#1", "scripted#2"]
+    assert [c["source"] for c in commands] == ["scripted", "scripted"]
+    run_id = live.run.run_id  # keyed by run, supervisor instance (the graph's thread) and iteration
+    assert [c["idempotency_key"] for c in commands] == [f"{run_id}/supervise:{run_id}/{i}/lr" for i in (1, 2)]
+    assert [d["key"] for d in decisions[:3]] == [
+        f"{run_id}/supervise:{run_id}/{i}/decision" for i in (1, 2, 3)
+    ]
     assert [c["args"]["lr"] for c in commands] == pytest.approx([6e-3, 3e-3])
     assert all(c["status"] == "success" for c in commands)
     assert decisions[0]["outcome"] is not None and "steps" in decisions[0]["outcome"]
@@ -165,4 +170,5 @@ def test_a_person_decides_through_an_interrupt(tmp_path):
         "halve",
         "too fast for my taste",
     )
-    assert command["source"] == "human#1" and command["args"]["lr"] == pytest.approx(1.5e-3)
+    assert command["source"] == "human" and command["idempotency_key"].endswith("/1/lr")
+    assert command["args"]["lr"] == pytest.approx(1.5e-3)

@@ -11,8 +11,6 @@ from langchain_core.tools import StructuredTool
 
 from selfsteer.trainer_bridge.client import BridgeClient
 
-SOURCE_MAX = 64  # the journal's limit on a command's source
-
 
 class BridgeTools:
     def __init__(self, client: BridgeClient, wait_s: float = 30.0):
@@ -29,28 +27,16 @@ class BridgeTools:
 
     def set_lr(self, lr: float, idempotency_key: str | None = None) -> dict:
         """Set the learning rate (it persists through the scheduler). With an idempotency key, a
-        command already in the journal under that key is returned instead of being sent again."""
-        if idempotency_key is None:
-            return self.client.set_lr(lr)
-        source = f"{self.client.source[: SOURCE_MAX - len(idempotency_key) - 1]}#{idempotency_key}"[
-            -SOURCE_MAX:
-        ]
-        for row in self.client.commands():
-            if row.get("source") == source:
-                return row
-        original, self.client.source = self.client.source, source
-        try:
-            return self.client.set_lr(lr)
-        finally:
-            self.client.source = original
+        repeat returns the command already journaled under it instead of sending another."""
+        return self.client.set_lr(lr, idempotency_key=idempotency_key)
 
-    def pause(self) -> dict:
+    def pause(self, idempotency_key: str | None = None) -> dict:
         """Pause training at the next step boundary; returns the journal row once it is paused."""
-        return self.client.wait(self.client.pause()["uuid"], timeout=self.wait_s)
+        return self.client.wait(self.client.pause(idempotency_key)["uuid"], timeout=self.wait_s)
 
-    def resume(self) -> dict:
+    def resume(self, idempotency_key: str | None = None) -> dict:
         """Resume a paused run; returns the journal row once it runs again."""
-        return self.client.wait(self.client.resume()["uuid"], timeout=self.wait_s)
+        return self.client.wait(self.client.resume(idempotency_key)["uuid"], timeout=self.wait_s)
 
     def save_checkpoint(self) -> dict:
         """Save a checkpoint now; returns the journal row once it is done."""
@@ -73,8 +59,16 @@ class BridgeTools:
             """Set the optimizer's learning rate from the next step on."""
             return self.set_lr(lr)
 
+        def pause_training() -> dict:
+            """Pause training at the next step boundary; returns the journal row once it is paused."""
+            return self.pause()
+
+        def resume_training() -> dict:
+            """Resume a paused run; returns the journal row once it runs again."""
+            return self.resume()
+
         functions = [
-            self.read_state, read_metrics_window, set_learning_rate, self.pause, self.resume,
+            self.read_state, read_metrics_window, set_learning_rate, pause_training, resume_training,
             self.save_checkpoint, self.load_checkpoint, self.evaluate,
         ]  # fmt: skip
         return [StructuredTool.from_function(f) for f in functions]

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import torch
 import torch.distributed as dist
@@ -198,12 +199,19 @@ class Bridge:
 
     # ---- the outside's side (server threads, scripts)
 
-    def submit(self, type: str, args: dict | None = None, source: str = "api") -> dict:
+    def submit(
+        self, type: str, args: dict | None = None, source: str = "api", idempotency_key: str | None = None
+    ) -> dict:
         """Validates and journals a command; the training thread applies it at the next boundary.
-        Raises InvalidCommand (422) or RunFinished (409); nothing is queued then."""
+        Raises InvalidCommand (422) or RunFinished (409); nothing is queued then.
+
+        idempotency_key: a command sent again under a key this run has seen is not queued again; the
+        first command is returned (also once the run is over), so a client may retry safely."""
         if not self.is_main:
             raise RuntimeError("commands go to rank 0")
         spec, parsed = self.registry.parse(type, args)
+        if idempotency_key is not None and (first := self._first_under(idempotency_key, type, parsed)):
+            return first
         if spec.check is not None:
             spec.check(self, parsed)
         if self.training_done or self.phase in FINISHED:
@@ -211,7 +219,12 @@ class Bridge:
         run = self.store.get_run(self.run_id)
         if run is None or run["status"] != "running":
             raise RunFinished(f"run {self.run_id} is {run['status'] if run else 'gone'}")
-        row = self.store.add_command(self.run_id, type, dump_args(parsed), source)
+        uuid = uuid4().hex
+        row = self.store.add_command(
+            self.run_id, type, dump_args(parsed), source, uuid=uuid, idempotency_key=idempotency_key
+        )
+        if row["uuid"] != uuid:  # another request under the same key got in first
+            return self._first_under(idempotency_key, type, parsed)
         self.publish({"event": "command", "command": row})
         if self.training_done:
             # The run ended while this was being added, maybe after finish() failed what was pending:
@@ -219,7 +232,30 @@ class Bridge:
             with contextlib.suppress(StoreError):
                 self._journal(row["uuid"], "failed", error="the run ended before this command was applied")
             raise RunFinished(f"run {self.run_id} is over")
-        return {"uuid": row["uuid"], "status": row["status"], "step": self._snapshot.get("step", 0)}
+        return {
+            "uuid": row["uuid"],
+            "status": row["status"],
+            "step": self._snapshot.get("step", 0),
+            "repeated": False,
+        }
+
+    def _first_under(self, key: str, type: str, parsed) -> dict | None:
+        """The command journaled under an idempotency key, if any; a different command under the
+        same key is refused (a client bug that a silent return would hide)."""
+        first = self.store.get_command_by_key(self.run_id, key)
+        if first is None:
+            return None
+        if first["type"] != type or first["args"] != dump_args(parsed):
+            raise InvalidCommand(
+                f"idempotency key {key!r} was used for another command ({first['type']} {first['args']},"
+                f" {first['uuid']})"
+            )
+        return {
+            "uuid": first["uuid"],
+            "status": first["status"],
+            "step": self._snapshot.get("step", 0),
+            "repeated": True,
+        }
 
     def state(self) -> dict:
         return {

@@ -51,42 +51,52 @@ def _drop_none(args: dict) -> dict:
 
 
 class _Commands:
-    """The typed helpers, shared by both clients: each is `send(type, **args)`."""
+    """The typed helpers, shared by both clients: each is `send(type, **args)`. Each takes an optional
+    `idempotency_key`: a repeat under a key the run has seen returns the first command, queues nothing."""
 
-    def send(self, type: str, **args: Any) -> Any:  # pragma: no cover - overridden
+    source: str
+
+    def send(self, type: str, *, idempotency_key: str | None = None, **args: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-    def set_optimizer(self, lr=None, weight_decay=None, betas=None, eps=None, momentum=None):
+    def _body(self, type: str, args: dict, idempotency_key: str | None) -> dict:
+        body = {"type": type, "args": args, "source": self.source}
+        return body if idempotency_key is None else {**body, "idempotency_key": idempotency_key}
+
+    def set_optimizer(
+        self, lr=None, weight_decay=None, betas=None, eps=None, momentum=None, idempotency_key=None
+    ):
         betas = list(betas) if betas is not None else None
         args = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum)
-        return self.send("set_optimizer", **_drop_none(args))
+        return self.send("set_optimizer", idempotency_key=idempotency_key, **_drop_none(args))
 
-    def set_lr(self, lr: float):
-        return self.send("set_optimizer", lr=lr)
+    def set_lr(self, lr: float, idempotency_key: str | None = None):
+        return self.send("set_optimizer", idempotency_key=idempotency_key, lr=lr)
 
-    def set_max_grad_norm(self, value: float):
-        return self.send("set_max_grad_norm", value=value)
+    def set_max_grad_norm(self, value: float, idempotency_key: str | None = None):
+        return self.send("set_max_grad_norm", idempotency_key=idempotency_key, value=value)
 
-    def pause(self):
-        return self.send("pause")
+    def pause(self, idempotency_key: str | None = None):
+        return self.send("pause", idempotency_key=idempotency_key)
 
-    def resume(self):
-        return self.send("resume")
+    def resume(self, idempotency_key: str | None = None):
+        return self.send("resume", idempotency_key=idempotency_key)
 
-    def stop(self):
-        return self.send("stop")
+    def stop(self, idempotency_key: str | None = None):
+        return self.send("stop", idempotency_key=idempotency_key)
 
-    def save_checkpoint(self, name: str | None = None):
-        return self.send("save_checkpoint", **_drop_none({"name": name}))
+    def save_checkpoint(self, name: str | None = None, idempotency_key: str | None = None):
+        return self.send("save_checkpoint", idempotency_key=idempotency_key, **_drop_none({"name": name}))
 
-    def load_checkpoint(self, checkpoint: str, branch: str | None = None):
-        return self.send("load_checkpoint", **_drop_none({"checkpoint": checkpoint, "branch": branch}))
+    def load_checkpoint(self, checkpoint: str, branch: str | None = None, idempotency_key: str | None = None):
+        args = _drop_none({"checkpoint": checkpoint, "branch": branch})
+        return self.send("load_checkpoint", idempotency_key=idempotency_key, **args)
 
-    def evaluate(self):
-        return self.send("evaluate")
+    def evaluate(self, idempotency_key: str | None = None):
+        return self.send("evaluate", idempotency_key=idempotency_key)
 
-    def reload_data(self, dataset: str | None = None):
-        return self.send("reload_data", **_drop_none({"dataset": dataset}))
+    def reload_data(self, dataset: str | None = None, idempotency_key: str | None = None):
+        return self.send("reload_data", idempotency_key=idempotency_key, **_drop_none({"dataset": dataset}))
 
 
 class BridgeClient(_Commands):
@@ -117,10 +127,10 @@ class BridgeClient(_Commands):
         params = _drop_none({"since": since, "branch": branch, "name": names})
         return _raise_for(self.http.get("/api/metrics", params=params))
 
-    def send(self, type: str, **args: Any) -> dict:
-        """Queues a command; returns {uuid, status, step} (step: where the run was when it arrived)."""
-        body = {"type": type, "args": args, "source": self.source}
-        return _raise_for(self.http.post("/api/commands", json=body))
+    def send(self, type: str, *, idempotency_key: str | None = None, **args: Any) -> dict:
+        """Queues a command; returns {uuid, status, step, repeated} (step: where the run was when it
+        arrived; repeated: the key was seen before and this is the first command under it)."""
+        return _raise_for(self.http.post("/api/commands", json=self._body(type, args, idempotency_key)))
 
     def commands(self, status: str | None = None) -> list[dict]:
         return _raise_for(self.http.get("/api/commands", params=_drop_none({"status": status})))
@@ -190,9 +200,8 @@ class AsyncBridgeClient(_Commands):
         params = _drop_none({"since": since, "branch": branch, "name": names})
         return _raise_for(await self.http.get("/api/metrics", params=params))
 
-    async def send(self, type: str, **args: Any) -> dict:
-        body = {"type": type, "args": args, "source": self.source}
-        return _raise_for(await self.http.post("/api/commands", json=body))
+    async def send(self, type: str, *, idempotency_key: str | None = None, **args: Any) -> dict:
+        return _raise_for(await self.http.post("/api/commands", json=self._body(type, args, idempotency_key)))
 
     async def commands(self, status: str | None = None) -> list[dict]:
         return _raise_for(await self.http.get("/api/commands", params=_drop_none({"status": status})))

@@ -58,6 +58,8 @@ class CommandRequest(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     # Who sends it: "human", an agent's name, "api" (the default), ...
     source: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = "api"
+    # A repeat under a key this run has seen returns the first command instead of queueing another.
+    idempotency_key: Annotated[str, Field(strict=True, min_length=1, max_length=200)] | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -316,7 +318,7 @@ def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | N
         from selfsteer.trainer_bridge.bridge import RunFinished
 
         try:
-            return bridge.submit(request.type, request.args, request.source)
+            return bridge.submit(request.type, request.args, request.source, request.idempotency_key)
         except InvalidCommand as exc:
             raise HTTPException(422, str(exc)) from None
         except RunFinished as exc:

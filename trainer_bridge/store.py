@@ -25,6 +25,7 @@ import numbers
 import operator
 import os
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -162,8 +163,24 @@ def _v1_initial_schema(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v2_idempotency_and_run_owner(conn: sqlite3.Connection) -> None:
+    # A command or decision sent twice under one key is stored once: the unique indexes are the
+    # backstop of the check-then-insert that add_command/add_decision make inside one transaction.
+    # A run's process (pid on host) tells a crashed run (its process is gone) from a live one.
+    for statement in [
+        "ALTER TABLE commands ADD COLUMN idempotency_key TEXT",
+        """CREATE UNIQUE INDEX commands_idempotency ON commands(run_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+        "ALTER TABLE decisions ADD COLUMN key TEXT",
+        "CREATE UNIQUE INDEX decisions_key ON decisions(run_id, key) WHERE key IS NOT NULL",
+        "ALTER TABLE runs ADD COLUMN pid INTEGER",
+        "ALTER TABLE runs ADD COLUMN host TEXT",
+    ]:
+        conn.execute(statement)
+
+
 # Append only. A migration gets a connection inside an open transaction and must not commit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_initial_schema]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_initial_schema, _v2_idempotency_and_run_owner]
 
 
 def json_number(value: float | None) -> float | None:
@@ -190,6 +207,16 @@ def _retry_locked(fn: Callable[[], Any], what: str) -> Any:
             if attempt == LOCK_RETRIES:
                 raise StoreError(f"{what}: the database stayed locked after {LOCK_RETRIES} retries") from exc
             time.sleep(random.uniform(0.02, 0.1) * 2**attempt)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def _db_file(conn: sqlite3.Connection) -> str:
@@ -468,9 +495,65 @@ class Store:
             "status": "running",
             "parent_run_id": _optional_text(parent_run_id, "parent_run_id"),
             "created_at": time.time(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
         }
         self._write(lambda db: db["runs"].insert(row), f"cannot create run {name!r}")
         return row["id"]
+
+    def reopen_run(self, run_id: str) -> dict:
+        """A run that ended (a crash found by `recover_crashed_runs`, a stop) goes on: `running` again,
+        owned by this process. For `selfsteer train --resume`."""
+
+        def fn(db: sqlite_utils.Database) -> dict:
+            run = self._get(db, "runs", run_id)
+            if run is None:
+                raise KeyError(f"unknown run {run_id!r}")
+            if run["status"] == "running":
+                raise StoreError(f"run {run_id} is still running (process {run['pid']} on {run['host']})")
+            changes = {
+                "status": "running",
+                "finished_at": None,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            }
+            db["runs"].update(run_id, changes)
+            return self._get(db, "runs", run_id)
+
+        return self._write(fn, f"cannot reopen run {run_id!r}")
+
+    def recover_crashed_runs(self) -> list[str]:
+        """Runs marked `running` whose process on this host is gone (killed, crashed) are marked
+        `failed`, and each command they left pending or running is journaled `failed` with the reason,
+        so none waits forever. Returns their ids. Runs of other hosts are left alone (their processes
+        cannot be seen from here)."""
+        host = socket.gethostname()
+
+        def fn(db: sqlite_utils.Database) -> list[str]:
+            crashed = []
+            for run in self._rows(db, "runs", {"status": "running", "host": host}, "created_at"):
+                if run["pid"] is None or _process_alive(run["pid"]):
+                    continue
+                now, why = time.time(), f"the run crashed (its process {run['pid']} is gone)"
+                for command in self._rows(db, "commands", {"run_id": run["id"]}, "created_at, rowid"):
+                    if command["status"] == "pending":
+                        error = f"{why} before this command was applied"
+                    elif command["status"] == "running":
+                        error = f"{why} while this command was being applied; it may have taken effect"
+                    else:
+                        continue
+                    db["commands"].update(
+                        command["uuid"], {"status": "failed", "error": error, "updated_at": now}
+                    )
+                summary = {**(run["summary"] or {}), "error": why}
+                db["runs"].update(
+                    run["id"],
+                    {"status": "failed", "finished_at": now, "summary": _json(summary, "run summary")},
+                )
+                crashed.append(run["id"])
+            return crashed
+
+        return self._write(fn, "cannot recover crashed runs")
 
     def finish_run(self, run_id: str, status: str = "finished", summary: Any = None) -> None:
         if status not in RUN_STATUSES[1:]:
@@ -554,8 +637,17 @@ class Store:
     # ---- the command journal
 
     def add_command(
-        self, run_id: str, type: str, args: Mapping | None, source: str, uuid: str | None = None
+        self,
+        run_id: str,
+        type: str,
+        args: Mapping | None,
+        source: str,
+        uuid: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict:
+        """Journals a command as pending. With an idempotency key that this run has seen before,
+        nothing is added and the first command under that key is returned (decided inside the one
+        write transaction, so two processes racing with the same key add one row)."""
         if args is not None and not isinstance(args, Mapping):
             raise StoreError(f"command args must be a dict, got {args!r}")
         now = time.time()
@@ -568,9 +660,14 @@ class Store:
             "status": "pending",
             "created_at": now,
             "updated_at": now,
+            "idempotency_key": _optional_text(idempotency_key, "idempotency key"),
         }
 
         def fn(db: sqlite_utils.Database) -> dict:
+            if idempotency_key is not None:
+                where = {"run_id": run_id, "idempotency_key": idempotency_key}
+                if first := self._rows(db, "commands", where, "rowid", 1):
+                    return first[0]
             db["commands"].insert(row)
             return self._get(db, "commands", row["uuid"])
 
@@ -605,6 +702,12 @@ class Store:
     def get_command(self, uuid: str) -> dict | None:
         return self._read(lambda db: self._get(db, "commands", uuid))
 
+    def get_command_by_key(self, run_id: str, idempotency_key: str) -> dict | None:
+        """The command this run journaled under an idempotency key, if any."""
+        where = {"run_id": run_id, "idempotency_key": idempotency_key}
+        rows = self._read(lambda db: self._rows(db, "commands", where, "rowid", 1))
+        return rows[0] if rows else None
+
     def list_commands(self, run_id: str | None, status: str | None = None) -> list[dict]:
         """Commands of a run (of all runs when run_id is None) in the order they were added."""
         where = {"run_id": run_id, "status": status}
@@ -627,7 +730,10 @@ class Store:
         lr_after: float | None = None,
         latency_s: float | None = None,
         fallback: bool = False,
+        key: str | None = None,
     ) -> int:
+        """Stores a decision; returns its id. With a `key` this run has seen before, nothing is added
+        and the first decision's id is returned (a supervisor that died after recording it)."""
         row = {
             "run_id": run_id,
             "step": _int(step, "decision step"),
@@ -643,10 +749,22 @@ class Store:
             "latency_s": _optional_number(latency_s, "latency_s"),
             "fallback": _flag(fallback, "fallback"),
             "created_at": time.time(),
+            "key": _optional_text(key, "decision key"),
         }
-        return self._write(
-            lambda db: db["decisions"].insert(row).last_pk, f"cannot add decision to run {run_id!r}"
-        )
+
+        def fn(db: sqlite_utils.Database) -> int:
+            if key is not None:
+                first = self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1)
+                if first:
+                    return first[0]["id"]
+            return db["decisions"].insert(row).last_pk
+
+        return self._write(fn, f"cannot add decision to run {run_id!r}")
+
+    def get_decision(self, run_id: str, key: str) -> dict | None:
+        """The decision stored under `key` in this run, if any."""
+        rows = self._read(lambda db: self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1))
+        return rows[0] if rows else None
 
     def set_decision_outcome(self, decision_id: int, outcome: Any) -> None:
         """What followed the decision (e.g. the loss some steps later), for training better interveners."""
