@@ -3,6 +3,10 @@ and wrong answers. No model, no mocks."""
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+from fractions import Fraction
+
 import pytest
 
 from selfsteer.evals.tasks import countdown, load_task
@@ -22,27 +26,53 @@ def test_generation_is_seeded_sized_and_splits_never_overlap():
         assert problem.task == "countdown" and str(numbers[0]) in problem.prompt
 
 
+def solve(numbers: list[int], target: int) -> str | None:
+    """An expression over all of `numbers` equal to `target`, by brute force over every pairing and
+    operator with exact fractions (written here, independent of the generator); None if none exists."""
+    goal = Fraction(target)
+    dead: set[tuple[Fraction, ...]] = set()  # multisets of values already known not to reach the goal
+
+    def search(items: tuple[tuple[Fraction, str], ...]) -> str | None:
+        if len(items) == 1:
+            return items[0][1] if items[0][0] == goal else None
+        key = tuple(sorted(value for value, _ in items))
+        if key in dead:
+            return None
+        for i, j in itertools.combinations(range(len(items)), 2):
+            (a, x), (b, y) = items[i], items[j]
+            rest = tuple(item for k, item in enumerate(items) if k not in (i, j))
+            options = [(a + b, f"({x} + {y})"), (a * b, f"({x} * {y})"), (a - b, f"({x} - {y})"), (b - a, f"({y} - {x})")]  # fmt: skip
+            options += [(a / b, f"({x} / {y})")] if b else []
+            options += [(b / a, f"({y} / {x})")] if a else []
+            for value, expression in options:
+                if found := search((*rest, (value, expression))):
+                    return found
+        dead.add(key)
+        return None
+
+    return search(tuple((Fraction(n), str(n)) for n in numbers))
+
+
+def test_the_brute_force_solver_finds_solutions_and_reports_none():
+    assert validate(solve([3, 5, 2], 16), (3, 5, 2), 16).passed
+    assert validate(solve([25, 3, 7, 1, 9], 487), (25, 3, 7, 1, 9), 487).passed
+    assert solve([1, 1, 1], 100) is None and solve([2, 2, 2, 2, 2], 499) is None
+
+
 def test_every_generated_problem_is_solvable():
-    # Brute force over expression trees of small problems: the target is reachable.
-    import itertools
-    from fractions import Fraction
-
-    def reachable(values):
-        if len(values) == 1:
-            return {values[0]}
-        out = set()
-        for i, j in itertools.permutations(range(len(values)), 2):
-            rest = [v for k, v in enumerate(values) if k not in (i, j)]
-            a, b = values[i], values[j]
-            for c in {a + b, a - b, a * b} | ({a / b} if b else set()):
-                out |= reachable([*rest, c])
-        return out
-
-    for problem in load_task("countdown", "test", n=15, seed=0):
-        head, target = problem.id.split("->")
-        numbers = [Fraction(int(x)) for x in head.split(",")]
-        if len(numbers) <= 4:
-            assert Fraction(int(target)) in reachable(numbers)
+    """Every problem of both splits, 3, 4 and 5 numbers alike: the solver finds an expression and the
+    task's own validator accepts it."""
+    sizes = Counter()
+    for split in ("train", "test"):
+        for problem in load_task("countdown", split, n=40, seed=0):
+            head, target = problem.id.split("->")
+            numbers = [int(x) for x in head.split(",")]
+            sizes[len(numbers)] += 1
+            expression = solve(numbers, int(target))
+            assert expression is not None, f"{problem.id} has no solution"
+            verdict = problem.validate(expression)
+            assert verdict.passed, (problem.id, expression, verdict.reason)
+    assert set(sizes) == {3, 4, 5} and min(sizes.values()) >= 5, sizes
 
 
 NUMBERS, TARGET = (3, 5, 2), 16
