@@ -1,0 +1,133 @@
+"""Commands exactly once: idempotency keys on the real control server, two real processes racing with
+the same keys, and a supervisor process killed with SIGKILL inside each node of its graph and started
+again, over a real tiny training run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from multiprocessing import get_context
+from pathlib import Path
+
+import httpx
+import pytest
+
+from selfsteer.trainer_bridge.client import BridgeHTTPError
+from selfsteer.trainer_bridge.store import Store
+from selfsteer.trainer_bridge.testing import LiveRun
+
+LONG_RUN = ["training.max_steps=100000", "training.eval_steps=5"]  # stopped by the test
+CRASH_DRIVER = Path(__file__).parent / "helpers" / "supervisor_crash.py"
+
+
+def test_a_repeat_under_the_same_key_returns_the_first_command(tmp_path):
+    with LiveRun(tmp_path, LONG_RUN, gates=[3]) as live:
+        live.gate.wait(3)
+        first = live.client.set_lr(1e-3, idempotency_key="k1")
+        again = live.client.set_lr(1e-3, idempotency_key="k1")
+        other = live.client.set_lr(1e-3, idempotency_key="k2")
+        with pytest.raises(BridgeHTTPError) as refused:  # one key, another command: a client bug
+            live.client.set_lr(2e-3, idempotency_key="k1")
+        assert refused.value.status_code == 422 and "k1" in str(refused.value.detail)
+        live.gate.release(3)
+        live.client.wait(first["uuid"])
+        live.client.stop(idempotency_key="end")
+        live.join()
+        # Once the run is over a retry still gets its answer: the first command, not a 409.
+        assert live.client.stop(idempotency_key="end")["repeated"] is True
+        with pytest.raises(BridgeHTTPError) as over:
+            live.client.set_lr(1e-3, idempotency_key="k3")
+        assert over.value.status_code == 409
+        commands = live.client.commands()
+
+    assert (first["repeated"], again["repeated"], other["repeated"]) == (False, True, False)
+    assert again["uuid"] == first["uuid"] != other["uuid"]
+    lr_rows = [c for c in commands if c["type"] == "set_optimizer"]
+    assert [(c["idempotency_key"], c["status"], c["step"]) for c in lr_rows] == [
+        ("k1", "success", 3),
+        ("k2", "success", 3),
+    ]
+
+
+def _post_many(url: str, keys: list[str], start, results) -> None:
+    start.wait()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for key in keys:
+            body = {"type": "evaluate", "source": "racer", "idempotency_key": key}
+            results.put(http.post("/api/commands", json=body).json()["uuid"])
+
+
+def test_two_processes_racing_with_the_same_keys_queue_each_command_once(tmp_path):
+    keys = [f"race-{i}" for i in range(40)]
+    with LiveRun(tmp_path, LONG_RUN, gates=[2]) as live:
+        live.gate.wait(2)  # held: nothing is applied while they race
+        ctx = get_context("spawn")
+        start, results = ctx.Event(), ctx.Queue()
+        racers = [ctx.Process(target=_post_many, args=(live.run.url, keys, start, results)) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        start.set()
+        uuids = [results.get(timeout=60) for _ in range(2 * len(keys))]
+        for racer in racers:
+            racer.join(30)
+        rows = [c for c in live.client.commands() if c["source"] == "racer"]
+        live.gate.release(2)
+        live.client.stop()
+        live.join()
+
+    assert all(racer.exitcode == 0 for racer in racers)
+    assert len(rows) == len(keys) and sorted(c["idempotency_key"] for c in rows) == sorted(keys)
+    assert Counter(uuids) == Counter({row["uuid"]: 2 for row in rows})  # both racers got the one uuid
+
+
+def _supervisor(url: str, db: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CRASH_DRIVER), "--url", url, "--db", str(db), *extra],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+# Each kill point, in the order the processes die: one supervisor process after another, each killed
+# inside a node of the graph, the next resuming from the checkpoint the last one left.
+KILLS = [
+    "decide:add_decision",  # recorded the decision, died before acting on it
+    "act:set_lr",  # the lr command reached the server; the node's checkpoint was never written
+    "act:resume",  # ... and the run was resumed too
+    "decide:pause",  # the run is paused and waits for a decision that died with the process
+    "observe:set_decision_outcome",
+    "wait:read_metrics",
+]
+ITERATIONS = 9
+
+
+def test_a_supervisor_killed_inside_each_node_acts_exactly_once(tmp_path):
+    with LiveRun(tmp_path, LONG_RUN) as live:
+        for point in KILLS:
+            died = _supervisor(
+                live.run.url, live.db, "--kill-after", point, "--max-iterations", str(ITERATIONS)
+            )
+            assert died.returncode == -9, (point, died.returncode, died.stderr[-2000:])
+        finished = _supervisor(live.run.url, live.db, "--max-iterations", str(ITERATIONS))
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        live.client.stop()
+        live.join()
+        with Store(live.db) as store:
+            decisions = store.list_decisions(live.run.run_id)
+            commands = [c for c in store.list_commands(live.run.run_id) if c["source"] == "alternating"]
+
+    run = live.run.run_id
+    assert [d["key"] for d in decisions] == [
+        f"{run}/crash-test/{i}/decision" for i in range(1, ITERATIONS + 1)
+    ]
+    by_type = {t: [c for c in commands if c["type"] == t] for t in ("pause", "set_optimizer", "resume")}
+    for what, kind in (("pause", "pause"), ("set_optimizer", "lr"), ("resume", "resume")):
+        keys = [c["idempotency_key"] for c in by_type[what]]
+        assert keys == [f"{run}/crash-test/{i}/{kind}" for i in range(1, ITERATIONS + 1)], what
+        assert all(c["status"] == "success" for c in by_type[what]), what
+    assert len(commands) == 3 * ITERATIONS  # nothing else was sent
+    # Each lr change is the one its decision asked for, and each decision saw the lr the last one set.
+    for decision, command in zip(decisions, by_type["set_optimizer"], strict=True):
+        assert command["args"]["lr"] == pytest.approx(decision["lr_after"])
+    for before, after in zip(decisions, decisions[1:], strict=False):
+        assert after["lr_before"] == pytest.approx(before["lr_after"])
