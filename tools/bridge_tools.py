@@ -25,10 +25,11 @@ class BridgeTools:
         """Metric rows {step, name, value, branch} after step `since` (all when None)."""
         return self.client.metrics(since=since, names=names)
 
-    def set_lr(self, lr: float, idempotency_key: str | None = None) -> dict:
-        """Set the learning rate (it persists through the scheduler). With an idempotency key, a
-        repeat returns the command already journaled under it instead of sending another."""
-        return self.client.set_lr(lr, idempotency_key=idempotency_key)
+    def set_lr(self, lr: float, idempotency_key: str | None = None, schedule: str | None = None) -> dict:
+        """Set the learning rate (it persists through the scheduler): schedule "scale" (the default) scales
+        the rest of the LR schedule to pass through lr, "constant" holds it at lr. With an idempotency
+        key, a repeat returns the command already journaled under it instead of sending another."""
+        return self.client.set_lr(lr, idempotency_key=idempotency_key, schedule=schedule)
 
     def pause(self, idempotency_key: str | None = None) -> dict:
         """Pause training at the next step boundary; returns the journal row once it is paused."""

@@ -299,6 +299,8 @@ class Bridge:
     def on_train_begin(self, ctx: StepContext) -> None:
         self.phase = "running"
         self._last_log = (time.perf_counter(), ctx.step)
+        # Before any checkpoint: every saved scheduler state then says whether an lr is held constant.
+        optim.make_holdable(ctx.lr_scheduler)
         self.boundary(ctx)
 
     def boundary(self, ctx: StepContext) -> None:

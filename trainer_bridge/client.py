@@ -64,14 +64,27 @@ class _Commands:
         return body if idempotency_key is None else {**body, "idempotency_key": idempotency_key}
 
     def set_optimizer(
-        self, lr=None, weight_decay=None, betas=None, eps=None, momentum=None, idempotency_key=None
+        self,
+        lr=None,
+        weight_decay=None,
+        betas=None,
+        eps=None,
+        momentum=None,
+        idempotency_key=None,
+        schedule=None,
     ):
         betas = list(betas) if betas is not None else None
-        args = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum)
+        args = dict(
+            lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum, schedule=schedule
+        )
         return self.send("set_optimizer", idempotency_key=idempotency_key, **_drop_none(args))
 
-    def set_lr(self, lr: float, idempotency_key: str | None = None):
-        return self.send("set_optimizer", idempotency_key=idempotency_key, lr=lr)
+    def set_lr(self, lr: float, idempotency_key: str | None = None, schedule: str | None = None):
+        """schedule: "scale" (the server's default when None: the rest of the LR schedule is scaled to pass
+        through lr) or "constant" (the lr holds at lr from the next step on)."""
+        return self.send(
+            "set_optimizer", idempotency_key=idempotency_key, **_drop_none({"lr": lr, "schedule": schedule})
+        )
 
     def set_max_grad_norm(self, value: float, idempotency_key: str | None = None):
         return self.send("set_max_grad_norm", idempotency_key=idempotency_key, value=value)

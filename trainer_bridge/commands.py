@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -55,11 +55,16 @@ class SetOptimizerArgs(Args):
     betas: tuple[Beta, Beta] | None = None
     eps: Positive | None = None
     momentum: Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] | None = None
+    # How a new lr meets the LR schedule (trainer_bridge/optim.py): "scale" the remaining schedule so it
+    # passes through the new value, or hold the lr "constant" at it whatever the scheduler says.
+    schedule: Literal["scale", "constant"] = "scale"
 
     @model_validator(mode="after")
     def _at_least_one(self) -> SetOptimizerArgs:
-        if all(value is None for _, value in self):
+        if all(value is None for name, value in self if name != "schedule"):
             raise ValueError("set_optimizer needs at least one of lr, weight_decay, betas, eps, momentum")
+        if "schedule" in self.model_fields_set and self.lr is None:
+            raise ValueError("schedule says how a new lr meets the LR schedule: it needs lr")
         return self
 
 

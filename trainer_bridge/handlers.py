@@ -41,14 +41,27 @@ def _check_optimizer(bridge: Bridge, args: SetOptimizerArgs) -> None:
 @command(
     "set_optimizer",
     SetOptimizerArgs,
-    "Set any of lr, weight_decay, betas, eps, momentum; lr rescales the LR schedule so it sticks.",
+    "Set any of lr, weight_decay, betas, eps, momentum. An lr sticks through the LR schedule: schedule "
+    "'scale' (default) multiplies the rest of the schedule by new/current, so the next step uses the new "
+    "value and a warm-up or decay keeps its shape around it (a warm-up's peak moves by the same factor); "
+    "'constant' holds the lr at the new value from then on.",
     check=_check_optimizer,
 )
 def set_optimizer(ctx: StepContext, args: SetOptimizerArgs) -> dict:
+    """The result: hyper-parameters `before` and `after`; with an lr also `schedule`: `mode`, `lr` (what
+    the next step uses), `factor` or `rebased` (scale), and `peak_lr` / `peak_step`: the highest lr of
+    the rest of the run and the first step that uses it (absent when the scheduler cannot say)."""
     groups = ctx.bridge.decay_groups(ctx)
     before = optim.hparams(ctx.optimizer, groups) if ctx.optimizer is not None else {}
-    optim.apply(ctx.optimizer, ctx.lr_scheduler, args, groups)
-    return {"before": before, "after": optim.hparams(ctx.optimizer, groups)}
+    lr_info = optim.apply(ctx.optimizer, ctx.lr_scheduler, args, groups)
+    result = {"before": before, "after": optim.hparams(ctx.optimizer, groups)}
+    if lr_info is not None:
+        ahead = optim.lr_ahead(ctx.lr_scheduler, ctx.state.max_steps - ctx.step)
+        if ahead:
+            peak = max(ahead)
+            lr_info.update(peak_lr=peak, peak_step=ctx.step + 1 + ahead.index(peak))
+        result["schedule"] = lr_info
+    return result
 
 
 @command("set_max_grad_norm", SetMaxGradNormArgs, "Gradient clipping norm (0 turns clipping off).")

@@ -1,14 +1,34 @@
 """Reading and changing optimizer hyper-parameters of a live run, so that the change sticks.
 
 The trap: an LR scheduler recomputes every group's lr from `base_lrs` at each step, so writing only
-`param_groups[i]["lr"]` is undone one step later. `set_lr` rescales the schedule itself: base_lrs (and
-`initial_lr`, which a re-created scheduler would read) are multiplied by the same factor as the current
-lr, so the schedule keeps its shape from the new value on (a linear decay goes on decaying, from there).
+`param_groups[i]["lr"]` is undone one step later. A new lr therefore changes the schedule itself, in one
+of two ways (`set_optimizer`'s `schedule`):
+
+- "scale" (the default): the remaining schedule passes through the new value. Precisely: let `c` be the
+  lr the schedule gives the next step (group 0, as the scheduler computes it: `base_lr * lambda(t)`).
+  Every later step then uses `new / c` times the lr the schedule would have given it, and the next step
+  uses exactly `new`; the shape (warm-up ramp, decay) and the ratios between param groups are kept. This
+  is what double / halve mean: the rest of the run at twice / half the lr it would have had. During a
+  warm-up the peak moves by the same factor: 0.01 at step 4 of a 10-step warm-up towards 0.003 (the
+  schedule gives 0.0012 there) means the warm-up goes on to 0.025. The command's result says so
+  (`factor`, `peak_lr`, `peak_step`); use "constant" for "0.01 from now on". Where the schedule is at 0
+  for the next step (the first step of a warm-up) no factor leads 0 to the new value: the new value then
+  becomes the schedule's base lr (its peak), as if the run had started with it, and the warm-up ramps up
+  to it (the result's `lr` is 0, `rebased` is true).
+- "constant": every later step uses the new value, whatever the scheduler says. The scheduler's lambda
+  is wrapped (`HeldLambda`, installed by `make_holdable` when training begins) so that it returns 1 from
+  this scheduler step on, and base_lrs become the new values. The hold is part of the scheduler's
+  `state_dict()`, so checkpoints, branches and resumed runs keep or drop it with the rest of the schedule.
+  A later "scale" scales the held value (double after constant doubles it).
+
+Both set `initial_lr` (which a re-created scheduler would read) to the new base.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from torch.optim.lr_scheduler import LambdaLR
 
 from selfsteer.trainer_bridge.commands import CommandError, InvalidCommand, SetOptimizerArgs
 
@@ -50,39 +70,135 @@ def hparams(optimizer: Any, decay_groups: list[int]) -> dict:
     return out
 
 
-def set_lr(optimizer: Any, scheduler: Any, lr: float) -> None:
+class HeldLambda:
+    """An LR-lambda wrapper that can hold the multiplier at 1 from a scheduler step on.
+
+    torch's `LambdaLR.state_dict()` keeps the `__dict__` of each lambda that is a callable object and
+    `load_state_dict()` updates it back, so the hold (`hold_from`, a plain int or None) travels with every
+    checkpoint of the scheduler, loadable with `weights_only=True`. The wrapped lambda lives in a slot,
+    outside that state."""
+
+    __slots__ = ("inner", "__dict__")
+
+    def __init__(self, inner: Any, hold_from: int | None = None):
+        self.inner = inner
+        self.hold_from = hold_from
+
+    def __call__(self, step: int) -> float:
+        if self.hold_from is not None and step >= self.hold_from:
+            return 1.0
+        return self.inner(step)
+
+
+def make_holdable(scheduler: Any) -> bool:
+    """Wraps the lambdas of a LambdaLR (every transformers schedule but reduce_lr_on_plateau and greedy)
+    in `HeldLambda`, once; returns whether the scheduler's lr can now be held. Call it before any
+    checkpoint of the scheduler is saved (the bridge does, when training begins), so that every checkpoint
+    records a hold or its absence. A hold saved by a wrapped scheduler and loaded into a fresh one (the
+    Trainer resuming a run) sits on the plain lambda until this adopts it."""
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if not isinstance(inner, LambdaLR) or lambdas is None:
+        return False
+    for i, fn in enumerate(lambdas):
+        if isinstance(fn, HeldLambda):
+            continue
+        state = dict(getattr(fn, "__dict__", {}))
+        hold_from = state.pop("hold_from", None)
+        if state:
+            return False  # a stateful lambda object: wrapping it would drop its state from checkpoints
+        lambdas[i] = HeldLambda(fn, hold_from)
+    return True
+
+
+def _scheduled_lrs(inner: Any, step: int) -> list[float] | None:
+    """What a LambdaLR gives each group at one of its steps; None for other schedulers."""
+    if not isinstance(inner, LambdaLR):
+        return None
+    return [base * float(fn(step)) for fn, base in zip(inner.lr_lambdas, inner.base_lrs, strict=True)]
+
+
+def lr_ahead(scheduler: Any, steps: int) -> list[float] | None:
+    """The lr (group 0) the schedule gives each of the next `steps` optimizer steps; None when the
+    scheduler is not a LambdaLR (its future is not a function of the step)."""
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    if not isinstance(inner, LambdaLR):
+        return None
+    fn, base = inner.lr_lambdas[0], inner.base_lrs[0]
+    return [base * float(fn(inner.last_epoch + k)) for k in range(max(0, steps))]
+
+
+def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -> dict:
+    """Sets the lr from the next optimizer step on (see the module docstring for what "scale" and
+    "constant" mean). Returns what it did: `mode`, `lr` (what the next step uses), `factor` (scale) and
+    `rebased` (scale where the schedule was at 0)."""
+    if schedule not in ("scale", "constant"):
+        raise CommandError(f"schedule must be 'scale' or 'constant', not {schedule!r}")
     groups = optimizer.param_groups
     inner = unwrap_scheduler(scheduler) if scheduler is not None else None
-    base_lrs = getattr(inner, "base_lrs", None)
-    current = groups[0]["lr"]
-    if current > 0:
-        # Keep the ratios between groups and the schedule's shape: scale everything by one factor.
-        factor = lr / current
-        for group in groups:
-            group["lr"] *= factor
-        if base_lrs is not None:
-            inner.base_lrs = [base * factor for base in base_lrs]
-    elif base_lrs is not None:
-        # The schedule is at zero (warm-up start, end of a decay): no ratio to keep; move its base, and
-        # the schedule brings the lr there (a warm-up then ramps up to the new value).
-        inner.base_lrs = [lr] * len(base_lrs)
-    else:
-        for group in groups:
-            group["lr"] = lr
-    for i, group in enumerate(groups):
-        if "initial_lr" in group and base_lrs is not None:
-            group["initial_lr"] = inner.base_lrs[i]
-    if inner is not None and hasattr(inner, "_last_lr"):
+    info: dict[str, Any] = {"mode": schedule}
+    if isinstance(inner, LambdaLR):
+        scheduled = _scheduled_lrs(inner, inner.last_epoch)
+        if schedule == "constant":
+            if not make_holdable(inner):
+                raise CommandError("schedule 'constant' cannot wrap this scheduler's stateful lr lambdas")
+            # Keep the ratios between groups: group i holds at new * (its lr / group 0's lr).
+            ref, values = (
+                (scheduled[0], scheduled) if scheduled[0] > 0 else (inner.base_lrs[0], inner.base_lrs)
+            )
+            inner.base_lrs = [lr] + [lr * v / ref if ref > 0 else lr for v in values[1:]]
+            for fn in inner.lr_lambdas:
+                if fn.hold_from is None or fn.hold_from > inner.last_epoch:
+                    fn.hold_from = inner.last_epoch
+        elif scheduled[0] > 0:
+            factor = lr / scheduled[0]
+            inner.base_lrs = [base * factor for base in inner.base_lrs]
+            info["factor"] = factor
+        else:
+            base0 = inner.base_lrs[0]
+            inner.base_lrs = [lr * base / base0 if base0 > 0 else lr for base in inner.base_lrs]
+            info["rebased"] = True
+        for group, value in zip(groups, _scheduled_lrs(inner, inner.last_epoch), strict=True):
+            group["lr"] = value
+        if "factor" in info:
+            groups[0]["lr"] = lr  # exactly, not base * factor * lambda rounded
+        for group, base in zip(groups, inner.base_lrs, strict=True):
+            if "initial_lr" in group:
+                group["initial_lr"] = base
         # What get_last_lr() reports (the Trainer logs it as learning_rate): the lr the next step uses.
         inner._last_lr = [group["lr"] for group in groups]
+    elif schedule == "constant" and inner is not None:
+        raise CommandError(
+            f"schedule 'constant' needs a LambdaLR scheduler (every transformers lr_scheduler_type but "
+            f"reduce_lr_on_plateau and greedy); this run has {type(inner).__name__}"
+        )
+    else:
+        # No scheduler (nothing moves the lr), or one that works from the groups' current lr
+        # (ReduceLROnPlateau, chainable torch schedulers): scale the groups, and base_lrs where present.
+        base_lrs = getattr(inner, "base_lrs", None)
+        current = groups[0]["lr"]
+        factor = lr / current if current > 0 else None
+        for group in groups:
+            group["lr"] = group["lr"] * factor if factor is not None else lr
+        if base_lrs is not None:
+            inner.base_lrs = [b * factor if factor is not None else lr for b in base_lrs]
+            for group, base in zip(groups, inner.base_lrs, strict=True):
+                if "initial_lr" in group:
+                    group["initial_lr"] = base
+        if factor is not None:
+            info["factor"] = factor
+        if inner is not None and hasattr(inner, "_last_lr"):
+            inner._last_lr = [group["lr"] for group in groups]
+    info["lr"] = groups[0]["lr"]
+    return info
 
 
-def apply(optimizer: Any, scheduler: Any, args: SetOptimizerArgs, decay_groups: list[int]) -> None:
+def apply(optimizer: Any, scheduler: Any, args: SetOptimizerArgs, decay_groups: list[int]) -> dict | None:
+    """Applies the args; returns what `set_lr` did when they set the lr."""
     if optimizer is None:
         raise CommandError("the optimizer does not exist yet (training has not started)")
     check_args(optimizer, args, CommandError)
-    if args.lr is not None:
-        set_lr(optimizer, scheduler, args.lr)
+    lr_info = set_lr(optimizer, scheduler, args.lr, args.schedule) if args.lr is not None else None
     for i, group in enumerate(optimizer.param_groups):
         # Groups without decay (biases, norms) keep theirs: the Trainer put them there on purpose.
         if args.weight_decay is not None and i in decay_groups:
@@ -93,6 +209,7 @@ def apply(optimizer: Any, scheduler: Any, args: SetOptimizerArgs, decay_groups: 
             group["eps"] = args.eps
         if args.momentum is not None:
             group["momentum"] = args.momentum
+    return lr_info
 
 
 def decay_groups(optimizer: Any, decay_parameter_names: set[str] | None, model: Any) -> list[int]:
