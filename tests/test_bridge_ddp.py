@@ -29,31 +29,49 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun"
-)
-def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
-    (tmp_path / "gates").write_text("3\n6\n")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    overrides = [
-        "training.max_steps=12",
-        "training.ddp_find_unused_parameters=false",
-        "training.eval_steps=100",
-    ]
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "selfsteer.trainer_bridge.testing_ddp"]
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="no torchrun")
+OVERRIDES = ["training.max_steps=12", "training.ddp_find_unused_parameters=false", "training.eval_steps=100"]
+
+
+@contextlib.contextmanager
+def torchrun(folder: Path, overrides: list[str] = OVERRIDES):
+    """Two ranks of testing_ddp on `folder`; yields the process once rank 0 serves. Whatever happens,
+    torchrun and its workers are gone afterwards and the log is printed."""
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "selfsteer.trainer_bridge.testing_ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "log", "wb")  # noqa: SIM115 - closed in finally
+    log = open(folder / "log", "wb")  # noqa: SIM115 - closed in finally
     # A session of its own, so a failing test can end torchrun *and* its workers (SIGKILL on torchrun
     # alone would leave them orphaned, waiting in a collective).
     proc = subprocess.Popen(
-        [*cmd, str(tmp_path), *overrides],
+        [*cmd, str(folder), *overrides],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        wait_for(tmp_path / "url", proc)
+        wait_for(folder / "url", proc)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, even when torchrun is done
+        proc.wait()
+        log.close()
+        print((folder / "log").read_text()[-3000:])
+
+
+def finish(folder: Path, proc: subprocess.Popen) -> list[dict]:
+    """Waits for a clean end; returns both ranks' reports."""
+    proc.wait(timeout=180)
+    assert proc.returncode == 0, (folder / "log").read_text()[-3000:]
+    return [json.loads((folder / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+
+@needs_torchrun
+def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
+    (tmp_path / "gates").write_text("3\n6\n")
+    with torchrun(tmp_path) as proc:
         client = BridgeClient((tmp_path / "url").read_text())
         wait_for(tmp_path / "reached-3", proc)
         sent = [
@@ -70,17 +88,10 @@ def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
         wait_for(tmp_path / "reached-6", proc)
         sent += [client.load_checkpoint("c3", branch="b"), client.evaluate()]
         (tmp_path / "release-6").touch()
-        proc.wait(timeout=180)
-        assert proc.returncode == 0, (tmp_path / "log").read_text()[-3000:]
+        ranks = finish(tmp_path, proc)
         with Store(tmp_path / "selfsteer.sqlite") as store:  # the server is gone with the run
             rows = [store.get_command(s["uuid"]) for s in sent]
         client.close()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, even when torchrun is done
-        proc.wait()
-        log.close()
-        print((tmp_path / "log").read_text()[-3000:])
 
     assert [(r["type"], r["status"], r["step"]) for r in rows] == [
         ("set_optimizer", "success", 3),
@@ -91,7 +102,6 @@ def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
         ("load_checkpoint", "success", 6),
         ("evaluate", "success", 6),
     ]
-    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["distributed"] for r in ranks] == [True, True] and ranks[0]["world_size"] == 2
     assert ranks[0]["url"] and ranks[1]["url"] is None and ranks[1]["run_id"] is None  # only rank 0 serves
     # The same lr at every step on both ranks: 0.003 up to step 3, then 0.01; then the checkpoint's.
@@ -103,3 +113,34 @@ def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
     assert [ranks[0]["max_grad_norm"][str(s)] for s in (3, 4, 6, 7)] == [1.0, 0.5, 0.5, 1.0]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the load happened on both ranks
     assert ranks[0]["final_eval_loss"] == ranks[1]["final_eval_loss"]
+
+
+@needs_torchrun
+def test_a_command_rank_0_cannot_journal_running_is_applied_by_no_rank(tmp_path):
+    """Another process fails a command between rank 0 listing it and journaling it running: no rank
+    applies it (before, rank 0 skipped it while rank 1, which had it from the broadcast, applied it), and
+    the commands around it still apply on both ranks."""
+    (tmp_path / "gates").write_text("3\n")
+    (tmp_path / "steal").write_text("elsewhere\n")
+    with torchrun(tmp_path) as proc:
+        url = (tmp_path / "url").read_text()
+        client, other = BridgeClient(url), BridgeClient(url, source="elsewhere")
+        wait_for(tmp_path / "reached-3", proc)
+        sent = [client.set_max_grad_norm(0.5), other.set_lr(0.05), client.set_optimizer(weight_decay=0.2)]
+        (tmp_path / "release-3").touch()
+        ranks = finish(tmp_path, proc)
+        with Store(tmp_path / "selfsteer.sqlite") as store:
+            rows = [store.get_command(s["uuid"]) for s in sent]
+        client.close()
+        other.close()
+
+    assert [(r["status"], r["step"], r["error"]) for r in rows] == [
+        ("success", 3, None),
+        ("failed", None, "taken by another process"),
+        ("success", 3, None),
+    ]
+    # The lr never moved on either rank; the weights stayed the same on both.
+    assert ranks[0]["lr"] == ranks[1]["lr"] == {str(s): 0.003 for s in range(1, 13)}
+    assert ranks[0]["max_grad_norm"] == ranks[1]["max_grad_norm"]
+    assert [ranks[0]["max_grad_norm"][str(s)] for s in (3, 4, 12)] == [1.0, 0.5, 0.5]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,27 +408,40 @@ class Bridge:
             commands.sort(key=lambda c: c["updated_at"])
         return by_step
 
-    def _next_commands(self, step: int) -> list[dict]:
-        commands: list[dict] = []
-        if self.is_main:
-            if self._replay is not None:
-                for original in self._replay.pop(step, []):
-                    self.store.add_command(self.run_id, original["type"], original["args"], "replay")
-            commands = self.store.list_commands(self.run_id, status="pending")
-        if self.world_size > 1 and dist.is_initialized():
-            box = [commands]
-            dist.broadcast_object_list(box, src=0)
-            commands = box[0]
-        return commands
+    def _next_commands(self, step: int) -> Iterator[dict]:
+        """This boundary's commands, one at a time and the same on every rank. Rank 0 decides: just
+        before each pending command is applied it journals it `running` at this step, or, when it cannot
+        (moved on elsewhere: failed or taken by another process), drops it; it broadcasts only what it
+        journaled, then an end mark. The other ranks apply exactly what they receive, so no rank applies
+        a command that another skips."""
+        distributed = self.world_size > 1 and dist.is_initialized()
+        if not self.is_main:
+            while distributed:
+                box: list[Any] = [None]
+                dist.broadcast_object_list(box, src=0)
+                if box[0] is None:
+                    return
+                yield box[0]
+            return
+        if self._replay is not None:
+            for original in self._replay.pop(step, []):
+                self.store.add_command(self.run_id, original["type"], original["args"], "replay")
+        for command in self.store.list_commands(self.run_id, status="pending"):
+            try:
+                self._journal(command["uuid"], "running", step=step)
+            except (StoreError, KeyError):
+                log.exception("command %s moved on elsewhere; no rank applies it", command["uuid"])
+                continue
+            if distributed:
+                dist.broadcast_object_list([command], src=0)
+            yield command
+        if distributed:
+            dist.broadcast_object_list([None], src=0)  # the end of this boundary's commands
 
     def _apply(self, ctx: StepContext, command: dict) -> None:
+        """Applies a command `_next_commands` gave (rank 0 has journaled it running); rank 0 journals
+        the outcome."""
         uuid = command["uuid"]
-        if self.is_main:
-            try:
-                self._journal(uuid, "running", step=ctx.step)
-            except StoreError:
-                log.exception("command %s moved on elsewhere; not applying it", uuid)
-                return
         try:
             spec, args = self.registry.parse(command["type"], command["args"])
             result = spec.handler(ctx, args)

@@ -4,6 +4,10 @@ Each rank trains the tiny recipe on CPU (gloo); rank 0 serves on a free port and
 DIR/url. Rank 0 holds at the steps named in DIR/gates (one a line) until the test creates
 DIR/release-STEP, so the test can send commands that land on a known step. At the end every rank writes
 DIR/rank-R.json: the lr each step used, a checksum of its weights, its branch and max_grad_norm.
+
+With DIR/steal holding a command source, another process "takes" the commands of that source: right
+after rank 0 lists the pending commands at a boundary, a second connection to the store journals each
+of them `failed`, before rank 0 can journal it `running` (the race, made deterministic).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from transformers import TrainerCallback
 
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun
+from selfsteer.trainer_bridge.store import Store
 from selfsteer.trainer_bridge.testing import LrRecorder
 
 
@@ -46,6 +51,23 @@ class GradNormRecorder(TrainerCallback):
         self.values[state.global_step + 1] = args.max_grad_norm
 
 
+def steal_after_listing(store: Store, db: Path, source: str) -> None:
+    """Rank 0's store lists pending commands as usual; those from `source` are then failed through a
+    separate connection to the same file, as another process would."""
+    list_commands = store.list_commands
+
+    def listing(run_id, status=None):
+        rows = list_commands(run_id, status=status)
+        if status == "pending":
+            with Store(db) as other:
+                for row in rows:
+                    if row["source"] == source:
+                        other.update_command(row["uuid"], "failed", error="taken by another process")
+        return rows
+
+    store.list_commands = listing
+
+
 def main(folder: Path, overrides: list[str]) -> None:
     gates = (
         {int(line) for line in (folder / "gates").read_text().split()}
@@ -62,6 +84,8 @@ def main(folder: Path, overrides: list[str]) -> None:
         callbacks=[FileGate(folder, gates), recorder, grad_norms],
     )
     bridge = run.bridge
+    if bridge.is_main and (folder / "steal").exists():
+        steal_after_listing(bridge.store, folder / "selfsteer.sqlite", (folder / "steal").read_text().strip())
     if bridge.is_main:
         (folder / "url.tmp").write_text(run.url)
         (folder / "url.tmp").rename(folder / "url")
