@@ -180,12 +180,13 @@ def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -
         factor = lr / current if current > 0 else None
         for group in groups:
             group["lr"] = group["lr"] * factor if factor is not None else lr
+        groups[0]["lr"] = lr  # exactly
         if base_lrs is not None:
             inner.base_lrs = [b * factor if factor is not None else lr for b in base_lrs]
             for group, base in zip(groups, inner.base_lrs, strict=True):
                 if "initial_lr" in group:
                     group["initial_lr"] = base
-        if factor is not None:
+        if factor is not None and schedule == "scale":
             info["factor"] = factor
         if inner is not None and hasattr(inner, "_last_lr"):
             inner._last_lr = [group["lr"] for group in groups]
