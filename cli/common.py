@@ -66,7 +66,9 @@ def supervisor_from_args(args: argparse.Namespace):
     return load_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
 
 
-def supervisor_thread_from_args(args: argparse.Namespace, db: str, pause_while_deciding: bool = False):
+def supervisor_thread_from_args(
+    args: argparse.Namespace, db: str, pause_while_deciding: bool = False, thread_id: str | None = None
+):
     """What `selfsteer train` runs beside training: a callable `(url, stop_event)` that supervises the
     run through its server until it ends, or None for `--supervisor none`. A supervisor that crashes
     is reported and the run goes on with its current settings."""
@@ -84,7 +86,7 @@ def supervisor_thread_from_args(args: argparse.Namespace, db: str, pause_while_d
             run_supervision(
                 url, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
                 max_iterations=args.max_iterations, every_steps=args.every_steps,
-                pause_while_deciding=pause_while_deciding,
+                pause_while_deciding=pause_while_deciding, thread_id=thread_id,
             )  # fmt: skip
         except Exception:
             print("supervisor crashed; training goes on with its current settings:", file=sys.stderr)

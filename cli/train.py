@@ -42,8 +42,15 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--recipe", required=True, help="a built-in recipe (see `selfsteer recipes`) or a YAML file"
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--recipe", help="a built-in recipe (see `selfsteer recipes`) or a YAML file")
+    start.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue a run that crashed or stopped, from its latest Trainer checkpoint (runs save them "
+        "with --set training.save_strategy=steps --set training.save_steps=N): same run id, journal and "
+        "metrics in --db; the steps from the checkpoint on form a new branch, resume-K. Commands the "
+        "run left unapplied are journaled failed. --set is not allowed: the run's own recipe is used",
     )
     parser.add_argument(
         "--set",
@@ -77,27 +84,48 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from selfsteer.trainer_bridge.recipe import RecipeError, load_recipe
 
-    try:
-        recipe = load_recipe(args.recipe, args.set, seed=args.seed)
-    except RecipeError as exc:
-        print(f"selfsteer train: {exc}", file=sys.stderr)
-        return 2
+    resume = None
+    if args.resume:
+        if args.set or args.seed is not None:
+            print("selfsteer train: --resume uses the run's own recipe: no --set or --seed", file=sys.stderr)
+            return 2
+        from selfsteer.trainer_bridge.runner import ResumePoint
+        from selfsteer.trainer_bridge.store import Store, StoreError
+
+        try:
+            with Store(args.db) as store:
+                resume = ResumePoint.find(store, args.resume)
+        except (ValueError, StoreError) as exc:
+            print(f"selfsteer train: cannot resume: {exc}", file=sys.stderr)
+            return 2
+        recipe = resume.recipe
+    else:
+        try:
+            recipe = load_recipe(args.recipe, args.set, seed=args.seed)
+        except RecipeError as exc:
+            print(f"selfsteer train: {exc}", file=sys.stderr)
+            return 2
     from selfsteer.agents.chat_models import ChatModelConfigError
 
     args.supervisor = args.supervisor or recipe["supervisor"].get("type", "none")
     try:
         supervisor = supervisor_thread_from_args(
-            args, db=args.db, pause_while_deciding=args.pause_while_deciding
-        )
+            args, db=args.db, pause_while_deciding=args.pause_while_deciding,
+            # A resumed run's supervisor starts afresh: the old loop's state belongs to the old branch.
+            thread_id=f"supervise:{args.resume}:resume-{time.time():.0f}" if resume else None,
+        )  # fmt: skip
     except (ValueError, ChatModelConfigError) as exc:
         print(f"selfsteer train: {exc}", file=sys.stderr)
         return 2
     recipe["supervisor"]["type"] = args.supervisor
-    out = Path(args.out or f"runs/{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return train(recipe, out, args, supervisor)
+    if resume:
+        out = resume.out_dir
+    else:
+        out = Path(args.out or f"runs/{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return train(recipe, out, args, supervisor, resume)
 
 
-def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor) -> int:
+def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor, resume=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from selfsteer.trainer_bridge.recipe import RecipeError
@@ -114,11 +142,15 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor) -> int:
             token=args.token,
             progress=True,
             supervisor=supervisor,
+            resume=resume,
         )
     except (RecipeError, ValueError, OSError) as exc:
         print(f"selfsteer train: {exc}", file=sys.stderr)
         return 2
     page = f"{run.url}/?token={args.token}" if args.token else f"{run.url}/"
+    if resume:
+        checkpoint = resume.checkpoint
+        print(f"resuming run {run.run_id} from {checkpoint['name']} (step {checkpoint['step']})", flush=True)
     print(f"run {run.run_id} ({recipe['name']}): dashboard and API at {page}", flush=True)
     try:
         summary = run.train()

@@ -69,6 +69,10 @@ class BridgeConfig:
     event_interval_s: float = 0.5  # metrics reach WebSocket subscribers in batches this far apart
     auto_finish: bool = True  # finish the run in the store when training ends
     replay_of: str | None = None  # apply this run's journaled commands at their steps
+    # Continue this run (crashed, failed or stopped) from the Trainer checkpoint `resume_checkpoint`:
+    # same run id, journal and metrics; the steps from the checkpoint on go to a new branch.
+    resume_run_id: str | None = None
+    resume_checkpoint: dict | None = None  # a journaled Trainer save: {name, path, step, branch, ...}
 
 
 @dataclass
@@ -144,6 +148,7 @@ class Bridge:
         self.run_id: str | None = None
         self.server = None
         self._replay: dict[int, list[dict]] | None = None
+        self._resume: dict | None = None  # {checkpoint, branch} until the resumed training begins
         if self.is_main:
             if self.config.port is not None:
                 from selfsteer.trainer_bridge.server import ControlServer
@@ -155,19 +160,39 @@ class Bridge:
             self._owns_store = store is None
             try:
                 self.store = store or Store(self.config.db)
+                # Runs whose process died leave nothing pending: their commands are failed now.
+                for run_id in self.store.recover_crashed_runs():
+                    log.warning("run %s crashed earlier: its unapplied commands are journaled failed", run_id)
                 if self.config.replay_of:
                     self._replay = self._load_replay(self.config.replay_of)
-                self.run_id = self.store.create_run(
-                    self.config.run_name,
-                    kind=self.config.run_kind,
-                    config=self.config.run_config,
-                    parent_run_id=self.config.parent_run_id or self.config.replay_of,
-                )
+                if self.config.resume_run_id:
+                    self._reopen(self.config.resume_run_id, self.config.resume_checkpoint)
+                else:
+                    self.run_id = self.store.create_run(
+                        self.config.run_name,
+                        kind=self.config.run_kind,
+                        config=self.config.run_config,
+                        parent_run_id=self.config.parent_run_id or self.config.replay_of,
+                    )
                 if self.server is not None:
                     self.server.start()
             except BaseException:
                 self.close()  # releases the bound port
                 raise
+
+    def _reopen(self, run_id: str, checkpoint: dict | None) -> None:
+        """Take over a run that ended: its branches and checkpoints as the journal has them, and a new
+        branch for what follows the checkpoint (the old branch keeps the steps it took after it)."""
+        if checkpoint is None:
+            raise ValueError("resuming a run needs the Trainer checkpoint to resume from")
+        self.store.reopen_run(run_id)
+        self.run_id = run_id
+        for branch in ckpt.list_branches(self.store, run_id):
+            self.branches[branch["name"]] = {"name": branch["name"], "parent": branch["parent"]}
+        for info in ckpt.list_checkpoints(self.store, run_id):
+            self.checkpoints[info["name"]] = info
+        resumes = sum(1 for c in self.store.list_commands(run_id) if c["source"] == "resume")
+        self._resume = {"checkpoint": checkpoint, "branch": f"resume-{resumes + 1}"}
 
     # ---- wiring
 
@@ -298,6 +323,8 @@ class Bridge:
         return StepContext(self, args, state, control, **{n: kwargs.get(n) for n in names})
 
     def on_train_begin(self, ctx: StepContext) -> None:
+        if self._resume is not None:
+            self._journal_resume(ctx)
         self.phase = "running"
         self._last_log = (time.perf_counter(), ctx.step)
         # Before any checkpoint: every saved scheduler state then says whether an lr is held constant.
@@ -318,6 +345,27 @@ class Bridge:
             if self.is_main:
                 time.sleep(self.config.poll_s)  # other ranks wait in the next broadcast
         self._snapshot_state(ctx)
+
+    def _journal_resume(self, ctx: StepContext) -> None:
+        """The Trainer has loaded the checkpoint (weights, optimizer, scheduler, RNG, data position):
+        say so in the journal, as a fork into a new branch at the checkpoint's step."""
+        checkpoint, branch = self._resume["checkpoint"], self._resume["branch"]
+        self._resume = None
+        if checkpoint.get("max_grad_norm") is not None:  # the Trainer restores everything but its args
+            ctx.args.max_grad_norm = checkpoint["max_grad_norm"]
+        parent = checkpoint.get("branch", "main")
+        self.branches[branch] = {"name": branch, "parent": parent}
+        self.branch = self._step_branch = branch
+        if self.is_main:
+            info = {
+                "branch": branch, "parent": parent, "checkpoint": checkpoint["name"],
+                "checkpoint_step": checkpoint["step"], "fork_step": ctx.step, "path": checkpoint["path"],
+                "restored": {"optimizer": True, "scheduler": True, "rng": True}, "resumed": True,
+            }  # fmt: skip
+            args = {"checkpoint": checkpoint["name"], "branch": branch}
+            row = self.store.add_command(self.run_id, "load_checkpoint", args, "resume")
+            self._journal(row["uuid"], "running", step=ctx.step)
+            self._journal(row["uuid"], "success", result=info)
 
     def on_log(self, state: TrainerState, args: TrainingArguments, logs: dict) -> None:
         if not self.is_main or not logs:
@@ -358,6 +406,7 @@ class Bridge:
             "path": str(Path(ctx.args.output_dir) / name),
             "step": ctx.step,
             "branch": self.branch,
+            "max_grad_norm": ctx.args.max_grad_norm,  # what a resume must restore (not in the checkpoint)
         }
         self.checkpoints[name] = info
         if self.is_main:

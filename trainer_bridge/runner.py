@@ -16,16 +16,19 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, make_interactive
+from selfsteer.trainer_bridge.checkpoints import list_checkpoints
 from selfsteer.trainer_bridge.recipe import build_workload
-from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
+from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
 Supervisor = Callable[[str, threading.Event], None]
 
@@ -57,6 +60,43 @@ class ProgressBar(TrainerCallback):
             self.bar = None
 
 
+@dataclass
+class ResumePoint:
+    """Where a run that ended goes on from: its recipe, its output folder and its latest Trainer
+    checkpoint (a journaled save whose folder is still complete on disk)."""
+
+    run_id: str
+    recipe: dict
+    out_dir: Path
+    checkpoint: dict
+
+    @classmethod
+    def find(cls, store: Store, run_id: str) -> ResumePoint:
+        """Raises ValueError, saying why, when the run cannot be resumed."""
+        store.recover_crashed_runs()  # a run whose process died is `failed` from here on
+        run = store.get_run(run_id)
+        if run is None:
+            raise ValueError(f"no run {run_id!r} in {store.path}")
+        if run["status"] == "running":
+            raise ValueError(f"run {run_id} is still running (process {run['pid']} on {run['host']})")
+        if run["status"] == "finished":
+            raise ValueError(f"run {run_id} finished; there is nothing to resume")
+        recipe = (run["config"] or {}).get("recipe")
+        if recipe is None:
+            raise ValueError(f"run {run_id} is not a recipe run (its config holds no recipe)")
+        saves = [c for c in list_checkpoints(store, run_id) if c["source"] == "trainer"]
+        complete = [c for c in saves if (Path(c["path"]) / TRAINER_STATE_NAME).is_file()]
+        if not complete:
+            raise ValueError(
+                f"run {run_id} left no Trainer checkpoint to resume from"
+                + (f" ({len(saves)} journaled, none complete on disk)" if saves else "")
+                + ": make runs resumable with --set training.save_strategy=steps --set training.save_steps=N"
+            )
+        checkpoint = max(complete, key=lambda c: c["step"])
+        out_dir = Path(run["config"].get("out_dir") or Path(checkpoint["path"]).parent.parent)
+        return cls(run_id, recipe, out_dir, checkpoint)
+
+
 class RecipeRun:
     def __init__(
         self,
@@ -67,12 +107,14 @@ class RecipeRun:
         port: int | None = 7007,
         token: str | None = None,
         replay_of: str | None = None,
+        resume: ResumePoint | None = None,
         interactive: bool = True,
         progress: bool = False,
         supervisor: Supervisor | None = None,
         callbacks: list | None = None,
     ):
         self.recipe = recipe
+        self.resume = resume
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = supervisor
@@ -93,9 +135,11 @@ class RecipeRun:
                 db=db,
                 run_name=recipe.get("name", "recipe"),
                 run_kind="replay" if replay_of else "train",
-                run_config={"recipe": recipe},
+                run_config={"recipe": recipe, "out_dir": str(self.out_dir)},
                 auto_finish=False,  # this class finishes the run, with the summary
                 replay_of=replay_of,
+                resume_run_id=resume.run_id if resume else None,
+                resume_checkpoint=resume.checkpoint if resume else None,
             )
             self.trainer = InteractiveTrainer(**kwargs, bridge=config, data_factories=workload.data_factories)
             self.bridge = self.trainer.bridge
@@ -125,7 +169,7 @@ class RecipeRun:
             thread.start()
         start = time.perf_counter()
         try:
-            self.trainer.train()
+            self.trainer.train(resume_from_checkpoint=self.resume.checkpoint["path"] if self.resume else None)
             final = self.trainer.evaluate()
         finally:
             stop.set()
