@@ -33,6 +33,7 @@ from langgraph.types import Command
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.tools.bridge_tools import BridgeTools
+from selfsteer.trainer_bridge.checkpoints import lineage
 from selfsteer.trainer_bridge.client import BridgeHTTPError
 
 FINISHED_PHASES = ("finished", "stopped", "failed")
@@ -71,7 +72,8 @@ def build_supervision_graph(
 
     def observe(state: SupervisionState) -> dict:
         run_state = tools.read_state()
-        rows = tools.read_metrics()
+        # Only the history of the weights now training: not a branch the run forked away from.
+        rows = lineage(tools.read_metrics(), tools.client.branches(), run_state.get("branch") or "main")
         step = int(run_state.get("step") or 0)
         lr = _current_lr(run_state, rows)
         sent = state.get("sent_lr")

@@ -172,3 +172,23 @@ def test_a_person_decides_through_an_interrupt(tmp_path):
     )
     assert command["source"] == "human" and command["idempotency_key"].endswith("/1/lr")
     assert command["args"]["lr"] == pytest.approx(1.5e-3)
+
+
+def test_a_supervisor_sees_only_the_history_of_the_branch_it_steers():
+    from selfsteer.trainer_bridge.checkpoints import lineage
+
+    def rows(branch, steps):
+        return [{"step": step, "name": "loss", "value": 1.0, "branch": branch} for step in steps]
+
+    branches = [
+        {"name": "main", "parent": None, "checkpoint_step": 0, "fork_step": 0},
+        # a checkpoint of step 20 loaded at step 30: main's steps 21-30 are not behind `a`
+        {"name": "a", "parent": "main", "checkpoint_step": 20, "fork_step": 30},
+        {"name": "b", "parent": "a", "checkpoint_step": 35, "fork_step": 40},  # resumed from a's step 35
+    ]
+    history = rows("main", range(1, 31)) + rows("a", range(31, 41)) + rows("b", range(36, 50))
+    seen = [(r["branch"], r["step"]) for r in lineage(history, branches, "b")]
+    assert seen == [("main", s) for s in range(1, 21)] + [("a", s) for s in range(31, 36)] + [
+        ("b", s) for s in range(36, 50)
+    ]
+    assert lineage(history, branches, "main") == rows("main", range(1, 31))
