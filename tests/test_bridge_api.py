@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import socket
 import threading
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
@@ -115,12 +117,23 @@ def test_token_cors_and_page(tmp_path):
             assert client.state()["phase"] == "created"
             queued = client.pause()
             assert client.command(queued["uuid"])["status"] == "pending"
-        with pytest.raises(Exception):  # noqa: B017 - the handshake is refused
-            connect(base.replace("http", "ws") + "/api/events").recv()
+        ws = base.replace("http", "ws") + "/api/events"
+        for refused in (ws, ws + "?token=wrong"):
+            # The server closes before accepting (code 1008); before the handshake completes, ASGI turns
+            # that into an HTTP 403 refusal of the upgrade.
+            with pytest.raises(InvalidStatus) as refusal:
+                connect(refused, open_timeout=10)
+            assert refusal.value.response.status_code == 403, refused
         # The dashboard's page loads without the token (it asks for it); no data does.
         assert httpx.get(base + "/").status_code == 200
-        for path in ("/api/info", "/api/runs", "/api/decisions", "/docs", "/assets/../api/state"):
-            assert httpx.get(base + path).status_code in (401, 404), path
+        for path in ("/api/info", "/api/runs", "/api/decisions", "/api/state", "/api/commands", "/docs", "/openapi.json"):  # fmt: skip
+            response = httpx.get(base + path)
+            assert response.status_code == 401, path
+            assert response.json() == {"detail": "missing or wrong bearer token"}, path
+        # The public prefix does not reach the API: a path sent as is (httpx would fold the "..").
+        for path in ("/assets/../api/state", "/assets/%2e%2e/api/state", "/assets/..%2fapi/state"):
+            status, body = raw_get(bridge.server.port, path)
+            assert status == 404 and "phase" not in body, (path, status, body)
         with connect(base.replace("http", "ws") + "/api/events?token=s3cret") as ws:
             assert json.loads(ws.recv())["event"] == "state"
     finally:
@@ -135,8 +148,11 @@ def test_token_cors_and_page(tmp_path):
         assert "access-control-allow-origin" not in evil.headers
         same = httpx.get(base + "/api/state", headers={"Origin": base})
         assert same.headers["access-control-allow-origin"] == base
-        with pytest.raises(Exception):  # noqa: B017 - a page of another site cannot subscribe
-            connect(base.replace("http", "ws") + "/api/events", origin="http://evil.example").recv()
+        with pytest.raises(InvalidStatus) as refusal:  # a page of another site cannot subscribe
+            connect(base.replace("http", "ws") + "/api/events", origin="http://evil.example", open_timeout=10)
+        assert refusal.value.response.status_code == 403
+        with connect(base.replace("http", "ws") + "/api/events", origin=base) as ws:  # its own page can
+            assert json.loads(ws.recv())["event"] == "state"
     finally:
         bridge.close()
 
@@ -200,6 +216,17 @@ def test_store_views_for_the_dashboard_history(tmp_path):
         assert client.get("/api/runs/nope/metrics").status_code == 404
         assert client.get("/api/state").status_code == 404  # no live run here
         client.close()
+
+
+def raw_get(port: int, path: str) -> tuple[int, str]:
+    """GET with the path exactly as given (no client-side normalisation of "..")."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 @contextlib.contextmanager
