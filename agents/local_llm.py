@@ -5,9 +5,11 @@ Two parts, top to bottom:
    read GGUF, but de-quantizing takes ~20 s, so the first load converts the model once and caches it as
    safetensors in a user cache directory; later loads take well under a second.
 2. `LocalEngine`: a worker thread that owns the model. Callers on any thread submit requests
-   (generate, or score a set of options) and wait on a future; the worker drains the queue and runs
-   compatible requests together, so concurrent callers share padded forward passes (micro-batching).
-   Constrained decoding (JSON schema) goes through xgrammar's token bitmasks.
+   (generate, or score a set of options) and wait on a future (or cancel it). The worker decodes
+   every answer in progress one token per step, in one padded forward pass (continuous batching):
+   new requests join between steps and finished or cancelled ones leave, so a short answer never
+   waits for a long one. Constrained decoding (JSON schema) goes through xgrammar's token bitmasks,
+   with a repetition guard that steers a looping answer to close its value.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,8 +135,27 @@ class Generation:
     prompt_tokens: int
 
 
+class EngineClosed(RuntimeError):
+    """The engine is closed or closing: the request was not (or no longer) served."""
+
+
+# The repetition guard of grammar-constrained answers. The embedded model loops: it writes
+# "1.0000000..." or the same sentence again and again into a free-text field until the token budget
+# ends. An answer loops when its last tokens repeat a period of at most LOOP_MAX_PERIOD tokens
+# LOOP_MIN_REPEATS times over at least LOOP_MIN_SPAN tokens, or, inside a string, when fewer than
+# LOOP_MIN_DISTINCT of the 4-token sequences among its last LOOP_WINDOW tokens are distinct (a loop
+# that changes a number now and then). Ordinary text has nearly all of them distinct.
+LOOP_MIN_SPAN = 24
+LOOP_MIN_REPEATS = 3
+LOOP_MAX_PERIOD = 32
+LOOP_WINDOW = 64
+LOOP_MIN_DISTINCT = 0.5
+
+
 @dataclass
 class _GenerateRequest:
+    """One answer: its options, its future, and (once admitted) its decoding state."""
+
     prompt_ids: list[int]
     max_new_tokens: int
     temperature: float
@@ -143,11 +165,20 @@ class _GenerateRequest:
     stop: tuple[str, ...]
     on_text: Callable[[str], None] | None
     future: Future = field(default_factory=Future)
-
-    def batch_key(self):
-        # Requests batch together only when one `generate` call can serve them all.
-        sampling = None if self.temperature <= 0 else (self.temperature, self.top_p, self.seed)
-        return ("generate", sampling, self.stop)
+    # Decoding state, owned by the worker.
+    tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already in this request's own cache (chunked prefill)
+    cache: object | None = None  # its own KV cache until it joins the batch
+    sent: str = ""  # text handed to on_text so far
+    matcher: object | None = None
+    allowed: torch.Tensor | None = None  # the grammar's allowed next tokens (bool, vocab)
+    generator: torch.Generator | None = None
+    closing: bool = False  # the repetition guard fired: steer to the end of the current value
+    guard_from: int = 0  # loop detection looks at tokens[guard_from:]
+    in_string: bool = False  # the JSON written so far ends inside a string (since string_from)
+    escaped: bool = False
+    string_from: int = 0
+    done_reason: str | None = None
 
 
 @dataclass
@@ -156,101 +187,100 @@ class _ScoreRequest:
     option_ids: list[list[int]]  # the tokens of each option after the prefix
     future: Future = field(default_factory=Future)
 
-    def batch_key(self):
-        return ("score",)
 
+class _Batch:
+    """The answers being decoded together: one KV cache, left-padded to a common length.
+    Rows join (after their own prefill) and leave (finished or cancelled) between decode steps."""
 
-class _GrammarLogitsProcessor:
-    """xgrammar's token bitmask applied per row; rows without a grammar stay unconstrained.
-    (xgrammar's own HF processor needs a grammar on every row; a micro-batch mixes both.)"""
+    def __init__(self):
+        self.rows: list[_GenerateRequest] = []
+        self.cache = None  # DynamicCache, batch = len(rows)
+        self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a column is a real token
 
-    def __init__(self, grammars: list, vocab_size: int):
-        import xgrammar as xgr
+    def add(self, request: _GenerateRequest) -> None:
+        from transformers import DynamicCache
 
-        self.xgr = xgr
-        self.grammars = grammars
-        self.matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
-        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
-        self.started = False
-
-    def is_complete(self, row: int, tokens: list[int]) -> bool:
-        """Whether `tokens` form a complete sentence of the row's grammar. Checked on a fresh matcher:
-        the live one never sees the last token when the token budget ends generation."""
-        if self.grammars[row] is None:
-            return False
-        matcher = self.xgr.GrammarMatcher(self.grammars[row])
-        return all(matcher.accept_token(t) for t in tokens) and matcher.is_completed()
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row, matcher in enumerate(self.matchers):
-            if matcher is None or matcher.is_terminated():
-                continue
-            if self.started:
-                matcher.accept_token(int(input_ids[row, -1]))
-            if not matcher.is_terminated():
-                matcher.fill_next_token_bitmask(self.bitmask, row)
-        self.started = True
-        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask)
-        return scores
-
-
-class _RowLimits:
-    """Stopping criterion: each row stops at its own `max_new_tokens`."""
-
-    def __init__(self, prompt_length: int, limits: list[int]):
-        self.prompt_length = prompt_length
-        self.limits = torch.tensor(limits)
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return (input_ids.shape[1] - self.prompt_length) >= self.limits
-
-
-class _RowStreamer:
-    """A generate() streamer for a whole batch: routes each row's new text to its request's callback.
-    (transformers' own streamers accept batch size 1 only.)"""
-
-    def __init__(self, tokenizer, requests: list[_GenerateRequest], eos_ids: set[int]):
-        self.tokenizer = tokenizer
-        self.requests = requests
-        self.eos_ids = eos_ids
-        self.tokens = [[] for _ in requests]
-        self.sent = ["" for _ in requests]
-        self.done = [False for _ in requests]
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor):
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
+        cache, length = request.cache, request.prefilled
+        request.cache = None
+        mask = torch.ones((1, length), dtype=torch.long)
+        if not self.rows:
+            self.rows, self.cache, self.mask = [request], cache, mask
             return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            request = self.requests[row]
-            if self.done[row]:
-                continue
-            if token in self.eos_ids:
-                self.done[row] = True
-                continue
-            self.tokens[row].append(token)
-            if len(self.tokens[row]) >= request.max_new_tokens:
-                self.done[row] = True
-            if request.on_text is not None:
-                text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                    continue
-                delta, self.sent[row] = text[len(self.sent[row]) :], text
-                if delta:
-                    request.on_text(delta)
+        width = max(self.mask.shape[1], length)
+        layers = []
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            layers.append(
+                (
+                    torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
+                    torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
+                )
+            )
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        self.rows.append(request)
 
-    def end(self):
-        pass
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows; drop the columns that are padding in every remaining row."""
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = self.mask[index]
+        start = int(self.mask.any(0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros prepended along the sequence axis (dim 2 of a cache tensor, dim 1 of a mask)."""
+    axis = 2 if tensor.dim() == 4 else 1
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+def _loop_period(tokens: list[int]) -> int | None:
+    """The period of an exact loop at the end of `tokens` (see LOOP_MIN_SPAN), or None."""
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        span = max(LOOP_MIN_SPAN, LOOP_MIN_REPEATS * period)
+        if len(tokens) < span:
+            return None
+        tail = tokens[-span:]
+        if tail[period:] == tail[:-period]:
+            return period
+    return None
+
+
+def _mostly_repeated(tokens: list[int]) -> bool:
+    """Whether the last LOOP_WINDOW tokens are mostly 4-token sequences seen before in the window."""
+    if len(tokens) < LOOP_WINDOW:
+        return False
+    window = tokens[-LOOP_WINDOW:]
+    grams = [tuple(window[i : i + 4]) for i in range(len(window) - 3)]
+    return len(set(grams)) < LOOP_MIN_DISTINCT * len(grams)
 
 
 class LocalEngine:
     """Owns the model on one worker thread; thread-safe; concurrent requests share forward passes.
 
-    max_batch: the most requests one forward pass serves.
-    batch_window_s: how long the worker waits for more requests after the first one arrives;
+    Scheduling (continuous batching): the worker runs one decode step at a time for every answer in
+    progress. Between two steps it takes in new requests (each prompt is encoded in chunks of at most
+    `prefill_chunk` tokens per step, so a long prompt does not stall the answers already running),
+    lets the finished and the cancelled answers leave, and runs any option-scoring requests. So a
+    short request never waits for a long one to finish, and a cancelled one (`future.cancel()`, a
+    timeout) stops within a step and frees its place.
+
+    max_batch: the most answers decoded together; more wait their turn.
+    batch_window_s: how long an idle worker waits for more requests after the first one arrives;
         a `generate_many` call submits all of its prompts at once, so it does not need the window.
     prefix_cache_size: how many recent prompt prefixes keep their KV cache for option scoring.
+    prefill_chunk: prompt tokens encoded per step (over all new requests).
     """
 
     def __init__(
@@ -261,6 +291,7 @@ class LocalEngine:
         max_batch: int = 32,
         batch_window_s: float = 0.004,
         prefix_cache_size: int = 8,
+        prefill_chunk: int = 256,
     ):
         self.model = model
         self.prefix_cache_size = prefix_cache_size
@@ -268,23 +299,38 @@ class LocalEngine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.prefill_chunk = prefill_chunk
         self.eos_ids = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
         self.vocab_size = model.config.vocab_size
         self._queue: queue.Queue = queue.Queue()
-        # How many requests the worker served in how many model calls: batches < requests means
-        # concurrent callers really shared forward passes.
-        self.stats = {"requests": 0, "batches": 0}
+        # requests: served; batches: groups of generate requests that started together (they share
+        # every decode step) plus scoring batches; steps: decode forward passes. batches < requests
+        # means concurrent callers really shared forward passes. running: answers in progress or
+        # waiting; cancelled: answers dropped because their caller cancelled them.
+        self.stats = {"requests": 0, "batches": 0, "steps": 0, "running": 0, "cancelled": 0}
         self._grammar_compiler = None
         self._grammar_cache: dict[tuple[str, bool], object] = {}
         self._grammar_lock = threading.Lock()
+        self._closer_masks: dict | None = None
+        self._token_texts: list[str] | None = None
+        # Set (never cleared) by close(cancel=True); a plain attribute so that a signal handler may
+        # set it without taking a lock.
+        self._abort_reason: str | None = None
         self._worker = threading.Thread(target=self._serve, name="selfsteer-llm", daemon=True)
         self._worker.start()
         # Stop the worker before the interpreter tears down torch under it (which aborts the process).
         atexit.register(self.close)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker thread once the requests already queued are done."""
-        if self._worker.is_alive():
+    def close(
+        self, timeout: float = 5.0, *, cancel: bool = False, reason: str = "the engine is closed"
+    ) -> None:
+        """Stop the worker thread. By default once the requests already queued are done; with
+        `cancel=True` every request in progress or queued fails at once with EngineClosed(reason)
+        (the worker notices between two decode steps). `timeout=0` only asks: it neither queues
+        nor waits, so a signal handler may call it."""
+        if cancel and self._abort_reason is None:
+            self._abort_reason = reason
+        if timeout and self._worker.is_alive():
             self._queue.put(None)
             self._worker.join(timeout)
 
@@ -296,6 +342,23 @@ class LocalEngine:
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
             )["input_ids"]
         )
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        json_schema: dict | str | None = None,
+        grammar=None,
+        stop: list[str] | tuple[str, ...] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Future:
+        """Queue one answer; returns its future (a `Generation`). `future.cancel()` stops it: the
+        worker drops it before its next decode step. Options as in `generate_many`."""
+        return self._submit_many([prompt_ids], **self._checked(locals()))[0]
 
     def generate(self, prompt_ids: list[int], **options) -> Generation:
         return self.generate_many([prompt_ids], **options)[0]
@@ -314,31 +377,41 @@ class LocalEngine:
         on_text: Callable[[str], None] | None = None,
         timeout: float | None = None,
     ) -> list[Generation]:
-        """Generate for several prompts; submitted together, they run as one padded batch.
-        `json_schema` constrains every output to valid JSON of that schema (xgrammar); `grammar` takes
-        an already compiled xgrammar grammar instead."""
-        if max_new_tokens < 1:
+        """Generate for several prompts; submitted together, they start together and share every
+        decode step. `json_schema` constrains every output to valid JSON of that schema (xgrammar);
+        `grammar` takes an already compiled xgrammar grammar instead. A grammar-constrained answer
+        that starts to loop is steered to close its current value (the repetition guard).
+        On timeout the answers still running are cancelled and TimeoutError is raised."""
+        options = self._checked(locals())
+        futures = self._submit_many(prompts, **options)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return [
+                f.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for f in futures
+            ]
+        finally:  # a timeout, an error or an interrupt: nothing keeps generating for nobody
+            for future in futures:
+                future.cancel()
+
+    def _checked(self, given: dict) -> dict:
+        options = {k: v for k, v in given.items() if k not in ("self", "prompt_ids", "prompts", "timeout")}
+        if options["max_new_tokens"] < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        if not self._worker.is_alive():
-            raise RuntimeError("the local engine is closed")
-        if json_schema is not None:
-            grammar = self.compile_json_schema(json_schema)
-        requests = [
-            _GenerateRequest(
-                prompt_ids=list(ids),
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                grammar=grammar,
-                stop=tuple(stop or ()),
-                on_text=on_text,
-            )
-            for ids in prompts
-        ]
+        if options.pop("json_schema") is not None:
+            options["grammar"] = self.compile_json_schema(given["json_schema"])
+        return options
+
+    def _submit_many(self, prompts: list[list[int]], **options) -> list[Future]:
+        if self._abort_reason is not None or not self._worker.is_alive():
+            raise EngineClosed(self._abort_reason or "the local engine is closed")
+        stop = tuple(s for s in options.pop("stop") or () if s)
+        requests = [_GenerateRequest(prompt_ids=list(ids), stop=stop, **options) for ids in prompts]
         for request in requests:
+            if not request.prompt_ids:
+                raise ValueError("the prompt is empty")
             self._queue.put(request)
-        return [request.future.result(timeout=timeout) for request in requests]
+        return [request.future for request in requests]
 
     def score_options(
         self, prefix_text_or_ids, options: list[str], timeout: float | None = None
@@ -349,6 +422,8 @@ class LocalEngine:
         the shared leading tokens form the prefix, the rest belongs to the option."""
         if len(options) < 1:
             raise ValueError("score_options needs at least one option")
+        if self._abort_reason is not None or not self._worker.is_alive():
+            raise EngineClosed(self._abort_reason or "the local engine is closed")
         if isinstance(prefix_text_or_ids, str):
             prefix_text = prefix_text_or_ids
         else:
@@ -362,7 +437,10 @@ class LocalEngine:
         shared = min(shared, min(len(ids) for ids in full) - 1)  # every option keeps at least one token
         request = _ScoreRequest(prefix_ids=full[0][:shared], option_ids=[ids[shared:] for ids in full])
         self._queue.put(request)
-        return request.future.result(timeout=timeout)
+        try:
+            return request.future.result(timeout=timeout)
+        finally:
+            request.future.cancel()
 
     def compile_json_schema(self, schema: dict | str, leading_space: bool = False):
         """A compact JSON grammar for the schema (cached). `leading_space` puts one space before the
@@ -386,94 +464,302 @@ class LocalEngine:
     # -- the worker ---------------------------------------------------------------------------------
 
     def _serve(self):
-        pending: list = []
+        waiting: list = []  # generate requests not yet decoding (first in, first served)
+        batch = _Batch()
+        closing = False
         while True:
-            if not pending:
-                pending.append(self._queue.get())
+            closing = self._take_arrivals(waiting, idle=not waiting and not batch.rows) or closing
+            if self._abort_reason is not None:
+                error = EngineClosed(self._abort_reason)
+                for request in [*waiting, *batch.rows]:
+                    _fail(request.future, error)
+                waiting, batch = [], _Batch()
+                self.stats["running"] = 0
+            if closing and not waiting and not batch.rows:
+                return
+            try:
+                scores = [r for r in waiting if isinstance(r, _ScoreRequest) and not r.future.done()]
+                waiting = [r for r in waiting if not isinstance(r, _ScoreRequest)]
+                if scores:
+                    for start in range(0, len(scores), self.max_batch):
+                        self._guarded(self._run_scores, scores[start : start + self.max_batch])
+                self.stats["cancelled"] += sum(r.future.cancelled() for r in waiting)
+                waiting = [r for r in waiting if not r.future.done()]  # cancelled while waiting
+                self._prefill(waiting, batch)
+                if batch.rows:
+                    self._decode_step(batch)
+                self.stats["running"] = len(waiting) + len(batch.rows)
+            except BaseException as error:  # never let the worker die: hand the error to the callers
+                for request in [*waiting, *batch.rows]:
+                    _fail(request.future, error)
+                waiting, batch = [], _Batch()
+                self.stats["running"] = 0
+
+    def _take_arrivals(self, waiting: list, idle: bool) -> bool:
+        """Move queued requests to `waiting` (blocking only when idle, then gathering for the batch
+        window); True when close() asked the worker to stop."""
+        arrived = []
+        if idle:
+            arrived.append(self._queue.get())
             deadline = time.monotonic() + self.batch_window_s
-            while True:  # gather what arrives within the window
+            while True:
                 try:
-                    pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    arrived.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            if pending[0] is None:  # close(): everything queued before it has been served
-                return
-            candidates = pending[: pending.index(None)] if None in pending else pending
-            key = candidates[0].batch_key()
-            batch = [r for r in candidates if r.batch_key() == key][: self.max_batch]
-            taken = {id(r) for r in batch}
-            pending = [r for r in pending if id(r) not in taken]
-            self.stats["requests"] += len(batch)
-            self.stats["batches"] += 1
+        while True:
             try:
-                if key[0] == "score":
-                    self._run_scores(batch)
-                else:
-                    self._run_generation(batch)
-            except BaseException as error:  # never let the worker die: hand the error to the callers
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(error)
+                arrived.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        closing = None in arrived
+        arrived = [r for r in arrived if r is not None]
+        self.stats["requests"] += len(arrived)
+        if any(isinstance(r, _GenerateRequest) for r in arrived):
+            self.stats["batches"] += 1
+        waiting.extend(arrived)
+        return closing
+
+    def _guarded(self, run, batch: list) -> None:
+        self.stats["batches"] += 1
+        try:
+            run(batch)
+        except BaseException as error:
+            for request in batch:
+                _fail(request.future, error)
 
     @torch.inference_mode()
-    def _run_generation(self, batch: list[_GenerateRequest]):
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+    def _prefill(self, waiting: list, batch: _Batch) -> None:
+        """Encode up to `prefill_chunk` prompt tokens of the waiting requests (first come first),
+        as far as the batch has room; a request whose prompt is complete gets its first token and
+        joins the batch."""
+        from transformers import DynamicCache
 
-        pad = self.tokenizer.pad_token_id
-        length = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, request in enumerate(batch):  # left padding: every prompt ends at the same column
-            input_ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention_mask[row, length - len(request.prompt_ids) :] = 1
+        budget = self.prefill_chunk
+        for request in list(waiting):
+            if budget <= 0 or len(batch.rows) >= self.max_batch:
+                break
+            if request.cache is None:
+                request.cache = DynamicCache()
+            start = request.prefilled
+            end = min(len(request.prompt_ids), start + budget)
+            output = self.model(
+                input_ids=torch.tensor([request.prompt_ids[start:end]]),
+                position_ids=torch.arange(start, end)[None, :],
+                cache=request.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            request.prefilled, budget = end, budget - (end - start)
+            if end < len(request.prompt_ids):
+                continue
+            waiting.remove(request)
+            self._start(request)
+            if self._accept(request, output.logits[:, -1, :].float())[0]:
+                batch.add(request)
 
-        first = batch[0]
-        sampling = {"do_sample": False}
-        if first.temperature > 0:
-            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
-        processors = LogitsProcessorList()
-        grammar = None
-        if any(r.grammar is not None for r in batch):
-            grammar = _GrammarLogitsProcessor([r.grammar for r in batch], self.vocab_size)
-            processors.append(grammar)
-        streamer = _RowStreamer(self.tokenizer, batch, self.eos_ids)
-        extra = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} if first.stop else {}
-        # A private RNG state: seeding here must not change the randomness of a training run that
-        # shares this process (a supervisor beside its Trainer).
-        with torch.random.fork_rng(devices=[]):
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max(r.max_new_tokens for r in batch),
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList(
-                    [_RowLimits(length, [r.max_new_tokens for r in batch])]
-                ),
-                streamer=streamer,
-                pad_token_id=pad,
-                top_k=None,
-                **sampling,
-                **extra,
-            )
-        for row, request in enumerate(batch):
-            tokens = streamer.tokens[row]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            reason = "length"
-            new = output[row, length:].tolist()
-            if len(new) > len(tokens) and new[len(tokens)] in self.eos_ids:
-                reason = "stop"
-            if grammar is not None and grammar.is_complete(row, tokens):  # complete, even at the budget
-                reason = "stop"
-            for stop in request.stop:
-                if stop in text:
-                    text, reason = text[: text.index(stop)], "stop"
-            request.future.set_result(
-                Generation(
-                    text=text, token_ids=tokens, finish_reason=reason, prompt_tokens=len(request.prompt_ids)
-                )
-            )
+    def _start(self, request: _GenerateRequest) -> None:
+        if request.seed is not None or request.temperature > 0:
+            # A private generator: seeding must not change the randomness of a training run that
+            # shares this process (a supervisor beside its Trainer).
+            request.generator = torch.Generator()
+            if request.seed is not None:
+                request.generator.manual_seed(request.seed % 2**63)
+            else:
+                request.generator.seed()
+        if request.grammar is not None:
+            import xgrammar as xgr
+
+            request.matcher = xgr.GrammarMatcher(request.grammar)
+            self._fill_allowed(request)
+
+    @torch.inference_mode()
+    def _decode_step(self, batch: _Batch) -> None:
+        """One forward pass for every row (its last token), then one new token each; rows that are
+        finished or cancelled leave the batch."""
+        rows = batch.rows
+        positions = torch.tensor([[len(r.prompt_ids) + len(r.tokens) - 1] for r in rows])
+        batch.mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        output = self.model(
+            input_ids=torch.tensor([[r.tokens[-1]] for r in rows]),
+            attention_mask=batch.mask,
+            position_ids=positions,
+            cache=batch.cache,
+            use_cache=True,
+        )
+        self.stats["steps"] += 1
+        keep = self._accept_rows(rows, output.logits[:, -1, :].float())
+        if len(keep) < len(rows):
+            batch.keep(keep)
+
+    def _accept_rows(self, rows: list[_GenerateRequest], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token; finish the rows that are done. Returns the rows that go on."""
+        keep = []
+        greedy = logits.argmax(-1).tolist()
+        for i, request in enumerate(rows):
+            if request.future.done():  # cancelled (or closed) meanwhile
+                self.stats["cancelled"] += request.future.cancelled()
+                continue
+            try:
+                goes_on, _ = self._accept(request, logits[i : i + 1], greedy[i])
+            except Exception as error:  # one answer's failure is not the batch's
+                _fail(request.future, error)
+                continue
+            if goes_on:
+                keep.append(i)
+        return keep
+
+    def _accept(self, request: _GenerateRequest, logits: torch.Tensor, greedy: int | None = None):
+        """Choose the request's next token from its logits (1, vocab) and record it; finish the
+        request when it is done. Returns (goes on, token)."""
+        if request.future.done():
+            return False, None
+        plain = request.allowed is None and request.temperature <= 0 and greedy is not None
+        token = greedy if plain else self._choose(request, logits[0])
+        if token in self.eos_ids:
+            self._finish(request, "stop")
+            return False, token
+        request.tokens.append(token)
+        text = None
+        if request.on_text is not None or request.stop:
+            text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        if request.stop and any(s in text for s in request.stop):
+            self._finish(request, "stop", text)
+            return False, token
+        if request.on_text is not None and not text.endswith("\ufffd"):  # else: a partial character
+            delta, request.sent = text[len(request.sent) :], text
+            if delta:
+                with suppress(Exception):  # a consumer's error must not end the answer
+                    request.on_text(delta)
+        if request.matcher is not None:
+            request.matcher.accept_token(token)
+            self._guard_loops(request)
+            self._fill_allowed(request)
+            if not bool(request.allowed.any()) or self._only_stop_allowed(request):
+                self._finish(request, "stop")  # the value is complete: no step spent on the end token
+                return False, token
+        if len(request.tokens) >= request.max_new_tokens:
+            complete = request.matcher is not None and request.matcher.is_completed()
+            self._finish(request, "stop" if complete else "length")
+            return False, token
+        return True, token
+
+    def _choose(self, request: _GenerateRequest, logits: torch.Tensor) -> int:
+        if request.allowed is not None:
+            logits = logits.masked_fill(~request.allowed, float("-inf"))
+            if request.closing:
+                logits = self._steer_to_close(logits, request)
+        if request.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits / request.temperature
+        if request.top_p < 1.0:  # nucleus: drop the least likely tokens beyond top_p (keep one)
+            ordered, order = torch.sort(logits)
+            dropped = ordered.softmax(-1).cumsum(-1) <= 1 - request.top_p
+            dropped[-1] = False
+            logits = logits.clone()
+            logits[order[dropped]] = float("-inf")
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=request.generator))
+
+    def _fill_allowed(self, request: _GenerateRequest) -> None:
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        request.matcher.fill_next_token_bitmask(bitmask)
+        bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+        request.allowed = bits.flatten()[: self.vocab_size].bool()
+
+    def _only_stop_allowed(self, request: _GenerateRequest) -> bool:
+        stops = [t for t in self.eos_ids if t is not None and t < self.vocab_size]
+        return int(request.allowed.sum()) == int(request.allowed[stops].sum())
+
+    # -- the repetition guard -----------------------------------------------------------------------
+
+    def _guard_loops(self, request: _GenerateRequest) -> None:
+        """Turn closing on when the answer loops; off once the value it was in has ended."""
+        token = request.tokens[-1]
+        was_in_string = request.in_string
+        self._track_strings(request, token)
+        if request.closing:
+            if was_in_string:
+                ended = not request.in_string
+            else:
+                ended = any(bool(kind[token]) for kind in self._closers()["outside"])
+            if ended:
+                request.closing, request.guard_from = False, len(request.tokens)
+            return
+        if _loop_period(request.tokens[request.guard_from :]) is not None:
+            request.closing = True
+        elif request.in_string:
+            request.closing = _mostly_repeated(request.tokens[max(request.guard_from, request.string_from) :])
+
+    def _track_strings(self, request: _GenerateRequest, token: int) -> None:
+        """Follow JSON's string syntax over the token's characters (a quote opens or closes a string,
+        a backslash escapes the next character). Byte-level tokens show `"` and `\\` as themselves."""
+        for char in self._token_strings()[token]:
+            if not request.in_string:
+                if char == '"':
+                    request.in_string, request.string_from = True, len(request.tokens) - 1
+            elif request.escaped:
+                request.escaped = False
+            elif char == "\\":
+                request.escaped = True
+            elif char == '"':
+                request.in_string = False
+
+    def _steer_to_close(self, logits: torch.Tensor, request: _GenerateRequest) -> torch.Tensor:
+        """Keep only the allowed tokens of the best closing kind for where the answer is (see
+        `_closers`); where none is allowed, the logits as they are."""
+        if request.escaped:  # a quote now would be an escaped one: let the escape end first
+            return logits
+        for kind in self._closers()["inside" if request.in_string else "outside"]:
+            chosen = request.allowed & kind
+            if bool(chosen.any()):
+                return logits.masked_fill(~chosen, float("-inf"))
+        return logits
+
+    def _closers(self) -> dict[str, list[torch.Tensor]]:
+        """Token masks by preference. Inside a string: a quote that also ends an object or array
+        (`"}`), then any quote (the string ends); no `}` or `]` before the quote (that would be
+        written into the string). Outside: `}` or `]`, then a separator `,`. Tokens
+        that open something (`{` `[`) or escape (`\\`) never count: they would not bring the answer
+        closer to its end; outside a string neither do quotes (they open one)."""
+        if self._closer_masks is None:
+            texts = self._token_strings()
+
+            def mask(test) -> torch.Tensor:
+                return torch.tensor([not any(c in t for c in "{[\\") and test(t) for t in texts])
+
+            def ends_string(t: str) -> bool:  # a quote with no `}` `]` before it (string content)
+                return '"' in t and not any(c in t[: t.index('"')] for c in "}]")
+
+            quote = mask(lambda t: '"' in t)
+            bracket = mask(lambda t: "}" in t or "]" in t)
+            comma = mask(lambda t: "," in t)
+            ends = mask(ends_string)
+            self._closer_masks = {
+                "inside": [ends & bracket, ends],
+                "outside": [bracket & ~quote, comma & ~quote & ~bracket],
+            }
+        return self._closer_masks
+
+    def _token_strings(self) -> list[str]:
+        if self._token_texts is None:
+            tokens = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+            self._token_texts = [token or "" for token in tokens]
+        return self._token_texts
+
+    def _finish(self, request: _GenerateRequest, reason: str, text: str | None = None) -> None:
+        if text is None:
+            text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        for stop in request.stop:
+            if stop in text:
+                text, reason = text[: text.index(stop)], "stop"
+        result = Generation(
+            text=text, token_ids=request.tokens, finish_reason=reason, prompt_tokens=len(request.prompt_ids)
+        )
+        request.allowed = request.matcher = request.cache = None
+        with suppress(InvalidStateError):  # cancelled at the last moment
+            request.future.set_result(result)
 
     @torch.inference_mode()
     def _run_scores(self, batch: list[_ScoreRequest]):
@@ -503,7 +789,7 @@ class LocalEngine:
                 input_ids=tail_ids,
                 attention_mask=torch.cat([mask[rows], tail_mask], dim=-1),
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -512,7 +798,8 @@ class LocalEngine:
                 for j in range(1, len(tokens)):  # token j is predicted by the logits at position j-1
                     scores[row][k] += logprobs[i, j - 1, tokens[j]].item()
         for row, request in enumerate(batch):
-            request.future.set_result(scores[row])
+            with suppress(InvalidStateError):  # its caller gave up waiting
+                request.future.set_result(scores[row])
 
     def _encode_prefixes(self, prefixes: list[list[int]]):
         """Run the prefixes through the model: (log-probs of each one's next token, KV cache, mask).
@@ -524,11 +811,11 @@ class LocalEngine:
             out = self.model(
                 input_ids=torch.tensor([ids[reused:]]),
                 position_ids=torch.arange(reused, len(ids))[None, :],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            self._store_prefix_cache(ids, out.past_key_values)
+            self._store_prefix_cache(ids, out.cache)
             mask = torch.ones((1, len(ids)), dtype=torch.long)
         else:
             pad = self.tokenizer.pad_token_id
@@ -545,7 +832,7 @@ class LocalEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1), out.past_key_values, mask
+        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1), out.cache, mask
 
     def _lookup_prefix_cache(self, ids: list[int]):
         best, best_key = 0, None
@@ -566,6 +853,11 @@ class LocalEngine:
         self._prefix_cache[tuple(ids)] = copy.deepcopy(cache)
         while len(self._prefix_cache) > self.prefix_cache_size:
             self._prefix_cache.popitem(last=False)
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    with suppress(InvalidStateError):  # already cancelled or done
+        future.set_exception(error)
 
 
 def _as_list(value) -> list:

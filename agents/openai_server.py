@@ -9,10 +9,17 @@ SmolLM2-135M-Instruct over real HTTP:
 Served: `GET /v1/models` and `POST /v1/chat/completions` (plain or streamed as server-sent events,
 `response_format` text / json_object / json_schema). JSON output is constrained by the engine's
 grammar, so it is valid by construction (unless cut off by `max_tokens`). There is one model: any
-model name is accepted, as local servers do.
+model name is accepted, as local servers do. The OpenAPI document (`/openapi.json`) declares every
+response, errors included.
 
-Top to bottom: request models (validation at the edge), errors in OpenAI's shape, the translation of
-a request into engine options, the app with its two routes, and `serve()`.
+One request cannot hold the server: `max_tokens` is capped (above the cap: 400, as OpenAI answers a
+`max_tokens` above a model's limit), the engine decodes every answer in progress together so a short
+one never waits for a long one, an answer whose client has gone away stops within a decode step,
+request bodies are limited (413), and SIGTERM ends the answers in progress (503) and the process.
+
+Top to bottom: request and response models (validation at the edge, and the OpenAPI document),
+errors in OpenAI's shape, the translation of a request into engine options, the app with its two
+routes, and `serve()`.
 """
 
 from __future__ import annotations
@@ -29,17 +36,28 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8008
-# Without max_tokens an answer runs until the model ends its turn; this caps a runaway answer
-# (the model writes ~20 tokens/s on two CPU cores).
-DEFAULT_MAX_TOKENS = 1024
+# The most tokens one answer may ask for, and what an answer without max_tokens gets. 1024 tokens are
+# about a minute of one answer on two CPU cores (~20 tokens/s) and ~50 MB of KV cache (46 KB a token);
+# SmolLM2-135M repeats itself long before that. `selfsteer serve-llm --max-tokens N` changes it.
+DEFAULT_MAX_TOKENS_CAP = 1024
+# A JSON answer (response_format) without max_tokens: a decision with a free-text explanation of
+# 800 characters is ~200 tokens; the engine's repetition guard closes a looping string long before.
+DEFAULT_JSON_MAX_TOKENS = 512
+# Request bodies above this get 413 before they are read: 8192 tokens of context are ~32 KB of
+# text; a large JSON schema or a long conversation fits many times over.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Seconds uvicorn waits for open connections after SIGTERM (answers in progress are ended at once).
+SHUTDOWN_GRACE_S = 3.0
+OPENAI_MAX_STOP = 4  # OpenAI takes at most four stop sequences
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,23 +112,122 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = DEFAULT_MODEL_NAME
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="at most the server's cap (`selfsteer serve-llm --max-tokens`)"
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="a newer name of max_tokens")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = Field(default=None, description="up to 4 stop sequences")
+    n: int = Field(default=1, ge=1, json_schema_extra={"maximum": 1}, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     # Declared only to refuse them clearly: this model neither calls tools nor returns logprobs.
-    tools: list[dict[str, Any]] | None = None
-    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, json_schema_extra={"maxItems": 0}, description="not supported"
+    )
+    logprobs: bool | None = Field(
+        default=None, json_schema_extra={"enum": [False, None]}, description="not supported"
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, stop):
+        if isinstance(stop, list) and len(stop) > OPENAI_MAX_STOP:
+            raise ValueError(f"at most {OPENAI_MAX_STOP} stop sequences")
+        return stop
+
+
+def _request_model(max_tokens_cap: int) -> type[ChatCompletionRequest]:
+    """The request model of an app, its OpenAPI schema naming the app's cap as the maximum of
+    max_tokens (the check itself is a 400 in `_engine_options`, in OpenAI's words)."""
+    cap = {"maximum": max_tokens_cap}
+    return create_model(
+        "ChatCompletionRequest",
+        __base__=ChatCompletionRequest,
+        max_tokens=(
+            int | None,
+            Field(default=None, ge=1, json_schema_extra=cap, description=f"at most {max_tokens_cap}"),
+        ),
+        max_completion_tokens=(
+            int | None,
+            Field(default=None, ge=1, json_schema_extra=cap, description="a newer name of max_tokens"),
+        ),
+    )
+
+
+# Response models: what the server answers, for the OpenAPI document (and checked on the way out).
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    described = {
+        400: "a request this server cannot serve: an unsupported option, max_tokens above the cap, an "
+        "invalid JSON schema, a prompt longer than the context, a body that is not JSON",
+        401: "missing or wrong API key (`Authorization: Bearer KEY`)",
+        413: "the request body is too large",
+        422: "a request that does not match this schema",
+        503: "the server is shutting down",
+    }
+    return {status: {"model": ErrorResponse, "description": described[status]} for status in statuses}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Errors, always in OpenAI's shape, so OpenAI clients raise their usual exception classes.
+# Errors, always in OpenAI's shape, so OpenAI clients raise their usual exception classes. Nothing a
+# client sent is echoed back at length: every message is clipped.
 
 
 class OpenAIError(Exception):
@@ -127,11 +244,22 @@ class OpenAIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _error_response(
-    status: int, message: str, type: str = "invalid_request_error", param=None, code=None
+    status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    body = {
+        "error": {
+            "message": _clip(message, 1000),
+            "type": type,
+            "param": None if param is None else _clip(param, 100),
+            "code": code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -145,37 +273,73 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":  # not JSON at all: a bad request, not a bad field
             return _error_response(400, "the request body is not valid JSON", code="invalid_json")
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-            for e in problems
-        )
-        return _error_response(422, message, param=param, code="invalid_value")
+
+        def where(problem) -> str:
+            return ".".join(_clip(str(p), 40) for p in problem.get("loc", ()) if p != "body") or "body"
+
+        # Pydantic's messages name the rule, never the value given (`input` is left out).
+        message = "; ".join(f"{where(e)}: {e.get('msg')}" for e in problems[:5])
+        if len(problems) > 5:
+            message += f"; and {len(problems) - 5} more"
+        param = where(first) if first.get("loc") else None
+        return _error_response(422, message, param=None if param == "body" else param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
             message = (
-                f"unknown path {request.url.path}: this server serves /v1/models and /v1/chat/completions"
+                f"unknown path {_clip(request.url.path, 100)}: this server serves /v1/models and "
+                "/v1/chat/completions"
             )
             return _error_response(404, message, code="not_found")
-        return _error_response(error.status_code, str(error.detail))
+        # 405 keeps its Allow header; 413 comes from the body limit.
+        return _error_response(error.status_code, str(error.detail), headers=error.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
         return _error_response(500, f"{type(error).__name__}: {error}", type="server_error")
 
 
-def _bearer_check(api_key: str | None):
-    """A dependency that requires `Authorization: Bearer KEY` when the server has a key."""
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, before it is read when it says
+    its length (Content-Length), as soon as it passes the limit when it does not (chunked)."""
 
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the request body is larger than this server's limit of {self.limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            response = _error_response(
+                413, too_large, code="request_too_large", headers={"Connection": "close"}
+            )
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # raised inside the app: its handlers answer 413
+                    raise StarletteHTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _bearer_check(api_key: str | None):
+    """A dependency that requires `Authorization: Bearer KEY` when the server has a key (declared in
+    the OpenAPI document as an HTTP bearer scheme)."""
+    bearer = HTTPBearer(auto_error=False, description="the key the server was started with")
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = credentials.credentials.strip() if credentials else ""
         # compare_digest: the time taken must not tell how much of a guess was right.
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise OpenAIError(
                 401,
                 "invalid API key: send `Authorization: Bearer KEY` with the key the server was started with",
@@ -189,8 +353,10 @@ def _bearer_check(api_key: str | None):
 # From a request to the engine's options
 
 
-def _engine_options(engine, request: ChatCompletionRequest) -> tuple[list[int], dict[str, Any]]:
-    """(prompt token ids, keyword arguments of engine.generate) for a request; OpenAIError if the
+def _engine_options(
+    engine, request: ChatCompletionRequest, max_tokens_cap: int
+) -> tuple[list[int], dict[str, Any]]:
+    """(prompt token ids, keyword arguments of engine.submit) for a request; OpenAIError if the
     request asks for something this server cannot do."""
     if request.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
@@ -203,9 +369,21 @@ def _engine_options(engine, request: ChatCompletionRequest) -> tuple[list[int], 
         )
     if request.logprobs:
         raise OpenAIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+    for name in ("max_completion_tokens", "max_tokens"):
+        asked = getattr(request, name)
+        if asked is not None and asked > max_tokens_cap:
+            # OpenAI's answer to a max_tokens above a model's limit: 400, invalid_value.
+            raise OpenAIError(
+                400,
+                f"{name} is too large: {asked}. This server allows at most {max_tokens_cap} completion "
+                f"tokens (`selfsteer serve-llm --max-tokens`).",
+                param=name,
+                code="invalid_value",
+            )
 
     messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
+        {"role": "system" if m.role == "developer" else m.role, "content": _no_surrogates(m.text())}
+        for m in request.messages
     ]
     prompt_ids = engine.chat_prompt_ids(messages)
     context = engine.model.config.max_position_embeddings
@@ -217,7 +395,9 @@ def _engine_options(engine, request: ChatCompletionRequest) -> tuple[list[int], 
             param="messages",
             code="context_length_exceeded",
         )
-    wanted = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
+    schema = _json_schema_of(request.response_format)
+    default = max_tokens_cap if schema is None else min(max_tokens_cap, DEFAULT_JSON_MAX_TOKENS)
+    wanted = request.max_completion_tokens or request.max_tokens or default
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     options: dict[str, Any] = {
         "max_new_tokens": min(wanted, room),
@@ -226,19 +406,23 @@ def _engine_options(engine, request: ChatCompletionRequest) -> tuple[list[int], 
         "seed": request.seed,
         "stop": [s for s in stop if s],
     }
-    schema = _json_schema_of(request.response_format)
     if schema is not None:
-        # Compiled here rather than inside generate(), so a bad schema is the client's 400,
-        # not a server error.
+        # Compiled here rather than in the engine, so a bad schema is the client's 400, not a server
+        # error.
         try:
             options["grammar"] = engine.compile_json_schema(schema)
         except Exception as error:
             # xgrammar prefixes its messages with a time and a C++ source location: keep the reason.
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
             raise OpenAIError(
-                400, f"invalid JSON schema: {reason}", param="response_format", code="invalid_schema"
+                400, f"invalid JSON schema: {_clip(reason)}", param="response_format", code="invalid_schema"
             ) from error
     return prompt_ids, options
+
+
+def _no_surrogates(text: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (`"\ud800"`), which no UTF-8 tokenizer takes."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 def _json_schema_of(response_format: ResponseFormat | None) -> dict | None:
@@ -269,9 +453,20 @@ def _stream_safe_prefix(text: str, stops: list[str]) -> str:
 # The app
 
 
-def create_app(engine=None, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine=None,
+    *,
+    model_name: str = DEFAULT_MODEL_NAME,
+    api_key: str | None = None,
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """The FastAPI app. engine: a `LocalEngine`; None loads the embedded one at startup.
-    api_key: when set, every request must carry `Authorization: Bearer API_KEY`."""
+    api_key: when set, every request must carry `Authorization: Bearer API_KEY`.
+    max_tokens_cap: the most tokens one answer may ask for (more: 400), and the default.
+    max_body_bytes: the largest request body (more: 413)."""
+    if max_tokens_cap < 1:
+        raise ValueError("max_tokens_cap must be at least 1")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -281,23 +476,28 @@ def create_app(engine=None, *, model_name: str = DEFAULT_MODEL_NAME, api_key: st
             app.state.engine = await run_in_threadpool(get_local_engine)
         yield
 
-    app = FastAPI(title="selfsteer OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(
+        title="selfsteer OpenAI-compatible API",
+        description=f"SmolLM2-135M-Instruct on the CPU. max_tokens: at most {max_tokens_cap}.",
+        lifespan=lifespan,
+    )
     app.state.engine = engine
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     _install_error_handlers(app)
-    authorized = [Depends(_bearer_check(api_key))]
+    authorized = [Depends(_bearer_check(api_key))] if api_key is not None else []
+    auth_errors = (401,) if api_key is not None else ()
     created = int(time.time())
 
-    @app.get("/v1/models", dependencies=authorized)
+    @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=_errors(*auth_errors))
     async def list_models():
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "selfsteer"}],
         }
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = app.state.engine
-        prompt_ids, options = await run_in_threadpool(_engine_options, engine, body)
+        prompt_ids, options = await run_in_threadpool(_engine_options, engine, body, max_tokens_cap)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -305,9 +505,21 @@ def create_app(engine=None, *, model_name: str = DEFAULT_MODEL_NAME, api_key: st
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        # A thread, not the event loop: the engine blocks until the answer is done, and requests that
-        # wait in the engine at the same time share its forward passes (micro-batching).
-        generation = await run_in_threadpool(engine.generate, prompt_ids, **options)
+        # Requests in the engine at the same time share its forward passes. While it generates, the
+        # connection is watched: a client that goes away cancels its answer (the engine drops it
+        # before its next decode step), instead of generating for nobody.
+        future = _submit(engine, prompt_ids, options)
+        answer = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (the server is stopping)
+            gone.cancel()
+            future.cancel()
+        if not answer.done():  # the client is gone: nobody reads this
+            answer.cancel()
+            return Response(status_code=499)  # nginx's "client closed request", for the access log
+        generation = _result(answer)
         return {
             **meta,
             "object": "chat.completion",
@@ -323,7 +535,53 @@ def create_app(engine=None, *, model_name: str = DEFAULT_MODEL_NAME, api_key: st
             "system_fingerprint": None,
         }
 
+    # The body's model carries this app's cap in its OpenAPI schema: a local class, so set in place of
+    # the annotation (a string here, which FastAPI would look up among the module's names).
+    chat_completions.__annotations__["body"] = _request_model(max_tokens_cap)
+    app.post(
+        "/v1/chat/completions",
+        dependencies=authorized,
+        response_model=ChatCompletion,
+        responses={
+            200: {
+                "description": "the answer; with `stream: true`, server-sent events of "
+                "`chat.completion.chunk` objects ending with `data: [DONE]`",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(400, *auth_errors, 413, 422, 503),
+        },
+    )(chat_completions)
     return app
+
+
+def _submit(engine, prompt_ids: list[int], options: dict, **extra):
+    from selfsteer.agents.local_llm import EngineClosed
+
+    try:
+        return engine.submit(prompt_ids, **options, **extra)
+    except EngineClosed as error:
+        raise _shutting_down(error) from error
+
+
+def _result(answer: asyncio.Future):
+    """The generation of a finished answer; 503 when the engine ended it (the server is stopping)."""
+    from selfsteer.agents.local_llm import EngineClosed
+
+    try:
+        return answer.result()
+    except EngineClosed as error:
+        raise _shutting_down(error) from error
+
+
+def _shutting_down(error: Exception) -> OpenAIError:
+    return OpenAIError(503, f"{error}: try again later", type="server_error", code="server_shutting_down")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection. The body has been read by then, so the
+    server's next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(generation) -> dict[str, int]:
@@ -345,13 +603,13 @@ async def _stream_events(
     finish reason, the usage when asked for, then `[DONE]`.
 
     The engine calls `on_text` on its own worker thread; the pieces cross into this event loop through
-    `call_soon_threadsafe` onto an asyncio queue. The generation itself waits in a pool thread."""
+    `call_soon_threadsafe` onto an asyncio queue. When the client goes away, Starlette cancels this
+    generator, and the `finally` cancels the answer in the engine."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
 
     def on_text(piece: str) -> None:
-        # Never raise here: an exception in the engine's worker would fail every request in the same
-        # micro-batch. A closed loop only means this client is gone.
+        # A closed loop only means this client is gone (the engine ignores a callback's errors).
         with suppress(RuntimeError):
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
@@ -365,42 +623,72 @@ async def _stream_events(
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    task = asyncio.ensure_future(run_in_threadpool(engine.generate, prompt_ids, on_text=on_text, **options))
-    # Scheduled after every on_text piece (call_soon_threadsafe keeps order), so it comes last.
-    task.add_done_callback(lambda _: pieces.put_nowait(_FINISHED))
-
-    yield chunk({"role": "assistant", "content": ""})
-    text, sent = "", ""
-    while (piece := await pieces.get()) is not _FINISHED:
-        text += piece
-        ready = _stream_safe_prefix(text, options["stop"])
-        if len(ready) > len(sent):
-            yield chunk({"content": ready[len(sent) :]})
-            sent = ready
+    future = None
     try:
-        generation = task.result()
-    except Exception as error:  # headers are gone already: report in-stream, as OpenAI does
-        error_body = {"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error"}}
-        yield f"data: {json.dumps(error_body)}\n\n"
-        return
-    # The final text is authoritative (stop strings cut, a held-back tail, a last multi-byte char).
-    if generation.text.startswith(sent) and len(generation.text) > len(sent):
-        yield chunk({"content": generation.text[len(sent) :]})
-    yield chunk({}, generation.finish_reason)
-    if include_usage:
-        usage_chunk = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(generation)}
-        yield f"data: {json.dumps(usage_chunk)}\n\n"
-    yield "data: [DONE]\n\n"
+        try:
+            future = _submit(engine, prompt_ids, options, on_text=on_text)
+        except OpenAIError as error:  # headers are gone already: report in-stream, as OpenAI does
+            yield _stream_error(error.message, error.type, error.code)
+            return
+        answer = asyncio.wrap_future(future)
+        # Scheduled after every on_text piece (call_soon_threadsafe keeps order), so it comes last.
+        answer.add_done_callback(lambda _: pieces.put_nowait(_FINISHED))
+
+        yield chunk({"role": "assistant", "content": ""})
+        text, sent = "", ""
+        while (piece := await pieces.get()) is not _FINISHED:
+            text += piece
+            ready = _stream_safe_prefix(text, options["stop"])
+            if len(ready) > len(sent):
+                yield chunk({"content": ready[len(sent) :]})
+                sent = ready
+        try:
+            generation = _result(answer)
+        except OpenAIError as error:
+            yield _stream_error(error.message, error.type, error.code)
+            return
+        except Exception as error:
+            yield _stream_error(f"{type(error).__name__}: {error}", "server_error")
+            return
+        # The final text is authoritative (stop strings cut, a held-back tail, a last multi-byte char).
+        if generation.text.startswith(sent) and len(generation.text) > len(sent):
+            yield chunk({"content": generation.text[len(sent) :]})
+        yield chunk({}, generation.finish_reason)
+        if include_usage:
+            usage_chunk = {
+                **meta,
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": _usage(generation),
+            }
+            yield f"data: {json.dumps(usage_chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # finished, failed, or the client went away: nothing generates for nobody
+        if future is not None:
+            future.cancel()
+
+
+def _stream_error(message: str, type: str, code: str | None = None) -> str:
+    body = {"error": {"message": _clip(message, 1000), "type": type, "param": None, "code": code}}
+    return f"data: {json.dumps(body)}\n\n"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Serving
 
 
-def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None) -> None:
+def serve(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+) -> None:
     """Take the port, load the model, say where the API listens, and serve until interrupted.
     The port is bound (and listening) first, so a busy port fails at once (OSError) instead of after
-    the load, and a client that connects as soon as the URL is printed is queued, never refused."""
+    the load, and a client that connects as soon as the URL is printed is queued, never refused.
+
+    SIGTERM or Ctrl-C: the answers in progress end at once (their clients get 503, or an error event
+    in a stream), open connections get SHUTDOWN_GRACE_S seconds to close, then the process exits."""
     import uvicorn
 
     from selfsteer.agents.local_llm import get_local_engine
@@ -410,12 +698,23 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | Non
     port = sock.getsockname()[1]  # port 0 picks a free one
     print("loading the embedded model ...", flush=True)
     engine = get_local_engine()  # before serving: the first request must not wait for the load
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, max_tokens_cap=max_tokens_cap)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # Signal-safe: only sets a flag, which the engine's worker reads between decode steps.
+            engine.close(timeout=0, cancel=True, reason="the server is shutting down")
+
     shown = f"[{host}]" if ":" in host else host
     print(
-        f"OpenAI-compatible API on http://{shown}:{port}/v1 (model {DEFAULT_MODEL_NAME}); Ctrl-C stops it",
+        f"OpenAI-compatible API on http://{shown}:{port}/v1 (model {DEFAULT_MODEL_NAME}, "
+        f"max_tokens <= {max_tokens_cap}); Ctrl-C stops it",
         flush=True,
     )
     print(f"  point a client at it: --llm openai:smollm2 --base-url http://{shown}:{port}/v1", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[sock])
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close(cancel=True, reason="the server is shutting down")

@@ -8,12 +8,19 @@ import ipaddress
 import os
 import sys
 
+from selfsteer.agents.openai_server import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
+
 API_KEY_ENV = "SELFSTEER_SERVE_API_KEY"
 
 DESCRIPTION = """\
 Serve the embedded model (SmolLM2-135M-Instruct, CPU) with OpenAI's chat API:
 GET /v1/models and POST /v1/chat/completions (streaming, response_format json_object and
 json_schema, which the server's grammar makes valid by construction). Any model name is accepted.
+The OpenAPI document is at /openapi.json.
+
+Answers in progress are decoded together, so a short one never waits for a long one; an answer
+whose client disconnects stops at once; SIGTERM or Ctrl-C ends the answers in progress (their
+clients get 503) and exits within seconds.
 """
 
 EPILOG = f"""\
@@ -46,6 +53,17 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=8008, help="port to listen on (default: 8008)")
     parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS_CAP,
+        metavar="N",
+        help=f"the most tokens one answer may ask for (default: {DEFAULT_MAX_TOKENS_CAP}, about a minute of "
+        "generation on two CPU cores). A request with a larger max_tokens (or max_completion_tokens) is "
+        "refused with 400 invalid_value naming the cap, as OpenAI refuses a max_tokens above a model's "
+        "limit, rather than silently clipped; a request without max_tokens gets N "
+        f"(JSON answers: min(N, {DEFAULT_JSON_MAX_TOKENS}))",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"require `Authorization: Bearer KEY` on every request (default: ${API_KEY_ENV}); "
@@ -66,12 +84,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port {args.port} is not a port number (0-65535)", file=sys.stderr)
         return 2
+    if args.max_tokens < 1:
+        print(f"error: --max-tokens {args.max_tokens} must be at least 1", file=sys.stderr)
+        return 2
 
     from selfsteer.agents.local_llm import ModelNotFoundError
     from selfsteer.agents.openai_server import serve
 
     try:
-        serve(host=args.host, port=args.port, api_key=args.api_key)
+        serve(host=args.host, port=args.port, api_key=args.api_key, max_tokens_cap=args.max_tokens)
     except ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
