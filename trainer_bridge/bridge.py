@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -198,6 +199,9 @@ class Bridge:
 
     def attach(self, trainer: Any) -> Bridge:
         self.trainer = trainer
+        # The Trainer's default hides a NaN or infinite loss behind the mean of the window's others, and a
+        # window of nothing but NaN logs 0.0: a broken run looked perfect. The bridge logs what happened.
+        trainer.args.logging_nan_inf_filter = False
         trainer.add_callback(self.callback)
         return self
 
@@ -397,6 +401,20 @@ class Bridge:
         self._last_metrics.update(finite)
         if self.server is not None:
             self.server.hub.publish_point({"step": state.global_step, "branch": branch, "values": finite})
+        if broken := {k: v for k, v in values.items() if not math.isfinite(v)}:
+            # Stored as it is (NaN as NULL, an infinity as itself), sent as null; and said out loud, now.
+            text = ", ".join(f"{k} {v}" for k, v in broken.items()) + f" at step {state.global_step}"
+            log.warning("not finite on branch %s: %s", branch, text)
+            self.publish(
+                {
+                    "event": "warning",
+                    "kind": "not_finite",
+                    "step": state.global_step,
+                    "branch": branch,
+                    "metrics": {k: str(v) for k, v in broken.items()},  # "nan", "inf", "-inf"
+                    "text": f"not finite: {text} on branch {branch}",
+                }
+            )
 
     def on_trainer_save(self, ctx: StepContext) -> None:
         # The Trainer's own checkpoints (save_steps) go into the journal too, so they can be loaded.
@@ -502,9 +520,13 @@ class Bridge:
         else:
             if self.is_main:
                 try:
-                    self._journal(uuid, "success", result=result)
-                except StoreError as exc:  # e.g. a result that is not JSON
-                    self._journal(uuid, "failed", error=f"applied, but the result was not stored: {exc}")
+                    self._journal(uuid, "success", result=result)  # NaN in it is stored as null
+                except StoreError as exc:
+                    # Not JSON at all (a custom handler's object): it was applied all the same, and the
+                    # journal must say so, or a replay would not apply it.
+                    log.error("command %s (%s): result not stored: %s", uuid, command["type"], exc)
+                    with contextlib.suppress(StoreError):  # moved on elsewhere: that row stands
+                        self._journal(uuid, "success", error=f"applied; its result was not stored: {exc}")
             return
         log.warning("command %s (%s) failed at step %s: %s", uuid, command["type"], ctx.step, error)
         if self.is_main:

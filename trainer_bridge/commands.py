@@ -16,7 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import StepContext
@@ -33,12 +41,107 @@ class CommandError(RuntimeError):
 # -----------------------------------------------------------------------------
 # argument models: strict (no "0.1" for 0.1, no true for 1.0), finite, no unknown keys
 
-Positive = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
-Beta = Annotated[float, Field(strict=True, ge=0, lt=1, allow_inf_nan=False)]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN)]
 COMMAND_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"  # command types: identifiers, nothing path-like
+
+
+def bounded(low: float, high: float, why: str) -> Any:
+    """The type of a finite float in [low, high]; `why` is the reason for the bounds, shown in the OpenAPI."""
+    return Annotated[float, Field(strict=True, ge=low, le=high, allow_inf_nan=False, description=why)]
+
+
+# The bounds of the optimizer settings: where training can still work. A value outside them was never
+# a setting anyone meant, and some break a run for good while it keeps logging (eps=5e-324 is 0 in
+# float32, then betas=[0, 0] gave 0/0 = NaN in every weight with a zero gradient). Measured on the tiny
+# recipe (1500 steps from the start, every setting at its bound): every loss finite.
+LR_BOUNDS = (1e-8, 1.0)
+WEIGHT_DECAY_BOUNDS = (0.0, 1.0)
+BETA_BOUNDS = (0.0, 0.9999)
+EPS_BOUNDS = (1e-12, 1.0)
+MOMENTUM_BOUNDS = (0.0, 0.99)
+MAX_GRAD_NORM_BOUNDS = (1e-3, 1e4)  # or 0: no clipping
+
+Lr = bounded(
+    *LR_BOUNDS,
+    "Learning rate. At least 1e-8: an Adam-type step moves a weight by about lr, and below 1e-8 that is "
+    "lost in float32 rounding (the run stops learning without saying so); a rescaled schedule also divides "
+    "by the current lr, which must not underflow. At most 1: at 10 the tiny recipe's loss ends at 139 "
+    "(2.3 to 3 at 1).",
+)
+WeightDecay = bounded(
+    *WEIGHT_DECAY_BOUNDS,
+    "Weight decay (of the groups that decay). At most 1: with lr <= 1 a decoupled decay step multiplies "
+    "weights by 1 - lr * weight_decay, which then stays in [0, 1]; more flips and grows them (1.8e308 "
+    "makes it -inf).",
+)
+Beta = bounded(
+    *BETA_BOUNDS,
+    "Moment decay rate. At most 0.9999 (a memory of about 10,000 steps): at 1 the moment never forgets.",
+)
+# Adam's step m / (sqrt(v) + eps) stays bounded while beta1 ** 2 <= beta2 (Kingma & Ba); past it the first
+# moment outgrows the second (measured: betas [0.9, 0] gave NaN at step 12 of the tiny recipe). JSON Schema
+# cannot relate two items, so the rule is a staircase just inside that curve, in the OpenAPI and here alike:
+# (beta1 up to, beta2 at least).
+BETA_STAIRS = ((0.0, 0.0), (0.5, 0.25), (0.9, 0.81), (0.95, 0.9025), (0.99, 0.9801), (0.9999, 0.9998))
+
+
+def _beta2_floor(beta1: float) -> float:
+    return next(floor for top, floor in BETA_STAIRS if beta1 <= top)
+
+
+def _betas_fit(betas: tuple[float, float]) -> tuple[float, float]:
+    beta1, beta2 = betas
+    if beta2 < (floor := _beta2_floor(beta1)):
+        raise ValueError(
+            f"with beta1 = {beta1}, beta2 must be at least {floor}: Adam's step stays bounded only while "
+            "beta1 ** 2 <= beta2"
+        )
+    return betas
+
+
+def _betas_schema() -> dict:
+    def number(low: float, high: float) -> dict:
+        return {"type": "number", "minimum": low, "maximum": high}
+
+    stairs, low = [], BETA_BOUNDS[0]
+    for top, floor in BETA_STAIRS:
+        stairs.append({"prefixItems": [number(low, top), number(floor, BETA_BOUNDS[1])]})
+        low = top
+    return {
+        "type": "array",
+        "minItems": 2,
+        "maxItems": 2,
+        "anyOf": stairs,
+        "description": "[beta1, beta2]: each in [0, 0.9999] (at 1 a moment never forgets), and beta2 at least "
+        "the floor of beta1's stair ("
+        + ", ".join(f"beta1 <= {t}: beta2 >= {f}" for t, f in BETA_STAIRS)
+        + "), a staircase inside beta1 ** 2 <= beta2, where Adam's step stays bounded (betas [0.9, 0] gave "
+        "NaN after 12 steps).",
+    }
+
+
+Betas = Annotated[tuple[Beta, Beta], AfterValidator(_betas_fit), WithJsonSchema(_betas_schema())]
+Eps = bounded(
+    *EPS_BOUNDS,
+    "Adam's epsilon. At least 1e-12, a normal float32 number: below about 1.4e-45 it is 0 in float32, and a "
+    "weight whose gradient is 0 then gets 0/0 = NaN. At most 1: beyond, the step is lr * m / eps and "
+    "barely moves.",
+)
+Momentum = bounded(
+    *MOMENTUM_BOUNDS,
+    "SGD momentum. At most 0.99, which already multiplies the step by 100 (1 / (1 - momentum)); at 1 the "
+    "velocity never decays.",
+)
+ClipOff = Annotated[
+    float,
+    Field(strict=True, ge=0, le=0, description="0 turns gradient clipping off (as in TrainingArguments)."),
+]
+ClipNorm = bounded(
+    *MAX_GRAD_NORM_BOUNDS,
+    "Clip the gradient norm to this. At least 1e-3: a smaller norm scales every gradient toward 0 and the "
+    "run stops learning (1e-300 is 0 in float32); at most 1e4, beyond which it clips nothing: use 0.",
+)
 
 
 class Args(BaseModel):
@@ -49,12 +152,27 @@ class NoArgs(Args):
     pass
 
 
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps", "momentum")
+
+
 class SetOptimizerArgs(Args):
-    lr: Annotated[float, Field(strict=True, gt=0, le=100, allow_inf_nan=False)] | None = None
-    weight_decay: NonNegative | None = None
-    betas: tuple[Beta, Beta] | None = None
-    eps: Positive | None = None
-    momentum: Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] | None = None
+    """At least one of lr, weight_decay, betas, eps, momentum; each inside its bounds. A setting is left out
+    to keep it (null is not a value)."""
+
+    model_config = ConfigDict(
+        # What the validator below says, for the OpenAPI: at least one setting; schedule only with lr.
+        json_schema_extra={
+            "anyOf": [{"required": [name]} for name in OPTIMIZER_SETTINGS],
+            "dependentRequired": {"schedule": ["lr"]},
+        }
+    )
+
+    # Not nullable: the default None means "not given"; an explicit null is refused.
+    lr: Lr = None
+    weight_decay: WeightDecay = None
+    betas: Betas = None
+    eps: Eps = None
+    momentum: Momentum = None
     # How a new lr meets the LR schedule (trainer_bridge/optim.py): "scale" the remaining schedule so it
     # passes through the new value, or hold the lr "constant" at it whatever the scheduler says.
     schedule: Literal["scale", "constant"] = "scale"
@@ -69,7 +187,7 @@ class SetOptimizerArgs(Args):
 
 
 class SetMaxGradNormArgs(Args):
-    value: NonNegative  # 0 turns clipping off, as in TrainingArguments
+    value: ClipOff | ClipNorm
 
 
 class SaveCheckpointArgs(Args):
@@ -78,7 +196,8 @@ class SaveCheckpointArgs(Args):
 
 class LoadCheckpointArgs(Args):
     checkpoint: Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
-    branch: Name | None = None
+    # The validator's rule, for the OpenAPI too.
+    branch: Name | None = Field(None, json_schema_extra={"not": {"const": "main"}})
 
     @model_validator(mode="after")
     def _not_main(self) -> LoadCheckpointArgs:

@@ -1,74 +1,459 @@
 """The control server: FastAPI + uvicorn in a daemon thread of the training process.
 
     GET  /api/state                     where the run is (step, phase, branch, optimizer, last metrics)
-    GET  /api/metrics?since=STEP        stored metrics after STEP (optionally &branch=, &name=)
-    POST /api/commands                  {"type", "args", "source"} -> {uuid, status, step}; 422/409
+    GET  /api/metrics?since=STEP        stored metrics after STEP (optionally &branch=, &name=, &points=)
+    POST /api/commands                  {"type", "args", "source", "idempotency_key"} -> {uuid, status, step,
+                                        repeated}; 422 (not a command of this run), 409 (the run is over)
     GET  /api/commands[/{uuid}]         the journal (404 for a uuid of no command of this run)
     GET  /api/command-types             what can be sent, with JSON schemas of the args
     GET  /api/checkpoints, /api/branches
     GET  /api/decisions?after_id=N      the supervisor's decisions on this run (written to the store)
-    WS   /api/events                    JSON events: metrics (batched points), command changes, state changes
+    WS   /api/events                    JSON events: metrics (batched points), command changes, state
+                                        changes, warnings (a NaN or infinite loss or gradient norm)
     GET  /api/info                      {mode: "live" | "history", run_id, version}
     GET  /api/runs[/{id}[/metrics|decisions|commands|branches|checkpoints]]   every run in the store
     GET  /                              the dashboard (React, built by scripts/install.sh)
 
+The OpenAPI (/openapi.json, /docs) is the contract: every route declares its response model and its error
+responses, and POST /api/commands takes one request body per registered command type (its `args` model),
+so what fits the schema is accepted and what does not is refused with 422 (FastAPI's list of errors).
+
+Lists that grow with a run come in pages: metrics, commands and decisions take `limit` (at most
+METRICS_PAGE or LIST_PAGE, the default) and a cursor (`since` a step, `after` a command's uuid,
+`after_id` a decision's id). A full page carries a `Link: <...>; rel="next"` header with the URL of the
+next one; a page without it is the last. A metrics page never splits a step, so `since` = the page's last
+step is where the next one starts; `points=N` down-samples metrics for charts (see Store.get_metrics).
+
 The training thread never waits on a client: events are handed to the server's event loop with one
 non-blocking call, and each subscriber has a bounded queue that drops its oldest events when the client
 is slow. Binding anything but loopback requires a bearer token; CORS allows only the served origin.
+A request body over MAX_BODY_BYTES is refused (413) before anyone reads it, and no error quotes more than
+ECHO_CHARS characters of what a client sent.
 The dashboard's own files (`/`, `/assets/*`) load without the token: they hold no data, and the page asks
 for the token before it reads anything.
 
 `create_history_app(store)` serves the store's runs without a live run (`selfsteer dashboard`).
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
+import copy
 import hmac
 import ipaddress
 import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from urllib.parse import parse_qsl
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi import (
+    APIRouter,
+    Body,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    Security,
+    WebSocket,
+    WebSocketDisconnect,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyQuery, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfsteer import dashboard
-from selfsteer.trainer_bridge.commands import InvalidCommand
-from selfsteer.trainer_bridge.store import Store, json_number
+from selfsteer.trainer_bridge.commands import CommandRegistry, InvalidCommand, dump_args
+from selfsteer.trainer_bridge.store import COMMAND_STATUSES, Store, json_number
 
 if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import Bridge
 
 EVENT_QUEUE_SIZE = 1000
 LISTEN_BACKLOG = 2048  # uvicorn's own default
+MAX_BODY_BYTES = 64 * 1024  # a command is well under 1 KiB; a custom one gets room, a 50 MB upload does not
+ECHO_CHARS = 200  # the most of a client's input an error message may quote
+METRICS_PAGE = 10_000  # rows (about 1 MB of JSON): the default and the most a page of metrics holds
+LIST_PAGE = 1_000  # commands or decisions a page holds at most (and by default)
+MAX_INT = 2**53 - 1  # steps and ids fit a JavaScript number (and SQLite's 64-bit integers)
+
+# -----------------------------------------------------------------------------
+# the API's types: what every route answers
 
 
-class CommandRequest(BaseModel):
+class ApiModel(BaseModel):
+    """A response: what it declares is what goes out (a row's other columns stay in the store)."""
+
+
+# JSON has no NaN or Infinity: a float that may be one (a metric, an lr logged by a supervisor) is null there.
+Number = Annotated[float | None, PlainSerializer(json_number)]
+Id = Annotated[str, Field(max_length=200)]
+
+
+class ErrorDetail(ApiModel):
+    detail: str = Field(description="Why, in words.")
+
+
+class Info(ApiModel):
+    mode: Literal["live", "history"]
+    run_id: str | None
+    version: str
+
+
+class OptimizerState(ApiModel):
+    model_config = ConfigDict(extra="allow")  # what an optimizer has: AdamW no momentum, SGD no betas
+    name: str
+    lr: Number = None
+    weight_decay: Number = None
+    betas: list[Number] | None = None
+    eps: Number = None
+    momentum: Number = None
+
+
+class RunState(ApiModel):
+    model_config = ConfigDict(extra="allow")  # the bridge's snapshot may say more than this
+    step: int
+    max_steps: int | None = None
+    epoch: Number = None
+    max_grad_norm: Number = None
+    branch: str
+    optimizer: OptimizerState | None = None
+    run_id: str | None
+    phase: str = Field(description="created, running, then finished, stopped or failed")
+    paused: bool
+    url: str | None
+    world_size: int
+    metrics: dict[str, Number] = Field(description="The latest value of each metric; null: NaN or infinite.")
+
+
+class MetricRow(ApiModel):
+    id: int
+    run_id: str
+    branch: str
+    step: int
+    name: str
+    value: Number = Field(description="null where the logged value was NaN or infinite")
+    time: float
+
+
+class CommandRow(ApiModel):
+    """A row of the journal."""
+
+    uuid: str
+    run_id: str
+    type: str
+    args: dict[str, Any]
+    source: str
+    status: Literal[COMMAND_STATUSES]  # type: ignore[valid-type]
+    created_at: float
+    updated_at: float
+    step: int | None = Field(description="the step it took effect (running, success)")
+    result: Any = Field(description="what the handler returned (NaN or infinite numbers as null)")
+    error: str | None
+    idempotency_key: str | None = None
+
+
+class Accepted(ApiModel):
+    uuid: str
+    status: Literal[COMMAND_STATUSES]  # type: ignore[valid-type]
+    step: int = Field(description="the run's step when it was journaled")
+    repeated: bool = Field(
+        description="true: a repeat under an idempotency key, and this is the first command"
+    )
+
+
+class CommandType(ApiModel):
+    type: str
+    description: str
+    args_schema: dict[str, Any]
+
+
+class Checkpoint(ApiModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    path: str
+    step: int
+    branch: str
+    source: str
+    uuid: str
+
+
+class Branch(ApiModel):
+    name: str
+    parent: str | None
+    checkpoint: str | None
+    checkpoint_step: int | None
+    fork_step: int | None
+    uuid: str | None
+
+
+class Decision(ApiModel):
+    """A supervisor's decision (its observation stays in the store: `selfsteer decisions export`)."""
+
+    id: int
+    run_id: str
+    step: int
+    agent: str
+    strategy: str | None
+    model: str | None
+    raw_output: str | None
+    action: str
+    explanation: str
+    lr_before: Number
+    lr_after: Number
+    latency_s: Number
+    fallback: bool
+    created_at: float
+    outcome: Any
+    key: str | None = None
+
+
+class Run(ApiModel):
+    id: str
+    name: str
+    kind: str
+    status: str
+    parent_run_id: str | None
+    created_at: float
+    finished_at: float | None
+    summary: Any
+    pid: int | None = None
+    host: str | None = None
+
+
+class RunDetail(Run):
+    config: Any
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorDetail, "description": description}
+
+
+NOT_FOUND = {404: _error("No such run or command.")}
+NEXT_PAGE = {
+    200: {
+        "headers": {
+            "Link": {
+                "description": 'On a full page: `<URL of the next page>; rel="next"`. No Link: the last page.',
+                "schema": {"type": "string"},
+            }
+        }
+    }
+}
+
+# -----------------------------------------------------------------------------
+# the body of POST /api/commands: one model per registered command type
+
+
+class CommandBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
-    args: dict[str, Any] = Field(default_factory=dict)
+
     # Who sends it: "human", an agent's name, "api" (the default), ...
     source: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = "api"
-    # A repeat under a key this run has seen returns the first command instead of queueing another.
-    idempotency_key: Annotated[str, Field(strict=True, min_length=1, max_length=200)] | None = None
+    idempotency_key: Annotated[str, Field(strict=True, min_length=1, max_length=200)] | None = Field(
+        None, description="A repeat under a key this run has seen returns the first command (repeated: true)."
+    )
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def command_body(registry: CommandRegistry) -> Any:
+    """The request body of POST /api/commands: `{type, args, source, idempotency_key}` with `args` the
+    registered model of that type, one variant per type. `args` may be left out where `{}` is valid."""
+    names = sorted(registry.specs)
+    known = ", ".join(names)
+    variants = []
+    for name in names:
+        spec = registry.specs[name]
+        try:
+            spec.args_model.model_validate({})
+            args_field: Any = Field(default_factory=spec.args_model)
+        except ValueError:
+            args_field = ...
+        model = create_model(
+            "".join(part.title() for part in name.split("_")) + "Command",
+            __base__=CommandBody,
+            __doc__=spec.description or None,
+            type=(Literal[name], ...),
+            args=(spec.args_model, args_field),
+        )
+        variants.append(Annotated[model, Tag(name)])
+
+    def type_of(body: Any) -> str | None:
+        kind = body.get("type") if isinstance(body, dict) else getattr(body, "type", None)
+        return kind if isinstance(kind, str) and kind in registry.specs else None
+
+    return Annotated[
+        Union[tuple(variants)],  # noqa: UP007 - a Union built at run time
+        Discriminator(
+            type_of,
+            custom_error_type="unknown_command",
+            custom_error_message=f"unknown command type, or none: a command is an object whose type is one "
+            f"of {known}",
+        ),
+    ]
+
+
+class CommandBodies:
+    """The body of POST /api/commands for the registry the bridge has now (a command may be registered, or
+    the registry replaced, once the server runs): its validator and its OpenAPI schema, both rebuilt when
+    the registry changes, so the server and the bridge never disagree on what a command is."""
+
+    def __init__(self, get_registry: Callable[[], CommandRegistry]):
+        self.get_registry = get_registry
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._adapter: TypeAdapter | None = None
+
+    def adapter(self) -> TypeAdapter:
+        registry = self.get_registry()
+        key = tuple(
+            (name, spec.args_model, spec.description) for name, spec in sorted(registry.specs.items())
+        )
+        with self._lock:
+            if key != self._key or self._adapter is None:
+                self._adapter, self._key = TypeAdapter(command_body(registry)), key
+            return self._adapter
+
+    def validate(self, body: Any) -> Any:
+        try:
+            return self.adapter().validate_python(body)
+        except ValidationError as exc:
+            errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+            raise RequestValidationError(errors) from None
+
+    def document(self, openapi: dict) -> None:
+        """Puts the body, and the models it names, into an OpenAPI document (changed in place)."""
+        body = self.adapter().json_schema(ref_template="#/components/schemas/{model}")
+        openapi.setdefault("components", {}).setdefault("schemas", {}).update(body.pop("$defs", {}))
+        operation = openapi["paths"]["/api/commands"]["post"]
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+
+
+def fit_to_optimizer(openapi: dict, optimizer: dict | None) -> None:
+    """The OpenAPI of a run whose optimizer exists: set_optimizer offers only the settings it has (AdamW no
+    momentum), as the run refuses the others (422). Changes `openapi` in place."""
+    args = openapi.get("components", {}).get("schemas", {}).get("SetOptimizerArgs")
+    if not optimizer or args is None:
+        return
+    missing = [name for name in ("lr", "weight_decay", "betas", "eps", "momentum") if name not in optimizer]
+    for name in missing:
+        args["properties"].pop(name, None)
+    args["anyOf"] = [branch for branch in args.get("anyOf", []) if branch["required"][0] not in missing]
+
+
+# -----------------------------------------------------------------------------
+# paging
+
+
+def _next_page(request: Request, response: Response, **cursor: Any) -> None:
+    url = request.url.include_query_params(**cursor)
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+
+
+Limit = Annotated[
+    int, Query(ge=1, le=LIST_PAGE, description=f"At most this many rows (at most {LIST_PAGE}).")
+]
+
+
+def metrics_page(
+    store: Store,
+    run_id: str,
+    request: Request,
+    response: Response,
+    since: int | None,
+    branch: str | None,
+    names: list[str] | None,
+    limit: int,
+    points: int | None,
+) -> list[dict]:
+    """One page of a run's metrics: whole steps, at most `limit` rows (one step with more comes whole)."""
+    rows = store.get_metrics(run_id, since, names, branch, limit=limit + 1, points=points)
+    if len(rows) > limit:
+        cut = rows[limit]["step"]  # the first step this page cannot hold whole
+        rows = [row for row in rows[:limit] if row["step"] < cut]
+        if not rows:
+            rows = store.get_metrics(run_id, cut - 1, names, branch, until_step=cut, points=points)
+        _next_page(request, response, since=rows[-1]["step"])
+    return rows
+
+
+Since = Annotated[
+    int | None,
+    Query(ge=-1, le=MAX_INT, description="Only steps after this one (a page's last step: the next page)."),
+]
+BranchName = Annotated[str | None, Query(max_length=200)]
+MetricNames = Annotated[
+    list[Annotated[str, Field(max_length=200)]] | None,
+    Query(max_length=100, description="Only these metrics (repeat the parameter).", alias="name"),
+    # `?name=loss` is one name and a list of one alike: the schema says both (schemathesis sends a string).
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": {"type": "string", "maxLength": 200}, "maxItems": 100},
+                {"type": "string", "maxLength": 200},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+MetricsLimit = Annotated[
+    int, Query(ge=1, le=METRICS_PAGE, description=f"At most this many rows (at most {METRICS_PAGE}).")
+]
+Points = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=10_000,
+        description="Down-sample for a chart: the steps cut into this many equal ranges, each keeping per "
+        "series its lowest and highest value and its first NaN, and each series its latest row.",
+    ),
+]
+AfterId = Annotated[int, Query(ge=0, le=MAX_INT, description="Only decisions with a larger id.")]
+After = Annotated[str | None, Query(max_length=200, description="Only commands journaled after this uuid.")]
+Status = Annotated[Literal[COMMAND_STATUSES] | None, Query()]  # type: ignore[valid-type]
+
+
+def decisions_page(
+    store: Store, run_id: str, request: Request, response: Response, after_id: int, limit: int
+):
+    rows = store.list_decisions(run_id, after_id=after_id, limit=limit)
+    if len(rows) == limit:
+        _next_page(request, response, after_id=rows[-1]["id"])
+    return rows
+
+
+def commands_page(
+    store: Store,
+    run_id: str,
+    request: Request,
+    response: Response,
+    status: str | None,
+    after: str | None,
+    limit,
+):
+    rows = store.list_commands(run_id, status, after=after, limit=limit)
+    if len(rows) == limit:
+        _next_page(request, response, after=rows[-1]["uuid"])
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -80,8 +465,8 @@ class EventHub:
 
     Metrics come every step; sending each as its own frame to every subscriber would cost the training
     process (and the subscribers) CPU per step. So metric points are batched: one
-    `{"event": "metrics", "points": [...]}` frame per `interval_s` at most. Command and state events go
-    out at once, after any metrics still waiting, so subscribers see everything in order."""
+    `{"event": "metrics", "points": [...]}` frame per `interval_s` at most. Other events go out at once,
+    after any metrics still waiting, so subscribers see everything in order."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
@@ -130,12 +515,32 @@ class EventHub:
 
 
 # -----------------------------------------------------------------------------
-# auth: a plain ASGI middleware, so it covers HTTP and WebSocket alike
+# plain ASGI middleware: the token (HTTP and WebSocket alike) and the size of a request
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_public(path: str) -> bool:
     """The dashboard's static files: no run data in them, and a browser loads them without headers."""
     return path == "/" or path.startswith("/assets/")
+
+
+def token_of(scope: Scope) -> str:
+    """The bearer token a request carries: `Authorization: Bearer T`, else `?token=T` (percent-decoded)."""
+    headers = dict(scope.get("headers") or [])
+    given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
+    if given:
+        return given
+    # Browsers cannot set headers on a WebSocket or a page load: accept ?token= too.
+    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    return next((value for key, value in query if key == "token"), "")
 
 
 class BearerAuth:
@@ -148,23 +553,106 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         if scope["type"] == "http" and is_public(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
-        if not given:
-            # Browsers cannot set headers on a WebSocket or a page load: accept ?token= too.
-            query = dict(
-                part.split("=", 1)
-                for part in scope.get("query_string", b"").decode().split("&")
-                if "=" in part
-            )
-            given = query.get("token", "")
-        if hmac.compare_digest(given.encode(), self.token.encode()):
+        if hmac.compare_digest(token_of(scope).encode(), self.token.encode()):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
         await response(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses (413) a request whose body is over `limit` bytes: at once by its Content-Length, else
+    while it streams in, before the app reads any of it. What fits is handed on as it came."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client left: the app hears it
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"the request body is over {self.limit} bytes"},
+            status_code=413,
+            headers={"Connection": "close"},  # the rest of the body is not read
+        )
+        await response(scope, receive, send)
+
+
+# -----------------------------------------------------------------------------
+# errors: FastAPI's list form for 422, never more than ECHO_CHARS of the input, a true Allow on 405
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+
+
+def _loc(loc: Any) -> list:
+    return [part if isinstance(part, int) else _clip(str(part)) for part in loc]
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes each error's `input`: a 50 MB `type` came back whole. Where and why suffice.
+    errors = [
+        {
+            "type": str(err.get("type", "")),
+            "loc": _loc(err.get("loc", ())),
+            "msg": _clip(str(err.get("msg", ""))),
+        }
+        for err in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _invalid(exc: InvalidCommand) -> RequestValidationError:
+    """A command this run refuses (an optimizer without that setting, an idempotency key already used for
+    another command), as a 422 of the same form as a body that does not fit the schema."""
+    return RequestValidationError([{"type": "invalid_command", "loc": ("body",), "msg": str(exc)}])
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
+def _http_error(app: FastAPI) -> Callable:
+    async def handler(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route on the path (POST for /api/commands).
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+        return JSONResponse({"detail": _clip(detail)}, status_code=exc.status_code, headers=headers)
+
+    return handler
 
 
 # -----------------------------------------------------------------------------
@@ -181,12 +669,27 @@ def _version() -> str:
 
 
 def _base_app(title: str, origins: list[str], token: str | None, lifespan=None) -> FastAPI:
-    """What every selfsteer server has: CORS to its own origin, the token, the dashboard's files."""
-    app = FastAPI(title=title, lifespan=lifespan)
+    """What every selfsteer server has: CORS to its own origin, the token, the body limit, the error
+    forms, the dashboard's files."""
+    responses: dict = {}
+    dependencies = []
+    if token is not None:
+        responses[401] = _error("Missing or wrong bearer token.")
+        # Declared for the OpenAPI (either one will do); BearerAuth is what checks it.
+        dependencies = [
+            Security(HTTPBearer(auto_error=False, description="Authorization: Bearer TOKEN")),
+            Security(APIKeyQuery(name="token", auto_error=False, description="?token=TOKEN (a WebSocket)")),
+        ]
+    app = FastAPI(
+        title=title, version=_version(), lifespan=lifespan, responses=responses, dependencies=dependencies
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error(app))
     app.add_middleware(
         CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"]
     )
     app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(BodyLimit)  # outermost: a large body is refused before anything reads it
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -195,6 +698,9 @@ def _base_app(title: str, origins: list[str], token: str | None, lifespan=None) 
     if (dashboard.DIST_DIR / "assets").is_dir():
         app.mount("/assets", StaticFiles(directory=dashboard.DIST_DIR / "assets"), name="assets")
     return app
+
+
+RunId = Annotated[str, Path(max_length=200)]
 
 
 def store_router(get_store: Callable[[], Store]) -> APIRouter:
@@ -207,50 +713,63 @@ def store_router(get_store: Callable[[], Store]) -> APIRouter:
         store = get_store()
         run = store.get_run(run_id)
         if run is None:
-            raise HTTPException(404, f"no run {run_id!r} in {store.path}")
+            raise HTTPException(404, f"no run {_clip(repr(run_id))} in {store.path}")
         return run
 
     @router.get("")
-    def list_runs(kind: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+    def list_runs(
+        kind: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="The newest this many runs.")] = 100,
+    ) -> list[Run]:
         runs = get_store().list_runs(kind, limit)
         return [{k: v for k, v in run.items() if k != "config"} for run in runs]
 
-    @router.get("/{run_id}")
-    def get_run(run_id: str) -> dict:
+    @router.get("/{run_id}", responses=NOT_FOUND)
+    def get_run(run_id: RunId) -> RunDetail:
         return run_or_404(run_id)
 
-    @router.get("/{run_id}/metrics")
+    @router.get("/{run_id}/metrics", responses={**NOT_FOUND, **NEXT_PAGE})
     def get_run_metrics(
-        run_id: str,
-        since: Annotated[int | None, Query(ge=-1)] = None,
-        branch: str | None = None,
-        name: Annotated[list[str] | None, Query()] = None,
-    ) -> list[dict]:
+        run_id: RunId,
+        request: Request,
+        response: Response,
+        since: Since = None,
+        branch: BranchName = None,
+        name: MetricNames = None,
+        limit: MetricsLimit = METRICS_PAGE,
+        points: Points = None,
+    ) -> list[MetricRow]:
         run_or_404(run_id)
-        rows = get_store().get_metrics(run_id, since_step=since, branch=branch, names=name)
-        for row in rows:
-            row["value"] = json_number(row["value"])
-        return rows
+        return metrics_page(get_store(), run_id, request, response, since, branch, name, limit, points)
 
-    @router.get("/{run_id}/decisions")
-    def get_run_decisions(run_id: str, after_id: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+    @router.get("/{run_id}/decisions", responses={**NOT_FOUND, **NEXT_PAGE})
+    def get_run_decisions(
+        run_id: RunId, request: Request, response: Response, after_id: AfterId = 0, limit: Limit = LIST_PAGE
+    ) -> list[Decision]:
         run_or_404(run_id)
-        return list_decisions(get_store(), run_id, after_id)
+        return decisions_page(get_store(), run_id, request, response, after_id, limit)
 
-    @router.get("/{run_id}/commands")
-    def get_run_commands(run_id: str) -> list[dict]:
+    @router.get("/{run_id}/commands", responses={**NOT_FOUND, **NEXT_PAGE})
+    def get_run_commands(
+        run_id: RunId,
+        request: Request,
+        response: Response,
+        status: Status = None,
+        after: After = None,
+        limit: Limit = LIST_PAGE,
+    ) -> list[CommandRow]:
         run_or_404(run_id)
-        return get_store().list_commands(run_id)
+        return commands_page(get_store(), run_id, request, response, status, after, limit)
 
-    @router.get("/{run_id}/branches")
-    def get_run_branches(run_id: str) -> list[dict]:
+    @router.get("/{run_id}/branches", responses=NOT_FOUND)
+    def get_run_branches(run_id: RunId) -> list[Branch]:
         from selfsteer.trainer_bridge.checkpoints import list_branches
 
         run_or_404(run_id)
         return list_branches(get_store(), run_id)
 
-    @router.get("/{run_id}/checkpoints")
-    def get_run_checkpoints(run_id: str) -> list[dict]:
+    @router.get("/{run_id}/checkpoints", responses=NOT_FOUND)
+    def get_run_checkpoints(run_id: RunId) -> list[Checkpoint]:
         from selfsteer.trainer_bridge.checkpoints import list_checkpoints
 
         run_or_404(run_id)
@@ -259,29 +778,21 @@ def store_router(get_store: Callable[[], Store]) -> APIRouter:
     return router
 
 
-def list_decisions(store: Store, run_id: str, after_id: int = 0) -> list[dict]:
-    # The observation (the whole metric history the supervisor saw) stays in the store: it is large,
-    # and `selfsteer decisions export` is the way to it.
-    return [
-        {k: v for k, v in row.items() if k != "observation"}
-        for row in store.list_decisions(run_id)
-        if row["id"] > after_id
-    ]
-
-
 def create_history_app(store: Store, origins: list[str], token: str | None) -> FastAPI:
     """The dashboard over a store with no live run: past runs, their metrics, decisions and journals."""
     app = _base_app("selfsteer history", origins, token)
 
     @app.get("/api/info")
-    def get_info() -> dict:
-        return {"mode": "history", "run_id": None, "version": _version()}
+    def get_info() -> Info:
+        return Info(mode="history", run_id=None, version=_version())
 
     app.include_router(store_router(lambda: store))
     return app
 
 
-def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | None) -> FastAPI:
+def create_app(bridge: "Bridge", hub: EventHub, origins: list[str], token: str | None) -> FastAPI:
+    from selfsteer.trainer_bridge.bridge import RunFinished
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.loop = asyncio.get_running_loop()
@@ -289,62 +800,87 @@ def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | N
         hub.loop = None
 
     app = _base_app("selfsteer control server", origins, token, lifespan)
+    bodies = CommandBodies(lambda: bridge.registry)
 
     # The handlers are plain `def`: FastAPI runs them in its thread pool, so SQLite reads never block
     # the event loop (and the WebSocket fan-out with it).
 
     @app.get("/api/info")
-    def get_info() -> dict:
-        return {"mode": "live", "run_id": bridge.run_id, "version": _version()}
+    def get_info() -> Info:
+        return Info(mode="live", run_id=bridge.run_id, version=_version())
 
-    @app.get("/api/decisions")
-    def get_decisions(after_id: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
-        return list_decisions(bridge.store, bridge.run_id, after_id)
+    @app.get("/api/decisions", responses=NEXT_PAGE)
+    def get_decisions(
+        request: Request, response: Response, after_id: AfterId = 0, limit: Limit = LIST_PAGE
+    ) -> list[Decision]:
+        return decisions_page(bridge.store, bridge.run_id, request, response, after_id, limit)
 
-    @app.get("/api/state")
-    def get_state() -> dict:
+    @app.get("/api/state", response_model_exclude_unset=True)
+    def get_state() -> RunState:
         return bridge.state()
 
-    @app.get("/api/metrics")
+    @app.get("/api/metrics", responses=NEXT_PAGE)
     def get_metrics(
-        since: Annotated[int | None, Query(ge=-1)] = None,
-        branch: str | None = None,
-        name: Annotated[list[str] | None, Query()] = None,
-    ) -> list[dict]:
-        return bridge.metrics(since=since, branch=branch, names=name)
+        request: Request,
+        response: Response,
+        since: Since = None,
+        branch: BranchName = None,
+        name: MetricNames = None,
+        limit: MetricsLimit = METRICS_PAGE,
+        points: Points = None,
+    ) -> list[MetricRow]:
+        return metrics_page(
+            bridge.store, bridge.run_id, request, response, since, branch, name, limit, points
+        )
 
-    @app.post("/api/commands")
-    def post_command(request: CommandRequest) -> dict:
-        from selfsteer.trainer_bridge.bridge import RunFinished
-
+    @app.post(
+        "/api/commands",
+        responses={
+            400: _error("The body is not JSON."),
+            409: _error("The run is over: nothing more is applied."),
+            413: _error(f"The body is over {MAX_BODY_BYTES} bytes."),
+        },
+    )
+    def post_command(
+        body: Annotated[Any, Body(description="One of the command types: see the schema.")],
+    ) -> Accepted:
+        command = bodies.validate(body)
         try:
-            return bridge.submit(request.type, request.args, request.source, request.idempotency_key)
+            return bridge.submit(
+                command.type, dump_args(command.args), command.source, command.idempotency_key
+            )
         except InvalidCommand as exc:
-            raise HTTPException(422, str(exc)) from None
+            raise _invalid(exc) from None
         except RunFinished as exc:
             raise HTTPException(409, str(exc)) from None
 
-    @app.get("/api/commands")
-    def get_commands(status: str | None = None) -> list[dict]:
-        return bridge.commands(status=status)
+    @app.get("/api/commands", responses=NEXT_PAGE)
+    def get_commands(
+        request: Request,
+        response: Response,
+        status: Status = None,
+        after: After = None,
+        limit: Limit = LIST_PAGE,
+    ) -> list[CommandRow]:
+        return commands_page(bridge.store, bridge.run_id, request, response, status, after, limit)
 
-    @app.get("/api/commands/{uuid}")
-    def get_command(uuid: str) -> dict:
+    @app.get("/api/commands/{uuid}", responses=NOT_FOUND)
+    def get_command(uuid: Annotated[str, Path(max_length=200)]) -> CommandRow:
         try:
             return bridge.command(uuid)
         except KeyError:
-            raise HTTPException(404, f"no command {uuid!r} in run {bridge.run_id}") from None
+            raise HTTPException(404, f"no command {_clip(repr(uuid))} in run {bridge.run_id}") from None
 
     @app.get("/api/command-types")
-    def get_command_types() -> list[dict]:
+    def get_command_types() -> list[CommandType]:
         return bridge.registry.describe()
 
     @app.get("/api/checkpoints")
-    def get_checkpoints() -> list[dict]:
+    def get_checkpoints() -> list[Checkpoint]:
         return bridge.list_checkpoints()
 
     @app.get("/api/branches")
-    def get_branches() -> list[dict]:
+    def get_branches() -> list[Branch]:
         return bridge.list_branches()
 
     app.include_router(store_router(lambda: bridge.store))
@@ -370,6 +906,15 @@ def create_app(bridge: Bridge, hub: EventHub, origins: list[str], token: str | N
         finally:
             hub.subscribers.discard(queue)
 
+    routes_openapi = app.openapi  # FastAPI's, built once from the routes and cached
+
+    def openapi() -> dict:
+        document = copy.deepcopy(routes_openapi())
+        bodies.document(document)
+        fit_to_optimizer(document, bridge.state().get("optimizer"))
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -417,7 +962,7 @@ def bind(host: str, port: int) -> tuple[socket.socket, str, list[str]]:
 class ControlServer:
     def __init__(
         self,
-        bridge: Bridge,
+        bridge: "Bridge",
         host: str = "127.0.0.1",
         port: int = 7007,
         token: str | None = None,

@@ -313,13 +313,29 @@ def _decode(table: str, row: dict) -> dict:
     return row
 
 
-def _json(value: Any, what: str) -> str | None:
+def _json(value: Any, what: str, nan_as_null: bool = False) -> str | None:
+    """JSON text for a column. JSON has no NaN or Infinity: they are refused, or with `nan_as_null`
+    (what a command's result gets: a handler's outcome is a fact, an evaluation may well give NaN)
+    stored as null."""
     if value is None:
         return None
+    if nan_as_null:
+        value = _finite_or_null(value)
     try:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"{what} must be JSON (no NaN or Infinity, no custom objects): {exc}") from exc
+
+
+def _finite_or_null(value: Any) -> Any:
+    """The value with every NaN or infinite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _text(value: Any, what: str) -> str:
@@ -614,12 +630,25 @@ class Store:
         since_step: int | None = None,
         names: Iterable[str] | None = None,
         branch: str | None = None,
+        *,
+        until_step: int | None = None,
+        limit: int | None = None,
+        points: int | None = None,
     ) -> list[dict]:
-        """Metrics of a run ordered by (step, id). since_step: only steps strictly after it."""
+        """Metrics of a run ordered by (step, id). since_step: only steps strictly after it; until_step:
+        only steps up to it; limit: the first `limit` rows.
+
+        points: down-sampled for a chart. The selected steps are cut into `points` ranges of equal width;
+        in each range a series (branch, name) keeps its row of lowest and of highest value (a spike stays
+        visible), its first NaN or infinite row, and each series its latest row: at most 3 * points + 1
+        rows a series, and every row one that was logged."""
         where, args = ["run_id = ?"], [run_id]
         if since_step is not None:
             where.append("step > ?")
             args.append(_int(since_step, "since_step"))
+        if until_step is not None:
+            where.append("step <= ?")
+            args.append(_int(until_step, "until_step"))
         if names is not None:
             names = [names] if isinstance(names, str) else list(names)
             where.append(f"name IN ({', '.join('?' * len(names))})")
@@ -627,10 +656,35 @@ class Store:
         if branch is not None:
             where.append("branch = ?")
             args.append(branch)
+        selected = " AND ".join(where)
+        tail = ""
+        if limit is not None:
+            tail = f" LIMIT {_int(limit, 'limit')}"
 
         def fn(db: sqlite_utils.Database) -> list[dict]:
-            rows = db["metrics"].rows_where(" AND ".join(where), args, order_by="step, id")
-            return [_decode("metrics", row) for row in rows]
+            sql, sql_args = f"SELECT * FROM metrics WHERE {selected}", list(args)
+            if points is not None:
+                first, last = db.execute(
+                    f"SELECT MIN(step), MAX(step) FROM metrics WHERE {selected}", args
+                ).fetchone()
+                if first is None:
+                    return []
+                width = max(1, -(-(last - first + 1) // _int(points, "points")))  # ceil
+                bucket = f"(step - {int(first)}) / {width}"
+                series = "branch, name"
+                kept = (
+                    f"SELECT id FROM (SELECT id, MIN(value) FROM metrics WHERE {selected} GROUP BY {series}, {bucket})"
+                    f" UNION SELECT id FROM (SELECT id, MAX(value) FROM metrics WHERE {selected}"
+                    f" GROUP BY {series}, {bucket})"
+                    f" UNION SELECT MIN(id) FROM metrics WHERE {selected} AND (value IS NULL OR abs(value) = 9e999)"
+                    f" GROUP BY {series}, {bucket}"
+                    f" UNION SELECT id FROM (SELECT id, MAX(step) FROM metrics WHERE {selected} GROUP BY {series})"
+                )
+                # MIN()/MAX() with a bare column: SQLite takes `id` from the row holding the extreme.
+                sql, sql_args = f"SELECT * FROM metrics WHERE id IN ({kept})", args * 4
+            rows = db.execute(f"{sql} ORDER BY step, id{tail}", sql_args)
+            columns = [c[0] for c in rows.description]
+            return [_decode("metrics", dict(zip(columns, row, strict=True))) for row in rows.fetchall()]
 
         return self._read(fn)
 
@@ -684,7 +738,7 @@ class Store:
         if step is not None:
             changes["step"] = _int(step, "command step")
         if result is not None:
-            changes["result"] = _json(result, "command result")
+            changes["result"] = _json(result, "command result", nan_as_null=True)
         if error is not None:
             changes["error"] = str(error)
 
@@ -708,10 +762,30 @@ class Store:
         rows = self._read(lambda db: self._rows(db, "commands", where, "rowid", 1))
         return rows[0] if rows else None
 
-    def list_commands(self, run_id: str | None, status: str | None = None) -> list[dict]:
-        """Commands of a run (of all runs when run_id is None) in the order they were added."""
+    def list_commands(
+        self,
+        run_id: str | None,
+        status: str | None = None,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
+        """Commands of a run (of all runs when run_id is None) in the order they were added.
+        after: only those added after the command with this uuid (none when no such command); limit:
+        the first `limit` of them."""
         where = {"run_id": run_id, "status": status}
-        return self._read(lambda db: self._rows(db, "commands", where, "created_at, rowid"))
+        if after is None:
+            return self._read(lambda db: self._rows(db, "commands", where, "created_at, rowid", limit))
+        clauses = {column: value for column, value in where.items() if value is not None}
+        after_it = "(created_at, rowid) > (SELECT created_at, rowid FROM commands WHERE uuid = ?)"
+        sql = " AND ".join([*(f"[{column}] = ?" for column in clauses), after_it])
+        args = [*clauses.values(), after]
+        return self._read(
+            lambda db: [
+                _decode("commands", row)
+                for row in db["commands"].rows_where(sql, args, order_by="created_at, rowid", limit=limit)
+            ]
+        )
 
     # ---- supervisor decisions
 
@@ -775,8 +849,23 @@ class Store:
             f"cannot set the outcome of decision {decision_id!r}",
         )
 
-    def list_decisions(self, run_id: str | None = None) -> list[dict]:
-        return self._read(lambda db: self._rows(db, "decisions", {"run_id": run_id}, "created_at, id"))
+    def list_decisions(
+        self, run_id: str | None = None, *, after_id: int | None = None, limit: int | None = None
+    ) -> list[dict]:
+        """Decisions of a run (of all runs when run_id is None) in the order they were made; with
+        after_id or limit (paging) in the order of their ids."""
+        if after_id is None and limit is None:
+            return self._read(lambda db: self._rows(db, "decisions", {"run_id": run_id}, "created_at, id"))
+        where, args = ["id > ?"], [_int(after_id or 0, "after_id")]
+        if run_id is not None:
+            where.append("run_id = ?")
+            args.append(run_id)
+        return self._read(
+            lambda db: [
+                _decode("decisions", row)
+                for row in db["decisions"].rows_where(" AND ".join(where), args, order_by="id", limit=limit)
+            ]
+        )
 
     # ---- self-correction episodes
 

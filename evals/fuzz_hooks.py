@@ -1,0 +1,35 @@
+"""schemathesis hooks for `selfsteer.evals.fuzz_api` (loaded through SCHEMATHESIS_HOOKS): what the fuzzer
+sends to one live run, beyond what the OpenAPI says.
+
+- No `stop`: it ends the run, and the rest of the fuzz would only meet a finished one (409). Its refusals
+  and its effect are tested in tests/test_bridge_api.py and tests/test_exactly_once.py.
+- An idempotency key names one command: a key the fuzzer happens to reuse for a different body is refused
+  (422, as the Idempotency-Key draft says), which no JSON Schema can express. Each key gets a digest of
+  the rest of its body, so a repeat of the same body under the same key is still a repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import schemathesis
+
+KEY_MAX = 200  # CommandBody.idempotency_key's max_length
+
+
+@schemathesis.hook
+def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:
+    body: Any = case.body
+    return not (isinstance(body, dict) and body.get("type") == "stop")
+
+
+@schemathesis.hook
+def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
+    body: Any = case.body
+    if isinstance(body, dict) and isinstance(body.get("idempotency_key"), str) and body["idempotency_key"]:
+        rest = {name: value for name, value in body.items() if name != "idempotency_key"}
+        digest = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        body["idempotency_key"] = f"{body['idempotency_key'][: KEY_MAX - 17]}/{digest}"
+    return case
