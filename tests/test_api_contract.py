@@ -343,3 +343,31 @@ def test_metrics_commands_and_decisions_come_in_pages(tmp_path):
         assert {r["id"] for r in loss if r["value"] in (min(finite), max(finite))} <= kept
         assert loss[-1]["id"] in kept and loss[-1]["value"] is None  # the NaN at step 31, the last row
         client.close()
+
+
+def test_the_clients_read_every_page(idle):
+    """BridgeClient.metrics()/commands() and their async twins return whole lists, page after page, as
+    before pages existed: a supervisor reading a long run's history must not get only its start."""
+    from selfsteer.trainer_bridge.client import AsyncBridgeClient
+    from selfsteer.trainer_bridge.server import LIST_PAGE
+
+    steps = METRICS_PAGE // 2 + 1  # two metrics a step: more rows than one page holds
+    rows = [{"step": s, "name": n, "value": float(s)} for s in range(1, steps + 1) for n in ("loss", "lr")]
+    idle.store.add_metrics(idle.run_id, rows)
+    for _ in range(LIST_PAGE + 1):
+        idle.store.add_command(idle.run_id, "pause", {}, "test")
+    assert "link" in httpx.get(idle.url + "/api/metrics").headers  # more than one page
+
+    with BridgeClient(idle.url) as client:
+        metrics, commands = client.metrics(), client.commands()
+        assert len(client.metrics(since=steps - 1, names=["loss"])) == 1
+
+    async def read():
+        async with AsyncBridgeClient(idle.url) as client:
+            return await client.metrics(), await client.commands()
+
+    import asyncio
+
+    assert asyncio.run(read()) == (metrics, commands)
+    assert [(r["step"], r["name"]) for r in metrics] == [(r["step"], r["name"]) for r in rows]
+    assert len(commands) == LIST_PAGE + 1

@@ -42,6 +42,11 @@ def _raise_for(response: httpx.Response) -> Any:
     raise BridgeHTTPError(response.status_code, detail)
 
 
+def _next_page(response: httpx.Response) -> str | None:
+    """Lists that grow come in pages: a full one names the next in `Link: <URL>; rel="next"`."""
+    return response.links.get("next", {}).get("url")
+
+
 def _ws_url(url: str) -> str:
     return "ws" + url.removeprefix("http") + "/api/events"  # http -> ws, https -> wss
 
@@ -136,9 +141,17 @@ class BridgeClient(_Commands):
     def state(self) -> dict:
         return _raise_for(self.http.get("/api/state"))
 
+    def _every_page(self, path: str, params: dict) -> list:
+        response = self.http.get(path, params=params)
+        rows = _raise_for(response)
+        while url := _next_page(response):
+            response = self.http.get(url)
+            rows += _raise_for(response)
+        return rows
+
     def metrics(self, since: int | None = None, branch: str | None = None, names: list[str] | None = None):
-        params = _drop_none({"since": since, "branch": branch, "name": names})
-        return _raise_for(self.http.get("/api/metrics", params=params))
+        """Every metric row after step `since` (all of them: page after page)."""
+        return self._every_page("/api/metrics", _drop_none({"since": since, "branch": branch, "name": names}))
 
     def send(self, type: str, *, idempotency_key: str | None = None, **args: Any) -> dict:
         """Queues a command; returns {uuid, status, step, repeated} (step: where the run was when it
@@ -146,7 +159,7 @@ class BridgeClient(_Commands):
         return _raise_for(self.http.post("/api/commands", json=self._body(type, args, idempotency_key)))
 
     def commands(self, status: str | None = None) -> list[dict]:
-        return _raise_for(self.http.get("/api/commands", params=_drop_none({"status": status})))
+        return self._every_page("/api/commands", _drop_none({"status": status}))
 
     def command(self, uuid: str) -> dict:
         return _raise_for(self.http.get(f"/api/commands/{uuid}"))
@@ -207,17 +220,25 @@ class AsyncBridgeClient(_Commands):
     async def state(self) -> dict:
         return _raise_for(await self.http.get("/api/state"))
 
+    async def _every_page(self, path: str, params: dict) -> list:
+        response = await self.http.get(path, params=params)
+        rows = _raise_for(response)
+        while url := _next_page(response):
+            response = await self.http.get(url)
+            rows += _raise_for(response)
+        return rows
+
     async def metrics(
         self, since: int | None = None, branch: str | None = None, names: list[str] | None = None
     ):
         params = _drop_none({"since": since, "branch": branch, "name": names})
-        return _raise_for(await self.http.get("/api/metrics", params=params))
+        return await self._every_page("/api/metrics", params)
 
     async def send(self, type: str, *, idempotency_key: str | None = None, **args: Any) -> dict:
         return _raise_for(await self.http.post("/api/commands", json=self._body(type, args, idempotency_key)))
 
     async def commands(self, status: str | None = None) -> list[dict]:
-        return _raise_for(await self.http.get("/api/commands", params=_drop_none({"status": status})))
+        return await self._every_page("/api/commands", _drop_none({"status": status}))
 
     async def command(self, uuid: str) -> dict:
         return _raise_for(await self.http.get(f"/api/commands/{uuid}"))
