@@ -54,7 +54,9 @@ def bounded(low: float, high: float, why: str) -> Any:
 # The bounds of the optimizer settings: where training can still work. A value outside them was never
 # a setting anyone meant, and some break a run for good while it keeps logging (eps=5e-324 is 0 in
 # float32, then betas=[0, 0] gave 0/0 = NaN in every weight with a zero gradient). Measured on the tiny
-# recipe (1500 steps from the start, every setting at its bound): every loss finite.
+# recipe, set through the API at step 1, then 1500 steps: every corner of these bounds (lr 1 with
+# weight decay 1, betas at each end of the staircase, eps at 1e-12 and 1, clipping off, 1e-3 and 1e4)
+# kept every loss and gradient norm finite.
 LR_BOUNDS = (1e-8, 1.0)
 WEIGHT_DECAY_BOUNDS = (0.0, 1.0)
 BETA_BOUNDS = (0.0, 0.9999)
@@ -66,8 +68,9 @@ Lr = bounded(
     *LR_BOUNDS,
     "Learning rate. At least 1e-8: an Adam-type step moves a weight by about lr, and below 1e-8 that is "
     "lost in float32 rounding (the run stops learning without saying so); a rescaled schedule also divides "
-    "by the current lr, which must not underflow. At most 1: at 10 the tiny recipe's loss ends at 139 "
-    "(2.3 to 3 at 1).",
+    "by the current lr, which must not underflow. At most 1, about the largest an SGD run uses; Adam-type "
+    "runs fail long before (the tiny recipe from the start: loss 41 after 1500 steps at lr 1, 409 at 10, "
+    "2.0 at 3e-3).",
 )
 WeightDecay = bounded(
     *WEIGHT_DECAY_BOUNDS,
