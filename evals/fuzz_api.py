@@ -48,17 +48,19 @@ WATCHED = ("loss", "grad_norm", "eval_loss")  # a harmful command shows in these
 
 @dataclass
 class Report:
-    """What one or more schemathesis runs found, read from their NDJSON event reports."""
+    """What one or more schemathesis runs found: counted by the hooks (every response, every failed check),
+    errors from schemathesis's own JSON report."""
 
-    cases: int = 0  # test cases that sent a request
+    cases: int = 0  # test cases that got a response
     server_errors: int = 0  # responses with a 5xx status
-    failures: Counter = field(default_factory=Counter)  # failed checks by check name
+    failures: Counter = field(default_factory=Counter)  # failed checks by failure class
     errors: list[str] = field(default_factory=list)  # what stopped schemathesis (a crash, a dead server)
     statuses: Counter = field(default_factory=Counter)
+    generated: int = 0  # schemathesis's own count of the test cases it generated
 
     @property
     def schema_violations(self) -> int:
-        return self.failures["response_schema_conformance"]
+        return self.failures["JsonSchemaError"]  # ST108 "Response violates schema"
 
     def add(self, other: Report) -> None:
         self.cases += other.cases
@@ -66,32 +68,22 @@ class Report:
         self.failures += other.failures
         self.errors += other.errors
         self.statuses += other.statuses
+        self.generated += other.generated
 
 
-def read_report(path: Path) -> Report:
-    interactions: dict[str, dict] = {}
-    checks: dict[str, list[dict]] = {}
-    errors: list[str] = []
-    for line in path.read_text().splitlines():
-        event = json.loads(line)
-        finished = event.get("ScenarioFinished")
-        if finished is not None:
-            recorder = finished.get("recorder", {})
-            interactions.update(recorder.get("interactions", {}))
-            checks.update(recorder.get("checks", {}))
-        error = event.get("NonFatalError") or event.get("FatalError")
-        if error is not None:
-            errors.append(json.dumps(error)[:500])
-    report = Report(errors=errors)
-    for interaction in interactions.values():
-        response = interaction.get("response")
-        if response is None:
-            continue
-        report.cases += 1
-        report.statuses[response["status_code"]] += 1
-        report.server_errors += response["status_code"] >= 500
-    for results in checks.values():
-        report.failures.update(check["name"] for check in results if check["status"] == "failure")
+def read_report(log: Path, summary: Path) -> Report:
+    report = Report()
+    for line in log.read_text().splitlines() if log.exists() else []:
+        record = json.loads(line)
+        if "status" in record:
+            report.cases += 1
+            report.statuses[record["status"]] += 1
+            report.server_errors += record["status"] >= 500
+        else:
+            report.failures[record["failure"]] += 1
+    document = json.loads(summary.read_text())
+    report.generated = document["test_cases"]["generated"]
+    report.errors = [f"{error['title']} ({error['count']})" for error in document["errors"]]
     return report
 
 
@@ -105,27 +97,28 @@ def schemathesis(
     max_time: float | None,
     seed: int,
 ) -> Report:
-    """One `schemathesis run`, its report read back. It fails (exit 1) on any failed check: the report says
+    """One `schemathesis run`, its findings read back. It exits 1 on any failed check: the report says
     which, so the exit status is not needed."""
-    ndjson = workdir / f"schemathesis-{seed}-{'token' if token else 'no-token'}.ndjson"
+    name = f"schemathesis-{seed}-{'token' if token else 'no-token'}"
+    log, summary = workdir / f"{name}.log", workdir / f"{name}.json"
     command = [sys.executable, "-m", "schemathesis.cli", "run", schema, "--checks", "all"]
     command += ["--max-examples", str(max_examples), "--seed", str(seed), "--workers", "1"]
-    command += ["--generation-database", "none", "--no-color", "--report", "ndjson"]
-    command += ["--report-ndjson-path", str(ndjson)]
+    command += ["--generation-database", "none", "--no-color", "--report", "json"]
+    command += ["--report-json-path", str(summary)]
     if url is not None:
         command += ["--url", url]
     if token is not None:
         command += ["--header", f"Authorization: Bearer {token}"]
     if max_time is not None:
         command += ["--max-time", str(max(1, int(max_time)))]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS, "SELFSTEER_FUZZ_LOG": str(log)}
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-    (workdir / ndjson.with_suffix(".out").name).write_text(done.stdout + done.stderr)
-    if not ndjson.exists():
+    (workdir / f"{name}.out").write_text(done.stdout + done.stderr)
+    if not summary.exists():
         return Report(
             errors=[f"schemathesis exited {done.returncode}: {(done.stdout + done.stderr)[-2000:]}"]
         )
-    return read_report(ndjson)
+    return read_report(log, summary)
 
 
 @dataclass
@@ -154,7 +147,7 @@ class Result:
         harm = ", ".join(f"{name} {n}" for name, n in self.harm.items() if n) or "none"
         return [
             f"cases run:                   {both.cases} ({self.with_token.cases} with the token, "
-            f"{self.without_token.cases} without)",
+            f"{self.without_token.cases} without; schemathesis generated {both.generated})",
             f"5xx responses:               {both.server_errors}",
             f"response-schema violations:  {both.schema_violations}",
             f"other check failures:        {sum(both.failures.values()) - both.schema_violations} ({failures})",
@@ -191,10 +184,10 @@ def harm_done(live, fuzz_started: float) -> dict[str, int]:
     broken = [row for row in rows if row["time"] >= fuzz_started and not math.isfinite(row["value"])]
 
     optimizer = state.get("optimizer") or {}
-    settings = {name: optimizer[name] for name in ("lr", "weight_decay", "betas", "eps", "momentum")}
+    settings = {name: optimizer.get(name) for name in ("lr", "weight_decay", "betas", "eps", "momentum")}
     out_of_bounds = 0
     for name, value in settings.items():
-        if value is None:
+        if value is None:  # this optimizer has none (AdamW: momentum)
             continue
         with contextlib.suppress(ValidationError):
             SetOptimizerArgs.model_validate({name: tuple(value) if name == "betas" else value})
