@@ -124,7 +124,7 @@ def _trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             batch = super()._generate_and_score_completions(inputs)
-            check_reflection_mask(batch, self.eos_token_ids)
+            check_reflection_mask(batch, self.eos_token_ids, self.mask_truncated_completions)
             self.last_batch = {
                 k: batch[k]
                 for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
@@ -134,21 +134,53 @@ def _trainer_class():
     return ReflectionGRPOTrainer
 
 
-def check_reflection_mask(batch: dict, eos_token_ids: Sequence[int]) -> None:
-    """The loss mask (completion_mask) must cover exactly the reflection: a prefix of each completion
-    up to and including its first end-of-turn token, never a prompt position (the prompt is a separate
-    tensor that the loss never sees) nor the padding after the end."""
+def reflection_spans(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """Where each row's reflection is: 1 from the start of the completion up to and including its first
+    end-of-turn token (the whole row when it never ends: a truncated reflection), 0 on the padding
+    after it. Computed from the tokens alone, not from any mask."""
+    is_end = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))
+    ended_before = (is_end.long().cumsum(dim=1) - is_end.long()) > 0  # an end token lies strictly before
+    return (~ended_before).long()
+
+
+def check_reflection_mask(batch: dict, eos_token_ids: Sequence[int], truncated_masked: bool = False) -> None:
+    """The loss must cover exactly the reflection tokens. The mask the loss weights each completion token
+    by (`completion_mask`, times `tool_mask` when there is one: TRL multiplies them) must be 1 on every
+    token of each row's reflection span (`reflection_spans`) and 0 everywhere else: a masked-in token past
+    the end of the reflection would get gradient, and a reflection token masked out would get none. The
+    prompt is a separate tensor that the loss never sees. An all-zero mask trains nothing and is refused
+    too. truncated_masked: TRL's `mask_truncated_completions`, under which a row that never ends is
+    all zero on purpose (a batch of nothing but such rows is still refused)."""
     completion_ids, mask = batch["completion_ids"], batch["completion_mask"]
     if completion_ids.shape != mask.shape:
-        raise AssertionError("completion_mask must have one entry per completion token")
+        raise AssertionError(
+            f"completion_mask {tuple(mask.shape)} must have one entry per completion token {tuple(completion_ids.shape)}"
+        )
+    if batch.get("tool_mask") is not None:
+        mask = mask * batch["tool_mask"]
+    mask = mask.to(completion_ids.device)
+    if not bool((mask != 0).any()):
+        raise AssertionError("the loss mask is all zero: no reflection token would get gradient")
+    spans = reflection_spans(completion_ids, eos_token_ids)
+    ends = torch.as_tensor(list(eos_token_ids), device=completion_ids.device)
+    ended = torch.isin(completion_ids, ends).any(dim=1)  # rows whose reflection has its end token
     for row in range(completion_ids.shape[0]):
-        ids, row_mask = completion_ids[row].tolist(), mask[row].tolist()
-        length = int(sum(row_mask))
-        if row_mask != [1] * length + [0] * (len(ids) - length):
-            raise AssertionError(f"row {row}: the loss mask is not one run from the start of the reflection")
-        end = next((i for i, token in enumerate(ids) if token in eos_token_ids), None)
-        if end is not None and length != end + 1:
-            raise AssertionError(f"row {row}: the loss mask goes past the end of the reflection")
+        weights, span = mask[row], spans[row]
+        if truncated_masked and not bool(ended[row]) and not bool((weights != 0).any()):
+            continue
+        outside = ((weights != 0) & (span == 0)).nonzero().flatten().tolist()
+        if outside:
+            raise AssertionError(
+                f"row {row}: completion positions {outside} lie past the end of the reflection (position "
+                f"{int(span.sum()) - 1}) but are in the loss mask: they would get gradient"
+            )
+        if not bool((weights != 0).any()):
+            raise AssertionError(
+                f"row {row}: the loss mask is all zero: this reflection would get no gradient"
+            )
+        missing = ((weights != 1) & (span == 1)).nonzero().flatten().tolist()
+        if missing:
+            raise AssertionError(f"row {row}: reflection positions {missing} are not fully in the loss mask")
 
 
 class PolicyGenerator:
