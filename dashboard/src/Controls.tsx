@@ -7,14 +7,14 @@ import { ApiError } from "./api";
 import type { BranchColors } from "./colors";
 import { NAME_PATTERN, fmtLr, fmtNum, parseNumber } from "./format";
 import { type LiveRun, isEnded } from "./store";
-import type { Checkpoint } from "./types";
+import type { Bounds, Checkpoint } from "./types";
 
 type Card = "optimizer" | "run" | "checkpoints" | "data";
 type Send = (card: Card, type: string, args: Record<string, unknown>) => Promise<boolean>;
 type Refuse = (card: Card, text: string) => void;
 
-const LOG_MIN = -7;
-const LOG_MAX = 2;
+// Until the server has said its lr bounds (GET /api/command-types), the slider spans this.
+const LOG_RANGE: [number, number] = [-8, 0];
 const NAME_RULE = "letters, digits, '.', '_' or '-' (at most 64, not starting with '.', '_' or '-')";
 
 export function Controls({ run }: { run: LiveRun }) {
@@ -45,6 +45,7 @@ export function Controls({ run }: { run: LiveRun }) {
     <fieldset className="controls-fields" disabled={ended}>
       <OptimizerCard
         lr={run.lr}
+        lrBounds={run.lrBounds}
         weightDecay={state?.optimizer?.weight_decay ?? null}
         clip={state?.max_grad_norm ?? null}
         send={send}
@@ -62,6 +63,7 @@ export function Controls({ run }: { run: LiveRun }) {
 
 interface OptimizerProps {
   lr: number | null;
+  lrBounds: Bounds | null;
   weightDecay: number | null;
   clip: number | null;
   send: Send;
@@ -69,7 +71,7 @@ interface OptimizerProps {
   error: ReactNode;
 }
 
-function OptimizerCard({ lr, weightDecay, clip, send, refuse, error }: OptimizerProps) {
+function OptimizerCard({ lr, lrBounds, weightDecay, clip, send, refuse, error }: OptimizerProps) {
   const [lrText, setLrText] = useState(lr === null ? "" : fmtLr(lr));
   const [wdText, setWdText] = useState("");
   const [clipText, setClipText] = useState("");
@@ -82,10 +84,13 @@ function OptimizerCard({ lr, weightDecay, clip, send, refuse, error }: Optimizer
   const typed = parseNumber(lrText);
   const fallback = lr !== null && lr > 0 ? Math.log10(lr) : -3;
   const slider = typed !== null && typed > 0 ? Math.log10(typed) : fallback;
+  const [logMin, logMax] = lrBounds ? [Math.log10(lrBounds.min), Math.log10(lrBounds.max)] : LOG_RANGE;
 
   const setLr = async (value: number | null, text: string) => {
-    if (value === null || !(value > 0) || value > 100) {
-      return refuse("optimizer", `"${text}" is not a learning rate: enter a number in (0, 100], like 3e-4`);
+    const outside = lrBounds !== null && value !== null && (value < lrBounds.min || value > lrBounds.max);
+    if (value === null || !(value > 0) || outside) {
+      const range = lrBounds ? `in [${fmtLr(lrBounds.min)}, ${fmtLr(lrBounds.max)}]` : "above 0";
+      return refuse("optimizer", `"${text}" is not a learning rate this run takes: enter a number ${range}, like 3e-4`);
     }
     if (await send("optimizer", "set_optimizer", { lr: value })) editing.current = false;
   };
@@ -125,10 +130,10 @@ function OptimizerCard({ lr, weightDecay, clip, send, refuse, error }: Optimizer
           data-testid="lr-slider"
           type="range"
           className="grow"
-          min={LOG_MIN}
-          max={LOG_MAX}
+          min={logMin}
+          max={logMax}
           step={0.01}
-          value={Math.min(LOG_MAX, Math.max(LOG_MIN, slider))}
+          value={Math.min(logMax, Math.max(logMin, slider))}
           aria-label="learning rate (log10)"
           onChange={(e) => {
             editing.current = true;

@@ -1,7 +1,7 @@
 // Past (and present) runs from the store: pick one to see its charts, branches, decisions and journal.
 
 import { useEffect, useMemo, useState } from "react";
-import { ApiError, api, isNotFound, isUnauthorized } from "./api";
+import { ApiError, HISTORY_POINTS, api, isNotFound, isUnauthorized } from "./api";
 import { BranchTree } from "./BranchTree";
 import { ChartGrid } from "./Charts";
 import { glyph } from "./Chart";
@@ -49,7 +49,7 @@ export function History({ onUnauthorized, hidden: offscreen }: { onUnauthorized:
     let current = true;
     setLoading(true);
     setError(null);
-    Promise.all([api.run(selected), api.runMetrics(selected), api.runBranches(selected), api.runDecisions(selected), api.runCommands(selected)])
+    Promise.all([api.run(selected), api.runMetrics(selected, HISTORY_POINTS), api.runBranches(selected), api.runDecisions(selected), api.runCommands(selected)])
       .then(([run, rows, branches, decisions, commands]) => {
         if (!current) return;
         const metrics = new MetricStore();

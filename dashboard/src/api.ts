@@ -2,9 +2,11 @@
 
 import type {
   Accepted,
+  Bounds,
   Branch,
   Checkpoint,
   Command,
+  CommandType,
   Decision,
   Info,
   MetricRow,
@@ -85,7 +87,7 @@ async function detailOf(response: Response): Promise<string> {
   return text.trim() || response.statusText || "request failed";
 }
 
-async function request<T>(path: string, init: RequestInit = {}): Promise<T> {
+async function send(path: string, init: RequestInit = {}): Promise<Response> {
   const headers = new Headers(init.headers);
   const token = getToken();
   if (token) headers.set("Authorization", `Bearer ${token}`);
@@ -96,21 +98,57 @@ async function request<T>(path: string, init: RequestInit = {}): Promise<T> {
     throw new ApiError(0, `cannot reach the server (${init.method ?? "GET"} ${path})`);
   }
   if (!response.ok) throw new ApiError(response.status, await detailOf(response));
-  return (await response.json()) as T;
+  return response;
+}
+
+async function request<T>(path: string, init: RequestInit = {}): Promise<T> {
+  return (await (await send(path, init)).json()) as T;
+}
+
+/** The next page of a list that grows: a full page names it in `Link: <URL>; rel="next"`. */
+function nextPage(response: Response): string | null {
+  const link = response.headers.get("Link");
+  return link?.match(/<([^>]+)>\s*;\s*rel="next"/)?.[1] ?? null;
+}
+
+/** Every row of a paged list (metrics, commands, decisions), page after page. */
+async function getAll<T>(path: string): Promise<T[]> {
+  const rows: T[] = [];
+  let next: string | null = path;
+  while (next !== null) {
+    const response: Response = await send(next);
+    rows.push(...((await response.json()) as T[]));
+    next = nextPage(response);
+  }
+  return rows;
 }
 
 const get = <T>(path: string): Promise<T> => request<T>(path);
 const enc = encodeURIComponent;
 
+/** Charts draw at most a few thousand points a series: a history comes down-sampled (the server keeps each
+ * range's lowest and highest value, its NaN and the latest row), what streams in afterwards comes whole. */
+export const HISTORY_POINTS = 2000;
+
+function metricsPath(base: string, since?: number, points?: number): string {
+  const query = new URLSearchParams();
+  if (since !== undefined) query.set("since", String(since));
+  if (points !== undefined) query.set("points", String(points));
+  const text = query.toString();
+  return text ? `${base}?${text}` : base;
+}
+
 export const api = {
   info: () => get<Info>("/api/info"),
   state: () => get<RunState>("/api/state"),
-  metrics: (since?: number) => get<MetricRow[]>(since === undefined ? "/api/metrics" : `/api/metrics?since=${since}`),
-  commands: () => get<Command[]>("/api/commands"),
+  /** Metric rows after `since`; `points`: down-sampled to about that many ranges of steps. */
+  metrics: (since?: number, points?: number) => getAll<MetricRow>(metricsPath("/api/metrics", since, points)),
+  commands: () => getAll<Command>("/api/commands"),
   command: (uuid: string) => get<Command>(`/api/commands/${enc(uuid)}`),
+  commandTypes: () => get<CommandType[]>("/api/command-types"),
   checkpoints: () => get<Checkpoint[]>("/api/checkpoints"),
   branches: () => get<Branch[]>("/api/branches"),
-  decisions: (afterId = 0) => get<Decision[]>(`/api/decisions?after_id=${afterId}`),
+  decisions: (afterId = 0) => getAll<Decision>(`/api/decisions?after_id=${afterId}`),
   postCommand: (type: string, args: Record<string, unknown>) =>
     request<Accepted>("/api/commands", {
       method: "POST",
@@ -120,11 +158,18 @@ export const api = {
 
   runs: (limit = 100) => get<Run[]>(`/api/runs?limit=${limit}`),
   run: (id: string) => get<Run>(`/api/runs/${enc(id)}`),
-  runMetrics: (id: string) => get<MetricRow[]>(`/api/runs/${enc(id)}/metrics`),
-  runDecisions: (id: string) => get<Decision[]>(`/api/runs/${enc(id)}/decisions`),
-  runCommands: (id: string) => get<Command[]>(`/api/runs/${enc(id)}/commands`),
+  runMetrics: (id: string, points?: number) => getAll<MetricRow>(metricsPath(`/api/runs/${enc(id)}/metrics`, undefined, points)),
+  runDecisions: (id: string) => getAll<Decision>(`/api/runs/${enc(id)}/decisions`),
+  runCommands: (id: string) => getAll<Command>(`/api/runs/${enc(id)}/commands`),
   runBranches: (id: string) => get<Branch[]>(`/api/runs/${enc(id)}/branches`),
 };
+
+/** The bounds of one argument of one command, as the server's schema states them (null: it states none). */
+export function boundsOf(types: readonly CommandType[], type: string, arg: string): Bounds | null {
+  const schema = types.find((t) => t.type === type)?.args_schema.properties?.[arg];
+  if (typeof schema?.minimum !== "number" || typeof schema.maximum !== "number") return null;
+  return { min: schema.minimum, max: schema.maximum };
+}
 
 // -----------------------------------------------------------------------------
 // the event WebSocket

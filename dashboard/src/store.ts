@@ -5,11 +5,11 @@
 // RENDER_MS (a version number through useSyncExternalStore), never per point.
 
 import { useSyncExternalStore } from "react";
-import { ApiError, EventStream, api, isNotFound, isUnauthorized } from "./api";
+import { ApiError, EventStream, HISTORY_POINTS, api, boundsOf, isNotFound, isUnauthorized } from "./api";
 import { BranchColors } from "./colors";
 import { fmtArgs } from "./format";
 import { MetricStore, rowsToPoints } from "./series";
-import type { Branch, Checkpoint, Command, CommandStatus, Decision, MetricPoint, RunState, ServerEvent } from "./types";
+import type { Bounds, Branch, Checkpoint, Command, CommandStatus, Decision, MetricPoint, RunState, ServerEvent } from "./types";
 import { WarningTracker } from "./warnings";
 
 export type Connection = "connecting" | "live" | "reconnecting" | "ended";
@@ -47,6 +47,7 @@ export class LiveRun {
   connection: Connection = "connecting";
   /** The current learning rate: the optimizer's in the last state, or a newer logged learning_rate. */
   lr: number | null = null;
+  lrBounds: Bounds | null = null; // what the server accepts as an lr (its command schema says)
   version = 0;
 
   private readonly onUnauthorized: () => void;
@@ -89,15 +90,17 @@ export class LiveRun {
 
   async start(): Promise<void> {
     try {
-      const [state, rows, branches, checkpoints, commands, decisions] = await Promise.all([
+      const [state, rows, branches, checkpoints, commands, decisions, types] = await Promise.all([
         api.state(),
-        api.metrics(),
+        api.metrics(undefined, HISTORY_POINTS),
         api.branches(),
         api.checkpoints(),
         api.commands(),
         api.decisions(0),
+        api.commandTypes(),
       ]);
       if (this.stopped) return;
+      this.lrBounds = boundsOf(types, "set_optimizer", "lr");
       this.applyState(state, true);
       this.setBranches(branches);
       this.addPoints(rowsToPoints(rows), false);

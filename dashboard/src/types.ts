@@ -115,6 +115,18 @@ export interface Run {
   config?: unknown;
 }
 
+// GET /api/command-types: what a run accepts, with the JSON Schema of each command's args.
+export interface CommandType {
+  type: string;
+  description: string;
+  args_schema: { properties?: Record<string, { minimum?: number; maximum?: number }> };
+}
+
+export interface Bounds {
+  min: number;
+  max: number;
+}
+
 export interface Info {
   mode: "live" | "history";
   run_id: string | null;
