@@ -75,7 +75,7 @@ def read_report(log: Path, summary: Path) -> Report:
     report = Report()
     for line in log.read_text().splitlines() if log.exists() else []:
         record = json.loads(line)
-        if "status" in record:
+        if "failure" not in record:
             report.cases += 1
             report.statuses[record["status"]] += 1
             report.server_errors += record["status"] >= 500

@@ -40,10 +40,11 @@ def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> b
 @schemathesis.hook
 def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
     body: Any = case.body
-    if isinstance(body, dict) and isinstance(body.get("idempotency_key"), str) and body["idempotency_key"]:
+    key = body.get("idempotency_key") if isinstance(body, dict) else None
+    if isinstance(key, str) and 1 <= len(key) <= KEY_MAX:  # a key that breaks the schema stays as it is
         rest = {name: value for name, value in body.items() if name != "idempotency_key"}
         digest = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        body["idempotency_key"] = f"{body['idempotency_key'][: KEY_MAX - 17]}/{digest}"
+        body["idempotency_key"] = f"{key[: KEY_MAX - 17]}/{digest}"
     return case
 
 
@@ -56,5 +57,15 @@ def after_call(
 
 @schemathesis.hook
 def filter_failure(context: schemathesis.HookContext, failure: Any, case: Any, response: Any) -> bool:
-    _log({"failure": type(failure).__name__, "code": failure.code, "operation": failure.operation})
+    sent = {"query": case.query, "body": case.body, "path": case.path_parameters}
+    _log(
+        {
+            "failure": type(failure).__name__,
+            "code": failure.code,
+            "operation": failure.operation,
+            "title": failure.title,
+            "status": getattr(response, "status_code", None),
+            "sent": json.dumps(sent, default=repr)[:1000],
+        }
+    )
     return True  # counted, and kept: schemathesis reports it too
