@@ -166,14 +166,35 @@ def test_bad_input_is_refused_in_the_page_and_nothing_is_sent(tmp_path, open_pag
     with LiveRun(tmp_path, LONG_RUN, gates=[10]) as live:
         live.gate.wait(10)
         page = open_page(live.run.url)
+        posts: list[str] = []  # every command the page sends, whether the server takes it or not
+        page.page.on(
+            "request",
+            lambda r: (
+                posts.append(r.post_data or "") if "/api/commands" in r.url and r.method == "POST" else None
+            ),
+        )
         page.by_id("lr-input").wait_for()
+        error = page.by_id("control-error")
+        assert error.count() == 0  # no error before the first input
         for bad in ("abc", "-1", "0", "1e9"):
             page.by_id("lr-input").fill(bad)
             page.by_id("lr-apply").click()
-            page.by_id("control-error").wait_for()
-            assert page.by_id("control-error").inner_text().strip()
-        assert live.client.commands() == []
+            # The message names this very input: a stale one from the previous input does not match.
+            message = f'"{bad}" is not a learning rate'
+            shown = lambda message=message: error.count() == 1 and error.inner_text().startswith(message)  # noqa: E731
+            page.wait_until(shown, message)
+            assert "like 3e-4" in error.inner_text()  # with what it wants instead
+            assert posts == [] and live.client.commands() == [], (bad, posts)
         page.screenshot("refused")
+
+        # The control: a good value is sent (one POST, one journal row) and the error goes away.
+        page.by_id("lr-input").fill("0.001")
+        page.by_id("lr-apply").click()
+        page.wait_until(lambda: len(live.client.commands()) == 1, "the good value in the journal")
+        page.wait_until(lambda: error.count() == 0, "the error to go")
+        (command,) = live.client.commands()
+        assert command["type"] == "set_optimizer" and command["args"] == {"lr": 0.001}
+        assert len(posts) == 1 and '"lr":0.001' in posts[0].replace(" ", ""), posts
         live.gate.release(10)
         live.client.stop()
         live.join()
