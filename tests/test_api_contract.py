@@ -342,6 +342,9 @@ def test_metrics_commands_and_decisions_come_in_pages(tmp_path):
         kept = {r["id"] for r in thin}
         assert {r["id"] for r in loss if r["value"] in (min(finite), max(finite))} <= kept
         assert loss[-1]["id"] in kept and loss[-1]["value"] is None  # the NaN at step 31, the last row
+        # In pages, a down-sampled history keeps its ranges: every row of the one-page answer comes.
+        paged, pages = follow(client, "/api/metrics", {"points": 3, "name": "loss", "limit": 2})
+        assert len(pages) > 2 and kept <= {r["id"] for r in paged}
         client.close()
 
 

@@ -638,39 +638,41 @@ class Store:
         """Metrics of a run ordered by (step, id). since_step: only steps strictly after it; until_step:
         only steps up to it; limit: the first `limit` rows.
 
-        points: down-sampled for a chart. The selected steps are cut into `points` ranges of equal width;
-        in each range a series (branch, name) keeps its row of lowest and of highest value (a spike stays
-        visible), its first NaN or infinite row, and each series its latest row: at most 3 * points + 1
-        rows a series, and every row one that was logged."""
-        where, args = ["run_id = ?"], [run_id]
+        points: down-sampled for a chart. The steps from 0 to the series' last are cut into `points` ranges
+        of equal width (the same ranges whatever since_step and until_step select, so that pages of one
+        history agree); in each range a series (branch, name) keeps its row of lowest and of highest value
+        (a spike stays visible) and its first NaN or infinite row, and each series its latest row: at most
+        3 * points + 1 rows a series, and every row one that was logged."""
+        series_where, series_args = ["run_id = ?"], [run_id]
+        if names is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            series_where.append(f"name IN ({', '.join('?' * len(names))})")
+            series_args.extend(names)
+        if branch is not None:
+            series_where.append("branch = ?")
+            series_args.append(branch)
+        where, args = list(series_where), list(series_args)
         if since_step is not None:
             where.append("step > ?")
             args.append(_int(since_step, "since_step"))
         if until_step is not None:
             where.append("step <= ?")
             args.append(_int(until_step, "until_step"))
-        if names is not None:
-            names = [names] if isinstance(names, str) else list(names)
-            where.append(f"name IN ({', '.join('?' * len(names))})")
-            args.extend(names)
-        if branch is not None:
-            where.append("branch = ?")
-            args.append(branch)
         selected = " AND ".join(where)
         tail = ""
         if limit is not None:
             tail = f" LIMIT {_int(limit, 'limit')}"
 
         def fn(db: sqlite_utils.Database) -> list[dict]:
-            sql, sql_args = f"SELECT * FROM metrics WHERE {selected}", list(args)
+            sql, sql_args = f"SELECT * FROM metrics WHERE {selected}", args
             if points is not None:
-                first, last = db.execute(
-                    f"SELECT MIN(step), MAX(step) FROM metrics WHERE {selected}", args
+                (last,) = db.execute(
+                    f"SELECT MAX(step) FROM metrics WHERE {' AND '.join(series_where)}", series_args
                 ).fetchone()
-                if first is None:
+                if last is None:
                     return []
-                width = max(1, -(-(last - first + 1) // _int(points, "points")))  # ceil
-                bucket = f"(step - {int(first)}) / {width}"
+                width = max(1, -(-(max(last, 0) + 1) // _int(points, "points")))  # ceil
+                bucket = f"step / {width}"
                 series = "branch, name"
                 kept = (
                     f"SELECT id FROM (SELECT id, MIN(value) FROM metrics WHERE {selected} GROUP BY {series}, {bucket})"
