@@ -258,9 +258,8 @@ def test_exploding_run_warns_in_the_console(tmp_path, open_page):
     with LiveRun(tmp_path, LONG_RUN) as live:
         page = open_page(live.run.url)
         page.wait_until(lambda: page.attr_int("chart-grad_norm", "data-points") >= 30, "some grad norms")
-        page.by_id("lr-input").fill(
-            "1"
-        )  # the largest lr the server accepts (333x the run's): grad norms jump
+        # The largest lr the server accepts, 333 times the run's: the grad norms jump.
+        page.by_id("lr-input").fill("1")
         page.by_id("lr-apply").click()
         page.wait_until(lambda: page.console_lines("warning"), "a warning", timeout=60)
         warnings = page.console_lines("warning")
