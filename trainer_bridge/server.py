@@ -93,7 +93,7 @@ EVENT_QUEUE_SIZE = 1000
 LISTEN_BACKLOG = 2048  # uvicorn's own default
 MAX_BODY_BYTES = 64 * 1024  # a command is well under 1 KiB; a custom one gets room, a 50 MB upload does not
 ECHO_CHARS = 200  # the most of a client's input an error message may quote
-METRICS_PAGE = 10_000  # rows (about 1 MB of JSON): the default and the most a page of metrics holds
+METRICS_PAGE = 10_000  # rows (about 1.5 MB of JSON): the default and the most a page of metrics holds
 LIST_PAGE = 1_000  # commands or decisions a page holds at most (and by default)
 MAX_INT = 2**53 - 1  # steps and ids fit a JavaScript number (and SQLite's 64-bit integers)
 
@@ -107,7 +107,6 @@ class ApiModel(BaseModel):
 
 # JSON has no NaN or Infinity: a float that may be one (a metric, an lr logged by a supervisor) is null there.
 Number = Annotated[float | None, PlainSerializer(json_number)]
-Id = Annotated[str, Field(max_length=200)]
 
 
 class ErrorDetail(ApiModel):
