@@ -1,7 +1,8 @@
 """The supervision loop as a LangGraph state machine: wait -> observe -> decide -> act -> wait ...
 
     wait      until the next evaluation (or `every_steps` steps), or the end of the run
-    observe   metrics since the start (train and eval loss, lr, grad norm, step) from the control server
+    observe   metrics since the start (train and eval loss, lr, grad norm, step) from the control server;
+              with pause_while_deciding the run is paused first, and stays paused until `act` is done
     decide    the supervisor (LLM, rules, a person, your own class) looks and answers double/halve/keep
     act       the learning rate is changed through the bridge (only when the answer is not "keep")
 
@@ -35,6 +36,7 @@ from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.tools.bridge_tools import BridgeTools
 from selfsteer.trainer_bridge.checkpoints import lineage
 from selfsteer.trainer_bridge.client import BridgeHTTPError
+from selfsteer.trainer_bridge.commands import LR_BOUNDS
 
 FINISHED_PHASES = ("finished", "stopped", "failed")
 
@@ -70,8 +72,24 @@ def build_supervision_graph(
     pause_while_deciding: hold training from the decision to the action (reproducible comparisons;
         by default training goes on while the supervisor thinks)."""
 
-    def observe(state: SupervisionState) -> dict:
+    instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
+
+    def key(run_id: str, config: RunnableConfig, what: str, iteration: int) -> str:
+        thread_id = (config.get("configurable") or {}).get("thread_id") or instance
+        return f"{run_id}/{thread_id}/{iteration}/{what}"
+
+    def observe(state: SupervisionState, config: RunnableConfig) -> dict:
         run_state = tools.read_state()
+        iteration = state.get("iteration", 0)
+        deciding = run_state.get("phase") not in FINISHED_PHASES and iteration < state.get(
+            "max_iterations", 100
+        )
+        if pause_while_deciding and deciding:
+            # Held from here to the action, so the decision is about the state it acts on.
+            pause_key = key(run_state.get("run_id", ""), config, "pause", iteration + 1)
+            if not _run_over(lambda: tools.pause(pause_key)):
+                return {"finished": True}
+            run_state = tools.read_state()
         # Only the history of the weights now training: not a branch the run forked away from.
         rows = lineage(tools.read_metrics(), tools.client.branches(), run_state.get("branch") or "main")
         step = int(run_state.get("step") or 0)
@@ -91,26 +109,17 @@ def build_supervision_graph(
             "finished": run_state.get("phase") in FINISHED_PHASES,
         }
 
-    instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
-
-    def key(state: SupervisionState, config: RunnableConfig, what: str, iteration: int) -> str:
-        thread_id = (config.get("configurable") or {}).get("thread_id") or instance
-        return f"{state.get('run_id', '')}/{thread_id}/{iteration}/{what}"
-
     def decide(state: SupervisionState, config: RunnableConfig) -> dict:
         iteration = state.get("iteration", 0) + 1
-        if pause_while_deciding and not _run_over(
-            lambda: tools.pause(key(state, config, "pause", iteration))
-        ):
-            return {"finished": True}
-        decision_key = key(state, config, "decision", iteration)
+        decision_key = key(state["run_id"], config, "decision", iteration)
         recorded = store.get_decision(state["run_id"], decision_key) if store is not None else None
         if recorded is not None:  # decided before this process died: the same decision, not a new one
             decision = {k: recorded[k] for k in ("action", "explanation", "lr_before", "lr_after", "step")}
             return {"decision": decision, "decision_id": recorded["id"], "iteration": iteration}
         observation = Observation(**state["observation"])
         decision = supervisor.decide(observation)
-        lr_after = decision.apply(state["lr"])
+        # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
+        lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
         decision_id = None
         if store is not None and state.get("run_id"):
             decision_id = store.add_decision(
@@ -136,18 +145,20 @@ def build_supervision_graph(
             return {}
         decision, iteration = state["decision"], state["iteration"]
         update: dict = {}
-        if decision["action"] != "keep":
-            try:
-                row = tools.set_lr(decision["lr_after"], idempotency_key=key(state, config, "lr", iteration))
+        try:
+            if decision["action"] != "keep":
+                lr_key = key(state["run_id"], config, "lr", iteration)
+                row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
                 update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
-            except BridgeHTTPError as error:
-                if error.status_code == 409:  # the run ended while we were deciding
-                    return {"finished": True}
+        except BridgeHTTPError as error:
+            if error.status_code != 409:
                 raise
-        if pause_while_deciding and not _run_over(
-            lambda: tools.resume(key(state, config, "resume", iteration))
-        ):
-            return {"finished": True}
+            update["finished"] = True  # the run ended while we were deciding
+        finally:
+            # Whatever happened, a run paused for this decision goes on: it is never left waiting.
+            resume_key = key(state["run_id"], config, "resume", iteration)
+            if pause_while_deciding and not _run_over(lambda: tools.resume(resume_key)):
+                update["finished"] = True
         return update
 
     def wait(state: SupervisionState) -> dict:

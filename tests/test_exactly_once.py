@@ -94,7 +94,7 @@ KILLS = [
     "decide:add_decision",  # recorded the decision, died before acting on it
     "act:set_lr",  # the lr command reached the server; the node's checkpoint was never written
     "act:resume",  # ... and the run was resumed too
-    "decide:pause",  # the run is paused and waits for a decision that died with the process
+    "observe:pause",  # the run is paused and waits for a decision that died with the process
     "observe:set_decision_outcome",
     "wait:read_metrics",
 ]

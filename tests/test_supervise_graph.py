@@ -192,3 +192,58 @@ def test_a_supervisor_sees_only_the_history_of_the_branch_it_steers():
         ("b", s) for s in range(36, 50)
     ]
     assert lineage(history, branches, "main") == rows("main", range(1, 31))
+
+
+class AlwaysDouble(Supervisor):
+    name = "always-double"
+
+    def decide(self, observation):
+        return Decision("double", "scripted")
+
+
+def test_paused_decisions_act_on_the_step_they_saw_and_stay_within_the_lr_bounds(tmp_path):
+    overrides = ["training.max_steps=300", "training.eval_steps=5", "training.learning_rate=0.4"]
+    with LiveRun(tmp_path, overrides) as live, Store(live.db) as store:
+        run_supervision(live.run.url, AlwaysDouble(), db=str(live.db), pause_while_deciding=True)
+        summary = live.join()
+        decisions = store.list_decisions(live.run.run_id)
+        commands = store.list_commands(live.run.run_id)
+    assert summary["steps"] == 300  # never left paused, never refused
+    assert [d["lr_after"] for d in decisions[:3]] == pytest.approx([0.8, 1.0, 1.0])  # 1.6 is over the bound
+    assert all(c["status"] == "success" for c in commands)
+    by_key = {c["idempotency_key"]: c for c in commands if c["idempotency_key"]}
+    for i, decision in enumerate(decisions, start=1):
+        prefix = decision["key"].removesuffix("decision")
+        # Paused before observing: the decision saw the very step at which its lr change took effect.
+        assert by_key[prefix + "pause"]["step"] == decision["step"] == by_key[prefix + "lr"]["step"], i
+        assert by_key[prefix + "resume"]["step"] == decision["step"]
+
+
+def test_a_failing_action_still_resumes_the_paused_run(tmp_path):
+    from selfsteer.trainer_bridge.client import BridgeHTTPError
+
+    class Refused(BridgeTools):
+        def set_lr(self, lr, idempotency_key=None):
+            raise BridgeHTTPError(500, "the server fell over")
+
+    with (
+        LiveRun(tmp_path, ["training.max_steps=100000", "training.eval_steps=5"]) as live,
+        Store(live.db) as store,
+    ):
+        client = BridgeClient(live.run.url, source="scripted")
+        graph = build_supervision_graph(
+            Refused(client), AlwaysDouble(), store=store, pause_while_deciding=True
+        )
+        with pytest.raises(BridgeHTTPError, match="fell over"):
+            graph.invoke({"max_iterations": 3}, {"configurable": {"thread_id": "t"}})
+        step = client.state()["step"]
+        wait_for(lambda: client.state()["step"] > step + 5)  # it trains on: the pause was undone
+        client.stop()
+        client.close()
+        live.join()
+        commands = store.list_commands(live.run.run_id)
+    assert [(c["type"], c["status"]) for c in commands if c["source"] == "scripted"] == [
+        ("pause", "success"),
+        ("resume", "success"),
+        ("stop", "success"),
+    ]

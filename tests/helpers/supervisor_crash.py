@@ -21,8 +21,8 @@ from selfsteer.trainer_bridge.store import Store
 # node:method -> the class whose method is the kill point. Each method is called in that node only
 # (read_metrics with names=... only in `wait`).
 KILL_POINTS = {
+    "observe:pause": BridgeTools,
     "observe:set_decision_outcome": Store,
-    "decide:pause": BridgeTools,
     "decide:add_decision": Store,
     "act:set_lr": BridgeTools,
     "act:resume": BridgeTools,
