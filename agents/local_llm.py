@@ -135,6 +135,10 @@ class Generation:
     prompt_tokens: int
 
 
+# Below this temperature sampling is greedy decoding (its limit): logits / 1e-38 overflow float32.
+MIN_TEMPERATURE = 1e-4
+
+
 class EngineClosed(RuntimeError):
     """The engine is closed or closing: the request was not (or no longer) served."""
 
@@ -554,12 +558,17 @@ class LocalEngine:
             if end < len(request.prompt_ids):
                 continue
             waiting.remove(request)
-            self._start(request)
-            if self._accept(request, output.logits[:, -1, :].float())[0]:
+            try:
+                self._start(request)
+                goes_on, _ = self._accept(request, output.logits[:, -1, :].float())
+            except Exception as error:  # this answer's failure (it is in no list now: fail it here)
+                _fail(request.future, error)
+                continue
+            if goes_on:
                 batch.add(request)
 
     def _start(self, request: _GenerateRequest) -> None:
-        if request.seed is not None or request.temperature > 0:
+        if request.temperature >= MIN_TEMPERATURE:
             # A private generator: seeding must not change the randomness of a training run that
             # shares this process (a supervisor beside its Trainer).
             request.generator = torch.Generator()
@@ -614,7 +623,7 @@ class LocalEngine:
         request when it is done. Returns (goes on, token)."""
         if request.future.done():
             return False, None
-        plain = request.allowed is None and request.temperature <= 0 and greedy is not None
+        plain = request.allowed is None and request.temperature < MIN_TEMPERATURE and greedy is not None
         token = greedy if plain else self._choose(request, logits[0])
         if token in self.eos_ids:
             self._finish(request, "stop")
@@ -649,7 +658,7 @@ class LocalEngine:
             logits = logits.masked_fill(~request.allowed, float("-inf"))
             if request.closing:
                 logits = self._steer_to_close(logits, request)
-        if request.temperature <= 0:
+        if request.temperature < MIN_TEMPERATURE:
             return int(logits.argmax())
         logits = logits / request.temperature
         if request.top_p < 1.0:  # nucleus: drop the least likely tokens beyond top_p (keep one)

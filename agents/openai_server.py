@@ -32,13 +32,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -65,13 +66,29 @@ OPENAI_MAX_STOP = 4  # OpenAI takes at most four stop sequences
 # `metadata`); options that would change the answer and that we cannot honour are refused with 400.
 
 
+# strict: JSON types as the schema says them (`0` is no boolean, `"1"` no number); a float field
+# still takes an integer.
+_REQUEST = ConfigDict(extra="ignore", strict=True)
+
+
+def _integral(value):
+    """JSON Schema's integer is any number without a fraction: 2.0 is one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+TokenCount = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+
+
 class TextPart(BaseModel):
+    model_config = _REQUEST
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
 
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
@@ -86,7 +103,7 @@ class ChatMessage(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
     name: str = "response"
     # `schema` would shadow a BaseModel attribute, hence the alias.
@@ -95,32 +112,36 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
 
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
 
     model: str = DEFAULT_MODEL_NAME
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(
+    max_tokens: JsonInt | None = Field(
         default=None, ge=1, description="at most the server's cap (`selfsteer serve-llm --max-tokens`)"
     )
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="a newer name of max_tokens")
+    max_completion_tokens: JsonInt | None = Field(
+        default=None, ge=1, description="a newer name of max_tokens"
+    )
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = Field(default=None, description="up to 4 stop sequences")
-    n: int = Field(default=1, ge=1, json_schema_extra={"maximum": 1}, description="only 1 is supported")
+    seed: JsonInt | None = None
+    stop: str | Annotated[list[str], Field(max_length=OPENAI_MAX_STOP)] | None = Field(
+        default=None, description="up to 4 stop sequences"
+    )
+    n: JsonInt = Field(default=1, ge=1, json_schema_extra={"maximum": 1}, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -132,13 +153,6 @@ class ChatCompletionRequest(BaseModel):
         default=None, json_schema_extra={"enum": [False, None]}, description="not supported"
     )
 
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four(cls, stop):
-        if isinstance(stop, list) and len(stop) > OPENAI_MAX_STOP:
-            raise ValueError(f"at most {OPENAI_MAX_STOP} stop sequences")
-        return stop
-
 
 def _request_model(max_tokens_cap: int) -> type[ChatCompletionRequest]:
     """The request model of an app, its OpenAPI schema naming the app's cap as the maximum of
@@ -148,12 +162,12 @@ def _request_model(max_tokens_cap: int) -> type[ChatCompletionRequest]:
         "ChatCompletionRequest",
         __base__=ChatCompletionRequest,
         max_tokens=(
-            int | None,
-            Field(default=None, ge=1, json_schema_extra=cap, description=f"at most {max_tokens_cap}"),
+            TokenCount | None,
+            Field(default=None, json_schema_extra=cap, description=f"at most {max_tokens_cap}"),
         ),
         max_completion_tokens=(
-            int | None,
-            Field(default=None, ge=1, json_schema_extra=cap, description="a newer name of max_tokens"),
+            TokenCount | None,
+            Field(default=None, json_schema_extra=cap, description="a newer name of max_tokens"),
         ),
     )
 
@@ -199,6 +213,56 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer (the last one, asked for with
+    stream_options.include_usage, has no choices and the usage)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+# A streamed answer, event by event: `data:` holds a chunk, an error (the stream's headers were sent
+# before it happened), or the final `[DONE]`.
+STREAM_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/ChatCompletionChunk"},
+                            {"$ref": "#/components/schemas/ErrorResponse"},
+                        ]
+                    },
+                },
+            ]
+        },
+    },
+}
 
 
 class ModelCard(BaseModel):
@@ -281,8 +345,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{where(e)}: {e.get('msg')}" for e in problems[:5])
         if len(problems) > 5:
             message += f"; and {len(problems) - 5} more"
-        param = where(first) if first.get("loc") else None
-        return _error_response(422, message, param=None if param == "body" else param, code="invalid_value")
+        param = _param_of(first.get("loc", ()))
+        return _error_response(422, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -329,6 +393,19 @@ class _BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _param_of(loc) -> str | None:
+    """The request field a validation error is about (`messages.0.role`), without pydantic's names of
+    the union member it tried (`stop.str`, `content.list[TextPart]`)."""
+    path = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and (
+            not part.isidentifier() or part in ("str", "int", "float", "bool", "list")
+        ):
+            break
+        path.append(_clip(str(part), 40))
+    return ".".join(path) or None
 
 
 def _bearer_check(api_key: str | None):
@@ -546,12 +623,31 @@ def create_app(
             200: {
                 "description": "the answer; with `stream: true`, server-sent events of "
                 "`chat.completion.chunk` objects ending with `data: [DONE]`",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": STREAM_EVENT}},
             },
             **_errors(400, *auth_errors, 413, 422, 503),
         },
     )(chat_completions)
+    _declare_stream_chunks(app)
     return app
+
+
+def _declare_stream_chunks(app: FastAPI) -> None:
+    """Add ChatCompletionChunk to the OpenAPI components (only the event-stream schema refers to it,
+    which FastAPI does not follow)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            _, defs = models_json_schema(
+                [(ChatCompletionChunk, "serialization")], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _submit(engine, prompt_ids: list[int], options: dict, **extra):

@@ -1,15 +1,24 @@
 """`selfsteer serve-llm`, end to end with real parts only: a real uvicorn server on 127.0.0.1 (in a
 background thread), the real embedded model, the real langchain-openai client over real HTTP, raw
-httpx requests, and real misbehaving endpoints (a closed port, a tiny HTTP server that answers junk).
+httpx requests, real misbehaving endpoints (a closed port, a tiny HTTP server that answers junk), and
+the real `selfsteer serve-llm` process for SIGTERM.
 
-Answers are kept short (max_tokens <= 24): the model writes ~20 tokens/s on two CPU cores.
+Answers are kept short (max_tokens <= 24) except where a long one is the point (one request must not
+hold the server): those are cancelled as soon as the test has seen what it needs. The model writes
+~20 tokens/s on two CPU cores. Waits are liveness bounds (a generous deadline), never timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,13 +31,17 @@ import pytest
 import uvicorn
 from pydantic import BaseModel, Field
 
+from selfsteer.agents import openai_server
 from selfsteer.agents.chat_models import ChatModelConfigError, describe_llm_error, make_chat_model
-from selfsteer.agents.local_llm import get_local_engine
+from selfsteer.agents.local_llm import LocalEngine, get_local_engine
 from selfsteer.agents.openai_server import DEFAULT_MODEL_NAME, create_app
 from selfsteer.cli import serve_llm
 
 API_KEY = "test-key-123"
 PROMPT = "Say hello in one short sentence."
+# Measured: the model goes on past 300 tokens for this one.
+LONG_PROMPT = "List the numbers from 1 to 1000, separated by commas."
+CAP = 24  # the max_tokens cap of the `capped_url` server
 
 
 class Mood(BaseModel):
@@ -42,7 +55,7 @@ class Mood(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(one_torch_thread):
     return get_local_engine()
 
 
@@ -74,6 +87,11 @@ def base_url(engine) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def keyed_url(engine) -> Iterator[str]:
     yield from _run_uvicorn(create_app(engine, api_key=API_KEY))
+
+
+@pytest.fixture(scope="module")
+def capped_url(engine) -> Iterator[str]:
+    yield from _run_uvicorn(create_app(engine, max_tokens_cap=CAP, max_body_bytes=4096))
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +309,290 @@ def test_cli_refuses_a_public_host_without_a_key(monkeypatch, capsys):
     serve_llm.add_parser(parser.add_subparsers(), "serve-llm")
     assert serve_llm.run(parser.parse_args(["serve-llm", "--host", "0.0.0.0"])) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# One request cannot hold the server (issue 10)
+
+
+def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    """A liveness bound: `predicate` must come true within `timeout` seconds (generous on purpose)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.05)
+
+
+def _chat(url: str, **body) -> httpx.Response:
+    body.setdefault("messages", [{"role": "user", "content": PROMPT}])
+    return httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+
+
+def test_max_tokens_above_the_cap_is_refused_naming_the_cap(capped_url):
+    for name in ("max_tokens", "max_completion_tokens"):
+        error = _assert_openai_error(_chat(capped_url, **{name: 100000}), 400)
+        assert error["param"] == name and error["code"] == "invalid_value"
+        assert f"at most {CAP}" in error["message"] and "100000" in error["message"]
+    assert _chat(capped_url, max_tokens=CAP).status_code == 200  # the cap itself is allowed
+
+
+def test_without_max_tokens_an_answer_is_bounded_by_the_cap(capped_url):
+    response = _chat(capped_url, messages=[{"role": "user", "content": LONG_PROMPT}])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == CAP
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_json_answers_without_max_tokens_get_the_json_default(base_url, monkeypatch):
+    monkeypatch.setattr(openai_server, "DEFAULT_JSON_MAX_TOKENS", 6)
+    schema = {"type": "object", "properties": {"story": {"type": "string", "minLength": 200}}}
+    response = _chat(
+        base_url,
+        messages=[{"role": "user", "content": "Tell a story."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 6
+
+
+def test_a_short_request_completes_while_a_long_one_generates(base_url, engine):
+    events: list[dict] = []
+    finished = threading.Event()
+    stop_reading = threading.Event()
+
+    def long_stream():
+        body = {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line.removeprefix("data: ")))
+                    if events[-1]["choices"] and events[-1]["choices"][0]["finish_reason"]:
+                        finished.set()
+                if stop_reading.is_set():
+                    return  # closing the stream cancels the long answer
+
+    reader = threading.Thread(target=long_stream, daemon=True)
+    reader.start()
+    try:
+        _wait_until(lambda: len(events) >= 3, "the long answer streams")
+        # Before continuous batching this waited for all 1000 tokens (minutes) and timed out.
+        short = httpx.post(
+            f"{base_url}/chat/completions",
+            json={"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
+        assert not finished.is_set(), "the long answer ended before the short one was served"
+    finally:
+        stop_reading.set()
+        reader.join(timeout=60)
+    _wait_until(lambda: engine.stats["running"] == 0, "the long answer is cancelled once its client left")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_an_abandoned_request_stops_generating(base_url, engine, stream):
+    before = dict(engine.stats)
+    body = {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1000, "stream": stream}
+    # A raw socket: the client sends its request, waits until the answer is being generated (the
+    # first chunk of a stream; a plain answer has none before its end), then closes the connection.
+    host, port = base_url.removeprefix("http://").split("/")[0].split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=120) as conn:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload)
+        )
+        if stream:
+            received = b""
+            while b'data: {"id"' not in received:
+                received += conn.recv(4096)
+        _wait_until(lambda: engine.stats["steps"] - before["steps"] >= 5, "the answer is being generated")
+    _wait_until(lambda: engine.stats["cancelled"] > before["cancelled"], "the answer is cancelled")
+    _wait_until(lambda: engine.stats["running"] == 0, "its place in the engine is free")
+    assert engine.stats["steps"] - before["steps"] < 1000  # it did not run to its max_tokens
+
+
+def test_an_engine_that_is_shutting_down_answers_503(engine):
+    closing = LocalEngine(engine.model, engine.tokenizer)  # the same weights, its own worker
+    closing.close(cancel=True, reason="the server is shutting down")
+    for url in _run_uvicorn(create_app(closing)):
+        error = _assert_openai_error(_chat(url, max_tokens=2), 503)
+        assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+
+
+def test_sigterm_stops_the_server_while_it_generates():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "selfsteer.cli.main", "serve-llm", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        url = None
+        for line in process.stdout:
+            if match := re.search(r"(http://127\.0\.0\.1:\d+/v1)", line):
+                url = match.group(1)
+                break
+        assert url, "serve-llm printed no URL"
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        lines: list[str] = []
+        streaming = threading.Event()
+
+        def read_stream():  # a client streaming a long answer (measured: 700 tokens and on)
+            body = {
+                "messages": [{"role": "user", "content": LONG_PROMPT}],
+                "max_tokens": 1000,
+                "stream": True,
+            }
+            with (
+                contextlib.suppress(httpx.HTTPError),  # the connection may close under the last chunk
+                httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=300) as response,
+            ):
+                for line in response.iter_lines():
+                    lines.append(line)
+                    if len(lines) >= 6:
+                        streaming.set()
+
+        reader = threading.Thread(target=read_stream, daemon=True)
+        reader.start()
+        _wait_until(streaming.is_set, "the answer streams")
+        os.kill(process.pid, signal.SIGTERM)  # while it generates
+        # A liveness bound from the signal on: before the fix the server finished the answer first
+        # (about a minute), then exited. uvicorn re-raises the signal once it has shut down, so the
+        # exit status says SIGTERM.
+        assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+        reader.join(timeout=15)
+        # The client was told, in-stream, why its answer ended (no finish_reason, no [DONE]).
+        assert any("shutting down" in line for line in lines), lines[-3:]
+        assert "data: [DONE]" not in lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_tiny_temperature_decodes_greedily(base_url):
+    # 1 / 1e-300 overflows: sampling would divide the logits into inf and NaN.
+    greedy = _chat(base_url, max_tokens=4)
+    tiny = _chat(base_url, max_tokens=4, temperature=1e-300)
+    assert tiny.status_code == 200, tiny.text
+    assert (
+        tiny.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+    )
+
+
+# A free-text field the untrained model fills with a loop ("The new learning rate is 1.000000. The new
+# learning rate is 1.000000. The new learning rate is 2.000000. ..."): measured before the repetition
+# guard, 346 tokens and the whole 800 characters of maxLength.
+DECISION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "action": {"type": "string", "enum": ["double", "halve", "keep"]},
+        "explanation": {"type": "string", "maxLength": 800},
+    },
+    "required": ["action", "explanation"],
+    "additionalProperties": False,
+}
+LOOPING_DECISION = [
+    {
+        "role": "system",
+        "content": "You supervise the training of a neural network. You see its recent metric history and "
+        "decide whether to double, halve or keep the learning rate.",
+    },
+    {"role": "user", "content": "Loss: 1.000000. Learning rate: 1.000000. Gradient norm: 1.000000. Decide."},
+]
+
+
+def test_a_looping_free_text_field_is_closed(base_url):
+    response = _chat(
+        base_url,
+        messages=LOOPING_DECISION,
+        response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": DECISION_SCHEMA}},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    decision = json.loads(body["choices"][0]["message"]["content"])  # closed: valid JSON
+    assert decision["action"] in ("double", "halve", "keep")
+    assert len(decision["explanation"]) < 400  # the loop was cut, not run to maxLength
+    assert body["usage"]["completion_tokens"] < 150
+
+
+def test_the_in_process_structured_output_closes_a_loop_too(engine):
+    # The same guard serves LocalChatModel's structured output (the engine is shared). Measured before
+    # it: "The best is now halved. The best is now halved. ..." up to the field's 400 characters.
+    from selfsteer.agents.decision import LRDecision
+    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.observation import Observation
+    from selfsteer.agents.supervisors import LLMSupervisor
+
+    model = LocalChatModel(max_retries=0)
+    losses = [(step, 3.0 - step / 1000) for step in range(50, 450, 50)]
+    observation = Observation(step=400, lr=1.0, max_steps=300, eval_loss=losses, train_loss=losses)
+    messages = LLMSupervisor(model, strategy="compact_stats").messages(observation)
+    result = model.with_structured_output(LRDecision, include_raw=True).invoke(messages)
+    assert result["parsing_error"] is None and result["parsed"] is not None
+    assert len(result["parsed"].explanation) < 300
+
+
+def test_huge_bodies_get_413_before_they_are_read(capped_url):
+    url = f"{capped_url}/chat/completions"
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 10_000}]}).encode()
+    said = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+    assert _assert_openai_error(said, 413)["code"] == "request_too_large"
+    assert "4096 bytes" in said.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit applies as the body arrives
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    unsaid = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"})
+    _assert_openai_error(unsaid, 413)
+    assert len(unsaid.text) < 1000
+
+
+def test_errors_never_echo_large_input(base_url):
+    long_path = httpx.get(f"{base_url}/{'a' * 5000}")
+    error = _assert_openai_error(long_path, 404)
+    assert len(error["message"]) < 400
+    schema = {"type": "object", "properties": {"x": {"type": "nope" * 2000}}}
+    bad_schema = _chat(
+        base_url, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
+    assert len(_assert_openai_error(bad_schema, 400)["message"]) < 400
+    bad_role = _chat(base_url, messages=[{"role": "r" * 5000, "content": "hi"}])
+    assert len(_assert_openai_error(bad_role, 422)["message"]) < 1000
+
+
+def test_json_types_are_as_the_openapi_says(base_url):
+    # Found by schemathesis: `0` passed as a boolean, 5 stop sequences passed a schema without a bound.
+    assert _assert_openai_error(_chat(base_url, max_tokens=2, logprobs=0), 422)["param"] == "logprobs"
+    assert _assert_openai_error(_chat(base_url, max_tokens=2, stream=1), 422)["param"] == "stream"
+    assert _assert_openai_error(_chat(base_url, max_tokens=2, stop=["a"] * 5), 422)["param"] == "stop"
+    assert _chat(base_url, max_tokens=2.0).status_code == 200  # an integer, for JSON Schema
+    assert _assert_openai_error(_chat(base_url, max_tokens=2.5), 422)["param"] == "max_tokens"
+
+
+def test_wrong_method_gets_405_with_allow(base_url):
+    response = httpx.get(f"{base_url}/chat/completions")
+    _assert_openai_error(response, 405)
+    assert response.headers["allow"] == "POST"
+
+
+def test_openapi_declares_the_responses(capped_url, keyed_url):
+    spec = httpx.get(capped_url.removesuffix("/v1") + "/openapi.json").json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    assert set(chat["responses"]) == {"200", "400", "413", "422", "503"}  # no 401: this one has no key
+    for status in ("400", "413", "422", "503"):
+        assert chat["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert request["max_tokens"]["maximum"] == CAP
+    keyed = httpx.get(keyed_url.removesuffix("/v1") + "/openapi.json").json()
+    assert "401" in keyed["paths"]["/v1/models"]["get"]["responses"]
+    assert keyed["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
