@@ -6,7 +6,7 @@
 Fills a store with one run of --steps steps (5 metrics a step, as a training log writes them), serves it
 with `create_history_app` on loopback (real uvicorn), and prints for GET /api/runs/{id}/metrics: the first
 page (size, time), every page followed through `Link` (count, size, time) and the down-sampled history the
-dashboard asks for (`points=2000`: size, time, rows).
+dashboard asks for (`points=1000`: size, time, rows).
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m selfsteer.evals.bench_pages", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--steps", type=int, default=240_000, help="steps of the run (default 240000)")
-    parser.add_argument("--points", type=int, default=2000, help="points= of the down-sampled request")
+    parser.add_argument(
+        "--points",
+        type=int,
+        default=1000,
+        help="points= of the down-sampled request (default: the dashboard's)",
+    )
     args = parser.parse_args(argv)
 
     from selfsteer.trainer_bridge.server import create_history_app

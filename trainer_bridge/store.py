@@ -338,6 +338,30 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
+def _down_sampled(rows: Iterable[tuple], columns: list[str], width: int) -> list[tuple]:
+    """Metric rows (in step order) thinned for a chart, in one pass: per series (branch, name) and range of
+    `width` steps (step // width) the rows of lowest and highest value and the first NaN or infinite one,
+    and each series' last row; in step order."""
+    id_, branch, name, step, value = (columns.index(c) for c in ("id", "branch", "name", "step", "value"))
+    lows: dict[tuple, tuple] = {}
+    highs: dict[tuple, tuple] = {}
+    broken: dict[tuple, tuple] = {}
+    latest: dict[tuple, tuple] = {}
+    for row in rows:
+        key = (row[branch], row[name], row[step] // width)
+        number = row[value]
+        if number is None or math.isinf(number):  # NaN is stored as NULL
+            broken.setdefault(key, row)
+        else:
+            if key not in lows or number < lows[key][value]:
+                lows[key] = row
+            if key not in highs or number > highs[key][value]:
+                highs[key] = row
+        latest[key[:2]] = row
+    kept = {row[id_]: row for group in (lows, highs, broken, latest) for row in group.values()}
+    return sorted(kept.values(), key=lambda row: (row[step], row[id_]))
+
+
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise StoreError(f"{what} must be a non-empty string, got {value!r}")
@@ -664,29 +688,19 @@ class Store:
             tail = f" LIMIT {_int(limit, 'limit')}"
 
         def fn(db: sqlite_utils.Database) -> list[dict]:
-            sql, sql_args = f"SELECT * FROM metrics WHERE {selected}", args
+            width = None
             if points is not None:
                 (last,) = db.execute(
                     f"SELECT MAX(step) FROM metrics WHERE {' AND '.join(series_where)}", series_args
                 ).fetchone()
-                if last is None:
-                    return []
-                width = max(1, -(-(max(last, 0) + 1) // _int(points, "points")))  # ceil
-                bucket = f"step / {width}"
-                series = "branch, name"
-                kept = (
-                    f"SELECT id FROM (SELECT id, MIN(value) FROM metrics WHERE {selected} GROUP BY {series}, {bucket})"
-                    f" UNION SELECT id FROM (SELECT id, MAX(value) FROM metrics WHERE {selected}"
-                    f" GROUP BY {series}, {bucket})"
-                    f" UNION SELECT MIN(id) FROM metrics WHERE {selected} AND (value IS NULL OR abs(value) = 9e999)"
-                    f" GROUP BY {series}, {bucket}"
-                    f" UNION SELECT id FROM (SELECT id, MAX(step) FROM metrics WHERE {selected} GROUP BY {series})"
-                )
-                # MIN()/MAX() with a bare column: SQLite takes `id` from the row holding the extreme.
-                sql, sql_args = f"SELECT * FROM metrics WHERE id IN ({kept})", args * 4
-            rows = db.execute(f"{sql} ORDER BY step, id{tail}", sql_args)
+                width = max(1, -(-(max(last or 0, 0) + 1) // _int(points, "points")))  # ceil
+            rows = db.execute(
+                f"SELECT * FROM metrics WHERE {selected} ORDER BY step, id{'' if width else tail}", args
+            )
             columns = [c[0] for c in rows.description]
-            return [_decode("metrics", dict(zip(columns, row, strict=True))) for row in rows.fetchall()]
+            if width is not None:
+                rows = _down_sampled(rows, columns, width)[:limit]
+            return [_decode("metrics", dict(zip(columns, row, strict=True))) for row in rows]
 
         return self._read(fn)
 

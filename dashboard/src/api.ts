@@ -128,7 +128,7 @@ const enc = encodeURIComponent;
 
 /** Charts draw at most a few thousand points a series: a history comes down-sampled (the server keeps each
  * range's lowest and highest value, its NaN and the latest row), what streams in afterwards comes whole. */
-export const HISTORY_POINTS = 2000;
+export const HISTORY_POINTS = 1000;
 
 function metricsPath(base: string, since?: number, points?: number): string {
   const query = new URLSearchParams();
