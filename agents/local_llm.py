@@ -135,6 +135,7 @@ class Generation:
     prompt_tokens: int
 
 
+GRAMMAR_CACHE_SIZE = 64  # compiled JSON-schema grammars kept (least recently used ones go)
 # Below this temperature sampling is greedy decoding (its limit): logits / 1e-38 overflow float32.
 MIN_TEMPERATURE = 1e-4
 
@@ -313,7 +314,8 @@ class LocalEngine:
         # waiting; cancelled: answers dropped because their caller cancelled them.
         self.stats = {"requests": 0, "batches": 0, "steps": 0, "running": 0, "cancelled": 0}
         self._grammar_compiler = None
-        self._grammar_cache: dict[tuple[str, bool], object] = {}
+        # Bounded: every new schema a client sends compiles into a new grammar.
+        self._grammar_cache: OrderedDict[tuple[str, bool], object] = OrderedDict()
         self._grammar_lock = threading.Lock()
         self._closer_masks: dict | None = None
         self._token_texts: list[str] | None = None
@@ -322,8 +324,9 @@ class LocalEngine:
         self._abort_reason: str | None = None
         self._worker = threading.Thread(target=self._serve, name="selfsteer-llm", daemon=True)
         self._worker.start()
-        # Stop the worker before the interpreter tears down torch under it (which aborts the process).
-        atexit.register(self.close)
+        # Stop the worker before the interpreter tears down torch under it (which aborts the process):
+        # whatever is still generating then has nobody to read it.
+        atexit.register(self.close, cancel=True, reason="the process is exiting")
 
     def close(
         self, timeout: float = 5.0, *, cancel: bool = False, reason: str = "the engine is closed"
@@ -456,13 +459,17 @@ class LocalEngine:
         with self._grammar_lock:
             if self._grammar_compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
-                self._grammar_compiler = xgr.GrammarCompiler(info)
+                # Its own cache has no bound by default; ours below has one.
+                self._grammar_compiler = xgr.GrammarCompiler(info, cache_enabled=False)
             key = (text, leading_space)
             if key not in self._grammar_cache:
                 grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
                 if leading_space:
                     grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " "'), grammar)
                 self._grammar_cache[key] = self._grammar_compiler.compile_grammar(grammar)
+                while len(self._grammar_cache) > GRAMMAR_CACHE_SIZE:
+                    self._grammar_cache.popitem(last=False)
+            self._grammar_cache.move_to_end(key)
             return self._grammar_cache[key]
 
     # -- the worker ---------------------------------------------------------------------------------

@@ -596,3 +596,10 @@ def test_openapi_declares_the_responses(capped_url, keyed_url):
     keyed = httpx.get(keyed_url.removesuffix("/v1") + "/openapi.json").json()
     assert "401" in keyed["paths"]["/v1/models"]["get"]["responses"]
     assert keyed["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_compiled_grammars_are_bounded(engine):
+    # Every new response_format schema a client sends compiles into a grammar; they must not pile up.
+    for n in range(100):
+        engine.compile_json_schema({"type": "object", "properties": {f"field{n}": {"type": "integer"}}})
+    assert len(engine._grammar_cache) < 100
