@@ -278,8 +278,11 @@ def test_bad_commands_are_refused(store):
     uuid = store.add_command(run, "pause", {}, "api")["uuid"]
     store.update_command(uuid, "running")
     with pytest.raises(StoreError, match="JSON"):
-        store.update_command(uuid, "success", result={"loss": float("inf")})
+        store.update_command(uuid, "success", result={"loss": object()})
     assert store.get_command(uuid)["status"] == "running"
+    # A result is a fact about what was applied: NaN or inf in it is kept as null, never refused.
+    done = store.update_command(uuid, "success", result={"loss": float("inf"), "lr": [float("nan"), 1.0]})
+    assert done["status"] == "success" and done["result"] == {"loss": None, "lr": [None, 1.0]}
 
 
 def test_json_with_nan_is_refused_everywhere(store):
