@@ -279,7 +279,10 @@ class LocalEngine:
     `prefill_chunk` tokens per step, so a long prompt does not stall the answers already running),
     lets the finished and the cancelled answers leave, and runs any option-scoring requests. So a
     short request never waits for a long one to finish, and a cancelled one (`future.cancel()`, a
-    timeout) stops within a step and frees its place.
+    timeout) stops within a step and frees its place. (transformers' own ContinuousBatchingManager
+    is built around paged attention for GPUs and takes per-request logits processors only as int32
+    tensor arguments: no per-request grammar matcher, seeded generator or stop strings, which this
+    engine needs; so the decode loop is here, on the model's public forward and DynamicCache.)
 
     max_batch: the most answers decoded together; more wait their turn.
     batch_window_s: how long an idle worker waits for more requests after the first one arrives;
