@@ -241,3 +241,20 @@ def test_a_resumed_scheduler_adopts_the_hold(tmp_path):
         optimizer.step()
         scheduler.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(NEW)
+
+
+def test_the_peak_is_looked_for_within_a_horizon_not_over_every_declared_step():
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from selfsteer.trainer_bridge.optim import PEAK_HORIZON, peak_ahead
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    scheduler = get_cosine_schedule_with_warmup(torch.optim.AdamW([weight], lr=0.003), 10, 10**9)
+    calls = []
+    lambda_ = scheduler.lr_lambdas[0]
+    scheduler.lr_lambdas[0] = lambda step: calls.append(step) or lambda_(step)
+    # A run declaring a billion steps: the fuzz found one such command that grew the process to 23 GB.
+    assert peak_ahead(scheduler, 10**9) == (pytest.approx(0.003), 10)  # the warm-up's end, 10 steps on
+    assert len(calls) == PEAK_HORIZON
+    assert peak_ahead(scheduler, 0) is None

@@ -56,10 +56,9 @@ def set_optimizer(ctx: StepContext, args: SetOptimizerArgs) -> dict:
     lr_info = optim.apply(ctx.optimizer, ctx.lr_scheduler, args, groups)
     result = {"before": before, "after": optim.hparams(ctx.optimizer, groups)}
     if lr_info is not None:
-        ahead = optim.lr_ahead(ctx.lr_scheduler, ctx.state.max_steps - ctx.step)
-        if ahead:
-            peak = max(ahead)
-            lr_info.update(peak_lr=peak, peak_step=ctx.step + 1 + ahead.index(peak))
+        ahead = optim.peak_ahead(ctx.lr_scheduler, ctx.state.max_steps - ctx.step)
+        if ahead is not None:
+            lr_info.update(peak_lr=ahead[0], peak_step=ctx.step + 1 + ahead[1])
         result["schedule"] = lr_info
     return result
 

@@ -118,14 +118,20 @@ def _scheduled_lrs(inner: Any, step: int) -> list[float] | None:
     return [base * float(fn(step)) for fn, base in zip(inner.lr_lambdas, inner.base_lrs, strict=True)]
 
 
-def lr_ahead(scheduler: Any, steps: int) -> list[float] | None:
-    """The lr (group 0) the schedule gives each of the next `steps` optimizer steps; None when the
-    scheduler is not a LambdaLR (its future is not a function of the step)."""
+PEAK_HORIZON = 100_000  # how far ahead the peak is looked for: a warm-up's end lies well within it
+
+
+def peak_ahead(scheduler: Any, steps: int) -> tuple[float, int] | None:
+    """The highest lr (group 0) the schedule gives one of the next `steps` optimizer steps (at most
+    PEAK_HORIZON of them: the cost is one lambda call a step, and a run may declare a billion steps),
+    and its offset from the next step (0: the next one). None when the scheduler is not a LambdaLR
+    (its future is not a function of the step) or there is no step left."""
     inner = unwrap_scheduler(scheduler) if scheduler is not None else None
-    if not isinstance(inner, LambdaLR):
+    if not isinstance(inner, LambdaLR) or steps <= 0:
         return None
-    fn, base = inner.lr_lambdas[0], inner.base_lrs[0]
-    return [base * float(fn(inner.last_epoch + k)) for k in range(max(0, steps))]
+    fn, base, now = inner.lr_lambdas[0], inner.base_lrs[0], inner.last_epoch
+    peak, earliest = max((base * float(fn(now + k)), -k) for k in range(min(steps, PEAK_HORIZON)))
+    return peak, -earliest
 
 
 def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -> dict:
