@@ -101,3 +101,15 @@ def test_duplicate_names_fail_without_harm(tmp_path):
         summary = live.join()
         statuses = [live.client.command(u)["status"] for u in (first, again)]
     assert statuses == ["success", "failed"] and summary["steps"] == 8
+
+
+def test_a_checkpoint_name_too_long_for_the_file_system_fails_cleanly(tmp_path):
+    with LiveRun(tmp_path, ["training.max_steps=100000"], gates=[3]) as live:
+        live.gate.wait(3)
+        uuid = live.client.load_checkpoint("0" * 4096)["uuid"]
+        live.gate.release(3)
+        row = live.client.wait(uuid)
+        live.client.stop()
+        live.join()
+    assert row["status"] == "failed" and row["error"].startswith("no checkpoint '000")
+    assert len(row["error"]) < 300  # the 4 KB name is not echoed back

@@ -146,10 +146,14 @@ def _resolve_checkpoint(ctx: StepContext, checkpoint: str) -> tuple[str, Path, i
     path = Path(checkpoint)
     candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
     for candidate in candidates:
-        if any(candidate.is_relative_to(root) for root in roots) and candidate.is_dir():
-            return candidate.name, candidate, None
+        try:
+            if any(candidate.is_relative_to(root) for root in roots) and candidate.is_dir():
+                return candidate.name, candidate, None
+        except OSError:  # a name too long for the file system, ...: not a checkpoint of this run
+            continue
     known_names = ", ".join(ctx.bridge.checkpoints) or "none"
-    raise CommandError(f"no checkpoint {checkpoint!r} in this run (known: {known_names})")
+    shown = checkpoint if len(checkpoint) <= 100 else f"{checkpoint[:100]}..."
+    raise CommandError(f"no checkpoint {shown!r} in this run (known: {known_names})")
 
 
 @command(
