@@ -4,6 +4,7 @@ with the checkpoint's weights and metrics tagged by branch."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 
 import torch
@@ -113,3 +114,26 @@ def test_a_checkpoint_name_too_long_for_the_file_system_fails_cleanly(tmp_path):
         live.join()
     assert row["status"] == "failed" and row["error"].startswith("no checkpoint '000")
     assert len(row["error"]) < 300  # the 4 KB name is not echoed back
+
+
+class PoisonThenRestore(TrainerCallback):
+    """NaN weights for steps 6-8 (as a diverging run), then the weights and optimizer state of step 5
+    back (a rollback)."""
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == 5:
+            self.saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        if state.global_step == 8:
+            model.load_state_dict(self.saved[0])
+            optimizer.load_state_dict(self.saved[1])
+
+
+def test_after_a_nan_is_logged_later_losses_are_the_runs_own_again(tmp_path):
+    with LiveRun(tmp_path, ["training.max_steps=14"], callbacks=[PoisonThenRestore()]) as live:
+        live.join()
+        with Store(live.db) as store:
+            losses = {m["step"]: m["value"] for m in store.get_metrics(live.run.run_id, names=["loss"])}
+    assert all(losses[step] != losses[step] for step in (6, 7, 8))  # NaN shown as NaN, never 0.0
+    assert all(0 < losses[step] < 10 for step in (1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14))

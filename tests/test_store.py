@@ -285,12 +285,16 @@ def test_bad_commands_are_refused(store):
     assert done["status"] == "success" and done["result"] == {"loss": None, "lr": [None, 1.0]}
 
 
+def test_a_diverged_run_finishes_with_its_nan_as_null(store):
+    run = store.create_run("r")
+    store.finish_run(run, summary={"final_eval_loss": float("nan"), "best_eval_loss": 2.5})
+    assert store.get_run(run)["summary"] == {"final_eval_loss": None, "best_eval_loss": 2.5}
+
+
 def test_json_with_nan_is_refused_everywhere(store):
     with pytest.raises(StoreError, match="JSON"):
         store.create_run("r", config={"lr": float("nan")})
     run = store.create_run("r")
-    with pytest.raises(StoreError, match="JSON"):
-        store.finish_run(run, summary={"final_eval_loss": float("nan")})
     with pytest.raises(StoreError, match="JSON"):
         store.add_decision(run, 1, "llm", "keep", observation={"loss": float("nan")})
     assert store.list_runs() == [store.get_run(run)] and store.get_run(run)["status"] == "running"

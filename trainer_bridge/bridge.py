@@ -372,6 +372,9 @@ class Bridge:
             self._journal(row["uuid"], "success", result=info)
 
     def on_log(self, state: TrainerState, args: TrainingArguments, logs: dict) -> None:
+        loss = logs.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            self._clear_loss_window()
         if not self.is_main or not logs:
             return
         values = {
@@ -415,6 +418,16 @@ class Bridge:
                     "text": f"not finite: {text} on branch {branch}",
                 }
             )
+
+    def _clear_loss_window(self) -> None:
+        """The Trainer sums the loss of a logging window in `_tr_loss` and clears it by subtracting it
+        from itself, which leaves a NaN in place: with NaN losses shown (logging_nan_inf_filter off),
+        one bad step would make every later logged loss NaN, even after a rollback to good weights.
+        The NaN has just been logged; the next window starts from zero. (On every rank: each clears
+        its own sum.)"""
+        window = getattr(self.trainer, "_tr_loss", None)
+        if isinstance(window, torch.Tensor) and not torch.isfinite(window).all():
+            window.zero_()
 
     def on_trainer_save(self, ctx: StepContext) -> None:
         # The Trainer's own checkpoints (save_steps) go into the journal too, so they can be loaded.

@@ -598,7 +598,9 @@ class Store:
     def finish_run(self, run_id: str, status: str = "finished", summary: Any = None) -> None:
         if status not in RUN_STATUSES[1:]:
             raise StoreError(f"a run finishes as one of {RUN_STATUSES[1:]}, not {status!r}")
-        changes = {"status": status, "finished_at": time.time(), "summary": _json(summary, "run summary")}
+        # A summary is a fact, like a command's result: a run that diverged has a NaN final loss.
+        summary_json = _json(summary, "run summary", nan_as_null=True)
+        changes = {"status": status, "finished_at": time.time(), "summary": summary_json}
 
         def fn(db: sqlite_utils.Database) -> None:
             run = self._get(db, "runs", run_id)
