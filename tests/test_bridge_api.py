@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.client import AsyncBridgeClient, BridgeClient, BridgeHTTPError
-from selfsteer.trainer_bridge.testing import LiveRun
+from selfsteer.trainer_bridge.testing import LiveRun, serving
 
 BAD_COMMANDS = [
     ({"type": "launch_missiles"}, "unknown command type"),
@@ -202,7 +202,7 @@ def test_store_views_for_the_dashboard_history(tmp_path):
         live.gate.release(11)
         live.join()
 
-    with Store(live.db) as store, serve(create_history_app(store, [], token=None)) as base:
+    with Store(live.db) as store, serving(create_history_app(store, [], token=None)) as base:
         other = store.create_run("other", "reflect")
         client = httpx.Client(base_url=base)
         assert client.get("/api/info").json()["mode"] == "history"
@@ -229,23 +229,3 @@ def raw_get(port: int, path: str) -> tuple[int, str]:
         return response.status, response.read().decode()
     finally:
         connection.close()
-
-
-@contextlib.contextmanager
-def serve(app):
-    """An ASGI app on a free loopback port, in a thread, for the length of the block."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started and thread.is_alive():
-        threading.Event().wait(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

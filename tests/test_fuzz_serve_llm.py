@@ -10,18 +10,14 @@ every answer is cheap (its OpenAPI says so: the cap is the maximum of max_tokens
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 
 from selfsteer.agents.local_llm import get_local_engine
 from selfsteer.agents.openai_server import create_app
+from selfsteer.trainer_bridge.testing import serving
 
 KEY = "fuzz-key"
 CAP = 2
@@ -41,24 +37,9 @@ schema = schemathesis.openapi.from_dict(make_app().openapi())
 @pytest.fixture(scope="module")
 def served(one_torch_thread):
     """The app on a real uvicorn server on 127.0.0.1 (a thread), with the embedded model; its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(get_local_engine()), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with serving(make_app(get_local_engine())) as url:
         assert httpx.get(f"{url}/openapi.json").json() == make_app().openapi()  # the one fuzzed
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @schema.parametrize()

@@ -28,7 +28,6 @@ from typing import Literal
 import httpx
 import openai
 import pytest
-import uvicorn
 from pydantic import BaseModel, Field
 
 from selfsteer.agents import openai_server
@@ -36,6 +35,7 @@ from selfsteer.agents.chat_models import ChatModelConfigError, describe_llm_erro
 from selfsteer.agents.local_llm import LocalEngine, get_local_engine
 from selfsteer.agents.openai_server import DEFAULT_MODEL_NAME, create_app
 from selfsteer.cli import serve_llm
+from selfsteer.trainer_bridge.testing import serving
 
 API_KEY = "test-key-123"
 PROMPT = "Say hello in one short sentence."
@@ -61,22 +61,8 @@ def engine(one_torch_thread):
 
 def _run_uvicorn(app) -> Iterator[str]:
     """Serve `app` on a free port of 127.0.0.1 in a thread; yield its base URL (ending in /v1)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # the server takes this very socket: no race for the port
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serving(app) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,28 @@ class LiveRun:
         if self.client is not None:
             self.client.close()
         self.run.close()
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """An ASGI app on uvicorn in a thread, on a free loopback port, for the length of the block;
+    yields its base URL (http://127.0.0.1:PORT). The socket listens before the URL is handed out."""
+    import uvicorn
+
+    from selfsteer.trainer_bridge.server import bind
+
+    sock, url, _ = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
