@@ -84,6 +84,8 @@ def describe_llm_error(error: BaseException, spec: str = "", base_url: str | Non
         return str(error)
     if isinstance(error, openai.APITimeoutError):
         return f"{where} did not answer in time: check that the server is up and not overloaded, or raise --timeout"
+    if isinstance(error, TimeoutError):  # the embedded model's own deadline
+        return f"the model did not answer in time{f' ({error})' if str(error) else ''}: raise --timeout"
     if isinstance(error, openai.APIConnectionError):
         return f"cannot reach {where}: is the server running and the --base-url right? ({error})"
     if isinstance(error, openai.AuthenticationError):
