@@ -29,6 +29,8 @@ examples:
   selfsteer train --recipe small --set training.learning_rate=5e-3 --port 7007
   selfsteer train --recipe small --set training.learning_rate=0.1 --supervisor rule
   selfsteer train --recipe small --supervisor llm --strategy compact_stats --llm local
+  selfsteer train --recipe small --set training.save_strategy=steps --set training.save_steps=50
+  selfsteer train --resume RUN_ID          # after a crash: from its latest checkpoint, same run
   curl -X POST http://127.0.0.1:7007/api/commands -H 'Content-Type: application/json' \\
        -d '{"type": "set_optimizer", "args": {"lr": 0.001}}'
 """
