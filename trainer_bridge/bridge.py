@@ -126,6 +126,9 @@ class Bridge:
         self.callback = BridgeCallback(self)
         self.rank, self.world_size = _rank_and_world()
         self.is_main = self.rank == 0
+        if self.config.resume_run_id and self.world_size > 1:
+            # The resumed branch is named from rank 0's journal; the other ranks would not know it.
+            raise ValueError("resuming a run is not supported under torchrun/accelerate yet: resume it alone")
 
         # Training-side state, changed only by the training thread (and mirrored on every rank).
         self.phase = "created"  # created -> running -> finished | stopped | failed
