@@ -69,8 +69,9 @@ def build_supervision_graph(
 ):
     """Compile the loop. `tools` act on the run; `store` (optional) records every decision and its
     outcome; `checkpointer` makes the loop resumable; `stop_event` ends it from outside.
-    pause_while_deciding: hold training from the decision to the action (reproducible comparisons;
-        by default training goes on while the supervisor thinks)."""
+    pause_while_deciding: hold training from the observation to the action, so a decision acts on
+        the state it saw (reproducible comparisons; by default training goes on while the supervisor
+        thinks)."""
 
     instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
 
