@@ -243,8 +243,10 @@ class Bridge:
         if not self.is_main:
             raise RuntimeError("commands go to rank 0")
         spec, parsed = self.registry.parse(type, args)
-        if idempotency_key is not None and (first := self._first_under(idempotency_key, type, parsed)):
-            return first
+        if idempotency_key is not None:
+            first = self.store.get_command_by_key(self.run_id, idempotency_key)
+            if first is not None:
+                return self._answer(self._same_command(first, idempotency_key, type, parsed), repeated=True)
         if spec.check is not None:
             spec.check(self, parsed)
         if self.training_done or self.phase in FINISHED:
@@ -256,8 +258,8 @@ class Bridge:
         row = self.store.add_command(
             self.run_id, type, dump_args(parsed), source, uuid=uuid, idempotency_key=idempotency_key
         )
-        if row["uuid"] != uuid:  # another request under the same key got in first
-            return self._first_under(idempotency_key, type, parsed)
+        if row["uuid"] != uuid:  # another request under the same key got in first: the store returned it
+            return self._answer(self._same_command(row, idempotency_key, type, parsed), repeated=True)
         self.publish({"event": "command", "command": row})
         if self.training_done:
             # The run ended while this was being added, maybe after finish() failed what was pending:
@@ -265,30 +267,27 @@ class Bridge:
             with contextlib.suppress(StoreError):
                 self._journal(row["uuid"], "failed", error="the run ended before this command was applied")
             raise RunFinished(f"run {self.run_id} is over")
+        return self._answer(row, repeated=False)
+
+    def _answer(self, row: dict, repeated: bool) -> dict:
+        """What a POST of a command gets: the journaled command, and where the run is now."""
         return {
             "uuid": row["uuid"],
             "status": row["status"],
             "step": self._snapshot.get("step", 0),
-            "repeated": False,
+            "repeated": repeated,
         }
 
-    def _first_under(self, key: str, type: str, parsed) -> dict | None:
-        """The command journaled under an idempotency key, if any; a different command under the
-        same key is refused (a client bug that a silent return would hide)."""
-        first = self.store.get_command_by_key(self.run_id, key)
-        if first is None:
-            return None
+    @staticmethod
+    def _same_command(first: dict, key: str, type: str, parsed) -> dict:
+        """The command first journaled under an idempotency key, when this one is the same; another
+        command under the same key is refused (a client bug that a silent return would hide)."""
         if first["type"] != type or first["args"] != dump_args(parsed):
             raise InvalidCommand(
                 f"idempotency key {key!r} was used for another command ({first['type']} {first['args']},"
                 f" {first['uuid']})"
             )
-        return {
-            "uuid": first["uuid"],
-            "status": first["status"],
-            "step": self._snapshot.get("step", 0),
-            "repeated": True,
-        }
+        return first
 
     def state(self) -> dict:
         return {
