@@ -69,6 +69,7 @@ def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
     with Store(db) as store:  # as the crash left it: the run claims to be running
         assert store.get_run(run_id)["status"] == "running"
         assert {store.get_command(uuid)["status"] for uuid in waiting} == {"pending"}
+        trained_before_the_kill = [(m["step"], m["value"]) for m in store.get_metrics(run_id, names=["loss"])]
 
     resumed = selfsteer_train("--resume", run_id, "--db", str(db))
     try:
@@ -103,8 +104,8 @@ def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
     assert resume["checkpoint"] == f"checkpoint-{resume['checkpoint_step']}"
     resumed_steps = sorted(m["step"] for m in metrics if m["branch"] == "resume-1")
     assert resumed_steps == list(range(resume["checkpoint_step"] + 1, MAX_STEPS + 1))
-    main_steps = [m["step"] for m in metrics if m["branch"] == "main"]
-    assert max(main_steps) > resume["checkpoint_step"]  # trained past the checkpoint before the kill
+    main = [(m["step"], m["value"]) for m in metrics if m["branch"] == "main"]
+    assert main == trained_before_the_kill and max(main)[0] >= resume["checkpoint_step"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run_id"] == run_id and summary["steps"] == MAX_STEPS and summary["branch"] == "resume-1"
 
