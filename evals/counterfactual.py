@@ -1,0 +1,440 @@
+"""Counterfactual decision data: what each learning-rate action would have done, from the same state.
+
+A collection run trains a workload (a recipe plus overrides: model shape, optimizer, schedule, batch
+size, start lr, seed) with its own small loop. At each decision point (every `eval_steps`) it takes an
+in-memory snapshot of everything the future depends on (weights, optimizer and scheduler state, RNG,
+the metric history; the data order is a pure function of the step) and runs one branch per action
+(double, halve, keep) for a horizon, each from the identical state, recording the eval loss each
+reached. A fourth "probe" branch keeps the lr with another data order and dropout seed: the spread
+between it and "keep" is the noise of one horizon, from which the label's margin is measured. Then
+the behaviour policy's action is taken for real and the run goes on to the next decision point, so a
+collection run visits the states its behaviour policy leads to (`--policy intervener`: DAgger rounds).
+
+The live run is exactly a branch: the branch of the behaviour's action is the run itself, so a run
+that always keeps, collected, and the same run with no forks give the same losses to the last digit
+(tests/test_counterfactual.py).
+
+Why its own loop and not the Trainer: a branch must replay the same batches from the same step, and
+the Trainer cannot rewind its loop. The loop does what the Trainer does (the Trainer builds the
+optimizer and scheduler, with its param groups; lr changes go through the bridge's `set_lr`, the
+"scale" semantics of a live `set_optimizer`; gradients clipped at max_grad_norm; eval loss the mean
+over the eval set). Observations are the supervisor's own `Observation`, built from the same metric
+names the Trainer logs, so a prompt rendered here is the prompt a supervisor sees on a live run.
+
+Held-out workloads (HELD_OUT) are refused by construction: no spec with the held-out optimizer, the
+held-out model shape, or a start lr in the held-out band can be collected.
+
+    selfsteer decisions collect --out runs/counterfactual            # the default grid
+    selfsteer decisions collect --out runs/cf --policy intervener    # a DAgger round
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from selfsteer.agents.observation import Observation
+from selfsteer.agents.supervisors import ACTIONS, Decision
+
+PROBE = "keep_reseeded"  # the noise probe's branch name
+LR_BOUNDS = (1e-8, 1.0)  # as the supervision loop clamps (trainer_bridge.commands.LR_BOUNDS)
+
+# Model shapes, as recipe overrides. "deep" is held out.
+SHAPES: dict[str, tuple[str, list[str]]] = {
+    "tiny": ("tiny", []),
+    "tiny-wide": ("tiny", ["model.n_embd=64", "model.n_head=4"]),
+    "small-narrow": ("small", ["model.n_embd=64", "model.n_head=2", "data.eval_blocks=128"]),
+    "small": ("small", ["data.eval_blocks=128"]),
+    "deep": ("small", ["model.n_layer=3", "model.n_embd=96", "model.n_head=4", "data.eval_blocks=128"]),
+}
+# Optimizers: HF `optim` plus its `optim_args`. RMSprop is held out.
+OPTIMIZERS: dict[str, list[str]] = {
+    "adamw": ["training.optim=adamw_torch"],
+    "sgd": ["training.optim=sgd", "training.optim_args=momentum=0.9"],
+    "rmsprop": ["training.optim=rmsprop"],
+}
+SCHEDULES: dict[str, list[str]] = {
+    "constant": ["training.lr_scheduler_type=constant"],
+    "warmup_decay": ["training.lr_scheduler_type=linear", "training.warmup_steps=6"],
+}
+# Where each optimizer learns well on these workloads (measured with static runs), and the start
+# multipliers around it: far too low to far too high.
+GOOD_LR = {"adamw": 1e-2, "sgd": 0.1, "rmsprop": 1e-3}
+START_MULTIPLIERS = (1 / 64, 1 / 8, 1, 8, 64)
+# Never collected: a model shape, an optimizer and a band of start lrs. The lr-suite's held-out cells
+# live here (evals/lr_suite.py HELD_OUT_WORKLOAD).
+HELD_OUT = {"shape": "deep", "optimizer": "rmsprop", "start_lr_band": (2e-4, 6e-4)}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One collection run. Everything a run does follows from these fields."""
+
+    shape: str = "tiny"
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    batch_size: int = 8
+    lr: float = 1e-2
+    seed: int = 0
+    max_steps: int = 60
+    eval_steps: int = 10  # a decision point after each evaluation, as the supervision loop does
+    horizon: int | None = None  # steps each branch runs (default: to the next decision point)
+    policy: str = "random"  # who picks the action the run takes: random | keep | rule | intervener | ...
+
+    def __post_init__(self):
+        for name, table in (("shape", SHAPES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in table:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: one of {', '.join(table)}")
+        low, high = HELD_OUT["start_lr_band"]
+        held = [
+            what
+            for what, out in (
+                ("shape", self.shape == HELD_OUT["shape"]),
+                ("optimizer", self.optimizer == HELD_OUT["optimizer"]),
+                ("start lr", low <= self.lr <= high),
+            )
+            if out
+        ]
+        if held:
+            raise ValueError(f"{self.id}: held out for evaluation ({', '.join(held)}); never collected")
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.shape}-{self.optimizer}-{self.schedule}-b{self.batch_size}-lr{self.lr:.3g}-s{self.seed}"
+            f"-{self.policy.replace(':', '_').replace('/', '_')}"
+        )
+
+    @property
+    def branch_steps(self) -> int:
+        return self.horizon or self.eval_steps
+
+    def recipe(self) -> dict:
+        from selfsteer.trainer_bridge.recipe import load_recipe
+
+        base, shape = SHAPES[self.shape]
+        return load_recipe(base, recipe_overrides(self, shape))
+
+
+def recipe_overrides(spec: RunSpec, shape: list[str]) -> list[str]:
+    return [
+        *shape,
+        *OPTIMIZERS[spec.optimizer],
+        *SCHEDULES[spec.schedule],
+        f"training.per_device_train_batch_size={spec.batch_size}",
+        f"training.learning_rate={spec.lr:.6e}",  # YAML reads 1e-05 as text
+        f"training.seed={spec.seed}",
+        f"training.max_steps={spec.max_steps}",
+        f"training.eval_steps={spec.eval_steps}",
+        "training.weight_decay=0.01",
+    ]
+
+
+def default_specs(
+    seeds: Iterable[int] = (0, 1),
+    shapes: Iterable[str] = ("tiny", "tiny-wide", "small-narrow"),
+    policy: str = "random",
+) -> list[RunSpec]:
+    """The default grid: shapes x optimizers x schedules x batch sizes x starts x seeds."""
+    specs = []
+    for shape, optimizer, schedule, batch, multiplier, seed in itertools.product(
+        shapes, ("adamw", "sgd"), SCHEDULES, (8, 16), START_MULTIPLIERS, seeds
+    ):
+        specs.append(
+            RunSpec(
+                shape=shape,
+                optimizer=optimizer,
+                schedule=schedule,
+                batch_size=batch,
+                lr=min(GOOD_LR[optimizer] * multiplier, LR_BOUNDS[1]),
+                seed=seed,
+                policy=policy,
+            )  # fmt: skip
+        )
+    return specs
+
+
+# -----------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Snapshot:
+    step: int
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    rng: torch.Tensor
+    metrics: list[dict]
+
+
+class CounterfactualRun:
+    """A workload trained step by step, with snapshots, so that any state can be branched exactly."""
+
+    def __init__(self, spec: RunSpec, data_seed: int | None = None):
+        import tempfile
+
+        from transformers import Trainer
+
+        from selfsteer.trainer_bridge.recipe import build_workload
+
+        self.spec = spec
+        recipe = spec.recipe()
+        self._tmp = tempfile.TemporaryDirectory(prefix="selfsteer-cf-")
+        workload = build_workload(recipe, self._tmp.name)  # seeds the initial weights
+        self.model, self.args = workload.model, workload.training_args
+        self.train_data, self.eval_data = workload.train_dataset.dataset, workload.eval_dataset
+        # The Trainer's own optimizer and scheduler (param groups without decay, optim_args, warm-up).
+        trainer = Trainer(
+            model=self.model, args=self.args, train_dataset=self.train_data, eval_dataset=self.eval_data
+        )
+        trainer.create_optimizer_and_scheduler(num_training_steps=spec.max_steps)
+        self.optimizer, self.scheduler = trainer.optimizer, trainer.lr_scheduler
+        self.step = 0
+        self.metrics: list[dict] = []  # {step, name, value}, as the Trainer logs them
+        self.data_seed = spec.seed if data_seed is None else data_seed
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    # -- data: the batch of a step depends on (data seed, step) alone -----------------------------------
+
+    def batch(self, step: int, data_seed: int) -> torch.Tensor:
+        size, n = self.args.per_device_train_batch_size, len(self.train_data)
+        per_epoch = n // size
+        epoch, index = divmod(step, per_epoch)
+        key = (data_seed, epoch)
+        if key not in self._orders:
+            generator = torch.Generator().manual_seed(data_seed * 100_003 + epoch)
+            self._orders[key] = torch.randperm(n, generator=generator)
+        ids = self._orders[key][index * size : (index + 1) * size]
+        return torch.stack([self.train_data[int(i)]["input_ids"] for i in ids]).to(self.model.device)
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self, steps: int, data_seed: int | None = None) -> None:
+        data_seed = self.data_seed if data_seed is None else data_seed
+        self.model.train()
+        for _ in range(steps):
+            lr = self.lr
+            batch = self.batch(self.step, data_seed)
+            loss = self.model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            for name, value in (
+                ("loss", loss.item()),
+                ("grad_norm", grad_norm.item()),
+                ("learning_rate", lr),
+            ):
+                self.metrics.append({"step": self.step, "name": name, "value": value})
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        size, total, count = self.args.per_device_eval_batch_size, 0.0, 0
+        for start in range(0, len(self.eval_data), size):
+            ids = torch.stack(
+                [self.eval_data[i]["input_ids"] for i in range(start, min(start + size, len(self.eval_data)))]
+            ).to(self.model.device)
+            total += self.model(input_ids=ids, labels=ids).loss.item() * len(ids)
+            count += len(ids)
+        self.model.train()
+        value = total / count
+        self.metrics.append({"step": self.step, "name": "eval_loss", "value": value})
+        return value
+
+    def set_lr(self, lr: float) -> None:
+        from selfsteer.trainer_bridge.optim import set_lr
+
+        set_lr(self.optimizer, self.scheduler, min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1]))
+
+    def observation(self) -> Observation:
+        return Observation.from_metrics(
+            self.metrics, step=self.step, lr=self.lr, max_steps=self.spec.max_steps
+        )
+
+    # -- snapshots --------------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            step=self.step,
+            model={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            rng=torch.get_rng_state(),
+            metrics=list(self.metrics),
+        )
+
+    def restore(self, snapshot: Snapshot) -> None:
+        self.model.load_state_dict(snapshot.model)
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+        self.scheduler.load_state_dict(copy.deepcopy(snapshot.scheduler))
+        torch.set_rng_state(snapshot.rng)
+        self.step, self.metrics = snapshot.step, list(snapshot.metrics)
+
+
+# -----------------------------------------------------------------------------------------------------
+# collection
+
+
+def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
+    """What the run does at a decision point: a supervisor's decide, or random choice (seeded)."""
+    if spec.policy == "random":
+        rng = random.Random(f"{spec.id}-policy")
+        return lambda observation: Decision(rng.choice(ACTIONS), "random behaviour policy")
+    from selfsteer.agents.supervisors import load_supervisor
+
+    supervisor = load_supervisor(spec.policy)
+    if supervisor is None:
+        raise ValueError("the behaviour policy cannot be 'none': use keep")
+    return supervisor.decide
+
+
+def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Trains the run to its end; at each decision point, when `forks`, branches every action and the
+    noise probe and emits a row (to `on_row`). Returns a summary of the run (its eval losses, the
+    actions it took, timings)."""
+    started = time.perf_counter()
+    run = CounterfactualRun(spec)
+    decide = behaviour_policy(spec) if spec.policy != "keep" else (lambda o: Decision("keep", "keep"))
+    timings: dict[str, list[float]] = {"snapshot": [], "restore": [], "step": []}
+    taken, rows = [], 0
+
+    def interval() -> None:  # train to the next decision point (or the end) and evaluate there
+        before, steps = time.perf_counter(), min(spec.eval_steps, spec.max_steps - run.step)
+        run.train(steps)
+        timings["step"].append((time.perf_counter() - before) / steps)
+        run.evaluate()
+
+    try:
+        interval()
+        while run.step < spec.max_steps:
+            observation = run.observation()
+            decision = decide(observation)
+            taken.append(decision.action)
+            if not forks:
+                run.set_lr(decision.apply(run.lr))
+                interval()
+                continue
+            before = time.perf_counter()
+            snapshot = run.snapshot()
+            timings["snapshot"].append(time.perf_counter() - before)
+            horizon = min(spec.branch_steps, spec.max_steps - run.step)
+            live_is_a_branch = horizon == min(spec.eval_steps, spec.max_steps - run.step)
+            outcomes: dict[str, float] = {}
+            # The behaviour's action last: where the horizon is the next decision point, its branch
+            # is the live run, which goes on from there.
+            for branch in [a for a in (*ACTIONS, PROBE) if a != decision.action] + [decision.action]:
+                if outcomes:
+                    before = time.perf_counter()
+                    run.restore(snapshot)
+                    timings["restore"].append(time.perf_counter() - before)
+                run.set_lr(Decision("keep" if branch == PROBE else branch).apply(run.lr))
+                if branch == PROBE:
+                    torch.manual_seed(spec.seed * 7919 + run.step)  # another dropout draw too
+                run.train(horizon, data_seed=run.data_seed + 1 if branch == PROBE else None)
+                outcomes[branch] = run.evaluate()
+            if not live_is_a_branch:
+                run.restore(snapshot)
+                run.set_lr(decision.apply(run.lr))
+                interval()
+            row = {
+                "spec": asdict(spec),
+                "run": spec.id,
+                "step": snapshot.step,
+                "lr": observation.lr,
+                "observation": observation.to_dict(),
+                "behaviour": {"action": decision.action, "explanation": decision.explanation},
+                "horizon": horizon,
+                "outcomes": {a: _finite_or_none(outcomes[a]) for a in ACTIONS},
+                "probe": _finite_or_none(outcomes[PROBE]),
+            }
+            rows += 1
+            if on_row is not None:
+                on_row(row)
+        final = run.metrics[-1]["value"] if run.metrics and run.metrics[-1]["name"] == "eval_loss" else None
+        eval_losses = [(m["step"], m["value"]) for m in run.metrics if m["name"] == "eval_loss"]
+        return {
+            "run": spec.id,
+            "spec": asdict(spec),
+            "rows": rows,
+            "actions": taken,
+            "eval_loss": eval_losses,
+            "final_eval_loss": final,
+            "wall_s": time.perf_counter() - started,
+            "step_s": statistics.median(timings["step"]) if timings["step"] else None,
+            "snapshot_s": statistics.median(timings["snapshot"]) if timings["snapshot"] else None,
+            "restore_s": statistics.median(timings["restore"]) if timings["restore"] else None,
+        }
+    finally:
+        run.close()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# -----------------------------------------------------------------------------------------------------
+# the command
+
+
+@dataclass
+class CollectConfig:
+    out: str
+    specs: list[RunSpec] = field(default_factory=default_specs)
+    shard: tuple[int, int] = (0, 1)  # (index, count): this process collects every count-th spec
+
+
+def collect(config: CollectConfig, progress: bool = True) -> list[dict]:
+    """Collects every spec of this shard not yet done (an interrupted collection resumes), writing rows
+    to OUT/rows.jsonl and run summaries to OUT/runs.jsonl as they come."""
+    from tqdm.auto import tqdm
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index, count = config.shard
+    runs_path, rows_path = out / "runs.jsonl", out / "rows.jsonl"
+    done = set()
+    if runs_path.exists():
+        done = {json.loads(line)["run"] for line in runs_path.read_text().splitlines() if line.strip()}
+        # Rows of a run cut off mid-way are dropped: the run is collected again, whole.
+        if rows_path.exists():
+            kept = [
+                line
+                for line in rows_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["run"] in done
+            ]
+            rows_path.write_text("".join(line + "\n" for line in kept))
+    todo = [s for i, s in enumerate(config.specs) if i % count == index and s.id not in done]
+    summaries = []
+    with rows_path.open("a") as rows_file, runs_path.open("a") as runs_file:
+
+        def write_row(row: dict) -> None:
+            rows_file.write(json.dumps(row) + "\n")
+            rows_file.flush()
+
+        for spec in tqdm(todo, desc="counterfactual runs", unit="run", disable=not progress):
+            summary = collect_run(spec, on_row=write_row)
+            runs_file.write(json.dumps(summary) + "\n")
+            runs_file.flush()
+            summaries.append(summary)
+    return summaries
