@@ -17,6 +17,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -55,6 +56,8 @@ class LocalChatModel(BaseChatModel):
             the string by then and the token budget covers that many characters, so a string answer
             is never cut off.
         timeout: seconds to wait for one answer before raising TimeoutError.
+        adapter: a LoRA adapter folder merged into the model at load (e.g. the shipped intervener,
+            `selfsteer.agents.intervener.ADAPTER_DIR`); None is the plain embedded model.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -67,6 +70,7 @@ class LocalChatModel(BaseChatModel):
     field_max_tokens: int = 160
     field_max_chars: int = 400
     timeout: float = 300.0
+    adapter: str | None = None
     _engine: LocalEngine | None = PrivateAttr(default=None)
 
     @property
@@ -75,7 +79,7 @@ class LocalChatModel(BaseChatModel):
 
     @property
     def model_name(self) -> str:
-        return MODEL_NAME
+        return MODEL_NAME if self.adapter is None else f"{MODEL_NAME}+{Path(self.adapter).name}"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -84,7 +88,7 @@ class LocalChatModel(BaseChatModel):
     @property
     def engine(self) -> LocalEngine:
         if self._engine is None:
-            self._engine = get_local_engine()
+            self._engine = get_local_engine(self.adapter)
         return self._engine
 
     # -- prompts ------------------------------------------------------------------------------------

@@ -107,8 +107,9 @@ def convert_gguf_to_cache(directory: Path | None = None) -> Path:
     return directory
 
 
-def load_embedded_model(directory: Path | None = None):
-    """(model, tokenizer) of the embedded model, converting the GGUF on first use."""
+def load_embedded_model(directory: Path | None = None, adapter: str | Path | None = None):
+    """(model, tokenizer) of the embedded model, converting the GGUF on first use. `adapter`: a peft
+    LoRA adapter folder, merged into the weights at load (so decoding costs what the base model costs)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     directory = directory or cache_dir()
@@ -117,6 +118,13 @@ def load_embedded_model(directory: Path | None = None):
     # The concrete class: AutoTokenizer spends over a second resolving it.
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter), torch_dtype=torch.float32)
+        model = model.merge_and_unload().to(torch.float32).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -894,15 +902,16 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
-_engine: LocalEngine | None = None
+_engines: dict[str | None, LocalEngine] = {}
 _engine_lock = threading.Lock()
 
 
-def get_local_engine() -> LocalEngine:
-    """The process-wide engine (the model is loaded once, on first use)."""
-    global _engine
+def get_local_engine(adapter: str | Path | None = None) -> LocalEngine:
+    """The process-wide engine of the embedded model, or of the model with `adapter` merged in (each
+    loaded once, on first use)."""
+    key = None if adapter is None else str(Path(adapter).resolve())
     with _engine_lock:
-        if _engine is None:
-            model, tokenizer = load_embedded_model()
-            _engine = LocalEngine(model, tokenizer)
-        return _engine
+        if key not in _engines:
+            model, tokenizer = load_embedded_model(adapter=key)
+            _engines[key] = LocalEngine(model, tokenizer)
+        return _engines[key]

@@ -99,6 +99,30 @@ class Observation:
     def history_json(self, **options) -> str:
         return json.dumps(self.history(**options))
 
+    def table(self, max_rows: int = 8) -> str:
+        """One row per evaluation (the latest `max_rows`, after the first train step): the lr in force,
+        the mean train loss since the previous row, the eval loss. What the intervener reads."""
+        ends = [s for s, _ in self.eval_loss] or [s for s, _ in self.train_loss][-max_rows:]
+        eval_at = dict(self.eval_loss)
+        lr_at = dict(self.learning_rate)
+        rows, previous = [], 0
+        if self.train_loss:
+            step, value = self.train_loss[0]
+            rows.append(f"{step} | {_lr_text(lr_at.get(step, self.lr))} | {_loss_text(value)} | -")
+            previous = step
+        for end in ends:
+            window = [v for s, v in self.train_loss if previous < s <= end]
+            train = statistics.fmean(window) if window else math.nan
+            lrs = [v for s, v in self.learning_rate if previous < s <= end]
+            lr = lrs[-1] if lrs else lr_at.get(end, self.lr)
+            rows.append(
+                f"{end} | {_lr_text(lr)} | {_loss_text(train)} | {_loss_text(eval_at.get(end, math.nan))}"
+            )
+            previous = end
+        if len(rows) > max_rows:
+            rows = rows[:1] + rows[-(max_rows - 1) :]
+        return "step | lr | train loss | eval loss\n" + "\n".join(rows)
+
     def stats(self) -> dict:
         """A few numbers that say where the run stands."""
         losses = [v for _, v in self.losses]
@@ -140,12 +164,21 @@ class Observation:
             "max_steps": self.max_steps if self.max_steps is not None else "?",
             "lr": self.lr,
             "history_json": self.history_json(),
+            "table": self.table(),
             "stats": self.stats_text(),
             "warnings": "".join(f" WARNING: {w}." for w in warnings),
         }
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _loss_text(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else ("-" if math.isnan(value) else str(value))
+
+
+def _lr_text(value: float) -> str:
+    return f"{value:.3g}"
 
 
 def _round(value: float) -> float | str:

@@ -10,6 +10,9 @@ learning rate, with a short explanation. One small interface for all of them:
 - `LLMSupervisor`: any chat model from the factory, with a prompt strategy from `selfsteer.prompts`.
 - `RuleSupervisor`: the baselines: non-finite, exploded or rising loss -> halve; plateau -> halve
   (a ReduceLROnPlateau equivalent); steady fall -> keep.
+- `PlateauSupervisor`: PyTorch's own `ReduceLROnPlateau`, fed the eval loss, decides (halve or keep).
+- `IntervenerSupervisor` (agents/intervener.py): the embedded model with the shipped LoRA adapter,
+  trained on counterfactual decision data.
 - `HumanSupervisor`: asks a person (a LangGraph interrupt; see graphs/supervise.py).
 - Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`.
 """
@@ -166,6 +169,42 @@ class RuleSupervisor(Supervisor):
         return Decision("keep", "the loss is falling steadily")
 
 
+class PlateauSupervisor(Supervisor):
+    """PyTorch's own `ReduceLROnPlateau` decides: it is fed each new loss (eval loss where there is one)
+    and, when it would reduce its learning rate by `factor` (0.5), the decision is "halve".
+
+    patience: evaluations without a relative improvement of `threshold` before it halves (PyTorch's
+        default of 10 never fires in runs with a handful of evaluations).
+    """
+
+    name = "plateau"
+    strategy = "reduce_lr_on_plateau"
+
+    def __init__(self, patience: int = 1, threshold: float = 0.01):
+        import torch
+
+        self.patience, self.threshold = patience, threshold
+        self._optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        self._scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._optimizer, mode="min", factor=0.5, patience=patience, threshold=threshold
+        )
+        self._seen = -1
+
+    def decide(self, observation: Observation) -> Decision:
+        before = self._optimizer.param_groups[0]["lr"]
+        for step, value in observation.losses:
+            if step > self._seen:
+                self._scheduler.step(value)
+                self._seen = step
+        if self._optimizer.param_groups[0]["lr"] < before:
+            return Decision(
+                "halve",
+                f"ReduceLROnPlateau: no {self.threshold:.0%} improvement on the best loss "
+                f"{self._scheduler.best:.4g} for more than {self.patience} evaluation(s)",
+            )
+        return Decision("keep", f"ReduceLROnPlateau: best loss {self._scheduler.best:.4g}, within patience")
+
+
 class HumanSupervisor(Supervisor):
     """A person decides. Inside a LangGraph node this pauses the graph with an `interrupt`; the
     answer comes back through `Command(resume={"action": ..., "explanation": ...})` (from the
@@ -186,11 +225,18 @@ class HumanSupervisor(Supervisor):
 
 
 def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
-    """`none` | `rule` | `llm` | `human` | `module:Class` | an entry point of `selfsteer.supervisors`."""
+    """`none` | `rule` | `plateau` | `llm` | `intervener[:ADAPTER_DIR]` | `human` | `module:Class` | an
+    entry point of `selfsteer.supervisors`."""
     if spec == "none":
         return None
     if spec == "rule":
         return RuleSupervisor()
+    if spec == "plateau":
+        return PlateauSupervisor()
+    if spec == "intervener" or spec.startswith("intervener:"):
+        from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
+
+        return IntervenerSupervisor(spec.partition(":")[2] or ADAPTER_DIR)
     if spec == "human":
         return HumanSupervisor()
     if spec == "llm":
@@ -208,7 +254,7 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
     else:
         points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
         if spec not in points:
-            known = ", ".join(["none", "rule", "llm", "human", *points])
+            known = ", ".join(["none", "rule", "plateau", "llm", "intervener", "human", *points])
             raise ValueError(f"unknown supervisor {spec!r}: use one of {known}, or module:Class")
         cls = points[spec].load()
     supervisor = cls()

@@ -39,15 +39,17 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
     group.add_argument(
         "--supervisor",
         default=default,
-        help="who steers the run: none | rule (loss rises or plateaus -> halve) | llm (a language model, "
-        "see --llm and --strategy) | human (asks on the terminal) | module:Class (your own Supervisor) | "
+        help="who steers the run: none | rule (loss rises or plateaus -> halve) | plateau (PyTorch's "
+        "ReduceLROnPlateau) | llm (a language model, see --llm and --strategy) | intervener (the embedded "
+        "model with the shipped adapter trained on counterfactual decisions; intervener:DIR for another "
+        "adapter) | human (asks on the terminal) | module:Class (your own Supervisor) | "
         "a name registered under the entry-point group selfsteer.supervisors",
     )
     group.add_argument(
         "--strategy",
         default="json_history",
         help="prompt strategy of --supervisor llm: json_history (default), compact_stats, "
-        "reason_then_answer, or a .yaml file",
+        "reason_then_answer, intervener, or a .yaml file",
     )
     group.add_argument("--max-iterations", type=int, default=100, help="cap on decisions (default 100)")
     group.add_argument(

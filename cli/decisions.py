@@ -1,29 +1,140 @@
-"""`selfsteer decisions export`: agent decision data, for analysis or to train better interveners."""
+"""`selfsteer decisions collect|export`: decision data, to analyse supervisors and train interveners."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+COLLECT_HELP = """\
+Counterfactual decision data. Each run of a grid of workloads (model shapes x AdamW / SGD with momentum x
+constant / warm-up-and-decay schedules x batch sizes x start lrs from 64x too low to 64x too high x seeds)
+is forked at every decision point into one branch per action (double, halve, keep), each continued from
+the identical state (weights, optimizer, scheduler, data order, RNG) for the horizon; the eval loss each
+branch reached is stored. A fourth branch keeps the lr under another data order: the noise from which
+the label's margin is measured (see `decisions export`). The run itself goes on with the behaviour
+policy's action, so the rows cover the states that policy visits (--policy intervener: a DAgger round).
+
+Writes OUT/rows.jsonl (one line per decision point) and OUT/runs.jsonl (one per run) as it goes; run it
+again to resume. Held-out workloads of the lr-suite are never collected.
+
+examples:
+  selfsteer decisions collect --out runs/cf
+  selfsteer decisions collect --out runs/cf --shard 0/2 &  selfsteer decisions collect --out runs/cf2 --shard 1/2
+  selfsteer decisions collect --out runs/cf-dagger --policy intervener --seeds 3
+"""
+
 
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="export the supervisors' decisions (jsonl or a Hugging Face dataset)",
-        description="Every decision a supervisor made, as stored: what it saw (observation and the chat "
-        "messages its prompt strategy rendered), what it answered (raw output, action, explanation), "
-        "strategy, model, latency, fallback, and the outcome (loss change over the next window).",
+        help="collect counterfactual decision data, or export decisions (jsonl or a Hugging Face dataset)",
+        description="Decision data: `collect` forks runs into one branch per action to learn which was "
+        "best; `export` writes decisions (a store's, or collected ones) for analysis or training.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    export = actions.add_parser("export", help="write the decisions to a file or dataset folder")
+
+    collect = actions.add_parser(
+        "collect",
+        help="fork runs at each decision point into one branch per action, and record what each did",
+        description=COLLECT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    collect.add_argument("--out", required=True, help="output folder (rows.jsonl, runs.jsonl)")
+    collect.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    collect.add_argument(
+        "--shapes",
+        default="tiny,tiny-wide,small-narrow",
+        help="model shapes (default tiny,tiny-wide,small-narrow)",
+    )
+    collect.add_argument(
+        "--policy",
+        default="random",
+        help="the behaviour policy, whose action each run takes: random (default) | keep | rule | "
+        "intervener | module:Class",
+    )
+    collect.add_argument(
+        "--horizon", type=int, default=None, help="steps each branch trains (default: to the next decision)"
+    )
+    collect.add_argument(
+        "--shard", default="0/1", help="I/N: collect every N-th run from the I-th (default 0/1)"
+    )
+    collect.add_argument("--limit", type=int, default=None, help="collect at most this many runs")
+
+    export = actions.add_parser(
+        "export",
+        help="write decisions to a file or dataset folder",
+        description="Without --counterfactual: every decision a supervisor made, as stored (observation, "
+        "chat messages, raw answer, action, explanation, strategy, model, latency, fallback, outcome). With "
+        "--counterfactual DIR: the collected rows, labelled (the best action, keep unless another beats it "
+        "by the noise margin measured from the probes), with every action's outcome and the chat an "
+        "intervener is trained on; `--format hf` adds a data card (README.md).",
+    )
     export.add_argument("--format", choices=("jsonl", "hf"), default="jsonl", help="jsonl (default) or hf")
     export.add_argument("--out", required=True, help="output path (a .jsonl file, or a folder for hf)")
     export.add_argument("--db", default="selfsteer.sqlite", help="the store (default ./selfsteer.sqlite)")
     export.add_argument("--run", default=None, help="only this run's decisions")
+    export.add_argument(
+        "--counterfactual",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="collected folders (decisions collect)",
+    )
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--shard must be I/N, e.g. 0/2, not {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: I must be in 0..N-1")
+    return index, count
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "collect":
+        return _collect(args)
+    return _export(args)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from selfsteer.evals.counterfactual import CollectConfig, collect, default_specs
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        specs = default_specs(
+            seeds=seeds, shapes=[s.strip() for s in args.shapes.split(",")], policy=args.policy
+        )
+        if args.horizon is not None:
+            from dataclasses import replace
+
+            specs = [replace(s, horizon=args.horizon) for s in specs]
+        shard = _shard(args.shard)
+    except ValueError as error:
+        print(f"selfsteer decisions collect: {error}", file=sys.stderr)
+        return 2
+    config = CollectConfig(out=args.out, specs=specs[: args.limit] if args.limit else specs, shard=shard)
+    summaries = collect(config)
+    rows = sum(s["rows"] for s in summaries)
+    print(f"{len(summaries)} runs, {rows} decision points -> {args.out}/rows.jsonl")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.counterfactual:
+        from selfsteer.agents.intervener_data import export_counterfactual
+
+        try:
+            count, margin = export_counterfactual(args.counterfactual, args.out, args.format)
+        except ValueError as error:
+            print(f"selfsteer decisions export: {error}", file=sys.stderr)
+            return 2
+        print(f"{count} labelled decision points (noise margin {margin:.2%}) -> {args.out} ({args.format})")
+        return 0
 
     from selfsteer.agents.decision_data import export_decisions
     from selfsteer.trainer_bridge.store import Store

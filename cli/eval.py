@@ -30,12 +30,24 @@ def add_parser(subparsers, name: str) -> None:
         "lr-suite",
         help="supervisors x workloads x initial learning rates x seeds -> report.md + plots",
         description="Run every workload at a too-low, a good and a too-high initial learning rate, for each "
-        "seed, under each supervisor (static, cosine schedule, rules, the LLM with each prompt strategy), "
+        "seed, under each supervisor (static, cosine schedule, rules, PyTorch's ReduceLROnPlateau, the LLM with "
+        "each prompt strategy, the intervener), "
         "and write a markdown report with plots: final and best eval loss, regret against the best static "
         "learning rate of a grid, share of diverging runs rescued, interventions, wall time. Resumable: "
         "runs already in OUT/results.jsonl are not run again.",
     )
-    suite.add_argument("--recipes", default="tiny,small", help="workloads (default tiny,small)")
+    suite.add_argument(
+        "--recipes",
+        default="tiny,small",
+        help="workloads: recipes, or deep-rmsprop (held out: never collected for the intervener) "
+        "(default tiny,small)",
+    )
+    suite.add_argument(
+        "--held-out",
+        action="store_true",
+        help="the held-out cells: --recipes deep-rmsprop --supervisors "
+        "static,cosine,plateau,rule,llm:intervener,intervener (unless given)",
+    )
     suite.add_argument(
         "--lrs",
         type=_named_floats,
@@ -64,10 +76,16 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfsteer.evals.lr_suite import SuiteConfig, main
+    from selfsteer.evals.lr_suite import DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS, SuiteConfig, main
 
+    recipes, supervisors = args.recipes, args.supervisors
+    if args.held_out:
+        recipes = "deep-rmsprop" if recipes == "tiny,small" else recipes
+        supervisors = (
+            ",".join(HELD_OUT_SUPERVISORS) if supervisors == ",".join(DEFAULT_SUPERVISORS) else supervisors
+        )
     config = SuiteConfig(
-        recipes=args.recipes.split(","), seeds=args.seeds, supervisors=args.supervisors.split(","),
+        recipes=recipes.split(","), seeds=args.seeds, supervisors=supervisors.split(","),
         llm=args.llm, base_url=args.base_url, api_key=args.api_key,
     )  # fmt: skip
     if args.lrs is not None:
@@ -78,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
         config.max_steps = dict.fromkeys(config.recipes, args.max_steps)
     if args.eval_steps:
         config.eval_steps = dict.fromkeys(config.recipes, args.eval_steps)
-    unknown = [
-        s for s in config.supervisors if s not in ("static", "cosine", "rule") and not s.startswith("llm:")
-    ]
+    known = ("static", "cosine", "rule", "plateau", "intervener")
+    unknown = [s for s in config.supervisors if s not in known and not s.startswith(("llm:", "intervener:"))]
     if unknown:
         print(f"selfsteer eval lr-suite: unknown supervisors {unknown}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ COMMANDS = {
     "supervise": "supervise",
     "dashboard": "dashboard",
     "decisions": "decisions",
+    "intervener": "intervener",
     "eval": "eval",
 }
 

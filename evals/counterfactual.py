@@ -71,9 +71,9 @@ SCHEDULES: dict[str, list[str]] = {
 # multipliers around it: far too low to far too high.
 GOOD_LR = {"adamw": 1e-2, "sgd": 0.1, "rmsprop": 1e-3}
 START_MULTIPLIERS = (1 / 64, 1 / 8, 1, 8, 64)
-# Never collected: a model shape, an optimizer and a band of start lrs. The lr-suite's held-out cells
+# Never collected: a model shape, an optimizer, and the start lrs of the held-out cells. The lr-suite's held-out cells
 # live here (evals/lr_suite.py HELD_OUT_WORKLOAD).
-HELD_OUT = {"shape": "deep", "optimizer": "rmsprop", "start_lr_band": (2e-4, 6e-4)}
+HELD_OUT = {"shape": "deep", "optimizer": "rmsprop", "start_lrs": (3e-5, 1e-3, 0.03)}
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,12 @@ class RunSpec:
         for name, table in (("shape", SHAPES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in table:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: one of {', '.join(table)}")
-        low, high = HELD_OUT["start_lr_band"]
         held = [
             what
             for what, out in (
                 ("shape", self.shape == HELD_OUT["shape"]),
                 ("optimizer", self.optimizer == HELD_OUT["optimizer"]),
-                ("start lr", low <= self.lr <= high),
+                ("start lr", any(math.isclose(self.lr, x, rel_tol=1e-3) for x in HELD_OUT["start_lrs"])),
             )
             if out
         ]

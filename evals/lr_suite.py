@@ -5,7 +5,12 @@ each run under every supervisor:
 - `static`: the initial learning rate, untouched (no supervisor);
 - `cosine`: the scheduler baseline (cosine decay from the initial learning rate);
 - `rule`: the rule baselines (divergence or plateau -> halve);
-- `llm:STRATEGY`: the language model with a prompt strategy.
+- `plateau`: PyTorch's `ReduceLROnPlateau` fed the eval loss (halve or keep);
+- `llm:STRATEGY`: the language model with a prompt strategy (`llm:intervener`: the untrained embedded
+  model with the intervener's prompt);
+- `intervener`: the embedded model with the shipped adapter trained on counterfactual decisions.
+Workloads are built-in recipes, or the held-out workload `deep-rmsprop` (a model shape, an optimizer and
+start learning rates that counterfactual collection never runs: evals/counterfactual.py HELD_OUT).
 Extra static runs at other learning rates complete a grid, so that each run's *regret* can be taken
 against the best static learning rate of that grid (same workload and seed).
 
@@ -30,14 +35,34 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from selfsteer.evals.counterfactual import HELD_OUT, OPTIMIZERS, SHAPES
+
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
 DEFAULT_LRS = {
     "tiny": {"too_low": 1e-4, "good": 1e-2, "too_high": 1.0},
     "small": {"too_low": 1e-5, "good": 1e-3, "too_high": 1e-1},
+    "deep-rmsprop": dict(zip(("too_low", "good", "too_high"), HELD_OUT["start_lrs"], strict=True)),
 }
-DEFAULT_GRID = {"tiny": [1e-3, 5e-2, 0.2], "small": [1e-4, 3e-3, 1e-2]}
+DEFAULT_GRID = {
+    "tiny": [1e-3, 5e-2, 0.2],
+    "small": [1e-4, 3e-3, 1e-2],
+    "deep-rmsprop": [1e-4, 3e-4, 3e-3, 1e-2],
+}
+# Workloads that are not plain recipes: (recipe, overrides).
+WORKLOADS = {
+    "deep-rmsprop": (
+        SHAPES[HELD_OUT["shape"]][0],
+        [
+            *SHAPES[HELD_OUT["shape"]][1],
+            *OPTIMIZERS[HELD_OUT["optimizer"]],
+            "training.per_device_train_batch_size=16",
+        ],
+    ),
+}
+HELD_OUT_SUPERVISORS = ["static", "cosine", "plateau", "rule", "llm:intervener", "intervener"]
 DEFAULT_SUPERVISORS = ["static", "cosine", "rule", "llm:json_history", "llm:compact_stats", "llm:reason_then_answer"]  # fmt: skip
+CATASTROPHE = 0.10  # a supervised run is catastrophic when it ends this fraction above its static twin
 BAD_START = 0.10  # a static run started "badly" when it ends this fraction above the grid's best
 RESCUE_GAIN = 0.05  # a supervised run "rescued" a bad start when it ends this fraction below the static run
 
@@ -50,8 +75,8 @@ class SuiteConfig:
     grid_lrs: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))  # extra static runs
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     supervisors: list[str] = field(default_factory=lambda: list(DEFAULT_SUPERVISORS))
-    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 60})
-    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 15})
+    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 60, "deep-rmsprop": 60})
+    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 15, "deep-rmsprop": 10})
     explanation_chars: int = 100  # the embedded model's explanations: long ones cost seconds on a CPU
     llm: str = "local"
     base_url: str | None = None
@@ -109,12 +134,14 @@ class WaitForDecision(TrainerCallback):
 
 
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
-    from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
+    from selfsteer.agents.supervisors import LLMSupervisor, load_supervisor
     from selfsteer.graphs.supervise import run_supervision
     from selfsteer.trainer_bridge.recipe import load_recipe
     from selfsteer.trainer_bridge.runner import RecipeRun
 
+    recipe, overrides = WORKLOADS.get(cell.recipe, (cell.recipe, []))
     overrides = [
+        *overrides,
         f"training.learning_rate={cell.lr:.6e}",  # YAML reads 1e-05 as text, 1.000000e-05 as a number
         f"training.seed={cell.seed}",
         f"training.max_steps={config.max_steps.get(cell.recipe, 150)}",
@@ -123,10 +150,10 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     if cell.supervisor == "cosine":
         overrides.append("training.lr_scheduler_type=cosine")
     supervisor = None
-    if cell.supervisor == "rule":
-        supervisor = RuleSupervisor()
-    elif cell.supervisor.startswith("llm:"):
+    if cell.supervisor.startswith("llm:"):
         supervisor = LLMSupervisor(chat_model, cell.supervisor.split(":", 1)[1])
+    elif cell.supervisor not in ("static", "cosine"):
+        supervisor = load_supervisor(cell.supervisor)  # rule, plateau, intervener: a fresh one per run
 
     supervisor_done = threading.Event()
 
@@ -140,7 +167,7 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
 
     waiter = WaitForDecision(db, supervisor_done)
     run = RecipeRun(
-        load_recipe(cell.recipe, overrides),
+        load_recipe(recipe, overrides),
         out_dir=out / "runs" / cell.id,
         db=db,
         port=0,
@@ -214,7 +241,20 @@ def score(rows: list[dict]) -> list[dict]:
         static = static_at.get((r["recipe"], r["seed"], r["lr"]))
         bad = static is not None and not static["final_eval_loss"] <= best * (1 + BAD_START)  # NaN is bad
         rescued = bad and r["final_eval_loss"] < static["final_eval_loss"] * (1 - RESCUE_GAIN)
-        scored.append({**r, "regret": r["final_eval_loss"] - best, "bad_start": bad, "rescued": rescued})
+        catastrophic = (
+            static is not None
+            and r["supervisor"] != "static"
+            and not r["final_eval_loss"] <= static["final_eval_loss"] * (1 + CATASTROPHE)  # NaN is
+        )
+        scored.append(
+            {
+                **r,
+                "regret": r["final_eval_loss"] - best,
+                "bad_start": bad,
+                "rescued": rescued,
+                "catastrophic": catastrophic,
+            }
+        )
     return scored
 
 
@@ -236,13 +276,15 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
         "Medians over seeds. Regret: final eval loss minus that of the best static learning rate of the grid "
         "(same workload and seed). Rescued: of the runs whose static twin ended over "
         f"{BAD_START:.0%} above the grid's best (a bad start), how many the supervisor brought at least "
-        f"{RESCUE_GAIN:.0%} lower. Interventions: decisions other than keep.",
+        f"{RESCUE_GAIN:.0%} lower. Catastrophic: runs ending over {CATASTROPHE:.0%} above their static twin. "
+        "Interventions: decisions other than keep. Regret spread: min..max over seeds.",
         "",
     ]
     for recipe in config.recipes:
         grid = sorted({*config.lrs_of(recipe).values(), *config.grid_of(recipe)})
         lines += [
-            f"## {recipe}",
+            f"## {recipe}"
+            + (" (held out: never collected for the intervener)" if recipe in WORKLOADS else ""),
             "",
             "Initial learning rates: "
             + ", ".join(f"{k} {v:g}" for k, v in config.lrs_of(recipe).items())
@@ -250,8 +292,8 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
             + ", ".join(f"{v:g}" for v in grid)
             + ".",
             "",
-            "| initial lr | supervisor | final eval loss | best eval loss | regret | interventions | rescued | wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| initial lr | supervisor | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for lr_name in config.lrs_of(recipe):
             for supervisor in config.supervisors:
@@ -266,10 +308,16 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
                 rescued = (
                     f"{sum(r['rescued'] for r in bad)}/{len(bad)}" if bad and supervisor != "static" else "-"
                 )
+                regrets = [r["regret"] for r in group if math.isfinite(r["regret"])]
+                spread = f"{min(regrets):+.3f}..{max(regrets):+.3f}" if regrets else "-"
+                catastrophic = (
+                    f"{sum(r['catastrophic'] for r in group)}/{len(group)}" if supervisor != "static" else "-"
+                )
                 lines.append(
                     f"| {lr_name} | {supervisor} | {_median(r['final_eval_loss'] for r in group):.3f} | "
                     f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
-                    f"{_median(r['interventions'] for r in group):g} | {rescued} | {_median(r['wall_s'] for r in group):.1f} |"
+                    f"{spread} | {_median(r['interventions'] for r in group):g} | {rescued} | {catastrophic} | "
+                    f"{_median(r['wall_s'] for r in group):.1f} |"
                 )
         lines.append("")
     with Store(out / "suite.sqlite") as store:

@@ -1,0 +1,131 @@
+"""Counterfactual decision data: a branch is exactly what the run would have done, held-out workloads are
+never collected, labels follow the measured noise margin, and the CLI collects, resumes and exports.
+Real training runs of the tiny workload."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from datasets import load_from_disk
+
+from selfsteer.agents.intervener_data import (
+    grounded,
+    label,
+    noise_margin,
+    observation_of,
+    prompt_messages,
+    read_rows,
+)
+from selfsteer.evals.counterfactual import HELD_OUT, RunSpec, collect_run, default_specs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RunSpec(shape="tiny", policy="keep", max_steps=30),
+        RunSpec(shape="tiny", optimizer="sgd", schedule="warmup_decay", lr=0.1, policy="keep", max_steps=30),
+    ],
+    ids=["adamw-constant", "sgd-warmup-decay"],
+)
+def test_the_keep_branch_is_the_run_that_kept_to_the_last_digit(spec):
+    rows = []
+    forked = collect_run(spec, forks=True, on_row=rows.append)
+    plain = collect_run(spec, forks=False)
+    assert forked["eval_loss"] == plain["eval_loss"]  # every evaluation, bit for bit
+    assert [r["step"] for r in rows] == [10, 20]
+    for row in rows:
+        # Each fork starts from the state the run was in: the keep branch lands where the run went next.
+        after = dict(plain["eval_loss"])[row["step"] + row["horizon"]]
+        assert row["outcomes"]["keep"] == after
+        assert len(set(row["outcomes"].values())) == 3  # the actions really differ
+        assert row["probe"] != row["outcomes"]["keep"]  # another data order lands elsewhere
+    assert forked["snapshot_s"] > 0 and forked["restore_s"] > 0
+
+
+def test_a_branch_other_than_keep_is_the_live_run_under_that_policy():
+    rows = []
+    doubling = collect_run(RunSpec(shape="tiny", policy="random", max_steps=30, seed=1), on_row=rows.append)
+    taken = doubling["actions"]
+    for row, action in zip(rows, taken, strict=True):
+        assert row["behaviour"]["action"] == action
+        after = dict(doubling["eval_loss"])[row["step"] + row["horizon"]]
+        assert row["outcomes"][action] == after
+
+
+def test_held_out_workloads_are_never_collected():
+    for held in (
+        {"shape": HELD_OUT["shape"]},
+        {"optimizer": HELD_OUT["optimizer"]},
+        {"lr": HELD_OUT["start_lrs"][1]},
+    ):
+        with pytest.raises(ValueError, match="held out for evaluation"):
+            RunSpec(**held)
+    specs = default_specs(seeds=range(5), shapes=("tiny", "tiny-wide", "small-narrow", "small"))
+    assert not any(s.shape == HELD_OUT["shape"] or s.optimizer == HELD_OUT["optimizer"] for s in specs)
+    assert {s.optimizer for s in specs} == {"adamw", "sgd"}
+    assert {s.schedule for s in specs} == {"constant", "warmup_decay"}
+
+
+def row(keep, double, halve, probe):
+    return {"outcomes": {"keep": keep, "double": double, "halve": halve}, "probe": probe}
+
+
+def test_labels_need_a_gain_beyond_the_noise_margin():
+    rows = [row(2.0, 2.1, 2.2, 2.0 * (1 + spread)) for spread in (0.01, 0.02, 0.03, 0.04, 0.05)]
+    assert noise_margin(rows) == pytest.approx(0.03)  # the median spread
+    assert label(row(2.0, 1.95, 2.1, None), 0.03) == "keep"  # 2.5% better: within the noise
+    assert label(row(2.0, 1.90, 2.1, None), 0.03) == "double"  # 5% better
+    assert label(row(2.0, 2.1, 1.90, None), 0.03) == "halve"
+    assert label(row(None, None, 4.0, None), 0.03) == "halve"  # keep diverged (NaN stored as null)
+    assert label(row(None, None, None, None), 0.03) == "keep"
+    with pytest.raises(ValueError, match="no noise probes"):
+        noise_margin([row(2.0, 2.0, 2.0, None)])
+
+
+def selfsteer(*args, timeout=300):
+    done = subprocess.run(
+        [sys.executable, "-m", "selfsteer.cli.main", *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):
+    out = tmp_path / "cf"
+    collect = ["decisions", "collect", "--out", str(out), "--shapes", "tiny", "--seeds", "0", "--limit", "2"]
+    selfsteer(*collect)
+    rows = read_rows([out])
+    assert len(rows) == 2 * 5 and {r["run"] for r in rows} == {s.id for s in default_specs((0,), ("tiny",))[:2]}
+    for r in rows:
+        assert set(r["outcomes"]) == {"double", "halve", "keep"} and r["horizon"] == 10
+    selfsteer(*collect)  # done already: nothing is collected twice
+    assert len(read_rows([out])) == 10
+
+    jsonl, hf = tmp_path / "cf.jsonl", tmp_path / "cf-hf"
+    said = selfsteer("decisions", "export", "--counterfactual", str(out), "--out", str(jsonl)).stdout
+    assert "10 labelled decision points" in said
+    exported = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    margin = noise_margin(rows)
+    for original, example in zip(rows, exported, strict=True):
+        assert example["label"] == label(original, margin)
+        assert example["regret"][example["label"]] == min(example["regret"].values()) or example["label"] == "keep"
+        prompt = example["prompt"][-1]["content"]
+        assert prompt == prompt_messages(observation_of(original))[-1]["content"]
+        answer = json.loads(example["completion"][0]["content"])
+        assert answer["action"] == example["label"] and len(answer["explanation"].split()) <= 30
+        assert grounded(answer["explanation"], prompt) and any(ch.isdigit() for ch in answer["explanation"])
+    selfsteer("decisions", "export", "--counterfactual", str(out), "--out", str(hf), "--format", "hf")
+    dataset = load_from_disk(str(hf))
+    assert len(dataset) == 10 and "noise margin" in (hf / "README.md").read_text()
+
+
+def test_grounding_catches_a_number_that_is_not_in_the_prompt():
+    prompt = "step | lr | train loss | eval loss\n10 | 0.01 | 3.512 | 3.498"
+    assert grounded("Eval loss fell from 3.512 to 3.498 at 0.01.", prompt)
+    assert not grounded("Eval loss fell to 3.4 at 0.01.", prompt)
+    assert grounded("No numbers at all.", prompt)
+    assert math.isfinite(float("3.498"))
