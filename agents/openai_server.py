@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -778,8 +779,9 @@ def serve(
     port: int = DEFAULT_PORT,
     api_key: str | None = None,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    adapter: str | Path | None = None,
 ) -> None:
-    """Take the port, load the model, say where the API listens, and serve until interrupted.
+    """Take the port, load the model (with `adapter`, a LoRA folder, merged in), say where the API listens, and serve until interrupted.
     The port is bound (and listening) first, so a busy port fails at once (OSError) instead of after
     the load, and a client that connects as soon as the URL is printed is queued, never refused.
 
@@ -793,7 +795,7 @@ def serve(
     sock, _, _ = bind(host, port)
     port = sock.getsockname()[1]  # port 0 picks a free one
     print("loading the embedded model ...", flush=True)
-    engine = get_local_engine()  # before serving: the first request must not wait for the load
+    engine = get_local_engine(adapter)  # before serving: the first request must not wait for the load
     app = create_app(engine, api_key=api_key, max_tokens_cap=max_tokens_cap)
 
     class Server(uvicorn.Server):
@@ -804,7 +806,8 @@ def serve(
 
     shown = f"[{host}]" if ":" in host else host
     print(
-        f"OpenAI-compatible API on http://{shown}:{port}/v1 (model {DEFAULT_MODEL_NAME}, "
+        f"OpenAI-compatible API on http://{shown}:{port}/v1 (model {DEFAULT_MODEL_NAME}"
+        f"{'' if adapter is None else ' + adapter ' + str(adapter)}, "
         f"max_tokens <= {max_tokens_cap}); Ctrl-C stops it",
         flush=True,
     )

@@ -64,6 +64,13 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
         f"(JSON answers: min(N, {DEFAULT_JSON_MAX_TOKENS}))",
     )
     parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="serve the embedded model with a LoRA adapter merged in: `intervener` (the shipped one) or a "
+        "folder from `selfsteer intervener train`",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"require `Authorization: Bearer KEY` on every request (default: ${API_KEY_ENV}); "
@@ -92,7 +99,18 @@ def run(args: argparse.Namespace) -> int:
     from selfsteer.agents.openai_server import serve
 
     try:
-        serve(host=args.host, port=args.port, api_key=args.api_key, max_tokens_cap=args.max_tokens)
+        adapter = args.adapter
+        if adapter == "intervener":
+            from selfsteer.agents.intervener import ADAPTER_DIR
+
+            adapter = ADAPTER_DIR
+        serve(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_tokens_cap=args.max_tokens,
+            adapter=adapter,
+        )
     except ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

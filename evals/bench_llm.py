@@ -1,6 +1,7 @@
 """Benchmark of the embedded model on this machine's CPU.
 
     .venv/bin/python -m selfsteer.evals.bench_llm [--decisions 20] [--rounds 3] [--tokens 32]
+    .venv/bin/python -m selfsteer.evals.bench_llm --intervener [DIR] [--decisions 20]
 
 Prints:
 - load time of the cached model (after `import transformers`);
@@ -8,6 +9,11 @@ Prints:
   histories, and of the full decision with its explanation;
 - generation throughput of a batch of 16 prompts against the same 16 prompts one at a time, as the
   median of paired rounds (the same process, the same prompts, greedy).
+
+With --intervener: the intervener's full decision (action and explanation) on observations of real tiny
+runs (one per evaluation, starts from far too low to far too high), in this process and through
+`selfsteer serve-llm --adapter` with LangChain's ChatOpenAI; median latency (target <= 1 s) and how many
+explanations cite only numbers of the prompt.
 """
 
 from __future__ import annotations
@@ -47,7 +53,14 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=20, help="decisions to time (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="paired batch/sequential rounds (default 3)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
+    parser.add_argument(
+        "--intervener", nargs="?", const="shipped", default=None, metavar="DIR",
+        help="time the intervener instead (the shipped adapter, or DIR)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.intervener is not None:
+        bench_intervener(args.intervener, args.decisions)
+        return
 
     import torch
     import transformers  # noqa: F401  (imported before the clock starts: its import is not the load)
@@ -112,6 +125,66 @@ def main() -> None:
         f"(each: {', '.join(f'{r:.1f}' for r in ratios)}; target >= 4x)"
     )
     engine.close()
+
+
+def observations(count: int) -> list:
+    """Observations of real tiny runs at each evaluation, from far too low to far too high starts."""
+    from selfsteer.evals.counterfactual import RunSpec, collect_run
+
+    seen = []
+    for lr in (1.5625e-4, 1e-2, 0.64, 1.25e-3, 0.08):
+        rows = []
+        collect_run(RunSpec(shape="tiny", lr=lr, policy="random", seed=7), on_row=rows.append)
+        seen += [row["observation"] for row in rows]
+    from selfsteer.agents.intervener_data import observation_of
+
+    return [observation_of({"observation": o}) for o in seen[:count]]
+
+
+def bench_intervener(adapter: str, decisions: int) -> None:
+    import re
+    import subprocess
+    import sys
+
+    from selfsteer.agents.chat_models import make_chat_model
+    from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
+    from selfsteer.agents.intervener_data import grounded
+    from selfsteer.agents.supervisors import LLMSupervisor
+
+    adapter = ADAPTER_DIR if adapter == "shipped" else adapter
+    seen = observations(decisions)
+    supervisor = IntervenerSupervisor(adapter)
+    supervisor.decide(seen[0])  # warm-up: loads the model
+    report(supervisor, seen, "in process", grounded)
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "selfsteer.cli.main", "serve-llm", "--port", "0", "--adapter", str(adapter)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        url = next(m.group(1) for line in server.stdout if (m := re.search(r"(http://\S+/v1)", line)))
+        remote = LLMSupervisor(make_chat_model("openai:intervener", base_url=url), "intervener")
+        remote.decide(seen[0])
+        report(remote, seen, "through serve-llm (ChatOpenAI)", grounded)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def report(supervisor, seen: list, where: str, grounded) -> None:
+    latencies, cited, actions = [], 0, []
+    for observation in seen:
+        decision = supervisor.decide(observation)
+        latencies.append(decision.latency_s)
+        actions.append(decision.action)
+        prompt = supervisor.messages(observation)[-1][1]
+        cited += grounded(decision.explanation, prompt)
+    print(
+        f"intervener decision {where}, median of {len(seen)}: {statistics.median(latencies):.3f} s "
+        f"(min {min(latencies):.3f}, max {max(latencies):.3f}; target <= 1 s); explanations citing only "
+        f"numbers of the prompt: {cited}/{len(seen)}; actions {dict((a, actions.count(a)) for a in set(actions))}"
+    )
+    print(f"  last: {decision.action}: {decision.explanation!r}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ DEFAULT_LRS = {
 DEFAULT_GRID = {
     "tiny": [1e-3, 5e-2, 0.2],
     "small": [1e-4, 3e-3, 1e-2],
-    "deep-rmsprop": [1e-4, 3e-4, 3e-3, 1e-2],
+    "deep-rmsprop": [1e-4, 1e-3, 3e-3, 1e-2],
 }
 # Workloads that are not plain recipes: (recipe, overrides).
 WORKLOADS = {

@@ -158,3 +158,29 @@ def test_decisions_refuse_unknown_actions():
     with pytest.raises(ValueError):
         Decision("triple")
     assert Decision("double").apply(1e-3) == 2e-3 and Decision("halve").apply(1e-3) == 5e-4
+
+
+def test_plateau_is_pytorchs_reduce_lr_on_plateau():
+    plateau = load_supervisor("plateau")
+    decisions = [plateau.decide(observe(PLATEAU[: n + 1])).action for n in range(len(PLATEAU))]
+    # 2.5 is the best; 2.41 improves it by over 1%; then two evaluations without such a gain: halve.
+    assert decisions == ["keep", "keep", "keep", "keep", "halve", "keep"]
+    assert "ReduceLROnPlateau" in plateau.decide(observe(PLATEAU)).explanation
+    falling = load_supervisor("plateau")
+    assert {falling.decide(observe(FALLING[: n + 1])).action for n in range(len(FALLING))} == {"keep"}
+
+
+def test_the_intervener_table_aligns_lr_train_and_eval_loss_per_evaluation():
+    rows = [{"step": s, "name": "loss", "value": 5.0 - 0.01 * s} for s in range(1, 21)]
+    rows += [{"step": s, "name": "learning_rate", "value": 1e-3 if s <= 10 else 2e-3} for s in range(1, 21)]
+    rows += [{"step": 10, "name": "eval_loss", "value": 4.9}, {"step": 20, "name": "eval_loss", "value": 4.8}]
+    table = Observation.from_metrics(rows, step=20, lr=2e-3).table()
+    assert table.splitlines() == [
+        "step | lr | train loss | eval loss",
+        "1 | 0.001 | 4.990 | -",
+        "10 | 0.001 | 4.940 | 4.900",  # mean train loss of steps 2-10
+        "20 | 0.002 | 4.845 | 4.800",
+    ]
+    assert table in load_strategy("intervener").render_user(
+        **Observation.from_metrics(rows, step=20, lr=2e-3).prompt_values()
+    )
