@@ -160,7 +160,7 @@ def default_specs(
                 lr=min(GOOD_LR[optimizer] * multiplier, LR_BOUNDS[1]),
                 seed=seed,
                 policy=policy,
-            )  # fmt: skip
+            )
         )
     return specs
 

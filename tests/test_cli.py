@@ -33,9 +33,12 @@ HELP = {
     "supervise": ["--url URL", "--supervisor SUPERVISOR", "resumes"],
     "dashboard": ["--port PORT", "7008", "history"],
     "decisions": ["ACTION", "export"],
+    "intervener": ["ACTION", "LoRA"],
     "eval": ["SUITE", "lr-suite"],
-    "decisions export": ["--format {jsonl,hf}", "--out OUT"],
-    "eval lr-suite": ["--recipes RECIPES", "--supervisors SUPERVISORS", "report"],
+    "decisions export": ["--format {jsonl,hf}", "--out OUT", "--counterfactual DIR"],
+    "decisions collect": ["--policy POLICY", "--shard SHARD", "identical state", "DAgger"],
+    "intervener train": ["--data DIR", "--examples EXAMPLES", "validation"],
+    "eval lr-suite": ["--recipes RECIPES", "--supervisors SUPERVISORS", "report", "--held-out"],
 }
 
 

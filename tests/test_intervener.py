@@ -1,0 +1,77 @@
+"""The intervener: TRL SFT of a LoRA adapter on collected counterfactual rows (a real, short training),
+the shipped adapter and its card, and `--supervisor intervener` steering a real run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
+from selfsteer.agents.intervener_data import grounded, observation_of, read_rows
+from selfsteer.agents.supervisors import ACTIONS
+from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect
+from selfsteer.trainer_bridge.store import Store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def selfsteer(*args, timeout=600):
+    done = subprocess.run(
+        [sys.executable, "-m", "selfsteer.cli.main", *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
+    data = tmp_path / "cf"
+    specs = [RunSpec(shape="tiny", lr=lr, seed=seed, max_steps=30) for seed in (0, 3) for lr in (1.5625e-4, 0.64)]
+    collect(CollectConfig(out=str(data), specs=specs), progress=False)
+    out = tmp_path / "adapter"
+    said = selfsteer("intervener", "train", "--data", str(data), "--out", str(out), "--examples", "8")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 1 and metrics["train_examples"] <= 8
+    assert metrics["validation_rows"] == 4  # the seed-3 runs: two decision points each
+    for policy in ("intervener", "keep", "rule"):
+        assert 0 <= metrics["validation"][policy]["accuracy"] <= 1
+    assert '"intervener"' in said.stdout
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all(str(t.dtype) == "torch.float16" for t in weights.values())
+    card = (out / "README.md").read_text()
+    assert "selfsteer intervener train" in card and "Validation" in card
+
+
+def test_the_shipped_adapter_is_small_and_carded():
+    size = (ADAPTER_DIR / "adapter_model.safetensors").stat().st_size
+    assert size < 8 * 2**20
+    card = (ADAPTER_DIR / "README.md").read_text()
+    for fact in ("Data", "Training", "Reproduce", "seed", "Validation"):
+        assert fact in card
+
+
+def test_the_intervener_answers_a_grounded_decision():
+    rows = read_rows([ADAPTER_DIR / "examples.jsonl"])
+    supervisor = IntervenerSupervisor()
+    for row in rows:
+        observation = observation_of(row)
+        decision = supervisor.decide(observation)
+        assert decision.action in ACTIONS and not decision.fallback
+        assert 0 < len(decision.explanation.split()) <= 30
+        assert grounded(decision.explanation, supervisor.messages(observation)[-1][1]), decision.explanation
+
+
+def test_train_with_supervisor_intervener(tmp_path):
+    out, db = tmp_path / "run", tmp_path / "s.sqlite"
+    selfsteer(
+        "train", "--recipe", "tiny", "--set", "training.max_steps=30", "--set", "training.eval_steps=10",
+        "--supervisor", "intervener", "--port", "0", "--out", str(out), "--db", str(db),
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["decisions"]) >= 2
+    with Store(db) as store:
+        decisions = store.list_decisions(summary["run_id"])
+    assert {d["model"] for d in decisions} == {"SmolLM2-135M-Instruct+intervener"}
+    assert {d["strategy"] for d in decisions} == {"intervener@v1"}
+    assert not any(d["fallback"] for d in decisions)
