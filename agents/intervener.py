@@ -26,6 +26,7 @@ from selfsteer.agents.intervener_data import (
     ACTIONS,
     STRATEGY,
     examples,
+    explain,
     grounded,
     noise_margin,
     read_rows,
@@ -33,7 +34,8 @@ from selfsteer.agents.intervener_data import (
 from selfsteer.agents.supervisors import LLMSupervisor
 
 ADAPTER_DIR = Path(__file__).parent / "intervener"  # the shipped adapter (adapter_model.safetensors)
-EXPLANATION_CHARS = 160  # the template explanations are under 120 characters; the grammar stops here
+EXPLANATION_CHARS = 160
+MAX_WORDS = 30  # the template explanations are under 120 characters; the grammar stops here
 
 
 class IntervenerSupervisor(LLMSupervisor):
@@ -47,6 +49,17 @@ class IntervenerSupervisor(LLMSupervisor):
         chat_model = make_chat_model("local", adapter=str(adapter), field_max_chars=EXPLANATION_CHARS)
         super().__init__(chat_model, STRATEGY, max_retries=max_retries)
 
+    def decide(self, observation):
+        """The model's decision; an explanation that cites a number not in the prompt, or runs past
+        MAX_WORDS, is replaced by the factual one for the same action (the model's own words stay in
+        `raw_output`)."""
+        decision = super().decide(observation)
+        prompt = self.messages(observation)[-1][1]
+        words = decision.explanation.split()
+        if not decision.fallback and (not grounded(decision.explanation, prompt) or len(words) > MAX_WORDS):
+            decision.explanation = explain(observation, decision.action)
+        return decision
+
 
 @dataclass
 class IntervenerConfig(SFTConfig):
@@ -57,14 +70,18 @@ class IntervenerConfig(SFTConfig):
     max_examples: training examples, drawn equally from each label (a label with fewer rows is
         repeated); the training time grows with it (about 12 s per batch of 8 on 2 cores).
     lora_r / lora_alpha / lora_dropout: the LoRA adapter on every linear layer of the model.
+    action_weight: how much the action's token weighs against one token of the explanation.
+    validation_rows: at most this many validation rows are scored (a seeded sample).
     """
 
     data: list[str] = field(default_factory=list)
     validation_seeds: list[int] = field(default_factory=lambda: [3])
+    validation_rows: int = 300
     max_examples: int = 960
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    action_weight: float = 30.0
     # SFTConfig's fields, with defaults for a 135M model on a CPU:
     output_dir: str = "runs/intervener"
     learning_rate: float = 1e-3
@@ -82,10 +99,23 @@ class IntervenerConfig(SFTConfig):
     seed: int = 0
 
 
+ACTION_TOKEN = 4  # the action's first token in the answer: `{"`, `action`, `":`, ` "`, then the action
+
+
 class CompletionHeadSFTTrainer(SFTTrainer):
-    """TRL's SFT trainer, with the language-model head computed only over the positions that carry a
-    label (the answer, about 40 of 280 tokens). SmolLM2's head has 49,152 outputs: over every position
-    it costs a CPU more than the rest of the model (35 s a batch of 8 against 12 s measured here)."""
+    """TRL's SFT trainer, with two changes to the loss.
+
+    - The language-model head is computed only over the positions that carry a label (the answer,
+      about 40 of 280 tokens). SmolLM2's head has 49,152 outputs: over every position it costs a CPU
+      more than the rest of the model (35 s a batch of 8 against 14 s measured here).
+    - The action's token weighs `action_weight` times a token of the explanation. Unweighted, the
+      explanation's ~35 tokens (templated, easy) swamp the one token that decides: the first adapter
+      trained so reached a loss of 0.03 with the action at chance, and answered "double" 98% of the time.
+    """
+
+    def __init__(self, *args, action_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.action_weight = action_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch
@@ -101,11 +131,19 @@ class CompletionHeadSFTTrainer(SFTTrainer):
             use_cache=False,
         )
         logits, targets = outputs.logits[:, :-1], labels[:, labels.shape[1] - keep + 1 :]
-        total = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        count = num_items_in_batch if num_items_in_batch is not None else labelled.sum()
-        loss = total / torch.as_tensor(count).clamp(min=1)
+        per_token = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(targets.shape)
+        mask = (targets != -100).float()
+        weights = mask.clone()
+        rows = torch.nonzero(mask.any(1)).flatten()
+        action_at = mask.argmax(1)[rows] + ACTION_TOKEN
+        inside = action_at < targets.shape[1]
+        weights[rows[inside], action_at[inside]] *= self.action_weight
+        loss = (per_token * weights).sum() / weights.sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -145,6 +183,8 @@ def train_intervener(config: IntervenerConfig) -> dict:
         raise ValueError(f"no collected rows in {config.data}")
     margin = noise_margin(rows)
     train_rows, validation_rows = split(rows, config)
+    if len(validation_rows) > config.validation_rows:
+        validation_rows = random.Random(config.seed).sample(validation_rows, config.validation_rows)
     train = balanced(examples(train_rows, margin), config.max_examples, config.seed)
     set_seed(config.seed)
     model, tokenizer = load_embedded_model()
@@ -158,8 +198,9 @@ def train_intervener(config: IntervenerConfig) -> dict:
         task_type="CAUSAL_LM",
     )
     trainer = CompletionHeadSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-    )
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        action_weight=config.action_weight,
+    )  # fmt: skip
     result = trainer.train()
     output = Path(config.output_dir)
     trainer.model.save_pretrained(str(output))
@@ -212,7 +253,10 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
     if supervisor is not None:
         chosen["intervener"] = []
     answers, latencies = [], []
-    for index, (row, example) in enumerate(zip(rows, data, strict=True)):
+    from tqdm.auto import tqdm
+
+    pairs = zip(rows, data, strict=True)
+    for index, (row, example) in enumerate(tqdm(pairs, total=len(rows), desc="scoring", unit="row")):
         observation = observation_of(row)
         chosen["keep"].append("keep")
         chosen["rule"].append(rule.decide(observation).action)
@@ -221,12 +265,14 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
         if index < explain:
             decision = supervisor.decide(observation)
             latencies.append(decision.latency_s)
+            said = model_explanation(decision)
             answers.append(
                 {
                     "label": example["label"],
                     "action": decision.action,
-                    "explanation": decision.explanation,
-                    "grounded": grounded(decision.explanation, example["prompt"][-1]["content"]),
+                    "explanation": said,
+                    "grounded": grounded(said, example["prompt"][-1]["content"])
+                    and len(said.split()) <= MAX_WORDS,
                 }
             )
             chosen["intervener"].append(decision.action)
@@ -249,6 +295,14 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
         out["grounded"] = sum(a["grounded"] for a in answers) / len(answers)
         out["median_latency_s"] = statistics.median(latencies)
     return out
+
+
+def model_explanation(decision) -> str:
+    """The explanation as the model wrote it (before any grounding replacement)."""
+    try:
+        return json.loads(decision.raw_output or "")["explanation"]
+    except (ValueError, KeyError, TypeError):
+        return decision.explanation
 
 
 def _action_only(supervisor: IntervenerSupervisor, observation) -> str:
@@ -320,7 +374,8 @@ relative to the best action's (capped at 1), averaged.
 {row("keep")}
 {row("rule")}
 
-Labels: {validation["labels"]}. Explanations grounded (every number in the prompt):
+Labels: {validation["labels"]}. The model's own explanations grounded (every number in the prompt, at
+most {MAX_WORDS} words; others are replaced by the factual template at decision time):
 {validation.get("grounded", math.nan):.0%} of {len(validation.get("answers", []))}; median decision latency
 {validation.get("median_latency_s", math.nan):.2f} s. First answers, verbatim:
 

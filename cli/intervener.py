@@ -44,6 +44,12 @@ def add_parser(subparsers, name: str) -> None:
     )
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the examples (default 1)")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter (default 1e-3)")
+    train.add_argument(
+        "--action-weight",
+        type=float,
+        default=30.0,
+        help="weight of the action token against one explanation token (default 30)",
+    )
     train.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     train.add_argument("--validation-seeds", default="3", help="seeds whose rows are held out (default 3)")
     train.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         max_examples=args.examples,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
+        action_weight=args.action_weight,
         lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         validation_seeds=[int(s) for s in args.validation_seeds.split(",") if s.strip()],

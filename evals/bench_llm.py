@@ -147,7 +147,7 @@ def bench_intervener(adapter: str, decisions: int) -> None:
     import sys
 
     from selfsteer.agents.chat_models import make_chat_model
-    from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
+    from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor, model_explanation
     from selfsteer.agents.intervener_data import grounded
     from selfsteer.agents.supervisors import LLMSupervisor
 
@@ -155,7 +155,7 @@ def bench_intervener(adapter: str, decisions: int) -> None:
     seen = observations(decisions)
     supervisor = IntervenerSupervisor(adapter)
     supervisor.decide(seen[0])  # warm-up: loads the model
-    report(supervisor, seen, "in process", grounded)
+    report(supervisor, seen, "in process", grounded, model_explanation)
 
     server = subprocess.Popen(
         [sys.executable, "-m", "selfsteer.cli.main", "serve-llm", "--port", "0", "--adapter", str(adapter)],
@@ -165,26 +165,26 @@ def bench_intervener(adapter: str, decisions: int) -> None:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"(http://\S+/v1)", line)))
         remote = LLMSupervisor(make_chat_model("openai:intervener", base_url=url), "intervener")
         remote.decide(seen[0])
-        report(remote, seen, "through serve-llm (ChatOpenAI)", grounded)
+        report(remote, seen, "through serve-llm (ChatOpenAI)", grounded, model_explanation)
     finally:
         server.terminate()
         server.wait(30)
 
 
-def report(supervisor, seen: list, where: str, grounded) -> None:
+def report(supervisor, seen: list, where: str, grounded, model_explanation) -> None:
     latencies, cited, actions = [], 0, []
     for observation in seen:
         decision = supervisor.decide(observation)
         latencies.append(decision.latency_s)
         actions.append(decision.action)
         prompt = supervisor.messages(observation)[-1][1]
-        cited += grounded(decision.explanation, prompt)
+        cited += grounded(model_explanation(decision), prompt)
     print(
         f"intervener decision {where}, median of {len(seen)}: {statistics.median(latencies):.3f} s "
         f"(min {min(latencies):.3f}, max {max(latencies):.3f}; target <= 1 s); explanations citing only "
         f"numbers of the prompt: {cited}/{len(seen)}; actions {dict((a, actions.count(a)) for a in set(actions))}"
     )
-    print(f"  last: {decision.action}: {decision.explanation!r}")
+    print(f"  last: {decision.action}: {model_explanation(decision)!r}")
 
 
 if __name__ == "__main__":
