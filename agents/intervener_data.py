@@ -73,7 +73,11 @@ def label(row: dict, margin: float) -> str:
     """The best action by eval loss at the horizon; "keep" unless another beats keep by the margin."""
     losses = _losses(row)
     best = min(ACTIONS, key=lambda a: losses[a])
-    if best != "keep" and math.isfinite(losses[best]) and (not math.isfinite(losses["keep"]) or losses[best] < losses["keep"] * (1 - margin)):
+    if (
+        best != "keep"
+        and math.isfinite(losses[best])
+        and (not math.isfinite(losses["keep"]) or losses[best] < losses["keep"] * (1 - margin))
+    ):
         return best
     return "keep"
 

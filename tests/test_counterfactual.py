@@ -99,7 +99,9 @@ def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):
     collect = ["decisions", "collect", "--out", str(out), "--shapes", "tiny", "--seeds", "0", "--limit", "2"]
     selfsteer(*collect)
     rows = read_rows([out])
-    assert len(rows) == 2 * 5 and {r["run"] for r in rows} == {s.id for s in default_specs((0,), ("tiny",))[:2]}
+    assert len(rows) == 2 * 5 and {r["run"] for r in rows} == {
+        s.id for s in default_specs((0,), ("tiny",))[:2]
+    }
     for r in rows:
         assert set(r["outcomes"]) == {"double", "halve", "keep"} and r["horizon"] == 10
     selfsteer(*collect)  # done already: nothing is collected twice
@@ -112,7 +114,10 @@ def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):
     margin = noise_margin(rows)
     for original, example in zip(rows, exported, strict=True):
         assert example["label"] == label(original, margin)
-        assert example["regret"][example["label"]] == min(example["regret"].values()) or example["label"] == "keep"
+        assert (
+            example["regret"][example["label"]] == min(example["regret"].values())
+            or example["label"] == "keep"
+        )
         prompt = example["prompt"][-1]["content"]
         assert prompt == prompt_messages(observation_of(original))[-1]["content"]
         answer = json.loads(example["completion"][0]["content"])

@@ -27,7 +27,9 @@ def selfsteer(*args, timeout=600):
 
 def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
     data = tmp_path / "cf"
-    specs = [RunSpec(shape="tiny", lr=lr, seed=seed, max_steps=30) for seed in (0, 3) for lr in (1.5625e-4, 0.64)]
+    specs = [
+        RunSpec(shape="tiny", lr=lr, seed=seed, max_steps=30) for seed in (0, 3) for lr in (1.5625e-4, 0.64)
+    ]
     collect(CollectConfig(out=str(data), specs=specs), progress=False)
     out = tmp_path / "adapter"
     said = selfsteer("intervener", "train", "--data", str(data), "--out", str(out), "--examples", "8")
@@ -65,11 +67,12 @@ def test_the_intervener_answers_a_grounded_decision():
 def test_train_with_supervisor_intervener(tmp_path):
     out, db = tmp_path / "run", tmp_path / "s.sqlite"
     selfsteer(
-        "train", "--recipe", "tiny", "--set", "training.max_steps=30", "--set", "training.eval_steps=10",
-        "--supervisor", "intervener", "--port", "0", "--out", str(out), "--db", str(db),
+        "train", "--recipe", "tiny", "--set", "training.max_steps=200", "--set", "training.eval_steps=10",
+        "--supervisor", "intervener", "--pause-while-deciding", "--max-iterations", "2",
+        "--port", "0", "--out", str(out), "--db", str(db),
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["decisions"]) >= 2
+    assert len(summary["decisions"]) == 2
     with Store(db) as store:
         decisions = store.list_decisions(summary["run_id"])
     assert {d["model"] for d in decisions} == {"SmolLM2-135M-Instruct+intervener"}
