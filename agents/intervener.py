@@ -381,6 +381,6 @@ most {MAX_WORDS} words; others are replaced by the factual template at decision 
 
 {answers}
 
-The lr-suite's held-out cells (a model shape, an optimizer and a band of start lrs never collected) are
+The lr-suite's held-out cells (a model shape, an optimizer and start lrs never collected) are
 the real test: see the project README and the lr-suite report.
 """

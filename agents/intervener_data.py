@@ -278,6 +278,6 @@ each continued from the identical state (weights, optimizer, scheduler, data ord
   explanation cites only numbers of the prompt
 - model shapes: {values("shape")}; optimizers: {values("optimizer")}; schedules: {values("schedule")};
   batch sizes: {values("batch_size")}; seeds: {values("seed")}; behaviour policies: {values("policy")}
-- held out (never collected): the lr-suite's held-out workload (a deeper model, RMSprop, a band of
+- held out (never collected): the lr-suite's held-out workload (a deeper model, RMSprop, and its
   start learning rates)
 """

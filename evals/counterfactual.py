@@ -74,7 +74,7 @@ SCHEDULES: dict[str, list[str]] = {
 GOOD_LR = {"adamw": 1e-2, "sgd": 0.1, "rmsprop": 3e-4}
 START_MULTIPLIERS = (1 / 64, 1 / 8, 1, 8, 64)
 # Never collected: a model shape, an optimizer, and the start lrs of the held-out cells. The lr-suite's held-out cells
-# live here (evals/lr_suite.py HELD_OUT_WORKLOAD).
+# come from here (evals/lr_suite.py WORKLOADS["deep-rmsprop"]).
 HELD_OUT = {"shape": "deep", "optimizer": "rmsprop", "start_lrs": (1e-5, 3e-4, 3e-2)}
 
 
