@@ -57,6 +57,13 @@ def export_decisions(store, out: str | Path, fmt: str = "jsonl", run_id: str | N
     """Write the decisions as JSON lines, or as a Hugging Face dataset (`datasets.load_from_disk`);
     returns how many."""
     rows = decision_rows(store, run_id)
+    write_rows(rows, out, fmt, json_fields=("observation", "outcome"))
+    return len(rows)
+
+
+def write_rows(rows: list[dict], out: str | Path, fmt: str, json_fields: tuple[str, ...]) -> None:
+    """Rows as JSON lines, or as a Hugging Face dataset folder (`datasets.load_from_disk`), where the
+    nested, free-form `json_fields` go as JSON text: one schema for every row."""
     out = Path(out)
     if fmt == "jsonl":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,12 +73,7 @@ def export_decisions(store, out: str | Path, fmt: str = "jsonl", run_id: str | N
     elif fmt == "hf":
         from datasets import Dataset
 
-        # Nested, free-form fields as JSON text: one schema for every row.
-        flat = [
-            {**r, "observation": json.dumps(r["observation"]), "outcome": json.dumps(r["outcome"])}
-            for r in rows
-        ]
+        flat = [{**r, **{k: json.dumps(r[k]) for k in json_fields}} for r in rows]
         Dataset.from_list(flat).save_to_disk(str(out))
     else:
         raise ValueError(f"unknown format {fmt!r}: use jsonl or hf")
-    return len(rows)

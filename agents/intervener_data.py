@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from selfsteer.agents.decision_data import write_rows
 from selfsteer.agents.observation import Observation
 
 ACTIONS = ("double", "halve", "keep")
@@ -222,28 +223,9 @@ def export_counterfactual(
         raise ValueError("the collected folders hold no rows")
     margin = noise_margin(rows)
     data = examples(rows, margin)
-    out = Path(out)
-    if fmt == "jsonl":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w") as f:
-            for example in data:
-                f.write(json.dumps(example) + "\n")
-    elif fmt == "hf":
-        from datasets import Dataset
-
-        flat = [
-            {
-                **e,
-                "spec": json.dumps(e["spec"]),
-                "outcomes": json.dumps(e["outcomes"]),
-                "regret": json.dumps(e["regret"]),
-            }
-            for e in data
-        ]
-        Dataset.from_list(flat).save_to_disk(str(out))
-        (out / "README.md").write_text(data_card(data, margin))
-    else:
-        raise ValueError(f"unknown format {fmt!r}: use jsonl or hf")
+    write_rows(data, out, fmt, json_fields=("spec", "outcomes", "regret"))
+    if fmt == "hf":
+        (Path(out) / "README.md").write_text(data_card(data, margin))
     return len(data), margin
 
 

@@ -45,9 +45,10 @@ import torch
 
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import ACTIONS, Decision
+from selfsteer.trainer_bridge.checkpoints import rng_state, set_rng_state
+from selfsteer.trainer_bridge.commands import LR_BOUNDS  # the supervision loop's clamp
 
 PROBE = "keep_reseeded"  # the noise probe's branch name
-LR_BOUNDS = (1e-8, 1.0)  # as the supervision loop clamps (trainer_bridge.commands.LR_BOUNDS)
 
 # Model shapes, as recipe overrides. "deep" is held out.
 SHAPES: dict[str, tuple[str, list[str]]] = {
@@ -175,7 +176,7 @@ class Snapshot:
     model: dict
     optimizer: dict
     scheduler: dict
-    rng: torch.Tensor
+    rng: dict
     metrics: list[dict]
 
 
@@ -281,7 +282,7 @@ class CounterfactualRun:
             model={k: v.detach().clone() for k, v in self.model.state_dict().items()},
             optimizer=copy.deepcopy(self.optimizer.state_dict()),
             scheduler=copy.deepcopy(self.scheduler.state_dict()),
-            rng=torch.get_rng_state(),
+            rng=rng_state(),
             metrics=list(self.metrics),
         )
 
@@ -289,7 +290,7 @@ class CounterfactualRun:
         self.model.load_state_dict(snapshot.model)
         self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
         self.scheduler.load_state_dict(copy.deepcopy(snapshot.scheduler))
-        torch.set_rng_state(snapshot.rng)
+        set_rng_state(snapshot.rng)
         self.step, self.metrics = snapshot.step, list(snapshot.metrics)
 
 
@@ -298,7 +299,10 @@ class CounterfactualRun:
 
 
 def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
-    """What the run does at a decision point: a supervisor's decide, or random choice (seeded)."""
+    """What the run does at a decision point: a supervisor's decide, always keep, or random choice
+    (seeded)."""
+    if spec.policy == "keep":
+        return lambda observation: Decision("keep", "keep behaviour policy")
     if spec.policy == "random":
         rng = random.Random(f"{spec.id}-policy")
         return lambda observation: Decision(rng.choice(ACTIONS), "random behaviour policy")
@@ -316,7 +320,7 @@ def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None
     actions it took, timings)."""
     started = time.perf_counter()
     run = CounterfactualRun(spec)
-    decide = behaviour_policy(spec) if spec.policy != "keep" else (lambda o: Decision("keep", "keep"))
+    decide = behaviour_policy(spec)
     timings: dict[str, list[float]] = {"snapshot": [], "restore": [], "step": []}
     taken, rows = [], 0
 

@@ -4,11 +4,10 @@ Real training runs of the tiny workload."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 from datasets import load_from_disk
+from helpers.cli import selfsteer
 
 from selfsteer.agents.intervener_data import (
     grounded,
@@ -84,14 +83,6 @@ def test_labels_need_a_gain_beyond_the_noise_margin():
     assert label(row(None, None, None, None), 0.03) == "keep"
     with pytest.raises(ValueError, match="no noise probes"):
         noise_margin([row(2.0, 2.0, 2.0, None)])
-
-
-def selfsteer(*args, timeout=300):
-    done = subprocess.run(
-        [sys.executable, "-m", "selfsteer.cli.main", *args], capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):

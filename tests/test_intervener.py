@@ -2,10 +2,9 @@
 the shipped adapter and its card, and `--supervisor intervener` steering a real run."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers.cli import selfsteer
 from safetensors.torch import load_file
 
 from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
@@ -15,14 +14,6 @@ from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect
 from selfsteer.trainer_bridge.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def selfsteer(*args, timeout=600):
-    done = subprocess.run(
-        [sys.executable, "-m", "selfsteer.cli.main", *args], capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
