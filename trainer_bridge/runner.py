@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
@@ -186,6 +187,11 @@ class RecipeRun:
     def close(self) -> None:
         if self.bridge is not None:
             self.bridge.close()
+        if dist.is_available() and dist.is_initialized():
+            # Left to the interpreter's exit, a gloo group can be torn down with its threads still
+            # joinable: "terminate called without an active exception", SIGABRT, and torchrun reports
+            # the run failed (seen here under load, after both ranks had finished).
+            dist.destroy_process_group()
 
     def _summary(self, final: dict, wall_s: float) -> dict:
         final_eval_loss = final.get("eval_loss", math.nan)
