@@ -2,7 +2,8 @@
 
 Each row holds what the agent saw (the observation, and the chat messages its strategy rendered from
 it), what it answered (raw output, parsed action, explanation), how (strategy, model, latency,
-fallback) and what followed (the outcome: the loss change over the next window)."""
+fallback), what followed (the outcome: the loss change over the next window) and, under self-correction,
+whether it was rolled back, why (the reflection), and which rolled-back decision a retry replaced."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def decision_rows(store, run_id: str | None = None) -> list[dict]:
             "model": d["model"], "action": d["action"], "explanation": d["explanation"],
             "raw_output": d["raw_output"], "lr_before": d["lr_before"], "lr_after": d["lr_after"],
             "latency_s": d["latency_s"], "fallback": bool(d["fallback"]),
+            "rolled_back": bool(d.get("rolled_back")), "reflection": d.get("reflection"),
+            "retry_of": d.get("retry_of"),
             "observation": d["observation"], "outcome": d["outcome"], "messages": _messages(d),
         }  # fmt: skip
         rows.append(row)

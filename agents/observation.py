@@ -21,6 +21,10 @@ class Observation:
     eval_loss: Series = field(default_factory=list)
     grad_norm: Series = field(default_factory=list)
     learning_rate: Series = field(default_factory=list)
+    # Self-correction: lessons from this run's rolled-back decisions (and, with memory, earlier runs'),
+    # and the actions already tried and rolled back from this very state.
+    reflections: list[str] = field(default_factory=list)
+    avoid: list[str] = field(default_factory=list)
 
     @classmethod
     def from_metrics(
@@ -76,6 +80,11 @@ class Observation:
             found.append("the loss or gradient norm is NaN or infinite")
         if self.exploding_gradients:
             found.append("the gradient norm exploded (over 10x its median)")
+        found += [f"a lesson from an earlier decision: {text}" for text in self.reflections]
+        found += [
+            f"{action} was tried from this state and made things worse: do not {action}"
+            for action in self.avoid
+        ]
         return found
 
     # -- views for prompts --------------------------------------------------------------------------

@@ -25,11 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision
 from selfsteer.agents.observation import Observation
+from selfsteer.agents.self_correct import Reflection, reflection_prompt
 from selfsteer.prompts import PromptStrategy, load_strategy
 
 ACTIONS = ("double", "halve", "keep")
@@ -62,6 +63,12 @@ class Supervisor:
     def decide(self, observation: Observation) -> Decision:
         raise NotImplementedError
 
+    def reflect(self, observation: Observation, action: str, facts: str) -> str:
+        """Why your decision to `action` failed (self-correction; `facts` says what happened and
+        `observation` is what you saw when deciding). The text is shown to your later decisions. By
+        default: the facts."""
+        return facts
+
 
 class ReasonedDecision(BaseModel):
     """Reasoning first, so that the action is chosen with the reasoning in context."""
@@ -89,8 +96,8 @@ class LLMSupervisor(Supervisor):
         self.strategy = self.prompt.id
         self.model = getattr(chat_model, "model_name", None) or type(chat_model).__name__
         self.max_retries = max_retries
-        schema = ReasonedDecision if self.prompt.schema == "reasoned" else LRDecision
-        self._decide = chat_model.with_structured_output(schema, include_raw=True)
+        self._schema = ReasonedDecision if self.prompt.schema == "reasoned" else LRDecision
+        self._decide = chat_model.with_structured_output(self._schema, include_raw=True)
 
     def messages(self, observation: Observation) -> list[tuple[str, str]]:
         return [
@@ -98,8 +105,18 @@ class LLMSupervisor(Supervisor):
             ("user", self.prompt.render_user(**observation.prompt_values())),
         ]
 
+    def _decider(self, avoid: list[str]):
+        """Structured output whose action cannot be one of `avoid` (rolled back from this state)."""
+        allowed = tuple(a for a in ACTIONS if a not in avoid)
+        if len(allowed) == len(ACTIONS):
+            return self._decide
+        action = (Literal[allowed], Field(description="what to do with the learning rate"))
+        schema = create_model(self._schema.__name__, __base__=self._schema, action=action)
+        return self.chat_model.with_structured_output(schema, include_raw=True)
+
     def decide(self, observation: Observation) -> Decision:
         messages = self.messages(observation)
+        decider = self._decider(observation.avoid)
         started = time.perf_counter()
         error: BaseException | None = None
         answer = None
@@ -110,7 +127,7 @@ class LLMSupervisor(Supervisor):
                 reraise=True,
             ):
                 with attempt:
-                    answer = self._decide.invoke(messages)
+                    answer = decider.invoke(messages)
                     if answer.get("parsed") is None:
                         raise ValueError(f"malformed answer: {answer.get('parsing_error')}")
         except Exception as failure:  # any failure of the model ends in the safe action
@@ -125,6 +142,17 @@ class LLMSupervisor(Supervisor):
         explanation = getattr(parsed, "explanation", None) or getattr(parsed, "reasoning", "")
         explanation = " ".join(explanation.split()[:MAX_EXPLANATION_WORDS])
         return Decision(parsed.action, explanation, raw_text, fallback=fell_back, latency_s=latency)
+
+    def reflect(self, observation: Observation, action: str, facts: str) -> str:
+        """The same chat model's own words (one sentence, bounded); the facts when it fails."""
+        try:
+            answer = self.chat_model.with_structured_output(Reflection).invoke(
+                reflection_prompt(observation, action, facts)
+            )
+            text = " ".join(answer.reflection.split())
+        except Exception:  # a failing model reflects with the facts
+            return facts
+        return text or facts
 
 
 class RuleSupervisor(Supervisor):

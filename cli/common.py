@@ -58,6 +58,31 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         default=0,
         help="decide at least every N steps, not only after evaluations (default 0: after evaluations)",
     )
+    group.add_argument(
+        "--self-correct",
+        action="store_true",
+        help="check each learning-rate change at the next evaluation; when the eval loss rose more than "
+        "the margin, the supervisor reflects on why, the run rolls back to a checkpoint saved just before "
+        "the change (as a new branch) and the supervisor decides again without that action",
+    )
+    group.add_argument(
+        "--self-correct-margin",
+        type=float,
+        default=None,
+        help="with --self-correct: the rise of the eval loss, as a fraction, that fails a decision (default 0.02)",
+    )
+    group.add_argument(
+        "--self-correct-budget",
+        type=float,
+        default=None,
+        help="with --self-correct: the most training steps rollbacks may abandon, as a fraction of the "
+        "run's max_steps (default 0.25); a failure past it only sets the learning rate back",
+    )
+    group.add_argument(
+        "--remember-reflections",
+        action="store_true",
+        help="with --self-correct: show later runs the reflections of earlier ones (from the store)",
+    )
 
 
 def supervisor_from_args(args: argparse.Namespace):
@@ -66,6 +91,18 @@ def supervisor_from_args(args: argparse.Namespace):
 
     chat_model = chat_model_from_args(args) if args.supervisor == "llm" else None
     return load_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
+
+
+def self_correction_from_args(args: argparse.Namespace):
+    """The SelfCorrection the flags ask for, or None without --self-correct."""
+    from selfsteer.graphs.supervise import SelfCorrection
+
+    if not getattr(args, "self_correct", False):
+        return None
+    options = {"margin": args.self_correct_margin, "max_extra_steps": args.self_correct_budget}
+    return SelfCorrection(
+        **{k: v for k, v in options.items() if v is not None}, remember_runs=args.remember_reflections
+    )
 
 
 def supervisor_thread_from_args(
@@ -89,6 +126,7 @@ def supervisor_thread_from_args(
                 url, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
                 max_iterations=args.max_iterations, every_steps=args.every_steps,
                 pause_while_deciding=pause_while_deciding, thread_id=thread_id,
+                self_correct=self_correction_from_args(args),
             )  # fmt: skip
         except Exception:
             print("supervisor crashed; training goes on with its current settings:", file=sys.stderr)

@@ -64,7 +64,16 @@ def add_parser(subparsers, name: str) -> None:
     suite.add_argument(
         "--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2], help="default 0,1,2"
     )
-    suite.add_argument("--supervisors", default=",".join(DEFAULT_SUPERVISORS), help="default: %(default)s")
+    suite.add_argument(
+        "--supervisors",
+        default=",".join(DEFAULT_SUPERVISORS),
+        help="default: %(default)s; NAME+sc adds self-correction (check, reflect, roll back, retry) to one",
+    )
+    suite.add_argument(
+        "--self-correct",
+        action="store_true",
+        help="also run every supervisor with self-correction (as NAME+sc), compared in the report",
+    )
     suite.add_argument(
         "--max-steps", type=int, default=None, help="steps per run (default: tiny 60, small 60)"
     )
@@ -96,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
         config.max_steps = dict.fromkeys(config.recipes, args.max_steps)
     if args.eval_steps:
         config.eval_steps = dict.fromkeys(config.recipes, args.eval_steps)
+    if args.self_correct:  # a self-correcting twin of every supervisor
+        config.supervisors += [
+            f"{s}+sc" for s in config.supervisors if s not in ("static", "cosine") and not s.endswith("+sc")
+        ]
     known = ("static", "cosine", "rule", "plateau", "intervener")
-    unknown = [s for s in config.supervisors if s not in known and not s.startswith(("llm:", "intervener:"))]
+    named = [s.removesuffix("+sc") for s in config.supervisors]
+    unknown = [s for s in named if s not in known and not s.startswith(("llm:", "intervener:"))]
     if unknown:
         print(f"selfsteer eval lr-suite: unknown supervisors {unknown}", file=sys.stderr)
         return 2

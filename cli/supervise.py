@@ -6,7 +6,12 @@ import argparse
 import os
 import sys
 
-from selfsteer.cli.common import add_llm_arguments, add_supervisor_arguments, supervisor_from_args
+from selfsteer.cli.common import (
+    add_llm_arguments,
+    add_supervisor_arguments,
+    self_correction_from_args,
+    supervisor_from_args,
+)
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -55,9 +60,17 @@ def run(args: argparse.Namespace) -> int:
         final = run_supervision(
             args.url, supervisor, db=args.db, token=args.token,
             max_iterations=args.max_iterations, every_steps=args.every_steps,
+            self_correct=self_correction_from_args(args),
         )  # fmt: skip
     except Exception as error:
         print(f"selfsteer supervise: {describe_llm_error(error, args.llm, args.base_url)}", file=sys.stderr)
         return 1
-    print(f"done after {final.get('iteration', 0)} decisions")
+    print(f"done after {final.get('iteration', 0)} decisions", end="")
+    if args.self_correct:
+        print(
+            f"; {final.get('rollbacks', 0)} rolled back, {final.get('reverts', 0)} set back, "
+            f"{final.get('extra_steps', 0)} steps abandoned",
+            end="",
+        )
+    print()
     return 0

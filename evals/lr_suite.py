@@ -116,7 +116,8 @@ def cells(config: SuiteConfig) -> list[Cell]:
 
 
 class WaitForDecision(TrainerCallback):
-    """Holds training after each evaluation until the supervisor has decided on it (or has stopped)."""
+    """Holds training after each evaluation until the supervisor has decided on it, has sent a command
+    (a pause: it then holds the run itself, and commands only apply between steps), or has stopped."""
 
     def __init__(self, db: Path, supervisor_done: threading.Event, timeout_s: float = 300.0):
         self.db, self.supervisor_done, self.timeout_s = db, supervisor_done, timeout_s
@@ -130,12 +131,14 @@ class WaitForDecision(TrainerCallback):
             while time.monotonic() < deadline and not self.supervisor_done.is_set():
                 if any(d["step"] >= state.global_step for d in store.list_decisions(self.run_id)):
                     return
+                if store.list_commands(self.run_id, status="pending"):
+                    return
                 time.sleep(0.05)
 
 
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
     from selfsteer.agents.supervisors import LLMSupervisor, load_supervisor
-    from selfsteer.graphs.supervise import run_supervision
+    from selfsteer.graphs.supervise import SelfCorrection, run_supervision
     from selfsteer.trainer_bridge.recipe import load_recipe
     from selfsteer.trainer_bridge.runner import RecipeRun
 
@@ -149,17 +152,21 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     ]
     if cell.supervisor == "cosine":
         overrides.append("training.lr_scheduler_type=cosine")
+    name, self_correct = self_correcting(cell.supervisor)
     supervisor = None
-    if cell.supervisor.startswith("llm:"):
-        supervisor = LLMSupervisor(chat_model, cell.supervisor.split(":", 1)[1])
-    elif cell.supervisor not in ("static", "cosine"):
-        supervisor = load_supervisor(cell.supervisor)  # rule, plateau, intervener: a fresh one per run
+    if name.startswith("llm:"):
+        supervisor = LLMSupervisor(chat_model, name.split(":", 1)[1])
+    elif name not in ("static", "cosine"):
+        supervisor = load_supervisor(name)  # rule, plateau, intervener: a fresh one per run
 
     supervisor_done = threading.Event()
 
     def supervise(url, stop):
         try:
-            run_supervision(url, supervisor, db=str(db), stop_event=stop, thread_id=cell.id)
+            run_supervision(
+                url, supervisor, db=str(db), stop_event=stop, thread_id=cell.id,
+                pause_while_deciding=True, self_correct=SelfCorrection() if self_correct else None,
+            )  # fmt: skip
         except Exception:  # a supervisor crash never stops the run; it is reported
             traceback.print_exc(file=sys.stderr)
         finally:
@@ -189,7 +196,17 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
         "decisions": len(decisions),
         "interventions": sum(1 for d in decisions if d["action"] != "keep"),
         "actions": [d["action"] for d in decisions],
+        **{k: summary.get("self_correction", {}).get(k, 0) for k in ("failed", "rollbacks", "extra_steps")},
+        "max_steps": summary["steps"],
     }
+
+
+def self_correcting(supervisor: str) -> tuple[str, bool]:
+    """`rule+sc` -> ("rule", True): the suffix adds self-correction to any supervisor."""
+    name, plus, flag = supervisor.partition("+")
+    if plus and flag != "sc":
+        raise ValueError(f"unknown suffix +{flag} in {supervisor!r}: only +sc (self-correction)")
+    return name, bool(plus)
 
 
 def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
@@ -277,7 +294,11 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
         "(same workload and seed). Rescued: of the runs whose static twin ended over "
         f"{BAD_START:.0%} above the grid's best (a bad start), how many the supervisor brought at least "
         f"{RESCUE_GAIN:.0%} lower. Catastrophic: runs ending over {CATASTROPHE:.0%} above their static twin. "
-        "Interventions: decisions other than keep. Regret spread: min..max over seeds.",
+        "Interventions: decisions other than keep. Regret spread: min..max over seeds. Self-correct: "
+        "each lr change is checked at the next evaluation and a failure (eval loss up over 2%) rolled back "
+        "and retried; rollbacks: summed over seeds (and all failures found); steps abandoned: the mean share "
+        "of the run's steps trained on branches rolled back from (every run has the same total steps). "
+        "Supervised runs are paused while the supervisor decides.",
         "",
     ]
     for recipe in config.recipes:
@@ -292,8 +313,8 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
             + ", ".join(f"{v:g}" for v in grid)
             + ".",
             "",
-            "| initial lr | supervisor | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| initial lr | supervisor | self-correct | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | rollbacks | steps abandoned | wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for lr_name in config.lrs_of(recipe):
             for supervisor in config.supervisors:
@@ -313,11 +334,20 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
                 catastrophic = (
                     f"{sum(r['catastrophic'] for r in group)}/{len(group)}" if supervisor != "static" else "-"
                 )
+                name, self_correct = self_correcting(supervisor)
+                if self_correct:
+                    rollbacks = f"{sum(r.get('rollbacks', 0) for r in group)} ({sum(r.get('failed', 0) for r in group)} failed)"
+                    abandoned = (
+                        f"{statistics.fmean(r.get('extra_steps', 0) / r['max_steps'] for r in group):.0%}"
+                    )
+                else:
+                    rollbacks = abandoned = "-"
                 lines.append(
-                    f"| {lr_name} | {supervisor} | {_median(r['final_eval_loss'] for r in group):.3f} | "
+                    f"| {lr_name} | {name} | {'yes' if self_correct else 'no'} | "
+                    f"{_median(r['final_eval_loss'] for r in group):.3f} | "
                     f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
                     f"{spread} | {_median(r['interventions'] for r in group):g} | {rescued} | {catastrophic} | "
-                    f"{_median(r['wall_s'] for r in group):.1f} |"
+                    f"{rollbacks} | {abandoned} | {_median(r['wall_s'] for r in group):.1f} |"
                 )
         lines.append("")
     with Store(out / "suite.sqlite") as store:

@@ -1,10 +1,17 @@
-"""The supervision loop as a LangGraph state machine: wait -> observe -> decide -> act -> wait ...
+"""The supervision loop as a LangGraph state machine: wait -> observe -> [check ->] decide -> act -> wait ...
 
     wait      until the next evaluation (or `every_steps` steps), or the end of the run
     observe   metrics since the start (train and eval loss, lr, grad norm, step) from the control server;
               with pause_while_deciding the run is paused first, and stays paused until `act` is done
+    check     (self-correction) the last decision that changed the lr is judged at the first evaluation
+              after it (agents/self_correct.py). A failure is reflected on by the supervisor itself, then
+              rolled back: the run loads the checkpoint saved just before the decision into a new branch
+              (the abandoned one stays in the tree) and goes back to observe, so the decision is made
+              again from the same state, with the reflection in context and the failed action barred.
+              When a rollback would spend more than the budget of extra steps, the lr is set back instead.
     decide    the supervisor (LLM, rules, a person, your own class) looks and answers double/halve/keep
-    act       the learning rate is changed through the bridge (only when the answer is not "keep")
+    act       the learning rate is changed through the bridge (only when the answer is not "keep");
+              under self-correction a checkpoint is saved first: the rollback point
 
 The loop ends when the run ends or after `max_iterations` decisions (LangGraph's recursion limit is
 not a cap). With a checkpointer (`SqliteSaver`) the state is saved after every node, so a supervisor
@@ -23,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, TypedDict
 from uuid import uuid4
 
@@ -32,6 +40,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from selfsteer.agents.observation import Observation
+from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.tools.bridge_tools import BridgeTools
 from selfsteer.trainer_bridge.checkpoints import lineage
@@ -46,6 +55,7 @@ class SupervisionState(TypedDict, total=False):
     every_steps: int  # decide at least this often when no evaluation comes (0: only after evaluations)
     iteration: int  # decisions made so far
     run_id: str
+    max_steps: int  # the run's
     step: int  # the step of the latest observation
     lr: float
     observed_eval_step: int  # the step of the latest eval loss seen
@@ -54,6 +64,32 @@ class SupervisionState(TypedDict, total=False):
     decision_id: int | None
     sent_lr: dict | None  # the last learning-rate command: {uuid, lr}
     finished: bool
+    # self-correction
+    pending_check: dict | None  # the last lr change, awaiting its verdict (see `act`)
+    avoid: list[str]  # actions rolled back from the state the next decision sees
+    retry_of: int | None  # the rolled-back decision the next one is made in place of
+    reflections: list[str]  # this run's reflections, oldest first
+    rollbacks: int
+    reverts: int  # failures set back without a rollback (over the budget of extra steps)
+    extra_steps: int  # steps trained on branches that were abandoned
+    rolled_back: bool  # the last check rolled the run back: observe again before deciding
+
+
+@dataclass
+class SelfCorrection:
+    """Check, reflect, roll back and retry (see the module's docstring).
+
+    margin: a decision failed when the eval loss after it rose more than this fraction (agents/self_correct.py).
+    max_extra_steps: rollbacks may abandon at most this fraction of the run's max_steps in all; a failure
+        past it is set back (the lr returns to what it was) without a rollback.
+    memory: how many reflections (the latest) later decisions see.
+    remember_runs: also show reflections of earlier runs of the same supervisor, from the store.
+    """
+
+    margin: float = MARGIN
+    max_extra_steps: float = 0.25
+    memory: int = 3
+    remember_runs: bool = False
 
 
 def build_supervision_graph(
@@ -64,6 +100,7 @@ def build_supervision_graph(
     checkpointer=None,
     stop_event: threading.Event | None = None,
     pause_while_deciding: bool = False,
+    self_correct: SelfCorrection | None = None,
     poll_s: float = 0.2,
     wait_timeout_s: float = 600.0,
 ):
@@ -71,7 +108,9 @@ def build_supervision_graph(
     outcome; `checkpointer` makes the loop resumable; `stop_event` ends it from outside.
     pause_while_deciding: hold training from the observation to the action, so a decision acts on
         the state it saw (reproducible comparisons; by default training goes on while the supervisor
-        thinks)."""
+        thinks).
+    self_correct: check each lr change at the next evaluation, and reflect, roll back and retry a
+        failed one."""
 
     instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
 
@@ -103,6 +142,7 @@ def build_supervision_graph(
             store.set_decision_outcome(state["decision_id"], _outcome(state, observation))
         return {
             "run_id": run_state.get("run_id", ""),
+            "max_steps": int(run_state.get("max_steps") or 0),
             "step": step,
             "lr": lr,
             "observation": observation.to_dict(),
@@ -118,7 +158,17 @@ def build_supervision_graph(
             decision = {k: recorded[k] for k in ("action", "explanation", "lr_before", "lr_after", "step")}
             return {"decision": decision, "decision_id": recorded["id"], "iteration": iteration}
         observation = Observation(**state["observation"])
+        avoid = state.get("avoid") or []
+        if self_correct is not None:
+            observation.reflections = lessons(state)
+            observation.avoid = list(avoid)
         decision = supervisor.decide(observation)
+        if decision.action in avoid:  # rules and custom supervisors may not know they cannot
+            decision = Decision(
+                "keep",
+                f"{decision.action} was rolled back from this state, so keep (it said: {decision.explanation})",
+                decision.raw_output, decision.fallback, decision.latency_s,
+            )  # fmt: skip
         # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
         lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
         decision_id = None
@@ -128,7 +178,7 @@ def build_supervision_graph(
                 explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
                 observation=_finite(observation.to_dict()), raw_output=decision.raw_output,
                 lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
-                key=decision_key,
+                key=decision_key, retry_of=state.get("retry_of"),
             )  # fmt: skip
         return {
             "decision": {
@@ -139,7 +189,20 @@ def build_supervision_graph(
             },
             "decision_id": decision_id,
             "iteration": iteration,
+            "observation": observation.to_dict(),
+            "avoid": [],
+            "retry_of": None,
         }
+
+    def lessons(state: SupervisionState) -> list[str]:
+        """The reflections a decision sees: this run's latest, and earlier runs' when remembered."""
+        texts = (state.get("reflections") or [])[-self_correct.memory :]
+        if self_correct.remember_runs and store is not None and len(texts) < self_correct.memory:
+            earlier = store.list_reflections(agent=supervisor.name, limit=4 * self_correct.memory)
+            texts = [r["reflection"] for r in earlier if r["run_id"] != state.get("run_id")][
+                : self_correct.memory - len(texts)
+            ][::-1] + texts
+        return texts
 
     def act(state: SupervisionState, config: RunnableConfig) -> dict:
         if state.get("finished"):
@@ -148,9 +211,26 @@ def build_supervision_graph(
         update: dict = {}
         try:
             if decision["action"] != "keep":
+                if self_correct is not None:
+                    # The rollback point: journaled before the lr change, so saved before it applies.
+                    name = f"rollback-{iteration}"
+                    point = tools.client.save_checkpoint(
+                        name, idempotency_key=key(state["run_id"], config, "rollback", iteration)
+                    )
+                    update["pending_check"] = {
+                        **{k: decision[k] for k in ("action", "lr_before", "lr_after", "step")},
+                        "decision_id": state.get("decision_id"),
+                        "iteration": iteration,
+                        "observation": state["observation"],
+                        "checkpoint": name,
+                        "checkpoint_uuid": point["uuid"],
+                        "avoided": state["observation"].get("avoid") or [],
+                    }
                 lr_key = key(state["run_id"], config, "lr", iteration)
                 row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
                 update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
+            elif self_correct is not None:
+                update["pending_check"] = None
         except BridgeHTTPError as error:
             if error.status_code != 409:
                 raise
@@ -160,6 +240,67 @@ def build_supervision_graph(
             resume_key = key(state["run_id"], config, "resume", iteration)
             if pause_while_deciding and not _run_over(lambda: tools.resume(resume_key)):
                 update["finished"] = True
+        return update
+
+    def check(state: SupervisionState, config: RunnableConfig) -> dict:
+        """Judge the last lr change; on a failure reflect, then roll back (or set the lr back)."""
+        pending = state["pending_check"]
+        decided = Observation(**pending["observation"])
+        loss_before = decided.losses[-1][1] if decided.losses else math.nan
+        verdict = judge(
+            loss_before, pending["step"], Observation(**state["observation"]), self_correct.margin
+        )
+        if verdict is None:  # no evaluation since: judged at a later observation
+            return {}
+        if not verdict.failed:
+            return {"pending_check": None, "rolled_back": False}
+        action, iteration = pending["action"], pending["iteration"]
+        facts = factual_reflection(
+            action, pending["lr_before"], pending["lr_after"], pending["step"], verdict
+        )
+        reflection = supervisor.reflect(decided, action, facts)
+        spent = state["step"] - pending["step"]
+        budget = self_correct.max_extra_steps * (state.get("max_steps") or 0)
+        point = tools.client.command(pending["checkpoint_uuid"])
+        update: dict = {
+            "pending_check": None,
+            "decision_id": None,  # its outcome is written here, once
+            "reflections": [*(state.get("reflections") or []), reflection],
+            "avoid": [*pending["avoided"], action],
+            "retry_of": pending["decision_id"],
+            "rolled_back": False,
+        }
+        outcome = {
+            **_outcome(
+                {"observation": pending["observation"], "step": pending["step"]},
+                Observation(**state["observation"]),
+            ),
+            "verdict": verdict.to_dict(),
+            "reflection_source": "facts" if reflection == facts else "model",
+        }
+        if point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
+            branch = f"retry-{iteration}"
+            loaded = tools.load_checkpoint(pending["checkpoint"], branch)  # waits until the run has it
+            if loaded["status"] != "success":
+                raise RuntimeError(f"rollback to {pending['checkpoint']} failed: {loaded.get('error')}")
+            outcome |= {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
+            update |= {
+                "rollbacks": state.get("rollbacks", 0) + 1,
+                "extra_steps": state.get("extra_steps", 0) + spent,
+            }
+            update |= {"sent_lr": None, "rolled_back": True}  # the checkpoint brought its own lr back
+        else:
+            # Over the budget (or no rollback point): keep the weights, give the lr back.
+            revert_key = key(state["run_id"], config, "revert", iteration)
+            row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
+            why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
+            outcome |= {"reverted": True, "why_not_rolled_back": why}
+            update |= {"reverts": state.get("reverts", 0) + 1, "lr": pending["lr_before"]}
+            update["sent_lr"] = {"uuid": row["uuid"], "lr": pending["lr_before"]}
+        if store is not None and pending["decision_id"] is not None:
+            store.set_reflection(
+                pending["decision_id"], reflection, _finite(outcome), rolled_back="rolled_back_to" in outcome
+            )
         return update
 
     def wait(state: SupervisionState) -> dict:
@@ -182,7 +323,11 @@ def build_supervision_graph(
     def after_observe(state: SupervisionState) -> str:
         if state.get("finished") or state.get("iteration", 0) >= state.get("max_iterations", 100):
             return END
-        return "decide"
+        return "check" if state.get("pending_check") else "decide"
+
+    def after_check(state: SupervisionState) -> str:
+        # Rolled back: the run is at the rollback point now, so look again before deciding again.
+        return "observe" if state.get("rolled_back") else "decide"
 
     def after_wait(state: SupervisionState) -> str:
         return END if state.get("finished") else "observe"
@@ -193,7 +338,12 @@ def build_supervision_graph(
     graph.add_node("act", act)
     graph.add_node("wait", wait)
     graph.add_edge(START, "wait")  # the first decision waits for the first evaluation: nothing to see before
-    graph.add_conditional_edges("observe", after_observe, ["decide", END])
+    graph.add_conditional_edges(
+        "observe", after_observe, ["check", "decide", END] if self_correct else ["decide", END]
+    )
+    if self_correct is not None:
+        graph.add_node("check", check)
+        graph.add_conditional_edges("check", after_check, ["observe", "decide"])
     graph.add_edge("decide", "act")
     graph.add_edge("act", "wait")
     graph.add_conditional_edges("wait", after_wait, ["observe", END])
@@ -212,6 +362,7 @@ def run_supervision(
     thread_id: str | None = None,
     ask_human=None,
     pause_while_deciding: bool = False,
+    self_correct: SelfCorrection | None = None,
 ) -> dict:
     """Supervise the run served at `url` until it ends; returns the graph's final state.
 
@@ -232,9 +383,11 @@ def run_supervision(
         with SqliteSaver.from_conn_string(db) as checkpointer:
             graph = build_supervision_graph(
                 tools, supervisor, store=store, checkpointer=checkpointer, stop_event=stop_event,
-                pause_while_deciding=pause_while_deciding,
+                pause_while_deciding=pause_while_deciding, self_correct=self_correct,
             )  # fmt: skip
-            config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * max_iterations + 10}
+            # Each decision takes at most six steps of the graph (wait, observe, check, observe after a
+            # rollback, decide, act).
+            config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 6 * max_iterations + 10}
             resuming = graph.get_state(config).next
             start = None if resuming else {"max_iterations": max_iterations, "every_steps": every_steps}
             try:
@@ -303,4 +456,4 @@ def _finite(value):
     return value
 
 
-__all__ = ["Decision", "SupervisionState", "build_supervision_graph"]
+__all__ = ["Decision", "SelfCorrection", "SupervisionState", "build_supervision_graph", "run_supervision"]

@@ -49,7 +49,7 @@ def test_open_creates_parent_dir_uses_wal_and_migrates(tmp_path):
     path = tmp_path / "a" / "b" / "store.sqlite"
     with Store(path) as s:
         assert s.path == path and path.exists()
-        assert s.schema_version == len(MIGRATIONS) == 2
+        assert s.schema_version == len(MIGRATIONS) == 3
         assert s.applied_migrations == len(MIGRATIONS)
     conn = raw(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

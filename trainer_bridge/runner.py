@@ -213,10 +213,17 @@ class RecipeRun:
             store = bridge.store
             evals = [row["value"] for row in store.get_metrics(bridge.run_id, names=["eval_loss"])]
             summary["best_eval_loss"] = min([v for v in evals if not math.isnan(v)] + [final_eval_loss])
+            decisions = store.list_decisions(bridge.run_id)
             summary["decisions"] = [
-                {k: d[k] for k in ("step", "action", "lr_before", "lr_after", "explanation")}
-                for d in store.list_decisions(bridge.run_id)
+                {k: d[k] for k in ("step", "action", "lr_before", "lr_after", "explanation", "rolled_back")}
+                for d in decisions
             ]
+            failed = [d for d in decisions if d["reflection"] is not None]  # judged failures (self-correction)
+            summary["self_correction"] = {
+                "failed": len(failed),
+                "rollbacks": sum(d["rolled_back"] for d in failed),
+                "extra_steps": sum((d["outcome"] or {}).get("extra_steps", 0) for d in failed if d["rolled_back"]),
+            }
             journal = store.list_commands(bridge.run_id)
             summary["commands"] = sum(1 for c in journal if c["source"] != "trainer")
             summary["run_id"] = bridge.run_id

@@ -225,6 +225,9 @@ class Decision(ApiModel):
     created_at: float
     outcome: Any
     key: str | None = None
+    rolled_back: bool = Field(default=False, description="judged a failure at the next evaluation and rolled back")
+    reflection: str | None = Field(default=None, description="why it failed, by the supervisor itself")
+    retry_of: int | None = Field(default=None, description="the rolled-back decision this one was made in place of")
 
 
 class Run(ApiModel):

@@ -179,8 +179,21 @@ def _v2_idempotency_and_run_owner(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v3_self_correction(conn: sqlite3.Connection) -> None:
+    # A decision judged a failure is rolled back with a reflection on why; the decision made again in
+    # its place points at it (retry_of).
+    for statement in [
+        "ALTER TABLE decisions ADD COLUMN rolled_back INTEGER NOT NULL DEFAULT 0 CHECK (rolled_back IN (0, 1))",
+        "ALTER TABLE decisions ADD COLUMN reflection TEXT",
+        "ALTER TABLE decisions ADD COLUMN retry_of INTEGER REFERENCES decisions(id)",
+    ]:
+        conn.execute(statement)
+
+
 # Append only. A migration gets a connection inside an open transaction and must not commit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_initial_schema, _v2_idempotency_and_run_owner]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _v1_initial_schema, _v2_idempotency_and_run_owner, _v3_self_correction,
+]  # fmt: skip
 
 
 def json_number(value: float | None) -> float | None:
@@ -295,7 +308,7 @@ _JSON_COLUMNS = {
     "decisions": ("observation", "outcome"),
 }
 _BOOL_COLUMNS = {
-    "decisions": ("fallback",),
+    "decisions": ("fallback", "rolled_back"),
     "episodes": ("passed_first", "passed_final"),
     "attempts": ("passed",),
 }
@@ -823,6 +836,7 @@ class Store:
         latency_s: float | None = None,
         fallback: bool = False,
         key: str | None = None,
+        retry_of: int | None = None,
     ) -> int:
         """Stores a decision; returns its id. With a `key` this run has seen before, nothing is added
         and the first decision's id is returned (a supervisor that died after recording it)."""
@@ -842,6 +856,7 @@ class Store:
             "fallback": _flag(fallback, "fallback"),
             "created_at": time.time(),
             "key": _optional_text(key, "decision key"),
+            "retry_of": None if retry_of is None else _int(retry_of, "retry_of"),
         }
 
         def fn(db: sqlite_utils.Database) -> int:
@@ -865,6 +880,37 @@ class Store:
             decision_id,
             {"outcome": _json(outcome, "decision outcome")},
             f"cannot set the outcome of decision {decision_id!r}",
+        )
+
+    def set_reflection(self, decision_id: int, reflection: str, outcome: Any, rolled_back: bool) -> None:
+        """The decision was judged a failure: why (`reflection`), what followed, and whether the run was
+        rolled back to before it (else its lr change was undone)."""
+        changes = {
+            "rolled_back": _flag(rolled_back, "rolled_back"),
+            "reflection": _text(reflection, "reflection"),
+            "outcome": _json(outcome, "decision outcome"),
+        }
+        self._update(
+            "decisions", decision_id, changes, f"cannot set the reflection of decision {decision_id!r}"
+        )
+
+    def list_reflections(
+        self, run_id: str | None = None, *, agent: str | None = None, limit: int = 5
+    ) -> list[dict]:
+        """The latest decisions judged failures, with their reflections, newest first: of one run, or of
+        every run (optionally of one agent): a supervisor's memory."""
+        where, args = ["reflection IS NOT NULL"], []
+        for column, value in (("run_id", run_id), ("agent", agent)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        return self._read(
+            lambda db: [
+                _decode("decisions", row)
+                for row in db["decisions"].rows_where(
+                    " AND ".join(where), args, order_by="id DESC", limit=limit
+                )
+            ]
         )
 
     def list_decisions(
