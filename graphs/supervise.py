@@ -121,8 +121,13 @@ def build_supervision_graph(
     def observe(state: SupervisionState, config: RunnableConfig) -> dict:
         run_state = tools.read_state()
         iteration = state.get("iteration", 0)
-        deciding = run_state.get("phase") not in FINISHED_PHASES and iteration < state.get(
-            "max_iterations", 100
+        # At the last step there is nothing left to steer (the final evaluation comes after it).
+        max_steps = run_state.get("max_steps")
+        trained_out = bool(max_steps) and int(run_state.get("step") or 0) >= max_steps
+        deciding = (
+            run_state.get("phase") not in FINISHED_PHASES
+            and not trained_out
+            and iteration < state.get("max_iterations", 100)
         )
         if pause_while_deciding and deciding:
             # Held from here to the action, so the decision is about the state it acts on.
@@ -147,7 +152,7 @@ def build_supervision_graph(
             "lr": lr,
             "observation": observation.to_dict(),
             "observed_eval_step": observation.eval_loss[-1][0] if observation.eval_loss else 0,
-            "finished": run_state.get("phase") in FINISHED_PHASES,
+            "finished": run_state.get("phase") in FINISHED_PHASES or trained_out,
         }
 
     def decide(state: SupervisionState, config: RunnableConfig) -> dict:

@@ -1,0 +1,157 @@
+"""Self-correction: the judgement of a decision, the reflections, and a real tiny run in which a
+scripted bad decision is checked, reflected on, rolled back into a new branch and retried."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from selfsteer.agents.decision_data import decision_rows
+from selfsteer.agents.local_chat import LocalChatModel
+from selfsteer.agents.observation import Observation
+from selfsteer.agents.self_correct import MAX_REFLECTION_CHARS, factual_reflection, judge
+from selfsteer.agents.supervisors import Decision, LLMSupervisor, RuleSupervisor, Supervisor
+from selfsteer.evals.lr_suite import WaitForDecision
+from selfsteer.graphs.supervise import SelfCorrection, run_supervision
+from selfsteer.trainer_bridge.recipe import load_recipe
+from selfsteer.trainer_bridge.runner import RecipeRun
+from selfsteer.trainer_bridge.store import Store
+
+
+def observed(eval_loss, step=None):
+    step = step or eval_loss[-1][0]
+    return Observation(step=step, lr=0.1, max_steps=60, train_loss=[(1, 5.5)], eval_loss=eval_loss)
+
+
+def test_a_decision_fails_when_the_next_eval_loss_rises_past_the_margin():
+    assert judge(3.0, 11, observed([(10, 3.0)])) is None  # no evaluation since the decision: no verdict
+    held = judge(3.0, 11, observed([(10, 3.0), (20, 3.0 * 1.019)]))
+    assert not held.failed and held.step == 20 and held.expected == 3.0
+    rose = judge(3.0, 11, observed([(10, 3.0), (20, 3.0 * 1.021), (30, 2.0)]))
+    assert rose.failed and rose.loss_after == pytest.approx(3.063)  # the first evaluation after it
+    assert judge(3.0, 11, observed([(10, 3.0), (20, math.nan)])).failed
+    assert not judge(3.0, 11, observed([(10, 3.0), (20, 3.06)]), margin=0.05).failed
+    text = factual_reflection("double", 0.1, 0.2, 11, rose)
+    assert "double" in text and "3.000" in text and "3.063" in text and "3.060" in text
+
+
+class AlwaysDouble(Supervisor):
+    """Doubles whatever it sees (as the untrained embedded model does); remembers what it was shown."""
+
+    name = "always-double"
+
+    def __init__(self):
+        self.seen: list[Observation] = []
+
+    def decide(self, observation):
+        self.seen.append(observation)
+        return Decision("double", "scripted: always double")
+
+
+def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection | None):
+    """A tiny run of 60 steps (eval every 10) that waits after each evaluation for the supervisor,
+    which pauses the run while it decides."""
+    db = tmp_path / "selfsteer.sqlite"
+    done = threading.Event()
+    waiter = WaitForDecision(db, done)
+    final = {}
+
+    def supervise(url, stop):
+        try:
+            final.update(
+                run_supervision(
+                    url,
+                    supervisor,
+                    db=str(db),
+                    stop_event=stop,
+                    pause_while_deciding=True,
+                    self_correct=self_correct,
+                )  # fmt: skip
+            )
+        finally:
+            done.set()
+
+    recipe = load_recipe("tiny", [f"training.learning_rate={lr:e}", "training.max_steps=60"])
+    run = RecipeRun(recipe, out_dir=tmp_path / "out", db=db, port=0, supervisor=supervise, callbacks=[waiter])
+    waiter.run_id = run.run_id
+    try:
+        summary = run.train()
+    finally:
+        run.close()
+    return summary, final, db
+
+
+def test_a_bad_decision_is_rolled_back_into_a_new_branch_and_retried(tmp_path):
+    # At lr 0.1 the tiny model takes one doubling (0.2) and not a second (0.4): its eval loss rises.
+    supervisor = AlwaysDouble()
+    summary, final, db = supervised_run(tmp_path, supervisor, 0.1, SelfCorrection())
+    with Store(db) as store:
+        run_id = summary["run_id"]
+        decisions = store.list_decisions(run_id)
+        journal = [c for c in store.list_commands(run_id) if c["source"] != "trainer"]
+        branches = {m["branch"] for m in store.get_metrics(run_id)}
+        rows = decision_rows(store, run_id)
+
+    failed = next(d for d in decisions if d["rolled_back"])
+    iteration = decisions.index(failed) + 1
+    # Journal: the rollback point is saved before the lr change, at the step of the decision ...
+    types = [(c["type"], c["args"]) for c in journal]
+    save = types.index(("save_checkpoint", {"name": f"rollback-{iteration}"}))
+    assert types[save + 1] == ("set_optimizer", {"lr": failed["lr_after"]})
+    assert journal[save]["step"] == journal[save + 1]["step"] and journal[save]["status"] == "success"
+    # ... and, after the check, loaded into a new branch; the abandoned branch stays in the metrics.
+    load = types.index(
+        ("load_checkpoint", {"checkpoint": f"rollback-{iteration}", "branch": f"retry-{iteration}"})
+    )
+    assert load > save + 1 and journal[load]["status"] == "success"
+    assert {"main", f"retry-{iteration}"} <= branches
+    assert journal[load]["result"]["checkpoint_step"] == journal[save]["step"]
+    # The verdict and the reflection are stored with the failed decision.
+    verdict = failed["outcome"]["verdict"]
+    assert verdict["failed"] and verdict["loss_after"] > verdict["loss_before"] * 1.02
+    assert failed["outcome"]["extra_steps"] == journal[load]["step"] - journal[save]["step"] > 0
+    assert failed["reflection"].startswith(f"At step {failed['step']} I chose to double")
+    # The retry: made in its place, from the rollback point, it differs and saw why.
+    retry = decisions[iteration]
+    assert retry["retry_of"] == failed["id"] and retry["action"] != "double"
+    assert retry["lr_before"] == pytest.approx(failed["lr_before"])  # the checkpoint's lr is back
+    shown = supervisor.seen[iteration]
+    assert shown.avoid == ["double"] and shown.reflections[-1] == failed["reflection"]
+    assert "do not double" in " ".join(shown.warnings())
+    # Later decisions remember it; decision data and the summary say what happened.
+    assert all(failed["reflection"] in o.reflections for o in supervisor.seen[iteration + 1 :])
+    row = next(r for r in rows if r["rolled_back"])
+    assert row["reflection"] == failed["reflection"] and rows[iteration]["retry_of"] == failed["id"]
+    sc = summary["self_correction"]
+    assert sc["rollbacks"] == final["rollbacks"] >= 1 and sc["extra_steps"] == final["extra_steps"]
+    assert sc["extra_steps"] <= 0.25 * 60 and summary["steps"] == 60
+
+
+def test_without_self_correction_nothing_is_checked(tmp_path):
+    summary, final, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, None)
+    with Store(db) as store:
+        journal = store.list_commands(summary["run_id"])
+    assert not any(
+        c["type"] in ("save_checkpoint", "load_checkpoint") for c in journal if c["source"] != "trainer"
+    )
+    assert summary["self_correction"] == {"failed": 0, "rollbacks": 0, "extra_steps": 0}
+    # Doubled every time, up to the bound the run accepts (1.0): nothing stopped it.
+    assert [d["action"] for d in summary["decisions"]] == ["double"] * 5
+    assert summary["decisions"][-1]["lr_after"] == 1.0
+
+
+def test_a_retry_of_the_embedded_model_cannot_repeat_the_rolled_back_action():
+    rising = observed([(10, 3.0), (20, 3.4)], step=21)
+    supervisor = LLMSupervisor(LocalChatModel(field_max_chars=40), "compact_stats")
+    assert supervisor.decide(rising).action == "double"  # the untrained model's habit
+    rising.avoid = ["double"]
+    rising.reflections = ["doubling at step 11 made the eval loss rise from 3.0 to 3.4"]
+    retry = supervisor.decide(rising)
+    assert retry.action in ("halve", "keep") and not retry.fallback
+    assert "do not double" in supervisor.messages(rising)[-1][1]
+    facts = "At step 11 I chose to double the learning rate (0.1 -> 0.2); the eval loss rose."
+    text = supervisor.reflect(rising, "double", facts)
+    assert text and len(text) <= MAX_REFLECTION_CHARS
+    assert RuleSupervisor().reflect(rising, "double", facts) == facts  # no model: the facts
