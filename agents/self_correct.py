@@ -4,12 +4,13 @@ runs the loop; this module holds the judgement and the reflection).
 
 The expectation: had the decision not been taken, the eval loss would not have risen. The margin: a
 failure is a rise of more than `MARGIN` (2%) over the eval loss the decision saw, or a loss that is no
-longer finite. Measured on the counterfactual dev data (`python -m selfsteer.evals.check_calibration`,
-2,120 decisions with an eval trend): there the keep branch ended at most 0.45% above the decision's loss
-in 3 of 4 states, and this rule flags 11% of the double/halve decisions with a precision of 0.80 (the
-flagged action did end worse than keep) while catching 99% of the loss all bad decisions added. A rule
-that extrapolates the trend before the decision flags 2-5x more, at a precision near 0.6: each false
-alarm costs a rollback's steps and a good decision.
+longer finite. Measured on the counterfactual dev data (`python -m selfsteer.evals.check_calibration`:
+4,240 double/halve decisions with an eval trend before them, each also forked into keep): the keep
+branch ended below the decision's eval loss in 3 of 4 states, so "no rise" is a cautious stand-in
+for keep. This rule fails 10.8% of the decisions, with a precision of 0.80 (a failed decision did end
+worse than keep) and a recall of 0.22, and those carry 79% of the loss that all bad decisions added
+(the big, costly mistakes). Rules that carry the trend before the decision forward fail 27-45% of
+decisions at a precision near 0.6: each false alarm costs a rollback's steps and a good decision.
 """
 
 from __future__ import annotations
