@@ -164,7 +164,8 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     def supervise(url, stop):
         try:
             run_supervision(
-                url, supervisor, db=str(db), stop_event=stop, thread_id=cell.id,
+                # A supervisor of its own per run: a cell run again after an interruption starts afresh.
+                url, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{waiter.run_id}",
                 pause_while_deciding=True, self_correct=SelfCorrection() if self_correct else None,
             )  # fmt: skip
         except Exception:  # a supervisor crash never stops the run; it is reported

@@ -13,17 +13,56 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.self_correct import AlwaysDouble, supervised_run
 from playwright.sync_api import sync_playwright
 
 from selfsteer import dashboard
 from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
-from selfsteer.graphs.supervise import run_supervision
+from selfsteer.graphs.supervise import SelfCorrection, run_supervision
 from selfsteer.trainer_bridge.store import Store
 from selfsteer.trainer_bridge.testing import LiveRun
 
 SCREENSHOTS = Path(os.environ.get("SELFSTEER_SCREENSHOTS", "runs/screenshots"))
 LONG_RUN = ["training.max_steps=100000", "training.eval_steps=50"]  # stopped by the test
+
+
+def test_a_rollback_is_marked_and_the_abandoned_branch_faded_in_the_history(tmp_path, open_page):
+    """A self-correcting supervisor's bad decision is rolled back (tests/test_self_correct.py): the
+    history marks the rollback on the loss charts at the step it happened and draws the branch it left
+    faded; the rolled-back decision's tooltip says why."""
+    summary, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection())
+    with Store(db) as store:
+        failed = next(d for d in store.list_decisions(summary["run_id"]) if d["rolled_back"])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "selfsteer.cli.main", "dashboard", "--db", str(db), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        match = None
+        for line in server.stdout:
+            if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
+                break
+        assert match
+        page = open_page(match.group(1))
+        page.by_id(f"run-row-{summary['run_id']}").click()
+        lines = page.by_id("chart-eval_loss").get_by_test_id("rollback-marker")
+        page.wait_until(lambda: lines.count() >= 1, "a rollback marker on the eval loss chart")
+        iteration = next(i for i, d in enumerate(summary["decisions"], 1) if d["rolled_back"])
+        assert lines.nth(0).get_attribute("data-branch") == f"retry-{iteration}"
+        assert int(lines.nth(0).get_attribute("data-step")) > failed["step"]
+        assert f"rolled back to step {failed['step']}" in lines.nth(0).get_attribute("title")
+        # Both branches drawn; main, which the rollback left, faded.
+        assert {"main", f"retry-{iteration}"} <= set(chart_series(page, "eval_loss"))
+        assert page.by_id("chart-eval_loss").get_attribute("data-faded") == "main"
+        rolled = page.page.get_by_test_id("decision-row").nth(iteration - 1)
+        assert "double" in rolled.inner_text() and "rolled back" in rolled.inner_text()
+        assert failed["reflection"] in rolled.inner_text()
+        page.screenshot("rollback")
+        assert page.errors == []
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.fixture(scope="module")

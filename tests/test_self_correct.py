@@ -4,19 +4,16 @@ scripted bad decision is checked, reflected on, rolled back into a new branch an
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
+from helpers.self_correct import AlwaysDouble, supervised_run
 
 from selfsteer.agents.decision_data import decision_rows
 from selfsteer.agents.local_chat import LocalChatModel
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MAX_REFLECTION_CHARS, factual_reflection, judge
-from selfsteer.agents.supervisors import Decision, LLMSupervisor, RuleSupervisor, Supervisor
-from selfsteer.evals.lr_suite import WaitForDecision
-from selfsteer.graphs.supervise import SelfCorrection, run_supervision
-from selfsteer.trainer_bridge.recipe import load_recipe
-from selfsteer.trainer_bridge.runner import RecipeRun
+from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
+from selfsteer.graphs.supervise import SelfCorrection
 from selfsteer.trainer_bridge.store import Store
 
 
@@ -35,52 +32,6 @@ def test_a_decision_fails_when_the_next_eval_loss_rises_past_the_margin():
     assert not judge(3.0, 11, observed([(10, 3.0), (20, 3.06)]), margin=0.05).failed
     text = factual_reflection("double", 0.1, 0.2, 11, rose)
     assert "double" in text and "3.000" in text and "3.063" in text and "3.060" in text
-
-
-class AlwaysDouble(Supervisor):
-    """Doubles whatever it sees (as the untrained embedded model does); remembers what it was shown."""
-
-    name = "always-double"
-
-    def __init__(self):
-        self.seen: list[Observation] = []
-
-    def decide(self, observation):
-        self.seen.append(observation)
-        return Decision("double", "scripted: always double")
-
-
-def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection | None):
-    """A tiny run of 60 steps (eval every 10) that waits after each evaluation for the supervisor,
-    which pauses the run while it decides."""
-    db = tmp_path / "selfsteer.sqlite"
-    done = threading.Event()
-    waiter = WaitForDecision(db, done)
-    final = {}
-
-    def supervise(url, stop):
-        try:
-            final.update(
-                run_supervision(
-                    url,
-                    supervisor,
-                    db=str(db),
-                    stop_event=stop,
-                    pause_while_deciding=True,
-                    self_correct=self_correct,
-                )  # fmt: skip
-            )
-        finally:
-            done.set()
-
-    recipe = load_recipe("tiny", [f"training.learning_rate={lr:e}", "training.max_steps=60"])
-    run = RecipeRun(recipe, out_dir=tmp_path / "out", db=db, port=0, supervisor=supervise, callbacks=[waiter])
-    waiter.run_id = run.run_id
-    try:
-        summary = run.train()
-    finally:
-        run.close()
-    return summary, final, db
 
 
 def test_a_bad_decision_is_rolled_back_into_a_new_branch_and_retried(tmp_path):

@@ -12,7 +12,7 @@ import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 import { fmtLr, fmtNum, fmtTick } from "./format";
 import { type ChartData, countPoints } from "./series";
-import type { Decision } from "./types";
+import type { Branch, Decision } from "./types";
 
 export interface ChartProps {
   name: string; // the metric; the element is data-testid="chart-<name>"
@@ -21,6 +21,8 @@ export interface ChartProps {
   color: (branch: string) => string;
   log?: boolean;
   decisions?: readonly Decision[];
+  rollbacks?: readonly Branch[]; // self-correction's rollbacks: a line at the step each happened
+  faded?: ReadonlySet<string>; // branches drawn faded (abandoned by a rollback)
 }
 
 interface Marker {
@@ -75,7 +77,7 @@ interface Hooks {
   setScale: (u: uPlot, key: string) => void;
 }
 
-function options(data: ChartData, color: (branch: string) => string, log: boolean, hooks: Hooks): uPlot.Options {
+function options(data: ChartData, color: (branch: string) => string, log: boolean, hooks: Hooks, faded: ReadonlySet<string>): uPlot.Options {
   const fmt = log ? fmtLr : (v: number | null) => fmtNum(v);
   const axis = (size: number): uPlot.Axis => ({
     stroke: AXIS,
@@ -107,6 +109,7 @@ function options(data: ChartData, color: (branch: string) => string, log: boolea
         label: s.branch,
         stroke: color(s.branch),
         width: 1.5,
+        alpha: faded.has(s.branch) ? 0.3 : 1,
         spanGaps: true, // branches log at different steps: the union of steps leaves holes in each
         value: legendValue(fmt),
       })),
@@ -165,7 +168,9 @@ const sameMarkers = (a: Marker[], b: Marker[]): boolean =>
   a.length === b.length &&
   a.every((m, i) => m.decision === b[i]!.decision && Math.abs(m.left - b[i]!.left) < 0.5 && Math.abs(m.top - b[i]!.top) < 0.5);
 
-export function Chart({ name, title, data, color, log = false, decisions }: ChartProps) {
+const NONE: ReadonlySet<string> = new Set();
+
+export function Chart({ name, title, data, color, log = false, decisions, rollbacks, faded = NONE }: ChartProps) {
   const boxRef = useRef<HTMLDivElement>(null);
   const plotRef = useRef<uPlot | null>(null);
   const dataRef = useRef(data);
@@ -175,10 +180,20 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
   const [over, setOver] = useState<HTMLDivElement | null>(null);
   const [markers, setMarkers] = useState<Marker[]>([]);
   const [hover, setHover] = useState<{ decision: Decision; rect: DOMRect } | null>(null);
+  const rollbacksRef = useRef(rollbacks);
+  rollbacksRef.current = rollbacks;
+  const [rollbackLines, setRollbackLines] = useState<{ branch: Branch; left: number }[]>([]);
 
   const layout = useCallback((u: uPlot) => {
     const next = decisionsRef.current?.length ? placeMarkers(u, dataRef.current, decisionsRef.current) : [];
     setMarkers((prev) => (sameMarkers(prev, next) ? prev : next));
+    const { min, max } = u.scales.x ?? {};
+    const lines = (rollbacksRef.current ?? [])
+      .filter((b) => b.fork_step !== null && min != null && max != null && b.fork_step >= min && b.fork_step <= max)
+      .map((branch) => ({ branch, left: u.valToPos(branch.fork_step!, "x") }));
+    setRollbackLines((prev) =>
+      prev.length === lines.length && prev.every((l, i) => l.branch === lines[i]!.branch && Math.abs(l.left - lines[i]!.left) < 0.5) ? prev : lines,
+    );
   }, []);
 
   // A person who drag-zoomed (double-click zooms out) keeps the view while points stream in.
@@ -202,12 +217,12 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
 
   // A new uPlot when the series change (branches appear, hide, show): their count and colors are fixed
   // at construction.
-  const seriesKey = data.series.map((s) => `${s.branch}:${color(s.branch)}`).join(",");
+  const seriesKey = data.series.map((s) => `${s.branch}:${color(s.branch)}:${faded.has(s.branch)}`).join(",");
   useLayoutEffect(() => {
     const box = boxRef.current;
     if (!box) return;
     zoomed.current = false;
-    const u = new uPlot(options(dataRef.current, color, log, { draw: layout, setScale: onScale }), aligned(dataRef.current), box);
+    const u = new uPlot(options(dataRef.current, color, log, { draw: layout, setScale: onScale }, faded), aligned(dataRef.current), box);
     plotRef.current = u;
     setOver(u.over);
     fit(u);
@@ -226,7 +241,7 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
 
   useEffect(() => {
     if (plotRef.current) layout(plotRef.current);
-  }, [decisions, layout]);
+  }, [decisions, rollbacks, layout]);
 
   useEffect(() => {
     const box = boxRef.current;
@@ -243,7 +258,7 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
 
   return (
     // Past two branches the legend has no room for the cursor's step as well (styles.css drops it).
-    <section className={`card chart${data.series.length > 2 ? " many" : ""}`} data-testid={`chart-${name}`} data-points={countPoints(data)} data-series={drawn.join(",")}>
+    <section className={`card chart${data.series.length > 2 ? " many" : ""}`} data-testid={`chart-${name}`} data-points={countPoints(data)} data-series={drawn.join(",")} data-faded={drawn.filter((b) => faded.has(b)).join(",")}>
       <h3 className="card-title">{title}</h3>
       <div className="plot" ref={boxRef} />
       {empty && <div className="plot-empty">no data yet</div>}
@@ -261,6 +276,23 @@ export function Chart({ name, title, data, color, log = false, decisions }: Char
               onMouseLeave={() => setHover(null)}
             >
               {glyph(m.decision.action)}
+            </div>
+          )),
+          over,
+        )}
+      {over &&
+        createPortal(
+          rollbackLines.map(({ branch, left }) => (
+            <div
+              key={branch.name}
+              className="rollback-line"
+              data-testid="rollback-marker"
+              data-step={branch.fork_step}
+              data-branch={branch.name}
+              style={{ left }}
+              title={`step ${branch.fork_step}: a decision failed its check; rolled back to step ${branch.checkpoint_step} (${branch.checkpoint}) as branch ${branch.name}`}
+            >
+              <span>↺</span>
             </div>
           )),
           over,
@@ -290,6 +322,7 @@ function DecisionTooltip({ decision: d, rect }: { decision: Decision; rect: DOMR
         {d.latency_s !== null && <span className="muted"> · decided in {d.latency_s.toFixed(1)} s</span>}
       </div>
       {d.explanation && <div className="tooltip-text">{d.explanation}</div>}
+      {d.rolled_back && <div className="tooltip-text"><span className="flag">rolled back</span> {d.reflection}</div>}
       {(d.strategy || d.model) && <div className="muted">{[d.strategy, d.model].filter(Boolean).join(" · ")}</div>}
     </div>
   );

@@ -4,7 +4,7 @@ import { type ReactNode, useCallback, useMemo } from "react";
 import { Chart } from "./Chart";
 import type { BranchColors } from "./colors";
 import type { MetricStore } from "./series";
-import type { Decision } from "./types";
+import type { Branch, Decision } from "./types";
 
 interface ChartSpec {
   name: string;
@@ -27,10 +27,19 @@ interface Props {
   branches: readonly string[]; // the visible ones, in color order
   colors: BranchColors;
   decisions: readonly Decision[];
+  branchInfo: readonly Branch[]; // the run's branches: rollbacks of self-correction are among them
   children?: ReactNode;
 }
 
-export function ChartGrid({ metrics, version, branches, colors, decisions, children }: Props) {
+/** Self-correction's rollbacks: branches loaded from a "rollback-N" checkpoint (graphs/supervise.py). */
+export function rollbacksOf(branches: readonly Branch[]): Branch[] {
+  return branches.filter((b) => b.checkpoint?.startsWith("rollback-"));
+}
+
+export function ChartGrid({ metrics, version, branches, colors, decisions, branchInfo, children }: Props) {
+  const rollbacks = useMemo(() => rollbacksOf(branchInfo), [branchInfo]);
+  // A branch a rollback left is abandoned: drawn faded, so the line the run went on stands out.
+  const abandoned = useMemo(() => new Set(rollbacks.map((b) => b.parent ?? "")), [rollbacks]);
   const branchKey = branches.join("\u0000");
   const data = useMemo(
     () => CHARTS.map((spec) => metrics.chart(spec.name, [...branches], spec.log)),
@@ -49,6 +58,8 @@ export function ChartGrid({ metrics, version, branches, colors, decisions, child
           color={color}
           log={spec.log}
           decisions={spec.markers ? decisions : undefined}
+          rollbacks={spec.markers ? rollbacks : undefined}
+          faded={abandoned}
         />
       ))}
       {children}

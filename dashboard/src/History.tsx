@@ -141,7 +141,7 @@ export function History({ onUnauthorized, hidden: offscreen }: { onUnauthorized:
       {loaded && (
         <>
           <div className="history-charts">
-            <ChartGrid metrics={loaded.metrics} version={loaded.metrics.version} branches={visible} colors={loaded.colors} decisions={loaded.decisions}>
+            <ChartGrid metrics={loaded.metrics} version={loaded.metrics.version} branches={visible} colors={loaded.colors} decisions={loaded.decisions} branchInfo={loaded.branches}>
               <BranchTree branches={loaded.branches} colors={loaded.colors} hidden={hidden} onToggle={toggle} />
             </ChartGrid>
           </div>
@@ -176,12 +176,16 @@ function DecisionLog({ decisions }: { decisions: readonly Decision[] }) {
               <td>
                 <span className={`marker-${d.action}`}>{glyph(d.action)}</span> {d.action}
                 {Boolean(d.fallback) && <span className="flag">fallback</span>}
+                {Boolean(d.rolled_back) && <span className="flag" data-testid="rolled-back">rolled back</span>}
               </td>
               <td className="mono">
                 {fmtLr(d.lr_before)} → {fmtLr(d.lr_after)}
               </td>
               <td className="num">{d.latency_s === null ? "–" : `${d.latency_s.toFixed(2)} s`}</td>
-              <td className="wrap">{d.explanation}</td>
+              <td className="wrap">
+                {d.explanation}
+                {d.reflection && <div className="muted">{d.rolled_back ? "↺ " : "✗ "}{d.reflection}</div>}
+              </td>
             </tr>
           ))}
           {decisions.length === 0 && (

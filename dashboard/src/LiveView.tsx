@@ -62,7 +62,7 @@ export function LiveView({ run, hidden: offscreen }: { run: LiveRun; hidden: boo
 
   return (
     <main className="live" hidden={offscreen}>
-      <ChartGrid metrics={run.metrics} version={run.metrics.version} branches={visible} colors={run.colors} decisions={run.decisions}>
+      <ChartGrid metrics={run.metrics} version={run.metrics.version} branches={visible} colors={run.colors} decisions={run.decisions} branchInfo={run.branches}>
         <BranchTree branches={run.branches} colors={run.colors} hidden={hidden} onToggle={toggle} current={run.state?.branch} />
       </ChartGrid>
       <aside className="controls">

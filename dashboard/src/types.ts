@@ -102,6 +102,8 @@ export interface Decision {
   latency_s: number | null;
   fallback: boolean | number;
   created_at: number;
+  rolled_back?: boolean; // self-correction: judged a failure and rolled back
+  reflection?: string | null; // why it failed, in the supervisor's words
 }
 
 export interface Run {
