@@ -13,6 +13,8 @@ learning rate, with a short explanation. One small interface for all of them:
 - `PlateauSupervisor`: PyTorch's own `ReduceLROnPlateau`, fed the eval loss, decides (halve or keep).
 - `IntervenerSupervisor` (agents/intervener.py): the embedded model with the shipped LoRA adapter,
   trained on counterfactual decision data.
+- `ToolSupervisor` (agents/tool_supervisor.py): a chat model with tool calling acts on the run
+  itself through the bridge's tools (lr, clipping, checkpoints, evaluation): beyond the three actions.
 - `HumanSupervisor`: asks a person (a LangGraph interrupt; see graphs/supervise.py).
 - Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`.
 """
@@ -44,12 +46,18 @@ class Decision:
     raw_output: str | None = None  # what the model said, verbatim (decision data)
     fallback: bool = False  # True when no valid answer could be had and "keep" was taken
     latency_s: float = 0.0
+    # A supervisor that acted on the run itself (through tools) says so, and which lr it set: the
+    # loop then sends nothing.
+    acted: bool = False
+    lr_after: float | None = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, not {self.action!r}")
 
     def apply(self, lr: float) -> float:
+        if self.acted and self.lr_after is not None:
+            return self.lr_after
         return {"double": lr * 2.0, "halve": lr / 2.0, "keep": lr}[self.action]
 
 
@@ -253,8 +261,8 @@ class HumanSupervisor(Supervisor):
 
 
 def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
-    """`none` | `rule` | `plateau` | `llm` | `intervener[:ADAPTER_DIR]` | `human` | `module:Class` | an
-    entry point of `selfsteer.supervisors`."""
+    """`none` | `rule` | `plateau` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
+    | an entry point of `selfsteer.supervisors`."""
     if spec == "none":
         return None
     if spec == "rule":
@@ -267,6 +275,14 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
         return IntervenerSupervisor(spec.partition(":")[2] or ADAPTER_DIR)
     if spec == "human":
         return HumanSupervisor()
+    if spec == "tools":
+        from selfsteer.agents.tool_supervisor import ToolSupervisor
+
+        if chat_model is None:
+            from selfsteer.agents.chat_models import make_chat_model
+
+            chat_model = make_chat_model("local")
+        return ToolSupervisor(chat_model)
     if spec == "llm":
         if chat_model is None:
             from selfsteer.agents.chat_models import make_chat_model
@@ -282,7 +298,7 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
     else:
         points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
         if spec not in points:
-            known = ", ".join(["none", "rule", "plateau", "llm", "intervener", "human", *points])
+            known = ", ".join(["none", "rule", "plateau", "llm", "intervener", "tools", "human", *points])
             raise ValueError(f"unknown supervisor {spec!r}: use one of {known}, or module:Class")
         cls = points[spec].load()
     supervisor = cls()

@@ -42,7 +42,8 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         help="who steers the run: none | rule (loss rises or plateaus -> halve) | plateau (PyTorch's "
         "ReduceLROnPlateau) | llm (a language model, see --llm and --strategy) | intervener (the embedded "
         "model with the shipped adapter trained on counterfactual decisions; intervener:DIR for another "
-        "adapter) | human (asks on the terminal) | module:Class (your own Supervisor) | "
+        "adapter) | tools (a chat model with tool calling acts through the bridge's tools: lr, clipping, "
+        "checkpoints, evaluation; needs --llm openai:MODEL with tools) | human (asks on the terminal) | module:Class (your own Supervisor) | "
         "a name registered under the entry-point group selfsteer.supervisors",
     )
     group.add_argument(
@@ -89,7 +90,7 @@ def supervisor_from_args(args: argparse.Namespace):
     """The Supervisor the flags ask for, or None for `none`."""
     from selfsteer.agents.supervisors import load_supervisor
 
-    chat_model = chat_model_from_args(args) if args.supervisor == "llm" else None
+    chat_model = chat_model_from_args(args) if args.supervisor in ("llm", "tools") else None
     return load_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
 
 

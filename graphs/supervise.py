@@ -112,6 +112,13 @@ def build_supervision_graph(
     self_correct: check each lr change at the next evaluation, and reflect, roll back and retry a
         failed one."""
 
+    if getattr(supervisor, "acts_through_tools", False):
+        if self_correct is not None:
+            raise ValueError(
+                "self-correction rolls back lr changes the loop makes; a tool-using supervisor acts by itself "
+                "(use it without --self-correct)"
+            )
+        supervisor.bind_bridge(tools)
     instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
 
     def key(run_id: str, config: RunnableConfig, what: str, iteration: int) -> str:
@@ -215,7 +222,7 @@ def build_supervision_graph(
         decision, iteration = state["decision"], state["iteration"]
         update: dict = {}
         try:
-            if decision["action"] != "keep":
+            if decision["action"] != "keep" and not decision.get("acted"):
                 if self_correct is not None:
                     # The rollback point: journaled before the lr change, so saved before it applies.
                     name = f"rollback-{iteration}"

@@ -3,6 +3,7 @@
 tools = BridgeTools(BridgeClient(url, source="llm"))
 tools.read_state(); tools.read_metrics(since=100); tools.set_lr(2e-3)
 agent_tools = tools.as_langchain_tools()     # read_state, read_metrics, set_learning_rate, pause, ...
+                                              # (agents/tool_supervisor.py binds them to a chat model)
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class BridgeTools:
         the rest of the LR schedule to pass through lr, "constant" holds it at lr. With an idempotency
         key, a repeat returns the command already journaled under it instead of sending another."""
         return self.client.set_lr(lr, idempotency_key=idempotency_key, schedule=schedule)
+
+    def set_max_grad_norm(self, value: float, idempotency_key: str | None = None) -> dict:
+        """Clip gradients to this norm from the next step on (0: no clipping)."""
+        return self.client.set_max_grad_norm(value, idempotency_key=idempotency_key)
 
     def pause(self, idempotency_key: str | None = None) -> dict:
         """Pause training at the next step boundary; returns the journal row once it is paused."""
@@ -60,6 +65,10 @@ class BridgeTools:
             """Set the optimizer's learning rate from the next step on."""
             return self.set_lr(lr)
 
+        def set_gradient_clipping(max_grad_norm: float) -> dict:
+            """Clip gradients to this norm from the next step on (0: no clipping)."""
+            return self.set_max_grad_norm(max_grad_norm)
+
         def pause_training() -> dict:
             """Pause training at the next step boundary; returns the journal row once it is paused."""
             return self.pause()
@@ -69,7 +78,8 @@ class BridgeTools:
             return self.resume()
 
         functions = [
-            self.read_state, read_metrics_window, set_learning_rate, pause_training, resume_training,
+            self.read_state, read_metrics_window, set_learning_rate, set_gradient_clipping, pause_training,
+            resume_training,
             self.save_checkpoint, self.load_checkpoint, self.evaluate,
         ]  # fmt: skip
         return [StructuredTool.from_function(f) for f in functions]

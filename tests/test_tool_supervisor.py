@@ -1,0 +1,128 @@
+"""The tool-using supervisor on a real tiny run, through langchain-openai's ChatOpenAI over real HTTP.
+
+The model behind the endpoint is scripted (a stand-in for a remote model that calls tools: the
+embedded model cannot call tools yet): a small OpenAI-compatible server on loopback answers
+/v1/chat/completions from a script and records what the client sent."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from helpers.self_correct import supervised_run
+
+from selfsteer.agents.chat_models import make_chat_model
+from selfsteer.agents.local_chat import LocalChatModel
+from selfsteer.agents.tool_supervisor import ToolSupervisor
+from selfsteer.graphs.supervise import SelfCorrection, build_supervision_graph
+from selfsteer.trainer_bridge.store import Store
+
+
+class ScriptedOpenAI(ThreadingHTTPServer):
+    """Answers each chat completion with the next scripted message (text, or tool calls)."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - the stdlib's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        item = self.server.script.pop(0) if self.server.script else "nothing more to do"
+        message = {"role": "assistant", "content": item if isinstance(item, str) else None}
+        if not isinstance(item, str):
+            message["tool_calls"] = [
+                {"id": f"call_{len(self.server.requests)}_{i}", "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(args)}}
+                for i, (name, args) in enumerate(item)
+            ]  # fmt: skip
+        answer = {
+            "id": "scripted", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "tool_calls" in message else "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }  # fmt: skip
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    servers = []
+
+    def start(script):
+        server = ScriptedOpenAI(script)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_tool_supervisor_acts_beyond_the_three_actions(tmp_path, endpoint):
+    # First evaluation: clip harder and lower the lr (two tools in one round), then a sentence.
+    # Second: save a checkpoint and evaluate, then a sentence. Later: nothing.
+    server = endpoint(
+        [
+            [("set_gradient_clipping", {"max_grad_norm": 0.5}), ("set_learning_rate", {"lr": 0.04})],
+            "Clipped to 0.5 and lowered the learning rate: the loss rose.",
+            [("save_checkpoint", {}), ("evaluate", {})],
+            "Saved a checkpoint and evaluated; the run looks steady.",
+        ]
+    )
+    supervisor = ToolSupervisor(make_chat_model("openai:scripted", base_url=server.url, api_key="none"))
+    summary, _, db = supervised_run(tmp_path, supervisor, 0.1, None)
+    with Store(db) as store:
+        journal = [c for c in store.list_commands(summary["run_id"]) if c["source"] == "tools"]
+        decisions = store.list_decisions(summary["run_id"])
+
+    # The agent's commands, applied by the run (a round's tools run side by side: any order within it);
+    # the loop sent no lr command of its own.
+    acted = [
+        (c["type"], c["status"], json.dumps(c["args"]))
+        for c in journal
+        if c["type"] not in ("pause", "resume")
+    ]
+    assert sorted(acted[:2]) == [
+        ("set_max_grad_norm", "success", '{"value": 0.5}'),
+        ("set_optimizer", "success", '{"lr": 0.04}'),
+    ]
+    assert sorted(acted[2:]) == [("evaluate", "success", "{}"), ("save_checkpoint", "success", "{}")]
+    first, second = decisions[0], decisions[1]
+    assert (first["action"], first["lr_before"], first["lr_after"]) == ("halve", 0.1, 0.04)
+    assert first["explanation"] == "Clipped to 0.5 and lowered the learning rate: the loss rose."
+    raw = json.loads(first["raw_output"])
+    assert [c["name"] for c in raw["tool_calls"]] == ["set_gradient_clipping", "set_learning_rate"]
+    assert (second["action"], second["lr_after"]) == ("keep", 0.04)
+    assert first["strategy"] == "tools@v1"
+    # What went over the wire: the OpenAI tools schema, and the tool results back to the model.
+    offered = {t["function"]["name"] for t in server.requests[0]["tools"]}
+    assert {"set_learning_rate", "set_gradient_clipping", "save_checkpoint", "load_checkpoint", "evaluate",
+            "pause_training", "resume_training"} <= offered  # fmt: skip
+    assert [m["role"] for m in server.requests[1]["messages"]][-2:] == ["tool", "tool"]
+
+
+def test_the_tool_supervisor_needs_a_model_that_calls_tools_and_no_self_correction(tmp_path, endpoint):
+    with pytest.raises(ValueError, match="calls tools"):
+        ToolSupervisor(LocalChatModel())
+    server = endpoint([])
+    supervisor = ToolSupervisor(make_chat_model("openai:scripted", base_url=server.url, api_key="none"))
+    with pytest.raises(ValueError, match="self-correction"):
+        build_supervision_graph(None, supervisor, self_correct=SelfCorrection())
