@@ -327,7 +327,10 @@ def build_supervision_graph(
                 return {"finished": True}
             if every and int(run_state.get("step") or 0) >= state.get("step", 0) + every:
                 return {}
-            if tools.read_metrics(since=state.get("observed_eval_step", 0), names=["eval_loss"]):
+            # Newer than what was seen, and than the step it was seen at: after a rollback the branch
+            # left behind holds evaluations past the rollback point that are no news.
+            since = max(state.get("observed_eval_step", 0), state.get("step", 0))
+            if tools.read_metrics(since=since, names=["eval_loss"]):
                 return {}
             time.sleep(poll_s)
         return {}

@@ -45,6 +45,8 @@ def test_a_bad_decision_is_rolled_back_into_a_new_branch_and_retried(tmp_path):
         branches = {m["branch"] for m in store.get_metrics(run_id)}
         rows = decision_rows(store, run_id)
 
+    # One decision per evaluation, rollback or not (the evaluations of the branch left behind are no news).
+    assert [d["step"] for d in decisions] == [11, 21, 31, 41, 51]
     failed = next(d for d in decisions if d["rolled_back"])
     iteration = decisions.index(failed) + 1
     # Journal: the rollback point is saved before the lr change, at the step of the decision ...
