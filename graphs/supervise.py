@@ -290,11 +290,13 @@ def build_supervision_graph(
             "verdict": verdict.to_dict(),
             "reflection_source": "facts" if reflection == facts else "model",
         }
+        why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
+        loaded = None
         if point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
             branch = f"retry-{iteration}"
             loaded = tools.load_checkpoint(pending["checkpoint"], branch)  # waits until the run has it
-            if loaded["status"] != "success":
-                raise RuntimeError(f"rollback to {pending['checkpoint']} failed: {loaded.get('error')}")
+            why = f"the rollback failed: {loaded.get('error')}"
+        if loaded is not None and loaded["status"] == "success":
             outcome |= {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
             update |= {
                 "rollbacks": state.get("rollbacks", 0) + 1,
@@ -305,9 +307,12 @@ def build_supervision_graph(
             # Over the budget (or no rollback point): keep the weights, give the lr back.
             revert_key = key(state["run_id"], config, "revert", iteration)
             row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
-            why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
             outcome |= {"reverted": True, "why_not_rolled_back": why}
-            update |= {"reverts": state.get("reverts", 0) + 1, "lr": pending["lr_before"]}
+            update |= {
+                "reverts": state.get("reverts", 0) + 1,
+                "lr": pending["lr_before"],
+                "observation": {**state["observation"], "lr": pending["lr_before"]},
+            }
             update["sent_lr"] = {"uuid": row["uuid"], "lr": pending["lr_before"]}
         if store is not None and pending["decision_id"] is not None:
             store.set_reflection(

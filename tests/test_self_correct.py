@@ -77,6 +77,14 @@ def test_a_bad_decision_is_rolled_back_into_a_new_branch_and_retried(tmp_path):
     assert all(failed["reflection"] in o.reflections for o in supervisor.seen[iteration + 1 :])
     row = next(r for r in rows if r["rolled_back"])
     assert row["reflection"] == failed["reflection"] and rows[iteration]["retry_of"] == failed["id"]
+    # A later failure would overrun the budget of abandoned steps (25%): its lr change is given back.
+    reverted = [d for d in decisions if d["reflection"] and not d["rolled_back"]]
+    assert reverted and all(
+        d["outcome"]["why_not_rolled_back"] == "over the budget of extra steps" for d in reverted
+    )
+    for d in reverted:
+        undo = next(c for c in journal if c["type"] == "set_optimizer" and c["step"] > d["step"])
+        assert undo["args"] == {"lr": d["lr_before"]}
     sc = summary["self_correction"]
     assert sc["rollbacks"] == final["rollbacks"] >= 1 and sc["extra_steps"] == final["extra_steps"]
     assert sc["extra_steps"] <= 0.25 * 60 and summary["steps"] == 60
