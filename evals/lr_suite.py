@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import sys
 import threading
@@ -174,6 +175,7 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
             supervisor_done.set()
 
     waiter = WaitForDecision(db, supervisor_done)
+    shutil.rmtree(out / "runs" / cell.id, ignore_errors=True)  # what an interrupted attempt left
     run = RecipeRun(
         load_recipe(recipe, overrides),
         out_dir=out / "runs" / cell.id,

@@ -224,8 +224,9 @@ def build_supervision_graph(
         try:
             if decision["action"] != "keep" and not decision.get("acted"):
                 if self_correct is not None:
-                    # The rollback point: journaled before the lr change, so saved before it applies.
-                    name = f"rollback-{iteration}"
+                    # The rollback point: journaled before the lr change, so saved before it applies. Named
+                    # by run too: another run in the same output folder must not find it taken.
+                    name = f"rollback-{iteration}-{state['run_id'][:8]}"
                     point = tools.client.save_checkpoint(
                         name, idempotency_key=key(state["run_id"], config, "rollback", iteration)
                     )

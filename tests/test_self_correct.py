@@ -51,13 +51,12 @@ def test_a_bad_decision_is_rolled_back_into_a_new_branch_and_retried(tmp_path):
     iteration = decisions.index(failed) + 1
     # Journal: the rollback point is saved before the lr change, at the step of the decision ...
     types = [(c["type"], c["args"]) for c in journal]
-    save = types.index(("save_checkpoint", {"name": f"rollback-{iteration}"}))
+    point = f"rollback-{iteration}-{run_id[:8]}"
+    save = types.index(("save_checkpoint", {"name": point}))
     assert types[save + 1] == ("set_optimizer", {"lr": failed["lr_after"]})
     assert journal[save]["step"] == journal[save + 1]["step"] and journal[save]["status"] == "success"
     # ... and, after the check, loaded into a new branch; the abandoned branch stays in the metrics.
-    load = types.index(
-        ("load_checkpoint", {"checkpoint": f"rollback-{iteration}", "branch": f"retry-{iteration}"})
-    )
+    load = types.index(("load_checkpoint", {"checkpoint": point, "branch": f"retry-{iteration}"}))
     assert load > save + 1 and journal[load]["status"] == "success"
     assert {"main", f"retry-{iteration}"} <= branches
     assert journal[load]["result"]["checkpoint_step"] == journal[save]["step"]
