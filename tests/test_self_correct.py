@@ -115,3 +115,15 @@ def test_a_retry_of_the_embedded_model_cannot_repeat_the_rolled_back_action():
     text = supervisor.reflect(rising, "double", facts)
     assert text and len(text) <= MAX_REFLECTION_CHARS
     assert RuleSupervisor().reflect(rising, "double", facts) == facts  # no model: the facts
+
+
+def test_reflections_of_earlier_runs_are_remembered_when_asked(tmp_path):
+    first, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection())
+    with Store(db) as store:
+        learned = [d["reflection"] for d in store.list_decisions(first["run_id"]) if d["reflection"]]
+    assert learned
+    remembering, forgetting = AlwaysDouble(), AlwaysDouble()
+    supervised_run(tmp_path, remembering, 0.1, SelfCorrection(remember_runs=True, memory=2))
+    supervised_run(tmp_path, forgetting, 0.1, SelfCorrection())
+    assert remembering.seen[0].reflections == learned[-2:]  # the latest two, oldest first
+    assert forgetting.seen[0].reflections == []
