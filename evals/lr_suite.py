@@ -283,7 +283,25 @@ def _median(values) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
+def _final_lineage(stores, run_id: str) -> tuple[list[int], list[float]]:
+    """The eval losses behind the weights a run ended with: a self-correcting run's abandoned
+    branches left out (its final branch is the last one it loaded)."""
+    from selfsteer.trainer_bridge.checkpoints import lineage, list_branches
+
+    for store in stores:
+        metrics = store.get_metrics(run_id, names=["eval_loss"])
+        if metrics:
+            branches = list_branches(store, run_id)
+            kept = lineage(metrics, branches, branches[-1]["name"])
+            return [m["step"] for m in kept], [m["value"] for m in kept]
+    return [], []
+
+
+def report(
+    rows: list[dict], config: SuiteConfig, out: str | Path, extra_dbs: list[Path] | None = None
+) -> str:
+    """report.md and plots in `out`; curves come from out/suite.sqlite (and `extra_dbs`: suites run
+    apart and reported together)."""
     from selfsteer.evals.plots import plot_curves
     from selfsteer.trainer_bridge.store import Store
 
@@ -353,17 +371,16 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
                     f"{rollbacks} | {abandoned} | {_median(r['wall_s'] for r in group):.1f} |"
                 )
         lines.append("")
-    with Store(out / "suite.sqlite") as store:
+    stores = [Store(path) for path in [out / "suite.sqlite", *(extra_dbs or [])]]
+    try:
         for recipe in config.recipes:
             for lr_name, lr in config.lrs_of(recipe).items():
                 curves = {}
                 for r in rows:
                     if (r["recipe"], r["lr_name"], r["seed"]) == (recipe, lr_name, config.seeds[0]):
-                        metrics = store.get_metrics(r["run_id"], names=["eval_loss"])
-                        curves[r["supervisor"]] = (
-                            [m["step"] for m in metrics],
-                            [m["value"] for m in metrics],
-                        )
+                        steps, values = _final_lineage(stores, r["run_id"])
+                        if steps:
+                            curves[r["supervisor"]] = (steps, values)
                 if curves:
                     name = f"curves_{recipe}_{lr_name}.png"
                     plot_curves(
@@ -372,6 +389,9 @@ def report(rows: list[dict], config: SuiteConfig, out: str | Path) -> str:
                         f"{recipe}, initial lr {lr_name} ({lr:g}), seed {config.seeds[0]}",
                     )
                     lines.append(f"![{recipe} {lr_name}]({name})")
+    finally:
+        for store in stores:
+            store.close()
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
