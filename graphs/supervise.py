@@ -222,7 +222,9 @@ def build_supervision_graph(
         decision, iteration = state["decision"], state["iteration"]
         update: dict = {}
         try:
-            if decision["action"] != "keep" and not decision.get("acted"):
+            # A decision that changes nothing (a double at the lr's upper bound) is acted on as keep.
+            changes = decision["action"] != "keep" and decision["lr_after"] != decision["lr_before"]
+            if changes and not decision.get("acted"):
                 if self_correct is not None:
                     # The rollback point: journaled before the lr change, so saved before it applies. Named
                     # by run too: another run in the same output folder must not find it taken.
