@@ -92,3 +92,28 @@ def assert_decisions_were_applied(tmp_path: Path, summary: dict) -> None:
         until = following["step"] if following else summary["steps"]
         after = [used[s] for s in range(step + 1, until + 1)]
         assert after == pytest.approx([decision["lr_after"]] * len(after), rel=1e-9), (step, until, after)
+
+
+def test_self_correct_flags_reach_the_loop(tmp_path, monkeypatch):
+    """--self-correct saves a rollback point before each lr change; with --self-correct-budget 0 no
+    rollback may abandon a step, so a failed change can only be given back."""
+    module = tmp_path / "my_supervisors.py"
+    module.write_text(
+        "from selfsteer.agents.supervisors import Decision, Supervisor\n"
+        "class AlwaysDouble(Supervisor):\n"
+        "    name = 'always-double'\n"
+        "    def decide(self, observation):\n"
+        "        return Decision('double', 'scripted')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    _, summary = train(
+        tmp_path, "--set", "training.learning_rate=0.1", "--supervisor", "my_supervisors:AlwaysDouble",
+        "--pause-while-deciding", "--max-iterations", "3", "--self-correct", "--self-correct-budget", "0",
+    )  # fmt: skip
+    with Store(tmp_path / "s.sqlite") as store:
+        journal = [c for c in store.list_commands(summary["run_id"]) if c["source"] == "always-double"]
+    kinds = [c["type"] for c in journal if c["type"] not in ("pause", "resume")]
+    assert kinds[:2] == ["save_checkpoint", "set_optimizer"] and "load_checkpoint" not in kinds
+    save = next(c for c in journal if c["type"] == "save_checkpoint")
+    assert save["args"]["name"].startswith("rollback-1-") and save["status"] == "success"
+    assert summary["self_correction"]["rollbacks"] == 0 and summary["self_correction"]["extra_steps"] == 0
