@@ -99,6 +99,11 @@ def self_correction_from_args(args: argparse.Namespace):
     from selfsteer.graphs.supervise import SelfCorrection
 
     if not getattr(args, "self_correct", False):
+        given = [flag for flag, value in (("--self-correct-margin", args.self_correct_margin),
+                 ("--self-correct-budget", args.self_correct_budget),
+                 ("--remember-reflections", args.remember_reflections or None)) if value is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --self-correct")
         return None
     options = {"margin": args.self_correct_margin, "max_extra_steps": args.self_correct_budget}
     return SelfCorrection(
@@ -115,9 +120,13 @@ def supervisor_thread_from_args(
     import sys
     import traceback
 
+    from selfsteer.graphs.supervise import refuse_unsupported
+
     supervisor = supervisor_from_args(args)
     if supervisor is None:
         return None
+    self_correct = self_correction_from_args(args)  # bad flags are refused now, not in the thread
+    refuse_unsupported(supervisor, self_correct)
 
     def supervise(url, stop_event):
         from selfsteer.graphs.supervise import run_supervision
@@ -126,8 +135,7 @@ def supervisor_thread_from_args(
             run_supervision(
                 url, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
                 max_iterations=args.max_iterations, every_steps=args.every_steps,
-                pause_while_deciding=pause_while_deciding, thread_id=thread_id,
-                self_correct=self_correction_from_args(args),
+                pause_while_deciding=pause_while_deciding, thread_id=thread_id, self_correct=self_correct,
             )  # fmt: skip
         except Exception:
             print("supervisor crashed; training goes on with its current settings:", file=sys.stderr)

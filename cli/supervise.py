@@ -38,11 +38,13 @@ def run(args: argparse.Namespace) -> int:
     import httpx
 
     from selfsteer.agents.chat_models import describe_llm_error
-    from selfsteer.graphs.supervise import run_supervision
+    from selfsteer.graphs.supervise import refuse_unsupported, run_supervision
     from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError
 
     try:
         supervisor = supervisor_from_args(args)
+        self_correct = self_correction_from_args(args)
+        refuse_unsupported(supervisor, self_correct)
     except ValueError as error:
         print(f"selfsteer supervise: {error}", file=sys.stderr)
         return 2
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         final = run_supervision(
             args.url, supervisor, db=args.db, token=args.token,
             max_iterations=args.max_iterations, every_steps=args.every_steps,
-            self_correct=self_correction_from_args(args),
+            self_correct=self_correct,
         )  # fmt: skip
     except Exception as error:
         print(f"selfsteer supervise: {describe_llm_error(error, args.llm, args.base_url)}", file=sys.stderr)

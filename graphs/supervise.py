@@ -91,6 +91,25 @@ class SelfCorrection:
     memory: int = 3
     remember_runs: bool = False
 
+    def __post_init__(self):
+        if not 0 <= self.margin < 10:
+            raise ValueError(f"the self-correction margin must be a fraction >= 0, not {self.margin}")
+        if not 0 <= self.max_extra_steps <= 1:
+            raise ValueError(
+                f"the self-correction budget must be a fraction in [0, 1], not {self.max_extra_steps}"
+            )
+        if self.memory < 0:
+            raise ValueError(f"memory must be >= 0, not {self.memory}")
+
+
+def refuse_unsupported(supervisor: Supervisor, self_correct: SelfCorrection | None) -> None:
+    """ValueError for a combination the loop cannot run."""
+    if self_correct is not None and getattr(supervisor, "acts_through_tools", False):
+        raise ValueError(
+            "self-correction rolls back lr changes the loop makes; a tool-using supervisor acts by itself "
+            "(use it without --self-correct)"
+        )
+
 
 def build_supervision_graph(
     tools: BridgeTools,
@@ -112,12 +131,8 @@ def build_supervision_graph(
     self_correct: check each lr change at the next evaluation, and reflect, roll back and retry a
         failed one."""
 
+    refuse_unsupported(supervisor, self_correct)
     if getattr(supervisor, "acts_through_tools", False):
-        if self_correct is not None:
-            raise ValueError(
-                "self-correction rolls back lr changes the loop makes; a tool-using supervisor acts by itself "
-                "(use it without --self-correct)"
-            )
         supervisor.bind_bridge(tools)
     instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
 

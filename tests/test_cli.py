@@ -28,9 +28,15 @@ HELP = {
     "serve-llm": ["--port PORT", "/v1/chat/completions", "--api-key API_KEY"],
     "reflect": ["{run,train,eval}", "--group-size GROUP_SIZE", "--strategy"],
     "recipes": ["--paths", "smallest first"],
-    "train": ["--recipe RECIPE", "--set KEY=VALUE", "--supervisor SUPERVISOR", "summary.json"],
+    "train": [
+        "--recipe RECIPE",
+        "--set KEY=VALUE",
+        "--supervisor SUPERVISOR",
+        "summary.json",
+        "--self-correct",
+    ],
     "replay": ["--tolerance TOLERANCE", "RUN", "same seed"],
-    "supervise": ["--url URL", "--supervisor SUPERVISOR", "resumes"],
+    "supervise": ["--url URL", "--supervisor SUPERVISOR", "resumes", "--remember-reflections"],
     "dashboard": ["--port PORT", "7008", "history"],
     "decisions": ["ACTION", "export"],
     "intervener": ["ACTION", "LoRA"],
@@ -38,7 +44,13 @@ HELP = {
     "decisions export": ["--format {jsonl,hf}", "--out OUT", "--counterfactual DIR"],
     "decisions collect": ["--policy POLICY", "--shard SHARD", "identical state", "DAgger"],
     "intervener train": ["--data DIR", "--examples EXAMPLES", "validation"],
-    "eval lr-suite": ["--recipes RECIPES", "--supervisors SUPERVISORS", "report", "--held-out"],
+    "eval lr-suite": [
+        "--recipes RECIPES",
+        "--supervisors SUPERVISORS",
+        "report",
+        "--held-out",
+        "--self-correct",
+    ],
 }
 
 
@@ -106,3 +118,18 @@ def test_demo_without_a_key_fails_with_one_clear_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert "no API key" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_bad_self_correction_flags_are_refused_before_training(tmp_path):
+    for flags, says in (
+        (["--self-correct", "--self-correct-budget", "2"], "budget must be a fraction in [0, 1]"),
+        (["--self-correct", "--self-correct-margin", "-0.1"], "margin must be a fraction >= 0"),
+        (["--self-correct-margin", "0.05"], "--self-correct-margin: only with --self-correct"),
+        (["--self-correct", "--supervisor", "tools", "--llm", "openai:m", "--base-url", "http://127.0.0.1:9/v1"],
+         "self-correction rolls back"),
+    ):  # fmt: skip
+        result = run(
+            "train", "--recipe", "tiny", "--supervisor", "rule", *flags, "--out", "out", cwd=tmp_path
+        )
+        assert result.returncode == 2 and says in result.stderr, (flags, result.stderr)
+        assert not (tmp_path / "out" / "summary.json").exists()  # nothing trained
