@@ -16,7 +16,7 @@ decisions at a precision near 0.6: each false alarm costs a rollback's steps and
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
@@ -40,12 +40,6 @@ class Verdict:
     @property
     def limit(self) -> float:
         return self.expected * (1 + self.margin)
-
-    def to_dict(self) -> dict:
-        return {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-            for k, v in asdict(self).items()
-        }
 
 
 def judge(

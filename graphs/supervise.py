@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
 from uuid import uuid4
 
@@ -198,12 +198,13 @@ def build_supervision_graph(
             )  # fmt: skip
         # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
         lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
+        seen = observation.to_dict()
         decision_id = None
         if store is not None and state.get("run_id"):
             decision_id = store.add_decision(
                 state["run_id"], step=state["step"], agent=supervisor.name, action=decision.action,
                 explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
-                observation=_finite(observation.to_dict()), raw_output=decision.raw_output,
+                observation=_finite(seen), raw_output=decision.raw_output,
                 lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
                 key=decision_key, retry_of=state.get("retry_of"),
             )  # fmt: skip
@@ -216,7 +217,7 @@ def build_supervision_graph(
             },
             "decision_id": decision_id,
             "iteration": iteration,
-            "observation": observation.to_dict(),
+            "observation": seen,
             "avoid": [],
             "retry_of": None,
         }
@@ -275,11 +276,9 @@ def build_supervision_graph(
     def check(state: SupervisionState, config: RunnableConfig) -> dict:
         """Judge the last lr change; on a failure reflect, then roll back (or set the lr back)."""
         pending = state["pending_check"]
-        decided = Observation(**pending["observation"])
+        decided, now = Observation(**pending["observation"]), Observation(**state["observation"])
         loss_before = decided.losses[-1][1] if decided.losses else math.nan
-        verdict = judge(
-            loss_before, pending["step"], Observation(**state["observation"]), self_correct.margin
-        )
+        verdict = judge(loss_before, pending["step"], now, self_correct.margin)
         if verdict is None:  # no evaluation since: judged at a later observation
             return {}
         if not verdict.failed:
@@ -301,11 +300,8 @@ def build_supervision_graph(
             "rolled_back": False,
         }
         outcome = {
-            **_outcome(
-                {"observation": pending["observation"], "step": pending["step"]},
-                Observation(**state["observation"]),
-            ),
-            "verdict": verdict.to_dict(),
+            **_outcome({"observation": pending["observation"], "step": pending["step"]}, now),
+            "verdict": asdict(verdict),  # stored through _finite below, like the rest of the outcome
             "reflection_source": "facts" if reflection == facts else "model",
         }
         why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
