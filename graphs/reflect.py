@@ -15,6 +15,12 @@ Strategies (compare them on the same problems):
 - `reflect_attempt`: the retry continues the conversation: task, failed attempt, reflection (the paper's);
 - `memory`: `reflect_attempt`, plus the rewarded reflections of earlier episodes in the system prompt.
 
+Problems with tools (`Problem.tools`, e.g. BFCL in tools mode): the attempt and the retry call the
+model with the tools bound (`llm.bind_tools(tools, tool_choice=problem.tool_choice)`), and the answer is
+`render_tool_calls(message)`, the JSON rendering `[{"name": ..., "arguments": {...}}]` of the model's
+tool calls, which is what the validator reads and what the retry conversation shows as the failed
+attempt. The reflection is always plain text: the model is called without tools.
+
 Besides the graph: `run_episodes` (many episodes at once: their model calls share batched forward
 passes), `mine_failures` (first attempts in one batch, failures kept, the GRPO training set) and
 `reflection_reward` (the GRPO reward: does the retry with this reflection pass?).
@@ -22,6 +28,7 @@ passes), `mine_failures` (first attempts in one batch, failures kept, the GRPO t
 
 from __future__ import annotations
 
+import json
 import operator
 import threading
 from collections import deque
@@ -176,6 +183,38 @@ def _text(message: Any) -> str:
     return content if isinstance(content, str) else str(content)
 
 
+def render_tool_calls(message: Any) -> str:
+    """The answer of a message: its tool calls as JSON, `[{"name": ..., "arguments": {...}}]` (calls
+    whose arguments were not valid JSON keep them as the raw string, so the validator can say so), or,
+    with no tool call, its text content."""
+    calls = [{"name": c["name"], "arguments": c["args"]} for c in getattr(message, "tool_calls", None) or []]
+    calls += [
+        {"name": c.get("name") or "", "arguments": c.get("args") or ""}
+        for c in getattr(message, "invalid_tool_calls", None) or []
+    ]
+    return json.dumps(calls, ensure_ascii=False) if calls else _text(message)
+
+
+def _with_tools(llm: BaseChatModel, problem: Problem):
+    """The model that answers the problem: with the problem's tools bound, if it has any."""
+    if not problem.tools:
+        return llm
+    options = {"tool_choice": problem.tool_choice} if problem.tool_choice is not None else {}
+    try:
+        return llm.bind_tools(list(problem.tools), **options)
+    except NotImplementedError as error:
+        raise ValueError(
+            f"{type(llm).__name__} cannot call tools, and {problem.task or 'this task'} offers tools: use a "
+            "chat model that calls tools, or text mode (--call-mode text)"
+        ) from error
+
+
+def _answer(llm: BaseChatModel, problem: Problem, messages: list[Message]) -> str:
+    """An attempt at the problem: the model's tool calls (rendered) if the problem has tools, else text."""
+    message = _with_tools(llm, problem).invoke(messages)
+    return render_tool_calls(message) if problem.tools else _text(message)
+
+
 def _n_tokens(message: Any) -> int:
     usage = getattr(message, "usage_metadata", None) or {}
     return int(usage.get("output_tokens") or len(_text(message).split()))
@@ -205,7 +244,7 @@ def build_graph(
                 problem.task or "custom", problem.id, config.strategy, model_name, seed, run_id
             )
         messages = first_messages(problem, lessons, version)
-        response = _text(llm.invoke(messages))
+        response = _answer(llm, problem, messages)
         pending = Attempt(prompt=messages, response=response, passed=False, reason="")
         return {"pending": pending, "episode_id": episode_id, "lessons": lessons}
 
@@ -222,7 +261,7 @@ def build_graph(
             store.add_attempt(
                 state["episode_id"],
                 len(state["attempts"]),
-                _render(done["prompt"]),
+                _render(done["prompt"], state["problem"]),
                 done["response"],
                 done["passed"],
                 done["reason"],
@@ -253,9 +292,8 @@ def build_graph(
             state.get("lessons", ()),
             version,
         )
-        return {
-            "pending": Attempt(prompt=messages, response=_text(llm.invoke(messages)), passed=False, reason="")
-        }
+        response = _answer(llm, state["problem"], messages)
+        return {"pending": Attempt(prompt=messages, response=response, passed=False, reason="")}
 
     def reward(state: EpisodeState) -> dict:
         """A reflection earns 1 when the attempt right after it passed, else 0."""
@@ -289,8 +327,12 @@ def build_graph(
     return graph.compile()
 
 
-def _render(messages: list[Message]) -> str:
-    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+def _render(messages: list[Message], problem: Problem | None = None) -> str:
+    text = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+    if problem is not None and problem.tools:  # what the model was offered besides the messages
+        names = ", ".join(tool["function"]["name"] for tool in problem.tools)
+        text = f"[tools, tool_choice={problem.tool_choice}]\n{names}\n\n{text}"
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -380,17 +422,20 @@ def mine_failures(
 ) -> list[dict]:
     """First attempts at every problem (batched, `chunk` prompts per call), the failures kept as GRPO
     training rows: `prompt` (task + failed attempt + the reflect instruction), `problem_id`,
-    `failed_attempt`."""
+    `failed_attempt`. Problems with tools cannot share one call (each binds its own tools): they are
+    answered by `chunk` concurrent calls instead, which the embedded model serves as one batch."""
     prompts = [first_messages(problem, (), version) for problem in problems]
-    starts = range(0, len(prompts), chunk)
-    if progress:
-        from tqdm import tqdm
+    if any(problem.tools for problem in problems):
+        responses = _concurrent_answers(llm, problems, prompts, chunk, progress)
+    else:
+        starts = range(0, len(prompts), chunk)
+        if progress:
+            from tqdm import tqdm
 
-        starts = tqdm(starts, desc="first attempts", unit=f"x{chunk}")
-    answers = [answer for start in starts for answer in llm.batch(prompts[start : start + chunk])]
+            starts = tqdm(starts, desc="first attempts", unit=f"x{chunk}")
+        responses = [_text(a) for start in starts for a in llm.batch(prompts[start : start + chunk])]
     rows = []
-    for problem, answer in zip(problems, answers, strict=True):
-        response = _text(answer)
+    for problem, response in zip(problems, responses, strict=True):
         if not problem.validate(response).passed:
             rows.append(
                 {
@@ -402,6 +447,29 @@ def mine_failures(
     return rows
 
 
+def _concurrent_answers(
+    llm: BaseChatModel,
+    problems: Sequence[Problem],
+    prompts: list[list[Message]],
+    workers: int,
+    progress: bool,
+) -> list[str]:
+    responses: list[str] = [""] * len(problems)
+    with ThreadPoolExecutor(max(1, min(workers, len(problems)))) as pool:
+        futures = {
+            pool.submit(_answer, llm, problem, prompt): index
+            for index, (problem, prompt) in enumerate(zip(problems, prompts, strict=True))
+        }
+        done = as_completed(futures)
+        if progress:
+            from tqdm import tqdm
+
+            done = tqdm(done, total=len(futures), desc="first attempts", unit="call")
+        for future in done:
+            responses[futures[future]] = future.result()
+    return responses
+
+
 def reflection_reward(
     problems: Sequence[Problem], strategy: Strategy = "reflect_attempt", version: str = "v1"
 ) -> Callable[..., list[float]]:
@@ -409,7 +477,14 @@ def reflection_reward(
 
     The returned function takes (reflections, rows, generate): rows are the dataset columns
     (`problem_id`, `failed_attempt`), `generate` answers a list of conversations with the policy being
-    trained, so the retry is the current policy's."""
+    trained, so the retry is the current policy's. `generate` writes plain text, so problems with tools
+    (whose retry would be a tool call) are refused."""
+    with_tools = [problem.id for problem in problems if problem.tools]
+    if with_tools:
+        raise ValueError(
+            f"GRPO with tools-mode retries is not supported ({len(with_tools)} problem(s) offer tools, e.g. "
+            f"{with_tools[0]}): train on text-mode problems (--call-mode text)"
+        )
     by_id = {problem.id: problem for problem in problems}
 
     def reward(

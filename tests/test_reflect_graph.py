@@ -1,50 +1,33 @@
 """The self-correction graph's paths, driven by a *scripted* chat model (the one stand-in in these
 tests: a LangChain chat model whose answer is a function of the conversation, so each path is
-reached on purpose). Validators, the store and LangGraph are real."""
+reached on purpose; tests/helpers/scripted_chat.py). Validators, the store and LangGraph are real.
+Problems with tools (BFCL in tools mode) run the same loop with the tools bound to the attempts."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 
 import pytest
-from langchain_core.language_models import BaseChatModel
+from helpers.scripted_chat import ScriptedChatModel, tool_calls
+from langchain_core.language_models import FakeListChatModel
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
 
-from selfsteer.evals.tasks import countdown
+from selfsteer.evals.tasks import bfcl, countdown
 from selfsteer.graphs.reflect import (
     ReflectConfig,
     ReflectionMemory,
     load_prompts,
     mine_failures,
     reflection_reward,
+    render_tool_calls,
     run_episodes,
 )
 from selfsteer.trainer_bridge.store import Store
 
 REFLECT = load_prompts()["reflect"]
 LESSON = "I must use every number exactly once and multiply the sum."
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Answers with `script(messages)`; records every conversation it was sent."""
-
-    script: Callable[[list[BaseMessage]], str]
-    calls: list = []
-    batches: list = []
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
-        self.calls.append(messages)
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=self.script(messages)))])
-
-    def batch(self, inputs, config=None, **kwargs):
-        self.batches.append(len(inputs))
-        return super().batch(inputs, config, **kwargs)
 
 
 def solver(fix_after_reflection: bool = True) -> Callable[[list[BaseMessage]], str]:
@@ -204,3 +187,107 @@ def test_an_episode_that_breaks_is_stored_as_failed(store):
     [episode] = store.list_episodes()
     assert episode["status"] == "failed"
     assert len(store.get_episode(episode["id"])["attempts"]) == 1
+
+
+# -----------------------------------------------------------------------------
+# problems with tools (BFCL in tools mode)
+
+
+def _bfcl_tools_problem(category: str = "simple_python", index: int = 0):
+    """A tools-mode BFCL problem whose function has a dotted name, and its gold call under the tool name."""
+    question, truth = [(q, t) for q, t in bfcl._records(category) if "." in q["function"][0]["name"]][index]
+    problem = bfcl.make_problem(question, truth, category, call_mode="tools")
+    [(name, params)] = truth[0].items()
+    arguments = {k: next(v for v in values if v != "") for k, values in params.items() if values != [""]}
+    return problem, (bfcl.tool_name(name), arguments)
+
+
+def tool_solver(gold: tuple[str, dict]) -> Callable:
+    """With tools bound: a wrong call at first, the gold call once a reflection is in context. Without
+    tools (the reflection): plain text."""
+    name, arguments = gold
+
+    def script(messages: list[BaseMessage], bound: dict):
+        if not bound:
+            return LESSON
+        if any(LESSON in m.content for m in messages):
+            return tool_calls((name, arguments))
+        return tool_calls((name, {k: "wrong" for k in arguments}))
+
+    return script
+
+
+def test_a_tools_episode_calls_with_tools_bound_reflects_in_text_and_rewards_the_fixed_call(store):
+    problem, gold = _bfcl_tools_problem()
+    llm = ScriptedChatModel(script=tool_solver(gold))
+    [result] = run_episodes(llm, [problem], ReflectConfig("reflect_attempt"), store)
+    assert not result.passed_first and result.passed_final and result.rewards == [1.0]
+
+    # attempt, reflection, retry: tools bound (a call required) for the attempts, none for the reflection
+    attempt, reflection, retry = llm.bound
+    assert attempt == retry and attempt["tool_choice"] == "required"
+    assert [t["function"]["name"] for t in attempt["tools"]] == [t["function"]["name"] for t in problem.tools]
+    assert gold[0] in [t["function"]["name"] for t in attempt["tools"]] and "." not in gold[0]
+    assert reflection == {}
+    assert llm.calls[1][-1].content == REFLECT
+
+    # the answers are the JSON rendering of the tool calls; the retry sees the failed one as text
+    failed = json.loads(result.attempts[0]["response"])
+    assert failed == [{"name": gold[0], "arguments": {k: "wrong" for k in gold[1]}}]
+    assert json.loads(result.attempts[1]["response"]) == [{"name": gold[0], "arguments": gold[1]}]
+    assert "no function call" not in result.attempts[0]["reason"]
+    retry_prompt = result.attempts[1]["prompt"]
+    assert {"role": "assistant", "content": result.attempts[0]["response"]} in retry_prompt
+    assert {"role": "assistant", "content": LESSON} in retry_prompt
+    assert (
+        retry_prompt[1] == {"role": "user", "content": problem.prompt} and "Functions:" not in problem.prompt
+    )
+
+    episode = store.get_episode(result.episode_id)
+    assert [a["passed"] for a in episode["attempts"]] == [False, True]
+    assert episode["attempts"][0]["prompt"].startswith("[tools, tool_choice=required]\n" + gold[0])
+    assert episode["reflections"][0]["reward"] == 1.0
+
+
+def test_a_tools_answer_without_a_call_fails_as_no_function_call():
+    problem, _ = _bfcl_tools_problem()
+    llm = ScriptedChatModel(script=lambda messages: "I cannot help with that.")
+    [result] = run_episodes(llm, [problem], ReflectConfig(max_retries=0))
+    assert result.attempts[0]["response"] == "I cannot help with that."
+    assert result.attempts[0]["reason"].startswith("no function call")
+
+
+def test_render_tool_calls():
+    assert render_tool_calls(AIMessage(content="plain text")) == "plain text"
+    rendered = render_tool_calls(tool_calls(("f", {"a": 1, "b": "é"}), ("g", {})))
+    assert rendered == '[{"name": "f", "arguments": {"a": 1, "b": "é"}}, {"name": "g", "arguments": {}}]'
+    broken = AIMessage(
+        content="",
+        invalid_tool_calls=[
+            {"name": "f", "args": "{'a': 1", "id": "1", "error": None, "type": "invalid_tool_call"}
+        ],
+    )
+    assert json.loads(render_tool_calls(broken)) == [{"name": "f", "arguments": "{'a': 1"}]
+
+
+def test_mine_failures_with_tools_binds_each_problem_and_calls_concurrently():
+    (first, gold), (second, _) = _bfcl_tools_problem(index=0), _bfcl_tools_problem(index=1)
+    assert first.tools != second.tools
+    llm = ScriptedChatModel(script=lambda messages, bound: tool_calls(gold))  # right for the first only
+    rows = mine_failures(llm, [first, second, countdown.make_problem([3, 5, 2], 16)])
+    assert llm.batches == []  # different tools: no shared batch
+    by_prompt = {c[-1].content: b for c, b in zip(llm.calls, llm.bound, strict=True)}
+    assert by_prompt[first.prompt]["tools"] == list(first.tools)
+    assert by_prompt[second.prompt]["tools"] == list(second.tools)
+    assert by_prompt[countdown.make_problem([3, 5, 2], 16).prompt] == {}  # a text problem: no tools
+    assert [row["problem_id"] for row in rows][:1] == [second.id] and len(rows) == 2
+    assert json.loads(rows[0]["failed_attempt"]) == [{"name": gold[0], "arguments": gold[1]}]
+    assert rows[0]["prompt"][-1]["content"] == REFLECT
+
+
+def test_tools_need_a_model_that_calls_tools_and_grpo_refuses_them():
+    problem, _ = _bfcl_tools_problem()
+    with pytest.raises(ValueError, match="cannot call tools.*--call-mode text"):
+        run_episodes(FakeListChatModel(responses=["x"]), [problem], ReflectConfig())
+    with pytest.raises(ValueError, match="GRPO with tools-mode retries is not supported"):
+        reflection_reward([PROBLEM, problem])

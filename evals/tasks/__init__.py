@@ -12,6 +12,7 @@ categories are held out, test split only), or `module:function` for your own loa
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from selfsteer.evals.tasks import bfcl, countdown
 from selfsteer.evals.tasks.base import SPLITS, Problem, TaskLoader, Verdict, split_of
@@ -40,8 +41,24 @@ def get_loader(name: str) -> TaskLoader:
         raise ValueError(f"cannot load task {name!r}: {error}") from error
 
 
-def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
-    problems = list(get_loader(name)(split=split, n=n, seed=seed))
+def takes_call_mode(name: str) -> bool:
+    """Whether the task's loader takes `call_mode` ("tools" or "text": bfcl does; countdown and loaders
+    written without it do not, and never get it)."""
+    loader = get_loader(name)
+    try:
+        parameters = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "call_mode" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def load_task(
+    name: str, split: str = "train", n: int | None = None, seed: int = 0, *, call_mode: str | None = None
+) -> list[Problem]:
+    """The problems of a task. `call_mode` goes to loaders that take it (see `takes_call_mode`); for the
+    others it is ignored. None: the loader's own default (bfcl: "text")."""
+    options = {"call_mode": call_mode} if call_mode is not None and takes_call_mode(name) else {}
+    problems = list(get_loader(name)(split=split, n=n, seed=seed, **options))
     for problem in problems:
         if not isinstance(problem, Problem):
             raise TypeError(f"task {name!r} returned {type(problem).__name__}, not a Problem")
@@ -58,4 +75,5 @@ __all__ = [
     "load_task",
     "register",
     "split_of",
+    "takes_call_mode",
 ]

@@ -3,6 +3,12 @@
 A task is a function `load(split, n, seed) -> list[Problem]`. A problem is a prompt and a
 `validate(answer) -> Verdict` (pass/fail and a reason a person can read). That is the whole protocol:
 the self-correction loop, failure mining and GRPO rewards only ever call `problem.validate`.
+
+A problem may also offer tools (OpenAI tool dicts, `{"type": "function", "function": {"name",
+"description", "parameters"}}`): the loop then calls the model with them bound, and the answer that
+reaches `validate` is the JSON rendering of the model's tool calls, `[{"name": ..., "arguments": {...}}]`
+(`selfsteer.graphs.reflect.render_tool_calls`). A loader that can offer its problems either way takes a
+keyword argument `call_mode` ("tools" or "text"); `load_task` passes it only to loaders that take it.
 """
 
 from __future__ import annotations
@@ -31,13 +37,22 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Problem:
-    """One task item. `prompt` is the user message; `system` the instructions that go before it."""
+    """One task item. `prompt` is the user message; `system` the instructions that go before it.
+
+    `tools`: OpenAI tool dicts the model may call (empty: a plain text task, as before); `tool_choice`:
+    what the model is told about calling them, as OpenAI's API takes it ("required": it must call one,
+    "auto": it may answer in text, or a tool's name); None leaves it to the model's default."""
 
     id: str
     prompt: str
     validate: Callable[[str], Verdict] = field(repr=False, compare=False)
     system: str = ""
     task: str = ""
+    tools: tuple[dict, ...] = field(default=(), repr=False, hash=False)
+    tool_choice: str | None = None
+
+
+CALL_MODES = ("tools", "text")
 
 
 class TaskLoader(Protocol):

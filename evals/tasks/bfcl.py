@@ -7,6 +7,13 @@ every required parameter, the type of each value, each value one of the acceptab
 `possible_answer` ("" among them marks an optional parameter that may be left out), no parameter that
 is not in the answer key, and parallel calls matched in any order.
 
+Two call modes. `text` (the default of `load`): the prompt lists the functions and the model writes the
+calls as text, as above. `tools` (the leaderboard's FC mode): the functions are offered as OpenAI tools
+(BFCL's types mapped to JSON schema, names OpenAI refuses such as `math.factorial` mapped to
+`math_factorial`), the prompt is the user's request alone, and the answer is the JSON rendering of the
+model's tool calls (`[{"name": ..., "arguments": {...}}]`), whose names are mapped back before the same
+checker runs; an answer without a call fails ("no function call").
+
 Only the data files are read (found with importlib, without importing bfcl_eval's own modules, which
 pull in every model SDK). Develop and train on `simple_python`, `multiple`, `parallel` and
 `parallel_multiple`; the `live_*` categories are held out: they load for the test split only.
@@ -23,7 +30,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from selfsteer.evals.tasks.base import Problem, Verdict, check_split, split_of
+from selfsteer.evals.tasks.base import CALL_MODES, Problem, Verdict, check_split, split_of
 
 TRAIN_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple")
 HELD_OUT_CATEGORIES = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
@@ -34,6 +41,13 @@ SYSTEM = (
     'e.g. [get_weather(city="Paris", unit="celsius")]. Several calls go in one list.'
 )
 PROMPT = "Functions:\n{functions}\n\nRequest: {request}"
+TOOLS_SYSTEM = (
+    "You call functions. Answer the user's request by calling the functions you are given, with the values "
+    "the request states. Make several calls if the request asks for several things."
+)
+# Every item of the categories loaded here expects at least one call (the leaderboard's irrelevance
+# categories, where no call is right, are not among them), so a tools-mode problem requires a call.
+TOOL_CHOICE = "required"
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
@@ -83,10 +97,14 @@ def loader(category: str):
     return partial(load, category)
 
 
-def load(category: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
+def load(
+    category: str, split: str = "train", n: int | None = None, seed: int = 0, call_mode: str = "text"
+) -> list[Problem]:
     """Problems of a category. The train categories are split 80/20 by a hash of the item id; the
-    held-out live_* categories exist only as test data, whole."""
+    held-out live_* categories exist only as test data, whole. `call_mode`: "text" (functions listed in
+    the prompt, calls written as text) or "tools" (functions offered as OpenAI tools)."""
     check_split(split)
+    check_call_mode(call_mode)
     if category in HELD_OUT_CATEGORIES:
         if split != "test":
             raise ValueError(f"bfcl:{category} is held out for evaluation: load it with split='test'")
@@ -95,13 +113,32 @@ def load(category: str, split: str = "train", n: int | None = None, seed: int = 
         records = [r for r in _records(category) if split_of(r[0]["id"]) == split]
     if n is not None and n < len(records):
         records = random.Random(f"bfcl-{category}-{seed}").sample(records, n)
-    return [make_problem(question, truth, category) for question, truth in records]
+    return [make_problem(question, truth, category, call_mode) for question, truth in records]
 
 
-def make_problem(question: dict, ground_truth: list[dict], category: str) -> Problem:
+def check_call_mode(call_mode: str) -> str:
+    if call_mode not in CALL_MODES:
+        raise ValueError(f"call_mode must be one of {CALL_MODES}, not {call_mode!r}")
+    return call_mode
+
+
+def make_problem(question: dict, ground_truth: list[dict], category: str, call_mode: str = "text") -> Problem:
     functions = question["function"]
     turns = question["question"][0]
     request = "\n".join(m["content"] for m in turns if m["role"] == "user")
+    if check_call_mode(call_mode) == "tools":
+        tools, names = openai_tools(functions)
+        return Problem(
+            id=question["id"],
+            prompt=request,
+            validate=partial(
+                validate_tool_calls, functions=functions, ground_truth=ground_truth, names=names
+            ),
+            system=TOOLS_SYSTEM,
+            task=f"bfcl:{category}",
+            tools=tools,
+            tool_choice=TOOL_CHOICE,
+        )
     listing = "\n".join(json.dumps(f, ensure_ascii=False) for f in functions)
     return Problem(
         id=question["id"],
@@ -109,6 +146,93 @@ def make_problem(question: dict, ground_truth: list[dict], category: str) -> Pro
         validate=partial(validate, functions=functions, ground_truth=ground_truth),
         system=SYSTEM,
         task=f"bfcl:{category}",
+    )
+
+
+# -----------------------------------------------------------------------------
+# tools mode: BFCL's function documentation as OpenAI tools
+
+# BFCL's types that JSON schema spells otherwise; "any" means no type constraint (no "type" key).
+_JSON_SCHEMA_TYPES: dict[str, str | None] = {
+    "dict": "object",
+    "float": "number",
+    "tuple": "array",
+    "any": None,
+}
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # what OpenAI accepts as a function name
+
+
+def tool_name(name: str) -> str:
+    """A name OpenAI accepts: other characters become '_' (as the leaderboard's FC mode maps '.'), at
+    most 64 characters."""
+    return name if _TOOL_NAME.match(name) else (re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "_")
+
+
+def json_schema(schema: dict) -> dict:
+    """BFCL's parameter schema as JSON schema: types mapped, nested properties and items too; the
+    non-standard `optional` flag dropped (optional parameters are those not in `required`)."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, str):
+            kind = _JSON_SCHEMA_TYPES.get(value, value)
+            if kind is not None:
+                out["type"] = kind
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {name: json_schema(item) for name, item in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = json_schema(value)
+        elif key != "optional":
+            out[key] = value
+    return out
+
+
+def openai_tools(functions: list[dict]) -> tuple[tuple[dict, ...], dict[str, str]]:
+    """The functions as OpenAI tool dicts, and the map from each tool's name back to the function's."""
+    tools, names = [], {}
+    for function in functions:
+        name = tool_name(function["name"])
+        base, index = name, 2
+        while name in names:  # two functions that map to one name stay apart
+            name = f"{base[: 64 - len(str(index)) - 1]}_{index}"
+            index += 1
+        names[name] = function["name"]
+        parameters = json_schema(function.get("parameters") or {"type": "dict", "properties": {}})
+        parameters["type"] = "object"
+        parameters.setdefault("properties", {})
+        tool = {"name": name, "description": function.get("description", ""), "parameters": parameters}
+        tools.append({"type": "function", "function": tool})
+    return tuple(tools), names
+
+
+def read_tool_calls(answer: str) -> list[tuple[str, dict]]:
+    """The calls of a tools-mode answer: the JSON rendering `[{"name": ..., "arguments": {...}}]` and
+    nothing else (text that is not that rendering holds no function call)."""
+    try:
+        value = json.loads(answer)
+    except (json.JSONDecodeError, TypeError):
+        value = None
+    if (
+        not value
+        or not isinstance(value, list)
+        or not all(isinstance(item, dict) and "name" in item and "arguments" in item for item in value)
+    ):
+        text = answer.strip() if isinstance(answer, str) else ""
+        raise CallParseError(
+            "no function call" + (f": the model answered in text: {text[:120]!r}" if text else "")
+        )
+    return _parse_json_calls(answer)
+
+
+def validate_tool_calls(
+    answer: str, functions: list[dict], ground_truth: list[dict], names: dict[str, str]
+) -> Verdict:
+    """The tools-mode validator: the tool names mapped back to BFCL's, then the same checker."""
+    try:
+        calls = read_tool_calls(answer)
+    except CallParseError as error:
+        return Verdict.fail(str(error))
+    return check_calls(
+        [(names.get(name, name), arguments) for name, arguments in calls], functions, ground_truth
     )
 
 
