@@ -2,6 +2,7 @@
 
 selfsteer reflect run   --task countdown --n 8                  # episodes, printed and stored
 selfsteer reflect eval  --task bfcl:simple_python --n 100 --out runs/eval   # writes summary.json
+selfsteer reflect eval  --task bfcl:multiple --call-mode text --llm openai:gpt-4o-mini --out runs/text
 selfsteer reflect train --task countdown --n 64 --steps 20 --out runs/grpo  # GRPO on reflections
 selfsteer reflect eval  --task countdown --checkpoint runs/grpo/final --out runs/after
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from selfsteer.cli.common import add_llm_arguments
 
 ACTIONS = ("run", "train", "eval")
+CALL_MODES = ("tools", "text")
 STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")
 
 
@@ -33,6 +35,15 @@ def add_parser(subparsers, name: str) -> None:
     )
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("--task", default="countdown", help="countdown, bfcl:CATEGORY or module:function")
+    parser.add_argument(
+        "--call-mode",
+        choices=CALL_MODES,
+        default="tools",
+        help="bfcl: how the model calls functions. tools (default): the functions are offered as OpenAI-style "
+        "tools and the model answers with tool calls (the leaderboard's FC mode; needs a chat model that "
+        "calls tools); text: the functions are listed in the prompt and the calls read from the answer's "
+        "text. Ignored by tasks without call modes (countdown). train needs text",
+    )
     parser.add_argument("--n", type=int, default=32, help="problems (default 32)")
     parser.add_argument("--split", choices=("train", "test"), help="default: train for train, else test")
     parser.add_argument(
@@ -131,7 +142,7 @@ def _episodes(args, llm, problems, store, model_name: str, strategy: str | None 
 
 
 def _config(args: argparse.Namespace, model_name: str) -> dict:
-    keys = ("task", "n", "split", "seed", "strategy", "max_retries", "max_tokens", "checkpoint")
+    keys = ("task", "call_mode", "n", "split", "seed", "strategy", "max_retries", "max_tokens", "checkpoint")
     return {**{k: getattr(args, k) for k in keys}, "model": model_name}
 
 
@@ -154,7 +165,10 @@ def _evaluate(
 
     model_name = checkpoint or args.llm
     strategy = strategy or args.strategy
-    console.print(f"[bold]{label}[/]: {model_name}, {len(problems)} x {args.task} ({args.split}), {strategy}")
+    mode = f", {args.call_mode} mode" if args.call_mode else ""
+    console.print(
+        f"[bold]{label}[/]: {model_name}, {len(problems)} x {args.task} ({args.split}{mode}), {strategy}"
+    )
     results, run_id, wall = _episodes(
         args, _chat_model(args, checkpoint), problems, store, model_name, strategy
     )
@@ -179,7 +193,7 @@ def _ci(interval) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from selfsteer.evals.tasks import load_task
+    from selfsteer.evals.tasks import load_task, takes_call_mode
     from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
     console = Console()
@@ -192,9 +206,17 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]error:[/] --checkpoint is for eval (train takes --model)")
         return 2
     try:
-        problems = load_task(args.task, split=args.split, n=args.n, seed=args.seed)
+        problems = load_task(args.task, split=args.split, n=args.n, seed=args.seed, call_mode=args.call_mode)
+        if not takes_call_mode(args.task):  # countdown: no call modes, none recorded
+            args.call_mode = None
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
+        return 2
+    if args.action == "train" and any(problem.tools for problem in problems):
+        console.print(
+            "[red]error:[/] GRPO with tools-mode retries is not supported (the policy's retries are plain "
+            "text): train with --call-mode text"
+        )
         return 2
     out = Path(args.out) if args.out else None
     if out:
@@ -241,7 +263,10 @@ def _act(args, problems, store, console, out: Path | None) -> int:
                 summary["strategies"][strategy] = _evaluate(
                     args, problems, store, console, args.checkpoint, strategy, strategy
                 )
-        summary.update(task=args.task, split=args.split, strategy=args.strategy, max_retries=args.max_retries)
+        summary.update(
+            task=args.task, call_mode=args.call_mode, split=args.split, strategy=args.strategy,
+            max_retries=args.max_retries,
+        )  # fmt: skip
         if out:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             console.print(f"wrote {out / 'summary.json'}")
@@ -284,7 +309,7 @@ def _train(args, problems, console, out: Path | None) -> int:
     result = train(config, rows, reflection_reward(problems, args.strategy), resume=not args.no_resume)
     log = [entry for entry in result["log_history"] if "reward" in entry]
     summary = {
-        "task": args.task, "n_problems": len(problems), "n_failures": len(rows), "steps": args.steps,
+        "task": args.task, "call_mode": args.call_mode, "n_problems": len(problems), "n_failures": len(rows), "steps": args.steps,
         "wall_s": time.perf_counter() - started, "final_model": result["final_model"],
         "resumed_from": result["resumed_from"], "config": config.to_dict(),
         "reward_per_step": [entry["reward"] for entry in log], "train_metrics": result["metrics"],

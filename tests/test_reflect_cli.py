@@ -1,13 +1,18 @@
 """`selfsteer reflect`: the command line end to end on the embedded model (tiny n and token budgets),
-and what it leaves in the store and in OUT/summary.json. No mocks."""
+and what it leaves in the store and in OUT/summary.json. No mocks; `--call-mode` runs the real
+langchain-openai client over HTTP against a scripted OpenAI-compatible endpoint (tests/helpers), which
+stands for a remote model that calls tools."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from helpers.openai_endpoint import scripted_endpoints
 
 from selfsteer.cli.main import build_parser, main
+from selfsteer.evals.tasks import bfcl
 from selfsteer.trainer_bridge.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,6 +24,7 @@ def test_help_lists_the_actions(capsys):
     out = capsys.readouterr().out
     assert "run,train,eval" in out.replace(" ", "") or "{run,train,eval}" in out
     assert "--strategy" in out and "--checkpoint" in out
+    assert "--call-mode" in out and "{tools,text}" in out
 
 
 def test_eval_writes_summary_and_stores_episodes(tmp_path):
@@ -67,3 +73,90 @@ def test_eval_compare_runs_every_strategy_on_the_same_problems(tmp_path):
     assert set(summary["strategies"]) == {"retry", "reflect", "reflect_attempt", "memory"}
     assert all(s["n"] == 1 for s in summary["strategies"].values())
     assert summary["strategies"]["retry"]["n_reflections"] == 0
+
+
+# -----------------------------------------------------------------------------
+# --call-mode: BFCL through the real langchain-openai client against a scripted endpoint
+
+
+@pytest.fixture
+def endpoint():
+    with scripted_endpoints() as start:
+        yield start
+
+
+def _bfcl_solver(requests_seen: list):
+    """The scripted remote model: with tools offered, a wrong call first and the gold call once a
+    reflection is in the conversation; without tools (the reflection), text."""
+    gold = {}
+    for question, truth in bfcl._records("simple_python"):
+        [(name, params)] = truth[0].items()
+        arguments = {k: next(v for v in values if v != "") for k, values in params.items() if values != [""]}
+        request = "\n".join(m["content"] for m in question["question"][0] if m["role"] == "user")
+        gold[request] = (bfcl.tool_name(name), arguments)
+
+    def script(body):
+        requests_seen.append(body)
+        if "tools" not in body:
+            return LESSON
+        name, arguments = gold[body["messages"][1]["content"]]
+        if any(m.get("content") == LESSON for m in body["messages"]):
+            return [(name, arguments)]
+        return [(name, {k: "wrong" for k in arguments})]
+
+    return script
+
+
+LESSON = "I passed made-up values; I will use the values the request states."
+
+
+def test_eval_in_tools_mode_offers_the_functions_as_tools_over_http(tmp_path, endpoint):
+    requests = []
+    server = endpoint(_bfcl_solver(requests))
+    out, db = tmp_path / "tools", tmp_path / "s.sqlite"
+    code = main(["reflect", "eval", "--task", "bfcl:simple_python", "--n", "3", "--seed", "2",
+                 "--llm", "openai:scripted", "--base-url", server.url, "--out", str(out), "--db", str(db)])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["call_mode"] == "tools" and summary["n"] == 3
+    assert (summary["first_try_acc"], summary["second_try_acc"]) == (0.0, 1.0)
+    with_tools = [r for r in requests if "tools" in r]
+    assert len(with_tools) == 6 and len(requests) == 9  # attempt + retry with tools, reflection without
+    for body in with_tools:
+        assert body["tool_choice"] == "required"
+        assert all(re.match(r"^[a-zA-Z0-9_-]{1,64}$", t["function"]["name"]) for t in body["tools"])
+        assert body["tools"][0]["function"]["parameters"]["type"] == "object"
+        assert "Functions:" not in body["messages"][1]["content"]
+    with Store(db) as store:
+        run = store.get_run(summary["run_id"])
+        assert run["config"]["call_mode"] == "tools"
+        [episode] = [e for e in store.list_episodes() if e["task_id"] == json.loads(
+            (out / "episodes-model.jsonl").read_text().splitlines()[0])["problem_id"]]  # fmt: skip
+        attempts = store.get_episode(episode["id"])["attempts"]
+        assert json.loads(attempts[1]["response"])[0]["arguments"] != {}  # the rendered tool call
+
+
+def test_eval_in_text_mode_lists_the_functions_and_binds_no_tools(tmp_path, endpoint):
+    server = endpoint(lambda body: "no call")
+    out = tmp_path / "text"
+    code = main(["reflect", "eval", "--task", "bfcl:simple_python", "--n", "2", "--call-mode", "text",
+                 "--llm", "openai:scripted", "--base-url", server.url, "--out", str(out),
+                 "--db", str(tmp_path / "s.sqlite")])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["call_mode"] == "text" and summary["second_try_acc"] == 0.0
+    assert server.requests and all("tools" not in body for body in server.requests)
+    assert server.requests[0]["messages"][1]["content"].startswith("Functions:")
+
+
+def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endpoint, capsys):
+    server = endpoint(lambda body: "3 + 5")
+    db = tmp_path / "s.sqlite"
+    code = main(["reflect", "run", "--task", "countdown", "--n", "1", "--call-mode", "tools", "--max-retries", "0",
+                 "--llm", "openai:scripted", "--base-url", server.url, "--db", str(db)])  # fmt: skip
+    assert code == 0 and all("tools" not in body for body in server.requests)
+    with Store(db) as store:
+        [episode] = store.list_episodes()
+        assert store.get_run(episode["run_id"])["config"]["call_mode"] is None
+    code = main(["reflect", "train", "--task", "bfcl:simple_python", "--n", "2", "--db", str(db)])
+    assert code == 2 and "--call-mode text" in capsys.readouterr().out

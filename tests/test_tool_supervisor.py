@@ -1,16 +1,16 @@
 """The tool-using supervisor on a real tiny run, through langchain-openai's ChatOpenAI over real HTTP.
 
 The model behind the endpoint is scripted (a stand-in for a remote model that calls tools: the
-embedded model cannot call tools yet): a small OpenAI-compatible server on loopback answers
-/v1/chat/completions from a script and records what the client sent."""
+embedded model cannot call tools yet): a small OpenAI-compatible server on loopback
+(tests/helpers/openai_endpoint.py) answers /v1/chat/completions from a script and records what the
+client sent."""
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers.openai_endpoint import scripted_endpoints
 from helpers.self_correct import supervised_run
 
 from selfsteer.agents.chat_models import make_chat_model
@@ -20,60 +20,10 @@ from selfsteer.graphs.supervise import SelfCorrection, build_supervision_graph
 from selfsteer.trainer_bridge.store import Store
 
 
-class ScriptedOpenAI(ThreadingHTTPServer):
-    """Answers each chat completion with the next scripted message (text, or tool calls)."""
-
-    def __init__(self, script):
-        self.script, self.requests = list(script), []
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - the stdlib's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        item = self.server.script.pop(0) if self.server.script else "nothing more to do"
-        message = {"role": "assistant", "content": item if isinstance(item, str) else None}
-        if not isinstance(item, str):
-            message["tool_calls"] = [
-                {"id": f"call_{len(self.server.requests)}_{i}", "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(args)}}
-                for i, (name, args) in enumerate(item)
-            ]  # fmt: skip
-        answer = {
-            "id": "scripted", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "tool_calls" in message else "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }  # fmt: skip
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def endpoint():
-    servers = []
-
-    def start(script):
-        server = ScriptedOpenAI(script)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with scripted_endpoints() as start:
+        yield start
 
 
 def test_the_tool_supervisor_acts_beyond_the_three_actions(tmp_path, endpoint):
