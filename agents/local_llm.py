@@ -483,6 +483,25 @@ class LocalEngine:
             self._grammar_cache.move_to_end(key)
             return self._grammar_cache[key]
 
+    def compile_structural_tag(self, tag: dict | str):
+        """A grammar from an xgrammar structural tag (cached with the JSON-schema grammars): e.g. the
+        tool-call format of `local_chat`, tags whose contents are JSON schemas."""
+        import xgrammar as xgr
+
+        text = tag if isinstance(tag, str) else json.dumps(tag)
+        key = (text, "structural_tag")
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+                self._grammar_compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+            if key not in self._grammar_cache:
+                grammar = xgr.Grammar.from_structural_tag(text)
+                self._grammar_cache[key] = self._grammar_compiler.compile_grammar(grammar)
+                while len(self._grammar_cache) > GRAMMAR_CACHE_SIZE:
+                    self._grammar_cache.popitem(last=False)
+            self._grammar_cache.move_to_end(key)
+            return self._grammar_cache[key]
+
     # -- the worker ---------------------------------------------------------------------------------
 
     def _serve(self):
