@@ -180,7 +180,7 @@ class LocalChatModel(BaseChatModel):
                 pieces.put(done)
 
         threading.Thread(target=produce, daemon=True).start()
-        calls = _CallStream()
+        calls = CallStream()
         while (piece := pieces.get(timeout=self.timeout)) is not done:
             if is_call:  # the calls' names and ids, then pieces of their arguments
                 chunks = calls.feed(piece)
@@ -277,10 +277,18 @@ class LocalChatModel(BaseChatModel):
             except (ValidationError, json.JSONDecodeError) as error:
                 raise _RetryableOutput(str(error)) from error
 
+        # method="function_calling": one forced call of a tool whose parameters are the schema (the
+        # tools prompt lists its fields). Otherwise field by field: choices scored, the rest under a
+        # grammar. Both always give a valid instance (or the fallback).
+        by_call = kwargs.get("method") == "function_calling"
+        calls: list[AIMessage] = []
+
         def run(model_input: LanguageModelInput) -> Any:
             messages = self._convert_input(model_input).to_messages()
-            messages = _with_format_instruction(messages, json_schema)
+            if not by_call:
+                messages = _with_format_instruction(messages, json_schema)
             raw_texts: list[str] = []
+            calls.clear()
             try:
                 for attempt in Retrying(
                     stop=stop_after_attempt(self.max_retries + 1),
@@ -288,9 +296,11 @@ class LocalChatModel(BaseChatModel):
                     reraise=False,
                 ):
                     with attempt:
-                        text = self._structured_text(
-                            messages, json_schema, attempt.retry_state.attempt_number - 1
-                        )
+                        number = attempt.retry_state.attempt_number - 1
+                        if by_call:
+                            text = self._structured_call_text(messages, json_schema, number, calls)
+                        else:
+                            text = self._structured_text(messages, json_schema, number)
                         raw_texts.append(text)
                         parsed = parse(text)
                 error = None
@@ -306,17 +316,37 @@ class LocalChatModel(BaseChatModel):
                 fell_back = True
             if not include_raw:
                 return parsed
-            raw = AIMessage(
-                content=raw_texts[-1] if raw_texts else "",
-                response_metadata={
-                    "model_name": MODEL_NAME,
-                    "fallback": fell_back,
-                    "attempts": len(raw_texts),
-                },
-            )
+            metadata = {"model_name": MODEL_NAME, "fallback": fell_back, "attempts": len(raw_texts)}
+            if calls:  # the tool-call message itself, as other chat models return it
+                raw = calls[-1].model_copy(
+                    update={"response_metadata": {**calls[-1].response_metadata, **metadata}}
+                )
+            else:
+                raw = AIMessage(content=raw_texts[-1] if raw_texts else "", response_metadata=metadata)
             return {"raw": raw, "parsed": parsed, "parsing_error": error}
 
         return RunnableLambda(run, name=f"LocalStructuredOutput[{json_schema.get('title', 'object')}]")
+
+    def _structured_call_text(
+        self, messages: list[BaseMessage], schema: dict, attempt: int, calls: list[AIMessage]
+    ) -> str:
+        """The JSON text of one object, as the arguments of a forced call of a tool named after the
+        schema whose parameters are the schema."""
+        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(schema.get("title") or "response"))[:64]
+        tool = {
+            "type": "function",
+            "function": {"name": name, "description": schema.get("description", ""), "parameters": schema},
+        }
+        sampling = (
+            {"temperature": 0.0} if attempt == 0 else {"temperature": 0.8, "seed": (self.seed or 0) + attempt}
+        )
+        message = self.bind_tools([tool], tool_choice=name, parallel_tool_calls=False).invoke(
+            messages, **sampling
+        )
+        calls.append(message)
+        if not message.tool_calls:
+            raise _RetryableOutput(f"the call ran past {self.max_new_tokens} tokens")
+        return json.dumps(message.tool_calls[0]["args"])
 
     def _structured_text(self, messages: list[BaseMessage], schema: dict, attempt: int) -> str:
         """The JSON text of one object, built field by field in the schema's order."""
@@ -443,7 +473,7 @@ def _to_ai_message(generation: Generation, is_call: bool = False) -> AIMessage:
     )
 
 
-class _CallStream:
+class CallStream:
     """Turns a call's text, piece by piece, into LangChain tool-call chunks: a call's name and id
     once its name is complete, then pieces of its arguments (serve-llm streams the same way)."""
 
