@@ -7,7 +7,8 @@ SmolLM2-135M-Instruct over real HTTP:
     selfsteer train --llm openai:smollm2 --base-url http://127.0.0.1:8008/v1 ...
 
 Served: `GET /v1/models` and `POST /v1/chat/completions` (plain or streamed as server-sent events,
-`response_format` text / json_object / json_schema). JSON output is constrained by the engine's
+`response_format` text / json_object / json_schema, and OpenAI `tools` / `tool_choice` /
+`parallel_tool_calls`: a call is decoded under a grammar of the tools' schemas, see `local_chat`). JSON output is constrained by the engine's
 grammar, so it is valid by construction (unless cut off by `max_tokens`). There is one model: any
 model name is accepted, as local servers do. The OpenAPI document (`/openapi.json`) declares every
 response, errors included.
@@ -43,6 +44,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selfsteer.agents.local_chat import (
+    CallStream,
+    new_call_id,
+    plan_tool_answer,
+    render_tool_calls,
+    render_tool_result,
+    split_tool_calls,
+    tool_spec,
+)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
@@ -88,12 +99,29 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _REQUEST
+
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    model_config = _REQUEST
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _REQUEST
 
-    # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
+    # "developer" is OpenAI's newer name for the system role; "tool" carries a tool's result.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(default=None, description="the call a tool message answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -117,6 +145,35 @@ class ResponseFormat(BaseModel):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _REQUEST
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = _REQUEST
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _REQUEST
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _REQUEST
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -146,10 +203,12 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    # Declared only to refuse them clearly: this model neither calls tools nor returns logprobs.
-    tools: list[dict[str, Any]] | None = Field(
-        default=None, json_schema_extra={"maxItems": 0}, description="not supported"
+    tools: list[FunctionTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="unknown tool name: 400"
     )
+    parallel_tool_calls: bool | None = None
+    # Declared only to refuse it clearly: this model returns no logprobs.
     logprobs: bool | None = Field(
         default=None, json_schema_extra={"enum": [False, None]}, description="not supported"
     )
@@ -187,17 +246,24 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
     refusal: None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -216,16 +282,29 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -281,7 +360,7 @@ class ModelList(BaseModel):
 def _errors(*statuses: int) -> dict[int | str, dict]:
     described = {
         400: "a request this server cannot serve: an unsupported option, max_tokens above the cap, an "
-        "invalid JSON schema, a prompt longer than the context, a body that is not JSON",
+        "invalid JSON schema (response_format or tools), a tool_choice naming no tool, a prompt longer than the context, a body that is not JSON",
         401: "missing or wrong API key (`Authorization: Bearer KEY`)",
         413: "the request body is too large",
         422: "a request that does not match this schema",
@@ -433,18 +512,12 @@ def _bearer_check(api_key: str | None):
 
 def _engine_options(
     engine, request: ChatCompletionRequest, max_tokens_cap: int
-) -> tuple[list[int], dict[str, Any]]:
-    """(prompt token ids, keyword arguments of engine.submit) for a request; OpenAIError if the
-    request asks for something this server cannot do."""
+) -> tuple[list[int], dict[str, Any], bool]:
+    """(prompt token ids, keyword arguments of engine.submit, whether the answer is a tool call) for
+    a request; OpenAIError if the request asks for something this server cannot do. With tools, the
+    choice between a call and a text answer is made here (`local_chat.plan_tool_answer`)."""
     if request.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-    if request.tools:
-        raise OpenAIError(
-            400,
-            "tools are not supported by this model: use response_format json_schema for structured output",
-            param="tools",
-            code="unsupported_parameter",
-        )
     if request.logprobs:
         raise OpenAIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
     for name in ("max_completion_tokens", "max_tokens"):
@@ -459,11 +532,19 @@ def _engine_options(
                 code="invalid_value",
             )
 
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _no_surrogates(m.text())}
-        for m in request.messages
-    ]
-    prompt_ids = engine.chat_prompt_ids(messages)
+    messages = [_chat_dict(m) for m in request.messages]
+    spec = _tool_spec_of(request)
+    grammar = None
+    if spec is None:
+        prompt_ids = engine.chat_prompt_ids(messages)
+    else:
+        try:
+            prompt_ids, grammar = plan_tool_answer(engine, messages, spec)
+        except Exception as error:  # a tool's parameters that are no JSON schema xgrammar takes
+            raise OpenAIError(
+                400, f"invalid JSON schema in tools: {_clip(_xgrammar_reason(error))}", param="tools",
+                code="invalid_schema",
+            ) from error  # fmt: skip
     context = engine.model.config.max_position_embeddings
     room = context - len(prompt_ids)
     if room < 1:  # OpenAI's code for this, which clients (langchain-openai) map to their overflow error
@@ -473,8 +554,9 @@ def _engine_options(
             param="messages",
             code="context_length_exceeded",
         )
-    schema = _json_schema_of(request.response_format)
-    default = max_tokens_cap if schema is None else min(max_tokens_cap, DEFAULT_JSON_MAX_TOKENS)
+    schema = None if grammar is not None else _json_schema_of(request.response_format)
+    constrained = schema is not None or grammar is not None
+    default = min(max_tokens_cap, DEFAULT_JSON_MAX_TOKENS) if constrained else max_tokens_cap
     wanted = request.max_completion_tokens or request.max_tokens or default
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     options: dict[str, Any] = {
@@ -482,20 +564,71 @@ def _engine_options(
         "temperature": 0.0 if request.temperature is None else request.temperature,
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "seed": request.seed,
-        "stop": [s for s in stop if s],
+        "stop": [s for s in stop if s] if grammar is None else [],  # a stop string never cuts a call
     }
+    if grammar is not None:
+        options["grammar"] = grammar
     if schema is not None:
         # Compiled here rather than in the engine, so a bad schema is the client's 400, not a server
         # error.
         try:
             options["grammar"] = engine.compile_json_schema(schema)
         except Exception as error:
-            # xgrammar prefixes its messages with a time and a C++ source location: keep the reason.
-            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
             raise OpenAIError(
-                400, f"invalid JSON schema: {_clip(reason)}", param="response_format", code="invalid_schema"
+                400,
+                f"invalid JSON schema: {_clip(_xgrammar_reason(error))}",
+                param="response_format",
+                code="invalid_schema",
             ) from error
-    return prompt_ids, options
+    return prompt_ids, options, grammar is not None
+
+
+def _xgrammar_reason(error: Exception) -> str:
+    """xgrammar prefixes its messages with a time and a C++ source location: keep the reason."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
+
+
+def _chat_dict(message: ChatMessage) -> dict:
+    """A request message as the chat template's role and text; tool calls and results are written
+    as the model was taught them (`local_chat.render_tool_calls`, `render_tool_result`)."""
+    content = _no_surrogates(message.text())
+    if message.role == "tool":
+        return {"role": "user", "content": render_tool_result(content)}
+    if message.role == "assistant" and message.tool_calls:
+        calls = [
+            (_no_surrogates(c.function.name), _no_surrogates(c.function.arguments))
+            for c in message.tool_calls
+        ]
+        return {
+            "role": "assistant",
+            "content": render_tool_calls([(n, _json_or_text(a)) for n, a in calls], content),
+        }
+    return {"role": "system" if message.role == "developer" else message.role, "content": content}
+
+
+def _json_or_text(arguments: str):
+    """A call's arguments as sent (JSON text); re-serialised when they parse, so they read as the
+    model writes them; as a JSON string otherwise."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def _tool_spec_of(request: ChatCompletionRequest):
+    """The request's tools as a `ToolSpec` (None: no tools); 400 for a tool_choice that names no
+    offered tool, or that asks for a call without tools."""
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+    tools = [
+        {"type": "function", "function": t.function.model_dump(exclude_none=True)}
+        for t in request.tools or []
+    ]
+    try:
+        return tool_spec(tools, choice, request.parallel_tool_calls)
+    except ValueError as error:
+        raise OpenAIError(400, _clip(str(error)), param="tool_choice", code="invalid_value") from error
 
 
 def _no_surrogates(text: str) -> str:
@@ -575,11 +708,11 @@ def create_app(
 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = app.state.engine
-        prompt_ids, options = await run_in_threadpool(_engine_options, engine, body, max_tokens_cap)
+        prompt_ids, options, is_call = await run_in_threadpool(_engine_options, engine, body, max_tokens_cap)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _stream_events(engine, prompt_ids, options, meta, include_usage)
+            events = _stream_events(engine, prompt_ids, options, meta, include_usage, is_call)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
@@ -598,17 +731,24 @@ def create_app(
             answer.cancel()
             return Response(status_code=499)  # nginx's "client closed request", for the access log
         generation = _result(answer)
+        message = {"role": "assistant", "content": generation.text, "refusal": None}
+        finish_reason = generation.finish_reason
+        if is_call:
+            calls = split_tool_calls(generation.text)
+            message["content"] = None
+            message["tool_calls"] = [
+                {
+                    "id": new_call_id(),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in calls
+            ] or None
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {
             **meta,
             "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": generation.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": generation.finish_reason,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": _usage(generation),
             "system_fingerprint": None,
         }
@@ -694,10 +834,11 @@ _FINISHED = object()
 
 
 async def _stream_events(
-    engine, prompt_ids: list[int], options: dict, meta: dict, include_usage: bool
+    engine, prompt_ids: list[int], options: dict, meta: dict, include_usage: bool, is_call: bool = False
 ) -> AsyncIterator[str]:
-    """Server-sent events of `chat.completion.chunk`s: the role, the text as it is generated, the
-    finish reason, the usage when asked for, then `[DONE]`.
+    """Server-sent events of `chat.completion.chunk`s: the role, the text as it is generated (a tool
+    call: `delta.tool_calls`, each call's index, id, type and name, then pieces of its arguments, as
+    OpenAI streams them), the finish reason, the usage when asked for, then `[DONE]`.
 
     The engine calls `on_text` on its own worker thread; the pieces cross into this event loop through
     `call_soon_threadsafe` onto an asyncio queue. When the client goes away, Starlette cancels this
@@ -731,9 +872,14 @@ async def _stream_events(
         # Scheduled after every on_text piece (call_soon_threadsafe keeps order), so it comes last.
         answer.add_done_callback(lambda _: pieces.put_nowait(_FINISHED))
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"role": "assistant", "content": None if is_call else ""})
         text, sent = "", ""
+        calls = CallStream()
         while (piece := await pieces.get()) is not _FINISHED:
+            if is_call:
+                for delta in _tool_call_deltas(calls, piece):
+                    yield chunk(delta)
+                continue
             text += piece
             ready = _stream_safe_prefix(text, options["stop"])
             if len(ready) > len(sent):
@@ -748,9 +894,15 @@ async def _stream_events(
             yield _stream_error(f"{type(error).__name__}: {error}", "server_error")
             return
         # The final text is authoritative (stop strings cut, a held-back tail, a last multi-byte char).
-        if generation.text.startswith(sent) and len(generation.text) > len(sent):
+        finish_reason = generation.finish_reason
+        if is_call:
+            if generation.text.startswith(calls.text):
+                for delta in _tool_call_deltas(calls, generation.text[len(calls.text) :]):
+                    yield chunk(delta)
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        elif generation.text.startswith(sent) and len(generation.text) > len(sent):
             yield chunk({"content": generation.text[len(sent) :]})
-        yield chunk({}, generation.finish_reason)
+        yield chunk({}, finish_reason)
         if include_usage:
             usage_chunk = {
                 **meta,
@@ -763,6 +915,22 @@ async def _stream_events(
     finally:  # finished, failed, or the client went away: nothing generates for nobody
         if future is not None:
             future.cancel()
+
+
+def _tool_call_deltas(calls: CallStream, piece: str) -> list[dict]:
+    """The `delta`s for a new piece of a call's text: a new call (index, id, type, name, empty
+    arguments), or more of a call's arguments."""
+    calls.text += piece
+    deltas = []
+    for index, call_id, name, arguments in calls.deltas():
+        if call_id is not None:
+            function = {"name": name, "arguments": ""}
+            deltas.append(
+                {"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": function}]}
+            )
+        elif arguments:
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
+    return deltas
 
 
 def _stream_error(message: str, type: str, code: str | None = None) -> str:
