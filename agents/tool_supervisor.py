@@ -5,7 +5,9 @@ The chat model gets the run's numbers (the `tools` prompt, like compact_stats) a
 checkpoint, evaluate, read the state and metrics), and may call them: a LangGraph tool-calling agent,
 model -> ToolNode -> model ... until the model answers without a tool call, or `max_tool_calls` rounds.
 Any chat model with `bind_tools` works: an OpenAI-compatible endpoint (`--llm openai:MODEL --base-url
-URL`) that supports tools. The embedded model does not call tools (yet): it is refused with a clear error.
+URL`) that supports tools, or the embedded model (`LocalChatModel`: grammar-constrained calls; its
+"auto" choice often calls again after a tool result, so `max_tool_calls` bounds its turns). A chat
+model without `bind_tools` is refused with a clear error.
 
 The supervision graph records each turn as a decision like any other: its action is the direction the
 learning rate went (double: up, halve: down, keep: unchanged), `lr_after` the rate the agent set, the
@@ -68,7 +70,7 @@ class ToolSupervisor(Supervisor):
         except NotImplementedError:
             raise ValueError(
                 f"the tool supervisor needs a chat model that calls tools; {type(chat_model).__name__} does "
-                "not (the embedded model cannot yet): use --llm openai:MODEL with an endpoint that supports tools"
+                "not: use the embedded model, or --llm openai:MODEL with an endpoint that supports tools"
             ) from None
         self.chat_model = chat_model
         self.prompt = load_strategy(str(PROMPT))

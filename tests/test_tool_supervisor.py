@@ -1,7 +1,7 @@
 """The tool-using supervisor on a real tiny run, through langchain-openai's ChatOpenAI over real HTTP.
 
-The model behind the endpoint is scripted (a stand-in for a remote model that calls tools: the
-embedded model cannot call tools yet): a small OpenAI-compatible server on loopback
+The model behind the endpoint is scripted (a stand-in for a remote model that calls tools; the embedded
+model's own tool calls are tested in test_local_chat_tools.py): a small OpenAI-compatible server on loopback
 (tests/helpers/openai_endpoint.py) answers /v1/chat/completions from a script and records what the
 client sent."""
 
@@ -70,8 +70,11 @@ def test_the_tool_supervisor_acts_beyond_the_three_actions(tmp_path, endpoint):
 
 
 def test_the_tool_supervisor_needs_a_model_that_calls_tools_and_no_self_correction(tmp_path, endpoint):
-    with pytest.raises(ValueError, match="calls tools"):
-        ToolSupervisor(LocalChatModel())
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    with pytest.raises(ValueError, match="calls tools"):  # LangChain's fake chat models have no bind_tools
+        ToolSupervisor(GenericFakeChatModel(messages=iter([])))
+    ToolSupervisor(LocalChatModel())  # the embedded model calls tools now
     server = endpoint([])
     supervisor = ToolSupervisor(make_chat_model("openai:scripted", base_url=server.url, api_key="none"))
     with pytest.raises(ValueError, match="self-correction"):
