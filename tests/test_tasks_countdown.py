@@ -141,3 +141,31 @@ def test_make_problem_prompt_and_validator():
     assert "4, 6, 1" in problem.prompt and "25" in problem.prompt
     assert problem.validate("4 * 6 + 1").passed
     assert not problem.validate("4 * 6 - 1").passed
+
+
+@pytest.mark.parametrize("count", countdown.LEVELS)
+def test_a_level_has_exactly_its_count_of_numbers(count):
+    train = load_task(f"countdown:{count}", split="train", n=40, seed=1)
+    test = load_task(f"countdown:{count}", split="test", n=40, seed=1)
+    assert len(train) == len(test) == 40
+    assert {p.id for p in train}.isdisjoint(p.id for p in test)
+    for problem in train + test:
+        numbers = problem.id.split("->")[0].split(",")
+        assert len(numbers) == count and problem.task == f"countdown:{count}"
+    assert [p.id for p in load_task(f"countdown:{count}", split="test", n=40, seed=1)] == [p.id for p in test]
+
+
+def test_a_small_level_runs_out_and_returns_all_it_has():
+    every = load_task("countdown:2", split="test", n=10_000)
+    assert len(every) == len({p.id for p in every}) == 186  # all two-number problems with a test hash
+    assert len(load_task("countdown:2", split="test", n=50)) == 50
+
+
+def test_the_mix_and_unknown_levels():
+    sizes = {len(p.id.split("->")[0].split(",")) for p in load_task("countdown", split="test", n=60)}
+    assert sizes == {3, 4, 5}
+    for name in ("countdown:7", "countdown:1", "countdown:x"):
+        with pytest.raises(ValueError, match="unknown task"):
+            load_task(name)
+    with pytest.raises(ValueError, match="2 to 5 numbers"):
+        countdown.load(count=6)

@@ -5,7 +5,7 @@ carries `validate(answer) -> Verdict`.
     problems = load_task("countdown", split="test", n=50, seed=0)
     problems[0].validate("(3 + 5) * 2")       # Verdict(passed=..., reason=...)
 
-Names: `countdown`, `bfcl:CATEGORY` (simple_python, multiple, parallel, parallel_multiple; the live_*
+Names: `countdown` (3 to 5 numbers), `countdown:N` (N numbers, 2 to 5), `bfcl:CATEGORY` (simple_python, multiple, parallel, parallel_multiple; the live_*
 categories are held out, test split only), or `module:function` for your own loader.
 """
 
@@ -19,6 +19,7 @@ from selfsteer.evals.tasks.base import SPLITS, Problem, TaskLoader, Verdict, spl
 
 TASKS: dict[str, TaskLoader] = {
     "countdown": countdown.load,
+    **{f"countdown:{count}": countdown.loader(count) for count in countdown.LEVELS},
     **{f"bfcl:{category}": bfcl.loader(category) for category in bfcl.CATEGORIES},
 }
 
@@ -32,7 +33,7 @@ def get_loader(name: str) -> TaskLoader:
     if name in TASKS:
         return TASKS[name]
     module_name, _, attribute = name.partition(":")
-    if not attribute or module_name == "bfcl":
+    if not attribute or module_name in ("bfcl", "countdown"):
         known = ", ".join(sorted(TASKS))
         raise ValueError(f"unknown task {name!r}: use one of {known}, or module:function")
     try:

@@ -26,6 +26,8 @@ MIN_NUMBERS, MAX_NUMBERS = 3, 5
 MAX_NUMBER = 25
 MAX_TARGET = 500
 MAX_ANSWER_CHARS = 200
+LEVELS = (2, 3, 4, 5)  # countdown:N
+_EXHAUSTED = 20_000
 
 SYSTEM = (
     "You solve Countdown puzzles. Reply with one arithmetic expression and nothing else: no words, no "
@@ -44,10 +46,11 @@ _SYMBOLS = {"×": "*", "·": "*", "÷": "/", "−": "-", "–": "-", "\\times": 
 # generation
 
 
-def _random_solution(rng: random.Random) -> tuple[list[int], int] | None:
-    """Numbers and the value of a random expression over all of them; None if it went negative, was
-    not an integer at some step, or the target is out of range."""
-    numbers = [rng.randint(1, MAX_NUMBER) for _ in range(rng.randint(MIN_NUMBERS, MAX_NUMBERS))]
+def _random_solution(rng: random.Random, count: int | None = None) -> tuple[list[int], int] | None:
+    """`count` numbers (None: 3 to 5) and the value of a random expression over all of them; None if it
+    went negative, was not an integer at some step, or the target is out of range."""
+    count = rng.randint(MIN_NUMBERS, MAX_NUMBERS) if count is None else count
+    numbers = [rng.randint(1, MAX_NUMBER) for _ in range(count)]
     pool = list(numbers)
     while len(pool) > 1:
         a = pool.pop(rng.randrange(len(pool)))
@@ -72,33 +75,46 @@ def _random_solution(rng: random.Random) -> tuple[list[int], int] | None:
     return numbers, target
 
 
-def load(split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
-    """`n` Countdown problems of `split` (default 200), the same for the same seed."""
+def load(
+    split: str = "train", n: int | None = None, seed: int = 0, count: int | None = None
+) -> list[Problem]:
+    """`n` Countdown problems of `split` (default 200), the same for the same seed. `count`: how many
+    numbers each problem has (the task `countdown:N`); None mixes 3 to 5 (the task `countdown`).
+
+    A level has finitely many problems (`countdown:2` has 959, 186 of them in the test split): asking
+    for more returns them all."""
     check_split(split)
+    if count is not None and not 2 <= count <= MAX_NUMBERS:
+        raise ValueError(f"countdown:N takes 2 to {MAX_NUMBERS} numbers, not {count}")
     n = 200 if n is None else n
-    rng = random.Random(f"countdown-{seed}")
+    rng = random.Random(f"countdown-{seed}" if count is None else f"countdown{count}-{seed}")
     problems: list[Problem] = []
     seen: set[str] = set()
-    while len(problems) < n:
-        solution = _random_solution(rng)
-        if solution is None:
+    misses = 0  # draws in a row that found nothing new: the level is exhausted
+    while len(problems) < n and misses < _EXHAUSTED:
+        solution = _random_solution(rng, count)
+        key = solution and f"{','.join(map(str, sorted(solution[0])))}->{solution[1]}"
+        if solution is None or key in seen or split_of(key) != split:
+            misses += 1
             continue
-        numbers, target = solution
-        key = f"{','.join(map(str, sorted(numbers)))}->{target}"
-        if key in seen or split_of(key) != split:
-            continue
+        misses = 0
         seen.add(key)
-        problems.append(make_problem(numbers, target, key))
+        problems.append(make_problem(*solution, key, task=TASK if count is None else f"{TASK}:{count}"))
     return problems
 
 
-def make_problem(numbers: list[int], target: int, id: str | None = None) -> Problem:
+def loader(count: int):
+    """The loader of the level `countdown:COUNT`."""
+    return partial(load, count=count)
+
+
+def make_problem(numbers: list[int], target: int, id: str | None = None, task: str = TASK) -> Problem:
     return Problem(
         id=id or f"{','.join(map(str, sorted(numbers)))}->{target}",
         prompt=PROMPT.format(numbers=", ".join(map(str, numbers)), target=target),
         validate=partial(validate, numbers=tuple(numbers), target=target),
         system=SYSTEM,
-        task=TASK,
+        task=task,
     )
 
 
