@@ -553,27 +553,27 @@ class ToolSpec:
 
 def tool_spec(tools: Sequence[Any] | None, tool_choice: Any = None, parallel_tool_calls: bool | None = None):
     """A `ToolSpec` from LangChain's or OpenAI's arguments (tools: OpenAI tool dicts, pydantic
-    models, functions or BaseTools); None when there are no tools. ValueError for a tool_choice that
-    names no offered tool, or a tool whose name or parameters cannot be used."""
+    models, functions or BaseTools); None when there are no tools (tool_choice is then ignored).
+    ValueError for a tool_choice that names no offered tool, or a tool name that is not
+    `[A-Za-z0-9_.-]{1,64}`."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    if not tools:
-        if tool_choice not in (None, "none", "auto"):
-            raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+    if not tools:  # a tool_choice without tools has nothing to choose: ignored
         return None
-    functions = []
+    functions, seen = [], set()
     for tool in tools:
         function = convert_to_openai_tool(tool)["function"]
         name = function.get("name", "")
         if not _TOOL_NAME.match(name):
             raise ValueError(f"tool name {name!r}: letters, digits, '_', '-' and '.' only, at most 64")
+        if name in seen:  # a tool offered twice under one name: the first definition counts
+            continue
+        seen.add(name)
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         functions.append(
             {"name": name, "description": function.get("description") or "", "parameters": parameters}
         )
     names = [f["name"] for f in functions]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two tools share a name: {names}")
     if isinstance(tool_choice, dict):  # {"type": "function", "function": {"name": X}}, or {"name": X}
         tool_choice = (tool_choice.get("function") or tool_choice).get("name")
     if tool_choice is None or tool_choice is True:
