@@ -2,6 +2,7 @@
 
     .venv/bin/python -m selfsteer.evals.bench_llm [--decisions 20] [--rounds 3] [--tokens 32]
     .venv/bin/python -m selfsteer.evals.bench_llm --intervener [DIR] [--decisions 20]
+    .venv/bin/python -m selfsteer.evals.bench_llm --tools [--decisions 5]
 
 Prints:
 - load time of the cached model (after `import transformers`);
@@ -14,6 +15,9 @@ With --intervener: the intervener's full decision (action and explanation) on ob
 runs (one per evaluation, starts from far too low to far too high), in this process and through
 `selfsteer serve-llm --adapter` with LangChain's ChatOpenAI; median latency (target <= 1 s) and how many
 explanations cite only numbers of the prompt.
+
+With --tools: median latency of one tool call (tool_choice "required", two tools offered, greedy), in
+this process (`LocalChatModel.bind_tools`) and through serve-llm over loopback HTTP (`ChatOpenAI`).
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ def main() -> None:
         "--intervener", nargs="?", const="shipped", default=None, metavar="DIR",
         help="time the intervener instead (the shipped adapter, or DIR)",
     )  # fmt: skip
+    parser.add_argument("--tools", action="store_true", help="time one tool call instead")
     args = parser.parse_args()
+    if args.tools:
+        bench_tools(args.decisions)
+        return
     if args.intervener is not None:
         bench_intervener(args.intervener, args.decisions)
         return
@@ -139,6 +147,47 @@ def observations(count: int) -> list:
     from selfsteer.agents.intervener_data import observation_of
 
     return [observation_of({"observation": o}) for o in seen[:count]]
+
+
+def bench_tools(repeats: int) -> None:
+    import torch
+    from langchain_openai import ChatOpenAI
+
+    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.agents.openai_server import create_app
+    from selfsteer.trainer_bridge.testing import serving
+
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return ""
+
+    def get_time(timezone: str) -> str:
+        """Get the current time in a timezone."""
+        return ""
+
+    cities = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Dakar"]
+    questions = [f"What is the weather in {cities[i % len(cities)]}?" for i in range(repeats)]
+
+    def timed(model) -> tuple[float, list]:
+        bound = model.bind_tools([get_weather, get_time], tool_choice="required")
+        bound.invoke("What is the weather in Rome?")  # warm-up: load, grammar compiled
+        latencies, names = [], []
+        for question in questions:
+            started = time.perf_counter()
+            answer = bound.invoke(question)
+            latencies.append(time.perf_counter() - started)
+            names += [c["name"] for c in answer.tool_calls]
+        return statistics.median(latencies), names
+
+    print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    local, names = timed(LocalChatModel(max_new_tokens=64))
+    print(f"one tool call (required, 2 tools), in process, median of {repeats}:  {local:.2f} s  {names}")
+    with serving(create_app(get_local_engine())) as url:
+        remote, names = timed(
+            ChatOpenAI(base_url=f"{url}/v1", api_key="none", model="smollm2", max_tokens=64)
+        )
+    print(f"one tool call (required, 2 tools), serve-llm HTTP, median of {repeats}: {remote:.2f} s  {names}")
 
 
 def bench_intervener(adapter: str, decisions: int) -> None:
