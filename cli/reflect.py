@@ -87,6 +87,32 @@ def add_parser(subparsers, name: str) -> None:
     grpo.add_argument("--retry-tokens", type=int, default=64)
     grpo.add_argument("--save-steps", type=int, default=10)
     grpo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    grpo.add_argument(
+        "--rollout",
+        default="auto",
+        choices=("auto", "engine", "trl"),
+        help="how reflections and retries are decoded: engine (the batched local engine around the model "
+        "being trained), trl (TRL's model.generate, or vLLM on a GPU where installed); auto: engine on a "
+        "CPU, trl on a GPU",
+    )
+    grpo.add_argument(
+        "--lora-r", type=int, default=0, help="train a LoRA adapter of this rank instead of every weight (0)"
+    )
+    grpo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of reflections")
+    grpo.add_argument(
+        "--curriculum",
+        default=None,
+        metavar="LEVELS",
+        help="countdown: train level by level, easiest first, e.g. 2,3,4 (--n problems of each level; "
+        "--task is then ignored)",
+    )
+    grpo.add_argument(
+        "--grpo-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other TRL GRPOConfig field, e.g. scale_rewards=none or loss_type=dr_grpo (repeatable)",
+    )
     grpo.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has checkpoints")
     add_llm_arguments(parser)
 
@@ -206,9 +232,15 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]error:[/] --checkpoint is for eval (train takes --model)")
         return 2
     try:
-        problems = load_task(args.task, split=args.split, n=args.n, seed=args.seed, call_mode=args.call_mode)
+        if args.curriculum:
+            problems = _curriculum_problems(args)
+        else:
+            problems = load_task(
+                args.task, split=args.split, n=args.n, seed=args.seed, call_mode=args.call_mode
+            )
         if not takes_call_mode(args.task):  # countdown: no call modes, none recorded
             args.call_mode = None
+        args.grpo_extra = _grpo_options(args.grpo_option)
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
@@ -230,6 +262,48 @@ def run(args: argparse.Namespace) -> int:
 
         console.print(f"[red]error:[/] {describe_llm_error(error, args.llm, args.base_url)}")
         return 1
+
+
+def _curriculum_problems(args) -> list:
+    """--n problems of each Countdown level in --curriculum, easiest (fewest numbers) first."""
+    from selfsteer.evals.tasks import load_task
+
+    if args.action != "train":
+        raise ValueError("--curriculum is for train")
+    try:
+        levels = sorted(int(level) for level in args.curriculum.split(","))
+    except ValueError:
+        raise ValueError(f"--curriculum takes Countdown levels like 2,3,4, not {args.curriculum!r}") from None
+    args.task = "countdown:" + "+".join(map(str, levels))
+    return [p for level in levels for p in load_task(f"countdown:{level}", args.split, args.n, args.seed)]
+
+
+def _in_curriculum_order(rows: list[dict], problems: list, seed: int) -> list[dict]:
+    """Training rows level by level, in the order of `problems`, shuffled within each level only."""
+    import random
+
+    level = {p.id: p.task for p in problems}
+    order = list(dict.fromkeys(p.task for p in problems))
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return sorted(rows, key=lambda row: order.index(level[row["problem_id"]]))
+
+
+def _grpo_options(pairs: list[str]) -> dict:
+    """--grpo-option KEY=VALUE pairs as GRPOConfig fields (values read as YAML: numbers, booleans)."""
+    import yaml
+    from trl import GRPOConfig
+
+    fields = set(GRPOConfig.__dataclass_fields__)
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"--grpo-option {pair!r}: expected KEY=VALUE with KEY a field of TRL's GRPOConfig"
+            )
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 def _act(args, problems, store, console, out: Path | None) -> int:
@@ -301,15 +375,33 @@ def _train(args, problems, console, out: Path | None) -> int:
     if not rows:
         console.print("[yellow]nothing to train on: every first attempt passed[/]")
         return 1
+    extra = dict(args.grpo_extra)
+    if args.curriculum:
+        rows = _in_curriculum_order(rows, problems, args.seed)
+        extra.setdefault("shuffle_dataset", False)
     config = ReflectionGRPOConfig(
         model=model, output_dir=str(out), num_generations=args.group_size, prompts_per_step=args.prompts_per_step,
         beta=args.beta, learning_rate=args.lr, max_steps=args.steps, max_reflection_tokens=args.reflection_tokens,
         max_retry_tokens=args.retry_tokens, save_steps=args.save_steps, seed=args.seed, device=args.device,
+        temperature=args.temperature, lora_r=args.lora_r, extra=extra,
     )  # fmt: skip
-    result = train(config, rows, reflection_reward(problems, args.strategy), resume=not args.no_resume)
+    rollout = args.rollout if args.rollout != "auto" else ("trl" if config.on_gpu else "engine")
+    engine = None
+    if rollout == "engine":
+        from selfsteer.agents.local_llm import LocalEngine as engine
+    console.print(f"GRPO: {args.steps} steps x {args.prompts_per_step} failure(s) x {args.group_size} reflections, "
+                  f"rollouts by {rollout}, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'every weight'}")  # fmt: skip
+    result = train(
+        config,
+        rows,
+        reflection_reward(problems, args.strategy),
+        resume=not args.no_resume,
+        engine_factory=engine,
+    )
     log = [entry for entry in result["log_history"] if "reward" in entry]
     summary = {
         "task": args.task, "call_mode": args.call_mode, "n_problems": len(problems), "n_failures": len(rows), "steps": args.steps,
+        "rollout": rollout, "curriculum": args.curriculum,
         "wall_s": time.perf_counter() - started, "final_model": result["final_model"],
         "resumed_from": result["resumed_from"], "config": config.to_dict(),
         "reward_per_step": [entry["reward"] for entry in log], "train_metrics": result["metrics"],

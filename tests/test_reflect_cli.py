@@ -160,3 +160,37 @@ def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endp
         assert store.get_run(episode["run_id"])["config"]["call_mode"] is None
     code = main(["reflect", "train", "--task", "bfcl:simple_python", "--n", "2", "--db", str(db)])
     assert code == 2 and "--call-mode text" in capsys.readouterr().out
+
+
+def test_curriculum_and_grpo_options_are_checked_before_anything_runs(tmp_path, capsys):
+    db = str(tmp_path / "s.sqlite")
+    assert main(["reflect", "eval", "--curriculum", "2,3", "--db", db]) == 2
+    assert "--curriculum is for train" in capsys.readouterr().out
+    assert main(["reflect", "train", "--curriculum", "2,x", "--db", db]) == 2
+    assert "Countdown levels like 2,3,4" in capsys.readouterr().out
+    assert (
+        main(["reflect", "train", "--task", "countdown:2", "--grpo-option", "no_such_field=1", "--db", db])
+        == 2
+    )
+    assert "GRPOConfig" in capsys.readouterr().out.replace("\n", " ")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_a_curriculum_trains_level_by_level():
+    import argparse
+
+    from selfsteer.cli.reflect import _curriculum_problems, _grpo_options, _in_curriculum_order
+
+    args = argparse.Namespace(action="train", curriculum="3,2", split="train", n=6, seed=0, task="countdown")
+    problems = _curriculum_problems(args)
+    assert args.task == "countdown:2+3"
+    assert [p.task for p in problems] == ["countdown:2"] * 6 + ["countdown:3"] * 6
+    rows = [{"problem_id": p.id} for p in reversed(problems)]
+    ordered = _in_curriculum_order(rows, problems, seed=0)
+    levels = [len(r["problem_id"].split("->")[0].split(",")) for r in ordered]
+    assert levels == [2] * 6 + [3] * 6
+    assert _in_curriculum_order(rows, problems, seed=0) == ordered  # seeded
+    assert _grpo_options(["scale_rewards=none", "num_iterations=2"]) == {
+        "scale_rewards": "none",
+        "num_iterations": 2,
+    }

@@ -77,7 +77,7 @@ def pass_fail_reward(outcomes: list[bool], seen: dict):
     return reward
 
 
-def one_step(model: str, tmp_path, outcomes: list[bool], **overrides):
+def one_step(model: str, tmp_path, outcomes: list[bool], engine_factory=None, **overrides):
     from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
     config = ReflectionGRPOConfig(
@@ -86,7 +86,7 @@ def one_step(model: str, tmp_path, outcomes: list[bool], **overrides):
         **overrides,
     )  # fmt: skip
     seen: dict = {}
-    trainer = build_trainer(config, rows(), pass_fail_reward(outcomes, seen))
+    trainer = build_trainer(config, rows(), pass_fail_reward(outcomes, seen), engine_factory=engine_factory)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
@@ -123,12 +123,65 @@ def test_a_pass_fail_reward_alone_moves_the_weights(model_dir, tmp_path):
 
 def test_a_group_that_all_fails_leaves_the_weights_alone(tiny_model_dir, tmp_path):
     """The contrast on a tiny model: the same step with both retries failing has zero advantages and
-    changes nothing; with one pass it changes the weights."""
+    changes nothing; with one pass it changes the weights. The zero-advantage pass is skipped, and
+    without the skip TRL's own loss gives the very same (unchanged) weights."""
     trainer, seen, changed = one_step(tiny_model_dir, tmp_path / "fail", [False, False])
     assert seen["rewards"] == [0.0, 0.0]
     assert not trainer.last_batch["advantages"].any() and changed == []
+    assert trainer.skipped_batches == 1
+    trainer, seen, changed = one_step(
+        tiny_model_dir, tmp_path / "full", [False, False], skip_zero_advantage=False
+    )
+    assert changed == [] and trainer.skipped_batches == 0
     trainer, seen, changed = one_step(tiny_model_dir, tmp_path / "mixed", [False, True])
-    assert seen["rewards"] == [0.0, 1.0] and changed
+    assert seen["rewards"] == [0.0, 1.0] and changed and trainer.skipped_batches == 0
+
+
+def test_engine_rollouts_decode_reflections_and_retries_with_the_model_being_trained(
+    tiny_model_dir, tmp_path
+):
+    """Reflections (TRL's rollout_func) and the policy's retries both go through the batched engine,
+    built around the trainer's own model object; the completions end with the end token TRL looks for,
+    so the mask check holds, and a mixed group moves the weights."""
+    from selfsteer.agents.local_llm import LocalEngine
+
+    engines = []
+
+    def factory(model, tokenizer):
+        engines.append(LocalEngine(model, tokenizer))
+        return engines[-1]
+
+    trainer, seen, changed = one_step(tiny_model_dir, tmp_path, [True, False], engine_factory=factory)
+    assert len(engines) == 1 and engines[0].model is trainer.accelerator.unwrap_model(trainer.model)
+    assert engines[0].stats["requests"] == 4  # two reflections, then their two retries
+    assert len(seen["policy_retries"]) == 2 and seen["rewards"] == [1.0, 0.0]
+    batch = trainer.last_batch
+    eos = trainer.eos_token_ids
+    for row, ids in enumerate(batch["completion_ids"].tolist()):
+        kept = [t for t, m in zip(ids, batch["completion_mask"][row].tolist(), strict=True) if m]
+        assert kept[-1] in eos or len(kept) == 16  # ended with its end token, or cut at the limit
+    assert changed
+    assert not engines[0]._worker.is_alive()  # closed when training ended
+
+
+def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, train
+
+    config = ReflectionGRPOConfig(
+        model=tiny_model_dir, output_dir=str(tmp_path / "lora"), num_generations=2, max_steps=1,
+        max_reflection_tokens=8, max_retry_tokens=4, learning_rate=1e-2, save_steps=1000, device="cpu", lora_r=4,
+    )  # fmt: skip
+    outcomes = iter([1.0, 0.0])
+    result = train(
+        config, rows(), lambda reflections, columns, generate: [next(outcomes) for _ in reflections]
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(result["final_model"])
+    assert set(merged.state_dict()) == set(base.state_dict())  # no lora_A/lora_B left: a plain model
+    moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert moved and all("proj" in k for k in moved)  # only the adapted linear layers changed
 
 
 # -----------------------------------------------------------------------------

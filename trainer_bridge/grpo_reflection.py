@@ -11,6 +11,12 @@ over the current model). This module knows nothing of the tasks, the graph or th
     config = ReflectionGRPOConfig(output_dir="runs/grpo", max_steps=20)
     trainer = build_trainer(config, rows, reward_fn)   # rows: [{"prompt": [...], "problem_id": ..., ...}]
     trainer.train(resume_from_checkpoint=last_checkpoint(config.output_dir))
+
+Rollouts: by default TRL samples the reflections (`model.generate`) and the retries are greedy
+`model.generate` too. Pass `engine_factory` (e.g. `selfsteer.agents.local_llm.LocalEngine`) and both go
+through that batched engine instead, built around the very model being trained (no copy of the weights,
+nothing to sync after a step): the reflections as TRL's `rollout_func`, the retries as the reward's
+`generate`. On a CPU that is what brings a step from ~20 s to a few seconds (`evals/bench_grpo.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ class ReflectionGRPOConfig:
     beta: KL coefficient against the reference model (0 skips the reference model: half the memory).
     max_reflection_tokens: the longest reflection (GRPO's max_completion_length).
     max_retry_tokens: the longest retry the reward function generates.
+    temperature, top_p: how reflections are sampled.
+    lora_r: train a LoRA adapter of this rank on every linear layer (peft) instead of every weight (0):
+        no weight gradients and a tiny optimizer state, so a CPU step is cheaper; `final` then holds
+        the merged model.
+    skip_zero_advantage: skip the forward and backward pass of a batch whose advantages are all zero
+        (with beta 0 its gradient is exactly zero: nothing changes but the time it takes).
     device: "cpu", "cuda" or "auto" (cuda when available). CPU trains in fp32; a GPU in bf16.
     use_vllm: sample reflections with vLLM (colocated); None: when on a GPU and vllm is installed.
     """
@@ -52,6 +64,9 @@ class ReflectionGRPOConfig:
     max_reflection_tokens: int = 64
     max_retry_tokens: int = 64
     temperature: float = 1.0
+    top_p: float = 1.0
+    lora_r: int = 0
+    skip_zero_advantage: bool = True
     save_steps: int = 10
     save_total_limit: int = 2
     logging_steps: int = 1
@@ -82,6 +97,7 @@ class ReflectionGRPOConfig:
             max_steps=self.max_steps,
             max_completion_length=self.max_reflection_tokens,
             temperature=self.temperature,
+            top_p=self.top_p,
             save_strategy="steps",
             save_steps=self.save_steps,
             save_total_limit=self.save_total_limit,
@@ -92,6 +108,9 @@ class ReflectionGRPOConfig:
             use_vllm=use_vllm,
             report_to=self.report_to,
             remove_unused_columns=False,  # the reward function reads the rows' own columns
+            # TRL turns it on by default; a 135M model needs no memory saved, and the recomputation
+            # costs a third of every backward pass on a CPU.
+            gradient_checkpointing=False,
         )
         if use_vllm:
             options["vllm_mode"] = "colocate"
@@ -118,9 +137,22 @@ def _trainer_class():
 
     class ReflectionGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that checks, on every batch, that the loss covers the reflection tokens only,
-        and keeps the last batch's tensors (`last_batch`) for inspection."""
+        and keeps the last batch's tensors (`last_batch`) for inspection; and that skips the forward
+        and backward pass of a batch whose advantages are all zero (`skipped_batches` counts them)."""
 
         last_batch: dict | None = None
+        skipped_batches: int = 0
+        skip_zero_advantage: bool = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # With no KL term (beta 0), every advantage zero (each group's reflections all earned the
+            # same reward) makes TRL's loss exactly 0 with exactly zero gradient: the pass changes no
+            # weight and is skipped. The optimizer still steps, on that same zero gradient.
+            if self.skip_zero_advantage and self.beta == 0.0 and not bool(inputs["advantages"].any()):
+                self.skipped_batches += 1
+                anchor = next(p for p in model.parameters() if p.requires_grad)
+                return anchor.reshape(-1)[0] * 0.0
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _generate_and_score_completions(self, inputs):
             batch = super()._generate_and_score_completions(inputs)
@@ -183,6 +215,70 @@ def check_reflection_mask(batch: dict, eos_token_ids: Sequence[int], truncated_m
             raise AssertionError(f"row {row}: reflection positions {missing} are not fully in the loss mask")
 
 
+class EngineRollout:
+    """Reflections and retries decoded by a batched engine around the model being trained.
+
+    `engine_factory(model, tokenizer)` returns an engine with `chat_prompt_ids(messages)`,
+    `submit(prompt_ids, max_new_tokens=, temperature=, top_p=, seed=) -> Future[Generation]` and
+    `close()` (the embedded model's `LocalEngine`). The engine holds the trainer's own model object, so
+    each step decodes with the weights of the step before, as TRL's own generation does.
+
+    As TRL's `rollout_func` it samples one reflection per prompt (TRL already repeats each prompt
+    `num_generations` times), each with its own seed (fixed by the run's seed, the step and the position,
+    so a run is reproducible); called with conversations it is the reward's `generate` (greedy retries).
+    """
+
+    def __init__(self, engine_factory: Callable, config: ReflectionGRPOConfig):
+        self.engine_factory = engine_factory
+        self.config = config
+        self.trainer = None
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            trainer = self.trainer
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self._engine = self.engine_factory(model, trainer.processing_class)
+        return self._engine
+
+    def rollout(self, prompts: list[list[Message]], trainer) -> dict:
+        """TRL's rollout_func: prompt and completion token ids of one sampled reflection per prompt."""
+        engine, config = self.engine, self.config
+        prompt_ids = [engine.chat_prompt_ids(prompt) for prompt in prompts]
+        step = trainer.state.global_step
+        futures = [
+            engine.submit(
+                ids, max_new_tokens=config.max_reflection_tokens, temperature=config.temperature,
+                top_p=config.top_p, seed=hash((config.seed, step, index)) % 2**63,
+            )
+            for index, ids in enumerate(prompt_ids)
+        ]  # fmt: skip
+        eos = trainer.processing_class.eos_token_id
+        completion_ids = []
+        for future in futures:
+            generation = future.result()
+            # TRL finds a completion's end by its end token, which the engine does not return.
+            ended = generation.finish_reason == "stop"
+            completion_ids.append(list(generation.token_ids) + ([eos] if ended else []))
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    def __call__(self, conversations: list[list[Message]]) -> list[str]:
+        engine = self.engine
+        futures = [
+            engine.submit(
+                engine.chat_prompt_ids(c), max_new_tokens=self.config.max_retry_tokens, temperature=0.0
+            )
+            for c in conversations
+        ]
+        return [future.result().text for future in futures]
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
 class PolicyGenerator:
     """Greedy generation with the trainer's current model: the policy's own retries for the reward."""
 
@@ -238,11 +334,14 @@ def build_trainer(
     rows: Sequence[dict],
     reward_fn: ReflectionReward,
     callbacks: list | None = None,
+    engine_factory: Callable | None = None,
 ):
     """A TRL GRPOTrainer over failed attempts whose completions are reflections.
 
     rows: each with `prompt` (a list of chat messages ending in the reflect instruction) and any other
-    columns the reward function reads."""
+    columns the reward function reads.
+    engine_factory: decode reflections and retries with this batched engine (`EngineRollout`) instead
+    of `model.generate`; not with vLLM."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -256,17 +355,41 @@ def build_trainer(
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if config.on_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
-    generate = PolicyGenerator(config.max_retry_tokens)
+    if engine_factory is not None and args.use_vllm:
+        raise ValueError("engine_factory and use_vllm are two ways to decode: choose one")
+    generate = (
+        EngineRollout(engine_factory, config) if engine_factory else PolicyGenerator(config.max_retry_tokens)
+    )
+    peft_config = None
+    if config.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     trainer = _trainer_class()(
         model=model,
+        peft_config=peft_config,
         reward_funcs=_reward_adapter(reward_fn, generate),
         args=args,
         train_dataset=Dataset.from_list([dict(row) for row in rows]),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), _closes_engine(generate)] if engine_factory else callbacks,
+        rollout_func=generate.rollout if engine_factory else None,
     )
     generate.trainer = trainer
+    trainer.skip_zero_advantage = config.skip_zero_advantage
     return trainer
+
+
+def _closes_engine(rollout: EngineRollout):
+    from transformers import TrainerCallback
+
+    class CloseEngine(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            rollout.close()
+
+    return CloseEngine()
 
 
 def train(
@@ -276,14 +399,18 @@ def train(
     *,
     resume: bool = True,
     callbacks: list | None = None,
+    engine_factory: Callable | None = None,
 ) -> dict:
     """Train, resuming from the newest checkpoint in output_dir when there is one; save the final
     policy (model and tokenizer) to output_dir/final. Returns the train metrics and log history."""
-    trainer = build_trainer(config, rows, reward_fn, callbacks)
+    trainer = build_trainer(config, rows, reward_fn, callbacks, engine_factory)
     checkpoint = last_checkpoint(config.output_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     final = Path(config.output_dir) / "final"
-    trainer.save_model(str(final))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if config.lora_r:  # the policy as one plain model folder, loadable like the one it started from
+        model = model.merge_and_unload()
+    model.save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))
     return {
         "final_model": str(final),
