@@ -27,7 +27,7 @@ def add_parser(subparsers, name: str) -> None:
         name,
         help="the self-correction loop: run episodes, evaluate, or train reflections with GRPO",
         description="Reflect, Retry, Reward. `run` plays episodes (attempt, validate, reflect, retry) and "
-        "stores them; `eval` adds first-try and second-try accuracy with 95% bootstrap intervals and the "
+        "stores them; `eval` adds first-try and second-try accuracy with 95% intervals (Wilson; a paired bootstrap for the gain) and the "
         "mean reflection length, written to OUT/summary.json; `train` mines failed first attempts and "
         "trains the local model with GRPO so that its reflections make the retry pass.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
