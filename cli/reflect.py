@@ -409,6 +409,10 @@ def _train(args, problems, console, out: Path | None) -> int:
     zero_std = [entry.get("frac_reward_zero_std", 0.0) for entry in log]
     summary["frac_reward_zero_std"] = sum(zero_std) / len(zero_std) if zero_std else None
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if log:
+        from selfsteer.evals.plots import plot_grpo
+
+        plot_grpo(result["log_history"], out / "reward.png", f"GRPO on reflections: {args.task}")
     console.print(f"trained {args.steps} steps in {summary['wall_s']:.0f} s; policy in {result['final_model']}; "
                   f"mean reward per step: {[round(r, 3) for r in summary['reward_per_step']]}")  # fmt: skip
     if zero_std and min(zero_std) >= 1.0:

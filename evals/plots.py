@@ -58,6 +58,32 @@ def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: str | Pa
     return _save(fig, path)
 
 
+def plot_grpo(log_history: list[dict], path: str | Path, title: str) -> Path:
+    """A GRPO run on reflections, step by step: the mean reward (the share of reflections whose retry
+    passed) with its running mean over 10 steps, the share of groups that taught nothing (all rewards
+    equal), and the mean reflection length."""
+    logs = [entry for entry in log_history if "reward" in entry]
+    steps = [entry["step"] for entry in logs]
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1.5, 1.5])
+    rewards = [float(entry["reward"]) for entry in logs]
+    running = [
+        sum(rewards[max(0, i - 9) : i + 1]) / len(rewards[max(0, i - 9) : i + 1]) for i in range(len(rewards))
+    ]
+    top.plot(steps, rewards, ".", color="tab:blue", alpha=0.5, label="reward (retries passed)")
+    top.plot(steps, running, "-", color="tab:blue", label="running mean, 10 steps")
+    top.set_ylabel("reward")
+    top.legend(fontsize=8)
+    zero = [float(entry.get("frac_reward_zero_std", math.nan)) for entry in logs]
+    middle.plot(steps, zero, ".-", color="tab:gray", markersize=3)
+    middle.set_ylabel("groups with\nno signal")
+    length = [float(entry.get("completions/mean_length", math.nan)) for entry in logs]
+    bottom.plot(steps, length, ".-", color="tab:green", markersize=3)
+    bottom.set_ylabel("reflection\ntokens")
+    bottom.set_xlabel("step")
+    top.set_title(title)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
