@@ -6,7 +6,8 @@ Each mode trains `--steps` steps after one warm-up step, on the same failed Coun
 `--generations` reflections of at most `--tokens` tokens per step and their greedy retries (at most
 `--retry-tokens`). Modes: `trl` samples with TRL's own `model.generate`; `engine` decodes reflections and
 retries through the batched `LocalEngine` around the model being trained; `-lora` trains a rank-16 LoRA
-adapter instead of every weight. The modes run one after another in one process, in the order given,
+adapter instead of every weight; `plain` is TRL as it comes (`trl` with TRL's default gradient
+checkpointing, and the forward and backward pass run on zero-advantage batches too): the baseline. The modes run one after another in one process, in the order given,
 so compare them within one run (these machines are noisy). Prints the median step and its parts:
 `generate` (the reflections), `reward` (the retries and the validator), the rest (loss, backward,
 optimizer).
@@ -23,13 +24,19 @@ import time
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default="trl,engine,engine-lora")
+    parser.add_argument("--modes", default="plain,trl,engine")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode, after one warm-up step")
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="longest reflection")
     parser.add_argument("--retry-tokens", type=int, default=64)
     parser.add_argument("--task", default="countdown:3")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--signal",
+        action="store_true",
+        help="score the reflections 1, 0, 1, 0 ... after running their real retries, so that every group "
+        "has a gradient (the untrained model's retries all fail: without this every step is zero-advantage)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
 
-    report = {"task": args.task, "generations": args.generations, "tokens": args.tokens,
+    report = {"task": args.task, "generations": args.generations, "tokens": args.tokens, "signal": args.signal,
               "retry_tokens": args.retry_tokens, "torch_threads": torch.get_num_threads(), "modes": {}}  # fmt: skip
     for mode in args.modes.split(","):
         parts: dict[str, list[float]] = {"generate": [], "reward": [], "step": []}
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         def timed_reward(reflections, columns, generate, reward=reward, parts=parts):
             started = time.perf_counter()
             try:
-                return reward(reflections, columns, generate)
+                rewards = reward(reflections, columns, generate)
+                return [float(i % 2 == 0) for i in range(len(rewards))] if args.signal else rewards
             finally:
                 parts["reward"].append(time.perf_counter() - started)
 
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
             model=str(cache_dir()), output_dir=tempfile.mkdtemp(prefix=f"bench-grpo-{mode}-"),
             num_generations=args.generations, max_steps=args.steps + 1, max_reflection_tokens=args.tokens,
             max_retry_tokens=args.retry_tokens, save_steps=10_000, device="cpu",
-            lora_r=16 if mode.endswith("-lora") else 0, extra={"shuffle_dataset": False},
+            lora_r=16 if mode.endswith("-lora") else 0, skip_zero_advantage=mode != "plain",
+            extra={"shuffle_dataset": False, **({"gradient_checkpointing": True} if mode == "plain" else {})},
         )  # fmt: skip
         engine = LocalEngine if mode.startswith("engine") else None
         trainer = build_trainer(config, rows, timed_reward, engine_factory=engine)
