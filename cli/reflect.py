@@ -89,11 +89,11 @@ def add_parser(subparsers, name: str) -> None:
     grpo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     grpo.add_argument(
         "--rollout",
-        default="auto",
-        choices=("auto", "engine", "trl"),
-        help="how reflections and retries are decoded: engine (the batched local engine around the model "
-        "being trained), trl (TRL's model.generate, or vLLM on a GPU where installed); auto: engine on a "
-        "CPU, trl on a GPU",
+        default="trl",
+        choices=("trl", "engine"),
+        help="how reflections and retries are decoded: trl (default: TRL's model.generate, or vLLM on a GPU "
+        "where installed) or engine (the embedded model's batched engine around the model being trained; "
+        "measured no faster on a 2-core CPU at 4 reflections per group, see evals/bench_grpo.py)",
     )
     grpo.add_argument(
         "--lora-r", type=int, default=0, help="train a LoRA adapter of this rank instead of every weight (0)"
@@ -385,8 +385,7 @@ def _train(args, problems, console, out: Path | None) -> int:
         max_retry_tokens=args.retry_tokens, save_steps=args.save_steps, seed=args.seed, device=args.device,
         temperature=args.temperature, lora_r=args.lora_r, extra=extra,
     )  # fmt: skip
-    rollout = args.rollout if args.rollout != "auto" else ("trl" if config.on_gpu else "engine")
-    engine = None
+    rollout, engine = args.rollout, None
     if rollout == "engine":
         from selfsteer.agents.local_llm import LocalEngine as engine
     console.print(f"GRPO: {args.steps} steps x {args.prompts_per_step} failure(s) x {args.group_size} reflections, "

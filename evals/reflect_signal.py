@@ -1,0 +1,87 @@
+"""Is there anything for GRPO to learn? The reward signal of reflections, measured before training.
+
+    .venv/bin/python -m selfsteer.evals.reflect_signal --task countdown:2 --n 64 --failures 24 --group 4
+
+GRPO on reflections learns only from groups in which some reflections' retries pass and others fail
+(a group with equal rewards has zero advantages). This takes the model's failed first attempts at `--n`
+training problems (greedy, as `reflect train` mines them), samples `--group` reflections for each of the
+first `--failures` (temperature `--temperature`), and retries each with the reflection in context, per
+strategy, greedy and (with `--retry-temperatures`) sampled. It prints how many retries passed and how many
+groups would have a gradient. Zero everywhere means GRPO would never move a weight on this model and task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="countdown:2")
+    parser.add_argument("--n", type=int, default=64, help="training problems to mine failures from")
+    parser.add_argument("--failures", type=int, default=24, help="failures to reflect on")
+    parser.add_argument("--group", type=int, default=4, help="reflections sampled per failure")
+    parser.add_argument("--temperature", type=float, default=1.0, help="of the reflections")
+    parser.add_argument("--strategies", default="reflect_attempt,reflect,retry")
+    parser.add_argument("--retry-temperatures", default="0", help="comma-separated; 0 is greedy")
+    parser.add_argument("--max-tokens", type=int, default=96, help="first attempt; reflections get 64")
+    parser.add_argument("--retry-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.evals.tasks import load_task
+    from selfsteer.graphs.reflect import first_messages, reflect_messages, retry_messages
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = get_local_engine()
+
+    def generate(conversations, max_tokens, temperature=0.0, seed=0):
+        futures = [
+            engine.submit(engine.chat_prompt_ids(c), max_new_tokens=max_tokens, temperature=temperature, seed=seed + i)
+            for i, c in enumerate(conversations)
+        ]  # fmt: skip
+        return [future.result().text for future in futures]
+
+    problems = load_task(args.task, split="train", n=args.n, seed=args.seed)
+    firsts = generate([first_messages(p) for p in problems], args.max_tokens)
+    failures = [(p, a) for p, a in zip(problems, firsts, strict=True) if not p.validate(a).passed]
+    report = {
+        "task": args.task,
+        "problems": len(problems),
+        "first_try_acc": 1 - len(failures) / len(problems),
+    }
+    failures = failures[: args.failures]
+    group = args.group
+    reflections = generate(
+        [reflect_messages(p, [a]) for p, a in failures for _ in range(group)], 64, args.temperature, args.seed
+    )
+    report.update(failures=len(failures), group=group, results=[])
+    for strategy in args.strategies.split(","):
+        for temperature in map(float, args.retry_temperatures.split(",")):
+            conversations = [
+                retry_messages(p, strategy, [a], [] if strategy == "retry" else [reflections[i * group + g]])
+                for i, (p, a) in enumerate(failures)
+                for g in range(group)
+            ]
+            retries = generate(conversations, args.retry_tokens, temperature, args.seed + 10_000)
+            passed = [failures[k // group][0].validate(r).passed for k, r in enumerate(retries)]
+            groups = [passed[i * group : (i + 1) * group] for i in range(len(failures))]
+            repeated = sum(r.strip() == failures[k // group][1].strip() for k, r in enumerate(retries))
+            row = {"strategy": strategy, "retry_temperature": temperature, "retries": len(passed),
+                   "passed": sum(passed), "groups_with_signal": sum(any(g) and not all(g) for g in groups),
+                   "repeat_the_failed_attempt": repeated}  # fmt: skip
+            report["results"].append(row)
+            print(f"{strategy:16s} retry T={temperature:<4} passed {row['passed']}/{row['retries']}   groups with "
+                  f"signal {row['groups_with_signal']}/{len(groups)}   repeats {repeated}", flush=True)  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
