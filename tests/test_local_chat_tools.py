@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import xgrammar as xgr
+from helpers.tools import assert_calls_valid, get_time, get_weather
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from selfsteer.agents.local_chat import (
     CALL_OPEN,
@@ -20,39 +21,14 @@ from selfsteer.agents.local_chat import (
 )
 from selfsteer.agents.local_llm import get_local_engine
 
-
-def get_weather(city: str) -> str:
-    """Get the current weather in a city."""
-    return "18 C, cloudy"
-
-
-def get_time(timezone: str) -> str:
-    """Get the current time in a timezone."""
-    return "12:00"
-
-
-class WeatherArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    city: str
-
-
-class TimeArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    timezone: str
-
-
-# The tools' parameters, as pydantic models that validate a call's arguments against them.
-SCHEMAS = {"get_weather": WeatherArgs, "get_time": TimeArgs}
 assert convert_to_openai_tool(get_weather)["function"]["parameters"]["properties"].keys() == {"city"}
 
 
 def assert_valid_calls(message: AIMessage, names: set[str]) -> None:
     assert message.content == "" and message.tool_calls, message
     assert message.response_metadata["finish_reason"] == "tool_calls"
-    for call in message.tool_calls:
-        assert call["name"] in names
-        SCHEMAS[call["name"]].model_validate(call["args"])
-        assert call["id"].startswith("call_") and call["type"] == "tool_call"
+    assert_calls_valid(message.tool_calls, names)
+    assert all(call["type"] == "tool_call" for call in message.tool_calls)
 
 
 @pytest.fixture(scope="module")

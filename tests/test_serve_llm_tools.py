@@ -9,36 +9,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from helpers.tools import WeatherArgs, assert_calls_valid, get_time, get_weather
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, ConfigDict
 
 from selfsteer.agents.local_llm import get_local_engine
 from selfsteer.agents.openai_server import create_app
 from selfsteer.trainer_bridge.testing import serving
 
-
-def get_weather(city: str) -> str:
-    """Get the current weather in a city."""
-    return "18 C, cloudy"
-
-
-def get_time(timezone: str) -> str:
-    """Get the current time in a timezone."""
-    return "12:00"
-
-
-class WeatherArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    city: str
-
-
-class TimeArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    timezone: str
-
-
-ARGS = {"get_weather": WeatherArgs, "get_time": TimeArgs}
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -60,26 +38,19 @@ def chat(base_url) -> ChatOpenAI:
     return ChatOpenAI(base_url=base_url, api_key="unused", model="smollm2", max_tokens=48, temperature=0)
 
 
-def assert_valid(calls: list[dict], names: set[str]) -> None:
-    assert calls
-    for call in calls:
-        assert call["name"] in names and call["id"].startswith("call_")
-        ARGS[call["name"]].model_validate(call["args"])
-
-
 def test_chat_openai_gets_a_required_call(chat):
     answer = chat.bind_tools([get_weather, get_time], tool_choice="required").invoke(
         "What is the weather in Paris?"
     )
     assert answer.response_metadata["finish_reason"] == "tool_calls"
-    assert_valid(answer.tool_calls, {"get_weather", "get_time"})
+    assert_calls_valid(answer.tool_calls, {"get_weather", "get_time"})
 
 
 def test_chat_openai_tool_choice_by_name(chat):
     answer = chat.bind_tools([get_weather, get_time], tool_choice="get_time").invoke(
         "What is the weather in Paris?"
     )
-    assert_valid(answer.tool_calls, {"get_time"})
+    assert_calls_valid(answer.tool_calls, {"get_time"})
 
 
 def test_chat_openai_streams_the_call(chat):
@@ -90,13 +61,13 @@ def test_chat_openai_streams_the_call(chat):
         total += chunk
     assert sum(1 for c in chunks if c.tool_call_chunks) > 2  # the arguments come in pieces
     assert total.response_metadata["finish_reason"] == "tool_calls"
-    assert_valid(total.tool_calls, {"get_weather"})
+    assert_calls_valid(total.tool_calls, {"get_weather"})
 
 
 def test_chat_openai_round_trip_ends_in_text(chat):
     history = [HumanMessage("What is the weather in Paris?")]
     call = chat.bind_tools([get_weather], tool_choice="required").invoke(history)
-    assert_valid(call.tool_calls, {"get_weather"})
+    assert_calls_valid(call.tool_calls, {"get_weather"})
     history += [
         call,
         ToolMessage(get_weather(**call.tool_calls[0]["args"]), tool_call_id=call.tool_calls[0]["id"]),
