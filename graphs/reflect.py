@@ -43,7 +43,7 @@ import yaml
 from langchain_core.language_models import BaseChatModel
 from langgraph.graph import END, START, StateGraph
 
-from selfsteer.evals.tasks.base import Problem
+from selfsteer.tools.tasks import Problem
 from selfsteer.trainer_bridge.store import Store
 
 STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")

@@ -15,7 +15,7 @@ import importlib
 import inspect
 
 from selfsteer.evals.tasks import bfcl, countdown
-from selfsteer.evals.tasks.base import SPLITS, Problem, TaskLoader, Verdict, split_of
+from selfsteer.tools.tasks import SPLITS, Problem, TaskLoader, Verdict, split_of
 
 TASKS: dict[str, TaskLoader] = {
     "countdown": countdown.load,

@@ -30,7 +30,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from selfsteer.evals.tasks.base import CALL_MODES, Problem, Verdict, check_split, split_of
+from selfsteer.tools.tasks import CALL_MODES, Problem, Verdict, check_split, split_of
 
 TRAIN_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple")
 HELD_OUT_CATEGORIES = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")

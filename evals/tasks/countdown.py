@@ -19,7 +19,7 @@ from collections import Counter
 from fractions import Fraction
 from functools import partial
 
-from selfsteer.evals.tasks.base import Problem, Verdict, check_split, split_of
+from selfsteer.tools.tasks import Problem, Verdict, check_split, split_of
 
 TASK = "countdown"
 MIN_NUMBERS, MAX_NUMBERS = 3, 5

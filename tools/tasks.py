@@ -9,6 +9,9 @@ A problem may also offer tools (OpenAI tool dicts, `{"type": "function", "functi
 reaches `validate` is the JSON rendering of the model's tool calls, `[{"name": ..., "arguments": {...}}]`
 (`selfsteer.graphs.reflect.render_tool_calls`). A loader that can offer its problems either way takes a
 keyword argument `call_mode` ("tools" or "text"); `load_task` passes it only to loaders that take it.
+
+The protocol lives here, below the graphs that run it; the tasks themselves (Countdown, BFCL) and
+`load_task` live in `selfsteer.evals.tasks`.
 """
 
 from __future__ import annotations
