@@ -13,6 +13,8 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
+from selfsteer.trainer_bridge.net import is_loopback_url
+
 DEFAULT_TIMEOUT_S = 60.0
 BASE_URL_ENV = ("SELFSTEER_BASE_URL", "OPENAI_BASE_URL")
 API_KEY_ENV = ("SELFSTEER_API_KEY", "OPENAI_API_KEY")
@@ -54,7 +56,7 @@ def make_chat_model(
         base_url = base_url or _first_env(BASE_URL_ENV)
         api_key = api_key or _first_env(API_KEY_ENV)
         if not api_key:
-            if base_url is None or not _is_loopback(base_url):
+            if base_url is None or not is_loopback_url(base_url):
                 raise ChatModelConfigError(
                     f"no API key for {spec}: set OPENAI_API_KEY (or SELFSTEER_API_KEY), or pass --api-key"
                     + ("" if base_url else "; for a local server pass --base-url http://127.0.0.1:PORT/v1")
@@ -130,10 +132,3 @@ def _malformed_response(error: BaseException) -> str | None:
 
 def _first_env(names: tuple[str, ...]) -> str | None:
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
-
-
-def _is_loopback(url: str) -> bool:
-    from urllib.parse import urlparse
-
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -54,6 +53,7 @@ from selfsteer.agents.local_chat import (
     split_tool_calls,
     tool_spec,
 )
+from selfsteer.trainer_bridge.net import bind, token_matches
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
@@ -490,13 +490,14 @@ def _param_of(loc) -> str | None:
 
 def _bearer_check(api_key: str | None):
     """A dependency that requires `Authorization: Bearer KEY` when the server has a key (declared in
-    the OpenAPI document as an HTTP bearer scheme)."""
+    the OpenAPI document as an HTTP bearer scheme). A dependency, not the control server's middleware
+    (`net.BearerAuth`): the errors take OpenAI's form and an unknown path stays 404; the check is the
+    same (`net.token_matches`)."""
     bearer = HTTPBearer(auto_error=False, description="the key the server was started with")
 
     async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         given = credentials.credentials.strip() if credentials else ""
-        # compare_digest: the time taken must not tell how much of a guess was right.
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
+        if not token_matches(given, api_key):
             raise OpenAIError(
                 401,
                 "invalid API key: send `Authorization: Bearer KEY` with the key the server was started with",
@@ -958,7 +959,6 @@ def serve(
     import uvicorn
 
     from selfsteer.agents.local_llm import get_local_engine
-    from selfsteer.trainer_bridge.server import bind
 
     sock, _, _ = bind(host, port)
     port = sock.getsockname()[1]  # port 0 picks a free one

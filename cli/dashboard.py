@@ -36,8 +36,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from selfsteer import dashboard
-    from selfsteer.trainer_bridge.server import bind, create_history_app, is_loopback
+    from selfsteer.trainer_bridge.net import bind, is_loopback
+    from selfsteer.trainer_bridge.server import create_history_app, dashboard_dir
     from selfsteer.trainer_bridge.store import Store, StoreError
 
     if not Path(args.db).is_file():
@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, StoreError) as exc:
         print(f"selfsteer dashboard: {exc}", file=sys.stderr)
         return 2
-    app = create_history_app(store, origins, args.token)
-    if dashboard.index_html() is None:
+    static_dir = dashboard_dir()
+    app = create_history_app(store, origins, args.token, static_dir=static_dir)
+    if static_dir is None or not (static_dir / "index.html").is_file():
         print(
             "note: the dashboard is not built (bash scripts/install.sh builds it); the API works",
             file=sys.stderr,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
@@ -80,8 +79,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from selfsteer.trainer_bridge.net import is_loopback
+
     # Anyone who can reach a non-loopback address could use the model (and the CPU) otherwise.
-    if not _is_loopback(args.host) and not args.api_key:
+    if not is_loopback(args.host) and not args.api_key:
         print(
             f"error: --host {args.host} makes the server reachable from other machines; "
             f"set a key with --api-key KEY (or ${API_KEY_ENV}), or listen on 127.0.0.1",
@@ -118,12 +119,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)  # "cannot serve on HOST:PORT: why"
         return 1
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost: it may resolve to anything

@@ -37,7 +37,7 @@ def fill(store, run_id: str, steps: int, batch: int = 20_000) -> None:
 
 @contextlib.contextmanager
 def serve(app):
-    from selfsteer.trainer_bridge.server import bind
+    from selfsteer.trainer_bridge.net import bind
 
     sock, url, _ = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from selfsteer.trainer_bridge.server import bind
+from selfsteer.trainer_bridge.net import bind
 
 
 def test_bind_returns_a_socket_that_already_accepts_connections():

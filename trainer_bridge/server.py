@@ -33,19 +33,18 @@ The dashboard's own files (`/`, `/assets/*`) load without the token: they hold n
 for the token before it reads anything.
 
 `create_history_app(store)` serves the store's runs without a live run (`selfsteer dashboard`).
+The dashboard's folder is handed in by the caller (`static_dir`; `dashboard_dir()` finds the installed
+one): this, the lowest layer, does not import the UI package. Binding, loopback and the token: `net`.
 """
 
 import asyncio
 import contextlib
 import copy
-import hmac
-import ipaddress
 import json
-import socket
+import pathlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
-from urllib.parse import parse_qsl
 
 import uvicorn
 from fastapi import (
@@ -82,15 +81,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from selfsteer import dashboard
 from selfsteer.trainer_bridge.commands import CommandRegistry, InvalidCommand, dump_args
+from selfsteer.trainer_bridge.net import BearerAuth, bind, is_loopback
 from selfsteer.trainer_bridge.store import COMMAND_STATUSES, Store, json_number
 
 if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import Bridge
 
 EVENT_QUEUE_SIZE = 1000
-LISTEN_BACKLOG = 2048  # uvicorn's own default
 MAX_BODY_BYTES = 64 * 1024  # a command is well under 1 KiB; a custom one gets room, a 50 MB upload does not
 ECHO_CHARS = 200  # the most of a client's input an error message may quote
 METRICS_PAGE = 10_000  # rows (about 1.5 MB of JSON): the default and the most a page of metrics holds
@@ -517,51 +515,7 @@ class EventHub:
 
 
 # -----------------------------------------------------------------------------
-# plain ASGI middleware: the token (HTTP and WebSocket alike) and the size of a request
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def is_public(path: str) -> bool:
-    """The dashboard's static files: no run data in them, and a browser loads them without headers."""
-    return path == "/" or path.startswith("/assets/")
-
-
-def token_of(scope: Scope) -> str:
-    """The bearer token a request carries: `Authorization: Bearer T`, else `?token=T` (percent-decoded)."""
-    headers = dict(scope.get("headers") or [])
-    given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
-    if given:
-        return given
-    # Browsers cannot set headers on a WebSocket or a page load: accept ?token= too.
-    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-    return next((value for key, value in query if key == "token"), "")
-
-
-class BearerAuth:
-    def __init__(self, app: ASGIApp, token: str | None):
-        self.app = app
-        self.token = token
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        if scope["type"] == "http" and is_public(scope.get("path", "")):
-            return await self.app(scope, receive, send)
-        if hmac.compare_digest(token_of(scope).encode(), self.token.encode()):
-            return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
-        await response(scope, receive, send)
+# plain ASGI middleware: the size of a request (the token: net.BearerAuth)
 
 
 class BodyLimit:
@@ -670,9 +624,34 @@ def _version() -> str:
         return "unknown"
 
 
-def _base_app(title: str, origins: list[str], token: str | None, lifespan=None) -> FastAPI:
+def dashboard_dir() -> pathlib.Path | None:
+    """The folder the dashboard is built into (`index.html`, `assets/`): what a caller hands the server
+    as `static_dir` to serve the dashboard at `/`. None when the dashboard package is not a folder on
+    disk (StaticFiles serves a directory). The folder may not be built yet: the server then shows the
+    page saying how to build it, and the built page on the next reload.
+
+    Found as data, by package name (importlib.resources): the dashboard is a top-level package (the UI),
+    which this layer never imports by an import statement. Its build, `dist/`, is there in an editable
+    install (where `scripts/install.sh` built it); a wheel built without it has none."""
+    from importlib import resources
+
+    try:
+        root = resources.files("selfsteer.dashboard")
+    except ModuleNotFoundError:
+        return None
+    return root / "dist" if isinstance(root, pathlib.Path) else None
+
+
+def _base_app(
+    title: str,
+    origins: list[str],
+    token: str | None,
+    lifespan=None,
+    static_dir: pathlib.Path | None = None,
+) -> FastAPI:
     """What every selfsteer server has: CORS to its own origin, the token, the body limit, the error
-    forms, the dashboard's files."""
+    forms, the dashboard's files from `static_dir` (its `index.html` at `/`, its `assets/`; None, or a
+    folder without `index.html`: a page saying how to build the dashboard)."""
     responses: dict = {}
     dependencies = []
     if token is not None:
@@ -695,10 +674,12 @@ def _base_app(title: str, origins: list[str], token: str | None, lifespan=None) 
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
-        return dashboard.index_html() or _NOT_BUILT_HTML
+        index = static_dir / "index.html" if static_dir is not None else None
+        # Read on every load: a dashboard built while the server runs shows on reload.
+        return index.read_text(encoding="utf-8") if index is not None and index.is_file() else _NOT_BUILT_HTML
 
-    if (dashboard.DIST_DIR / "assets").is_dir():
-        app.mount("/assets", StaticFiles(directory=dashboard.DIST_DIR / "assets"), name="assets")
+    if static_dir is not None and (static_dir / "assets").is_dir():
+        app.mount("/assets", StaticFiles(directory=static_dir / "assets"), name="assets")
     return app
 
 
@@ -779,9 +760,12 @@ def store_router(get_store: Callable[[], Store]) -> APIRouter:
     return router
 
 
-def create_history_app(store: Store, origins: list[str], token: str | None) -> FastAPI:
-    """The dashboard over a store with no live run: past runs, their metrics, decisions and journals."""
-    app = _base_app("selfsteer history", origins, token)
+def create_history_app(
+    store: Store, origins: list[str], token: str | None, static_dir: pathlib.Path | None = None
+) -> FastAPI:
+    """The dashboard over a store with no live run: past runs, their metrics, decisions and journals.
+    `static_dir`: the built dashboard (see `dashboard_dir`); None serves the page saying how to build it."""
+    app = _base_app("selfsteer history", origins, token, static_dir=static_dir)
 
     @app.get("/api/info")
     def get_info() -> Info:
@@ -791,7 +775,13 @@ def create_history_app(store: Store, origins: list[str], token: str | None) -> F
     return app
 
 
-def create_app(bridge: "Bridge", hub: EventHub, origins: list[str], token: str | None) -> FastAPI:
+def create_app(
+    bridge: "Bridge",
+    hub: EventHub,
+    origins: list[str],
+    token: str | None,
+    static_dir: pathlib.Path | None = None,
+) -> FastAPI:
     from selfsteer.trainer_bridge.bridge import RunFinished
 
     @contextlib.asynccontextmanager
@@ -800,7 +790,7 @@ def create_app(bridge: "Bridge", hub: EventHub, origins: list[str], token: str |
         yield
         hub.loop = None
 
-    app = _base_app("selfsteer control server", origins, token, lifespan)
+    app = _base_app("selfsteer control server", origins, token, lifespan, static_dir)
     bodies = CommandBodies(lambda: bridge.registry)
 
     # The handlers are plain `def`: FastAPI runs them in its thread pool, so SQLite reads never block
@@ -938,28 +928,6 @@ async def _drain(websocket: WebSocket) -> None:
 # running it in a thread
 
 
-def bind(host: str, port: int) -> tuple[socket.socket, str, list[str]]:
-    """A listening socket (port 0: any free one), the URL it serves and the origins CORS allows.
-
-    It listens before it returns: the kernel queues connections from then on, so a client that
-    connects the instant the URL is printed waits for the server instead of being refused (uvicorn
-    itself calls listen() only after its start-up, some 200 ms later)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot serve on {host}:{port}: {exc}") from exc
-    port = sock.getsockname()[1]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    origins = [url]
-    if is_loopback(host):
-        origins += [f"http://localhost:{port}", f"http://127.0.0.1:{port}"]
-    return sock, url, sorted(set(origins))
-
-
 class ControlServer:
     def __init__(
         self,
@@ -968,7 +936,10 @@ class ControlServer:
         port: int = 7007,
         token: str | None = None,
         event_interval_s: float = 0.5,
+        static_dir: pathlib.Path | None = None,
     ):
+        """`static_dir`: the built dashboard to serve at `/` (`dashboard_dir()` finds the one installed);
+        None serves a page saying how to build it."""
         if not is_loopback(host) and not token:
             raise ValueError(
                 f"serving on {host} (not loopback) needs a bearer token: pass token= or set SELFSTEER_TOKEN"
@@ -980,7 +951,7 @@ class ControlServer:
         # Bind here, in the caller's thread: a taken port fails now, loudly, and port 0 gets a real one.
         self.socket, self.url, origins = bind(host, port)
         self.port = self.socket.getsockname()[1]
-        app = create_app(bridge, self.hub, origins, token)
+        app = create_app(bridge, self.hub, origins, token, static_dir)
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None

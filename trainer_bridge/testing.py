@@ -128,7 +128,7 @@ def serving(app: Any) -> Iterator[str]:
     yields its base URL (http://127.0.0.1:PORT). The socket listens before the URL is handed out."""
     import uvicorn
 
-    from selfsteer.trainer_bridge.server import bind
+    from selfsteer.trainer_bridge.net import bind
 
     sock, url, _ = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
