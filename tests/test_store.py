@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from selfsteer.trainer_bridge import store as store_module
 from selfsteer.trainer_bridge.store import (
     DEFAULT_DB_PATH,
     MIGRATIONS,
@@ -19,6 +18,7 @@ from selfsteer.trainer_bridge.store import (
     StoreError,
     connect,
     migrate,
+    schema,
 )
 
 
@@ -440,7 +440,7 @@ def test_file_from_version_zero_is_migrated_on_open(tmp_path):
 
 
 def test_older_file_is_brought_forward_and_keeps_its_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, _v2_add_run_tags])
+    monkeypatch.setattr(schema, "MIGRATIONS", [*MIGRATIONS, _v2_add_run_tags])
     path = tmp_path / "old.sqlite"
     db = connect(path)
     assert migrate(db.conn, target=1) == 1  # only MIGRATIONS[:1]
@@ -473,7 +473,7 @@ def test_failed_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch):
         conn.execute("ALTER TABLE runs ADD COLUMN tag TEXT")
         raise RuntimeError("bug in migration 2")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, broken_v2])
+    monkeypatch.setattr(schema, "MIGRATIONS", [*MIGRATIONS, broken_v2])
     with pytest.raises(RuntimeError, match="bug in migration 2"):
         Store(path)
     conn = raw(path)
@@ -482,7 +482,7 @@ def test_failed_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     conn.close()
     assert "half_done" not in table_names(path)
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
     with Store(path) as s:
         assert s.get_run(run)["name"] == "r"
 
