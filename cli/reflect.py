@@ -20,6 +20,7 @@ from selfsteer.cli.common import add_llm_arguments
 ACTIONS = ("run", "train", "eval")
 CALL_MODES = ("tools", "text")
 STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")
+DEVICE_USE_CPU = {"auto": None, "cpu": True, "cuda": False}  # --device as ReflectionGRPOConfig.use_cpu
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -86,7 +87,7 @@ def add_parser(subparsers, name: str) -> None:
     grpo.add_argument("--reflection-tokens", type=int, default=64)
     grpo.add_argument("--retry-tokens", type=int, default=64)
     grpo.add_argument("--save-steps", type=int, default=10)
-    grpo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    grpo.add_argument("--device", default="auto", choices=tuple(DEVICE_USE_CPU))
     grpo.add_argument(
         "--rollout",
         default="trl",
@@ -290,20 +291,22 @@ def _in_curriculum_order(rows: list[dict], problems: list, seed: int) -> list[di
 
 
 def _grpo_options(pairs: list[str]) -> dict:
-    """--grpo-option KEY=VALUE pairs as GRPOConfig fields (values read as YAML: numbers, booleans)."""
+    """--grpo-option KEY=VALUE pairs as fields of ReflectionGRPOConfig (TRL's GRPOConfig and a few more),
+    each value read as YAML (numbers, booleans) and checked against its field's type."""
     import yaml
-    from trl import GRPOConfig
 
-    fields = set(GRPOConfig.__dataclass_fields__)
+    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig
+    from selfsteer.trainer_bridge.recipe import typed_fields
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
+        if not sep or key not in ReflectionGRPOConfig.__dataclass_fields__:
             raise ValueError(
                 f"--grpo-option {pair!r}: expected KEY=VALUE with KEY a field of TRL's GRPOConfig"
             )
         options[key] = yaml.safe_load(value)
-    return options
+    return typed_fields(ReflectionGRPOConfig, options, lambda key: f"--grpo-option {key}")
 
 
 def _act(args, problems, store, console, out: Path | None) -> int:
@@ -361,10 +364,25 @@ def _train(args, problems, console, out: Path | None) -> int:
             "[red]error:[/] strategy 'retry' has no reflection to train; use reflect or reflect_attempt"
         )
         return 2
+    out = out or Path("runs/reflect-grpo")
+    options = dict(args.grpo_extra)  # --grpo-option wins over the flags that set the same field
+    if args.curriculum:
+        options.setdefault("shuffle_dataset", False)  # the rows come level by level
+    try:  # before the slow part: TRL's own checks (batch sizes, groups) say what is wrong at once
+        config = ReflectionGRPOConfig(**{
+            "model": args.model or str(cache_dir()), "output_dir": str(out), "max_steps": args.steps,
+            "num_generations": args.group_size, "prompts_per_step": args.prompts_per_step, "beta": args.beta,
+            "learning_rate": args.lr, "max_completion_length": args.reflection_tokens,
+            "max_retry_tokens": args.retry_tokens,
+            "save_steps": args.save_steps, "seed": args.seed, "use_cpu": DEVICE_USE_CPU[args.device],
+            "temperature": args.temperature, "lora_r": args.lora_r, **options,
+        })  # fmt: skip
+    except (TypeError, ValueError) as error:
+        console.print(f"[red]error:[/] GRPO options: {error}")
+        return 2
     if args.model is None:
         load_embedded_model()  # converts the GGUF once, so that cache_dir() holds a model folder
-    model = args.model or str(cache_dir())
-    out = out or Path("runs/reflect-grpo")
+    model = config.model
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     console.print(
@@ -375,16 +393,8 @@ def _train(args, problems, console, out: Path | None) -> int:
     if not rows:
         console.print("[yellow]nothing to train on: every first attempt passed[/]")
         return 1
-    extra = dict(args.grpo_extra)
     if args.curriculum:
         rows = _in_curriculum_order(rows, problems, args.seed)
-        extra.setdefault("shuffle_dataset", False)
-    config = ReflectionGRPOConfig(
-        model=model, output_dir=str(out), num_generations=args.group_size, prompts_per_step=args.prompts_per_step,
-        beta=args.beta, learning_rate=args.lr, max_steps=args.steps, max_reflection_tokens=args.reflection_tokens,
-        max_retry_tokens=args.retry_tokens, save_steps=args.save_steps, seed=args.seed, device=args.device,
-        temperature=args.temperature, lora_r=args.lora_r, extra=extra,
-    )  # fmt: skip
     rollout, engine = args.rollout, None
     if rollout == "engine":
         from selfsteer.agents.local_llm import LocalEngine as engine

@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         config = ReflectionGRPOConfig(
             model=str(cache_dir()), output_dir=tempfile.mkdtemp(prefix=f"bench-grpo-{mode}-"),
-            num_generations=args.generations, max_steps=args.steps + 1, max_reflection_tokens=args.tokens,
-            max_retry_tokens=args.retry_tokens, save_steps=10_000, device="cpu",
+            num_generations=args.generations, max_steps=args.steps + 1, max_completion_length=args.tokens,
+            max_retry_tokens=args.retry_tokens, save_steps=10_000, use_cpu=True,
             lora_r=16 if mode.endswith("-lora") else 0, skip_zero_advantage=mode != "plain",
-            extra={"shuffle_dataset": False, **({"gradient_checkpointing": True} if mode == "plain" else {})},
+            shuffle_dataset=False, activation_checkpointing=mode == "plain",  # plain: TRL's own default
         )  # fmt: skip
         engine = LocalEngine if mode.startswith("engine") else None
         trainer = build_trainer(config, rows, timed_reward, engine_factory=engine)

@@ -82,7 +82,7 @@ def one_step(model: str, tmp_path, outcomes: list[bool], engine_factory=None, **
 
     config = ReflectionGRPOConfig(
         model=model, output_dir=str(tmp_path / "grpo"), num_generations=len(outcomes), max_steps=1,
-        max_reflection_tokens=16, max_retry_tokens=8, learning_rate=1e-4, save_steps=1000, device="cpu",
+        max_completion_length=16, max_retry_tokens=8, learning_rate=1e-4, save_steps=1000, use_cpu=True,
         **overrides,
     )  # fmt: skip
     seen: dict = {}
@@ -171,7 +171,7 @@ def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tiny_model_dir, t
 
     config = ReflectionGRPOConfig(
         model=tiny_model_dir, output_dir=str(tmp_path / "lora"), num_generations=2, max_steps=1,
-        max_reflection_tokens=8, max_retry_tokens=4, learning_rate=1e-2, save_steps=1000, device="cpu", lora_r=4,
+        max_completion_length=8, max_retry_tokens=4, learning_rate=1e-2, save_steps=1000, use_cpu=True, lora_r=4,
     )  # fmt: skip
     outcomes = iter([1.0, 0.0])
     result = train(
@@ -216,7 +216,7 @@ def mask_trainer(tiny_model_dir, tmp_path_factory):
 
     config = ReflectionGRPOConfig(
         model=tiny_model_dir, output_dir=str(tmp_path_factory.mktemp("mask")), num_generations=2,
-        max_steps=1, device="cpu",
+        max_steps=1, use_cpu=True,
     )  # fmt: skip
     return build_trainer(config, rows(), lambda reflections, columns, generate: [0.0] * len(reflections))
 
@@ -327,17 +327,35 @@ def test_the_mask_check_reads_tool_mask_and_truncated_rows(mask_trainer):
         check_reflection_mask(truncated, eos, truncated_masked=True)
 
 
-def test_config_maps_onto_trl_for_cpu(tmp_path):
+def test_the_config_is_trls_with_this_projects_defaults(tmp_path):
+    from trl import GRPOConfig
+
     from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, last_checkpoint
 
     config = ReflectionGRPOConfig(model="m", output_dir=str(tmp_path), num_generations=4, prompts_per_step=2,
-                                  beta=0.04, max_reflection_tokens=48, device="cpu")  # fmt: skip
-    args = config.to_grpo_config()
-    assert args.use_cpu and not args.bf16 and not args.use_vllm
-    assert (args.num_generations, args.per_device_train_batch_size, args.beta) == (4, 8, 0.04)
-    assert args.max_completion_length == 48 and not args.remove_unused_columns
+                                  beta=0.04, max_completion_length=48, use_cpu=True)  # fmt: skip
+    assert isinstance(config, GRPOConfig)
+    assert config.use_cpu and not config.bf16 and not config.use_vllm
+    assert (config.num_generations, config.per_device_train_batch_size, config.beta) == (4, 8, 0.04)
+    assert config.max_completion_length == 48 and not config.remove_unused_columns
+    # the defaults every run had before the config became a GRPOConfig (TRL's own, or overridden here)
+    default = ReflectionGRPOConfig(use_cpu=True)
+    assert {k: getattr(default, k) for k in (
+        "output_dir", "num_generations", "per_device_train_batch_size", "beta", "learning_rate", "max_steps",
+        "max_completion_length", "max_retry_tokens", "temperature", "top_p", "save_steps", "save_total_limit",
+        "logging_steps", "seed", "lora_r", "skip_zero_advantage", "bf16", "use_vllm", "remove_unused_columns",
+        "gradient_checkpointing", "report_to",
+    )} == {
+        "output_dir": "runs/reflect-grpo", "num_generations": 4, "per_device_train_batch_size": 4, "beta": 0.0,
+        "learning_rate": 1e-6, "max_steps": 50, "max_completion_length": 64, "max_retry_tokens": 64,
+        "temperature": 1.0, "top_p": 1.0, "save_steps": 10, "save_total_limit": 2, "logging_steps": 1,
+        "seed": 0, "lora_r": 0, "skip_zero_advantage": True, "bf16": False, "use_vllm": False,
+        "remove_unused_columns": False, "gradient_checkpointing": False, "report_to": [],
+    }  # fmt: skip
+    assert default.save_strategy == "steps" and default.vllm_mode == "colocate"
+    assert ReflectionGRPOConfig(per_device_train_batch_size=8).per_device_train_batch_size == 8  # given: kept
     with pytest.raises(ValueError, match="num_generations"):
-        ReflectionGRPOConfig(num_generations=1, device="cpu").to_grpo_config()
+        ReflectionGRPOConfig(num_generations=1, use_cpu=True)
     assert last_checkpoint(tmp_path) is None
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-12").mkdir()
