@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field, field_validator
+
+from selfsteer.trainer_bridge.records import Action
 
 MAX_EXPLANATION_WORDS = 100
 
@@ -12,7 +12,7 @@ MAX_EXPLANATION_WORDS = 100
 class LRDecision(BaseModel):
     """Double, halve or keep the learning rate, with a short explanation."""
 
-    action: Literal["double", "halve", "keep"] = Field(description="what to do with the learning rate")
+    action: Action = Field(description="what to do with the learning rate")
     explanation: str = Field(
         default="",
         max_length=800,

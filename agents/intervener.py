@@ -23,7 +23,6 @@ from trl import SFTConfig, SFTTrainer
 
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener_data import (
-    ACTIONS,
     STRATEGY,
     examples,
     explain,
@@ -32,6 +31,7 @@ from selfsteer.agents.intervener_data import (
     read_rows,
 )
 from selfsteer.agents.supervisors import LLMSupervisor
+from selfsteer.trainer_bridge.records import ACTIONS
 
 ADAPTER_DIR = Path(__file__).parent / "intervener"  # the shipped adapter (adapter_model.safetensors)
 EXPLANATION_CHARS = 160

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from selfsteer.agents.decision_data import write_rows
 from selfsteer.agents.observation import Observation
+from selfsteer.trainer_bridge.records import ACTIONS
 
-ACTIONS = ("double", "halve", "keep")
 STRATEGY = "intervener"
 # The median: the probes' spread is heavy-tailed (a run near divergence lands 10% apart under another data
 # order: the 90% quantile measured 11%, which labels nearly every row "keep"), so its robust scale is the

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from selfsteer.trainer_bridge.records import FINISHED_PHASES
+
 # -----------------------------------------------------------------------------
 # the subscriber process: N WebSocket clients that read every event until told to stop
 
@@ -184,7 +186,7 @@ def latency(recipe: dict, root: Path, commands: int) -> dict:
             listening.set()
             if event["event"] == "command" and event["command"]["status"] == "success":
                 applied_at.setdefault(event["command"]["uuid"], time.perf_counter())
-            if event["event"] == "state" and event["state"]["phase"] in ("finished", "stopped", "failed"):
+            if event["event"] == "state" and event["state"]["phase"] in FINISHED_PHASES:
                 return
 
     def send() -> None:

@@ -26,9 +26,10 @@ import argparse
 import random
 import statistics
 import time
-from typing import Literal
 
 from pydantic import BaseModel
+
+from selfsteer.trainer_bridge.records import Action as ActionName
 
 SYSTEM = (
     "You supervise the training of a language model. Every few steps you see its losses and decide "
@@ -37,7 +38,7 @@ SYSTEM = (
 
 
 class Action(BaseModel):
-    action: Literal["double", "halve", "keep"]
+    action: ActionName
 
 
 def observation(rng: random.Random) -> str:

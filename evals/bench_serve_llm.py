@@ -37,6 +37,8 @@ from contextlib import contextmanager
 
 import httpx
 
+from selfsteer.trainer_bridge.records import ACTIONS
+
 URL = re.compile(r"(http://127\.0\.0\.1:\d+/v1)")
 LONG_PROMPT = "List the numbers from 1 to 1000, separated by commas."  # measured: runs on past 300 tokens
 SHORT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
@@ -45,7 +47,7 @@ SHORT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_token
 DECISION_SCHEMA = {
     "type": "object",
     "properties": {
-        "action": {"type": "string", "enum": ["double", "halve", "keep"]},
+        "action": {"type": "string", "enum": list(ACTIONS)},
         "explanation": {"type": "string", "maxLength": 800, "description": "why, in at most 100 words"},
     },
     "required": ["action", "explanation"],

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from selfsteer.agents.intervener_data import noise_margin, observation_of, read_rows
+from selfsteer.trainer_bridge.records import ACTIONS
 
 SHIPPED = Path(__file__).resolve().parents[1] / "agents" / "intervener" / "counterfactual.tar.gz"
 
@@ -45,7 +46,7 @@ def score(points, trend: float, margin: float, noise: float) -> dict:
     harm = caught = 0.0
     for loss, change, outcomes in points:
         expected = loss + trend * change
-        for action in ("double", "halve"):
+        for action in (a for a in ACTIONS if a != "keep"):
             after = outcomes[action]
             bad = not after <= outcomes["keep"] * (1 + noise)
             fails = not after <= expected * (1 + margin)

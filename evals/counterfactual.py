@@ -44,9 +44,10 @@ from pathlib import Path
 import torch
 
 from selfsteer.agents.observation import Observation
-from selfsteer.agents.supervisors import ACTIONS, Decision
+from selfsteer.agents.supervisors import Decision
 from selfsteer.trainer_bridge.checkpoints import rng_state, set_rng_state
 from selfsteer.trainer_bridge.commands import LR_BOUNDS  # the supervision loop's clamp
+from selfsteer.trainer_bridge.records import ACTIONS
 
 PROBE = "keep_reseeded"  # the noise probe's branch name
 
