@@ -20,7 +20,7 @@ def _named_floats(text: str) -> dict[str, float]:
 
 
 def add_parser(subparsers, name: str) -> None:
-    from selfsteer.evals.lr_suite import DEFAULT_SUPERVISORS
+    from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS  # light: not evals.lr_suite (transformers)
 
     parser = subparsers.add_parser(
         name, help="evaluation suites (lr-suite)", description="Evaluation suites."
@@ -85,7 +85,8 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfsteer.evals.lr_suite import DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS, SuiteConfig, main
+    from selfsteer.evals.lr_suite import SuiteConfig, main
+    from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS
 
     recipes, supervisors = args.recipes, args.supervisors
     if args.held_out:

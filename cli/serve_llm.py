@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from selfsteer.agents.openai_server import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
+from selfsteer.agents.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
 
 API_KEY_ENV = "SELFSTEER_SERVE_API_KEY"
 

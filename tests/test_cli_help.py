@@ -1,0 +1,65 @@
+"""The command line's help loads no heavy library: building the parser imports no torch, transformers,
+TRL, LangChain, LangGraph or FastAPI (those load inside the commands that use them). How fast the
+help is, is measured by evals/bench_cli.py, not here."""
+
+import os
+import subprocess
+import sys
+
+from selfsteer.cli.main import COMMANDS
+
+HEAVY = ("torch", "transformers", "trl", "langchain_core", "langgraph", "fastapi")
+NESTED = ("decisions collect", "decisions export", "intervener train", "eval lr-suite")
+PROBE = (
+    "from selfsteer.cli.main import build_parser; build_parser(); import sys; "
+    f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+)
+
+
+def python(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    result = python("-c", PROBE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_every_help_exits_0_without_importing_anything_heavy():
+    # One interpreter asks for every help, as `selfsteer ... --help` would, then says what got imported.
+    helps = [[], *([*name.split()] for name in [*COMMANDS, *NESTED])]
+    script = (
+        "import contextlib, io, sys\n"
+        "from selfsteer.cli.main import main\n"
+        f"for argv in {helps!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        try:\n"
+        "            main([*argv, '--help'])\n"
+        "        except SystemExit as exit_:\n"
+        "            assert exit_.code == 0, (argv, exit_.code)\n"
+        "    assert out.getvalue().startswith('usage: selfsteer'), argv\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    result = python("-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_selfsteer_help_exits_0_as_a_user_types_it():
+    for argv in ([], *([*name.split()] for name in [*COMMANDS, *NESTED])):
+        result = python("-m", "selfsteer.cli.main", *argv, "--help")
+        assert result.returncode == 0, (argv, result.stderr)
+        assert result.stdout.startswith("usage: selfsteer"), (argv, result.stdout[:200])
+
+
+def test_the_light_copies_of_defaults_agree_with_their_heavy_homes():
+    # The parser reads these from light modules; the code that runs reads them from its own.
+    from selfsteer.agents import openai_server, serve_limits
+    from selfsteer.evals import lr_suite, lr_suite_names
+
+    assert serve_limits.DEFAULT_MAX_TOKENS_CAP == openai_server.DEFAULT_MAX_TOKENS_CAP
+    assert serve_limits.DEFAULT_JSON_MAX_TOKENS == openai_server.DEFAULT_JSON_MAX_TOKENS
+    assert lr_suite_names.DEFAULT_SUPERVISORS == lr_suite.DEFAULT_SUPERVISORS
+    assert lr_suite_names.HELD_OUT_SUPERVISORS == lr_suite.HELD_OUT_SUPERVISORS
