@@ -6,9 +6,9 @@ compared and replayed:
     strategy = load_strategy("json_history")      # or a path to a .yaml file of the same shape
     strategy.render_user(step=..., lr=..., ...)
 
-A file has: name, version, description, history ("json" | "stats": what the {history_json} / {stats}
-placeholders are filled with), schema ("decision": action then explanation; "reasoned": reasoning then
-action), system, user (a `str.format` template).
+A file has: name, version, description, schema ("decision": action then explanation; "reasoned":
+reasoning then action), system, user (a `str.format` template over the observation's values,
+`Observation.prompt_values()`: {history_json}, {stats}, {table}, ...; a template uses those it wants).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).parent
-FIELDS = ("name", "version", "description", "history", "schema", "system", "user")
+FIELDS = ("name", "version", "description", "schema", "system", "user")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,6 @@ class PromptStrategy:
     name: str
     version: int
     description: str
-    history: str
     schema: str
     system: str
     user: str
@@ -66,6 +65,6 @@ def load_strategy(name_or_path: str) -> PromptStrategy:
     missing = [f for f in FIELDS if f not in data]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
-    if data["history"] not in ("json", "stats") or data["schema"] not in ("decision", "reasoned"):
-        raise ValueError(f"{path}: history must be json|stats and schema decision|reasoned")
+    if data["schema"] not in ("decision", "reasoned"):
+        raise ValueError(f"{path}: schema must be decision or reasoned")
     return PromptStrategy(**{f: data[f] for f in FIELDS})
