@@ -35,12 +35,14 @@ def chat_model_from_args(args: argparse.Namespace):
 
 
 def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | None = "rule") -> None:
+    from selfsteer.prompts import list_strategies  # the prompts/lr_*.yaml files (light: no model)
+
     group = parser.add_argument_group("supervisor")
     group.add_argument(
         "--supervisor",
         default=default,
         help="who steers the run: none | rule (loss rises or plateaus -> halve) | plateau (PyTorch's "
-        "ReduceLROnPlateau) | llm (a language model, see --llm and --strategy) | intervener (the embedded "
+        "ReduceLROnPlateau) | llm (a language model, see --llm and --strategy; llm:STRATEGY names the strategy) | intervener (the embedded "
         "model with the shipped adapter trained on counterfactual decisions; intervener:DIR for another "
         "adapter) | tools (a chat model with tool calling acts through the bridge's tools: lr, clipping, "
         "checkpoints, evaluation; needs --llm openai:MODEL with tools) | human (asks on the terminal) | module:Class (your own Supervisor) | "
@@ -49,8 +51,8 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
     group.add_argument(
         "--strategy",
         default="json_history",
-        help="prompt strategy of --supervisor llm: json_history (default), compact_stats, "
-        "reason_then_answer, intervener, or a .yaml file",
+        help=f"prompt strategy of --supervisor llm: {', '.join(list_strategies())} (default json_history), "
+        "or a .yaml file",
     )
     group.add_argument("--max-iterations", type=int, default=100, help="cap on decisions (default 100)")
     group.add_argument(
@@ -88,10 +90,10 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
 
 def supervisor_from_args(args: argparse.Namespace):
     """The Supervisor the flags ask for, or None for `none`."""
-    from selfsteer.agents.supervisors import load_supervisor
+    from selfsteer.agents.registry import make_supervisor, needs_chat_model
 
-    chat_model = chat_model_from_args(args) if args.supervisor in ("llm", "tools") else None
-    return load_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
+    chat_model = chat_model_from_args(args) if needs_chat_model(args.supervisor) else None
+    return make_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
 
 
 def self_correction_from_args(args: argparse.Namespace):

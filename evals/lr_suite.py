@@ -138,7 +138,7 @@ class WaitForDecision(TrainerCallback):
 
 
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
-    from selfsteer.agents.supervisors import LLMSupervisor, load_supervisor
+    from selfsteer.agents.registry import make_supervisor
     from selfsteer.graphs.supervise import SelfCorrection, run_supervision
     from selfsteer.trainer_bridge.recipe import load_recipe
     from selfsteer.trainer_bridge.runner import RecipeRun
@@ -154,11 +154,9 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     if cell.supervisor == "cosine":
         overrides.append("training.lr_scheduler_type=cosine")
     name, self_correct = self_correcting(cell.supervisor)
-    supervisor = None
-    if name.startswith("llm:"):
-        supervisor = LLMSupervisor(chat_model, name.split(":", 1)[1])
-    elif name not in ("static", "cosine"):
-        supervisor = load_supervisor(name)  # rule, plateau, intervener: a fresh one per run
+    # static, cosine: no supervisor (baselines); any other: a fresh one per run (llm:STRATEGY shares
+    # the suite's chat model).
+    supervisor = None if name in ("static", "cosine") else make_supervisor(name, chat_model=chat_model)
 
     supervisor_done = threading.Event()
 
