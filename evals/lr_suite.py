@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from selfsteer.evals.counterfactual import HELD_OUT, OPTIMIZERS, SHAPES
+from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS  # noqa: F401 (their one home)
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -61,8 +62,6 @@ WORKLOADS = {
         ],
     ),
 }
-HELD_OUT_SUPERVISORS = ["static", "cosine", "plateau", "rule", "llm:intervener", "intervener"]
-DEFAULT_SUPERVISORS = ["static", "cosine", "rule", "llm:json_history", "llm:compact_stats", "llm:reason_then_answer"]  # fmt: skip
 CATASTROPHE = 0.10  # a supervised run is catastrophic when it ends this fraction above its static twin
 BAD_START = 0.10  # a static run started "badly" when it ends this fraction above the grid's best
 RESCUE_GAIN = 0.05  # a supervised run "rescued" a bad start when it ends this fraction below the static run

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict, get_args
 
 import yaml
 from langchain_core.language_models import BaseChatModel
@@ -46,8 +46,8 @@ from langgraph.graph import END, START, StateGraph
 from selfsteer.tools.tasks import Problem
 from selfsteer.trainer_bridge.store import Store
 
-STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")
 Strategy = Literal["retry", "reflect", "reflect_attempt", "memory"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Message = dict[str, str]  # {"role": ..., "content": ...}: what chat models and TRL both read
 
 
