@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from selfsteer.agents.chat_models import describe_llm_error
     from selfsteer.agents.decision import LRDecision, keep_decision
+    from selfsteer.trainer_bridge.records import NewDecision
     from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
     console = Console()
@@ -72,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
     with Store(args.db or DEFAULT_DB_PATH) as store:
         run_id = store.create_run("demo-decision", kind="demo", config={"llm": args.llm, "lr": args.lr})
-        store.add_decision(
-            run_id, step=DIVERGING_HISTORY[-1][0], agent="llm", action=decision.action,
+        store.add_decision(run_id, NewDecision(
+            step=DIVERGING_HISTORY[-1][0], agent="llm", action=decision.action,
             explanation=decision.explanation, model=args.llm, strategy="demo",
             observation={"text": observation}, raw_output=answer["raw"].content if answer["raw"] else None,
             lr_before=args.lr, lr_after=new_lr, latency_s=latency, fallback=fell_back,
-        )  # fmt: skip
+        ))  # fmt: skip
         store.finish_run(run_id, summary={"action": decision.action, "latency_s": latency})
     console.print(f"stored as run {run_id} in {args.db or DEFAULT_DB_PATH}")
     return 0

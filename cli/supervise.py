@@ -19,16 +19,18 @@ def add_parser(subparsers, name: str) -> None:
         name,
         help="attach a supervisor (rules, an LLM, a person, your own) to a running training run",
         description="Watch a run served by `selfsteer train` (or any trainer made interactive) and steer its "
-        "learning rate: observe -> decide -> act -> wait, until the run ends. Decisions go to the store; "
-        "the loop's state is checkpointed there too, so running the same command again after a crash "
-        "resumes without acting twice.",
+        "learning rate: observe -> decide -> act -> wait, until the run ends. Each decision is printed and "
+        "recorded in the run's own store through its server (the URL is all it needs); the loop's state is "
+        "checkpointed in --db, so running the same command again after a crash resumes without acting twice.",
     )
     parser.add_argument("--url", required=True, help="the run's control server, e.g. http://127.0.0.1:7007")
     parser.add_argument(
         "--token", default=os.environ.get("SELFSTEER_TOKEN"), help="bearer token, if the server wants one"
     )
     parser.add_argument(
-        "--db", default="selfsteer.sqlite", help="store for decisions (default ./selfsteer.sqlite)"
+        "--db",
+        default="selfsteer.sqlite",
+        help="where the supervisor keeps its own state, to resume after a crash (default ./selfsteer.sqlite)"
     )
     add_supervisor_arguments(parser)
     add_llm_arguments(parser)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         final = run_supervision(
             args.url, supervisor, db=args.db, token=args.token,
             max_iterations=args.max_iterations, every_steps=args.every_steps,
-            self_correct=self_correct,
+            self_correct=self_correct, on_decision=print_decision,
         )  # fmt: skip
     except Exception as error:
         print(f"selfsteer supervise: {describe_llm_error(error, args.llm, args.base_url)}", file=sys.stderr)
@@ -76,3 +78,11 @@ def run(args: argparse.Namespace) -> int:
         )
     print()
     return 0
+
+
+def print_decision(decision: dict) -> None:
+    print(
+        f"step {decision['step']}: {decision['action']}, lr {decision['lr_before']:.3g} -> "
+        f"{decision['lr_after']:.3g}: {decision['explanation']}",
+        flush=True,
+    )

@@ -198,7 +198,7 @@ def harm_done(live, fuzz_started: float) -> dict[str, int]:
     except ValidationError:
         out_of_bounds += 1
     return {
-        "run not running": int(state["phase"] != "running"),
+        "run not running": int(state["phase"] not in ("running", "paused")),
         "run stalled": int(state["step"] < step + 10),
         "NaN/inf logged": len(broken),
         "eval loss not finite": int(not (isinstance(eval_loss, float) and math.isfinite(eval_loss))),
@@ -262,7 +262,7 @@ def fuzz(workdir: Path, cases: int, max_time: float | None = None, seed: int = 0
                 )
             )
             rounds += 1
-            if with_token.errors or client.state()["phase"] != "running":
+            if with_token.errors or client.state()["phase"] not in ("running", "paused"):
                 break  # a dead server or run: more rounds would only say so again
         left = None if max_time is None else max(5.0, max_time - (time.perf_counter() - start))
         without_token = schemathesis(

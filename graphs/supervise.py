@@ -21,7 +21,7 @@ key made of the run, the supervisor instance (the graph's thread id) and the ite
 returns the first command instead of queueing another; and a decision is stored under such a key
 too, so a decision recorded before the crash is reused as it was, never asked for again.
 
-    graph = build_supervision_graph(BridgeClient(url), RuleSupervisor(), store=Store("selfsteer.sqlite"))
+    graph = build_supervision_graph(BridgeTools(BridgeClient(url)), RuleSupervisor())
     graph.invoke({"max_iterations": 50}, {"configurable": {"thread_id": "supervise:RUN"}})
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
 from uuid import uuid4
@@ -42,12 +43,8 @@ from langgraph.types import Command
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
-from selfsteer.tools.bridge_tools import BridgeTools
-from selfsteer.trainer_bridge.checkpoints import lineage
-from selfsteer.trainer_bridge.client import BridgeHTTPError
-from selfsteer.trainer_bridge.commands import LR_BOUNDS
-
-FINISHED_PHASES = ("finished", "stopped", "failed")
+from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools
+from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
 
 
 class SupervisionState(TypedDict, total=False):
@@ -115,21 +112,23 @@ def build_supervision_graph(
     tools: BridgeTools,
     supervisor: Supervisor,
     *,
-    store=None,
     checkpointer=None,
     stop_event: threading.Event | None = None,
     pause_while_deciding: bool = False,
     self_correct: SelfCorrection | None = None,
     poll_s: float = 0.2,
     wait_timeout_s: float = 600.0,
+    on_decision: Callable[[dict], None] | None = None,
 ):
-    """Compile the loop. `tools` act on the run; `store` (optional) records every decision and its
-    outcome; `checkpointer` makes the loop resumable; `stop_event` ends it from outside.
+    """Compile the loop. `tools` act on the run and record every decision and its outcome in the run's
+    store, through its server; `checkpointer` makes the loop resumable; `stop_event` ends it from outside.
     pause_while_deciding: hold training from the observation to the action, so a decision acts on
         the state it saw (reproducible comparisons; by default training goes on while the supervisor
         thinks).
     self_correct: check each lr change at the next evaluation, and reflect, roll back and retry a
-        failed one."""
+        failed one.
+    on_decision: called with each new decision ({step, action, lr_before, lr_after, explanation, ...}),
+        e.g. to print it."""
 
     refuse_unsupported(supervisor, self_correct)
     if getattr(supervisor, "acts_through_tools", False):
@@ -158,15 +157,15 @@ def build_supervision_graph(
                 return {"finished": True}
             run_state = tools.read_state()
         # Only the history of the weights now training: not a branch the run forked away from.
-        rows = lineage(tools.read_metrics(), tools.client.branches(), run_state.get("branch") or "main")
+        rows = tools.read_lineage(run_state.get("branch") or "main")
         step = int(run_state.get("step") or 0)
         lr = _current_lr(run_state, rows)
         sent = state.get("sent_lr")
         if sent and tools.client.command(sent["uuid"])["status"] in ("pending", "running"):
             lr = sent["lr"]  # sent, not yet applied: the run will have it at its next step
         observation = Observation.from_metrics(rows, step=step, lr=lr, max_steps=run_state.get("max_steps"))
-        if store is not None and state.get("decision_id") is not None:
-            store.set_decision_outcome(state["decision_id"], _outcome(state, observation))
+        if state.get("decision_id") is not None:
+            tools.client.update_decision(state["decision_id"], DecisionUpdate(outcome=_outcome(state, observation)))
         return {
             "run_id": run_state.get("run_id", ""),
             "max_steps": int(run_state.get("max_steps") or 0),
@@ -180,10 +179,10 @@ def build_supervision_graph(
     def decide(state: SupervisionState, config: RunnableConfig) -> dict:
         iteration = state.get("iteration", 0) + 1
         decision_key = key(state["run_id"], config, "decision", iteration)
-        recorded = store.get_decision(state["run_id"], decision_key) if store is not None else None
-        if recorded is not None:  # decided before this process died: the same decision, not a new one
-            decision = {k: recorded[k] for k in ("action", "explanation", "lr_before", "lr_after", "step")}
-            return {"decision": decision, "decision_id": recorded["id"], "iteration": iteration}
+        recorded = tools.client.decisions(key=decision_key) if state.get("run_id") else []
+        if recorded:  # decided before this process died: the same decision, not a new one
+            decision = recorded[0].model_dump(include={"action", "explanation", "lr_before", "lr_after", "step"})
+            return {"decision": decision, "decision_id": recorded[0].id, "iteration": iteration}
         observation = Observation(**state["observation"])
         avoid = state.get("avoid") or []
         if self_correct is not None:
@@ -200,21 +199,19 @@ def build_supervision_graph(
         lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
         seen = observation.to_dict()
         decision_id = None
-        if store is not None and state.get("run_id"):
-            decision_id = store.add_decision(
-                state["run_id"], step=state["step"], agent=supervisor.name, action=decision.action,
+        if state.get("run_id"):
+            decision_id = tools.client.record_decision(NewDecision(
+                step=state["step"], agent=supervisor.name, action=decision.action,
                 explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
                 observation=_finite(seen), raw_output=decision.raw_output,
                 lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
                 key=decision_key, retry_of=state.get("retry_of"),
-            )  # fmt: skip
+            )).id  # fmt: skip
+        made = {**decision.__dict__, "lr_before": state["lr"], "lr_after": lr_after, "step": state["step"]}
+        if on_decision is not None:
+            on_decision(made)
         return {
-            "decision": {
-                **decision.__dict__,
-                "lr_before": state["lr"],
-                "lr_after": lr_after,
-                "step": state["step"],
-            },
+            "decision": made,
             "decision_id": decision_id,
             "iteration": iteration,
             "observation": seen,
@@ -225,9 +222,9 @@ def build_supervision_graph(
     def lessons(state: SupervisionState) -> list[str]:
         """The reflections a decision sees: this run's latest, and earlier runs' when remembered."""
         texts = (state.get("reflections") or [])[-self_correct.memory :]
-        if self_correct.remember_runs and store is not None and len(texts) < self_correct.memory:
-            earlier = store.list_reflections(agent=supervisor.name, limit=4 * self_correct.memory)
-            texts = [r["reflection"] for r in earlier if r["run_id"] != state.get("run_id")][
+        if self_correct.remember_runs and len(texts) < self_correct.memory:
+            earlier = tools.client.reflections(agent=supervisor.name, limit=4 * self_correct.memory)
+            texts = [r.reflection for r in earlier if r.run_id != state.get("run_id")][
                 : self_correct.memory - len(texts)
             ][::-1] + texts
         return texts
@@ -328,10 +325,11 @@ def build_supervision_graph(
                 "observation": {**state["observation"], "lr": pending["lr_before"]},
             }
             update["sent_lr"] = {"uuid": row["uuid"], "lr": pending["lr_before"]}
-        if store is not None and pending["decision_id"] is not None:
-            store.set_reflection(
-                pending["decision_id"], reflection, _finite(outcome), rolled_back="rolled_back_to" in outcome
+        if pending["decision_id"] is not None:
+            update_row = DecisionUpdate(
+                reflection=reflection, outcome=_finite(outcome), rolled_back="rolled_back_to" in outcome
             )
+            tools.client.update_decision(pending["decision_id"], update_row)
         return update
 
     def wait(state: SupervisionState) -> dict:
@@ -397,27 +395,29 @@ def run_supervision(
     ask_human=None,
     pause_while_deciding: bool = False,
     self_correct: SelfCorrection | None = None,
+    on_decision: Callable[[dict], None] | None = None,
 ) -> dict:
     """Supervise the run served at `url` until it ends; returns the graph's final state.
 
-    db: the store for decisions and the graph's checkpoints (default ./selfsteer.sqlite); the same
-        `thread_id` (default: supervise:RUN_ID) resumes an interrupted supervisor.
+    db: where the graph's checkpoints go (default ./selfsteer.sqlite), so that the same `thread_id`
+        (default: supervise:RUN_ID) resumes an interrupted supervisor. Decisions go to the run's own
+        store through its server: nothing but the URL is needed to record them.
     ask_human: called with the question of a `HumanSupervisor` interrupt, returns the answer
         (default: asks on the terminal).
     """
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from selfsteer.trainer_bridge.client import BridgeClient
-    from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
+    from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
 
     db = db or DEFAULT_DB_PATH
-    with BridgeClient(url, token=token, source=supervisor.name[:40]) as client, Store(db) as store:
+    with BridgeClient(url, token=token, source=supervisor.name[:40]) as client:
         tools = BridgeTools(client)
         thread_id = thread_id or f"supervise:{tools.read_state().get('run_id', url)}"
         with SqliteSaver.from_conn_string(db) as checkpointer:
             graph = build_supervision_graph(
-                tools, supervisor, store=store, checkpointer=checkpointer, stop_event=stop_event,
-                pause_while_deciding=pause_while_deciding, self_correct=self_correct,
+                tools, supervisor, checkpointer=checkpointer, stop_event=stop_event,
+                pause_while_deciding=pause_while_deciding, self_correct=self_correct, on_decision=on_decision,
             )  # fmt: skip
             # Each decision takes at most six steps of the graph (wait, observe, check, observe after a
             # rollback, decide, act).
@@ -440,7 +440,7 @@ def ask_on_terminal(question: dict) -> dict:
     print(f"\nstep {question.get('step')}, learning rate {question.get('lr'):g}. {question.get('stats', '')}")
     while True:
         answer = input("double, halve or keep? [keep] ").strip().lower() or "keep"
-        if answer in ("double", "halve", "keep"):
+        if answer in ACTIONS:
             return {"action": answer, "explanation": input("why (optional)? ").strip() or "human decision"}
         print("please answer double, halve or keep")
 

@@ -22,6 +22,7 @@ from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.commands import NoArgs
 from selfsteer.trainer_bridge.handlers import default_registry
 from selfsteer.trainer_bridge.recipe import build_workload, load_recipe
+from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.server import MAX_BODY_BYTES, METRICS_PAGE
 from selfsteer.trainer_bridge.store import Store
 from selfsteer.trainer_bridge.testing import LiveRun, StepGate
@@ -268,7 +269,9 @@ def test_errors_have_one_form_and_the_openapi_declares_them(tmp_path):
     post = paths["/api/commands"]["post"]
     assert {"200", "400", "409", "413", "422"} <= set(post["responses"])
     with_ids = [p for p in paths if "{" in p]
-    assert len(with_ids) == 7 and all("404" in paths[p]["get"]["responses"] for p in with_ids)
+    assert len(with_ids) == 8 and all(
+        "404" in operation["responses"] for p in with_ids for operation in paths[p].values()
+    )
     # One body per command type, typed by the registry (what /api/command-types lists).
     schemas = openapi["components"]["schemas"]
     variants = [schemas[ref["$ref"].rsplit("/", 1)[1]] for ref in post["requestBody"]["content"]["application/json"]["schema"]["oneOf"]]  # fmt: skip
@@ -304,7 +307,9 @@ def test_metrics_commands_and_decisions_come_in_pages(tmp_path):
         client = httpx.Client(base_url=base)
         with Store(live.db) as store:
             for i in range(5):
-                store.add_decision(run_id, i, "llm", "keep", f"decision {i}")
+                store.add_decision(
+                    run_id, NewDecision(step=i, agent="llm", action="keep", explanation=f"decision {i}")
+                )
             store.add_metrics(run_id, [{"step": 31, "name": "loss", "value": math.nan}])
 
         whole = client.get("/api/metrics")

@@ -183,6 +183,7 @@ def test_async_client(tmp_path):
 def test_store_views_for_the_dashboard_history(tmp_path):
     """/api/info, /api/decisions and /api/runs/...: what the dashboard reads besides the live API, over
     a live server and over `create_history_app` (no run)."""
+    from selfsteer.trainer_bridge.records import NewDecision
     from selfsteer.trainer_bridge.server import create_history_app
     from selfsteer.trainer_bridge.store import Store
 
@@ -190,7 +191,9 @@ def test_store_views_for_the_dashboard_history(tmp_path):
         live.gate.wait(11)
         run_id = live.bridge.run_id
         with Store(live.db) as store:
-            first = store.add_decision(run_id, 10, "llm", "halve", "rising", observation={"big": 1})
+            first = store.add_decision(
+                run_id, NewDecision(step=10, agent="llm", action="halve", explanation="rising", observation={"big": 1})
+            )
             store.add_metrics(run_id, [{"step": 999, "name": "loss", "value": float("nan")}])
         base = live.run.url
         assert httpx.get(base + "/api/info").json() == {"mode": "live", "run_id": run_id, "version": "0.1.0"}
@@ -229,3 +232,44 @@ def raw_get(port: int, path: str) -> tuple[int, str]:
         return response.status, response.read().decode()
     finally:
         connection.close()
+
+
+def test_decisions_are_recorded_through_the_server(tmp_path):
+    """A supervisor attached by URL records, completes and recalls its decisions through the run's
+    server: a repeat under a key returns the first, a bad one is refused whole."""
+    from selfsteer.trainer_bridge.records import DecisionUpdate, NewDecision
+    from selfsteer.trainer_bridge.store import Store
+
+    with LiveRun(tmp_path, ["training.max_steps=12", "training.eval_steps=10"], gates=[11]) as live:
+        live.gate.wait(11)
+        client = BridgeClient(live.run.url, source="rule")
+        new = NewDecision(step=10, agent="rule", action="halve", explanation="rising", lr_before=3e-3,
+                          lr_after=1.5e-3, observation={"step": 10, "loss": "nan"}, key="k1")  # fmt: skip
+        first = client.record_decision(new)
+        assert (first.action, first.run_id, first.lr_after) == ("halve", live.bridge.run_id, 1.5e-3)
+        assert client.record_decision(new.model_copy(update={"action": "double"})).id == first.id
+        for bad in ({**new.model_dump(), "action": "triple"}, {"step": -1, "agent": "rule", "action": "keep"}):
+            assert httpx.post(live.run.url + "/api/decisions", json=bad).status_code == 422
+        nan = '{"step": 1, "agent": "rule", "action": "keep", "observation": {"loss": NaN}}'
+        assert httpx.post(live.run.url + "/api/decisions", content=nan).status_code == 422
+        assert [d.id for d in client.decisions()] == [first.id]
+        assert [d.id for d in client.decisions(key="k1")] == [first.id] and client.decisions(key="k2") == []
+
+        done = client.update_decision(first.id, DecisionUpdate(outcome={"loss_change": 0.1}))
+        assert done.outcome == {"loss_change": 0.1} and not done.rolled_back
+        assert client.reflections() == []
+        failed = client.update_decision(
+            first.id, DecisionUpdate(reflection="halving stalled it", outcome={"loss_change": 0.5}, rolled_back=True)
+        )
+        assert (failed.reflection, failed.rolled_back) == ("halving stalled it", True)
+        assert [(r.id, r.reflection) for r in client.reflections(agent="rule")] == [(first.id, "halving stalled it")]
+        assert client.reflections(agent="llm") == []
+        with pytest.raises(BridgeHTTPError) as missing:
+            client.update_decision(first.id + 1, DecisionUpdate(outcome={}))
+        assert missing.value.status_code == 404
+        client.close()
+        live.gate.release(11)
+        live.join()
+    with Store(live.db) as store:
+        (row,) = store.list_decisions(live.bridge.run_id)
+    assert row["observation"] == {"step": 10, "loss": "nan"} and row["key"] == "k1"

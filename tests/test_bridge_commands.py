@@ -73,7 +73,7 @@ def test_pause_holds_training_until_resume(tmp_path):
         assert live.client.wait(pause)["step"] == 5
         time.sleep(0.5)
         state = live.client.state()
-        assert state["paused"] and state["step"] == 5 and state["phase"] == "running"
+        assert state["paused"] and state["step"] == 5 and state["phase"] == "paused"
         # Commands sent while paused apply at the paused step.
         lr = live.client.set_lr(0.002)["uuid"]
         assert live.client.wait(lr)["step"] == 5

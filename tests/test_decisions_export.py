@@ -9,6 +9,7 @@ from datasets import load_from_disk
 
 from selfsteer.agents.observation import Observation
 from selfsteer.graphs.supervise import _finite
+from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.store import Store
 
 
@@ -16,13 +17,15 @@ def fill(store):
     run = store.create_run("r")
     rows = [{"step": 10 * i, "name": "eval_loss", "value": v} for i, v in enumerate([3.0, 2.9, math.nan], 1)]
     observation = Observation.from_metrics(rows, step=30, lr=1e-3, max_steps=100)
-    first = store.add_decision(
-        run, step=30, agent="llm", action="halve", explanation="nan loss", strategy="json_history@v1",
+    first = store.add_decision(run, NewDecision(
+        step=30, agent="llm", action="halve", explanation="nan loss", strategy="json_history@v1",
         model="SmolLM2-135M-Instruct", observation=_finite(observation.to_dict()),
         raw_output='{"action": "halve", "explanation": "nan loss"}', lr_before=1e-3, lr_after=5e-4, latency_s=0.2,
-    )  # fmt: skip
+    ))  # fmt: skip
     store.set_decision_outcome(first, {"loss_change": -0.5, "steps": 10})
-    store.add_decision(run, step=40, agent="rule", action="keep", strategy="rules", observation={"step": 40})
+    store.add_decision(
+        run, NewDecision(step=40, agent="rule", action="keep", strategy="rules", observation={"step": 40})
+    )
     return run
 
 

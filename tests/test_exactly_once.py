@@ -91,11 +91,11 @@ def _supervisor(url: str, db: Path, *extra: str) -> subprocess.CompletedProcess:
 # Each kill point, in the order the processes die: one supervisor process after another, each killed
 # inside a node of the graph, the next resuming from the checkpoint the last one left.
 KILLS = [
-    "decide:add_decision",  # recorded the decision, died before acting on it
+    "decide:record_decision",  # recorded the decision, died before acting on it
     "act:set_lr",  # the lr command reached the server; the node's checkpoint was never written
     "act:resume",  # ... and the run was resumed too
     "observe:pause",  # the run is paused and waits for a decision that died with the process
-    "observe:set_decision_outcome",
+    "observe:update_decision",
     "wait:read_metrics",
 ]
 ITERATIONS = 9

@@ -10,7 +10,9 @@ import threading
 import time
 
 import pytest
+from pydantic import ValidationError
 
+from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.store import (
     DEFAULT_DB_PATH,
     MIGRATIONS,
@@ -295,8 +297,10 @@ def test_json_with_nan_is_refused_everywhere(store):
     with pytest.raises(StoreError, match="JSON"):
         store.create_run("r", config={"lr": float("nan")})
     run = store.create_run("r")
-    with pytest.raises(StoreError, match="JSON"):
-        store.add_decision(run, 1, "llm", "keep", observation={"loss": float("nan")})
+    with pytest.raises(ValidationError, match="JSON"):  # the record refuses it before the store sees it
+        store.add_decision(
+            run, NewDecision(step=1, agent="llm", action="keep", observation={"loss": float("nan")})
+        )
     assert store.list_runs() == [store.get_run(run)] and store.get_run(run)["status"] == "running"
     assert store.list_decisions() == []
 
@@ -306,19 +310,21 @@ def test_decisions_round_trip(store):
     observation = {"step": 100, "losses": [3.1, 2.9], "lr": 5e-3}
     first = store.add_decision(
         run,
-        100,
-        "llm",
-        "halve",
-        explanation="loss is oscillating",
-        strategy="cot-v1",
-        model="SmolLM2-135M-Instruct",
-        observation=observation,
-        raw_output='{"action": "halve"}',
-        lr_before=5e-3,
-        lr_after=2.5e-3,
-        latency_s=0.8,
+        NewDecision(
+            step=100,
+            agent="llm",
+            action="halve",
+            explanation="loss is oscillating",
+            strategy="cot-v1",
+            model="SmolLM2-135M-Instruct",
+            observation=observation,
+            raw_output='{"action": "halve"}',
+            lr_before=5e-3,
+            lr_after=2.5e-3,
+            latency_s=0.8,
+        ),
     )
-    second = store.add_decision(run, 200, "rule", "keep", fallback=True)
+    second = store.add_decision(run, NewDecision(step=200, agent="rule", action="keep", fallback=True))
     assert isinstance(first, int) and second > first
 
     decisions = store.list_decisions(run)
@@ -345,10 +351,12 @@ def test_decisions_round_trip(store):
     with pytest.raises(KeyError):
         store.set_decision_outcome(12345, {})
     other = store.create_run("other")
-    store.add_decision(other, 1, "human", "double")
+    store.add_decision(other, NewDecision(step=1, agent="human", action="double"))
     assert len(store.list_decisions()) == 3 and len(store.list_decisions(other)) == 1
-    with pytest.raises(StoreError):
-        store.add_decision(run, 1, "llm", "")
+    with pytest.raises(StoreError, match="NewDecision"):
+        store.add_decision(run, {"step": 1, "agent": "llm", "action": "keep"})
+    with pytest.raises(ValidationError):
+        NewDecision(step=1, agent="llm", action="")
 
 
 def test_episodes_round_trip(store):

@@ -37,10 +37,11 @@ def wait_for(condition, timeout=60.0):
 
 def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
     supervisor = Scripted(["double", "halve", "keep"])
+    told = []
     with LiveRun(tmp_path, ["training.max_steps=40"], gates=[11, 21, 31]) as live, Store(live.db) as store:
-        thread = threading.Thread(
-            target=run_supervision, args=(live.run.url, supervisor), kwargs={"db": str(live.db)}, daemon=True
-        )
+        # Attached by URL alone: its own state goes elsewhere, its decisions to the run's store via the server.
+        kwargs = {"db": str(tmp_path / "supervisor.sqlite"), "on_decision": told.append}
+        thread = threading.Thread(target=run_supervision, args=(live.run.url, supervisor), kwargs=kwargs, daemon=True)
         thread.start()
         # Training waits at step 11 (the step-10 evaluation is done) for the first decision, at step 21
         # for the second, at step 31 for the third: the path does not depend on how fast either side is.
@@ -55,6 +56,11 @@ def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
         commands = [c for c in store.list_commands(live.run.run_id) if c["type"] == "set_optimizer"]
 
     assert [d["action"] for d in decisions][:3] == ["double", "halve", "keep"]
+    assert [(d["step"], d["action"], d["lr_after"]) for d in told] == [
+        (d["step"], d["action"], d["lr_after"]) for d in decisions
+    ]
+    with Store(tmp_path / "supervisor.sqlite") as own:
+        assert own.list_decisions() == []  # nothing of the run's is kept beside the supervisor
     assert decisions[0]["lr_before"] == pytest.approx(3e-3) and decisions[0]["lr_after"] == pytest.approx(
         6e-3
     )
@@ -114,7 +120,6 @@ def test_a_supervisor_that_dies_resumes_without_acting_twice(tmp_path):
             graph = build_supervision_graph(
                 DiesAfterSending(client),
                 Scripted(["halve"]),
-                store=store,
                 checkpointer=saver,
                 wait_timeout_s=0.5,
             )
@@ -124,7 +129,6 @@ def test_a_supervisor_that_dies_resumes_without_acting_twice(tmp_path):
             graph = build_supervision_graph(
                 DiesAfterSending(client),
                 Scripted(["double"]),
-                store=store,
                 checkpointer=saver,
                 wait_timeout_s=0.5,
             )
@@ -234,7 +238,7 @@ def test_a_failing_action_still_resumes_the_paused_run(tmp_path):
     ):
         client = BridgeClient(live.run.url, source="scripted")
         graph = build_supervision_graph(
-            Refused(client), AlwaysDouble(), store=store, pause_while_deciding=True
+            Refused(client), AlwaysDouble(), pause_while_deciding=True
         )
         with pytest.raises(BridgeHTTPError, match="fell over"):
             graph.invoke({"max_iterations": 3}, {"configurable": {"thread_id": "t"}})

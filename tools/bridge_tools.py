@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from langchain_core.tools import StructuredTool
 
-from selfsteer.trainer_bridge.client import BridgeClient
+from selfsteer.trainer_bridge.checkpoints import lineage
+from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError
+from selfsteer.trainer_bridge.commands import LR_BOUNDS
+
+# What graphs and agents see of the bridge: these, not the bridge's own modules.
+__all__ = ["LR_BOUNDS", "BridgeHTTPError", "BridgeTools"]
 
 
 class BridgeTools:
@@ -25,6 +30,11 @@ class BridgeTools:
     def read_metrics(self, since: int | None = None, names: list[str] | None = None) -> list[dict]:
         """Metric rows {step, name, value, branch} after step `since` (all when None)."""
         return self.client.metrics(since=since, names=names)
+
+    def read_lineage(self, branch: str) -> list[dict]:
+        """The metric rows of the weights training on `branch`: its own, and its ancestors' up to where it
+        forked (not those of a branch the run forked away from)."""
+        return lineage(self.read_metrics(), self.client.branches(), branch)
 
     def set_lr(self, lr: float, idempotency_key: str | None = None, schedule: str | None = None) -> dict:
         """Set the learning rate (it persists through the scheduler): schedule "scale" (the default) scales

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,12 +45,11 @@ from selfsteer.trainer_bridge.commands import (
     InvalidCommand,
     dump_args,
 )
-from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError, json_number
+from selfsteer.trainer_bridge.records import FINISHED_PHASES as FINISHED
+from selfsteer.trainer_bridge.records import json_number
+from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
 
 log = logging.getLogger(__name__)
-
-FINISHED = ("finished", "stopped", "failed")
-
 
 class RunFinished(RuntimeError):
     """A command sent to a run that is over (HTTP 409)."""
@@ -74,6 +74,9 @@ class BridgeConfig:
     # same run id, journal and metrics; the steps from the checkpoint on go to a new branch.
     resume_run_id: str | None = None
     resume_checkpoint: dict | None = None  # a journaled Trainer save: {name, path, step, branch, ...}
+    # Say on stderr where the run is served, once it accepts connections (a library run would otherwise
+    # keep its URL to itself; the command line prints its own).
+    announce: bool = True
 
 
 @dataclass
@@ -180,6 +183,8 @@ class Bridge:
                     )
                 if self.server is not None:
                     self.server.start()
+                    if self.config.announce:
+                        print(f"selfsteer: run {self.run_id} is served at {self.url}/", file=sys.stderr, flush=True)
             except BaseException:
                 self.close()  # releases the bound port
                 raise
@@ -293,7 +298,8 @@ class Bridge:
         return {
             **self._snapshot,
             "run_id": self.run_id,
-            "phase": self.phase,
+            # Held by a pause command, a running run says so in its phase too, not only in `paused`.
+            "phase": "paused" if self.paused and self.phase == "running" else self.phase,
             "paused": self.paused,
             "branch": self.branch,
             "url": self.url,

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from selfsteer.trainer_bridge.records import Decision, DecisionUpdate, NewDecision
+
 DEFAULT_URL = "http://127.0.0.1:7007"
 DONE = ("success", "failed")
 
@@ -172,6 +174,25 @@ class BridgeClient(_Commands):
 
     def branches(self) -> list[dict]:
         return _raise_for(self.http.get("/api/branches"))
+
+    def decisions(self, key: str | None = None) -> list[Decision]:
+        """The run's decisions (or the one under `key`), in the order they were made."""
+        rows = self._every_page("/api/decisions", _drop_none({"key": key}))
+        return [Decision.model_validate(row) for row in rows]
+
+    def record_decision(self, decision: NewDecision) -> Decision:
+        """Records a decision in the run's store; a repeat under a key the run has seen returns the first."""
+        body = decision.model_dump(mode="json")
+        return Decision.model_validate(_raise_for(self.http.post("/api/decisions", json=body)))
+
+    def update_decision(self, decision_id: int, update: DecisionUpdate) -> Decision:
+        body = update.model_dump(mode="json", exclude_none=True)
+        return Decision.model_validate(_raise_for(self.http.patch(f"/api/decisions/{decision_id}", json=body)))
+
+    def reflections(self, agent: str | None = None, limit: int = 5) -> list[Decision]:
+        """The latest decisions judged failures, newest first, of every run in the run's store."""
+        rows = _raise_for(self.http.get("/api/reflections", params=_drop_none({"agent": agent, "limit": limit})))
+        return [Decision.model_validate(row) for row in rows]
 
     def wait(self, uuid: str, timeout: float = 60.0, poll_s: float = 0.05) -> dict:
         """Polls until the command succeeded or failed; returns its journal row."""

@@ -1,17 +1,196 @@
 """The records every layer shares: one pydantic model per concept (a run, a metric point, a command, a
-decision, an episode ...), used by the store, the control server's responses, the client, the graphs and
-the exports. The dashboard's TypeScript types are generated from the server's OpenAPI, which these make.
+checkpoint, a branch, a decision), used by the store, the control server's responses, the client, the
+graphs and the exports. The dashboard's TypeScript types are generated from the OpenAPI these make.
 
-The lowest layer owns them (trainer_bridge knows nothing of LangGraph), so everyone above may import them."""
+The lowest layer owns them (trainer_bridge knows nothing of LangGraph), so every layer may import them.
+A record declares what goes out: a row's other columns (a run's config, a decision's observation) stay
+with the one row they belong to (`RunDetail`, `NewDecision`)."""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import json
+import math
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 # What a supervisor may do with the learning rate.
 Action = Literal["double", "halve", "keep"]
 ACTIONS: tuple[str, ...] = get_args(Action)
 
-# A run's life: created, running, then one of the finished phases.
-Phase = Literal["created", "running", "finished", "stopped", "failed"]
+# A run's life: created, running (paused while a pause command holds it), then one of the finished phases.
+Phase = Literal["created", "running", "paused", "finished", "stopped", "failed"]
 FINISHED_PHASES: tuple[str, ...] = ("finished", "stopped", "failed")
+
+# A command's life in the journal.
+CommandStatus = Literal["pending", "running", "success", "failed"]
+COMMAND_STATUSES: tuple[str, ...] = get_args(CommandStatus)
+
+
+def json_number(value: float | None) -> float | None:
+    """A number for JSON, which has no NaN or Infinity: those become null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+# A float that may be NaN or infinite (a metric, an lr a supervisor logged) is null in JSON.
+Number = Annotated[float | None, PlainSerializer(json_number)]
+
+
+class Record(BaseModel):
+    """A shared record: what it declares is what goes out."""
+
+
+class OptimizerState(Record):
+    model_config = ConfigDict(extra="allow")  # what an optimizer has: AdamW no momentum, SGD no betas
+    name: str
+    lr: Number = None
+    weight_decay: Number = None
+    betas: list[Number] | None = None
+    eps: Number = None
+    momentum: Number = None
+
+
+class RunState(Record):
+    """A live run now: what `GET /api/state` answers and the WebSocket's state events carry."""
+
+    model_config = ConfigDict(extra="allow")  # the bridge's snapshot may say more than this
+    step: int
+    max_steps: int | None = None
+    epoch: Number = None
+    max_grad_norm: Number = None
+    branch: str
+    optimizer: OptimizerState | None = None
+    run_id: str | None
+    phase: Phase = Field(description="created, running (paused while held), then finished, stopped or failed")
+    paused: bool = Field(description="held by a pause command: no step is taken until resume")
+    url: str | None
+    world_size: int
+    metrics: dict[str, Number] = Field(description="The latest value of each metric; null: NaN or infinite.")
+
+
+class Run(Record):
+    id: str
+    name: str
+    kind: str
+    status: str
+    parent_run_id: str | None
+    created_at: float
+    finished_at: float | None
+    summary: Any
+    pid: int | None = None
+    host: str | None = None
+
+
+class RunDetail(Run):
+    config: Any
+
+
+class MetricPoint(Record):
+    id: int
+    run_id: str
+    branch: str
+    step: int
+    name: str
+    value: Number = Field(description="null where the logged value was NaN or infinite")
+    time: float
+
+
+class Command(Record):
+    """A row of the journal."""
+
+    uuid: str
+    run_id: str
+    type: str
+    args: dict[str, Any]
+    source: str
+    status: CommandStatus
+    created_at: float
+    updated_at: float
+    step: int | None = Field(description="the step it took effect (running, success)")
+    result: Any = Field(description="what the handler returned (NaN or infinite numbers as null)")
+    error: str | None
+    idempotency_key: str | None = None
+
+
+class Accepted(Record):
+    uuid: str
+    status: CommandStatus
+    step: int = Field(description="the run's step when it was journaled")
+    repeated: bool = Field(
+        description="true: a repeat under an idempotency key, and this is the first command"
+    )
+
+
+class Checkpoint(Record):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    path: str
+    step: int
+    branch: str
+    source: str
+    uuid: str
+
+
+class Branch(Record):
+    name: str
+    parent: str | None
+    checkpoint: str | None
+    checkpoint_step: int | None
+    fork_step: int | None
+    uuid: str | None
+
+
+class DecisionFields(Record):
+    """What a supervisor decided at a step, and how it came to it."""
+
+    step: int = Field(ge=0)
+    agent: str = Field(min_length=1, max_length=200, description="who decided: rule, llm, intervener ...")
+    action: Action
+    explanation: str = Field(default="", max_length=4000)
+    strategy: str | None = Field(default=None, max_length=200, description="the prompt strategy, if any")
+    model: str | None = Field(default=None, max_length=200)
+    raw_output: str | None = Field(default=None, max_length=20_000, description="what the model said")
+    lr_before: Number = None
+    lr_after: Number = None
+    latency_s: Number = None
+    fallback: bool = Field(default=False, description="no valid answer came: the safe action was taken")
+    key: str | None = Field(
+        default=None, max_length=400, description="idempotency key: a repeat returns the first decision"
+    )
+    retry_of: int | None = Field(default=None, description="the rolled-back decision this one was made in place of")
+
+
+class NewDecision(DecisionFields):
+    """A decision to record (`POST /api/decisions`), with the observation it was made on."""
+
+    observation: dict[str, Any] | None = Field(default=None, description="what the supervisor saw")
+
+    @field_validator("observation")
+    @classmethod
+    def _json_can_hold_it(cls, observation: dict | None) -> dict | None:
+        try:
+            json.dumps(observation, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the observation must be JSON (no NaN or Infinity: spell them as strings): {exc}") from None
+        return observation
+
+
+class Decision(DecisionFields):
+    """A recorded decision (its observation stays in the store: `selfsteer decisions export`)."""
+
+    id: int
+    run_id: str
+    created_at: float
+    outcome: Any = Field(default=None, description="how the eval loss moved by the next observation")
+    rolled_back: bool = Field(default=False, description="judged a failure at the next evaluation and rolled back")
+    reflection: str | None = Field(default=None, description="why it failed, by the supervisor itself")
+
+
+class DecisionUpdate(Record):
+    """What follows a decision (`PATCH /api/decisions/{id}`): its outcome, and under self-correction the
+    reflection on it and whether it was rolled back."""
+
+    outcome: dict[str, Any] | None = None
+    reflection: str | None = Field(default=None, max_length=4000)
+    rolled_back: bool | None = None
+

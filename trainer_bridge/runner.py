@@ -141,6 +141,7 @@ class RecipeRun:
                 replay_of=replay_of,
                 resume_run_id=resume.run_id if resume else None,
                 resume_checkpoint=resume.checkpoint if resume else None,
+                announce=False,  # the caller says where the run is served (selfsteer train prints it)
             )
             self.trainer = InteractiveTrainer(**kwargs, bridge=config, data_factories=workload.data_factories)
             self.bridge = self.trainer.bridge

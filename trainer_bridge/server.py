@@ -70,7 +70,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    PlainSerializer,
     Tag,
     TypeAdapter,
     ValidationError,
@@ -83,13 +82,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfsteer.trainer_bridge.commands import CommandRegistry, InvalidCommand, dump_args
 from selfsteer.trainer_bridge.net import BearerAuth, bind, is_loopback
-from selfsteer.trainer_bridge.store import COMMAND_STATUSES, Store, json_number
+from selfsteer.trainer_bridge.records import (
+    COMMAND_STATUSES,
+    Accepted,
+    Branch,
+    Checkpoint,
+    Command,
+    Decision,
+    DecisionUpdate,
+    MetricPoint,
+    NewDecision,
+    Record,
+    Run,
+    RunDetail,
+    RunState,
+)
+from selfsteer.trainer_bridge.store import Store
 
 if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import Bridge
 
 EVENT_QUEUE_SIZE = 1000
 MAX_BODY_BYTES = 64 * 1024  # a command is well under 1 KiB; a custom one gets room, a 50 MB upload does not
+# A decision carries the observation it was made on: every metric of the run so far (a long run's is MBs).
+MAX_DECISION_BYTES = 16 * 1024 * 1024
 ECHO_CHARS = 200  # the most of a client's input an error message may quote
 METRICS_PAGE = 10_000  # rows (about 1.5 MB of JSON): the default and the most a page of metrics holds
 LIST_PAGE = 1_000  # commands or decisions a page holds at most (and by default)
@@ -99,150 +115,20 @@ MAX_INT = 2**53 - 1  # steps and ids fit a JavaScript number (and SQLite's 64-bi
 # the API's types: what every route answers
 
 
-class ApiModel(BaseModel):
-    """A response: what it declares is what goes out (a row's other columns stay in the store)."""
-
-
-# JSON has no NaN or Infinity: a float that may be one (a metric, an lr logged by a supervisor) is null there.
-Number = Annotated[float | None, PlainSerializer(json_number)]
-
-
-class ErrorDetail(ApiModel):
+class ErrorDetail(Record):
     detail: str = Field(description="Why, in words.")
 
 
-class Info(ApiModel):
+class Info(Record):
     mode: Literal["live", "history"]
     run_id: str | None
     version: str
 
 
-class OptimizerState(ApiModel):
-    model_config = ConfigDict(extra="allow")  # what an optimizer has: AdamW no momentum, SGD no betas
-    name: str
-    lr: Number = None
-    weight_decay: Number = None
-    betas: list[Number] | None = None
-    eps: Number = None
-    momentum: Number = None
-
-
-class RunState(ApiModel):
-    model_config = ConfigDict(extra="allow")  # the bridge's snapshot may say more than this
-    step: int
-    max_steps: int | None = None
-    epoch: Number = None
-    max_grad_norm: Number = None
-    branch: str
-    optimizer: OptimizerState | None = None
-    run_id: str | None
-    phase: str = Field(description="created, running, then finished, stopped or failed")
-    paused: bool
-    url: str | None
-    world_size: int
-    metrics: dict[str, Number] = Field(description="The latest value of each metric; null: NaN or infinite.")
-
-
-class MetricRow(ApiModel):
-    id: int
-    run_id: str
-    branch: str
-    step: int
-    name: str
-    value: Number = Field(description="null where the logged value was NaN or infinite")
-    time: float
-
-
-class CommandRow(ApiModel):
-    """A row of the journal."""
-
-    uuid: str
-    run_id: str
-    type: str
-    args: dict[str, Any]
-    source: str
-    status: Literal[COMMAND_STATUSES]  # type: ignore[valid-type]
-    created_at: float
-    updated_at: float
-    step: int | None = Field(description="the step it took effect (running, success)")
-    result: Any = Field(description="what the handler returned (NaN or infinite numbers as null)")
-    error: str | None
-    idempotency_key: str | None = None
-
-
-class Accepted(ApiModel):
-    uuid: str
-    status: Literal[COMMAND_STATUSES]  # type: ignore[valid-type]
-    step: int = Field(description="the run's step when it was journaled")
-    repeated: bool = Field(
-        description="true: a repeat under an idempotency key, and this is the first command"
-    )
-
-
-class CommandType(ApiModel):
+class CommandType(Record):
     type: str
     description: str
     args_schema: dict[str, Any]
-
-
-class Checkpoint(ApiModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-    path: str
-    step: int
-    branch: str
-    source: str
-    uuid: str
-
-
-class Branch(ApiModel):
-    name: str
-    parent: str | None
-    checkpoint: str | None
-    checkpoint_step: int | None
-    fork_step: int | None
-    uuid: str | None
-
-
-class Decision(ApiModel):
-    """A supervisor's decision (its observation stays in the store: `selfsteer decisions export`)."""
-
-    id: int
-    run_id: str
-    step: int
-    agent: str
-    strategy: str | None
-    model: str | None
-    raw_output: str | None
-    action: str
-    explanation: str
-    lr_before: Number
-    lr_after: Number
-    latency_s: Number
-    fallback: bool
-    created_at: float
-    outcome: Any
-    key: str | None = None
-    rolled_back: bool = Field(default=False, description="judged a failure at the next evaluation and rolled back")
-    reflection: str | None = Field(default=None, description="why it failed, by the supervisor itself")
-    retry_of: int | None = Field(default=None, description="the rolled-back decision this one was made in place of")
-
-
-class Run(ApiModel):
-    id: str
-    name: str
-    kind: str
-    status: str
-    parent_run_id: str | None
-    created_at: float
-    finished_at: float | None
-    summary: Any
-    pid: int | None = None
-    host: str | None = None
-
-
-class RunDetail(Run):
-    config: Any
 
 
 def _error(description: str) -> dict:
@@ -522,16 +408,18 @@ class BodyLimit:
     """Refuses (413) a request whose body is over `limit` bytes: at once by its Content-Length, else
     while it streams in, before the app reads any of it. What fits is handed on as it came."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, limits: dict[str, int] | None = None):
         self.app = app
         self.limit = limit
+        self.limits = limits or {"/api/decisions": MAX_DECISION_BYTES}  # path -> its own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.limit)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(limit, scope, receive, send)
         messages: list[Message] = []
         size = 0
         while True:
@@ -540,8 +428,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break  # the client left: the app hears it
             size += len(message.get("body", b""))
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
+            if size > limit:
+                return await self._refuse(limit, scope, receive, send)
             if not message.get("more_body", False):
                 break
 
@@ -550,9 +438,10 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
-            {"detail": f"the request body is over {self.limit} bytes"},
+            {"detail": f"the request body is over {limit} bytes"},
             status_code=413,
             headers={"Connection": "close"},  # the rest of the body is not read
         )
@@ -720,7 +609,7 @@ def store_router(get_store: Callable[[], Store]) -> APIRouter:
         name: MetricNames = None,
         limit: MetricsLimit = METRICS_PAGE,
         points: Points = None,
-    ) -> list[MetricRow]:
+    ) -> list[MetricPoint]:
         run_or_404(run_id)
         return metrics_page(get_store(), run_id, request, response, since, branch, name, limit, points)
 
@@ -739,7 +628,7 @@ def store_router(get_store: Callable[[], Store]) -> APIRouter:
         status: Status = None,
         after: After = None,
         limit: Limit = LIST_PAGE,
-    ) -> list[CommandRow]:
+    ) -> list[Command]:
         run_or_404(run_id)
         return commands_page(get_store(), run_id, request, response, status, after, limit)
 
@@ -802,9 +691,48 @@ def create_app(
 
     @app.get("/api/decisions", responses=NEXT_PAGE)
     def get_decisions(
-        request: Request, response: Response, after_id: AfterId = 0, limit: Limit = LIST_PAGE
+        request: Request,
+        response: Response,
+        after_id: AfterId = 0,
+        limit: Limit = LIST_PAGE,
+        key: Annotated[str | None, Query(max_length=400, description="Only the decision under this key.")] = None,
     ) -> list[Decision]:
+        if key is not None:
+            found = bridge.store.find_decision(bridge.run_id, key)
+            return [found] if found is not None and found["id"] > after_id else []
         return decisions_page(bridge.store, bridge.run_id, request, response, after_id, limit)
+
+    # Every writer of a run goes through its server: a supervisor attached by URL records its decisions
+    # here, in the run's own store, and needs nothing else.
+
+    @app.post("/api/decisions", responses={413: _error(f"The body is over {MAX_DECISION_BYTES} bytes.")})
+    def post_decision(decision: NewDecision) -> Decision:
+        """Record a decision of this run. A repeat under a `key` the run has seen returns the first."""
+        store = bridge.store
+        return store.get_decision(store.add_decision(bridge.run_id, decision))
+
+    @app.patch("/api/decisions/{decision_id}", responses=NOT_FOUND)
+    def patch_decision(decision_id: Annotated[int, Path(ge=1, le=MAX_INT)], update: DecisionUpdate) -> Decision:
+        """What followed a decision: its outcome; under self-correction, the reflection on it and whether
+        the run was rolled back to before it."""
+        store = bridge.store
+        found = store.get_decision(decision_id)
+        if found is None or found["run_id"] != bridge.run_id:
+            raise HTTPException(404, f"no decision {decision_id} in run {bridge.run_id}")
+        if update.reflection is not None:
+            store.set_reflection(decision_id, update.reflection, update.outcome, bool(update.rolled_back))
+        elif update.outcome is not None:
+            store.set_decision_outcome(decision_id, update.outcome)
+        return store.get_decision(decision_id)
+
+    @app.get("/api/reflections")
+    def get_reflections(
+        agent: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=LIST_PAGE)] = 5,
+    ) -> list[Decision]:
+        """The latest decisions judged failures, with their reflections, newest first, of every run in
+        this run's store (optionally of one agent): a supervisor's memory across runs."""
+        return bridge.store.list_reflections(agent=agent, limit=limit)
 
     @app.get("/api/state", response_model_exclude_unset=True)
     def get_state() -> RunState:
@@ -819,7 +747,7 @@ def create_app(
         name: MetricNames = None,
         limit: MetricsLimit = METRICS_PAGE,
         points: Points = None,
-    ) -> list[MetricRow]:
+    ) -> list[MetricPoint]:
         return metrics_page(
             bridge.store, bridge.run_id, request, response, since, branch, name, limit, points
         )
@@ -852,11 +780,11 @@ def create_app(
         status: Status = None,
         after: After = None,
         limit: Limit = LIST_PAGE,
-    ) -> list[CommandRow]:
+    ) -> list[Command]:
         return commands_page(bridge.store, bridge.run_id, request, response, status, after, limit)
 
     @app.get("/api/commands/{uuid}", responses=NOT_FOUND)
-    def get_command(uuid: Annotated[str, Path(max_length=200)]) -> CommandRow:
+    def get_command(uuid: Annotated[str, Path(max_length=200)]) -> Command:
         try:
             return bridge.command(uuid)
         except KeyError:

@@ -3,7 +3,7 @@ kills itself with SIGKILL (no clean-up, no exception handlers, no atexit) right 
 one method inside one node of the supervision graph, e.g. `act:set_lr` = just after the lr command
 reached the server, before LangGraph checkpointed the node.
 
-    python tests/helpers/supervisor_crash.py --url URL --db DB --kill-after decide:add_decision --nth 1
+    python tests/helpers/supervisor_crash.py --url URL --db DB --kill-after decide:record_decision --nth 1
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import signal
 from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.graphs.supervise import run_supervision
 from selfsteer.tools.bridge_tools import BridgeTools
-from selfsteer.trainer_bridge.store import Store
+from selfsteer.trainer_bridge.client import BridgeClient
 
 # node:method -> the class whose method is the kill point. Each method is called in that node only
 # (read_metrics with names=... only in `wait`).
 KILL_POINTS = {
     "observe:pause": BridgeTools,
-    "observe:set_decision_outcome": Store,
-    "decide:add_decision": Store,
+    "observe:update_decision": BridgeClient,
+    "decide:record_decision": BridgeClient,
     "act:set_lr": BridgeTools,
     "act:resume": BridgeTools,
     "wait:read_metrics": BridgeTools,

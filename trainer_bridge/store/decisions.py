@@ -9,68 +9,40 @@ from typing import Any
 
 import sqlite_utils
 
+from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.store.base import StoreBase
-from selfsteer.trainer_bridge.store.checks import (
-    _decode,
-    _flag,
-    _int,
-    _json,
-    _optional_number,
-    _optional_text,
-    _text,
-)
+from selfsteer.trainer_bridge.store.checks import _decode, _flag, _int, _json, _text
+from selfsteer.trainer_bridge.store.errors import StoreError
 
 
 class DecisionsMixin(StoreBase):
-    def add_decision(
-        self,
-        run_id: str,
-        step: int,
-        agent: str,
-        action: str,
-        explanation: str = "",
-        strategy: str | None = None,
-        model: str | None = None,
-        observation: Any = None,
-        raw_output: str | None = None,
-        lr_before: float | None = None,
-        lr_after: float | None = None,
-        latency_s: float | None = None,
-        fallback: bool = False,
-        key: str | None = None,
-        retry_of: int | None = None,
-    ) -> int:
+    def add_decision(self, run_id: str, decision: NewDecision) -> int:
         """Stores a decision; returns its id. With a `key` this run has seen before, nothing is added
         and the first decision's id is returned (a supervisor that died after recording it)."""
+        if not isinstance(decision, NewDecision):
+            raise StoreError(f"a decision to store is a NewDecision (trainer_bridge.records), not {decision!r}")
         row = {
+            **decision.model_dump(exclude={"observation"}),
             "run_id": run_id,
-            "step": _int(step, "decision step"),
-            "agent": _text(agent, "decision agent"),
-            "strategy": strategy,
-            "model": model,
-            "observation": _json(observation, "decision observation"),
-            "raw_output": raw_output,
-            "action": _text(action, "decision action"),
-            "explanation": explanation or "",
-            "lr_before": _optional_number(lr_before, "lr_before"),
-            "lr_after": _optional_number(lr_after, "lr_after"),
-            "latency_s": _optional_number(latency_s, "latency_s"),
-            "fallback": _flag(fallback, "fallback"),
+            "observation": _json(decision.observation, "decision observation"),
+            "fallback": int(decision.fallback),
             "created_at": time.time(),
-            "key": _optional_text(key, "decision key"),
-            "retry_of": None if retry_of is None else _int(retry_of, "retry_of"),
         }
 
         def fn(db: sqlite_utils.Database) -> int:
-            if key is not None:
-                first = self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1)
+            if decision.key is not None:
+                first = self._rows(db, "decisions", {"run_id": run_id, "key": decision.key}, "id", 1)
                 if first:
                     return first[0]["id"]
             return db["decisions"].insert(row).last_pk
 
         return self._write(fn, f"cannot add decision to run {run_id!r}")
 
-    def get_decision(self, run_id: str, key: str) -> dict | None:
+    def get_decision(self, decision_id: int) -> dict | None:
+        """The decision with this id, observation included."""
+        return self._read(lambda db: self._get(db, "decisions", decision_id))
+
+    def find_decision(self, run_id: str, key: str) -> dict | None:
         """The decision stored under `key` in this run, if any."""
         rows = self._read(lambda db: self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1))
         return rows[0] if rows else None
