@@ -12,22 +12,19 @@ from pathlib import Path
 
 from selfsteer.agents.observation import Observation
 from selfsteer.prompts import load_strategy
+from selfsteer.trainer_bridge.records import Decision
 
 
 def decision_rows(store, run_id: str | None = None) -> list[dict]:
-    rows = []
-    for d in store.list_decisions(run_id):
-        row = {
-            "run_id": d["run_id"], "step": d["step"], "agent": d["agent"], "strategy": d["strategy"],
-            "model": d["model"], "action": d["action"], "explanation": d["explanation"],
-            "raw_output": d["raw_output"], "lr_before": d["lr_before"], "lr_after": d["lr_after"],
-            "latency_s": d["latency_s"], "fallback": bool(d["fallback"]),
-            "rolled_back": bool(d.get("rolled_back")), "reflection": d.get("reflection"),
-            "retry_of": d.get("retry_of"),
-            "observation": d["observation"], "outcome": d["outcome"], "messages": _messages(d),
-        }  # fmt: skip
-        rows.append(row)
-    return rows
+    """Each decision as its record (`records.Decision`), with the observation and the chat re-rendered."""
+    return [
+        {
+            **Decision.model_validate(d).model_dump(exclude={"id", "created_at", "key"}),
+            "observation": d["observation"],
+            "messages": _messages(d),
+        }
+        for d in store.list_decisions(run_id)
+    ]
 
 
 def _messages(decision: dict) -> list[dict] | None:

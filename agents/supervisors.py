@@ -34,14 +34,16 @@ from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import Reflection, reflection_prompt
 from selfsteer.prompts import PromptStrategy, load_strategy
+from selfsteer.trainer_bridge.records import ACTIONS, Action
 
-ACTIONS = ("double", "halve", "keep")
 ENTRY_POINT_GROUP = "selfsteer.supervisors"
 
 
 @dataclass
 class Decision:
-    action: str
+    """A supervisor's answer; the loop records it, with the lr it led to, as a `records.NewDecision`."""
+
+    action: Action
     explanation: str = ""
     raw_output: str | None = None  # what the model said, verbatim (decision data)
     fallback: bool = False  # True when no valid answer could be had and "keep" was taken
@@ -84,7 +86,7 @@ class ReasonedDecision(BaseModel):
     reasoning: str = Field(
         default="", max_length=400, description="one or two sentences about the loss trend"
     )
-    action: Literal["double", "halve", "keep"] = Field(description="what to do with the learning rate")
+    action: Action = Field(description="what to do with the learning rate")
 
 
 class LLMSupervisor(Supervisor):
