@@ -53,18 +53,12 @@ from selfsteer.agents.local_chat import (
     split_tool_calls,
     tool_spec,
 )
+from selfsteer.agents.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
 from selfsteer.trainer_bridge.net import bind, token_matches
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8008
-# The most tokens one answer may ask for, and what an answer without max_tokens gets. 1024 tokens are
-# about a minute of one answer on two CPU cores (~20 tokens/s) and ~50 MB of KV cache (46 KB a token);
-# SmolLM2-135M repeats itself long before that. `selfsteer serve-llm --max-tokens N` changes it.
-DEFAULT_MAX_TOKENS_CAP = 1024
-# A JSON answer (response_format) without max_tokens: a decision with a free-text explanation of
-# 800 characters is ~200 tokens; the engine's repetition guard closes a looping string long before.
-DEFAULT_JSON_MAX_TOKENS = 512
 # Request bodies above this get 413 before they are read: 8192 tokens of context are ~32 KB of
 # text; a large JSON schema or a long conversation fits many times over.
 DEFAULT_MAX_BODY_BYTES = 1 << 20

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from selfsteer.evals.counterfactual import HELD_OUT, OPTIMIZERS, SHAPES
-from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS  # noqa: F401 (their one home)
+from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.

@@ -52,14 +52,3 @@ def test_selfsteer_help_exits_0_as_a_user_types_it():
         result = python("-m", "selfsteer.cli.main", *argv, "--help")
         assert result.returncode == 0, (argv, result.stderr)
         assert result.stdout.startswith("usage: selfsteer"), (argv, result.stdout[:200])
-
-
-def test_the_light_copies_of_defaults_agree_with_their_heavy_homes():
-    # The parser reads these from light modules; the code that runs reads them from its own.
-    from selfsteer.agents import openai_server, serve_limits
-    from selfsteer.evals import lr_suite, lr_suite_names
-
-    assert serve_limits.DEFAULT_MAX_TOKENS_CAP == openai_server.DEFAULT_MAX_TOKENS_CAP
-    assert serve_limits.DEFAULT_JSON_MAX_TOKENS == openai_server.DEFAULT_JSON_MAX_TOKENS
-    assert lr_suite_names.DEFAULT_SUPERVISORS == lr_suite.DEFAULT_SUPERVISORS
-    assert lr_suite_names.HELD_OUT_SUPERVISORS == lr_suite.HELD_OUT_SUPERVISORS
