@@ -407,7 +407,7 @@ def run_supervision(
     """
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    from selfsteer.trainer_bridge.client import BridgeClient
+    from selfsteer.tools.bridge_tools import BridgeClient
     from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
 
     db = db or DEFAULT_DB_PATH

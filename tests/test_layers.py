@@ -29,17 +29,8 @@ CHECKED = ("agents", "graphs", "tools", "trainer_bridge", "prompts", "evals", "c
 # What graphs may take from trainer_bridge: the persistence every layer shares, not the live run.
 SHARED_PERSISTENCE = ("selfsteer.trainer_bridge.store", "selfsteer.trainer_bridge.records")
 
-# Known violations in files others are changing now, "file:selfsteer.package.module": take an entry off
-# once its file is fixed. Nothing else may be added here.
-ALLOWED: set[str] = {
-    # TODO(graphs/supervise.py): run_supervision opens a BridgeClient itself (line ~410): through
-    # tools/ instead (BridgeTools, or a factory of it there).
-    "graphs/supervise.py:selfsteer.trainer_bridge.client",
-    # TODO(graphs/studio.py): the Studio factories load a task (evals.tasks.load_task) and open a
-    # BridgeClient; the tasks' registry and the client through tools/ (or the factories above graphs).
-    "graphs/studio.py:selfsteer.evals.tasks",
-    "graphs/studio.py:selfsteer.trainer_bridge.client",
-}
+# Exceptions, as "file:selfsteer.package.module". None: keep it that way.
+ALLOWED: set[str] = set()
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:

@@ -61,7 +61,7 @@ def test_langgraph_json_exports_both_loops_as_factories_without_a_checkpointer()
 
 
 def test_the_reflect_graph_draws_its_problem_from_json_input():
-    from selfsteer.graphs.studio import build_reflect
+    from selfsteer.cli.studio import build_reflect
 
     graph = build_reflect({"configurable": {"task": "countdown:3"}})
     drawn = graph.nodes["problem"].bound.invoke({"index": 2, "seed": 1})["problem"]
@@ -71,13 +71,13 @@ def test_the_reflect_graph_draws_its_problem_from_json_input():
 
 
 def test_settings_come_from_the_configurable_then_the_environment_then_the_default(monkeypatch):
-    from selfsteer.graphs.studio import setting
+    from selfsteer.cli.studio import setting
 
     assert setting(None, "task") == "countdown" and setting({}, "supervisor") == "llm"
     assert setting(None, "url") == "http://127.0.0.1:9"
     assert setting({"configurable": {"url": "http://h:1"}}, "url") == "http://h:1"
     monkeypatch.setenv("SELFSTEER_SUPERVISOR", "rule")
-    from selfsteer.graphs.studio import build_supervise
+    from selfsteer.cli.studio import build_supervise
 
     assert setting(None, "supervisor") == "rule"
     assert isinstance(build_supervise(), CompiledStateGraph)

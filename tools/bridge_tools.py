@@ -15,7 +15,7 @@ from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
 
 # What graphs and agents see of the bridge: these, not the bridge's own modules.
-__all__ = ["LR_BOUNDS", "BridgeHTTPError", "BridgeTools"]
+__all__ = ["LR_BOUNDS", "BridgeClient", "BridgeHTTPError", "BridgeTools"]
 
 
 class BridgeTools:

@@ -77,6 +77,8 @@ class BridgeConfig:
     # Say on stderr where the run is served, once it accepts connections (a library run would otherwise
     # keep its URL to itself; the command line prints its own).
     announce: bool = True
+    # The dashboard's built folder (index.html, assets/) served at `/`; None: the installed dashboard's.
+    static_dir: str | os.PathLike | None = None
 
 
 @dataclass
@@ -158,12 +160,13 @@ class Bridge:
         self._resume: dict | None = None  # {checkpoint, branch} until the resumed training begins
         if self.is_main:
             if self.config.port is not None:
-                from selfsteer.trainer_bridge.server import ControlServer
+                from selfsteer.trainer_bridge.server import ControlServer, dashboard_dir
 
                 # Bound before the run exists: a taken port or a missing token leaves no orphan run.
                 self.server = ControlServer(
-                    self, self.config.host, self.config.port, self.config.token, self.config.event_interval_s
-                )
+                    self, self.config.host, self.config.port, self.config.token, self.config.event_interval_s,
+                    static_dir=Path(self.config.static_dir) if self.config.static_dir else dashboard_dir(),
+                )  # fmt: skip
             self._owns_store = store is None
             try:
                 self.store = store or Store(self.config.db)
