@@ -77,7 +77,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--pause-while-deciding",
         action="store_true",
-        help="hold training while the supervisor decides (default: training goes on beside it)",
+        help="hold training from each evaluation until the supervisor has decided and acted on it, so "
+        "each decision is about the state it saw (default: training goes on beside it)",
     )
     add_llm_arguments(parser)
     return parser
@@ -144,6 +145,7 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor, resume=
             token=args.token,
             progress=True,
             supervisor=supervisor,
+            hold_for_supervisor=args.pause_while_deciding,
             resume=resume,
         )
     except (RecipeError, ValueError, OSError) as exc:

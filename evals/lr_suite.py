@@ -27,14 +27,12 @@ import math
 import shutil
 import statistics
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from selfsteer.evals.counterfactual import HELD_OUT, OPTIMIZERS, SHAPES
 from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS
@@ -115,27 +113,6 @@ def cells(config: SuiteConfig) -> list[Cell]:
     return out
 
 
-class WaitForDecision(TrainerCallback):
-    """Holds training after each evaluation until the supervisor has decided on it, has sent a command
-    (a pause: it then holds the run itself, and commands only apply between steps), or has stopped."""
-
-    def __init__(self, db: Path, supervisor_done: threading.Event, timeout_s: float = 300.0):
-        self.db, self.supervisor_done, self.timeout_s = db, supervisor_done, timeout_s
-        self.run_id: str | None = None
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        from selfsteer.trainer_bridge.store import Store
-
-        deadline = time.monotonic() + self.timeout_s
-        with Store(self.db) as store:
-            while time.monotonic() < deadline and not self.supervisor_done.is_set():
-                if any(d["step"] >= state.global_step for d in store.list_decisions(self.run_id)):
-                    return
-                if store.list_commands(self.run_id, status="pending"):
-                    return
-                time.sleep(0.05)
-
-
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
     from selfsteer.agents.registry import make_supervisor
     from selfsteer.graphs.supervise import SelfCorrection, run_supervision
@@ -157,21 +134,16 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     # the suite's chat model).
     supervisor = None if name in ("static", "cosine") else make_supervisor(name, chat_model=chat_model)
 
-    supervisor_done = threading.Event()
-
     def supervise(url, stop):
         try:
             run_supervision(
                 # A supervisor of its own per run: a cell run again after an interruption starts afresh.
-                url, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{waiter.run_id}",
+                url, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{run.run_id}",
                 pause_while_deciding=True, self_correct=SelfCorrection() if self_correct else None,
             )  # fmt: skip
         except Exception:  # a supervisor crash never stops the run; it is reported
             traceback.print_exc(file=sys.stderr)
-        finally:
-            supervisor_done.set()
 
-    waiter = WaitForDecision(db, supervisor_done)
     shutil.rmtree(out / "runs" / cell.id, ignore_errors=True)  # what an interrupted attempt left
     run = RecipeRun(
         load_recipe(recipe, overrides),
@@ -179,9 +151,8 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
         db=db,
         port=0,
         supervisor=supervise if supervisor is not None else None,
-        callbacks=[waiter] if supervisor is not None else None,
+        hold_for_supervisor=True,  # each decision is about the evaluation it follows
     )
-    waiter.run_id = run.run_id
     try:
         summary = run.train()
     finally:

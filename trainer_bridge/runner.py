@@ -7,6 +7,9 @@
 
 A supervisor plugs in as a callable `supervisor(url, stop_event)`, started in a thread once the server
 is up and told to stop when training ends; it steers the run through the API like any other client.
+With `hold_for_supervisor` training waits after each evaluation until the supervisor has decided on
+it, so each decision is about the state it saw (the supervisor's `pause_while_deciding` then holds the
+run from its observation to its action).
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 Supervisor = Callable[[str, threading.Event], None]
 
 InteractiveTrainer = make_interactive(Trainer)
+
+
+class HoldForDecision(TrainerCallback):
+    """Holds training after each evaluation until a decision about it is recorded, a command arrives (a
+    pause: the supervisor then holds the run itself, and commands apply between steps only), or the
+    supervisor has ended."""
+
+    def __init__(self, run: RecipeRun, supervisor_done: threading.Event, timeout_s: float = 300.0):
+        self.run, self.supervisor_done, self.timeout_s = run, supervisor_done, timeout_s
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        store, run_id = self.run.bridge.store, self.run.run_id
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and not self.supervisor_done.is_set():
+            if any(d["step"] >= state.global_step for d in store.list_decisions(run_id)):
+                return
+            if store.list_commands(run_id, status="pending"):
+                return
+            time.sleep(0.05)
 
 
 class ProgressBar(TrainerCallback):
@@ -112,6 +134,7 @@ class RecipeRun:
         interactive: bool = True,
         progress: bool = False,
         supervisor: Supervisor | None = None,
+        hold_for_supervisor: bool = False,
         callbacks: list | None = None,
     ):
         self.recipe = recipe
@@ -119,13 +142,17 @@ class RecipeRun:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = supervisor
+        self.supervisor_done = threading.Event()
+        callbacks = list(callbacks or [])
+        if hold_for_supervisor and supervisor is not None and interactive:
+            callbacks.append(HoldForDecision(self, self.supervisor_done))
         workload = build_workload(recipe, self.out_dir / "trainer")
         kwargs: dict[str, Any] = {
             "model": workload.model,
             "args": workload.training_args,
             "train_dataset": workload.train_dataset,
             "eval_dataset": workload.eval_dataset,
-            "callbacks": list(callbacks or []),
+            "callbacks": callbacks,
         }
         self.bridge: Bridge | None = None
         if interactive:
@@ -165,9 +192,14 @@ class RecipeRun:
         stop = threading.Event()
         thread = None
         if self.supervisor is not None and self.url is not None:
-            thread = threading.Thread(
-                target=self.supervisor, args=(self.url, stop), name="supervisor", daemon=True
-            )
+
+            def supervise() -> None:
+                try:
+                    self.supervisor(self.url, stop)
+                finally:
+                    self.supervisor_done.set()  # nothing waits for a supervisor that is gone
+
+            thread = threading.Thread(target=supervise, name="supervisor", daemon=True)
             thread.start()
         start = time.perf_counter()
         try:

@@ -3,11 +3,8 @@ which pauses it while deciding, so the path does not depend on how fast either s
 
 from __future__ import annotations
 
-import threading
-
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision, Supervisor
-from selfsteer.evals.lr_suite import WaitForDecision
 from selfsteer.graphs.supervise import SelfCorrection, run_supervision
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun
@@ -30,28 +27,17 @@ def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection
     """A tiny run of 60 steps (eval every 10) that waits after each evaluation for the supervisor,
     which pauses the run while it decides."""
     db = tmp_path / "selfsteer.sqlite"
-    done = threading.Event()
-    waiter = WaitForDecision(db, done)
     final = {}
 
     def supervise(url, stop):
-        try:
-            final.update(
-                run_supervision(
-                    url,
-                    supervisor,
-                    db=str(db),
-                    stop_event=stop,
-                    pause_while_deciding=True,
-                    self_correct=self_correct,
-                )  # fmt: skip
+        final.update(
+            run_supervision(
+                url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct
             )
-        finally:
-            done.set()
+        )
 
     recipe = load_recipe("tiny", [f"training.learning_rate={lr:e}", "training.max_steps=60"])
-    run = RecipeRun(recipe, out_dir=tmp_path / "out", db=db, port=0, supervisor=supervise, callbacks=[waiter])
-    waiter.run_id = run.run_id
+    run = RecipeRun(recipe, out_dir=tmp_path / "out", db=db, port=0, supervisor=supervise, hold_for_supervisor=True)
     try:
         summary = run.train()
     finally:
