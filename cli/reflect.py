@@ -16,10 +16,10 @@ from functools import cache
 from pathlib import Path
 
 from selfsteer.cli.common import add_llm_arguments
+from selfsteer.prompts import REFLECT_STRATEGIES
+from selfsteer.tools.tasks import CALL_MODES
 
 ACTIONS = ("run", "train", "eval")
-CALL_MODES = ("tools", "text")
-STRATEGIES = ("retry", "reflect", "reflect_attempt", "memory")
 DEVICE_USE_CPU = {"auto": None, "cpu": True, "cuda": False}  # --device as ReflectionGRPOConfig.use_cpu
 
 
@@ -54,7 +54,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument(
         "--strategy",
         default="reflect_attempt",
-        choices=STRATEGIES,
+        choices=REFLECT_STRATEGIES,
         help="retry: no reflection; reflect: retry with the reflection only; reflect_attempt (default): "
         "with the failed attempt and the reflection; memory: plus rewarded reflections of earlier episodes",
     )
@@ -336,7 +336,7 @@ def _act(args, problems, store, console, out: Path | None) -> int:
             summary["baseline"] = _evaluate(args, problems, store, console, None, "before")
         if args.compare:
             summary["strategies"] = {args.strategy: {k: v for k, v in summary.items() if k != "baseline"}}
-            for strategy in (x for x in STRATEGIES if x != args.strategy):
+            for strategy in (x for x in REFLECT_STRATEGIES if x != args.strategy):
                 summary["strategies"][strategy] = _evaluate(
                     args, problems, store, console, args.checkpoint, strategy, strategy
                 )

@@ -37,17 +37,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Annotated, Any, Literal, TypedDict, get_args
+from typing import Annotated, Any, TypedDict
 
 import yaml
 from langchain_core.language_models import BaseChatModel
 from langgraph.graph import END, START, StateGraph
 
+from selfsteer.prompts import REFLECT_STRATEGIES, ReflectStrategy
 from selfsteer.tools.tasks import Problem
 from selfsteer.trainer_bridge.store import Store
 
-Strategy = Literal["retry", "reflect", "reflect_attempt", "memory"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Message = dict[str, str]  # {"role": ..., "content": ...}: what chat models and TRL both read
 
 
@@ -59,14 +58,14 @@ def load_prompts(version: str = "v1") -> dict[str, str]:
 
 @dataclass
 class ReflectConfig:
-    strategy: Strategy = "reflect_attempt"
+    strategy: ReflectStrategy = "reflect_attempt"
     max_retries: int = 1  # retries after the first attempt: the loop's explicit cap
     prompts: str = "v1"  # prompts/reflect_{prompts}.yaml
     memory_size: int = 5  # strategy "memory": how many rewarded reflections to remember
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.strategy not in REFLECT_STRATEGIES:
+            raise ValueError(f"strategy must be one of {REFLECT_STRATEGIES}, not {self.strategy!r}")
         if self.max_retries < 0:
             raise ValueError("max_retries must be 0 or more")
 
@@ -151,7 +150,7 @@ def reflect_messages(
 
 def retry_messages(
     problem: Problem,
-    strategy: Strategy,
+    strategy: ReflectStrategy,
     attempts: Sequence[str],
     reflections: Sequence[str] = (),
     lessons: Sequence[str] = (),
@@ -471,7 +470,7 @@ def _concurrent_answers(
 
 
 def reflection_reward(
-    problems: Sequence[Problem], strategy: Strategy = "reflect_attempt", version: str = "v1"
+    problems: Sequence[Problem], strategy: ReflectStrategy = "reflect_attempt", version: str = "v1"
 ) -> Callable[..., list[float]]:
     """The GRPO reward of reflections: 1 when the retry with the reflection in context passes.
 

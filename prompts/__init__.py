@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 
 HERE = Path(__file__).parent
 FIELDS = ("name", "version", "description", "schema", "system", "user")
+
+# How the self-correction loop retries; reflect_v*.yaml holds the texts of each.
+ReflectStrategy = Literal["retry", "reflect", "reflect_attempt", "memory"]
+REFLECT_STRATEGIES: tuple[str, ...] = get_args(ReflectStrategy)
 
 
 @dataclass(frozen=True)
