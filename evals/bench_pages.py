@@ -12,15 +12,12 @@ dashboard asks for (`points=1000`: size, time, rows).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 NAMES = ("loss", "grad_norm", "learning_rate", "epoch", "samples_per_s")
 
@@ -33,24 +30,6 @@ def fill(store, run_id: str, steps: int, batch: int = 20_000) -> None:
             for i, name in enumerate(NAMES)
         ]
         store.add_metrics(run_id, rows)
-
-
-@contextlib.contextmanager
-def serve(app):
-    from selfsteer.trainer_bridge.net import bind
-
-    sock, url, _ = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def timed_get(client: httpx.Client, url: str, **params) -> tuple[httpx.Response, float]:
@@ -75,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from selfsteer.trainer_bridge.server import create_history_app
     from selfsteer.trainer_bridge.store import Store
+    from selfsteer.trainer_bridge.testing import serving
 
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "pages.sqlite") as store:
         run_id = store.create_run("bench-pages")
@@ -83,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"store: {args.steps} steps, {args.steps * len(NAMES)} rows in {time.perf_counter() - start:.1f} s"
         )
-        with serve(create_history_app(store, [], token=None)) as url, httpx.Client(timeout=600) as client:
+        with serving(create_history_app(store, [], token=None)) as url, httpx.Client(timeout=600) as client:
             path = f"{url}/api/runs/{run_id}/metrics"
             first, seconds = timed_get(client, path)
             print(
