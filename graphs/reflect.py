@@ -45,6 +45,7 @@ from langgraph.graph import END, START, StateGraph
 
 from selfsteer.prompts import REFLECT_STRATEGIES, ReflectStrategy
 from selfsteer.tools.tasks import Problem
+from selfsteer.trainer_bridge.records import EpisodeAttempt, EpisodeReflection, NewEpisode
 from selfsteer.trainer_bridge.store import Store
 
 Message = dict[str, str]  # {"role": ..., "content": ...}: what chat models and TRL both read
@@ -240,8 +241,11 @@ def build_graph(
         episode_id = state.get("episode_id")
         if store is not None and episode_id is None:
             episode_id = store.add_episode(
-                problem.task or "custom", problem.id, config.strategy, model_name, seed, run_id
-            )
+                NewEpisode(
+                    task=problem.task or "custom", task_id=problem.id, strategy=config.strategy,
+                    model=model_name, seed=seed, run_id=run_id,
+                )
+            )  # fmt: skip
         messages = first_messages(problem, lessons, version)
         response = _answer(llm, problem, messages)
         pending = Attempt(prompt=messages, response=response, passed=False, reason="")
@@ -257,14 +261,14 @@ def build_graph(
             reason=verdict.reason,
         )
         if store is not None:
-            store.add_attempt(
-                state["episode_id"],
-                len(state["attempts"]),
-                _render(done["prompt"], state["problem"]),
-                done["response"],
-                done["passed"],
-                done["reason"],
+            row = EpisodeAttempt(
+                attempt_index=len(state["attempts"]),
+                prompt=_render(done["prompt"], state["problem"]),
+                response=done["response"],
+                passed=done["passed"],
+                reason=done["reason"],
             )
+            store.add_attempt(state["episode_id"], row)
         return {"attempts": [done], "pending": None}
 
     def route(state: EpisodeState) -> str:
@@ -279,7 +283,10 @@ def build_graph(
         answer = llm.invoke(messages)
         text, n_tokens = _text(answer).strip(), _n_tokens(answer)
         after = len(attempts) - 1
-        row = store.add_reflection(state["episode_id"], after, text, n_tokens) if store is not None else None
+        row = None
+        if store is not None:
+            noted = EpisodeReflection(after_attempt=after, text=text, n_tokens=n_tokens)
+            row = store.add_reflection(state["episode_id"], noted)
         return {"reflections": [Reflection(text=text, n_tokens=n_tokens, after_attempt=after, id=row)]}
 
     def retry(state: EpisodeState) -> dict:
@@ -384,8 +391,11 @@ def run_episodes(
         state: EpisodeState = {"problem": problem, "episode_id": None}
         if store is not None:
             state["episode_id"] = store.add_episode(
-                problem.task or "custom", problem.id, config.strategy, graph_options.get("model_name"),
-                graph_options.get("seed"), graph_options.get("run_id"),
+                NewEpisode(
+                    task=problem.task or "custom", task_id=problem.id, strategy=config.strategy,
+                    model=graph_options.get("model_name"), seed=graph_options.get("seed"),
+                    run_id=graph_options.get("run_id"),
+                )
             )  # fmt: skip
         try:
             return EpisodeResult.from_state(graph.invoke(state, limit))

@@ -12,7 +12,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from selfsteer.trainer_bridge.records import NewDecision
+from selfsteer.trainer_bridge.records import EpisodeAttempt, EpisodeReflection, NewDecision, NewEpisode
 from selfsteer.trainer_bridge.store import (
     DEFAULT_DB_PATH,
     MIGRATIONS,
@@ -359,12 +359,20 @@ def test_decisions_round_trip(store):
         NewDecision(step=1, agent="llm", action="")
 
 
+def attempt(index, prompt, response, passed, reason=""):
+    return EpisodeAttempt(attempt_index=index, prompt=prompt, response=response, passed=passed, reason=reason)
+
+
 def test_episodes_round_trip(store):
     run = store.create_run("reflect", kind="reflect")
-    episode = store.add_episode("countdown", task_id=17, strategy="reflect-v1", model="m", seed=3, run_id=run)
-    store.add_attempt(episode, 0, "make 24 from 3 4 5 6", "3*4+5+6", False, reason="= 23, not 24")
-    reflection = store.add_reflection(episode, 0, "I added instead of multiplying.", n_tokens=9)
-    store.add_attempt(episode, 1, "make 24 ... (with reflection)", "(6-5+3)*6", True)
+    episode = store.add_episode(
+        NewEpisode(task="countdown", task_id=17, strategy="reflect-v1", model="m", seed=3, run_id=run)
+    )
+    store.add_attempt(episode, attempt(0, "make 24 from 3 4 5 6", "3*4+5+6", False, reason="= 23, not 24"))
+    reflection = store.add_reflection(
+        episode, EpisodeReflection(after_attempt=0, text="I added instead of multiplying.", n_tokens=9)
+    )
+    store.add_attempt(episode, attempt(1, "make 24 ... (with reflection)", "(6-5+3)*6", True))
     store.set_reflection_reward(reflection, 1.0)
     store.finish_episode(episode, "finished", passed_first=False, passed_final=True)
 
@@ -396,7 +404,7 @@ def test_episodes_round_trip(store):
         1.0,
     )
 
-    loose = store.add_episode("bfcl:simple_python", task_id="simple_python_12")
+    loose = store.add_episode(NewEpisode(task="bfcl:simple_python", task_id="simple_python_12"))
     fresh = store.get_episode(loose)
     assert fresh["run_id"] is None and fresh["status"] == "running" and fresh["passed_first"] is None
     assert fresh["attempts"] == [] and fresh["reflections"] == []
@@ -409,16 +417,18 @@ def test_episodes_round_trip(store):
 
 
 def test_bad_episode_input(store):
-    episode = store.add_episode("countdown")
-    store.add_attempt(episode, 0, "p", "r", False)
+    episode = store.add_episode(NewEpisode(task="countdown"))
+    store.add_attempt(episode, attempt(0, "p", "r", False))
     with pytest.raises(StoreError, match="UNIQUE"):
-        store.add_attempt(episode, 0, "p", "r", True)
-    with pytest.raises(StoreError, match="bool"):
-        store.add_attempt(episode, 1, "p", "r", "yes")
+        store.add_attempt(episode, attempt(0, "p", "r", True))
+    with pytest.raises(ValidationError, match="boolean"):  # the record refuses it before the store sees it
+        attempt(1, "p", "r", "yes")
+    with pytest.raises(StoreError, match="EpisodeAttempt"):
+        store.add_attempt(episode, {"attempt_index": 1, "prompt": "p", "response": "r", "passed": True})
     with pytest.raises(StoreError, match="FOREIGN KEY"):
-        store.add_attempt(999, 0, "p", "r", True)
+        store.add_attempt(999, attempt(0, "p", "r", True))
     with pytest.raises(StoreError, match="FOREIGN KEY"):
-        store.add_reflection(999, 0, "text")
+        store.add_reflection(999, EpisodeReflection(after_attempt=0, text="text"))
     with pytest.raises(KeyError):
         store.set_reflection_reward(999, 1.0)
     with pytest.raises(KeyError):

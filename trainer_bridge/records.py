@@ -1,5 +1,5 @@
 """The records every layer shares: one pydantic model per concept (a run, a metric point, a command, a
-checkpoint, a branch, a decision), used by the store, the control server's responses, the client, the
+checkpoint, a branch, a decision, a reflect episode), used by the store, the control server's responses, the client, the
 graphs and the exports. The dashboard's TypeScript types are generated from the OpenAPI these make.
 
 The lowest layer owns them (trainer_bridge knows nothing of LangGraph), so every layer may import them.
@@ -12,7 +12,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictBool, field_validator
 
 # What a supervisor may do with the learning rate.
 Action = Literal["double", "halve", "keep"]
@@ -194,3 +194,38 @@ class DecisionUpdate(Record):
     reflection: str | None = Field(default=None, max_length=4000)
     rolled_back: bool | None = None
 
+
+
+class NewEpisode(Record):
+    """A reflect episode to record: one task item, attempted, reflected on and retried."""
+
+    task: str = Field(min_length=1, description="countdown, countdown:3, bfcl:simple_python ...")
+    task_id: str | None = Field(default=None, description="the item (Countdown's are ints, BFCL's strings)")
+    strategy: str | None = None
+    model: str | None = None
+    seed: int | None = None
+    run_id: str | None = None
+
+    @field_validator("task_id", mode="before")
+    @classmethod
+    def _as_text(cls, task_id: Any) -> str | None:
+        return None if task_id is None else str(task_id)
+
+
+class EpisodeAttempt(Record):
+    """One answer of an episode and its verdict."""
+
+    attempt_index: int = Field(ge=0)
+    prompt: str
+    response: str
+    passed: StrictBool
+    reason: str = ""
+
+
+class EpisodeReflection(Record):
+    """What the model wrote about a failed attempt, and its reward: 1 when the attempt after it passed."""
+
+    after_attempt: int = Field(ge=0)
+    text: str
+    n_tokens: int | None = None
+    reward: Number = None

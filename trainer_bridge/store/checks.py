@@ -12,13 +12,8 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
+from selfsteer.trainer_bridge.records import json_number
 from selfsteer.trainer_bridge.store.errors import StoreError
-
-
-def json_number(value: float | None) -> float | None:
-    """A metric value for JSON, which has no NaN or Infinity: those become null."""
-    return value if value is not None and math.isfinite(value) else None
-
 
 _JSON_COLUMNS = {
     "runs": ("config", "summary"),
@@ -86,21 +81,20 @@ def _int(value: Any, what: str) -> int:
         raise StoreError(f"{what} must be an integer, got {value!r}") from None
 
 
-def _optional_int(value: Any, what: str) -> int | None:
-    return None if value is None else _int(value, what)
-
-
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise StoreError(f"{what} must be a real number, got {value!r}")
     return float(value)
 
 
-def _optional_number(value: Any, what: str) -> float | None:
-    return None if value is None else _number(value, what)
-
-
 def _flag(value: Any, what: str) -> int:
     if value not in (True, False):
         raise StoreError(f"{what} must be a bool, got {value!r}")
     return int(bool(value))
+
+
+def _record(value: Any, model: type) -> Any:
+    """A row to store comes as its record (trainer_bridge/records.py), checked when it was made."""
+    if not isinstance(value, model):
+        raise StoreError(f"a row to store is a {model.__name__} (trainer_bridge.records), not {value!r}")
+    return value

@@ -11,18 +11,15 @@ import sqlite_utils
 
 from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.store.base import StoreBase
-from selfsteer.trainer_bridge.store.checks import _decode, _flag, _int, _json, _text
-from selfsteer.trainer_bridge.store.errors import StoreError
+from selfsteer.trainer_bridge.store.checks import _decode, _flag, _int, _json, _record, _text
 
 
 class DecisionsMixin(StoreBase):
     def add_decision(self, run_id: str, decision: NewDecision) -> int:
         """Stores a decision; returns its id. With a `key` this run has seen before, nothing is added
         and the first decision's id is returned (a supervisor that died after recording it)."""
-        if not isinstance(decision, NewDecision):
-            raise StoreError(f"a decision to store is a NewDecision (trainer_bridge.records), not {decision!r}")
         row = {
-            **decision.model_dump(exclude={"observation"}),
+            **_record(decision, NewDecision).model_dump(exclude={"observation"}),
             "run_id": run_id,
             "observation": _json(decision.observation, "decision observation"),
             "fallback": int(decision.fallback),

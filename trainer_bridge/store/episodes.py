@@ -5,36 +5,18 @@ written between them with their rewards.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import sqlite_utils
 
+from selfsteer.trainer_bridge.records import EpisodeAttempt, EpisodeReflection, NewEpisode
 from selfsteer.trainer_bridge.store.base import StoreBase
-from selfsteer.trainer_bridge.store.checks import _flag, _int, _number, _optional_int, _optional_number, _text
+from selfsteer.trainer_bridge.store.checks import _flag, _number, _record, _text
 
 
 class EpisodesMixin(StoreBase):
-    def add_episode(
-        self,
-        task: str,
-        task_id: Any = None,
-        strategy: str | None = None,
-        model: str | None = None,
-        seed: int | None = None,
-        run_id: str | None = None,
-    ) -> int:
-        row = {
-            "run_id": run_id,
-            "task": _text(task, "episode task"),
-            # Tasks name their items with ints (Countdown) or strings (BFCL): one column, as text.
-            "task_id": None if task_id is None else str(task_id),
-            "strategy": strategy,
-            "model": model,
-            "seed": _optional_int(seed, "episode seed"),
-            "status": "running",
-            "created_at": time.time(),
-        }
-        return self._write(lambda db: db["episodes"].insert(row).last_pk, f"cannot add {task!r} episode")
+    def add_episode(self, episode: NewEpisode) -> int:
+        row = {**_record(episode, NewEpisode).model_dump(), "status": "running", "created_at": time.time()}
+        return self._write(lambda db: db["episodes"].insert(row).last_pk, f"cannot add {episode.task!r} episode")
 
     def finish_episode(self, episode_id: int, status: str, passed_first: bool, passed_final: bool) -> None:
         changes = {
@@ -45,37 +27,22 @@ class EpisodesMixin(StoreBase):
         }
         self._update("episodes", episode_id, changes, f"cannot finish episode {episode_id!r}")
 
-    def add_attempt(
-        self, episode_id: int, attempt_index: int, prompt: str, response: str, passed: bool, reason: str = ""
-    ) -> int:
+    def add_attempt(self, episode_id: int, attempt: EpisodeAttempt) -> int:
         row = {
+            **_record(attempt, EpisodeAttempt).model_dump(),
             "episode_id": episode_id,
-            "attempt_index": _int(attempt_index, "attempt_index"),
-            "prompt": str(prompt),
-            "response": str(response),
-            "passed": _flag(passed, "passed"),
-            "reason": reason or "",
+            "passed": int(attempt.passed),
             "created_at": time.time(),
         }
         return self._write(
             lambda db: db["attempts"].insert(row).last_pk,
-            f"cannot add attempt {attempt_index!r} to episode {episode_id!r}",
+            f"cannot add attempt {attempt.attempt_index!r} to episode {episode_id!r}",
         )
 
-    def add_reflection(
-        self,
-        episode_id: int,
-        after_attempt: int,
-        text: str,
-        n_tokens: int | None = None,
-        reward: float | None = None,
-    ) -> int:
+    def add_reflection(self, episode_id: int, reflection: EpisodeReflection) -> int:
         row = {
+            **_record(reflection, EpisodeReflection).model_dump(),
             "episode_id": episode_id,
-            "after_attempt": _int(after_attempt, "after_attempt"),
-            "text": str(text),
-            "n_tokens": _optional_int(n_tokens, "n_tokens"),
-            "reward": _optional_number(reward, "reflection reward"),
             "created_at": time.time(),
         }
         return self._write(
@@ -112,3 +79,4 @@ class EpisodesMixin(StoreBase):
         return self._read(
             lambda db: self._rows(db, "episodes", {"run_id": run_id, "task": task}, "created_at, id")
         )
+

@@ -11,11 +11,11 @@ from uuid import uuid4
 
 import sqlite_utils
 
+from selfsteer.trainer_bridge.records import COMMAND_STATUSES
 from selfsteer.trainer_bridge.store.base import StoreBase
 from selfsteer.trainer_bridge.store.checks import _decode, _int, _json, _optional_text, _text
 from selfsteer.trainer_bridge.store.errors import StoreError
 
-COMMAND_STATUSES = ("pending", "running", "success", "failed")
 # The journal only moves forward: a command is applied at most once and its outcome is never rewritten.
 COMMAND_TRANSITIONS = {
     "pending": ("running", "failed"),
