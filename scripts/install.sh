@@ -2,7 +2,8 @@
 # Installs everything selfsteer needs into a project-local virtual environment (.venv).
 # Then builds the dashboard (React + TypeScript) from the npm registry into dashboard/dist.
 # Idempotent and fast on re-runs: it skips pip when pyproject.toml and this script are unchanged, and
-# the dashboard build when its sources are unchanged. SELFSTEER_SKIP_DASHBOARD=1 skips the dashboard.
+# the dashboard build when its sources and the control server's OpenAPI are unchanged.
+# SELFSTEER_SKIP_DASHBOARD=1 skips the dashboard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +39,14 @@ install_python() {
 build_dashboard() {
   [ "${SELFSTEER_SKIP_DASHBOARD:-0}" = "1" ] && return 0
   local stamp=dashboard/dist/.build-stamp want
-  want=$(cd dashboard && { find package.json package-lock.json index.html vite.config.ts tsconfig.json src public \
-           -type f 2>/dev/null || true; } | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
+  # The dashboard's TypeScript types are generated from the control server's OpenAPI (openapi-typescript,
+  # dashboard/codegen): dumped first from the installed server, as it decides, with the sources, whether to
+  # rebuild. src/api-types.ts is generated from it by the build, so it is no input of its own.
+  "$VENV/bin/python" -m selfsteer.dashboard.openapi dashboard/openapi.json \
+    || { echo "[install] FAILED: could not dump the control server's OpenAPI for the dashboard's types" >&2; exit 1; }
+  want=$(cd dashboard && { find package.json package-lock.json index.html vite.config.ts tsconfig.json openapi.json \
+           codegen/package.json src public -type f ! -path src/api-types.ts 2>/dev/null || true; } \
+           | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f dashboard/dist/index.html ]; then
     return 0
   fi
@@ -48,8 +55,9 @@ build_dashboard() {
          "(Debian: apt-get install nodejs npm); SELFSTEER_SKIP_DASHBOARD=1 installs without it." >&2
     exit 1
   fi
-  echo "[install] building the dashboard (npm ci + vite build, node $(node --version)) ..."
-  (cd dashboard && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build) \
+  echo "[install] building the dashboard (npm ci, types from the OpenAPI, tsc + vite build, node $(node --version)) ..."
+  # build:app is `npm run build` less the OpenAPI dump, done above.
+  (cd dashboard && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build:app) \
     || { echo "[install] FAILED: the dashboard did not build; see the npm output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 }

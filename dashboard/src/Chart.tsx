@@ -29,6 +29,7 @@ interface Marker {
   decision: Decision;
   left: number;
   top: number;
+  value: number; // the value at the marker's height (its data-value: tests check it is the curve's)
 }
 
 export const GLYPH: Record<string, string> = { double: "▲", halve: "▼", keep: "●" };
@@ -119,49 +120,64 @@ function options(data: ChartData, color: (branch: string) => string, log: boolea
   };
 }
 
-function indexOf(steps: readonly number[], step: number): number {
-  let lo = 0;
-  let hi = steps.length - 1;
-  while (lo <= hi) {
-    const mid = (lo + hi) >> 1;
-    const s = steps[mid]!;
-    if (s === step) return mid;
-    if (s < step) lo = mid + 1;
-    else hi = mid - 1;
-  }
-  return -1;
-}
-
-/** Where each decision goes on the plot (CSS px in the overlay): at its step, at the height of the latest
- * value drawn at or before it (a decision follows the evaluation it read, usually a few steps earlier). */
+/** Where each decision goes on the plot (CSS px in the overlay): on the curve at its step, whatever its
+ * action. A decision follows the evaluation it read, usually a few steps later, so its step often falls
+ * between two logged points (or just past the last one): its height is the line's there. Only a chart with
+ * no value at all puts it at the bottom. */
 function placeMarkers(u: uPlot, data: ChartData, decisions: readonly Decision[]): Marker[] {
   const min = u.scales.x?.min;
   const max = u.scales.x?.max;
   if (min === undefined || max === undefined) return [];
   const height = u.over.clientHeight;
   const markers: Marker[] = [];
+  const lines = linesOf(data);
   for (const decision of decisions) {
     if (decision.step < min || decision.step > max) continue;
-    const y = latestValueAtOrBefore(data, decision.step);
+    const y = curveAt(lines, decision.step);
     const top = y === null ? height - 8 : Math.min(height - 4, Math.max(4, u.valToPos(y, "y")));
-    markers.push({ decision, left: u.valToPos(decision.step, "x"), top });
+    markers.push({ decision, left: u.valToPos(decision.step, "x"), top, value: u.posToVal(top, "y") });
   }
   return markers;
 }
 
-function latestValueAtOrBefore(data: ChartData, step: number): number | null {
-  let i = indexOf(data.steps, step);
-  if (i < 0) {
-    i = data.steps.length - 1;
-    while (i >= 0 && data.steps[i]! > step) i--;
-  }
-  for (; i >= 0; i--) {
-    for (const s of data.series) {
-      const v = s.values[i];
-      if (v !== null && v !== undefined) return v;
+/** Each branch's drawn points: the steps where it has a value, and those values (one pass over the data). */
+function linesOf(data: ChartData): { steps: number[]; values: number[] }[] {
+  return data.series.map(({ values }) => {
+    const line = { steps: [] as number[], values: [] as number[] };
+    values.forEach((v, i) => {
+      if (v !== null && v !== undefined) {
+        line.steps.push(data.steps[i]!);
+        line.values.push(v);
+      }
+    });
+    return line;
+  });
+}
+
+/** The height of the drawn curve at `step`: on the first branch whose line spans it (uPlot joins a
+ * branch's points across the steps it has none, spanGaps), linear between the points either side; where no
+ * line spans it, the end of the line nearest to it. null: no branch has a value. */
+function curveAt(lines: readonly { steps: number[]; values: number[] }[], step: number): number | null {
+  let nearest: { distance: number; value: number } | null = null;
+  for (const { steps, values } of lines) {
+    if (steps.length === 0) continue;
+    let lo = 0; // the first point at or after the step (steps.length: none)
+    let hi = steps.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (steps[mid]! < step) lo = mid + 1;
+      else hi = mid;
     }
+    if (lo < steps.length && steps[lo] === step) return values[lo]!;
+    if (lo > 0 && lo < steps.length) {
+      const [x0, x1, y0, y1] = [steps[lo - 1]!, steps[lo]!, values[lo - 1]!, values[lo]!];
+      return y0 + ((y1 - y0) * (step - x0)) / (x1 - x0);
+    }
+    const end = lo === 0 ? 0 : steps.length - 1;
+    const distance = Math.abs(steps[end]! - step);
+    if (nearest === null || distance < nearest.distance) nearest = { distance, value: values[end]! };
   }
-  return null;
+  return nearest?.value ?? null;
 }
 
 const sameMarkers = (a: Marker[], b: Marker[]): boolean =>
@@ -271,6 +287,7 @@ export function Chart({ name, title, data, color, log = false, decisions, rollba
               data-testid="decision-marker"
               data-action={m.decision.action}
               data-step={m.decision.step}
+              data-value={Number(m.value.toPrecision(4))}
               style={{ left: m.left, top: m.top }}
               onMouseEnter={(e) => setHover({ decision: m.decision, rect: e.currentTarget.getBoundingClientRect() })}
               onMouseLeave={() => setHover(null)}
@@ -315,11 +332,11 @@ function DecisionTooltip({ decision: d, rect }: { decision: Decision; rect: DOMR
         <span className={`glyph marker-${d.action}`}>{glyph(d.action)}</span>
         <b>{d.action}</b> at step {d.step}
         <span className="muted"> · {d.agent}</span>
-        {Boolean(d.fallback) && <span className="flag">fallback</span>}
+        {d.fallback && <span className="flag">fallback</span>}
       </div>
       <div>
         lr {fmtLr(d.lr_before)} → {fmtLr(d.lr_after)}
-        {d.latency_s !== null && <span className="muted"> · decided in {d.latency_s.toFixed(1)} s</span>}
+        {d.latency_s != null && <span className="muted"> · decided in {d.latency_s.toFixed(1)} s</span>}
       </div>
       {d.explanation && <div className="tooltip-text">{d.explanation}</div>}
       {d.rolled_back && <div className="tooltip-text"><span className="flag">rolled back</span> {d.reflection}</div>}

@@ -20,7 +20,9 @@ interface Loaded {
 }
 
 const finalEvalLoss = (run: Run): number | null => {
-  const value = run.summary?.final_eval_loss;
+  // summary is free-form (whatever the run wrote): read it as a JSON object, if it is one.
+  const summary = run.summary;
+  const value = summary && typeof summary === "object" ? (summary as Record<string, unknown>).final_eval_loss : undefined;
   return typeof value === "number" ? value : null;
 };
 
@@ -175,13 +177,13 @@ function DecisionLog({ decisions }: { decisions: readonly Decision[] }) {
               <td>{d.agent}</td>
               <td>
                 <span className={`marker-${d.action}`}>{glyph(d.action)}</span> {d.action}
-                {Boolean(d.fallback) && <span className="flag">fallback</span>}
+                {d.fallback && <span className="flag">fallback</span>}
                 {Boolean(d.rolled_back) && <span className="flag" data-testid="rolled-back">rolled back</span>}
               </td>
               <td className="mono">
                 {fmtLr(d.lr_before)} → {fmtLr(d.lr_after)}
               </td>
-              <td className="num">{d.latency_s === null ? "–" : `${d.latency_s.toFixed(2)} s`}</td>
+              <td className="num">{d.latency_s == null ? "–" : `${d.latency_s.toFixed(2)} s`}</td>
               <td className="wrap">
                 {d.explanation}
                 {d.reflection && <div className="muted">{d.rolled_back ? "↺ " : "✗ "}{d.reflection}</div>}

@@ -1,19 +1,18 @@
 // Talking to the control server: typed fetches, the bearer token, and the event WebSocket.
 
-import type {
-  Accepted,
-  Bounds,
-  Branch,
-  Checkpoint,
-  Command,
-  CommandType,
-  Decision,
-  Info,
-  MetricRow,
-  Run,
-  RunState,
-  ServerEvent,
-} from "./types";
+import type { paths } from "./api-types";
+import type { Bounds, CommandType, ServerEvent } from "./types";
+
+/** What a GET route answers (200, JSON), as the server's OpenAPI declares it: a route the server no longer
+ * has, or a shape it changed, fails the dashboard's compile instead of its users. */
+type Got<P extends keyof paths> = paths[P] extends { get: { responses: { 200: { content: { "application/json": infer T } } } } }
+  ? T
+  : never;
+/** A paged list route's row type. */
+type Row<P extends keyof paths> = Got<P> extends readonly (infer T)[] ? T : never;
+type Posted<P extends keyof paths> = paths[P] extends { post: { responses: { 200: { content: { "application/json": infer T } } } } }
+  ? T
+  : never;
 
 // -----------------------------------------------------------------------------
 // the token
@@ -139,29 +138,31 @@ function metricsPath(base: string, since?: number, points?: number): string {
 }
 
 export const api = {
-  info: () => get<Info>("/api/info"),
-  state: () => get<RunState>("/api/state"),
+  info: () => get<Got<"/api/info">>("/api/info"),
+  state: () => get<Got<"/api/state">>("/api/state"),
   /** Metric rows after `since`; `points`: down-sampled to about that many ranges of steps. */
-  metrics: (since?: number, points?: number) => getAll<MetricRow>(metricsPath("/api/metrics", since, points)),
-  commands: () => getAll<Command>("/api/commands"),
-  command: (uuid: string) => get<Command>(`/api/commands/${enc(uuid)}`),
-  commandTypes: () => get<CommandType[]>("/api/command-types"),
-  checkpoints: () => get<Checkpoint[]>("/api/checkpoints"),
-  branches: () => get<Branch[]>("/api/branches"),
-  decisions: (afterId = 0) => getAll<Decision>(`/api/decisions?after_id=${afterId}`),
+  metrics: (since?: number, points?: number) => getAll<Row<"/api/metrics">>(metricsPath("/api/metrics", since, points)),
+  commands: () => getAll<Row<"/api/commands">>("/api/commands"),
+  command: (uuid: string) => get<Got<"/api/commands/{uuid}">>(`/api/commands/${enc(uuid)}`),
+  // The args' JSON Schemas are free-form in the OpenAPI: CommandType names what the page reads of them.
+  commandTypes: () => get<Got<"/api/command-types"> & CommandType[]>("/api/command-types"),
+  checkpoints: () => get<Got<"/api/checkpoints">>("/api/checkpoints"),
+  branches: () => get<Got<"/api/branches">>("/api/branches"),
+  decisions: (afterId = 0) => getAll<Row<"/api/decisions">>(`/api/decisions?after_id=${afterId}`),
   postCommand: (type: string, args: Record<string, unknown>) =>
-    request<Accepted>("/api/commands", {
+    request<Posted<"/api/commands">>("/api/commands", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ type, args, source: "human" }),
     }),
 
-  runs: (limit = 100) => get<Run[]>(`/api/runs?limit=${limit}`),
-  run: (id: string) => get<Run>(`/api/runs/${enc(id)}`),
-  runMetrics: (id: string, points?: number) => getAll<MetricRow>(metricsPath(`/api/runs/${enc(id)}/metrics`, undefined, points)),
-  runDecisions: (id: string) => getAll<Decision>(`/api/runs/${enc(id)}/decisions`),
-  runCommands: (id: string) => getAll<Command>(`/api/runs/${enc(id)}/commands`),
-  runBranches: (id: string) => get<Branch[]>(`/api/runs/${enc(id)}/branches`),
+  runs: (limit = 100) => get<Got<"/api/runs">>(`/api/runs?limit=${limit}`),
+  run: (id: string) => get<Got<"/api/runs/{run_id}">>(`/api/runs/${enc(id)}`),
+  runMetrics: (id: string, points?: number) =>
+    getAll<Row<"/api/runs/{run_id}/metrics">>(metricsPath(`/api/runs/${enc(id)}/metrics`, undefined, points)),
+  runDecisions: (id: string) => getAll<Row<"/api/runs/{run_id}/decisions">>(`/api/runs/${enc(id)}/decisions`),
+  runCommands: (id: string) => getAll<Row<"/api/runs/{run_id}/commands">>(`/api/runs/${enc(id)}/commands`),
+  runBranches: (id: string) => get<Got<"/api/runs/{run_id}/branches">>(`/api/runs/${enc(id)}/branches`),
 };
 
 /** The bounds of one argument of one command, as the server's schema states them (null: it states none). */

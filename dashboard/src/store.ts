@@ -9,7 +9,7 @@ import { ApiError, EventStream, HISTORY_POINTS, api, boundsOf, isNotFound, isUna
 import { BranchColors } from "./colors";
 import { fmtArgs } from "./format";
 import { MetricStore, rowsToPoints } from "./series";
-import type { Bounds, Branch, Checkpoint, Command, CommandStatus, Decision, MetricPoint, RunState, ServerEvent } from "./types";
+import type { Bounds, Branch, Checkpoint, Command, CommandStatus, Decision, MetricPoint, Phase, RunState, ServerEvent } from "./types";
 import { WarningTracker } from "./warnings";
 
 export type Connection = "connecting" | "live" | "reconnecting" | "ended";
@@ -27,8 +27,8 @@ const MAX_LINES = 500;
 const DECISION_POLL_MS = 2000;
 const COMMAND_POLL_MS = 1000;
 
-const ENDED = new Set(["finished", "stopped", "failed"]);
-export const isEnded = (phase: string | undefined): boolean => phase !== undefined && ENDED.has(phase);
+const ENDED: ReadonlySet<Phase> = new Set<Phase>(["finished", "stopped", "failed"]);
+export const isEnded = (phase: Phase | undefined): boolean => phase !== undefined && ENDED.has(phase);
 export const isDone = (status: CommandStatus): boolean => status === "success" || status === "failed";
 // Events and polls race; a status never goes back.
 const RANK: Record<CommandStatus, number> = { pending: 0, running: 1, success: 2, failed: 2 };
