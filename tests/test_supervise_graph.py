@@ -253,3 +253,32 @@ def test_a_failing_action_still_resumes_the_paused_run(tmp_path):
         ("resume", "success"),
         ("stop", "success"),
     ]
+
+
+def test_selfsteer_supervise_needs_only_the_url_and_prints_each_decision(tmp_path):
+    """The command line, attached from another folder: its decisions land in the run's store through
+    the run's server, and each is printed as it is made."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with LiveRun(tmp_path, ["training.max_steps=30"], gates=[11, 21]) as live, Store(live.db) as store:
+        command = [sys.executable, "-m", "selfsteer.cli.main", "supervise", "--url", live.run.url,
+                   "--supervisor", "rule", "--max-iterations", "2"]  # fmt: skip
+        supervisor = subprocess.Popen(command, cwd=elsewhere, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for gate, decisions in ((11, 1), (21, 2)):
+            live.gate.wait(gate)
+            wait_for(lambda n=decisions: len(store.list_decisions(live.run.run_id)) >= n, timeout=120)
+            live.gate.release(gate)
+        out, err = supervisor.communicate(timeout=120)
+        live.join()
+        decisions = store.list_decisions(live.run.run_id)
+    assert supervisor.returncode == 0, err[-2000:]
+    printed = [line for line in out.splitlines() if line.startswith("step ")]
+    assert printed == [
+        f"step {d['step']}: {d['action']}, lr {d['lr_before']:.3g} -> {d['lr_after']:.3g}: {d['explanation']}"
+        for d in decisions
+    ]
+    assert len(printed) == 2 and "done after 2 decisions" in out
+    assert {p.name.split("-")[0] for p in elsewhere.iterdir()} == {"selfsteer.sqlite"}  # the loop's own state only
