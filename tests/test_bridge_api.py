@@ -268,8 +268,18 @@ def test_decisions_are_recorded_through_the_server(tmp_path):
             client.update_decision(first.id + 1, DecisionUpdate(outcome={}))
         assert missing.value.status_code == 404
         client.close()
+
+        async def the_async_client_mirrors_it():
+            async with AsyncBridgeClient(live.run.url, source="rule") as aclient:
+                second = await aclient.record_decision(new.model_copy(update={"step": 11, "key": "k2"}))
+                await aclient.update_decision(second.id, DecisionUpdate(outcome={"loss_change": -0.1}))
+                assert [d.id for d in await aclient.decisions()] == [first.id, second.id]
+                assert [d.outcome for d in await aclient.decisions(key="k2")] == [{"loss_change": -0.1}]
+                assert [r.id for r in await aclient.reflections()] == [first.id]
+
+        asyncio.run(the_async_client_mirrors_it())
         live.gate.release(11)
         live.join()
     with Store(live.db) as store:
-        (row,) = store.list_decisions(live.bridge.run_id)
+        row = store.list_decisions(live.bridge.run_id)[0]
     assert row["observation"] == {"step": 10, "loss": "nan"} and row["key"] == "k1"

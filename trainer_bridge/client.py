@@ -273,6 +273,22 @@ class AsyncBridgeClient(_Commands):
     async def branches(self) -> list[dict]:
         return _raise_for(await self.http.get("/api/branches"))
 
+    async def decisions(self, key: str | None = None) -> list[Decision]:
+        rows = await self._every_page("/api/decisions", _drop_none({"key": key}))
+        return [Decision.model_validate(row) for row in rows]
+
+    async def record_decision(self, decision: NewDecision) -> Decision:
+        response = await self.http.post("/api/decisions", json=decision.model_dump(mode="json"))
+        return Decision.model_validate(_raise_for(response))
+
+    async def update_decision(self, decision_id: int, update: DecisionUpdate) -> Decision:
+        body = update.model_dump(mode="json", exclude_none=True)
+        return Decision.model_validate(_raise_for(await self.http.patch(f"/api/decisions/{decision_id}", json=body)))
+
+    async def reflections(self, agent: str | None = None, limit: int = 5) -> list[Decision]:
+        params = _drop_none({"agent": agent, "limit": limit})
+        return [Decision.model_validate(row) for row in _raise_for(await self.http.get("/api/reflections", params=params))]
+
     async def wait(self, uuid: str, timeout: float = 60.0, poll_s: float = 0.05) -> dict:
         deadline = time.monotonic() + timeout
         while True:
