@@ -252,6 +252,11 @@ def test_decisions_are_recorded_through_the_server(tmp_path):
             assert httpx.post(live.run.url + "/api/decisions", json=bad).status_code == 422
         nan = '{"step": 1, "agent": "rule", "action": "keep", "observation": {"loss": NaN}}'
         assert httpx.post(live.run.url + "/api/decisions", content=nan).status_code == 422
+        for bad in ({"step": "1", "agent": "rule", "action": "keep"}, {"step": 1, "agent": "rule", "action": "keep",
+                    "spare": 1}):  # fmt: skip
+            assert httpx.post(live.run.url + "/api/decisions", json=bad).status_code == 422, bad
+        orphan = {"step": 1, "agent": "rule", "action": "keep", "retry_of": first.id + 1}
+        assert httpx.post(live.run.url + "/api/decisions", json=orphan).status_code == 404
         assert [d.id for d in client.decisions()] == [first.id]
         assert [d.id for d in client.decisions(key="k1")] == [first.id] and client.decisions(key="k2") == []
 

@@ -12,7 +12,16 @@ import json
 import math
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictBool, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    field_validator,
+)
 
 # What a supervisor may do with the learning rate.
 Action = Literal["double", "halve", "keep"]
@@ -32,8 +41,17 @@ def json_number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _no_text_or_bool(value: Any) -> Any:
+    """JSON's number: 2.0 is an integer there, but "2" and true are not numbers."""
+    if isinstance(value, str | bool):
+        raise ValueError("must be a number, not text or a boolean")
+    return value
+
+
+# An integer as JSON Schema has it (2.0 counts, "2" does not).
+Integer = Annotated[int, BeforeValidator(_no_text_or_bool)]
 # A float that may be NaN or infinite (a metric, an lr a supervisor logged) is null in JSON.
-Number = Annotated[float | None, PlainSerializer(json_number)]
+Number = Annotated[float | None, BeforeValidator(_no_text_or_bool), PlainSerializer(json_number)]
 
 
 class Record(BaseModel):
@@ -143,7 +161,7 @@ class Branch(Record):
 class DecisionFields(Record):
     """What a supervisor decided at a step, and how it came to it."""
 
-    step: int = Field(ge=0)
+    step: Integer = Field(ge=0)
     agent: str = Field(min_length=1, max_length=200, description="who decided: rule, llm, intervener ...")
     action: Action
     explanation: str = Field(default="", max_length=4000)
@@ -153,26 +171,32 @@ class DecisionFields(Record):
     lr_before: Number = None
     lr_after: Number = None
     latency_s: Number = None
-    fallback: bool = Field(default=False, description="no valid answer came: the safe action was taken")
+    fallback: StrictBool = Field(default=False, description="no valid answer came: the safe action was taken")
     key: str | None = Field(
         default=None, max_length=400, description="idempotency key: a repeat returns the first decision"
     )
-    retry_of: int | None = Field(default=None, description="the rolled-back decision this one was made in place of")
+    retry_of: Integer | None = Field(default=None, description="the rolled-back decision this one was made in place of")
+
+
+def _json_only(value: dict | None) -> dict | None:
+    """A free-form field the store keeps as JSON: no NaN or Infinity (spell them as strings)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be JSON (no NaN or Infinity: spell them as strings): {exc}") from None
+    return value
+
+
+# A free-form object the store keeps as JSON.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_only)]
 
 
 class NewDecision(DecisionFields):
     """A decision to record (`POST /api/decisions`), with the observation it was made on."""
 
-    observation: dict[str, Any] | None = Field(default=None, description="what the supervisor saw")
+    model_config = ConfigDict(extra="forbid")  # a key it does not know is refused, not dropped
 
-    @field_validator("observation")
-    @classmethod
-    def _json_can_hold_it(cls, observation: dict | None) -> dict | None:
-        try:
-            json.dumps(observation, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"the observation must be JSON (no NaN or Infinity: spell them as strings): {exc}") from None
-        return observation
+    observation: JsonObject | None = Field(default=None, description="what the supervisor saw")
 
 
 class Decision(DecisionFields):
@@ -190,10 +214,11 @@ class DecisionUpdate(Record):
     """What follows a decision (`PATCH /api/decisions/{id}`): its outcome, and under self-correction the
     reflection on it and whether it was rolled back."""
 
-    outcome: dict[str, Any] | None = None
-    reflection: str | None = Field(default=None, max_length=4000)
-    rolled_back: bool | None = None
+    model_config = ConfigDict(extra="forbid")
 
+    outcome: JsonObject | None = None
+    reflection: str | None = Field(default=None, min_length=1, max_length=4000)
+    rolled_back: StrictBool | None = None
 
 
 class NewEpisode(Record):

@@ -705,13 +705,24 @@ def create_app(
     # Every writer of a run goes through its server: a supervisor attached by URL records its decisions
     # here, in the run's own store, and needs nothing else.
 
-    @app.post("/api/decisions", responses={413: _error(f"The body is over {MAX_DECISION_BYTES} bytes.")})
+    @app.post(
+        "/api/decisions",
+        responses={
+            400: _error("The body is not JSON."),
+            404: _error("`retry_of` names no decision of this run."),
+            413: _error(f"The body is over {MAX_DECISION_BYTES} bytes."),
+        },
+    )
     def post_decision(decision: NewDecision) -> Decision:
         """Record a decision of this run. A repeat under a `key` the run has seen returns the first."""
         store = bridge.store
+        if decision.retry_of is not None:
+            earlier = store.get_decision(decision.retry_of)
+            if earlier is None or earlier["run_id"] != bridge.run_id:
+                raise HTTPException(404, f"retry_of: no decision {decision.retry_of} in run {bridge.run_id}")
         return store.get_decision(store.add_decision(bridge.run_id, decision))
 
-    @app.patch("/api/decisions/{decision_id}", responses=NOT_FOUND)
+    @app.patch("/api/decisions/{decision_id}", responses={**NOT_FOUND, 400: _error("The body is not JSON.")})
     def patch_decision(decision_id: Annotated[int, Path(ge=1, le=MAX_INT)], update: DecisionUpdate) -> Decision:
         """What followed a decision: its outcome; under self-correction, the reflection on it and whether
         the run was rolled back to before it."""
