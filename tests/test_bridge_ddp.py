@@ -1,5 +1,5 @@
-"""Two CPU processes under torchrun (gloo): only rank 0 serves; every command is broadcast and applied
-at the same step on both ranks."""
+"""Two CPU processes under torchrun or `accelerate launch` (gloo): only rank 0 serves; every command is
+broadcast and applied at the same step on both ranks."""
 
 from __future__ import annotations
 
@@ -23,28 +23,43 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"torchrun exited with {proc.returncode} before {path.name}")
+            raise RuntimeError(f"the launcher exited with {proc.returncode} before {path.name}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {path.name} after {timeout} s")
         time.sleep(0.05)
 
 
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="no torchrun")
+BIN = os.path.dirname(sys.executable)
+WORKER = ["-m", "selfsteer.trainer_bridge.testing_ddp"]
+# Two local processes on a free port. accelerate's `--cpu` alone starts a single process (its multi-CPU
+# path wants mpirun), so accelerate is asked for its torch.distributed launcher (`--multi_gpu`, which needs
+# no GPU) and the recipe's `use_cpu` makes the Trainer's accelerate state MULTI_CPU on gloo, as under
+# torchrun. Every setting is on the command line: no accelerate config file is needed.
+LAUNCHERS = {
+    "torchrun": (shutil.which("torchrun", path=BIN), ["--standalone", "--nproc_per_node", "2"]),
+    "accelerate": (
+        shutil.which("accelerate", path=BIN),
+        ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+        + ["--mixed_precision", "no", "--dynamo_backend", "no"],
+    ),
+}
+needs_torchrun = pytest.mark.skipif(LAUNCHERS["torchrun"][0] is None, reason="no torchrun")
 OVERRIDES = ["training.max_steps=12", "training.ddp_find_unused_parameters=false", "training.eval_steps=100"]
 
 
 @contextlib.contextmanager
-def torchrun(folder: Path, overrides: list[str] = OVERRIDES):
-    """Two ranks of testing_ddp on `folder`; yields the process once rank 0 serves. Whatever happens,
-    torchrun and its workers are gone afterwards and the log is printed."""
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "selfsteer.trainer_bridge.testing_ddp"]
+def launched(folder: Path, launcher: str = "torchrun", overrides: list[str] = OVERRIDES):
+    """Two ranks of testing_ddp on `folder` under `launcher`; yields the process once rank 0 serves.
+    Whatever happens, the launcher and its workers are gone afterwards and the log is printed."""
+    program, options = LAUNCHERS[launcher]
+    if program is None:
+        pytest.skip(f"no {launcher}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(folder / "log", "wb")  # noqa: SIM115 - closed in finally
-    # A session of its own, so a failing test can end torchrun *and* its workers (SIGKILL on torchrun
-    # alone would leave them orphaned, waiting in a collective).
+    # A session of its own, so a failing test can end the launcher *and* its workers (SIGKILL on the
+    # launcher alone would leave them orphaned, waiting in a collective).
     proc = subprocess.Popen(
-        [*cmd, str(folder), *overrides],
+        [program, *options, *WORKER, str(folder), *overrides],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -55,7 +70,7 @@ def torchrun(folder: Path, overrides: list[str] = OVERRIDES):
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, even when torchrun is done
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, even when the launcher is done
         proc.wait()
         log.close()
         print((folder / "log").read_text()[-3000:])
@@ -68,10 +83,10 @@ def finish(folder: Path, proc: subprocess.Popen) -> list[dict]:
     return [json.loads((folder / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
-@needs_torchrun
-def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path, launcher):
     (tmp_path / "gates").write_text("3\n6\n")
-    with torchrun(tmp_path) as proc:
+    with launched(tmp_path, launcher) as proc:
         client = BridgeClient((tmp_path / "url").read_text())
         wait_for(tmp_path / "reached-3", proc)
         sent = [
@@ -103,6 +118,7 @@ def test_two_ranks_apply_the_same_commands_at_the_same_steps(tmp_path):
         ("evaluate", "success", 6),
     ]
     assert [r["distributed"] for r in ranks] == [True, True] and ranks[0]["world_size"] == 2
+    assert {(r["distributed_type"], r["backend"]) for r in ranks} == {("MULTI_CPU", "gloo")}
     assert ranks[0]["url"] and ranks[1]["url"] is None and ranks[1]["run_id"] is None  # only rank 0 serves
     # The same lr at every step on both ranks: 0.003 up to step 3, then 0.01; then the checkpoint's.
     assert ranks[0]["lr"] == ranks[1]["lr"]
@@ -122,7 +138,7 @@ def test_a_command_rank_0_cannot_journal_running_is_applied_by_no_rank(tmp_path)
     the commands around it still apply on both ranks."""
     (tmp_path / "gates").write_text("3\n")
     (tmp_path / "steal").write_text("elsewhere\n")
-    with torchrun(tmp_path) as proc:
+    with launched(tmp_path) as proc:
         url = (tmp_path / "url").read_text()
         client, other = BridgeClient(url), BridgeClient(url, source="elsewhere")
         wait_for(tmp_path / "reached-3", proc)

@@ -1,4 +1,5 @@
-"""A DDP worker for tests: `torchrun --nproc_per_node 2 -m selfsteer.trainer_bridge.testing_ddp DIR [overrides]`.
+"""A DDP worker for tests: `torchrun --nproc_per_node 2 -m selfsteer.trainer_bridge.testing_ddp DIR [overrides]`
+(or the same module under `accelerate launch`; tests/test_bridge_ddp.py has both command lines).
 
 Each rank trains the tiny recipe on CPU (gloo); rank 0 serves on a free port and writes its URL to
 DIR/url. Rank 0 holds at the steps named in DIR/gates (one a line) until the test creates
@@ -96,6 +97,8 @@ def main(folder: Path, overrides: list[str]) -> None:
         "rank": bridge.rank,
         "world_size": bridge.world_size,
         "distributed": torch.distributed.is_initialized(),
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "distributed_type": run.trainer.accelerator.distributed_type.value,  # the Trainer's accelerate state
         "url": run.url,
         "lr": recorder.lr,
         "checksum": checksum,
