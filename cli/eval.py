@@ -34,7 +34,7 @@ def add_parser(subparsers, name: str) -> None:
         "each prompt strategy, the intervener), "
         "and write a markdown report with plots: final and best eval loss, regret against the best static "
         "learning rate of a grid, share of diverging runs rescued, interventions, wall time. Resumable: "
-        "runs already in OUT/results.jsonl are not run again.",
+        "runs already in OUT/results.jsonl are not run again (a failed one is).",
     )
     suite.add_argument(
         "--recipes",
@@ -81,6 +81,36 @@ def add_parser(subparsers, name: str) -> None:
         "--eval-steps", type=int, default=None, help="evaluate every N steps (default: tiny 10, small 15)"
     )
     suite.add_argument("--out", default="runs/lr-suite", help="output folder (default runs/lr-suite)")
+    suite.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="run a failed run again N times, then report it as failed (default 1)",
+    )
+    ray = suite.add_argument_group(
+        "Ray Tune",
+        "--ray runs each run as a Ray Tune trial: on a Ray started here, or on the cluster at --ray-address. "
+        "The runs write to OUT/suite.sqlite and OUT/results.jsonl: on a cluster of several machines, OUT must "
+        "be on a filesystem every node shares. The Tune experiment lives in OUT/ray.",
+    )
+    ray.add_argument(
+        "--ray", action="store_true", help="run on Ray Tune (default: one run after the other here)"
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="a Ray cluster (default $RAY_ADDRESS, else Ray started on this machine)",
+    )
+    ray.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a Ray started here (default: all)")
+    ray.add_argument(
+        "--cpus-per-trial", type=float, default=1, help="CPUs (and torch threads) per run (default 1)"
+    )
+    ray.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="runs at once at most (default: as many as the CPUs fit)",
+    )
     add_llm_arguments(suite)
 
 
@@ -96,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
         )
     config = SuiteConfig(
         recipes=recipes.split(","), seeds=args.seeds, supervisors=supervisors.split(","),
-        llm=args.llm, base_url=args.base_url, api_key=args.api_key,
+        llm=args.llm, base_url=args.base_url, api_key=args.api_key, retries=args.retries,
+        ray=args.ray, ray_address=args.ray_address, ray_cpus=args.ray_cpus,
+        cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
     )  # fmt: skip
     if args.lrs is not None:
         config.lrs = dict.fromkeys(config.recipes, args.lrs)

@@ -79,6 +79,13 @@ class SuiteConfig:
     llm: str = "local"
     base_url: str | None = None
     api_key: str | None = None
+    retries: int = 1  # a failed run is run again this many times, then reported as failed
+    # Ray Tune (evals/lr_suite_ray.py): each run a trial, on this machine's Ray or on a cluster
+    ray: bool = False
+    ray_address: str | None = None  # default $RAY_ADDRESS, else Ray started here
+    ray_cpus: int | None = None  # the CPUs of a Ray started here (default: all)
+    cpus_per_trial: float = 1
+    max_concurrent: int | None = None  # default: as many trials as the CPUs fit
 
     def lrs_of(self, recipe: str) -> dict[str, float]:
         return self.lrs.get(recipe) or self.lrs.get("small") or DEFAULT_LRS["small"]
@@ -172,6 +179,21 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     }
 
 
+def failed_row(cell: Cell, error: str, attempts: int) -> dict:
+    """A run that failed on every attempt: in results.jsonl and the report, run again on resume."""
+    return {**asdict(cell), "error": error, "attempts": attempts}
+
+
+def run_cell_retrying(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
+    for attempt in range(1, config.retries + 2):
+        try:
+            return run_cell(cell, config, out, db, chat_model)
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            if attempt > config.retries:
+                return failed_row(cell, f"{type(error).__name__}: {error}", attempt)
+
+
 def self_correcting(supervisor: str) -> tuple[str, bool]:
     """`rule+sc` -> ("rule", True): the suffix adds self-correction to any supervisor."""
     name, plus, flag = supervisor.partition("+")
@@ -181,32 +203,44 @@ def self_correcting(supervisor: str) -> tuple[str, bool]:
 
 
 def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
-    """Run every cell (skipping those already in results.jsonl: an interrupted suite resumes)."""
+    """Run every cell (skipping those already in results.jsonl: an interrupted suite resumes; a failed
+    one is run again), in this process or as Ray Tune trials (`config.ray`)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path, db = out / "results.jsonl", out / "suite.sqlite"
-    done = {}
-    if results_path.exists():
-        for line in results_path.read_text().splitlines():
-            row = json.loads(line)
-            done[Cell(row["recipe"], row["lr_name"], row["lr"], row["seed"], row["supervisor"]).id] = row
+    todo = [c for c in cells(config) if "error" in load_results(results_path).get(c.id, {"error": ""})]
+    if config.ray:
+        from selfsteer.evals.lr_suite_ray import run_on_ray
+
+        run_on_ray(todo, config, out)  # each trial's row lands in results.jsonl as it finishes
+        return list(load_results(results_path).values())
     chat_model = None
-    if any(s.startswith("llm:") for s in config.supervisors):
+    if any(c.supervisor.startswith("llm:") for c in todo):
         from selfsteer.agents.chat_models import make_chat_model
 
         extra = {"field_max_chars": config.explanation_chars} if config.llm == "local" else {}
         chat_model = make_chat_model(config.llm, base_url=config.base_url, api_key=config.api_key, **extra)
-    todo = [c for c in cells(config) if c.id not in done]
-    with results_path.open("a") as results:
-        for cell in tqdm(todo, desc="lr-suite", unit="run"):
-            row = run_cell(cell, config, out, db, chat_model)
-            results.write(json.dumps(row) + "\n")
-            results.flush()
-            done[cell.id] = row
-    return list(done.values())
+    for cell in tqdm(todo, desc="lr-suite", unit="run"):
+        append_result(results_path, run_cell_retrying(cell, config, out, db, chat_model))
+    return list(load_results(results_path).values())
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """Cell id -> its latest row (a failed one run again later is replaced)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[Cell(row["recipe"], row["lr_name"], row["lr"], row["seed"], row["supervisor"]).id] = row
+    return done
+
+
+def append_result(path: Path, row: dict) -> None:
+    with path.open("a") as results:
+        results.write(json.dumps(row) + "\n")
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -274,7 +308,8 @@ def report(
     from selfsteer.trainer_bridge.store import Store
 
     out = Path(out)
-    rows = [r for r in score(rows) if r["lr_name"] != "grid"]
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in score([r for r in rows if "error" not in r]) if r["lr_name"] != "grid"]
     lines = [
         "# lr-suite report",
         "",
@@ -290,6 +325,15 @@ def report(
         "Supervised runs are paused while the supervisor decides.",
         "",
     ]
+    if failed:
+        lines += [
+            f"**Failed runs: {len(failed)}** (failed on every attempt; left out of the tables, run again on "
+            "resume):",
+            "",
+            *(f"- {Cell(r['recipe'], r['lr_name'], r['lr'], r['seed'], r['supervisor']).id}, "
+              f"{r['attempts']} attempts: {r['error']}" for r in failed),
+            "",
+        ]  # fmt: skip
     for recipe in config.recipes:
         grid = sorted({*config.lrs_of(recipe).values(), *config.grid_of(recipe)})
         lines += [
@@ -370,5 +414,8 @@ def main(config: SuiteConfig, out: str | Path) -> str:
     rows = run_suite(config, out)
     text = report(rows, config, out)
     print(text)
-    print(f"{len(rows)} runs, {time.perf_counter() - started:.0f} s; report: {Path(out) / 'report.md'}")
+    failed = sum("error" in r for r in rows)
+    print(
+        f"{len(rows)} runs ({failed} failed), {time.perf_counter() - started:.0f} s; report: {Path(out) / 'report.md'}"
+    )
     return text

@@ -1,5 +1,5 @@
 """The command line's help loads no heavy library: building the parser imports no torch, transformers,
-TRL, LangChain, LangGraph or FastAPI (those load inside the commands that use them). How fast the
+TRL, LangChain, LangGraph, FastAPI or Ray (those load inside the commands that use them). How fast the
 help is, is measured by evals/bench_cli.py, not here."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 from selfsteer.cli.main import COMMANDS
 
-HEAVY = ("torch", "transformers", "trl", "langchain_core", "langgraph", "fastapi")
+HEAVY = ("torch", "transformers", "trl", "langchain_core", "langgraph", "fastapi", "ray")
 NESTED = ("decisions collect", "decisions export", "intervener train", "eval lr-suite")
 PROBE = (
     "from selfsteer.cli.main import build_parser; build_parser(); import sys; "
