@@ -76,9 +76,10 @@ class Recorder(tune.Callback):
         self.bar.update()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = str(trial.get_error() or "unknown error").strip().splitlines()
+        # The error file on this machine (`get_error` reads the experiment's copy, which may lag behind).
+        error = Path(trial.error_file).read_text().strip().splitlines() if trial.error_file else []
         row = failed_row(Cell(**trial.config["cell"]), error[-1] if error else "", trial.num_failures)
-        append_result(self.results, {**row, "error_file": trial.error_file})
+        append_result(self.results, {**row, "trial_dir": trial.path})  # its error.txt: the tracebacks
         self.bar.update()
 
     def __getstate__(self):  # Tune saves its experiment state with the callbacks in it; no bar there
@@ -102,6 +103,7 @@ def run_on_ray(cells: list[Cell], config: SuiteConfig, out: Path) -> None:
             param_space={"cell": tune.grid_search([asdict(c) for c in cells])},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=config.max_concurrent,
+                reuse_actors=True,  # a worker runs trial after trial: torch and transformers imported once
                 trial_name_creator=lambda t: Cell(**t.config["cell"]).id,
                 trial_dirname_creator=lambda t: Cell(**t.config["cell"]).id,
             ),
