@@ -28,6 +28,31 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request (default 60)")
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser, description: str) -> argparse._ArgumentGroup:
+    """--ray, --ray-address, --ray-cpus, --cpus-per-trial, --max-concurrent: many runs as Ray Tune trials
+    (evals/ray_trials.py). Nothing of Ray is imported here."""
+    group = parser.add_argument_group("Ray Tune", description)
+    group.add_argument(
+        "--ray", action="store_true", help="run on Ray Tune (default: one run after the other here)"
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="a Ray cluster (default $RAY_ADDRESS, else Ray started on this machine)",
+    )
+    group.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a Ray started here (default: all)")
+    group.add_argument(
+        "--cpus-per-trial", type=float, default=1, help="CPUs (and torch threads) per run (default 1)"
+    )
+    group.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="runs at once at most (default: as many as the CPUs fit)",
+    )
+    return group
+
+
 def chat_model_from_args(args: argparse.Namespace):
     from selfsteer.agents.chat_models import make_chat_model
 

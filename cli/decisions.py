@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfsteer.cli.common import add_ray_arguments
+
 COLLECT_HELP = """\
 Counterfactual decision data. Each run of a grid of workloads (model shapes x AdamW / SGD with momentum x
 constant / warm-up-and-decay schedules x batch sizes x start lrs from 64x too low to 64x too high x seeds)
@@ -15,12 +17,14 @@ the label's margin is measured (see `decisions export`). The run itself goes on 
 policy's action, so the rows cover the states that policy visits (--policy intervener: a DAgger round).
 
 Writes OUT/rows.jsonl (one line per decision point) and OUT/runs.jsonl (one per run) as it goes; run it
-again to resume. Held-out workloads of the lr-suite are never collected.
+again to resume. A failed run is retried (--retries), then written to OUT/failed.jsonl and reported; the
+next call collects it again. Held-out workloads of the lr-suite are never collected.
 
 examples:
   selfsteer decisions collect --out runs/cf
   selfsteer decisions collect --out runs/cf --shard 0/2 &  selfsteer decisions collect --out runs/cf2 --shard 1/2
   selfsteer decisions collect --out runs/cf-dagger --policy intervener --seeds 3
+  selfsteer decisions collect --out runs/cf --ray --cpus-per-trial 1        # runs as Ray Tune trials
 """
 
 
@@ -59,6 +63,18 @@ def add_parser(subparsers, name: str) -> None:
         "--shard", default="0/1", help="I/N: collect every N-th run from the I-th (default 0/1)"
     )
     collect.add_argument("--limit", type=int, default=None, help="collect at most this many runs")
+    collect.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="collect a failed run again N times, then write it to OUT/failed.jsonl (default 1)",
+    )
+    add_ray_arguments(
+        collect,
+        "--ray collects each run as a Ray Tune trial: on a Ray started here, or on the cluster at "
+        "--ray-address. Each run's rows come back to this process, which writes OUT/rows.jsonl and "
+        "OUT/runs.jsonl: OUT need not be shared with the cluster's nodes. The Tune experiment lives in OUT/ray.",
+    )
 
     export = actions.add_parser(
         "export",
@@ -115,10 +131,18 @@ def _collect(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"selfsteer decisions collect: {error}", file=sys.stderr)
         return 2
-    config = CollectConfig(out=args.out, specs=specs[: args.limit] if args.limit else specs, shard=shard)
-    summaries = collect(config)
+    config = CollectConfig(
+        out=args.out, specs=specs[: args.limit] if args.limit else specs, shard=shard,
+        retries=args.retries, ray=args.ray, ray_address=args.ray_address, ray_cpus=args.ray_cpus,
+        cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
+    )  # fmt: skip
+    failures: list[dict] = []
+    summaries = collect(config, failures=failures)
     rows = sum(s["rows"] for s in summaries)
     print(f"{len(summaries)} runs, {rows} decision points -> {args.out}/rows.jsonl")
+    if failures:
+        print(f"{len(failures)} runs failed -> {args.out}/failed.jsonl", file=sys.stderr)
+        return 1
     return 0
 
 

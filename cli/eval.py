@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfsteer.cli.common import add_llm_arguments
+from selfsteer.cli.common import add_llm_arguments, add_ray_arguments
 
 
 def _floats(text: str) -> list[float]:
@@ -87,29 +87,11 @@ def add_parser(subparsers, name: str) -> None:
         default=1,
         help="run a failed run again N times, then report it as failed (default 1)",
     )
-    ray = suite.add_argument_group(
-        "Ray Tune",
+    add_ray_arguments(
+        suite,
         "--ray runs each run as a Ray Tune trial: on a Ray started here, or on the cluster at --ray-address. "
         "The runs write to OUT/suite.sqlite and OUT/results.jsonl: on a cluster of several machines, OUT must "
         "be on a filesystem every node shares. The Tune experiment lives in OUT/ray.",
-    )
-    ray.add_argument(
-        "--ray", action="store_true", help="run on Ray Tune (default: one run after the other here)"
-    )
-    ray.add_argument(
-        "--ray-address",
-        default=None,
-        help="a Ray cluster (default $RAY_ADDRESS, else Ray started on this machine)",
-    )
-    ray.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a Ray started here (default: all)")
-    ray.add_argument(
-        "--cpus-per-trial", type=float, default=1, help="CPUs (and torch threads) per run (default 1)"
-    )
-    ray.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=None,
-        help="runs at once at most (default: as many as the CPUs fit)",
     )
     add_llm_arguments(suite)
 

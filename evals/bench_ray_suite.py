@@ -30,9 +30,9 @@ config = SuiteConfig(
 )
 init_s = 0.0
 if config.ray:
-    from selfsteer.evals.lr_suite_ray import start_ray
+    from selfsteer.evals.ray_trials import start_ray
     started = time.perf_counter()
-    start_ray(config)
+    start_ray(config.ray_address, config.ray_cpus)
     init_s = time.perf_counter() - started
 started = time.perf_counter()
 rows = run_suite(config, out)

@@ -1,0 +1,59 @@
+"""Counterfactual collection runs as Ray Tune trials (evals/ray_trials.py): one trial per run spec, on
+this machine's Ray or on any Ray cluster. A trial runs in another process, maybe on another machine: it
+reports the run's rows with its summary, and the driver writes both (rows first, then the summary, which
+marks the run done), so OUT needs no filesystem shared with the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ray import tune
+
+from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect_run
+from selfsteer.evals.ray_trials import run_trials, set_trial_threads
+
+
+def trial(params: dict, threads: float) -> None:
+    """One collection run, in a Ray worker process (torch threads: the trial's CPUs)."""
+    set_trial_threads(threads)
+    rows: list[dict] = []
+    summary = collect_run(RunSpec(**params["item"]), on_row=rows.append)
+    tune.report({"summary": summary, "rows": rows})
+
+
+def collect_on_ray(
+    specs: list[RunSpec],
+    config: CollectConfig,
+    write_rows: Callable[[list[dict]], None],
+    finished: Callable[[dict], None],
+    failed: Callable[..., None],
+) -> None:
+    """Collect `specs` as Tune trials: each finished run's rows, then its summary, handed to `write_rows`
+    and `finished` in the driver as it comes; a run still failing after the retries to `failed`."""
+
+    def record(result: dict) -> None:
+        write_rows(result["rows"])
+        finished(result["summary"])
+
+    def fail(item: dict, error: str, attempts: int, trial_dir: str) -> None:
+        failed(RunSpec(**item), error, attempts, trial_dir=trial_dir)  # its error.txt: the tracebacks
+
+    run_trials(
+        [asdict(s) for s in specs],
+        trial,
+        record=record,
+        fail=fail,
+        item_id=lambda item: RunSpec(**item).id,
+        storage=Path(config.out) / "ray",
+        name="collect",
+        progress_desc="counterfactual runs (ray)",
+        cpus_per_trial=config.cpus_per_trial,
+        max_concurrent=config.max_concurrent,
+        retries=config.retries,
+        address=config.ray_address,
+        num_cpus=config.ray_cpus,
+        threads=config.cpus_per_trial,
+    )
