@@ -13,7 +13,7 @@ from pathlib import Path
 from ray import tune
 
 from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect_run
-from selfsteer.evals.ray_trials import run_trials, set_trial_threads
+from selfsteer.evals.ray_trials import ray_options, run_trials, set_trial_threads
 
 
 def trial(params: dict, threads: float) -> None:
@@ -50,10 +50,6 @@ def collect_on_ray(
         storage=Path(config.out) / "ray",
         name="collect",
         progress_desc="counterfactual runs (ray)",
-        cpus_per_trial=config.cpus_per_trial,
-        max_concurrent=config.max_concurrent,
-        retries=config.retries,
-        address=config.ray_address,
-        num_cpus=config.ray_cpus,
+        **ray_options(config),
         threads=config.cpus_per_trial,
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from ray import tune
 
 from selfsteer.evals.lr_suite import Cell, SuiteConfig, append_result, failed_row, run_cell
-from selfsteer.evals.ray_trials import run_trials, set_trial_threads
+from selfsteer.evals.ray_trials import ray_options, run_trials, set_trial_threads
 
 
 def trial(params: dict, config: SuiteConfig, out: str) -> None:
@@ -55,11 +55,7 @@ def run_on_ray(cells: list[Cell], config: SuiteConfig, out: Path) -> None:
         storage=out / "ray",
         name="suite",
         progress_desc="lr-suite (ray)",
-        cpus_per_trial=config.cpus_per_trial,
-        max_concurrent=config.max_concurrent,
-        retries=config.retries,
-        address=config.ray_address,
-        num_cpus=config.ray_cpus,
+        **ray_options(config),
         config=config,
         out=str(out.resolve()),
     )

@@ -116,6 +116,18 @@ def run_trials(
             ray.shutdown()
 
 
+def ray_options(config) -> dict:
+    """run_trials' scheduling options from a config with the fields the CLI's Ray group sets (ray_address,
+    ray_cpus, cpus_per_trial, max_concurrent) and retries."""
+    return {
+        "address": config.ray_address,
+        "num_cpus": config.ray_cpus,
+        "cpus_per_trial": config.cpus_per_trial,
+        "max_concurrent": config.max_concurrent,
+        "retries": config.retries,
+    }
+
+
 def set_trial_threads(cpus_per_trial: float) -> None:
     """In a trial's process: torch threads = the trial's CPUs; transformers' warnings quiet."""
     import torch
