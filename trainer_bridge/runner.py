@@ -46,12 +46,16 @@ class HoldForDecision(TrainerCallback):
 
     def __init__(self, run: RecipeRun, supervisor_done: threading.Event, timeout_s: float = 300.0):
         self.run, self.supervisor_done, self.timeout_s = run, supervisor_done, timeout_s
+        self.seen_id = 0  # decisions up to this id were read at earlier polls: each poll reads only newer ones
 
     def on_evaluate(self, args, state, control, **kwargs):
         store, run_id = self.run.bridge.store, self.run.run_id
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline and not self.supervisor_done.is_set():
-            if any(d["step"] >= state.global_step for d in store.list_decisions(run_id)):
+            # A decision carries its observation (a long run's is MBs): not the whole list every 50 ms.
+            new = store.list_decisions(run_id, after_id=self.seen_id)
+            self.seen_id = new[-1]["id"] if new else self.seen_id
+            if any(d["step"] >= state.global_step for d in new):
                 return
             if store.list_commands(run_id, status="pending"):
                 return
