@@ -45,8 +45,7 @@ from selfsteer.trainer_bridge.commands import (
     InvalidCommand,
     dump_args,
 )
-from selfsteer.trainer_bridge.records import FINISHED_PHASES as FINISHED
-from selfsteer.trainer_bridge.records import json_number
+from selfsteer.trainer_bridge.records import FINISHED_PHASES, json_number
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -257,8 +256,8 @@ class Bridge:
                 return self._answer(self._same_command(first, idempotency_key, type, parsed), repeated=True)
         if spec.check is not None:
             spec.check(self, parsed)
-        if self.training_done or self.phase in FINISHED:
-            raise RunFinished(f"run {self.run_id} is {self.phase if self.phase in FINISHED else 'over'}")
+        if self.training_done or self.phase in FINISHED_PHASES:
+            raise RunFinished(f"run {self.run_id} is {self.phase if self.phase in FINISHED_PHASES else 'over'}")
         run = self.store.get_run(self.run_id)
         if run is None or run["status"] != "running":
             raise RunFinished(f"run {self.run_id} is {run['status'] if run else 'gone'}")
@@ -465,7 +464,7 @@ class Bridge:
     def finish(self, status: str | None = None, summary: Any = None, error: str | None = None) -> None:
         """Marks the run over in the store (once); commands still pending are failed, not lost."""
         with self._finish_lock:
-            if self.phase in FINISHED:
+            if self.phase in FINISHED_PHASES:
                 return
             status = status or ("stopped" if self.stop_requested else "finished")
             self.training_done = True
