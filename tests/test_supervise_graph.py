@@ -214,6 +214,10 @@ def test_paused_decisions_act_on_the_step_they_saw_and_stay_within_the_lr_bounds
         commands = store.list_commands(live.run.run_id)
     assert summary["steps"] == 300  # never left paused, never refused
     assert [d["lr_after"] for d in decisions[:3]] == pytest.approx([0.8, 1.0, 1.0])  # 1.6 is over the bound
+    # A pause sent as the run takes its last step arrives too late: journaled failed, and the loop ends.
+    if commands[-1]["status"] == "failed":
+        assert commands[-1]["type"] == "pause" and commands[-1]["error"].startswith("the run ended")
+        commands = commands[:-1]
     assert all(c["status"] == "success" for c in commands)
     by_key = {c["idempotency_key"]: c for c in commands if c["idempotency_key"]}
     for i, decision in enumerate(decisions, start=1):
