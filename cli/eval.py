@@ -67,7 +67,9 @@ def add_parser(subparsers, name: str) -> None:
     suite.add_argument(
         "--supervisors",
         default=",".join(DEFAULT_SUPERVISORS),
-        help="default: %(default)s; NAME+sc adds self-correction (check, reflect, roll back, retry) to one",
+        help="default: %(default)s; NAME+sc adds self-correction (check, reflect, roll back, retry) to one; "
+        "pbt: Ray Tune's Population Based Training over each workload's start lrs (one population per workload "
+        "and seed, each member the same steps as a supervised run; always on Ray)",
     )
     suite.add_argument(
         "--self-correct",
@@ -122,9 +124,13 @@ def run(args: argparse.Namespace) -> int:
         config.eval_steps = dict.fromkeys(config.recipes, args.eval_steps)
     if args.self_correct:  # a self-correcting twin of every supervisor
         config.supervisors += [
-            f"{s}+sc" for s in config.supervisors if s not in ("static", "cosine") and not s.endswith("+sc")
+            f"{s}+sc" for s in config.supervisors if s not in ("static", "cosine", "pbt") and not s.endswith("+sc")
         ]
-    known = ("static", "cosine", "rule", "plateau", "intervener")
+    known = ("static", "cosine", "rule", "plateau", "intervener", "pbt")
+    if "pbt+sc" in config.supervisors:
+        print("selfsteer eval lr-suite: pbt has no self-correction (it is a population, not a supervisor)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     named = [s.removesuffix("+sc") for s in config.supervisors]
     unknown = [s for s in named if s not in known and not s.startswith(("llm:", "intervener:"))]
     if unknown:

@@ -8,7 +8,9 @@ each run under every supervisor:
 - `plateau`: PyTorch's `ReduceLROnPlateau` fed the eval loss (halve or keep);
 - `llm:STRATEGY`: the language model with a prompt strategy (`llm:intervener`: the untrained embedded
   model with the intervener's prompt);
-- `intervener`: the embedded model with the shipped adapter trained on counterfactual decisions.
+- `intervener`: the embedded model with the shipped adapter trained on counterfactual decisions;
+- `pbt`: Ray Tune's Population Based Training over the workload's start lrs, a population per workload
+  and seed, each member as many steps as a supervised run (evals/pbt.py).
 Workloads are built-in recipes, or the held-out workload `deep-rmsprop` (a model shape, an optimizer and
 start learning rates that counterfactual collection never runs: evals/counterfactual.py HELD_OUT).
 Extra static runs at other learning rates complete a grid, so that each run's *regret* can be taken
@@ -86,6 +88,11 @@ class SuiteConfig:
     ray_cpus: int | None = None  # the CPUs of a Ray started here (default: all)
     cpus_per_trial: float = 1
     max_concurrent: int | None = None  # default: as many trials as the CPUs fit
+    # Population Based Training (evals/pbt.py; the `pbt` row, always on Ray): explore moves the lr by one of
+    # these factors (the supervisors' double and halve), never resampled; the worst quarter copies the best
+    pbt_perturbation_factors: tuple[float, float] = (2.0, 0.5)
+    pbt_resample_probability: float = 0.0
+    pbt_quantile_fraction: float = 0.25
 
     def lrs_of(self, recipe: str) -> dict[str, float]:
         return self.lrs.get(recipe) or self.lrs.get("small") or DEFAULT_LRS["small"]
@@ -211,7 +218,18 @@ def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path, db = out / "results.jsonl", out / "suite.sqlite"
-    todo = [c for c in cells(config) if "error" in load_results(results_path).get(c.id, {"error": ""})]
+    done = load_results(results_path)
+    todo = [c for c in cells(config) if "error" in done.get(c.id, {"error": ""})]
+    pbt = [c for c in cells(config) if c.supervisor == "pbt"]
+    if pbt:  # a population is run whole: all its members, when one of them is to run
+        from selfsteer.evals.pbt import populations, run_pbt
+
+        run_pbt(
+            [c for group in populations(pbt).values() if any(c in todo for c in group) for c in group],
+            config,
+            out,
+        )
+        todo = [c for c in todo if c.supervisor != "pbt"]
     if config.ray:
         from selfsteer.evals.lr_suite_ray import run_on_ray
 
@@ -325,6 +343,17 @@ def report(
         "Supervised runs are paused while the supervisor decides.",
         "",
     ]
+    if "pbt" in config.supervisors:
+        lines += [
+            "pbt: Ray Tune's Population Based Training, one population per workload and seed whose members "
+            "are the runs from its start lrs, ranked at every evaluation; the worst "
+            f"{config.pbt_quantile_fraction:.0%} copies the best one's weights and optimizer and moves its lr "
+            f"by x{' or x'.join(f'{f:g}' for f in config.pbt_perturbation_factors)}. Equal compute: each member "
+            "trains as many steps as a supervised run, so a population of N starts costs the N supervised runs' "
+            "steps; unlike a supervisor, members share what they learn. Interventions: lr changes in the "
+            "member's final lineage (a copied member's includes its donor's). Wall s: the population's wall time until the member finished, over its N members.",
+            "",
+        ]
     if failed:
         lines += [
             f"**Failed runs: {len(failed)}** (failed on every attempt; left out of the tables, run again on "
@@ -390,7 +419,10 @@ def report(
                 curves = {}
                 for r in rows:
                     if (r["recipe"], r["lr_name"], r["seed"]) == (recipe, lr_name, config.seeds[0]):
-                        steps, values = _final_lineage(stores, r["run_id"])
+                        if "curve" in r:  # a PBT member: several runs, its lineage reported by Tune
+                            steps, values = [p[0] for p in r["curve"]], [p[1] for p in r["curve"]]
+                        else:
+                            steps, values = _final_lineage(stores, r["run_id"])
                         if steps:
                             curves[r["supervisor"]] = (steps, values)
                 if curves:

@@ -12,6 +12,7 @@ also holds when the items changed between the two calls.) The Tune experiment li
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -37,8 +38,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 class Recorder(tune.Callback):
-    """In the driver: each trial's result handed to `record` as it comes (a failure, after the retries, to
-    `fail(item, error, attempts, trial_dir)`), and a bar over the finished trials."""
+    """In the driver: each trial's result handed to `record(result, trial)` as it comes (a failure, after
+    the retries, to `fail(trial, error)`), and a bar over the finished trials."""
 
     def __init__(self, record: Callable, fail: Callable, total: int, desc: str):
         self.record, self.fail, self.total, self.desc, self.bar = record, fail, total, desc, None
@@ -47,7 +48,7 @@ class Recorder(tune.Callback):
         self.bar = tqdm(total=self.total, desc=self.desc, unit="run")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.record(result)
+        self.record(result, trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.bar.update()
@@ -55,7 +56,7 @@ class Recorder(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         # The error file on this machine (`get_error` reads the experiment's copy, which may lag behind).
         error = Path(trial.error_file).read_text().strip().splitlines() if trial.error_file else []
-        self.fail(trial.config["item"], error[-1] if error else "", trial.num_failures, trial.path)
+        self.fail(trial, error[-1] if error else "")
         self.bar.update()
 
     def __getstate__(self):  # Tune saves its experiment state with the callbacks in it: no bar, no closures
@@ -69,9 +70,39 @@ def run_trials(
     fail: Callable[[dict, str, int, str], None],
     *,
     item_id: Callable[[dict], str],
+    **options,
+) -> None:
+    """Run `trial_fn(params, **trial_params)` once per item (`params["item"]`, a JSON-able dict) as Tune
+    trials named `item_id(item)`; each reported result goes to `record` in the driver as it comes, each
+    trial still failing after `retries` to `fail(item, error, attempts, trial_dir)`. `options`: those of
+    `fit`."""
+    if not items:
+        return
+    fit(
+        trial_fn,
+        {"item": tune.grid_search(items)},
+        record=lambda result, trial: record(result),
+        fail=lambda trial, error: fail(trial.config["item"], error, trial.num_failures, trial.path),
+        trial_name=lambda config: item_id(config["item"]),
+        total=len(items),
+        **options,
+    )
+
+
+def fit(
+    trainable: Callable | type,
+    param_space: dict,
+    record: Callable,
+    fail: Callable,
+    *,
+    trial_name: Callable[[dict], str],
+    total: int,
     storage: Path,
     name: str,
     progress_desc: str,
+    scheduler=None,
+    metric: str | None = None,
+    mode: str | None = None,
     cpus_per_trial: float = 1,
     max_concurrent: int | None = None,
     retries: int = 1,
@@ -79,26 +110,29 @@ def run_trials(
     num_cpus: int | None = None,
     **trial_params,
 ) -> None:
-    """Run `trial_fn(params, **trial_params)` once per item (`params["item"]`, a JSON-able dict) as Tune
-    trials named `item_id(item)`; each reported result goes to `record` in the driver as it comes, each
-    trial still failing after `retries` to `fail`."""
+    """One Tune experiment: `trainable` (a function, or a `tune.Trainable`, given `trial_params`) over
+    `param_space`, its trials named `trial_name(initial config)`, under `scheduler` if any; results and
+    failures to `record(result, trial)` and `fail(trial, error)` in the driver (see `Recorder`)."""
     import ray
 
     # Tune's own CSV/JSON/TensorBoard loggers: our files are the record (and lists upset TensorBoard's).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if not items:
-        return
-    recorder = Recorder(record, fail, len(items), progress_desc)
+    # ...whose absence its end-of-run analysis then warns about, trial by trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    recorder = Recorder(record, fail, total, progress_desc)
     started = start_ray(address, num_cpus)
     try:
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trial_fn, **trial_params), {"cpu": cpus_per_trial}),
-            param_space={"item": tune.grid_search(items)},
+            tune.with_resources(tune.with_parameters(trainable, **trial_params), {"cpu": cpus_per_trial}),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
+                scheduler=scheduler,
+                metric=metric,
+                mode=mode,
                 max_concurrent_trials=max_concurrent,
                 reuse_actors=True,  # a worker runs trial after trial: torch and transformers imported once
-                trial_name_creator=lambda t: item_id(t.config["item"]),
-                trial_dirname_creator=lambda t: item_id(t.config["item"]),
+                trial_name_creator=lambda t: trial_name(t.config),
+                trial_dirname_creator=lambda t: trial_name(t.config),
             ),
             run_config=tune.RunConfig(
                 name=time.strftime(f"{name}-%Y%m%d-%H%M%S"),

@@ -135,6 +135,7 @@ class RecipeRun:
         token: str | None = None,
         replay_of: str | None = None,
         resume: ResumePoint | None = None,
+        start_from: str | Path | None = None,
         interactive: bool = True,
         progress: bool = False,
         supervisor: Supervisor | None = None,
@@ -143,6 +144,9 @@ class RecipeRun:
     ):
         self.recipe = recipe
         self.resume = resume
+        # A Trainer checkpoint folder (of any run) this new run goes on from: weights, optimizer,
+        # scheduler, RNG, step and data position (Population Based Training's exploit).
+        self.start_from = str(resume.checkpoint["path"]) if resume else (str(start_from) if start_from else None)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = supervisor
@@ -207,7 +211,7 @@ class RecipeRun:
             thread.start()
         start = time.perf_counter()
         try:
-            self.trainer.train(resume_from_checkpoint=self.resume.checkpoint["path"] if self.resume else None)
+            self.trainer.train(resume_from_checkpoint=self.start_from)
             final = self.trainer.evaluate()
         finally:
             stop.set()

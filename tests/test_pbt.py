@@ -1,0 +1,90 @@
+"""Population Based Training as an lr-suite row (evals/pbt.py), on local Ray with real tiny runs: a run
+started from another run's Trainer checkpoint goes on exactly as that run did (what an exploit rests
+on), and a population of three start lrs trains each member the same steps as a supervised run, every
+lr move journaled through the bridge, the too-high start rescued."""
+
+import pytest
+
+from selfsteer.evals.lr_suite import SuiteConfig, load_results, main
+from selfsteer.trainer_bridge.recipe import load_recipe
+from selfsteer.trainer_bridge.runner import RecipeRun
+from selfsteer.trainer_bridge.store import Store
+
+ray = pytest.importorskip("ray")
+
+
+def tiny(folder, db, start_from=None, lr=None):
+    overrides = ["training.max_steps=20", "training.eval_steps=10", "training.save_strategy=steps",
+                 "training.save_steps=10", "training.seed=3"]  # fmt: skip
+    run = RecipeRun(load_recipe("tiny", overrides), out_dir=folder, db=db, port=None, start_from=start_from)
+    if lr is not None:
+        run.bridge.submit("set_optimizer", {"lr": lr}, source="test")
+    try:
+        return run.train(), run.run_id
+    finally:
+        run.close()
+
+
+def test_a_run_started_from_a_checkpoint_of_another_goes_on_as_that_run_did(tmp_path, one_torch_thread):
+    db = tmp_path / "runs.sqlite"
+    whole, _ = tiny(tmp_path / "whole", db)
+    halfway = tmp_path / "whole" / "trainer" / "checkpoint-10"
+    resumed, _ = tiny(tmp_path / "resumed", db, start_from=halfway)
+    assert resumed["steps"] == whole["steps"] == 20
+    assert resumed["final_eval_loss"] == whole["final_eval_loss"]  # to the last digit
+    moved, run_id = tiny(tmp_path / "moved", db, start_from=halfway, lr=0.05)
+    with Store(db) as store:
+        [command] = [c for c in store.list_commands(run_id) if c["source"] == "test"]
+        lrs = [m["value"] for m in store.get_metrics(run_id, names=["learning_rate"])]
+    assert (command["status"], command["step"]) == ("success", 10)  # before the first step it trains
+    assert lrs and all(lr == pytest.approx(0.05) for lr in lrs)
+    assert moved["final_eval_loss"] != whole["final_eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, one_torch_thread):
+    out = tmp_path_factory.mktemp("pbt")
+    config = SuiteConfig(
+        recipes=["tiny"],
+        lrs={"tiny": {"too_low": 1e-4, "good": 1e-2, "too_high": 3.0}},
+        grid_lrs={},
+        seeds=[0],
+        supervisors=["static", "pbt"],
+        max_steps={"tiny": 20},
+        eval_steps={"tiny": 5},
+    )
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        report = main(config, out)
+    finally:
+        ray.shutdown()
+    return out, report
+
+
+def test_each_member_trains_the_steps_of_a_supervised_run_and_the_too_high_start_is_rescued(suite):
+    out, report = suite
+    rows = load_results(out / "results.jsonl")
+    members = {r["lr_name"]: r for r in rows.values() if r["supervisor"] == "pbt"}
+    static = {r["lr_name"]: r for r in rows.values() if r["supervisor"] == "static"}
+    assert members.keys() == static.keys() == {"too_low", "good", "too_high"}
+    for name, member in members.items():
+        assert "error" not in member, member
+        assert member["max_steps"] == static[name]["max_steps"] == 20  # equal steps, member for run
+        assert [step for step, _ in member["curve"]] == [5, 10, 15, 20]
+        assert member["final_eval_loss"] == member["curve"][-1][1]
+    # lr 3.0 diverges on its own; the worst member copies the best one's weights at the first evaluation.
+    assert members["too_high"]["final_eval_loss"] < 0.8 * static["too_high"]["final_eval_loss"]
+    assert any(move["copied"] != "too_high" for move in members["too_high"]["moves"])
+    assert "| too_high | pbt |" in report and "Equal compute" in report
+
+
+def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(suite):
+    out, _ = suite
+    rows = [r for r in load_results(out / "results.jsonl").values() if r["supervisor"] == "pbt"]
+    with Store(out / "suite.sqlite") as store:
+        sent = [c for c in store.list_commands(None) if c["source"] == "pbt"]
+    assert sent and all(c["status"] == "success" for c in sent)
+    applied = [(c["step"], c["args"]["lr"]) for c in sent]
+    for row in rows:
+        for move in row["moves"]:
+            assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
