@@ -376,6 +376,9 @@ class LocalChatModel(BaseChatModel):
                     value_schema.get("maxLength", self.field_max_chars), self.field_max_chars
                 )
                 budget = value_schema["maxLength"] + 3
+                if value_schema["maxLength"] == 0:  # nothing to generate: not worth a pass over the prompt
+                    text += ' ""'
+                    continue
             generation = self.engine.generate(
                 prompt_ids + self.engine.tokenizer.encode(text, add_special_tokens=False),
                 max_new_tokens=budget,

@@ -13,7 +13,8 @@ Prints:
 
 With --intervener: the intervener's full decision (action and explanation) on observations of real tiny
 runs (one per evaluation, starts from far too low to far too high), in this process and through
-`selfsteer serve-llm --adapter` with LangChain's ChatOpenAI; median latency (target <= 1 s) and how many
+`selfsteer serve-llm --adapter` with LangChain's ChatOpenAI, with template explanations (the default: the
+model scores the action) and with the model's own; median latency (target <= 1 s) and how many
 explanations cite only numbers of the prompt.
 
 With --tools: median latency of one tool call (tool_choice "required", two tools offered, greedy), in
@@ -199,13 +200,13 @@ def bench_intervener(adapter: str, decisions: int) -> None:
     from selfsteer.agents.chat_models import make_chat_model
     from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor, model_explanation
     from selfsteer.agents.intervener_data import grounded
-    from selfsteer.agents.supervisors import LLMSupervisor
 
     adapter = ADAPTER_DIR if adapter == "shipped" else adapter
     seen = observations(decisions)
-    supervisor = IntervenerSupervisor(adapter)
-    supervisor.decide(seen[0])  # warm-up: loads the model
-    report(supervisor, seen, "in process", grounded, model_explanation)
+    for explanations in ("template", "model"):
+        supervisor = IntervenerSupervisor(adapter, explanations=explanations)
+        supervisor.decide(seen[0])  # warm-up: loads the model
+        report(supervisor, seen, f"in process, {explanations} explanations", grounded, model_explanation)
 
     server = subprocess.Popen(
         [sys.executable, "-m", "selfsteer.cli.main", "serve-llm", "--port", "0", "--adapter", str(adapter)],
@@ -213,9 +214,13 @@ def bench_intervener(adapter: str, decisions: int) -> None:
     )  # fmt: skip
     try:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"(http://\S+/v1)", line)))
-        remote = LLMSupervisor(make_chat_model("openai:intervener", base_url=url), "intervener")
-        remote.decide(seen[0])
-        report(remote, seen, "through serve-llm (ChatOpenAI)", grounded, model_explanation)
+        for explanations in ("template", "model"):
+            remote = IntervenerSupervisor(
+                explanations=explanations, chat_model=make_chat_model("openai:intervener", base_url=url)
+            )
+            remote.decide(seen[0])
+            where = f"through serve-llm (ChatOpenAI), {explanations} explanations"
+            report(remote, seen, where, grounded, model_explanation)
     finally:
         server.terminate()
         server.wait(30)
@@ -228,13 +233,13 @@ def report(supervisor, seen: list, where: str, grounded, model_explanation) -> N
         latencies.append(decision.latency_s)
         actions.append(decision.action)
         prompt = supervisor.messages(observation)[-1][1]
-        cited += grounded(model_explanation(decision), prompt)
+        cited += grounded(model_explanation(decision) or decision.explanation, prompt)
     print(
         f"intervener decision {where}, median of {len(seen)}: {statistics.median(latencies):.3f} s "
         f"(min {min(latencies):.3f}, max {max(latencies):.3f}; target <= 1 s); explanations citing only "
         f"numbers of the prompt: {cited}/{len(seen)}; actions {dict((a, actions.count(a)) for a in set(actions))}"
     )
-    print(f"  last: {decision.action}: {model_explanation(decision)!r}")
+    print(f"  last: {decision.action}: {model_explanation(decision) or decision.explanation!r}")
 
 
 if __name__ == "__main__":

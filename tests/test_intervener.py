@@ -8,7 +8,7 @@ from helpers.cli import selfsteer
 from safetensors.torch import load_file
 
 from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
-from selfsteer.agents.intervener_data import grounded, observation_of, read_rows
+from selfsteer.agents.intervener_data import explain, grounded, observation_of, read_rows
 from selfsteer.agents.supervisors import ACTIONS
 from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect
 from selfsteer.trainer_bridge.store import Store
@@ -53,6 +53,40 @@ def test_the_intervener_answers_a_grounded_decision():
         assert decision.action in ACTIONS and not decision.fallback
         assert 0 < len(decision.explanation.split()) <= 30
         assert grounded(decision.explanation, supervisor.messages(observation)[-1][1]), decision.explanation
+
+
+def test_template_explanations_keep_the_models_action_and_skip_its_words():
+    """The default scores the action under the prompt the adapter was trained on, so it picks what the
+    model writing its own explanation picks; the explanation is then the data's template."""
+    rows = read_rows([ADAPTER_DIR / "examples.jsonl"])[:4]
+    template, words = IntervenerSupervisor(), IntervenerSupervisor(explanations="model")
+    assert template.messages(observation_of(rows[0])) == words.messages(observation_of(rows[0]))
+    for row in rows:
+        observation = observation_of(row)
+        fast, slow = template.decide(observation), words.decide(observation)
+        assert fast.action == slow.action and not fast.fallback
+        assert json.loads(fast.raw_output) == {"action": fast.action, "explanation": ""}
+        assert fast.explanation == explain(observation, fast.action)
+        assert json.loads(slow.raw_output)["explanation"]  # the model's own words, generated
+
+
+def test_through_serve_llm_the_intervener_sees_the_same_prompt_and_decides_the_same():
+    """A served adapter gets the format instruction it was trained with from the client (the local
+    model adds it itself), so the same observations give the same actions."""
+    from selfsteer.agents.chat_models import make_chat_model
+    from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.agents.openai_server import create_app
+    from selfsteer.trainer_bridge.testing import serving
+
+    rows = read_rows([ADAPTER_DIR / "examples.jsonl"])
+    local = IntervenerSupervisor()
+    with serving(create_app(get_local_engine(adapter=ADAPTER_DIR))) as url:
+        served = IntervenerSupervisor(chat_model=make_chat_model("openai:intervener", base_url=f"{url}/v1"))
+        pairs = [(local.decide(observation_of(r)), served.decide(observation_of(r))) for r in rows]
+    assert not any(d.fallback for pair in pairs for d in pair)
+    assert [a.action for a, _ in pairs] == [b.action for _, b in pairs]
+    assert len({a.action for a, _ in pairs}) > 1  # not one answer to everything
+    assert [a.explanation for a, _ in pairs] == [b.explanation for _, b in pairs]
 
 
 def test_train_with_supervisor_intervener(tmp_path):
