@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"selfsteer.cli.{COMMANDS[args.command]}")
     try:
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -221,14 +221,10 @@ def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
     done = load_results(results_path)
     todo = [c for c in cells(config) if "error" in done.get(c.id, {"error": ""})]
     pbt = [c for c in cells(config) if c.supervisor == "pbt"]
-    if pbt:  # a population is run whole: all its members, when one of them is to run
-        from selfsteer.evals.pbt import populations, run_pbt
+    if pbt:
+        from selfsteer.evals.pbt import run_pbt
 
-        run_pbt(
-            [c for group in populations(pbt).values() if any(c in todo for c in group) for c in group],
-            config,
-            out,
-        )
+        run_pbt(pbt, {c.id for c in todo}, config, out)
         todo = [c for c in todo if c.supervisor != "pbt"]
     if config.ray:
         from selfsteer.evals.lr_suite_ray import run_on_ray

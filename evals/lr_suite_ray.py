@@ -4,10 +4,9 @@ or on any Ray cluster (`ray_address`, or $RAY_ADDRESS).
 Tune schedules the trials (`cpus_per_trial` each, at most `max_concurrent` at once), retries a failed
 one (`FailureConfig(max_failures=retries)`) and reports a trial that still fails, which the suite writes
 as a failed row. Each finished trial's row reaches the driver as its result and is written to
-results.jsonl at once (`record`), so an interrupted suite resumes as the sequential one does: the cells
-already in results.jsonl are not run again. (Tune's experiment restore would give the same: a trial has
-no checkpoint to resume from, an unfinished run starts afresh; and the skip also holds when the grid has
-changed between the two calls.) The Tune experiment lives under OUT/ray.
+results.jsonl at once (`record`). An interrupted suite, run again, runs the cells results.jsonl does not
+hold: by Tune's experiment restore of OUT/ray/suite when those are the trials it left unfinished, else
+(the grid changed) as a new experiment (evals/ray_trials.py `fit`).
 
 Every trial writes to OUT/suite.sqlite: safe for processes on one machine; on a multi-machine cluster
 OUT must be on a filesystem every node shares.

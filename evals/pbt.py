@@ -249,9 +249,11 @@ def populations(cells: list[Cell]) -> dict[tuple[str, int], list[Cell]]:
     return dict(grouped)
 
 
-def run_pbt(cells: list[Cell], config: SuiteConfig, out: Path) -> None:
-    """Each population of `cells` trained under PBT; each member's row appended to OUT/results.jsonl as
-    it finishes. A population is run whole: one interrupted is run again from its start."""
+def run_pbt(cells: list[Cell], todo: set[str], config: SuiteConfig, out: Path) -> None:
+    """Train each population of `cells` that has a member in `todo` (cell ids) under PBT; each member's
+    row is appended to OUT/results.jsonl as it finishes. A population interrupted goes on where it
+    stopped (Tune's experiment restore, from its members' checkpoints) when its unfinished members are
+    those `todo` names; otherwise it is run whole again, since its members learn from each other."""
     import ray
 
     results = out / "results.jsonl"
@@ -259,6 +261,8 @@ def run_pbt(cells: list[Cell], config: SuiteConfig, out: Path) -> None:
     started = start_ray(options.pop("address"), options.pop("num_cpus"))  # once for every population
     try:
         for (recipe, seed), members in populations(cells).items():
+            if not any(c.id in todo for c in members):
+                continue
             by_name = {c.id: c for c in members}
             by_lr = {c.lr: c for c in members}
             if len(by_lr) != len(members):
@@ -295,7 +299,8 @@ def run_pbt(cells: list[Cell], config: SuiteConfig, out: Path) -> None:
                 record,
                 fail,
                 trial_name=lambda params, by_lr=by_lr: by_lr[params["lr"]].id,
-                total=len(members),
+                names=list(by_name),
+                unfinished=[name for name in by_name if name in todo],
                 storage=out / "ray",
                 name=f"pbt-{recipe}-s{seed}",
                 progress_desc=f"pbt {recipe} seed {seed}",

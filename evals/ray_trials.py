@@ -4,10 +4,11 @@ cluster (`address`, or $RAY_ADDRESS).
 
 Tune schedules the trials (`cpus_per_trial` each, at most `max_concurrent` at once), retries a failed one
 (`FailureConfig(max_failures=retries)`) and reports one that still fails. Each trial's result reaches the
-driver as it finishes and is written there at once (`record`; a failure after its retries: `fail`), so
-an interrupted batch resumes by skipping what its files already hold. (Tune's experiment restore would
-give the same: a trial has no checkpoint to resume from, an unfinished run starts afresh; and the skip
-also holds when the items changed between the two calls.) The Tune experiment lives under `storage`.
+driver as it finishes and is written there at once (`record`; a failure after its retries: `fail`). An
+interrupted batch, called again with what its files do not hold yet, is Tune's experiment restore when
+those are exactly the trials the saved experiment left unfinished (trials with a checkpoint, such as
+PBT's members, go on from it); otherwise (the items changed between the two calls) a new experiment runs
+them. The Tune experiment lives in STORAGE/NAME.
 """
 
 from __future__ import annotations
@@ -37,30 +38,32 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+# The driver's record/fail functions, by experiment folder: a Recorder restored from Tune's saved state
+# (which cannot hold closures) finds the ones of the call that restored it here.
+_SINKS: dict[str, tuple[Callable, Callable, tqdm | None]] = {}
+
+
 class Recorder(tune.Callback):
     """In the driver: each trial's result handed to `record(result, trial)` as it comes (a failure, after
     the retries, to `fail(trial, error)`), and a bar over the finished trials."""
 
-    def __init__(self, record: Callable, fail: Callable, total: int, desc: str):
-        self.record, self.fail, self.total, self.desc, self.bar = record, fail, total, desc, None
+    def __init__(self, experiment: str):
+        self.experiment = experiment
 
-    def setup(self, **info):
-        self.bar = tqdm(total=self.total, desc=self.desc, unit="run")
+    def _sink(self):
+        return _SINKS[self.experiment]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.record(result, trial)
+        self._sink()[0](result, trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.bar.update()
+        self._sink()[2].update()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # The error file on this machine (`get_error` reads the experiment's copy, which may lag behind).
         error = Path(trial.error_file).read_text().strip().splitlines() if trial.error_file else []
-        self.fail(trial, error[-1] if error else "")
-        self.bar.update()
-
-    def __getstate__(self):  # Tune saves its experiment state with the callbacks in it: no bar, no closures
-        return {**self.__dict__, "bar": None, "record": None, "fail": None}
+        self._sink()[1](trial, error[-1] if error else "")
+        self._sink()[2].update()
 
 
 def run_trials(
@@ -84,7 +87,7 @@ def run_trials(
         record=lambda result, trial: record(result),
         fail=lambda trial, error: fail(trial.config["item"], error, trial.num_failures, trial.path),
         trial_name=lambda config: item_id(config["item"]),
-        total=len(items),
+        names=[item_id(item) for item in items],
         **options,
     )
 
@@ -96,7 +99,8 @@ def fit(
     fail: Callable,
     *,
     trial_name: Callable[[dict], str],
-    total: int,
+    names: list[str],
+    unfinished: list[str] | None = None,
     storage: Path,
     name: str,
     progress_desc: str,
@@ -110,44 +114,82 @@ def fit(
     num_cpus: int | None = None,
     **trial_params,
 ) -> None:
-    """One Tune experiment: `trainable` (a function, or a `tune.Trainable`, given `trial_params`) over
-    `param_space`, its trials named `trial_name(initial config)`, under `scheduler` if any; results and
-    failures to `record(result, trial)` and `fail(trial, error)` in the driver (see `Recorder`)."""
+    """One Tune experiment in STORAGE/NAME: `trainable` (a function, or a `tune.Trainable`, given
+    `trial_params`) over `param_space`, its trials named `trial_name(initial config)` (`names`: all of
+    them), under `scheduler` if any; results and failures to `record(result, trial)` and
+    `fail(trial, error)` in the driver.
+
+    When STORAGE/NAME holds an interrupted experiment whose unfinished trials are exactly `unfinished`
+    (default: `names`), it is restored (Tune's experiment restore: trials with a checkpoint go on from it,
+    the scheduler's state too); any other one there is moved aside (NAME-TIME) and a new one started."""
     import ray
 
     # Tune's own CSV/JSON/TensorBoard loggers: our files are the record (and lists upset TensorBoard's).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # ...whose absence its end-of-run analysis then warns about, trial by trial.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    recorder = Recorder(record, fail, total, progress_desc)
+    folder = Path(storage).resolve() / name
+    wanted = set(names if unfinished is None else unfinished)
+    restoring = unfinished_trials(folder) == wanted
+    if not restoring and folder.exists():
+        folder.rename(folder.with_name(time.strftime(f"{name}-%Y%m%d-%H%M%S")))
+    total = len(wanted) if restoring else len(names)
+    bar = tqdm(total=total, desc=progress_desc + (" (restored)" if restoring else ""), unit="run")
+    _SINKS[str(folder)] = (record, fail, bar)
     started = start_ray(address, num_cpus)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trainable, **trial_params), {"cpu": cpus_per_trial}),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                scheduler=scheduler,
-                metric=metric,
-                mode=mode,
-                max_concurrent_trials=max_concurrent,
-                reuse_actors=True,  # a worker runs trial after trial: torch and transformers imported once
-                trial_name_creator=lambda t: trial_name(t.config),
-                trial_dirname_creator=lambda t: trial_name(t.config),
-            ),
-            run_config=tune.RunConfig(
-                name=time.strftime(f"{name}-%Y%m%d-%H%M%S"),
-                storage_path=str(Path(storage).resolve()),
-                failure_config=tune.FailureConfig(max_failures=retries),
-                callbacks=[recorder],
-                verbose=0,  # the bar is the progress
-            ),
-        )
+        wrapped = tune.with_resources(tune.with_parameters(trainable, **trial_params), {"cpu": cpus_per_trial})
+        if restoring:
+            tuner = tune.Tuner.restore(str(folder), wrapped, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                wrapped,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    scheduler=scheduler,
+                    metric=metric,
+                    mode=mode,
+                    max_concurrent_trials=max_concurrent,
+                    reuse_actors=True,  # a worker runs trial after trial: torch and transformers imported once
+                    trial_name_creator=lambda t: trial_name(t.config),
+                    trial_dirname_creator=lambda t: trial_name(t.config),
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(folder.parent),
+                    failure_config=tune.FailureConfig(max_failures=retries),
+                    callbacks=[Recorder(str(folder))],
+                    verbose=0,  # the bar is the progress
+                ),
+            )
         tuner.fit()
+        # Tune ends a run on Ctrl+C with its state saved, and returns: the caller stops here too.
+        left = [n for n, status in (trial_statuses(folder) or {}).items() if status in ("PENDING", "RUNNING", "PAUSED")]
+        if left:
+            raise KeyboardInterrupt(f"interrupted with {len(left)} trials unfinished; run again to go on")
     finally:
-        if recorder.bar is not None:
-            recorder.bar.close()
+        bar.close()
+        _SINKS.pop(str(folder), None)
         if started:
             ray.shutdown()
+
+
+def trial_statuses(folder: Path) -> dict[str, str] | None:
+    """Trial name -> Tune status (TERMINATED, ERROR, PAUSED, ...) of the experiment saved in `folder`
+    (None: no experiment Tune can restore there)."""
+    if not tune.Tuner.can_restore(str(folder)):
+        return None
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {str(t): t.status for t in ExperimentAnalysis(str(folder)).trials}
+    except Exception:  # unreadable state: not one to restore
+        return None
+
+
+def unfinished_trials(folder: Path) -> set[str] | None:
+    statuses = trial_statuses(folder)
+    return None if statuses is None else {name for name, status in statuses.items() if status != "TERMINATED"}
 
 
 def ray_options(config) -> dict:

@@ -3,6 +3,11 @@ started from another run's Trainer checkpoint goes on exactly as that run did (w
 on), and a population of three start lrs trains each member the same steps as a supervised run, every
 lr move journaled through the bridge, the too-high start rescued."""
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from selfsteer.evals.lr_suite import SuiteConfig, load_results, main
@@ -43,34 +48,63 @@ def test_a_run_started_from_a_checkpoint_of_another_goes_on_as_that_run_did(tmp_
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, one_torch_thread):
+    """A suite of static runs and a PBT population, interrupted (Ctrl+C) once the population has
+    checkpoints, then run again: Tune restores the population where it stopped."""
     out = tmp_path_factory.mktemp("pbt")
+    lrs = {"too_low": 1e-4, "good": 1e-2, "too_high": 3.0}
+    command = [
+        sys.executable, "-m", "selfsteer.cli.main", "eval", "lr-suite", "--recipes", "tiny", "--seeds", "0",
+        "--supervisors", "static,pbt", "--lrs", ",".join(f"{k}={v}" for k, v in lrs.items()), "--grid", "",
+        "--max-steps", "30", "--eval-steps", "5", "--ray-cpus", "2", "--out", str(out),
+    ]  # fmt: skip
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    experiment = out / "ray" / "pbt-tiny-s0"
+    deadline = time.monotonic() + 240
+    while not list(experiment.glob("*/checkpoint_000002")) and first.poll() is None:
+        assert time.monotonic() < deadline, "the population made no checkpoint in 240 s"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    said = first.communicate(timeout=240)[0]
+    interrupted = {
+        "returncode": first.returncode,
+        "said": said,
+        "rows": load_results(out / "results.jsonl") if (out / "results.jsonl").exists() else {},
+    }
     config = SuiteConfig(
-        recipes=["tiny"],
-        lrs={"tiny": {"too_low": 1e-4, "good": 1e-2, "too_high": 3.0}},
-        grid_lrs={},
-        seeds=[0],
-        supervisors=["static", "pbt"],
-        max_steps={"tiny": 20},
-        eval_steps={"tiny": 5},
-    )
+        recipes=["tiny"], lrs={"tiny": lrs}, grid_lrs={"tiny": []}, seeds=[0], supervisors=["static", "pbt"],
+        max_steps={"tiny": 30}, eval_steps={"tiny": 5},
+    )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = main(config, out)
     finally:
         ray.shutdown()
-    return out, report
+    return out, report, interrupted
+
+
+def test_an_interrupted_population_is_restored_where_it_stopped(suite):
+    out, _, interrupted = suite
+    assert interrupted["returncode"] == 130, interrupted["said"][-3000:]
+    assert "run again to go on" in interrupted["said"]
+    assert not any(r["supervisor"] == "pbt" for r in interrupted["rows"].values())  # stopped mid-way
+    # Restored, not started again: the experiment was not moved aside, and its members went on from the
+    # checkpoints they had (a member's curve is one lineage, every evaluation once).
+    assert [p.name for p in (out / "ray").iterdir() if p.name.startswith("pbt-")] == ["pbt-tiny-s0"]
+    members = [r for r in load_results(out / "results.jsonl").values() if r["supervisor"] == "pbt"]
+    assert len(members) == 3
+    for member in members:
+        assert [step for step, _ in member["curve"]] == [5, 10, 15, 20, 25, 30]
 
 
 def test_each_member_trains_the_steps_of_a_supervised_run_and_the_too_high_start_is_rescued(suite):
-    out, report = suite
+    out, report, _ = suite
     rows = load_results(out / "results.jsonl")
     members = {r["lr_name"]: r for r in rows.values() if r["supervisor"] == "pbt"}
     static = {r["lr_name"]: r for r in rows.values() if r["supervisor"] == "static"}
     assert members.keys() == static.keys() == {"too_low", "good", "too_high"}
     for name, member in members.items():
         assert "error" not in member, member
-        assert member["max_steps"] == static[name]["max_steps"] == 20  # equal steps, member for run
-        assert [step for step, _ in member["curve"]] == [5, 10, 15, 20]
+        assert member["max_steps"] == static[name]["max_steps"] == 30  # equal steps, member for run
         assert member["final_eval_loss"] == member["curve"][-1][1]
     # lr 3.0 diverges on its own; the worst member copies the best one's weights at the first evaluation.
     assert members["too_high"]["final_eval_loss"] < 0.8 * static["too_high"]["final_eval_loss"]
@@ -79,7 +113,7 @@ def test_each_member_trains_the_steps_of_a_supervised_run_and_the_too_high_start
 
 
 def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(suite):
-    out, _ = suite
+    out, _, _ = suite
     rows = [r for r in load_results(out / "results.jsonl").values() if r["supervisor"] == "pbt"]
     with Store(out / "suite.sqlite") as store:
         sent = [c for c in store.list_commands(None) if c["source"] == "pbt"]
