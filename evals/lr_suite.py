@@ -347,7 +347,9 @@ def report(
             f"by x{' or x'.join(f'{f:g}' for f in config.pbt_perturbation_factors)}. Equal compute: each member "
             "trains as many steps as a supervised run, so a population of N starts costs the N supervised runs' "
             "steps; unlike a supervisor, members share what they learn. Interventions: lr changes in the "
-            "member's final lineage (a copied member's includes its donor's). Wall s: the population's wall time until the member finished, over its N members.",
+            "member's final lineage (a copied member's includes its donor's), and its curve is that lineage: a "
+            "member that copied another at step k shows the donor's eval losses up to k. Wall s: the "
+            "population's wall time until the member finished, over its N members.",
             "",
         ]
     if failed:
