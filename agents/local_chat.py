@@ -350,46 +350,64 @@ class LocalChatModel(BaseChatModel):
 
     def _structured_text(self, messages: list[BaseMessage], schema: dict, attempt: int) -> str:
         """The JSON text of one object, built field by field in the schema's order."""
-        prompt_ids = self._prompt_ids(messages)
-        prompt_text = self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         sampling = (
             {"temperature": 0.0} if attempt == 0 else {"temperature": 0.8, "seed": (self.seed or 0) + attempt}
         )
-        text = "{"
-        for index, (name, field_schema) in enumerate(schema.get("properties", {}).items()):
-            # The value starts with a space, as the model tokenizes JSON: `"key":` then ` "value"`.
-            text += (", " if index else "") + json.dumps(name) + ":"
-            choices = _choices(field_schema, schema)
-            if choices is not None:
-                options = [" " + json.dumps(choice) for choice in choices]
-                scores = self.engine.score_options(prompt_text + text, options, timeout=self.timeout)
-                text += options[max(range(len(options)), key=scores.__getitem__)]
+        return structured_json_text(
+            self.engine, self._prompt_ids(messages), schema, field_max_chars=self.field_max_chars,
+            field_max_tokens=self.field_max_tokens, timeout=self.timeout, **sampling,
+        )  # fmt: skip
+
+
+def structured_json_text(
+    engine: LocalEngine,
+    prompt_ids: list[int],
+    schema: dict,
+    *,
+    field_max_chars: int,
+    field_max_tokens: int,
+    timeout: float | None = None,
+    **sampling,
+) -> str:
+    """The JSON text of one object of `schema` answering the prompt, built field by field in the
+    schema's order: a field with a finite set of values takes the one of highest log-probability
+    (scored whole, not decided by its first token), any other is generated under its own grammar
+    (`sampling`: temperature, seed). Raises _RetryableOutput when a field runs past its budget. Used
+    by the local chat model and by serve-llm, so that both answer the same prompt the same way."""
+    prompt_text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    text = "{"
+    for index, (name, field_schema) in enumerate(schema.get("properties", {}).items()):
+        # The value starts with a space, as the model tokenizes JSON: `"key":` then ` "value"`.
+        text += (", " if index else "") + json.dumps(name) + ":"
+        choices = _choices(field_schema, schema)
+        if choices is not None:
+            options = [" " + json.dumps(choice) for choice in choices]
+            scores = engine.score_options(prompt_text + text, options, timeout=timeout)
+            text += options[max(range(len(options)), key=scores.__getitem__)]
+            continue
+        value_schema = dict(field_schema)
+        if "$defs" in schema:
+            value_schema["$defs"] = schema["$defs"]
+        budget = field_max_tokens
+        if value_schema.get("type") == "string" and "enum" not in value_schema:
+            # Every token holds at least one character: the space and two quotes, plus at most
+            # field_max_chars tokens, always fit.
+            value_schema["maxLength"] = min(value_schema.get("maxLength", field_max_chars), field_max_chars)
+            budget = value_schema["maxLength"] + 3
+            if value_schema["maxLength"] == 0:  # nothing to generate: not worth a pass over the prompt
+                text += ' ""'
                 continue
-            value_schema = dict(field_schema)
-            if "$defs" in schema:
-                value_schema["$defs"] = schema["$defs"]
-            budget = self.field_max_tokens
-            if value_schema.get("type") == "string" and "enum" not in value_schema:
-                # Every token holds at least one character: the space and two quotes, plus at most
-                # field_max_chars tokens, always fit.
-                value_schema["maxLength"] = min(
-                    value_schema.get("maxLength", self.field_max_chars), self.field_max_chars
-                )
-                budget = value_schema["maxLength"] + 3
-                if value_schema["maxLength"] == 0:  # nothing to generate: not worth a pass over the prompt
-                    text += ' ""'
-                    continue
-            generation = self.engine.generate(
-                prompt_ids + self.engine.tokenizer.encode(text, add_special_tokens=False),
-                max_new_tokens=budget,
-                grammar=self.engine.compile_json_schema(value_schema, leading_space=True),
-                timeout=self.timeout,
-                **sampling,
-            )
-            if generation.finish_reason != "stop":
-                raise _RetryableOutput(f"field {name!r} ran past {budget} tokens")
-            text += generation.text
-        return text + "}"
+        generation = engine.generate(
+            prompt_ids + engine.tokenizer.encode(text, add_special_tokens=False),
+            max_new_tokens=budget,
+            grammar=engine.compile_json_schema(value_schema, leading_space=True),
+            timeout=timeout,
+            **sampling,
+        )
+        if generation.finish_reason != "stop":
+            raise _RetryableOutput(f"field {name!r} ran past {budget} tokens")
+        text += generation.text
+    return text + "}"
 
 
 def _choices(field_schema: dict, root: dict) -> list | None:

@@ -46,11 +46,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfsteer.agents.local_chat import (
     CallStream,
+    _RetryableOutput,
     new_call_id,
     plan_tool_answer,
     render_tool_calls,
     render_tool_result,
     split_tool_calls,
+    structured_json_text,
     tool_spec,
 )
 from selfsteer.agents.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
@@ -711,6 +713,18 @@ def create_app(
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
+        structured = await run_in_threadpool(_structured_answer, engine, body, prompt_ids, options, is_call)
+        if structured is not None:
+            text, completion_tokens = structured
+            return {
+                **meta,
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                          "total_tokens": len(prompt_ids) + completion_tokens},
+                "system_fingerprint": None,
+            }  # fmt: skip
         # Requests in the engine at the same time share its forward passes. While it generates, the
         # connection is watched: a client that goes away cancels its answer (the engine drops it
         # before its next decode step), instead of generating for nobody.
@@ -784,6 +798,30 @@ def _declare_stream_chunks(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _structured_answer(engine, body, prompt_ids: list[int], options: dict, is_call: bool):
+    """(JSON text, its token count) of a greedy answer to a json_schema object with fields, built as the
+    local chat model builds it (`structured_json_text`: a field with a finite set of values scored whole,
+    the others generated), so that a client of this server gets what a process running the model gets;
+    None for any other request, or when that answer would not fit max_tokens (the plain grammar answer
+    then says so with finish_reason "length")."""
+    from selfsteer.agents.local_llm import EngineClosed
+
+    schema = None if is_call else _json_schema_of(body.response_format)
+    if not schema or not schema.get("properties") or options["temperature"] != 0.0:
+        return None
+    budget = options["max_new_tokens"]
+    try:
+        text = structured_json_text(
+            engine, prompt_ids, schema, field_max_chars=budget, field_max_tokens=budget, temperature=0.0
+        )
+    except EngineClosed as error:
+        raise _shutting_down(error) from error
+    except (_RetryableOutput, ValueError, RuntimeError):  # too long, or a field xgrammar cannot compile alone
+        return None
+    tokens = len(engine.tokenizer.encode(text, add_special_tokens=False))
+    return (text, tokens) if tokens <= budget else None
 
 
 def _submit(engine, prompt_ids: list[int], options: dict, **extra):

@@ -203,10 +203,12 @@ def bench_intervener(adapter: str, decisions: int) -> None:
 
     adapter = ADAPTER_DIR if adapter == "shipped" else adapter
     seen = observations(decisions)
+    local = {}
     for explanations in ("template", "model"):
         supervisor = IntervenerSupervisor(adapter, explanations=explanations)
         supervisor.decide(seen[0])  # warm-up: loads the model
-        report(supervisor, seen, f"in process, {explanations} explanations", grounded, model_explanation)
+        where = f"in process, {explanations} explanations"
+        local[explanations] = report(supervisor, seen, where, grounded, model_explanation)
 
     server = subprocess.Popen(
         [sys.executable, "-m", "selfsteer.cli.main", "serve-llm", "--port", "0", "--adapter", str(adapter)],
@@ -220,13 +222,15 @@ def bench_intervener(adapter: str, decisions: int) -> None:
             )
             remote.decide(seen[0])
             where = f"through serve-llm (ChatOpenAI), {explanations} explanations"
-            report(remote, seen, where, grounded, model_explanation)
+            served = report(remote, seen, where, grounded, model_explanation)
+            same = sum(a == b for a, b in zip(served, local[explanations], strict=True))
+            print(f"  the same action as in process: {same}/{len(seen)}")
     finally:
         server.terminate()
         server.wait(30)
 
 
-def report(supervisor, seen: list, where: str, grounded, model_explanation) -> None:
+def report(supervisor, seen: list, where: str, grounded, model_explanation) -> list[str]:
     latencies, cited, actions = [], 0, []
     for observation in seen:
         decision = supervisor.decide(observation)
@@ -240,6 +244,7 @@ def report(supervisor, seen: list, where: str, grounded, model_explanation) -> N
         f"numbers of the prompt: {cited}/{len(seen)}; actions {dict((a, actions.count(a)) for a in set(actions))}"
     )
     print(f"  last: {decision.action}: {model_explanation(decision) or decision.explanation!r}")
+    return actions
 
 
 if __name__ == "__main__":
