@@ -127,20 +127,25 @@ def cells(config: SuiteConfig) -> list[Cell]:
     return out
 
 
-def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
-    from selfsteer.agents.registry import make_supervisor
-    from selfsteer.graphs.supervise import SelfCorrection, run_supervision
-    from selfsteer.trainer_bridge.recipe import load_recipe
-    from selfsteer.trainer_bridge.runner import RecipeRun
-
+def workload(cell: Cell, config: SuiteConfig) -> tuple[str, list[str]]:
+    """The recipe and overrides of a cell's run: its workload at its start lr, seed and length."""
     recipe, overrides = WORKLOADS.get(cell.recipe, (cell.recipe, []))
-    overrides = [
+    return recipe, [
         *overrides,
         f"training.learning_rate={cell.lr:.6e}",  # YAML reads 1e-05 as text, 1.000000e-05 as a number
         f"training.seed={cell.seed}",
         f"training.max_steps={config.max_steps.get(cell.recipe, 150)}",
         f"training.eval_steps={config.eval_steps.get(cell.recipe, 25)}",
     ]
+
+
+def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
+    from selfsteer.agents.registry import make_supervisor
+    from selfsteer.graphs.supervise import SelfCorrection, run_supervision
+    from selfsteer.trainer_bridge.recipe import load_recipe
+    from selfsteer.trainer_bridge.runner import RecipeRun
+
+    recipe, overrides = workload(cell, config)
     if cell.supervisor == "cosine":
         overrides.append("training.lr_scheduler_type=cosine")
     name, self_correct = self_correcting(cell.supervisor)

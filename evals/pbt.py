@@ -40,10 +40,12 @@ from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining
 from transformers import TrainerCallback
 
-from selfsteer.evals.lr_suite import WORKLOADS, Cell, SuiteConfig, append_result, failed_row
+from selfsteer.evals.lr_suite import Cell, SuiteConfig, append_result, failed_row, workload
 from selfsteer.evals.ray_trials import fit, ray_options, set_trial_threads, start_ray
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
 
+# Their INFO lines come at every interval of every member ("Checkpoint successfully created", "Restored on").
+QUIET_LOGGERS = ("ray.train", "ray.tune")
 DIVERGED_SCORE = 1e6  # PBT ranks no NaN: a member whose eval loss is NaN or inf ranks last, not nowhere
 
 
@@ -72,10 +74,7 @@ class Member(tune.Trainable):
 
         set_trial_threads(suite.cpus_per_trial)
         hf_logging.disable_progress_bar()  # a bar per checkpoint written, forwarded to the driver
-        for name in (
-            "ray.train",
-            "ray.tune",
-        ):  # "Checkpoint successfully created", "Restored on": each interval
+        for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.suite, self.out, self.cells = suite, Path(out), cells
         self.run = self.thread = self.gate = self.error = self.summary = None
@@ -92,16 +91,14 @@ class Member(tune.Trainable):
         from selfsteer.trainer_bridge.runner import RecipeRun
 
         cell = self.cell
-        recipe, overrides = WORKLOADS.get(cell.recipe, (cell.recipe, []))
+        recipe, overrides = workload(cell, self.suite)
+        # A Trainer checkpoint at every evaluation: what Tune keeps, and what a copy starts from; only the
+        # latest stays in the run's folder (Tune has its own copies).
         eval_steps = self.suite.eval_steps.get(cell.recipe, 25)
-        overrides = [
-            *overrides,
-            f"training.learning_rate={cell.lr:.6e}",
-            f"training.seed={cell.seed}",
-            f"training.max_steps={self.suite.max_steps.get(cell.recipe, 150)}",
-            f"training.eval_steps={eval_steps}",
+        overrides += [
             "training.save_strategy=steps",
             f"training.save_steps={eval_steps}",
+            "training.save_total_limit=1",
         ]
         folder = self.out / "runs" / cell.id
         segment = folder / f"segment-{len(list(folder.glob('segment-*'))) + 1:02d}"
@@ -132,6 +129,8 @@ class Member(tune.Trainable):
             self.error = error
         finally:
             self.run.close()
+            if self.run.start_from is not None:  # read when training began: the copy is not needed now
+                shutil.rmtree(self.run.start_from, ignore_errors=True)
             self.gate.saved.put(-1)  # wakes `step`
 
     def _close(self) -> None:
@@ -305,6 +304,7 @@ def run_pbt(cells: list[Cell], todo: set[str], config: SuiteConfig, out: Path) -
                 name=f"pbt-{recipe}-s{seed}",
                 progress_desc=f"pbt {recipe} seed {seed}",
                 scheduler=scheduler,
+                keep_checkpoints=3,  # per member: PBT copies the latest
                 metric="score",
                 mode="min",
                 **options,

@@ -105,6 +105,7 @@ def fit(
     name: str,
     progress_desc: str,
     scheduler=None,
+    keep_checkpoints: int | None = None,
     metric: str | None = None,
     mode: str | None = None,
     cpus_per_trial: float = 1,
@@ -116,8 +117,8 @@ def fit(
 ) -> None:
     """One Tune experiment in STORAGE/NAME: `trainable` (a function, or a `tune.Trainable`, given
     `trial_params`) over `param_space`, its trials named `trial_name(initial config)` (`names`: all of
-    them), under `scheduler` if any; results and failures to `record(result, trial)` and
-    `fail(trial, error)` in the driver.
+    them), under `scheduler` if any, keeping each trial's latest `keep_checkpoints` (None: all); results
+    and failures to `record(result, trial)` and `fail(trial, error)` in the driver.
 
     When STORAGE/NAME holds an interrupted experiment whose unfinished trials are exactly `unfinished`
     (default: `names`), it is restored (Tune's experiment restore: trials with a checkpoint go on from it,
@@ -158,6 +159,7 @@ def fit(
                     name=name,
                     storage_path=str(folder.parent),
                     failure_config=tune.FailureConfig(max_failures=retries),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
                     callbacks=[Recorder(str(folder))],
                     verbose=0,  # the bar is the progress
                 ),
