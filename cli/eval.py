@@ -31,10 +31,11 @@ def add_parser(subparsers, name: str) -> None:
         help="supervisors x workloads x initial learning rates x seeds -> report.md + plots",
         description="Run every workload at a too-low, a good and a too-high initial learning rate, for each "
         "seed, under each supervisor (static, cosine schedule, rules, PyTorch's ReduceLROnPlateau, the LLM with "
-        "each prompt strategy, the intervener), "
+        "each prompt strategy, the intervener, Ray Tune's Population Based Training), "
         "and write a markdown report with plots: final and best eval loss, regret against the best static "
         "learning rate of a grid, share of diverging runs rescued, interventions, wall time. Resumable: "
-        "runs already in OUT/results.jsonl are not run again (a failed one is).",
+        "runs already in OUT/results.jsonl are not run again (a failed one is; on Ray, an interrupted "
+        "experiment is restored by Tune, a PBT population from its members' checkpoints).",
     )
     suite.add_argument(
         "--recipes",
