@@ -16,4 +16,4 @@ if [ ! -x "$CHROMIUM" ]; then
   fi
 fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=15 "$@"  # the slowest, to keep the suite near 10 minutes
