@@ -5,8 +5,8 @@ The population of a workload and seed is its suite cells' start learning rates (
 high): one member each, trained together. At every evaluation (PBT's perturbation interval) the
 members are ranked by eval loss; the worst quarter (one of three) copies the best one's weights,
 optimizer, scheduler, RNG and data position (exploit) and moves its learning rate by one of
-`pbt_perturbation_factors` (explore: by default x2 or x0.5, the supervisors' double and halve), within
-the supervisors' lr bounds. PBT runs synchronously: every member is at the same step when they are
+`pbt_perturbation_factors` (explore: by default x2 or x0.5, the supervisors' double and halve), clamped
+to the supervisors' lr bounds. PBT runs synchronously: every member is at the same step when they are
 ranked, so a member that copies another goes on from that same step.
 
 Equal compute: each member trains exactly `max_steps` optimizer steps, as the supervised run from the
@@ -201,8 +201,6 @@ class Member(tune.Trainable):
         folder = Path(checkpoint_dir)
         meta = json.loads((folder / "member.json").read_text())
         self._close()
-        # Clamped as a supervisor's decision is: PBT's perturbation knows no bounds.
-        self.config["lr"] = min(max(self.config["lr"], LR_BOUNDS[0]), LR_BOUNDS[1])
         self.history, self.moves = meta["history"], meta["moves"]
         if meta["owner"] != self.trial_name or meta["lr"] != self.config["lr"]:
             step = self.history[-1][0] if self.history else 0
@@ -221,6 +219,12 @@ class Member(tune.Trainable):
 
     def cleanup(self) -> None:
         self._close()
+
+
+def within_lr_bounds(config: dict) -> dict:
+    """PBT's explore, then clamped as a supervisor's decision is (PBT's perturbation knows no bounds),
+    so that Tune's config and the member's lr agree."""
+    return {**config, "lr": min(max(config["lr"], LR_BOUNDS[0]), LR_BOUNDS[1])}
 
 
 def member_row(cell: Cell, member: dict, trial_dir: str) -> dict:
@@ -276,6 +280,7 @@ def run_pbt(cells: list[Cell], todo: set[str], config: SuiteConfig, out: Path) -
                 perturbation_factors=config.pbt_perturbation_factors,
                 resample_probability=config.pbt_resample_probability,
                 quantile_fraction=config.pbt_quantile_fraction,
+                custom_explore_fn=within_lr_bounds,
                 synch=True,
             )
 

@@ -51,7 +51,8 @@ class Recorder(tune.Callback):
         self.experiment = experiment
 
     def _sink(self):
-        return _SINKS[self.experiment]
+        # Restored from an experiment whose folder has moved since: the one experiment running now.
+        return _SINKS.get(self.experiment) or next(iter(_SINKS.values()))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._sink()[0](result, trial)

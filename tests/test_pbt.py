@@ -11,6 +11,8 @@ import time
 import pytest
 
 from selfsteer.evals.lr_suite import SuiteConfig, load_results, main
+from selfsteer.evals.pbt import within_lr_bounds
+from selfsteer.trainer_bridge.commands import LR_BOUNDS
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun
 from selfsteer.trainer_bridge.store import Store
@@ -112,6 +114,12 @@ def test_each_member_trains_the_steps_of_a_supervised_run_and_the_too_high_start
     assert "| too_high | pbt |" in report and "Equal compute" in report
 
 
+def test_explore_keeps_tunes_lr_within_the_supervisors_bounds():
+    assert within_lr_bounds({"lr": 2.0, "other": 1})["lr"] == LR_BOUNDS[1]
+    assert within_lr_bounds({"lr": 0.0})["lr"] == LR_BOUNDS[0]
+    assert within_lr_bounds({"lr": 0.02}) == {"lr": 0.02}
+
+
 def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(suite):
     out, _, _ = suite
     rows = [r for r in load_results(out / "results.jsonl").values() if r["supervisor"] == "pbt"]
@@ -121,4 +129,5 @@ def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(
     applied = [(c["step"], c["args"]["lr"]) for c in sent]
     for row in rows:
         for move in row["moves"]:
+            assert LR_BOUNDS[0] <= move["lr_after"] <= LR_BOUNDS[1], move  # Tune's explore, clamped
             assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
