@@ -68,22 +68,20 @@ class IntervenerSupervisor(LLMSupervisor):
             raise ValueError(f"explanations must be 'template' or 'model', not {explanations!r}")
         if chat_model is None:
             chat_model = make_chat_model("local", adapter=str(adapter), field_max_chars=EXPLANATION_CHARS)
-        self.explanations = explanations
-        if explanations == "template":
-            # The same schema, so the same format instruction the adapter was trained on, but an
-            # explanation of at most 0 characters: the model answers the action and stops.
-            described = LRDecision.model_fields["explanation"]
-            chat_model_schema = create_model(
-                "LRDecision", __base__=LRDecision,
-                explanation=(str, Field(default="", max_length=0, description=described.description)),
-            )  # fmt: skip
         super().__init__(chat_model, STRATEGY, max_retries=max_retries)
+        self.explanations = explanations
         # The local model adds the format instruction the adapter was trained with to the prompt itself;
         # a served one (serve-llm --adapter, through ChatOpenAI) would not see it unless it is sent.
         self._send_format_instruction = not isinstance(chat_model, LocalChatModel)
         if explanations == "template":
-            self._schema = chat_model_schema
-            self._decide = chat_model.with_structured_output(chat_model_schema, include_raw=True)
+            # The same schema, so the same format instruction the adapter was trained on, but an
+            # explanation of at most 0 characters: the model answers the action and stops.
+            described = LRDecision.model_fields["explanation"]
+            self._schema = create_model(
+                "LRDecision", __base__=LRDecision,
+                explanation=(str, Field(default="", max_length=0, description=described.description)),
+            )  # fmt: skip
+            self._decide = chat_model.with_structured_output(self._schema, include_raw=True)
 
     def messages(self, observation) -> list[tuple[str, str]]:
         messages = super().messages(observation)

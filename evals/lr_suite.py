@@ -223,9 +223,9 @@ def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path, db = out / "results.jsonl", out / "suite.sqlite"
-    done = load_results(results_path)
-    todo = [c for c in cells(config) if "error" in done.get(c.id, {"error": ""})]
-    pbt = [c for c in cells(config) if c.supervisor == "pbt"]
+    done, every = load_results(results_path), cells(config)
+    todo = [c for c in every if "error" in done.get(c.id, {"error": ""})]
+    pbt = [c for c in every if c.supervisor == "pbt"]
     if pbt:
         from selfsteer.evals.pbt import run_pbt
 
@@ -236,15 +236,19 @@ def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
 
         run_on_ray(todo, config, out)  # each trial's row lands in results.jsonl as it finishes
         return list(load_results(results_path).values())
-    chat_model = None
-    if any(c.supervisor.startswith("llm:") for c in todo):
-        from selfsteer.agents.chat_models import make_chat_model
-
-        extra = {"field_max_chars": config.explanation_chars} if config.llm == "local" else {}
-        chat_model = make_chat_model(config.llm, base_url=config.base_url, api_key=config.api_key, **extra)
+    chat_model = suite_chat_model(config) if any(c.supervisor.startswith("llm:") for c in todo) else None
     for cell in tqdm(todo, desc="lr-suite", unit="run"):
         append_result(results_path, run_cell_retrying(cell, config, out, db, chat_model))
     return list(load_results(results_path).values())
+
+
+def suite_chat_model(config: SuiteConfig):
+    """The chat model the suite's `llm:STRATEGY` supervisors share (the embedded one's explanations kept
+    short: long ones cost seconds on a CPU)."""
+    from selfsteer.agents.chat_models import make_chat_model
+
+    extra = {"field_max_chars": config.explanation_chars} if config.llm == "local" else {}
+    return make_chat_model(config.llm, base_url=config.base_url, api_key=config.api_key, **extra)
 
 
 def load_results(path: Path) -> dict[str, dict]:

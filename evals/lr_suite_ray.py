@@ -19,19 +19,15 @@ from pathlib import Path
 
 from ray import tune
 
-from selfsteer.evals.lr_suite import Cell, SuiteConfig, append_result, failed_row, run_cell
+from selfsteer.evals.lr_suite import Cell, SuiteConfig, append_result, failed_row, run_cell, suite_chat_model
 from selfsteer.evals.ray_trials import ray_options, run_trials, set_trial_threads
 
 
 def trial(params: dict, config: SuiteConfig, out: str) -> None:
     """One cell, in a Ray worker process."""
     set_trial_threads(config.cpus_per_trial)
-    chat_model = None
-    if params["item"]["supervisor"].startswith("llm:"):  # a chat model of its own per trial process
-        from selfsteer.agents.chat_models import make_chat_model
-
-        extra = {"field_max_chars": config.explanation_chars} if config.llm == "local" else {}
-        chat_model = make_chat_model(config.llm, base_url=config.base_url, api_key=config.api_key, **extra)
+    # A chat model of its own per trial process.
+    chat_model = suite_chat_model(config) if params["item"]["supervisor"].startswith("llm:") else None
     out = Path(out)
     row = run_cell(Cell(**params["item"]), config, out, out / "suite.sqlite", chat_model)
     tune.report({"row": row})

@@ -110,11 +110,6 @@ def main(folder: Path, overrides: list[str]) -> None:
     }
     (folder / f"rank-{bridge.rank}.json").write_text(json.dumps(report))
     run.close()
-    if torch.distributed.is_initialized():
-        # Torn down together, not by each rank's interpreter exit: gloo left to exit-time teardown can
-        # abort a rank whose peer has already gone.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
