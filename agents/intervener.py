@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener_data import (
+    STRATEGIES,
     STRATEGY,
     examples,
     explain,
@@ -51,6 +52,8 @@ class IntervenerSupervisor(LLMSupervisor):
         cites a number not in the prompt or runs past MAX_WORDS.
     chat_model: the model to ask (default: the embedded one with `adapter` merged; or a client of
         `selfsteer serve-llm --adapter`, which sees the same prompt).
+
+    The prompt strategy is the one the adapter was trained on, read from its `metrics.json`.
     """
 
     name = "intervener"
@@ -68,7 +71,8 @@ class IntervenerSupervisor(LLMSupervisor):
             raise ValueError(f"explanations must be 'template' or 'model', not {explanations!r}")
         if chat_model is None:
             chat_model = make_chat_model("local", adapter=str(adapter), field_max_chars=EXPLANATION_CHARS)
-        super().__init__(chat_model, STRATEGY, max_retries=max_retries)
+        self.strategy_name = adapter_strategy(adapter)
+        super().__init__(chat_model, self.strategy_name, max_retries=max_retries)
         self.explanations = explanations
         # The local model adds the format instruction the adapter was trained with to the prompt itself;
         # a served one (serve-llm --adapter, through ChatOpenAI) would not see it unless it is sent.
@@ -97,13 +101,25 @@ class IntervenerSupervisor(LLMSupervisor):
         if decision.fallback:
             return decision
         if self.explanations == "template":
-            decision.explanation = explain(observation, decision.action)
+            decision.explanation = explain(observation, decision.action, self.strategy_name)
             return decision
         prompt = self.messages(observation)[-1][1]
         words = decision.explanation.split()
         if not grounded(decision.explanation, prompt) or len(words) > MAX_WORDS:
-            decision.explanation = explain(observation, decision.action)
+            decision.explanation = explain(observation, decision.action, self.strategy_name)
         return decision
+
+
+def adapter_strategy(adapter: str | Path) -> str:
+    """The prompt strategy an adapter was trained on (`strategy` in its metrics.json; adapters trained
+    before the field existed used the table, `intervener`)."""
+    metrics = Path(adapter) / "metrics.json"
+    strategy = json.loads(metrics.read_text()).get("strategy", STRATEGY) if metrics.is_file() else STRATEGY
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"{metrics}: unknown intervener strategy {strategy!r} (known: {', '.join(STRATEGIES)})"
+        )
+    return strategy
 
 
 @dataclass
@@ -111,15 +127,20 @@ class IntervenerConfig(SFTConfig):
     """TRL's `SFTConfig` with the intervener's defaults, plus what the data and the adapter need.
 
     data: folders (or rows.jsonl files) written by `selfsteer decisions collect`.
+    strategy: the prompt the adapter learns to answer: `intervener` (a table of lr and losses per
+        evaluation) or `intervener_signals` (the loss's moves in %, its spread, the lr as multiples).
     validation_seeds: rows of runs with these seeds are held out of training and scored after it.
     max_examples: training examples, drawn equally from each label (a label with fewer rows is
         repeated); the training time grows with it (about 12 s per batch of 8 on 2 cores).
     lora_r / lora_alpha / lora_dropout: the LoRA adapter on every linear layer of the model.
     action_weight: how much the action's token weighs against one token of the explanation.
+    calibration_rows: training rows (a seeded sample) whose mean answer sets the adapter's action
+        bias (`calibrate`); 0: no calibration.
     validation_rows: at most this many validation rows are scored (a seeded sample).
     """
 
     data: list[str] = field(default_factory=list)
+    strategy: str = STRATEGY
     validation_seeds: list[int] = field(default_factory=lambda: [3])
     validation_rows: int = 300
     max_examples: int = 960
@@ -127,6 +148,7 @@ class IntervenerConfig(SFTConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     action_weight: float = 30.0
+    calibration_rows: int = 300
     # SFTConfig's fields, with defaults for a 135M model on a CPU:
     output_dir: str = "runs/intervener"
     learning_rate: float = 1e-3
@@ -222,6 +244,8 @@ def train_intervener(config: IntervenerConfig) -> dict:
 
     from selfsteer.agents.local_llm import load_embedded_model
 
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     started = time.perf_counter()
     rows = read_rows(config.data)
     if not rows:
@@ -230,7 +254,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
     train_rows, validation_rows = split(rows, config)
     if len(validation_rows) > config.validation_rows:
         validation_rows = random.Random(config.seed).sample(validation_rows, config.validation_rows)
-    train = balanced(examples(train_rows, margin), config.max_examples, config.seed)
+    train = balanced(examples(train_rows, margin, config.strategy), config.max_examples, config.seed)
     set_seed(config.seed)
     model, tokenizer = load_embedded_model()
     tokenizer.padding_side = "right"  # training pads on the right; the engine pads on the left
@@ -264,12 +288,56 @@ def train_intervener(config: IntervenerConfig) -> dict:
         "train_steps": result.global_step,
         "train_s": train_s,
         "seed": config.seed,
+        "strategy": config.strategy,
         "data": [str(d) for d in config.data],
-        "validation": score_rows(validation_rows, margin, adapter=output),
     }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=1))  # the strategy, for the supervisor
+    if config.calibration_rows:
+        sample = random.Random(config.seed + 1)  # another draw than the validation sample's
+        metrics["choice_bias"] = calibrate(
+            output, sample.sample(train_rows, min(config.calibration_rows, len(train_rows)))
+        )
+    metrics["validation"] = score_rows(validation_rows, margin, adapter=output)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (output / "README.md").write_text(model_card(config, metrics))
     return metrics
+
+
+def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
+    """Contextual calibration (Zhao et al., 2021): the adapter's mean probability of each action over
+    `rows` (training rows: the prompts it learnt from), as a bias of -log(mean) on that action's
+    log-probability, so that an action it answers often regardless of the prompt loses that head
+    start. Underfit, the adapter leans on a prior (the shipped one gave "double" a mean probability of
+    0.53 on the rows it was trained on, whose labels were drawn a third each). Written to the adapter's
+    `calibration.json`, which the engine applies wherever the adapter answers (in process and through
+    serve-llm); returns the bias."""
+    from selfsteer.agents.intervener_data import observation_of
+
+    path = Path(adapter) / "calibration.json"
+    path.unlink(missing_ok=True)  # score the adapter as it answers uncalibrated
+    supervisor = IntervenerSupervisor(adapter)
+    totals = [0.0] * len(ACTIONS)
+    from tqdm.auto import tqdm
+
+    for row in tqdm(rows, desc="calibrating", unit="row"):
+        scores = _action_scores(supervisor, observation_of(row))
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        totals = [t + w / sum(weights) for t, w in zip(totals, weights, strict=True)]
+    bias = {a: -math.log(t / len(rows)) for a, t in zip(ACTIONS, totals, strict=True)}
+    path.write_text(json.dumps({"choice_bias": {"action": bias}, "rows": len(rows)}, indent=1))
+    _forget_engine(adapter)
+    return bias
+
+
+def _forget_engine(adapter: str | Path) -> None:
+    """Drops the process's engine of `adapter`, so that the next load reads its new calibration."""
+    from selfsteer.agents import local_llm
+
+    with local_llm._engine_lock:
+        engine = local_llm._engines.pop(str(Path(adapter).resolve()), None)
+    if engine is not None:
+        engine.close()
 
 
 def _half_precision(path: Path) -> None:
@@ -291,8 +359,8 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
     from selfsteer.agents.intervener_data import label, observation_of, regret
     from selfsteer.agents.supervisors import RuleSupervisor
 
-    data = examples(rows, margin)
     supervisor = IntervenerSupervisor(adapter) if adapter is not None else None
+    data = examples(rows, margin, supervisor.strategy_name if supervisor else STRATEGY)
     rule = RuleSupervisor()
     chosen: dict[str, list[str]] = {"keep": [], "rule": []}
     if supervisor is not None:
@@ -350,8 +418,8 @@ def model_explanation(decision) -> str:
         return decision.explanation
 
 
-def _action_only(supervisor: IntervenerSupervisor, observation) -> str:
-    """The action the supervisor's structured output would take (it scores the three options first)."""
+def _action_prefix(supervisor: IntervenerSupervisor, observation) -> str:
+    """The text the structured answer's action follows: the prompt as the local model sends it."""
     from selfsteer.agents.local_chat import _with_format_instruction
 
     chat = supervisor.chat_model
@@ -359,10 +427,21 @@ def _action_only(supervisor: IntervenerSupervisor, observation) -> str:
         chat._convert_input(supervisor.messages(observation)).to_messages(),
         LRDecision.model_json_schema(),
     )
-    prefix = chat.engine.tokenizer.decode(chat._prompt_ids(messages), skip_special_tokens=False)
+    return chat.engine.tokenizer.decode(chat._prompt_ids(messages), skip_special_tokens=False) + '{"action":'
+
+
+def _action_scores(supervisor: IntervenerSupervisor, observation) -> list[float]:
+    """The log-probability of each action (ACTIONS' order), uncalibrated."""
     options = [f' "{a}"' for a in ACTIONS]
-    scores = chat.engine.score_options(prefix + '{"action":', options)
-    return ACTIONS[max(range(len(ACTIONS)), key=scores.__getitem__)]
+    return supervisor.chat_model.engine.score_options(_action_prefix(supervisor, observation), options)
+
+
+def _action_only(supervisor: IntervenerSupervisor, observation) -> str:
+    """The action the supervisor's structured output takes (the three scored, the calibration added)."""
+    from selfsteer.agents.local_chat import best_choice
+
+    chat = supervisor.chat_model
+    return best_choice(chat.engine, _action_prefix(supervisor, observation), "action", list(ACTIONS))
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -395,7 +474,7 @@ tags: [selfsteer, lora, trl, sft, learning-rate]
 
 The embedded SmolLM2-135M-Instruct with this adapter merged in decides, after each evaluation of a
 training run, whether to double, halve or keep the learning rate, with a one-sentence explanation that
-cites the prompt's table (prompt strategy `{STRATEGY}`). `--supervisor intervener` runs it.
+cites the prompt's numbers (prompt strategy `{config.strategy}`). `--supervisor intervener` runs it.
 
 - **Data**: {metrics["rows"]} counterfactual decision points from `selfsteer decisions collect`
   ({", ".join(metrics["data"])}); labels: the best action at the horizon, keep unless another beats it by
@@ -406,7 +485,7 @@ cites the prompt's table (prompt strategy `{STRATEGY}`). `--supervisor intervene
   {config.per_device_train_batch_size}, seed {config.seed}: {metrics["train_steps"]} steps,
   {metrics["train_s"] / 60:.1f} min on this machine's CPU, final train loss {metrics["train_loss"]:.4f}.
   Weights stored in float16.
-- **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --out {config.output_dir}`
+- **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --out {config.output_dir}`
 
 ## Validation (rows of held-out seeds {config.validation_seeds}: {metrics["validation_rows"]} decision points)
 

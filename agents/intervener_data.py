@@ -24,7 +24,9 @@ from selfsteer.agents.decision_data import write_rows
 from selfsteer.agents.observation import Observation
 from selfsteer.trainer_bridge.records import ACTIONS
 
-STRATEGY = "intervener"
+STRATEGY = "intervener"  # the table of lr and losses per evaluation
+SIGNALS = "intervener_signals"  # the loss's moves in %, its spread, the lr as multiples; no table
+STRATEGIES = (STRATEGY, SIGNALS)
 # The median: the probes' spread is heavy-tailed (a run near divergence lands 10% apart under another data
 # order: the 90% quantile measured 11%, which labels nearly every row "keep"), so its robust scale is the
 # typical noise; an action must beat keep by more than that. See `selfsteer decisions export`.
@@ -102,7 +104,7 @@ def observation_of(row: dict) -> Observation:
     return Observation(**data)
 
 
-def prompt_messages(observation: Observation) -> list[dict]:
+def prompt_messages(observation: Observation, strategy: str = STRATEGY) -> list[dict]:
     """The chat the intervener gets: its strategy's prompt plus the local model's format instruction
     (as `LocalChatModel.with_structured_output(LRDecision)` sends it)."""
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -111,7 +113,7 @@ def prompt_messages(observation: Observation) -> list[dict]:
     from selfsteer.agents.local_chat import _with_format_instruction
     from selfsteer.prompts import load_strategy
 
-    prompt = load_strategy(STRATEGY)
+    prompt = load_strategy(strategy)
     messages = _with_format_instruction(
         [
             SystemMessage(content=prompt.system.strip()),
@@ -122,14 +124,17 @@ def prompt_messages(observation: Observation) -> list[dict]:
     return [{"role": "system" if m.type == "system" else "user", "content": m.content} for m in messages]
 
 
-def explain(observation: Observation, action: str) -> str:
-    """A short reason for `action`, citing only numbers of the prompt's table."""
+def explain(observation: Observation, action: str, strategy: str = STRATEGY) -> str:
+    """A short reason for `action`, citing only numbers of the strategy's prompt."""
+    if strategy == SIGNALS:
+        return _explain_signals(observation, action)
     rows = [line.split(" | ") for line in observation.table().splitlines()[1:]]
     lr = rows[-1][1] if rows else f"{observation.lr:.3g}"
     evals = [r[3] for r in rows if r[3] not in ("-", "nan")]
     first_train = rows[0][2] if rows else None
     last = evals[-1] if evals else (rows[-1][2] if rows else None)
     previous = evals[-2] if len(evals) >= 2 else first_train
+    last, previous = (None if v in ("-", "nan") else v for v in (last, previous))
     if observation.nonfinite:
         return {
             "halve": f"The loss is not finite: {lr} is far too high, so halve it.",
@@ -160,6 +165,37 @@ def explain(observation: Observation, action: str) -> str:
     return f"{what} fell from {previous} to {last} at {lr}: steady progress, so keep it."
 
 
+_MOVE = re.compile(r"(fell|rose) (\d+(?:\.\d+)?)% since")
+_SPREAD = re.compile(r"spread (\d+(?:\.\d+)?)%")
+_START = re.compile(r"Learning rate: (\S+x) its start")
+
+
+def _explain_signals(observation: Observation, action: str) -> str:
+    text = observation.signals()
+    move, spread, start = _MOVE.search(text), _SPREAD.search(text), _START.search(text)
+    if observation.nonfinite or move is None:
+        return {
+            "halve": "The loss is not finite or not measured: halve the rate to be safe.",
+            "keep": "No finite loss change to judge yet, so keep the rate.",
+            "double": "No finite loss change to judge yet; try a larger rate.",
+        }[action]
+    which = "Eval" if observation.eval_loss else "Train"
+    moved, only = f"{which} loss {move[1]} {move[2]}%", f"{which} loss {move[1]} only {move[2]}%"
+    if action == "halve":
+        if move[1] == "rose":
+            return f"{moved}: the rate is too high, so halve it."
+        noise = f" with a train loss spread of {spread[1]}%" if spread else ""
+        return f"{only}{noise}: the rate is too high to settle, so halve it."
+    if action == "double":
+        at = f" at {start[1]} its start" if start else ""
+        if move[1] == "rose":
+            return f"{moved}{at}; a larger rate should learn faster, so double it."
+        return f"{only}{at}: too slow, so double it."
+    if move[1] == "rose":
+        return f"{moved}; no change is clearly better, so keep the rate."
+    return f"{moved}: steady progress, so keep the rate."
+
+
 def numbers(text: str) -> set[str]:
     return {_canonical(n) for n in _NUMBER.findall(text)}
 
@@ -181,14 +217,14 @@ def completion(action: str, explanation: str) -> str:
     return json.dumps({"action": action, "explanation": explanation})
 
 
-def examples(rows: list[dict], margin: float) -> list[dict]:
+def examples(rows: list[dict], margin: float, strategy: str = STRATEGY) -> list[dict]:
     """One labelled chat example per row (its prompt messages, the answer), with the row's facts."""
     out = []
     for row in rows:
         observation = observation_of(row)
         action = label(row, margin)
-        messages = prompt_messages(observation)
-        explanation = explain(observation, action)
+        messages = prompt_messages(observation, strategy)
+        explanation = explain(observation, action, strategy)
         assert grounded(explanation, messages[-1]["content"]), (explanation, messages[-1]["content"])
         out.append(
             {

@@ -381,9 +381,7 @@ def structured_json_text(
         text += (", " if index else "") + json.dumps(name) + ":"
         choices = _choices(field_schema, schema)
         if choices is not None:
-            options = [" " + json.dumps(choice) for choice in choices]
-            scores = engine.score_options(prompt_text + text, options, timeout=timeout)
-            text += options[max(range(len(options)), key=scores.__getitem__)]
+            text += " " + json.dumps(best_choice(engine, prompt_text + text, name, choices, timeout=timeout))
             continue
         value_schema = dict(field_schema)
         if "$defs" in schema:
@@ -408,6 +406,18 @@ def structured_json_text(
             raise _RetryableOutput(f"field {name!r} ran past {budget} tokens")
         text += generation.text
     return text + "}"
+
+
+def best_choice(
+    engine: LocalEngine, prefix_text: str, name: str, choices: list, timeout: float | None = None
+):
+    """The value of highest log-probability after `prefix_text` (which ends with the field's key),
+    each scored whole, plus the engine's choice bias for this field (an adapter's calibration)."""
+    options = [" " + json.dumps(choice) for choice in choices]
+    scores = engine.score_options(prefix_text, options, timeout=timeout)
+    bias = engine.choice_bias.get(name, {})
+    scores = [score + bias.get(str(choice), 0.0) for score, choice in zip(scores, choices, strict=True)]
+    return choices[max(range(len(choices)), key=scores.__getitem__)]
 
 
 def _choices(field_schema: dict, root: dict) -> list | None:

@@ -297,6 +297,9 @@ class LocalEngine:
         a `generate_many` call submits all of its prompts at once, so it does not need the window.
     prefix_cache_size: how many recent prompt prefixes keep their KV cache for option scoring.
     prefill_chunk: prompt tokens encoded per step (over all new requests).
+    choice_bias: {field: {value: bias}}, added to the log-probability of a value when a structured
+        answer picks one of a finite set (`local_chat.structured_json_text`); an adapter's
+        `calibration.json` (see `agents.intervener.calibrate`) sets it.
     """
 
     def __init__(
@@ -308,8 +311,10 @@ class LocalEngine:
         batch_window_s: float = 0.004,
         prefix_cache_size: int = 8,
         prefill_chunk: int = 256,
+        choice_bias: dict[str, dict[str, float]] | None = None,
     ):
         self.model = model
+        self.choice_bias = choice_bias or {}
         self.prefix_cache_size = prefix_cache_size
         self._prefix_cache: OrderedDict[tuple[int, ...], object] = OrderedDict()
         self.tokenizer = tokenizer
@@ -921,6 +926,19 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+def _calibration(adapter: str | None) -> dict[str, dict[str, float]]:
+    """The adapter's choice bias (its calibration.json), or none."""
+    path = None if adapter is None else Path(adapter) / "calibration.json"
+    if path is None or not path.is_file():
+        return {}
+    bias = json.loads(path.read_text()).get("choice_bias", {})
+    if not all(
+        isinstance(v, dict) and all(isinstance(x, int | float) for x in v.values()) for v in bias.values()
+    ):
+        raise ModelNotFoundError(f"{path}: choice_bias must map a field to {{value: number}}")
+    return bias
+
+
 _engines: dict[str | None, LocalEngine] = {}
 _engine_lock = threading.Lock()
 
@@ -932,5 +950,5 @@ def get_local_engine(adapter: str | Path | None = None) -> LocalEngine:
     with _engine_lock:
         if key not in _engines:
             model, tokenizer = load_embedded_model(adapter=key)
-            _engines[key] = LocalEngine(model, tokenizer)
+            _engines[key] = LocalEngine(model, tokenizer, choice_bias=_calibration(key))
         return _engines[key]

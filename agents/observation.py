@@ -132,6 +132,47 @@ class Observation:
             rows = rows[:1] + rows[-(max_rows - 1) :]
         return "step | lr | train loss | eval loss\n" + "\n".join(rows)
 
+    def signals(self) -> str:
+        """A few derived numbers in words: how the eval loss moved over the last two evaluations, how
+        noisy the train loss was since the previous one, and the lr as a multiple of its start and of
+        its value at the previous evaluation. No absolute lr: what counts as a high rate differs by
+        optimizer and model, the moves of the loss do not. What the `intervener_signals` prompt reads."""
+        if not self.train_loss and not self.eval_loss:
+            return "No loss measured yet."
+        which = "Eval" if self.eval_loss else "Train"
+        losses = [v for _, v in self.losses]
+        previous = [v for _, v in self.eval_loss[-2:-1]] or [self.train_loss[0][1]] if self.train_loss else []
+        before = (
+            self.eval_loss[-3][1]
+            if len(self.eval_loss) >= 3
+            else (self.train_loss[0][1] if len(self.eval_loss) == 2 and self.train_loss else None)
+        )
+        since = "the previous evaluation" if len(self.eval_loss) >= 2 else "the first step"
+        line = f"{which} loss {_loss_text(losses[-1])} at step {self.step} of {self.max_steps or '?'}"
+        if previous:
+            line += f": {_move(losses[-1], previous[0])} since {since}"
+            if before is not None:
+                line += f", after it {_move(previous[0], before, past=True)} in the interval before"
+        lines = [line + "."]
+        start = self.eval_loss[-2][0] if len(self.eval_loss) >= 2 else 0
+        window = [v for s, v in self.train_loss if start < s <= self.step]
+        finite = [v for v in window if math.isfinite(v)]
+        if len(finite) >= 2:
+            spread = 100 * statistics.pstdev(finite) / statistics.fmean(finite)
+            lines.append(
+                f"Train loss over the last {len(window)} steps: mean {_loss_text(statistics.fmean(window))}, spread {spread:.1f}%."
+            )
+        lrs = [v for _, v in self.learning_rate]
+        first_eval = self.eval_loss[0][0] if self.eval_loss else self.step
+        started = max((v for s, v in self.learning_rate if s <= first_eval), default=0.0)
+        at_previous = dict(self.learning_rate).get(start) if len(self.eval_loss) >= 2 else started
+        if lrs and started > 0 and at_previous:
+            lines.append(
+                f"Learning rate: {_times(self.lr / started)} its start, {_times(self.lr / at_previous)} its value at"
+                " the previous evaluation."
+            )
+        return "\n".join(lines)
+
     def stats(self) -> dict:
         """A few numbers that say where the run stands."""
         losses = [v for _, v in self.losses]
@@ -174,6 +215,7 @@ class Observation:
             "lr": self.lr,
             "history_json": self.history_json(),
             "table": self.table(),
+            "signals": self.signals(),
             "stats": self.stats_text(),
             "warnings": "".join(f" WARNING: {w}." for w in warnings),
         }
@@ -188,6 +230,18 @@ def _loss_text(value: float) -> str:
 
 def _lr_text(value: float) -> str:
     return f"{value:.3g}"
+
+
+def _move(new: float, old: float, past: bool = False) -> str:
+    """ "fell 3.2%" / "rose 0.4%" (or "fell"/"rose" in the past tense: "fell" either way)."""
+    if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
+        return "became non-finite" if not math.isfinite(new) else "came back from non-finite"
+    change = 100 * (new - old) / abs(old)
+    return f"{'rose' if change > 0 else 'fell'} {abs(change):.1f}%"
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2g}x"
 
 
 def _round(value: float) -> float | str:

@@ -50,16 +50,47 @@ def add_parser(subparsers, name: str) -> None:
         default=30.0,
         help="weight of the action token against one explanation token (default 30)",
     )
+    train.add_argument(
+        "--strategy",
+        choices=("intervener", "intervener_signals"),
+        default="intervener",
+        help="the prompt it learns to answer: intervener (a table of lr and losses per evaluation; default) "
+        "or intervener_signals (the loss's recent moves in %%, its spread, the lr as multiples of its "
+        "start: no absolute lr)",
+    )
     train.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     train.add_argument("--validation-seeds", default="3", help="seeds whose rows are held out (default 3)")
     train.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    calibrate = actions.add_parser(
+        "calibrate",
+        help="(re)compute an adapter's action bias",
+        description="Scores the adapter on a seeded sample of training rows (those of seeds other than "
+        "--validation-seeds) and writes calibration.json: each action's log-probability gets -log(its mean "
+        "probability), so an action the adapter favours whatever the prompt loses that head start. "
+        "`intervener train` does this at its end; this redoes it for an existing adapter.",
+    )
+    calibrate.add_argument("--adapter", required=True, help="the adapter folder")
+    calibrate.add_argument(
+        "--data", nargs="+", required=True, metavar="DIR", help="folders from `decisions collect`"
+    )
+    calibrate.add_argument("--rows", type=int, default=300, help="training rows to score (default 300)")
+    calibrate.add_argument(
+        "--validation-seeds", default="3", help="seeds whose rows are left out (default 3)"
+    )
+    calibrate.add_argument(
+        "--seed", type=int, default=0, help="the training seed (the sample draws from seed + 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from selfsteer.agents.intervener import IntervenerConfig, train_intervener
 
+    if args.action == "calibrate":
+        return _calibrate(args)
+
     config = IntervenerConfig(
         data=args.data,
+        strategy=args.strategy,
         output_dir=args.out,
         max_examples=args.examples,
         num_train_epochs=args.epochs,
@@ -78,4 +109,33 @@ def run(args: argparse.Namespace) -> int:
     validation = metrics["validation"]
     print(json.dumps({k: validation[k] for k in ("intervener", "keep", "rule", "labels")}, indent=1))
     print(f"adapter, card and metrics -> {args.out}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import random
+    from pathlib import Path
+
+    from selfsteer.agents.intervener import IntervenerConfig, calibrate, split
+    from selfsteer.agents.intervener_data import read_rows
+
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        print(f"selfsteer intervener calibrate: {args.adapter} is not an adapter folder", file=sys.stderr)
+        return 2
+    try:
+        rows = read_rows(args.data)
+    except ValueError as error:
+        print(f"selfsteer intervener calibrate: {error}", file=sys.stderr)
+        return 2
+    config = IntervenerConfig(
+        validation_seeds=[int(s) for s in args.validation_seeds.split(",") if s.strip()]
+    )
+    train_rows, _ = split(rows, config)
+    if not train_rows:
+        print("selfsteer intervener calibrate: no training rows in --data", file=sys.stderr)
+        return 2
+    sample = random.Random(args.seed + 1).sample(train_rows, min(args.rows, len(train_rows)))
+    bias = calibrate(args.adapter, sample)
+    print(json.dumps({"choice_bias": {"action": bias}}, indent=1))
+    print(f"-> {Path(args.adapter) / 'calibration.json'}")
     return 0

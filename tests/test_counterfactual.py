@@ -10,6 +10,8 @@ from datasets import load_from_disk
 from helpers.cli import selfsteer
 
 from selfsteer.agents.intervener_data import (
+    STRATEGIES,
+    explain,
     grounded,
     label,
     noise_margin,
@@ -17,6 +19,7 @@ from selfsteer.agents.intervener_data import (
     prompt_messages,
     read_rows,
 )
+from selfsteer.agents.observation import Observation
 from selfsteer.evals.counterfactual import HELD_OUT, RunSpec, collect_run, default_specs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,3 +128,20 @@ def test_grounding_catches_a_number_that_is_not_in_the_prompt():
     assert not grounded("Eval loss fell to 3.4 at 0.01.", prompt)
     assert grounded("No numbers at all.", prompt)
     assert math.isfinite(float("3.498"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategys_template_explanation_is_grounded_in_its_prompt(strategy):
+    rows = [{"step": s, "name": "loss", "value": 5.0 - 0.01 * s} for s in range(1, 31)]
+    rows += [{"step": s, "name": "learning_rate", "value": 1e-3} for s in range(1, 31)]
+    evals = {10: 4.9, 20: 4.8, 30: 4.85}
+    for step in (1, 10, 20, 30):
+        points = [r for r in rows if r["step"] <= step]
+        points += [{"step": s, "name": "eval_loss", "value": v} for s, v in evals.items() if s <= step]
+        observation = Observation.from_metrics(points, step=step, lr=1e-3, max_steps=60)
+        prompt = prompt_messages(observation, strategy)[-1]["content"]
+        for action in ("double", "halve", "keep"):
+            said = explain(observation, action, strategy)
+            assert grounded(said, prompt) and len(said.split()) <= 30, (said, prompt)
+            if step >= 10:
+                assert action in said and any(ch.isdigit() for ch in said)

@@ -184,3 +184,27 @@ def test_the_intervener_table_aligns_lr_train_and_eval_loss_per_evaluation():
     assert table in load_strategy("intervener").render_user(
         **Observation.from_metrics(rows, step=20, lr=2e-3).prompt_values()
     )
+
+
+def test_the_intervener_signals_give_the_loss_moves_and_the_lr_as_multiples():
+    rows = [{"step": s, "name": "loss", "value": 5.0 - 0.01 * s} for s in range(1, 21)]
+    rows += [{"step": s, "name": "learning_rate", "value": 1e-3 if s <= 10 else 2e-3} for s in range(1, 21)]
+    rows += [{"step": 10, "name": "eval_loss", "value": 4.9}, {"step": 20, "name": "eval_loss", "value": 4.8}]
+    observation = Observation.from_metrics(rows, step=20, lr=2e-3, max_steps=60)
+    assert observation.signals().splitlines() == [
+        "Eval loss 4.800 at step 20 of 60: fell 2.0% since the previous evaluation, after it fell 1.8% in "
+        "the interval before.",  # 4.99 (the first train loss) -> 4.9 -> 4.8
+        "Train loss over the last 10 steps: mean 4.845, spread 0.6%.",  # steps 11-20
+        "Learning rate: 2x its start, 2x its value at the previous evaluation.",
+    ]
+    prompt = load_strategy("intervener_signals").render_user(**observation.prompt_values())
+    assert "0.002" not in prompt and "0.001" not in prompt  # no absolute lr: it means different things
+    first = Observation.from_metrics(rows[:10] + rows[20:30] + rows[40:41], step=10, lr=1e-3, max_steps=60)
+    assert (
+        first.signals().splitlines()[0] == "Eval loss 4.900 at step 10 of 60: fell 1.8% since the first step."
+    )
+    rising = Observation.from_metrics(
+        rows[:-1] + [{"step": 20, "name": "eval_loss", "value": 5.0}], step=20, lr=2e-3
+    )
+    assert "rose 2.0% since the previous evaluation" in rising.signals()
+    assert Observation(step=0, lr=1e-3).signals() == "No loss measured yet."
