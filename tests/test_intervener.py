@@ -2,6 +2,8 @@
 the shipped adapter and its card, and `--supervisor intervener` steering a real run."""
 
 import json
+import math
+import shutil
 
 import pytest
 from helpers.cli import selfsteer
@@ -34,6 +36,30 @@ def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
     assert weights and all(str(t.dtype) == "torch.float16" for t in weights.values())
     card = (out / "README.md").read_text()
     assert "selfsteer intervener train" in card and "Validation" in card
+    bias = json.loads((out / "calibration.json").read_text())["choice_bias"]["action"]
+    assert set(bias) == set(ACTIONS) and bias == metrics["choice_bias"]
+    # -log(mean probability) over the scored rows: the three mean probabilities sum to one
+    assert sum(math.exp(-b) for b in bias.values()) == pytest.approx(1.0)
+
+
+def test_calibration_bias_moves_the_answer_in_process_and_served(tmp_path):
+    """The engine adds an adapter's choice bias wherever a structured answer picks an action."""
+    from selfsteer.agents.chat_models import make_chat_model
+    from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.agents.openai_server import create_app
+    from selfsteer.trainer_bridge.testing import serving
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER_DIR, adapter)
+    (adapter / "calibration.json").write_text(json.dumps({"choice_bias": {"action": {"halve": 100.0}}}))
+    observations = [observation_of(r) for r in read_rows([ADAPTER_DIR / "examples.jsonl"])]
+    assert {IntervenerSupervisor().decide(o).action for o in observations} != {"halve"}
+    assert {IntervenerSupervisor(adapter).decide(o).action for o in observations} == {"halve"}
+    with serving(create_app(get_local_engine(adapter=adapter))) as url:
+        served = IntervenerSupervisor(
+            adapter, chat_model=make_chat_model("openai:intervener", base_url=f"{url}/v1")
+        )
+        assert {served.decide(o).action for o in observations} == {"halve"}
 
 
 def test_the_shipped_adapter_is_small_and_carded():
