@@ -359,7 +359,8 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
     from selfsteer.agents.intervener_data import label, observation_of, regret
     from selfsteer.agents.supervisors import RuleSupervisor
 
-    supervisor = IntervenerSupervisor(adapter) if adapter is not None else None
+    # the model writes its own explanations, for the card; its actions are the template mode's (tested)
+    supervisor = IntervenerSupervisor(adapter, explanations="model") if adapter is not None else None
     data = examples(rows, margin, supervisor.strategy_name if supervisor else STRATEGY)
     rule = RuleSupervisor()
     chosen: dict[str, list[str]] = {"keep": [], "rule": []}
@@ -453,6 +454,18 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _calibration_text(metrics: dict) -> str:
+    bias = metrics.get("choice_bias")
+    if not bias:
+        return "none (calibration_rows 0)."
+    means = ", ".join(f"{a} {math.exp(-b):.3f}" for a, b in bias.items())
+    return (
+        f"the adapter's mean action probabilities on sampled training rows were {means}; each action's "
+        "log-probability gets -log(its mean) added wherever the adapter answers. The validation figures "
+        "below include it."
+    )
+
+
 def model_card(config: IntervenerConfig, metrics: dict) -> str:
     validation = metrics["validation"]
 
@@ -485,6 +498,7 @@ cites the prompt's numbers (prompt strategy `{config.strategy}`). `--supervisor 
   {config.per_device_train_batch_size}, seed {config.seed}: {metrics["train_steps"]} steps,
   {metrics["train_s"] / 60:.1f} min on this machine's CPU, final train loss {metrics["train_loss"]:.4f}.
   Weights stored in float16.
+- **Calibration** (`calibration.json`): {_calibration_text(metrics)}
 - **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --out {config.output_dir}`
 
 ## Validation (rows of held-out seeds {config.validation_seeds}: {metrics["validation_rows"]} decision points)
@@ -500,8 +514,9 @@ relative to the best action's (capped at 1), averaged.
 
 Labels: {validation["labels"]}. The model's own explanations grounded (every number in the prompt, at
 most {MAX_WORDS} words; others are replaced by the factual template at decision time):
-{validation.get("grounded", math.nan):.0%} of {len(validation.get("answers", []))}; median decision latency
-{validation.get("median_latency_s", math.nan):.2f} s. First answers, verbatim:
+{validation.get("grounded", math.nan):.0%} of {len(validation.get("answers", []))}; median latency of a decision
+with the model's own explanation {validation.get("median_latency_s", math.nan):.2f} s (by default the model scores the
+action and a template explains it, under a second). First answers, verbatim:
 
 {answers}
 

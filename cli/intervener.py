@@ -10,12 +10,13 @@ DESCRIPTION = """\
 Fine-tunes SmolLM2-135M-Instruct with a LoRA adapter (TRL SFT, completion-only loss) to answer the
 `intervener` prompt with the labelled decision of each collected decision point (see `selfsteer decisions
 collect` and `decisions export --counterfactual`), then scores it on the rows of the validation seeds
-against their labels and outcomes, beside "always keep" and the rule supervisor. Writes the adapter
-(float16 safetensors), README.md (its card) and metrics.json to --out. Seeded; a progress bar shows the
-training.
+against their labels and outcomes, beside "always keep" and the rule supervisor. Before scoring it is
+calibrated: its mean answer on training rows sets a bias per action (calibration.json; see `intervener
+calibrate`). Writes the adapter (float16 safetensors), calibration.json, README.md (its card) and
+metrics.json to --out. Seeded; progress bars show the training, calibration and scoring.
 
-The shipped adapter (selfsteer/agents/intervener/) was made by:
-  selfsteer intervener train --data runs/cf --out agents/intervener
+The shipped adapter (selfsteer/agents/intervener/) was made as its README.md says (the rows it was
+trained on are shipped beside it, in counterfactual.tar.gz).
 
 examples:
   selfsteer intervener train --data runs/cf runs/cf-dagger --out runs/intervener
@@ -61,6 +62,13 @@ def add_parser(subparsers, name: str) -> None:
     train.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     train.add_argument("--validation-seeds", default="3", help="seeds whose rows are held out (default 3)")
     train.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    train.add_argument(
+        "--calibration-rows",
+        type=int,
+        default=300,
+        help="training rows scored to set the adapter's action bias after training (see `intervener "
+        "calibrate`; default 300; 0: none)",
+    )
     calibrate = actions.add_parser(
         "calibrate",
         help="(re)compute an adapter's action bias",
@@ -100,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         lora_alpha=2 * args.lora_r,
         validation_seeds=[int(s) for s in args.validation_seeds.split(",") if s.strip()],
         seed=args.seed,
+        calibration_rows=args.calibration_rows,
     )
     try:
         metrics = train_intervener(config)
