@@ -499,7 +499,7 @@ cites the prompt's numbers (prompt strategy `{config.strategy}`). `--supervisor 
   {metrics["train_s"] / 60:.1f} min on this machine's CPU, final train loss {metrics["train_loss"]:.4f}.
   Weights stored in float16.
 - **Calibration** (`calibration.json`): {_calibration_text(metrics)}
-- **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --out {config.output_dir}`
+- **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --examples {config.max_examples} --seed {config.seed} --out {config.output_dir}`
 
 ## Validation (rows of held-out seeds {config.validation_seeds}: {metrics["validation_rows"]} decision points)
 
