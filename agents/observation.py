@@ -141,7 +141,7 @@ class Observation:
             return "No loss measured yet."
         which = "Eval" if self.eval_loss else "Train"
         losses = [v for _, v in self.losses]
-        previous = [v for _, v in self.eval_loss[-2:-1]] or [self.train_loss[0][1]] if self.train_loss else []
+        previous = [v for _, v in self.eval_loss[-2:-1]] or [v for _, v in self.train_loss[:1]]
         before = (
             self.eval_loss[-3][1]
             if len(self.eval_loss) >= 3
@@ -152,7 +152,7 @@ class Observation:
         if previous:
             line += f": {_move(losses[-1], previous[0])} since {since}"
             if before is not None:
-                line += f", after it {_move(previous[0], before, past=True)} in the interval before"
+                line += f", after it {_move(previous[0], before)} in the interval before"
         lines = [line + "."]
         start = self.eval_loss[-2][0] if len(self.eval_loss) >= 2 else 0
         window = [v for s, v in self.train_loss if start < s <= self.step]
@@ -232,8 +232,8 @@ def _lr_text(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _move(new: float, old: float, past: bool = False) -> str:
-    """ "fell 3.2%" / "rose 0.4%" (or "fell"/"rose" in the past tense: "fell" either way)."""
+def _move(new: float, old: float) -> str:
+    """How a loss moved from `old` to `new`: "fell 3.2%", "rose 0.4%"."""
     if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
         return "became non-finite" if not math.isfinite(new) else "came back from non-finite"
     change = 100 * (new - old) / abs(old)

@@ -208,3 +208,5 @@ def test_the_intervener_signals_give_the_loss_moves_and_the_lr_as_multiples():
     )
     assert "rose 2.0% since the previous evaluation" in rising.signals()
     assert Observation(step=0, lr=1e-3).signals() == "No loss measured yet."
+    evals_only = Observation(step=20, lr=1e-3, eval_loss=[(10, 4.0), (20, 3.0)])
+    assert "fell 25.0% since the previous evaluation" in evals_only.signals()
