@@ -293,14 +293,19 @@ def train_intervener(config: IntervenerConfig) -> dict:
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))  # the strategy, for the supervisor
     if config.calibration_rows:
-        sample = random.Random(config.seed + 1)  # another draw than the validation sample's
         metrics["choice_bias"] = calibrate(
-            output, sample.sample(train_rows, min(config.calibration_rows, len(train_rows)))
+            output, calibration_sample(train_rows, config.calibration_rows, config.seed)
         )
     metrics["validation"] = score_rows(validation_rows, margin, adapter=output)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (output / "README.md").write_text(model_card(config, metrics))
     return metrics
+
+
+def calibration_sample(train_rows: list[dict], n: int, seed: int) -> list[dict]:
+    """The training rows `calibrate` scores: a seeded draw of at most `n`, another than the validation
+    sample's (which uses `seed`)."""
+    return random.Random(seed + 1).sample(train_rows, min(n, len(train_rows)))
 
 
 def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
@@ -311,13 +316,15 @@ def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
     0.53 on the rows it was trained on, whose labels were drawn a third each). Written to the adapter's
     `calibration.json`, which the engine applies wherever the adapter answers (in process and through
     serve-llm); returns the bias."""
+    from tqdm.auto import tqdm
+
     from selfsteer.agents.intervener_data import observation_of
+    from selfsteer.agents.local_llm import forget_local_engine
 
     path = Path(adapter) / "calibration.json"
-    path.unlink(missing_ok=True)  # score the adapter as it answers uncalibrated
+    path.unlink(missing_ok=True)  # no stale bias survives a calibration that fails (scores are raw)
     supervisor = IntervenerSupervisor(adapter)
     totals = [0.0] * len(ACTIONS)
-    from tqdm.auto import tqdm
 
     for row in tqdm(rows, desc="calibrating", unit="row"):
         scores = _action_scores(supervisor, observation_of(row))
@@ -326,18 +333,8 @@ def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
         totals = [t + w / sum(weights) for t, w in zip(totals, weights, strict=True)]
     bias = {a: -math.log(t / len(rows)) for a, t in zip(ACTIONS, totals, strict=True)}
     path.write_text(json.dumps({"choice_bias": {"action": bias}, "rows": len(rows)}, indent=1))
-    _forget_engine(adapter)
+    forget_local_engine(adapter)  # the next load reads the new calibration
     return bias
-
-
-def _forget_engine(adapter: str | Path) -> None:
-    """Drops the process's engine of `adapter`, so that the next load reads its new calibration."""
-    from selfsteer.agents import local_llm
-
-    with local_llm._engine_lock:
-        engine = local_llm._engines.pop(str(Path(adapter).resolve()), None)
-    if engine is not None:
-        engine.close()
 
 
 def _half_precision(path: Path) -> None:

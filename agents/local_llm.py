@@ -952,3 +952,13 @@ def get_local_engine(adapter: str | Path | None = None) -> LocalEngine:
             model, tokenizer = load_embedded_model(adapter=key)
             _engines[key] = LocalEngine(model, tokenizer, choice_bias=_calibration(key))
         return _engines[key]
+
+
+def forget_local_engine(adapter: str | Path | None = None) -> None:
+    """Closes and drops the process's engine of `adapter`, if loaded: the next `get_local_engine`
+    loads it anew (with its calibration.json as it is then)."""
+    key = None if adapter is None else str(Path(adapter).resolve())
+    with _engine_lock:
+        engine = _engines.pop(key, None)
+    if engine is not None:
+        engine.close()

@@ -122,10 +122,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import random
     from pathlib import Path
 
-    from selfsteer.agents.intervener import IntervenerConfig, calibrate, split
+    from selfsteer.agents.intervener import IntervenerConfig, calibrate, calibration_sample, split
     from selfsteer.agents.intervener_data import read_rows
 
     if not (Path(args.adapter) / "adapter_config.json").is_file():
@@ -143,8 +142,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if not train_rows:
         print("selfsteer intervener calibrate: no training rows in --data", file=sys.stderr)
         return 2
-    sample = random.Random(args.seed + 1).sample(train_rows, min(args.rows, len(train_rows)))
-    bias = calibrate(args.adapter, sample)
+    bias = calibrate(args.adapter, calibration_sample(train_rows, args.rows, args.seed))
     print(json.dumps({"choice_bias": {"action": bias}}, indent=1))
     print(f"-> {Path(args.adapter) / 'calibration.json'}")
     return 0
