@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
                 parts["reward"].append(time.perf_counter() - started)
 
         config = ReflectionGRPOConfig(
-            model=str(cache_dir()), output_dir=tempfile.mkdtemp(prefix=f"bench-grpo-{mode}-"),
+            model=str(cache_dir()), output_dir=(output_dir := tempfile.mkdtemp(prefix=f"bench-grpo-{mode}-")),
             num_generations=args.generations, max_steps=args.steps + 1, max_completion_length=args.tokens,
             max_retry_tokens=args.retry_tokens, save_steps=10_000, use_cpu=True,
             lora_r=16 if mode.endswith("-lora") else 0, skip_zero_advantage=mode != "plain",
@@ -107,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
                 parts["step"].append(time.perf_counter() - self.started)
 
         trainer.add_callback(StepTimer())
-        trainer.train()
+        try:
+            trainer.train()
+        finally:  # each mode's checkpoints and cache take about 1.6 GB
+            shutil.rmtree(output_dir, ignore_errors=True)
         timed = {k: v[1:] for k, v in parts.items()}  # the first step warms up
         median = {k: statistics.median(v) for k, v in timed.items()}
         median["rest"] = median["step"] - median["generate"] - median["reward"]
