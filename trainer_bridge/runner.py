@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,17 @@ class RecipeRun:
         if dist.is_available() and dist.is_initialized():
             # Left to the interpreter's exit, a gloo group can be torn down with its threads still
             # joinable: "terminate called without an active exception", SIGABRT, and torchrun reports
-            # the run failed (seen here under load, after both ranks had finished).
+            # the run failed (seen here under load, after both ranks had finished). Destroyed early on
+            # one rank while another still holds its connections, the same abort was seen on the rank
+            # that left first, so the ranks meet first; a rank that never comes (it failed) is waited
+            # for a minute, not the group's half hour.
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except RuntimeError:
+                pass  # a peer is gone: tear down regardless
             dist.destroy_process_group()
 
     def _summary(self, final: dict, wall_s: float) -> dict:
