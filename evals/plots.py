@@ -53,6 +53,10 @@ def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: str | Pa
         axis.plot(steps, values, "o-", markersize=2.5, label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("eval loss")
+    finite = [v for _, values in curves.values() for v in values if math.isfinite(v) and v > 0]
+    if finite and max(finite) > 4 * min(finite):  # one diverging run would flatten every other curve
+        axis.set_yscale("log")
+        axis.set_ylabel("eval loss (log scale)")
     axis.set_title(title)
     axis.legend(fontsize=8)
     return _save(fig, path)
