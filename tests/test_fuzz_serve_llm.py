@@ -42,7 +42,7 @@ def tool_choice_of_offered_tools(body):
     tools, choice = body.get("tools"), body.get("tool_choice")
     names = [
         t["function"]["name"]
-        for t in tools or []
+        for t in (tools if isinstance(tools, list) else [])  # negative cases send any type here
         if isinstance(t, dict)
         and isinstance(t.get("function"), dict)
         and isinstance(t["function"].get("name"), str)
