@@ -234,8 +234,8 @@ class RecipeRun:
             # joinable: "terminate called without an active exception", SIGABRT, and torchrun reports
             # the run failed (seen here under load, after both ranks had finished). Destroyed early on
             # one rank while another still holds its connections, the same abort was seen on the rank
-            # that left first, so the ranks meet first; a rank that never comes (it failed) is waited
-            # for a minute, not the group's half hour.
+            # that left first, so the ranks meet first. On gloo a rank that never comes (it failed) is
+            # waited for a minute, not the group's half hour; other backends wait their group's timeout.
             try:
                 if dist.get_backend() == "gloo":
                     dist.monitored_barrier(timeout=timedelta(seconds=60))
