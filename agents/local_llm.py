@@ -943,10 +943,15 @@ _engines: dict[str | None, LocalEngine] = {}
 _engine_lock = threading.Lock()
 
 
+def _engine_key(adapter: str | Path | None) -> str | None:
+    """One engine per adapter folder, however its path is spelled."""
+    return None if adapter is None else str(Path(adapter).resolve())
+
+
 def get_local_engine(adapter: str | Path | None = None) -> LocalEngine:
     """The process-wide engine of the embedded model, or of the model with `adapter` merged in (each
     loaded once, on first use)."""
-    key = None if adapter is None else str(Path(adapter).resolve())
+    key = _engine_key(adapter)
     with _engine_lock:
         if key not in _engines:
             model, tokenizer = load_embedded_model(adapter=key)
@@ -957,7 +962,7 @@ def get_local_engine(adapter: str | Path | None = None) -> LocalEngine:
 def forget_local_engine(adapter: str | Path | None = None) -> None:
     """Closes and drops the process's engine of `adapter`, if loaded: the next `get_local_engine`
     loads it anew (with its calibration.json as it is then)."""
-    key = None if adapter is None else str(Path(adapter).resolve())
+    key = _engine_key(adapter)
     with _engine_lock:
         engine = _engines.pop(key, None)
     if engine is not None:

@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 parts["reward"].append(time.perf_counter() - started)
 
+        output_dir = tempfile.mkdtemp(prefix=f"bench-grpo-{mode}-")
         config = ReflectionGRPOConfig(
-            model=str(cache_dir()), output_dir=(output_dir := tempfile.mkdtemp(prefix=f"bench-grpo-{mode}-")),
+            model=str(cache_dir()), output_dir=output_dir,
             num_generations=args.generations, max_steps=args.steps + 1, max_completion_length=args.tokens,
             max_retry_tokens=args.retry_tokens, save_steps=10_000, use_cpu=True,
             lora_r=16 if mode.endswith("-lora") else 0, skip_zero_advantage=mode != "plain",
