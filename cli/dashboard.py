@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
 from selfsteer.cli.train import TOKEN_ENV
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             "note: the dashboard is not built (bash scripts/install.sh builds it); the API works",
             file=sys.stderr,
         )
-    page = f"{url}/?token={args.token}" if args.token else f"{url}/"
+    page = f"{url}/?{urlencode({'token': args.token})}" if args.token else f"{url}/"
     print(
         f"{len(store.list_runs(limit=1000))} runs in {args.db}: dashboard at {page} (Ctrl-C ends it)",
         flush=True,

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 from selfsteer.cli.common import add_llm_arguments, add_supervisor_arguments, supervisor_thread_from_args
 
@@ -151,7 +152,7 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor, resume=
     except (RecipeError, ValueError, OSError) as exc:
         print(f"selfsteer train: {exc}", file=sys.stderr)
         return 2
-    page = f"{run.url}/?token={args.token}" if args.token else f"{run.url}/"
+    page = f"{run.url}/?{urlencode({'token': args.token})}" if args.token else f"{run.url}/"
     if resume:
         checkpoint = resume.checkpoint
         print(f"resuming run {run.run_id} from {checkpoint['name']} (step {checkpoint['step']})", flush=True)

@@ -11,24 +11,32 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.store import Store
 
 MAX_STEPS = 80
+SAVE_STEPS = 20
 RECIPE = [
     "--recipe", "tiny",
     "--set", f"training.max_steps={MAX_STEPS}",
-    "--set", "training.save_strategy=steps", "--set", "training.save_steps=20",
-    "--set", "training.eval_steps=1000",  # evaluations only when asked ...
-    "--set", "data.eval_blocks=3000",  # ... and each takes a while: a command stays `running` meanwhile
+    "--set", "training.save_strategy=steps", "--set", f"training.save_steps={SAVE_STEPS}",
+    "--set", "training.eval_steps=1000",
 ]  # fmt: skip
+HELD_TRAIN = Path(__file__).parent / "helpers" / "held_train.py"
 
 
-def selfsteer_train(*args: str) -> subprocess.Popen:
+def selfsteer_train(*args: str, held: Path | None = None) -> subprocess.Popen:
+    """`selfsteer train`; with `held`, the CLI plus a `hold` command that blocks the training thread until
+    the file `held` exists (tests/helpers/held_train.py)."""
+    program = [str(HELD_TRAIN)] if held else ["-m", "selfsteer.cli.main"]
+    env = {**os.environ, "SELFSTEER_TEST_RELEASE": str(held)} if held else None
     return subprocess.Popen(
-        [sys.executable, "-m", "selfsteer.cli.main", "train", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, *program, "train", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
 
 
@@ -48,28 +56,45 @@ def wait_for(condition, what: str, timeout: float = 60.0):
     return value
 
 
+def paused_off_a_save_step(client: BridgeClient) -> int:
+    """Pauses the run at a step boundary whose previous step was no Trainer save step, so the steps
+    trained before the kill go past the latest checkpoint (the resumed run retrains one of them: the
+    weights can be compared). A pause holds the boundary before the step's loss is logged and saved."""
+    while True:
+        client.wait(client.pause()["uuid"])
+        step = client.state()["step"]
+        if (step - 1) % SAVE_STEPS != 0:
+            return step
+        client.wait(client.resume()["uuid"])
+        wait_for(lambda: client.state()["step"] > step, "a step after the save step")
+
+
 def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
-    db, out = tmp_path / "store.sqlite", tmp_path / "run"
-    trainer = selfsteer_train(*RECIPE, "--db", str(db), "--out", str(out))
+    db, out, release = tmp_path / "store.sqlite", tmp_path / "run", tmp_path / "release"
+    trainer = selfsteer_train(*RECIPE, "--db", str(db), "--out", str(out), held=release)
     try:
         with BridgeClient(url_of(trainer), source="test") as client:
             run_id = client.state()["run_id"]
             wait_for(lambda: any(c["source"] == "trainer" for c in client.commands()), "a Trainer checkpoint")
             applied = client.wait(client.set_lr(1e-3)["uuid"])
-            evaluating = client.evaluate()["uuid"]  # long: the training thread is busy in it ...
-            wait_for(lambda: client.command(evaluating)["status"] == "running", "the evaluation to start")
+            held_at = paused_off_a_save_step(client)
+            holding = client.send("hold")["uuid"]  # the training thread blocks in it until `release` ...
+            wait_for(lambda: client.command(holding)["status"] == "running", "the hold to start")
             waiting = [
                 client.set_lr(2e-3)["uuid"],
                 client.save_checkpoint("never")["uuid"],
-            ]  # ... so these wait
+            ]  # ... so these wait, and the kill comes first: `release` is never created
     finally:
         trainer.send_signal(signal.SIGKILL)
         assert trainer.wait(30) == -signal.SIGKILL
+    assert not release.exists()
 
     with Store(db) as store:  # as the crash left it: the run claims to be running
         assert store.get_run(run_id)["status"] == "running"
+        assert store.get_command(holding)["status"] == "running"
         assert {store.get_command(uuid)["status"] for uuid in waiting} == {"pending"}
         trained_before_the_kill = [(m["step"], m["value"]) for m in store.get_metrics(run_id, names=["loss"])]
+    assert max(trained_before_the_kill)[0] == held_at - 1  # the held step logs nothing
 
     resumed = selfsteer_train("--resume", run_id, "--db", str(db))
     try:
@@ -87,10 +112,9 @@ def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
     assert run["status"] == "finished" and run["pid"] == resumed.pid
     assert [c for c in commands.values() if c["status"] in ("pending", "running")] == []
     assert commands[applied["uuid"]]["status"] == "success" and commands[applied["uuid"]]["step"] > 0
-    assert (
-        "crashed" in commands[evaluating]["error"]
-        and "while this command was being applied" in (commands[evaluating]["error"])
-    )
+    assert commands[holding]["status"] == "failed" and commands[holding]["step"] == held_at
+    assert "crashed" in commands[holding]["error"]
+    assert "while this command was being applied" in commands[holding]["error"]
     for uuid in waiting:
         assert (
             commands[uuid]["status"] == "failed"
@@ -102,10 +126,16 @@ def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
     resume = branches["resume-1"]
     assert resume["parent"] == "main" and resume["fork_step"] == resume["checkpoint_step"]
     assert resume["checkpoint"] == f"checkpoint-{resume['checkpoint_step']}"
-    resumed_steps = sorted(m["step"] for m in metrics if m["branch"] == "resume-1")
-    assert resumed_steps == list(range(resume["checkpoint_step"] + 1, MAX_STEPS + 1))
+    assert resume["checkpoint_step"] == (held_at - 1) // SAVE_STEPS * SAVE_STEPS  # the latest save before the kill
+    resumed_losses = {m["step"]: m["value"] for m in metrics if m["branch"] == "resume-1"}
+    assert sorted(resumed_losses) == list(range(resume["checkpoint_step"] + 1, MAX_STEPS + 1))
     main = [(m["step"], m["value"]) for m in metrics if m["branch"] == "main"]
-    assert main == trained_before_the_kill and max(main)[0] >= resume["checkpoint_step"]
+    assert main == trained_before_the_kill
+    # The weights came from the checkpoint (and the data order with them): the first step after it has
+    # the loss the killed run had there (the loss is computed before that step's update).
+    first = resume["checkpoint_step"] + 1
+    assert resumed_losses[first] == pytest.approx(dict(main)[first], rel=1e-5)
+    assert resumed_losses[first] != pytest.approx(dict(main)[first - 1], rel=1e-3)  # not the same batch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run_id"] == run_id and summary["steps"] == MAX_STEPS and summary["branch"] == "resume-1"
 
