@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module of selfsteer.cli; the order is the order of `selfsteer --help`.
@@ -45,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"selfsteer.cli.{COMMANDS[args.command]}")
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of torchrun / accelerate launch
+        from selfsteer.trainer_bridge.runner import exit_now
+
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

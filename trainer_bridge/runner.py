@@ -14,8 +14,11 @@ run from its observation to its action).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +41,14 @@ from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 Supervisor = Callable[[str, threading.Event], None]
 
 InteractiveTrainer = make_interactive(Trainer)
+
+
+def exit_now(code: int) -> None:
+    """Ends a distributed entry point once its run is closed: output flushed, then `os._exit`, so no
+    interpreter finalization runs while a communication library's threads may still be alive."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class HoldForDecision(TrainerCallback):
@@ -227,23 +238,44 @@ class RecipeRun:
         return summary
 
     def close(self) -> None:
+        """Stops the server and, in a distributed run, tears the process group down. Call it once the
+        summary is written: it lets go of the Trainer."""
         if self.bridge is not None:
             self.bridge.close()
-        if dist.is_available() and dist.is_initialized():
-            # Left to the interpreter's exit, a gloo group can be torn down with its threads still
-            # joinable: "terminate called without an active exception", SIGABRT, and torchrun reports
-            # the run failed (seen here under load, after both ranks had finished). Destroyed early on
-            # one rank while another still holds its connections, the same abort was seen on the rank
-            # that left first, so the ranks meet first. On gloo a rank that never comes (it failed) is
-            # waited for a minute, not the group's half hour; other backends wait their group's timeout.
-            try:
-                if dist.get_backend() == "gloo":
-                    dist.monitored_barrier(timeout=timedelta(seconds=60))
-                else:
-                    dist.barrier()
-            except RuntimeError:
-                pass  # a peer is gone: tear down regardless
-            dist.destroy_process_group()
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        # destroy_process_group() drops only c10d's own references to the gloo group. The DDP wrapper
+        # (and its reducer) held by the Trainer and its accelerator keep the group alive, and the
+        # Trainer <-> bridge reference cycle keeps them until interpreter finalization, where a gloo
+        # thread that needs the GIL is ended through a noexcept destructor: std::terminate, SIGABRT
+        # (PyTorch PRs #96017 and #179291; seen here in about 3 of 16 DDP test runs). So the cycle is
+        # broken and the wrapped model dropped now, while the interpreter is whole.
+        self._let_go_of_the_trainer()
+        gc.collect()
+        # The ranks meet before the group goes: destroyed on one rank while another still holds its
+        # connections, the same abort was seen on the rank that left first. On gloo a rank that never
+        # comes (it failed) is waited for a minute, not the group's half hour.
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError as error:  # a peer is gone: tear down regardless, but say so
+            print(f"[selfsteer] rank {dist.get_rank()}: teardown barrier failed: {error}", file=sys.stderr)
+        dist.destroy_process_group()
+        gc.collect()
+
+    def _let_go_of_the_trainer(self) -> None:
+        trainer = self.trainer
+        if self.bridge is not None:
+            self.bridge.trainer = None
+            self.bridge._optimizer = None
+        trainer.callback_handler.callbacks.clear()  # the bridge's callback and ours point back here
+        trainer.model_wrapped = trainer.model
+        trainer.optimizer = trainer.lr_scheduler = None
+        if getattr(trainer, "accelerator", None) is not None:
+            trainer.accelerator.free_memory()  # its _models (the DDP wrapper), optimizers, schedulers
+        self.trainer = None
 
     def _summary(self, final: dict, wall_s: float) -> dict:
         final_eval_loss = final.get("eval_loss", math.nan)

@@ -13,6 +13,7 @@ of them `failed`, before rank 0 can journal it `running` (the race, made determi
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from selfsteer.trainer_bridge.recipe import load_recipe
-from selfsteer.trainer_bridge.runner import RecipeRun
+from selfsteer.trainer_bridge.runner import RecipeRun, exit_now
 from selfsteer.trainer_bridge.store import Store
 from selfsteer.trainer_bridge.testing import LrRecorder
 
@@ -113,4 +114,8 @@ def main(folder: Path, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a fatal signal in teardown prints every thread's stack in the test's log
     main(Path(sys.argv[1]), sys.argv[2:])
+    # The process group is gone (run.close()); nothing is left for interpreter finalization to tear
+    # down in an order of its own.
+    exit_now(0)
