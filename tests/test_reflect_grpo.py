@@ -59,12 +59,15 @@ def rows():
     ]
 
 
-def pass_fail_reward(outcomes: list[bool], seen: dict):
+def pass_fail_reward(steps: list[list[bool]], seen: dict):
     """The real reward (`reflection_reward`: 1 when the retry passes the validator, else 0) with retries
-    scripted per position in the group: outcomes[i] says whether reflection i's retry is the solution."""
+    scripted per step and position in the group: steps[k][i] says whether reflection i's retry is the
+    solution in the k-th reward call (one per optimizer step)."""
     real_reward = reflection_reward([PROBLEM])
 
     def reward(reflections, columns, generate):
+        outcomes = steps[len(seen.setdefault("rewards_per_step", []))]
+
         def retries(conversations):
             seen["conversations"] = conversations
             seen["policy_retries"] = generate(conversations)  # the policy's own retries, generated too
@@ -72,25 +75,31 @@ def pass_fail_reward(outcomes: list[bool], seen: dict):
 
         rewards = real_reward(reflections, columns, retries)
         seen["reflections"], seen["rewards"] = list(reflections), list(rewards)
+        seen["rewards_per_step"].append(list(rewards))
         return rewards
 
     return reward
 
 
-def one_step(model: str, tmp_path, outcomes: list[bool], engine_factory=None, **overrides):
+def train_steps(model: str, tmp_path, steps: list[list[bool]], engine_factory=None, **overrides):
+    """Train one optimizer step per entry of `steps` (each one group's scripted retry outcomes)."""
     from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
     config = ReflectionGRPOConfig(
-        model=model, output_dir=str(tmp_path / "grpo"), num_generations=len(outcomes), max_steps=1,
+        model=model, output_dir=str(tmp_path / "grpo"), num_generations=len(steps[0]), max_steps=len(steps),
         max_completion_length=16, max_retry_tokens=8, learning_rate=1e-4, save_steps=1000, use_cpu=True,
         **overrides,
     )  # fmt: skip
     seen: dict = {}
-    trainer = build_trainer(config, rows(), pass_fail_reward(outcomes, seen), engine_factory=engine_factory)
+    trainer = build_trainer(config, rows(), pass_fail_reward(steps, seen), engine_factory=engine_factory)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
     return trainer, seen, changed
+
+
+def one_step(model: str, tmp_path, outcomes: list[bool], engine_factory=None, **overrides):
+    return train_steps(model, tmp_path, [outcomes], engine_factory, **overrides)
 
 
 def test_a_pass_fail_reward_alone_moves_the_weights(model_dir, tmp_path):
@@ -135,6 +144,38 @@ def test_a_group_that_all_fails_leaves_the_weights_alone(tiny_model_dir, tmp_pat
     assert changed == [] and trainer.skipped_batches == 0
     trainer, seen, changed = one_step(tiny_model_dir, tmp_path / "mixed", [False, True])
     assert seen["rewards"] == [0.0, 1.0] and changed and trainer.skipped_batches == 0
+
+
+def test_a_skipped_step_leaves_the_optimizer_where_trls_zero_loss_does(tiny_model_dir, tmp_path):
+    """The skip is a pure speed-up past the first step too: a zero-advantage step, then a mixed one,
+    end with the same weights and the same AdamW state (step counts, moments) with the skip as with
+    TRL's own zero loss. Weight decay makes the zero-gradient step itself move the weights."""
+    trainers = {}
+    for skip in (True, False):
+        trainer, seen, _ = train_steps(
+            tiny_model_dir, tmp_path / f"skip-{skip}", [[False, False], [False, True]],
+            skip_zero_advantage=skip, weight_decay=0.1,
+        )  # fmt: skip
+        assert seen["rewards_per_step"] == [[0.0, 0.0], [0.0, 1.0]]
+        trainers[skip] = trainer
+    skipped, full = trainers[True], trainers[False]
+    assert skipped.skipped_batches == 1 and full.skipped_batches == 0
+    # The second step's gradient is only comparable if both runs sampled the same reflections.
+    assert torch.equal(skipped.last_batch["completion_ids"], full.last_batch["completion_ids"])
+
+    tight = {"rtol": 1e-6, "atol": 1e-9}
+    for (name, weight), (_, reference) in zip(
+        skipped.model.named_parameters(), full.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(weight, reference, **tight, msg=lambda m, name=name: f"{name}: {m}")
+    state, reference_state = skipped.optimizer.state_dict()["state"], full.optimizer.state_dict()["state"]
+    assert state.keys() == reference_state.keys()
+    for index, entry in reference_state.items():
+        assert state[index].keys() == entry.keys()
+        for key, value in entry.items():
+            torch.testing.assert_close(
+                state[index][key], value, **tight, msg=lambda m, at=(index, key): f"state {at}: {m}"
+            )
 
 
 def test_engine_rollouts_decode_reflections_and_retries_with_the_model_being_trained(

@@ -75,7 +75,9 @@ class ReflectionGRPOConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "Skip the forward and backward pass of a batch whose advantages are all zero: with beta "
-            "0 its gradient is exactly zero, so nothing changes but the time it takes."
+            "0 its gradient is exactly zero, so every trainable weight gets an explicit zero gradient "
+            "instead and the optimizer steps exactly as on TRL's zero loss (weight decay, AdamW's step "
+            "count and moments included); nothing changes but the time it takes."
         },
     )
 
@@ -150,7 +152,9 @@ def _trainer_class():
     class ReflectionGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that checks, on every batch, that the loss covers the reflection tokens only,
         and keeps the last batch's tensors (`last_batch`) for inspection; and that skips the forward
-        and backward pass of a batch whose advantages are all zero (`skipped_batches` counts them)."""
+        and backward pass of a batch whose advantages are all zero (`skipped_batches` counts them),
+        giving every trainable weight the zero gradient TRL's loss would, so the optimizer step that
+        follows (AdamW's state, weight decay) is the one TRL takes."""
 
         last_batch: dict | None = None
         skipped_batches: int = 0
@@ -158,12 +162,14 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # With no KL term (beta 0), every advantage zero (each group's reflections all earned the
-            # same reward) makes TRL's loss exactly 0 with exactly zero gradient: the pass changes no
-            # weight and is skipped. The optimizer still steps, on that same zero gradient.
+            # same reward) makes TRL's loss exactly 0 with an exactly zero gradient on every trainable
+            # weight: the pass itself is skipped. The optimizer must still step as it would on TRL's
+            # loss, and AdamW leaves a parameter whose .grad is None untouched (no step count, no
+            # moment decay, no weight decay), so the stand-in loss reaches every trainable parameter,
+            # giving each one the same explicit zero gradient TRL's loss would.
             if self.skip_zero_advantage and self.beta == 0.0 and not bool(inputs["advantages"].any()):
                 self.skipped_batches += 1
-                anchor = next(p for p in model.parameters() if p.requires_grad)
-                return anchor.reshape(-1)[0] * 0.0
+                return sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _generate_and_score_completions(self, inputs):
