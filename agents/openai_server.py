@@ -56,7 +56,7 @@ from selfsteer.agents.local_chat import (
     tool_spec,
 )
 from selfsteer.agents.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
-from selfsteer.trainer_bridge.net import bind, token_matches
+from selfsteer.trainer_bridge.net import LoopbackGuard, bind, token_matches
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
@@ -471,6 +471,12 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+def _guard_error(status: int, message: str) -> dict:
+    """`net.LoopbackGuard`'s refusals in OpenAI's form."""
+    code = "misdirected_request" if status == 421 else "forbidden_origin"
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+
+
 def _param_of(loc) -> str | None:
     """The request field a validation error is about (`messages.0.role`), without pydantic's names of
     the union member it tried (`stop.str`, `content.list[TextPart]`)."""
@@ -668,11 +674,14 @@ def create_app(
     api_key: str | None = None,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    origins: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """The FastAPI app. engine: a `LocalEngine`; None loads the embedded one at startup.
     api_key: when set, every request must carry `Authorization: Bearer API_KEY`.
     max_tokens_cap: the most tokens one answer may ask for (more: 400), and the default.
-    max_body_bytes: the largest request body (more: 413)."""
+    max_body_bytes: the largest request body (more: 413).
+    origins: where it is served (`net.bind`'s list); none: on loopback. A loopback server refuses a
+    foreign Host or Origin (`net.LoopbackGuard`)."""
     if max_tokens_cap < 1:
         raise ValueError("max_tokens_cap must be at least 1")
 
@@ -691,6 +700,8 @@ def create_app(
     )
     app.state.engine = engine
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    # Outermost: another site's page reaching the model through the browser gets nothing from it.
+    app.add_middleware(LoopbackGuard, origins=list(origins), error=_guard_error)
     _install_error_handlers(app)
     authorized = [Depends(_bearer_check(api_key))] if api_key is not None else []
     auth_errors = (401,) if api_key is not None else ()
@@ -992,11 +1003,11 @@ def serve(
 
     from selfsteer.agents.local_llm import get_local_engine
 
-    sock, _, _ = bind(host, port)
+    sock, _, origins = bind(host, port)
     port = sock.getsockname()[1]  # port 0 picks a free one
     print("loading the embedded model ...", flush=True)
     engine = get_local_engine(adapter)  # before serving: the first request must not wait for the load
-    app = create_app(engine, api_key=api_key, max_tokens_cap=max_tokens_cap)
+    app = create_app(engine, api_key=api_key, max_tokens_cap=max_tokens_cap, origins=origins)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -81,7 +81,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfsteer.trainer_bridge.commands import CommandRegistry, InvalidCommand, dump_args
-from selfsteer.trainer_bridge.net import BearerAuth, bind, is_loopback
+from selfsteer.trainer_bridge.net import BearerAuth, LoopbackGuard, bind, is_loopback
 from selfsteer.trainer_bridge.records import (
     COMMAND_STATUSES,
     Accepted,
@@ -538,9 +538,10 @@ def _base_app(
     lifespan=None,
     static_dir: pathlib.Path | None = None,
 ) -> FastAPI:
-    """What every selfsteer server has: CORS to its own origin, the token, the body limit, the error
-    forms, the dashboard's files from `static_dir` (its `index.html` at `/`, its `assets/`; None, or a
-    folder without `index.html`: a page saying how to build the dashboard)."""
+    """What every selfsteer server has: CORS to its own origin, the token, a loopback server's Host and
+    Origin checks (`net.LoopbackGuard`), the body limit, the error forms, the dashboard's files from
+    `static_dir` (its `index.html` at `/`, its `assets/`; None, or a folder without `index.html`: a page
+    saying how to build the dashboard)."""
     responses: dict = {}
     dependencies = []
     if token is not None:
@@ -559,7 +560,9 @@ def _base_app(
         CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"]
     )
     app.add_middleware(BearerAuth, token=token)
-    app.add_middleware(BodyLimit)  # outermost: a large body is refused before anything reads it
+    app.add_middleware(BodyLimit)  # a large body is refused before anything reads it
+    # Outermost: a request another site's page forged is refused before anything else looks at it.
+    app.add_middleware(LoopbackGuard, origins=origins)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
