@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -279,6 +280,19 @@ def _mostly_repeated(tokens: list[int]) -> bool:
     return len(set(grams)) < LOOP_MIN_DISTINCT * len(grams)
 
 
+# Engines whose worker may still run. Weak: `atexit.register(engine.close)` held every engine (and its
+# model) until the process ended, so each reload or forget_local_engine leaked a model.
+_live_engines: weakref.WeakSet[LocalEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """Stop the workers before the interpreter tears down torch under them (which aborts the
+    process): whatever is still generating then has nobody to read it."""
+    for engine in list(_live_engines):
+        engine.close(cancel=True, reason="the process is exiting")
+
+
 class LocalEngine:
     """Owns the model on one worker thread; thread-safe; concurrent requests share forward passes.
 
@@ -340,9 +354,7 @@ class LocalEngine:
         self._abort_reason: str | None = None
         self._worker = threading.Thread(target=self._serve, name="selfsteer-llm", daemon=True)
         self._worker.start()
-        # Stop the worker before the interpreter tears down torch under it (which aborts the process):
-        # whatever is still generating then has nobody to read it.
-        atexit.register(self.close, cancel=True, reason="the process is exiting")
+        _live_engines.add(self)
 
     def close(
         self, timeout: float = 5.0, *, cancel: bool = False, reason: str = "the engine is closed"
@@ -358,6 +370,11 @@ class LocalEngine:
             self._worker.join(timeout)
 
     # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted that the worker has not taken in yet (it takes them between steps)."""
+        return self._queue.qsize()
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return list(

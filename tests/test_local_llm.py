@@ -2,7 +2,9 @@
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
+import weakref
 from typing import Literal
 
 import pytest
@@ -162,6 +164,20 @@ def test_engine_calls_time_out_instead_of_hanging(model):
             max_new_tokens=200,
             timeout=0.01,
         )
+
+
+def test_a_forgotten_engine_is_freed(model, monkeypatch, tmp_path):
+    # Before the fix atexit held every engine's close, and so the engine and its model, until exit.
+    shared = model.engine  # new engines on the same weights: no load
+    closed = local_llm.LocalEngine(shared.model, shared.tokenizer)
+    closed.close()
+    forgotten = local_llm.LocalEngine(shared.model, shared.tokenizer)
+    monkeypatch.setitem(local_llm._engines, local_llm._engine_key(tmp_path), forgotten)
+    local_llm.forget_local_engine(tmp_path)
+    refs = [weakref.ref(closed), weakref.ref(forgotten)]
+    del closed, forgotten
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
 
 
 def test_missing_model_file_says_how_to_install(monkeypatch):
