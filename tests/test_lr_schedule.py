@@ -130,6 +130,34 @@ def test_scale_during_warm_up_moves_the_peak(tmp_path):
     assert peaks["constant"] == pytest.approx((0.01, 0.01, 0.01, 5))
 
 
+def test_a_scale_that_lifts_the_peak_above_the_lr_bound_is_refused(tmp_path):
+    """0.5 at step 4 of a 10-step warm-up towards 0.003 (the schedule gives 0.0012 there) would warm up
+    on to 1.25, above the lr bound (1): the server refuses it (422, nothing queued). A command it could
+    not check (journaled before the optimizer existed; here straight into the store) fails when applied,
+    the lr untouched. 0.5 a step later (a peak of the bound itself) is taken."""
+    with LiveRun(tmp_path, overrides("cosine", 10), gates=[4, 5]) as live:
+        live.gate.wait(4)
+        with pytest.raises(BridgeHTTPError) as refused:
+            live.client.set_lr(0.5)
+        assert refused.value.status_code == 422 and "above the lr bound" in str(refused.value)
+        assert live.client.commands() == []  # nothing was queued
+        with Store(live.db) as store:
+            unchecked = store.add_command(
+                live.run.run_id, "set_optimizer", {"lr": 0.5, "schedule": "scale"}, "test"
+            )
+        live.gate.release(4)
+        live.gate.wait(5)
+        taken = live.client.set_lr(0.5)["uuid"]  # the schedule gives 0.0015 here: a peak of 1
+        live.gate.release(5)
+        live.join()
+        failed, applied = live.client.command(unchecked["uuid"]), live.client.command(taken)
+    assert failed["status"] == "failed" and failed["step"] == 4 and "above the lr bound" in failed["error"]
+    used = live.recorder.lr
+    assert used[5] == pytest.approx(scheduled("cosine", 10, 5), rel=1e-9)  # the schedule went on as it was
+    assert applied["status"] == "success" and applied["result"]["schedule"]["peak_lr"] == pytest.approx(1.0)
+    assert max(used.values()) == pytest.approx(1.0)
+
+
 def test_scale_at_the_start_of_a_warm_up_sets_the_peak(tmp_path):
     """At step 0 of a warm-up the schedule gives 0: no factor leads there to 0.01, so 0.01 becomes the
     schedule's base (its peak), as if the run had started with it; the journal says the lr is 0 now."""

@@ -36,6 +36,9 @@ def _check_optimizer(bridge: Bridge, args: SetOptimizerArgs) -> None:
     # Before training starts there is no optimizer to check against; the apply step checks again.
     if bridge._optimizer is not None:
         optim.check_args(bridge._optimizer, args)
+    scheduler = bridge._schedule[0]() if bridge._schedule is not None else None
+    if scheduler is not None:
+        optim.check_peak(scheduler, args, bridge._schedule[1])
 
 
 @command(
@@ -44,7 +47,8 @@ def _check_optimizer(bridge: Bridge, args: SetOptimizerArgs) -> None:
     "Set any of lr, weight_decay, betas, eps, momentum. An lr sticks through the LR schedule: schedule "
     "'scale' (default) multiplies the rest of the schedule by new/current, so the next step uses the new "
     "value and a warm-up or decay keeps its shape around it (a warm-up's peak moves by the same factor); "
-    "'constant' holds the lr at the new value from then on.",
+    "'constant' holds the lr at the new value from then on. A 'scale' that would lift the rest of the "
+    "schedule above the lr bound (during a warm-up: its peak) is refused.",
     check=_check_optimizer,
 )
 def set_optimizer(ctx: StepContext, args: SetOptimizerArgs) -> dict:
@@ -53,7 +57,7 @@ def set_optimizer(ctx: StepContext, args: SetOptimizerArgs) -> dict:
     the rest of the run and the first step that uses it (absent when the scheduler cannot say)."""
     groups = ctx.bridge.decay_groups(ctx)
     before = optim.hparams(ctx.optimizer, groups) if ctx.optimizer is not None else {}
-    lr_info = optim.apply(ctx.optimizer, ctx.lr_scheduler, args, groups)
+    lr_info = optim.apply(ctx.optimizer, ctx.lr_scheduler, args, groups, ctx.state.max_steps - ctx.step)
     result = {"before": before, "after": optim.hparams(ctx.optimizer, groups)}
     if lr_info is not None:
         ahead = optim.peak_ahead(ctx.lr_scheduler, ctx.state.max_steps - ctx.step)

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from selfsteer.trainer_bridge.commands import CommandError, InvalidCommand, SetOptimizerArgs
+from selfsteer.trainer_bridge.commands import LR_BOUNDS, CommandError, InvalidCommand, SetOptimizerArgs
 
 HPARAMS = ("lr", "weight_decay", "betas", "eps", "momentum")
 
@@ -134,6 +134,30 @@ def peak_ahead(scheduler: Any, steps: int) -> tuple[float, int] | None:
     return peak, -earliest
 
 
+def check_peak(
+    scheduler: Any, args: SetOptimizerArgs, steps: int, error: type[Exception] = InvalidCommand
+) -> None:
+    """Refuses an lr whose "scale" would lift the rest of the schedule (within the next `steps` optimizer
+    steps) above the lr bound: the new lr itself is inside it, but during a warm-up the peak to come moves
+    by the same factor (0.5 at step 4 of a 10-step warm-up towards 0.003 is a peak of 1.25)."""
+    if args.lr is None or args.schedule != "scale":
+        return
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    if not isinstance(inner, LambdaLR):
+        return  # no schedule ahead to lift: the groups' lr is the new one
+    now = _scheduled_lrs(inner, inner.last_epoch)[0]
+    ahead = peak_ahead(scheduler, steps)
+    if now <= 0 or ahead is None:
+        return  # at 0 the new lr becomes the schedule's base, its peak: inside the bound
+    peak, high = ahead[0] * args.lr / now, LR_BOUNDS[1]
+    if peak > high * (1 + 1e-9):  # not a rounding of a peak that is the new lr itself
+        raise error(
+            f"lr {args.lr:g} with schedule 'scale' multiplies the rest of the schedule by {args.lr / now:g}: "
+            f"the peak ahead ({ahead[1] + 1} steps on) would be {peak:.4g}, above the lr bound {high:g}; send a "
+            f"smaller lr (at most {args.lr * high / peak:.4g}), or schedule 'constant'"
+        )
+
+
 def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -> dict:
     """Sets the lr from the next optimizer step on (see the module docstring for what "scale" and
     "constant" mean). Returns what it did: `mode`, `lr` (what the next step uses), `factor` (scale) and
@@ -200,11 +224,16 @@ def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -
     return info
 
 
-def apply(optimizer: Any, scheduler: Any, args: SetOptimizerArgs, decay_groups: list[int]) -> dict | None:
-    """Applies the args; returns what `set_lr` did when they set the lr."""
+def apply(
+    optimizer: Any, scheduler: Any, args: SetOptimizerArgs, decay_groups: list[int], steps: int
+) -> dict | None:
+    """Applies the args (`steps`: the optimizer steps left in the run); returns what `set_lr` did when
+    they set the lr. Nothing is changed when any of them is refused."""
     if optimizer is None:
         raise CommandError("the optimizer does not exist yet (training has not started)")
     check_args(optimizer, args, CommandError)
+    # Again here: the server could not check a command sent before the optimizer existed.
+    check_peak(scheduler, args, steps, CommandError)
     lr_info = set_lr(optimizer, scheduler, args.lr, args.schedule) if args.lr is not None else None
     for i, group in enumerate(optimizer.param_groups):
         # Groups without decay (biases, norms) keep theirs: the Trainer put them there on purpose.
