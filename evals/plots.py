@@ -20,8 +20,10 @@ def _series(store, run_id: str, name: str) -> tuple[list[int], list[float]]:
 
 
 def plot_run(store, run_id: str, path: str | Path, title: str | None = None) -> Path:
-    """Train and eval loss (top) and learning rate (bottom, log scale), decisions as markers:
-    a red up-triangle for double, a blue down-triangle for halve, a grey dot for keep."""
+    """Train and eval loss (top) and learning rate (bottom, log scale), decisions as markers where
+    they took effect (`applied_step`): a red up-triangle for double, a blue down-triangle for halve, a
+    grey dot for keep; a dotted line joins each to the step where it was observed, when that differs
+    (a supervisor that does not hold the run acts later than it looked)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 2])
     steps, train = _series(store, run_id, "loss")
     top.plot(steps, train, color="tab:orange", alpha=0.5, linewidth=0.8, label="train loss")
@@ -35,10 +37,15 @@ def plot_run(store, run_id: str, path: str | Path, title: str | None = None) -> 
     bottom.set_xlabel("step")
     for decision in store.list_decisions(run_id):
         marker, color = MARKERS.get(decision["action"], ("x", "black"))
+        observed = decision["step"]
+        applied = decision["applied_step"] if decision.get("applied_step") is not None else observed
         for axis in (top, bottom):
-            axis.axvline(decision["step"], color=color, alpha=0.15, linewidth=1)
+            axis.axvline(applied, color=color, alpha=0.15, linewidth=1)
         if decision.get("lr_after"):
-            bottom.plot([decision["step"]], [decision["lr_after"]], marker, color=color, markersize=8)
+            if applied != observed:
+                bottom.plot([observed, applied], [decision["lr_after"]] * 2, ":", color=color, linewidth=1)
+                bottom.plot([observed], [decision["lr_after"]], "|", color=color, markersize=8)
+            bottom.plot([applied], [decision["lr_after"]], marker, color=color, markersize=8)
     handles = [plt.Line2D([], [], marker=m, color=c, linestyle="", label=a) for a, (m, c) in MARKERS.items()]
     top.legend(loc="upper right")
     bottom.legend(handles=[*bottom.get_legend_handles_labels()[0], *handles], loc="upper right", fontsize=8)

@@ -28,6 +28,7 @@ too, so a decision recorded before the crash is reused as it was, never asked fo
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from uuid import uuid4
 
 import httpx
 from langchain_core.runnables import RunnableConfig
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
@@ -56,6 +58,7 @@ class SupervisionState(TypedDict, total=False):
     step: int  # the step of the latest observation
     lr: float
     observed_eval_step: int  # the step of the latest eval loss seen
+    observations: int  # observations made so far: names the pause and resume around each
     observation: dict
     decision: dict
     decision_id: int | None
@@ -70,6 +73,7 @@ class SupervisionState(TypedDict, total=False):
     reverts: int  # failures set back without a rollback (over the budget of extra steps)
     extra_steps: int  # steps trained on branches that were abandoned
     rolled_back: bool  # the last check rolled the run back: observe again before deciding
+    awaiting_verdict: bool  # the last check found no evaluation after the change took effect yet
 
 
 @dataclass
@@ -150,11 +154,13 @@ def build_supervision_graph(
             and not trained_out
             and iteration < state.get("max_iterations", 100)
         )
+        observations = state.get("observations", 0) + 1
         if pause_while_deciding and deciding:
-            # Held from here to the action, so the decision is about the state it acts on.
-            pause_key = key(run_state.get("run_id", ""), config, "pause", iteration + 1)
+            # Held from here to the action (or to a check that has no verdict yet), so the decision is
+            # about the state it acts on.
+            pause_key = key(run_state.get("run_id", ""), config, "pause", observations)
             if not _run_over(lambda: tools.pause(pause_key)):
-                return {"finished": True}
+                return {"finished": True, "observations": observations}
             run_state = tools.read_state()
         # Only the history of the weights now training: not a branch the run forked away from.
         rows = tools.read_lineage(run_state.get("branch") or "main")
@@ -174,7 +180,15 @@ def build_supervision_graph(
             "observation": observation.to_dict(),
             "observed_eval_step": observation.eval_loss[-1][0] if observation.eval_loss else 0,
             "finished": run_state.get("phase") in FINISHED_PHASES or trained_out,
+            "observations": observations,
         }
+
+    def release(state: SupervisionState, config: RunnableConfig) -> bool:
+        """Resumes a run held since this observation; False when the run has ended meanwhile."""
+        if not pause_while_deciding:
+            return True
+        resume_key = key(state["run_id"], config, "resume", state.get("observations", 0))
+        return _run_over(lambda: tools.resume(resume_key))
 
     def decide(state: SupervisionState, config: RunnableConfig) -> dict:
         iteration = state.get("iteration", 0) + 1
@@ -188,7 +202,15 @@ def build_supervision_graph(
         if self_correct is not None:
             observation.reflections = lessons(state)
             observation.avoid = list(avoid)
-        decision = supervisor.decide(observation)
+        try:
+            decision = supervisor.decide(observation)
+        except GraphBubbleUp:  # an interrupt (a person's turn): LangGraph's control flow, not a failure
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of a plug-in: the run must go on
+            # Journaled as a fallback keep, so the run (held or not) goes on with its settings and the
+            # record says why; the next evaluation asks again.
+            explanation = f"the supervisor failed ({type(error).__name__}: {error}); keeping the current settings"
+            decision = Decision("keep", explanation[:4000], fallback=True)
         if decision.action in avoid:  # rules and custom supervisors may not know they cannot
             decision = Decision(
                 "keep",
@@ -257,6 +279,10 @@ def build_supervision_graph(
                 lr_key = key(state["run_id"], config, "lr", iteration)
                 row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
                 update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
+                if "pending_check" in update:
+                    update["pending_check"]["command_uuid"] = row["uuid"]
+                if state.get("decision_id") is not None:  # its applied_step: the step this command takes effect
+                    tools.client.update_decision(state["decision_id"], DecisionUpdate(command=row["uuid"]))
             elif self_correct is not None:
                 update["pending_check"] = None
         except BridgeHTTPError as error:
@@ -265,8 +291,7 @@ def build_supervision_graph(
             update["finished"] = True  # the run ended while we were deciding
         finally:
             # Whatever happened, a run paused for this decision goes on: it is never left waiting.
-            resume_key = key(state["run_id"], config, "resume", iteration)
-            if pause_while_deciding and not _run_over(lambda: tools.resume(resume_key)):
+            if not release(state, config):
                 update["finished"] = True
         return update
 
@@ -274,20 +299,38 @@ def build_supervision_graph(
         """Judge the last lr change; on a failure reflect, then roll back (or set the lr back)."""
         pending = state["pending_check"]
         decided, now = Observation(**pending["observation"]), Observation(**state["observation"])
-        loss_before = decided.losses[-1][1] if decided.losses else math.nan
-        verdict = judge(loss_before, pending["step"], now, self_correct.margin)
-        if verdict is None:  # no evaluation since: judged at a later observation
-            return {}
+        # Judged only by an evaluation after the change took effect: a supervisor that does not hold
+        # the run acts tens of steps after it observed, and evaluations in between saw the old lr.
+        command = tools.client.command(pending["command_uuid"]) if pending.get("command_uuid") else None
+        if command is not None and command["status"] == "failed":  # never took effect: nothing to judge
+            return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
+        applied_step = command["step"] if command is not None and command["status"] == "success" else None
+        verdict = None
+        if applied_step is not None or command is None:
+            took_effect = pending["step"] if applied_step is None else applied_step
+            # The loss it is held to: the latest evaluation before it took effect (the decision saw
+            # the one at its own step; the run may have moved on since).
+            before = [v for s, v in now.eval_loss if pending["step"] <= s <= took_effect]
+            loss_before = before[-1] if before else (decided.losses[-1][1] if decided.losses else math.nan)
+            verdict = judge(loss_before, took_effect, now, self_correct.margin)
+        if verdict is None:  # not applied yet, or no evaluation since: judged at a later observation
+            if not release(state, config):
+                return {"finished": True, "rolled_back": False, "awaiting_verdict": True}
+            return {"rolled_back": False, "awaiting_verdict": True}
         if not verdict.failed:
-            return {"pending_check": None, "rolled_back": False}
+            return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
         action, iteration = pending["action"], pending["iteration"]
         facts = factual_reflection(
             action, pending["lr_before"], pending["lr_after"], pending["step"], verdict
         )
-        reflection = supervisor.reflect(decided, action, facts)
-        spent = state["step"] - pending["step"]
-        budget = self_correct.max_extra_steps * (state.get("max_steps") or 0)
+        try:
+            reflection = supervisor.reflect(decided, action, facts)
+        except Exception:  # noqa: BLE001 - a plug-in's failure: the facts are a reflection too
+            reflection = facts
         point = tools.client.command(pending["checkpoint_uuid"])
+        # The steps a rollback abandons: everything trained since the rollback point was saved.
+        spent = state["step"] - (point["step"] if point.get("step") is not None else pending["step"])
+        budget = self_correct.max_extra_steps * (state.get("max_steps") or 0)
         update: dict = {
             "pending_check": None,
             "decision_id": None,  # its outcome is written here, once
@@ -295,6 +338,7 @@ def build_supervision_graph(
             "avoid": [*pending["avoided"], action],
             "retry_of": pending["decision_id"],
             "rolled_back": False,
+            "awaiting_verdict": False,
         }
         outcome = {
             **_outcome({"observation": pending["observation"], "step": pending["step"]}, now),
@@ -305,7 +349,10 @@ def build_supervision_graph(
         loaded = None
         if point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
             branch = f"retry-{iteration}"
-            loaded = tools.load_checkpoint(pending["checkpoint"], branch)  # waits until the run has it
+            # Under a key: a supervisor that dies in this node and comes back rolls back once, not twice.
+            rollback_key = key(state["run_id"], config, "load-rollback", iteration)
+            sent = tools.client.load_checkpoint(pending["checkpoint"], branch, idempotency_key=rollback_key)
+            loaded = tools.client.wait(sent["uuid"], timeout=tools.wait_s)  # until the run has it
             why = f"the rollback failed: {loaded.get('error')}"
         if loaded is not None and loaded["status"] == "success":
             outcome |= {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
@@ -335,7 +382,8 @@ def build_supervision_graph(
     def wait(state: SupervisionState) -> dict:
         """Until a newer evaluation, `every_steps` more steps, or the end of the run."""
         deadline = time.monotonic() + wait_timeout_s
-        every = state.get("every_steps", 0)
+        # A change awaiting its verdict needs an evaluation: more steps alone would only check again.
+        every = 0 if state.get("awaiting_verdict") else state.get("every_steps", 0)
         while time.monotonic() < deadline:
             if stop_event is not None and stop_event.is_set():
                 return {"finished": True}
@@ -358,6 +406,11 @@ def build_supervision_graph(
         return "check" if state.get("pending_check") else "decide"
 
     def after_check(state: SupervisionState) -> str:
+        if state.get("finished"):
+            return END
+        # No verdict yet: no new decision over an unjudged one; wait for the evaluation that judges it.
+        if state.get("awaiting_verdict"):
+            return "wait"
         # Rolled back: the run is at the rollback point now, so look again before deciding again.
         return "observe" if state.get("rolled_back") else "decide"
 
@@ -375,7 +428,7 @@ def build_supervision_graph(
     )
     if self_correct is not None:
         graph.add_node("check", check)
-        graph.add_conditional_edges("check", after_check, ["observe", "decide"])
+        graph.add_conditional_edges("check", after_check, ["observe", "decide", "wait", END])
     graph.add_edge("decide", "act")
     graph.add_edge("act", "wait")
     graph.add_conditional_edges("wait", after_wait, ["observe", END])
@@ -420,8 +473,9 @@ def run_supervision(
                 pause_while_deciding=pause_while_deciding, self_correct=self_correct, on_decision=on_decision,
             )  # fmt: skip
             # Each decision takes at most six steps of the graph (wait, observe, check, observe after a
-            # rollback, decide, act).
-            config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 6 * max_iterations + 10}
+            # rollback, decide, act), plus three (wait, observe, check) for each evaluation that comes
+            # before its change took effect: allow for a few of those. The cap is max_iterations.
+            config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 15 * max_iterations + 30}
             resuming = graph.get_state(config).next
             start = None if resuming else {"max_iterations": max_iterations, "every_steps": every_steps}
             try:
@@ -433,7 +487,30 @@ def run_supervision(
                 if stop_event is None or not stop_event.is_set():
                     raise
                 result = {"finished": True}  # the run ended and took its server with it
+            except Exception as error:
+                give_the_run_back(tools, supervisor, error, held=pause_while_deciding)
+                raise
             return result
+
+
+def give_the_run_back(tools: BridgeTools, supervisor: Supervisor, error: Exception, held: bool) -> None:
+    """A supervisor that crashed leaves the run as it found it, running: a run it held is resumed, and
+    the crash is journaled as a fallback decision to keep, so the record says why nothing more came.
+    Best effort: the run may be gone too."""
+    try:
+        if held:
+            tools.resume()
+        state = tools.read_state()
+        if state.get("run_id") and state.get("phase") not in FINISHED_PHASES:
+            explanation = f"the supervisor crashed ({type(error).__name__}: {error}); the run goes on with its settings"
+            lr = _current_lr(state, [])
+            tools.client.record_decision(NewDecision(
+                step=int(state.get("step") or 0), agent=supervisor.name, action="keep",
+                explanation=explanation[:4000], strategy=supervisor.strategy, model=supervisor.model,
+                lr_before=lr or None, lr_after=lr or None, fallback=True,
+            ))  # fmt: skip
+    except (httpx.HTTPError, BridgeHTTPError, TimeoutError) as failure:
+        print(f"[selfsteer] could not give the run back after the supervisor crashed: {failure}", file=sys.stderr)
 
 
 def ask_on_terminal(question: dict) -> dict:

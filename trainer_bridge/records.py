@@ -208,6 +208,12 @@ class Decision(DecisionFields):
     outcome: Any = Field(default=None, description="how the eval loss moved by the next observation")
     rolled_back: bool = Field(default=False, description="judged a failure at the next evaluation and rolled back")
     reflection: str | None = Field(default=None, description="why it failed, by the supervisor itself")
+    command: str | None = Field(default=None, description="uuid of the command that carried it out (none: keep)")
+    applied_step: int | None = Field(
+        default=None,
+        description="the step its command took effect (null: nothing sent, or not applied); `step` is "
+        "where it was observed",
+    )
 
 
 class DecisionUpdate(Record):
@@ -219,6 +225,10 @@ class DecisionUpdate(Record):
     outcome: JsonObject | None = None
     reflection: str | None = Field(default=None, min_length=1, max_length=4000)
     rolled_back: StrictBool | None = None
+    command: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="uuid of this run's command that carries the decision out",
+    )  # fmt: skip
 
 
 class NewEpisode(Record):

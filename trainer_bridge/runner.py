@@ -299,7 +299,7 @@ class RecipeRun:
             summary["best_eval_loss"] = min([v for v in evals if not math.isnan(v)] + [final_eval_loss])
             decisions = store.list_decisions(bridge.run_id)
             summary["decisions"] = [
-                {k: d[k] for k in ("step", "action", "lr_before", "lr_after", "explanation", "rolled_back")}
+                {k: d[k] for k in ("step", "applied_step", "action", "lr_before", "lr_after", "explanation", "rolled_back")}
                 for d in decisions
             ]
             failed = [d for d in decisions if d["reflection"] is not None]  # judged failures (self-correction)

@@ -733,6 +733,11 @@ def create_app(
         found = store.get_decision(decision_id)
         if found is None or found["run_id"] != bridge.run_id:
             raise HTTPException(404, f"no decision {decision_id} in run {bridge.run_id}")
+        if update.command is not None:
+            command = store.get_command(update.command)
+            if command is None or command["run_id"] != bridge.run_id:
+                raise HTTPException(404, f"command: no command {update.command} in run {bridge.run_id}")
+            store.set_decision_command(decision_id, update.command)
         if update.reflection is not None:
             store.set_reflection(decision_id, update.reflection, update.outcome, bool(update.rolled_back))
         elif update.outcome is not None:

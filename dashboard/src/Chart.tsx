@@ -120,10 +120,10 @@ function options(data: ChartData, color: (branch: string) => string, log: boolea
   };
 }
 
-/** Where each decision goes on the plot (CSS px in the overlay): on the curve at its step, whatever its
- * action. A decision follows the evaluation it read, usually a few steps later, so its step often falls
- * between two logged points (or just past the last one): its height is the line's there. Only a chart with
- * no value at all puts it at the bottom. */
+/** Where each decision goes on the plot (CSS px in the overlay): on the curve at the step it took effect
+ * (`applied_step`; the step it was observed at while its command is pending, or when it sent none),
+ * whatever its action. That step often falls between two logged points (or just past the last one): its
+ * height is the line's there. Only a chart with no value at all puts it at the bottom. */
 function placeMarkers(u: uPlot, data: ChartData, decisions: readonly Decision[]): Marker[] {
   const min = u.scales.x?.min;
   const max = u.scales.x?.max;
@@ -132,12 +132,18 @@ function placeMarkers(u: uPlot, data: ChartData, decisions: readonly Decision[])
   const markers: Marker[] = [];
   const lines = linesOf(data);
   for (const decision of decisions) {
-    if (decision.step < min || decision.step > max) continue;
-    const y = curveAt(lines, decision.step);
+    const step = effectStep(decision);
+    if (step < min || step > max) continue;
+    const y = curveAt(lines, step);
     const top = y === null ? height - 8 : Math.min(height - 4, Math.max(4, u.valToPos(y, "y")));
-    markers.push({ decision, left: u.valToPos(decision.step, "x"), top, value: u.posToVal(top, "y") });
+    markers.push({ decision, left: u.valToPos(step, "x"), top, value: u.posToVal(top, "y") });
   }
   return markers;
+}
+
+/** The step a decision took effect, else the step it was observed at. */
+function effectStep(decision: Decision): number {
+  return decision.applied_step ?? decision.step;
 }
 
 /** Each branch's drawn points: the steps where it has a value, and those values (one pass over the data). */
@@ -286,7 +292,8 @@ export function Chart({ name, title, data, color, log = false, decisions, rollba
               className={`marker marker-${m.decision.action}`}
               data-testid="decision-marker"
               data-action={m.decision.action}
-              data-step={m.decision.step}
+              data-step={effectStep(m.decision)}
+              data-observed-step={m.decision.step}
               data-value={Number(m.value.toPrecision(4))}
               style={{ left: m.left, top: m.top }}
               onMouseEnter={(e) => setHover({ decision: m.decision, rect: e.currentTarget.getBoundingClientRect() })}
@@ -330,7 +337,10 @@ function DecisionTooltip({ decision: d, rect }: { decision: Decision; rect: DOMR
     <div className="tooltip" data-testid="decision-tooltip" style={style}>
       <div className="tooltip-head">
         <span className={`glyph marker-${d.action}`}>{glyph(d.action)}</span>
-        <b>{d.action}</b> at step {d.step}
+        <b>{d.action}</b>{" "}
+        {d.applied_step != null && d.applied_step !== d.step
+          ? <>observed at step {d.step}, took effect at step {d.applied_step}</>
+          : <>at step {d.step}</>}
         <span className="muted"> · {d.agent}</span>
         {d.fallback && <span className="flag">fallback</span>}
       </div>

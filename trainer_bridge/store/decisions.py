@@ -37,12 +37,27 @@ class DecisionsMixin(StoreBase):
 
     def get_decision(self, decision_id: int) -> dict | None:
         """The decision with this id, observation included."""
-        return self._read(lambda db: self._get(db, "decisions", decision_id))
+
+        def fn(db: sqlite_utils.Database) -> dict | None:
+            row = self._get(db, "decisions", decision_id)
+            return _with_applied_steps(db, [row])[0] if row is not None else None
+
+        return self._read(fn)
 
     def find_decision(self, run_id: str, key: str) -> dict | None:
         """The decision stored under `key` in this run, if any."""
-        rows = self._read(lambda db: self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1))
+        rows = self._read(
+            lambda db: _with_applied_steps(db, self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1))
+        )
         return rows[0] if rows else None
+
+    def set_decision_command(self, decision_id: int, uuid: str) -> None:
+        """The command that carries the decision out (a decision to keep has none): its step, once
+        applied, is the decision's `applied_step`."""
+        self._update(
+            "decisions", decision_id, {"command": _text(uuid, "command")},
+            f"cannot set the command of decision {decision_id!r}",
+        )  # fmt: skip
 
     def set_decision_outcome(self, decision_id: int, outcome: Any) -> None:
         """What followed the decision (e.g. the loss some steps later), for training better interveners."""
@@ -76,13 +91,13 @@ class DecisionsMixin(StoreBase):
                 where.append(f"{column} = ?")
                 args.append(value)
         return self._read(
-            lambda db: [
+            lambda db: _with_applied_steps(db, [
                 _decode("decisions", row)
                 for row in db["decisions"].rows_where(
                     " AND ".join(where), args, order_by="id DESC", limit=limit
                 )
-            ]
-        )
+            ])
+        )  # fmt: skip
 
     def list_decisions(
         self, run_id: str | None = None, *, after_id: int | None = None, limit: int | None = None
@@ -90,14 +105,29 @@ class DecisionsMixin(StoreBase):
         """Decisions of a run (of all runs when run_id is None) in the order they were made; with
         after_id or limit (paging) in the order of their ids."""
         if after_id is None and limit is None:
-            return self._read(lambda db: self._rows(db, "decisions", {"run_id": run_id}, "created_at, id"))
+            return self._read(
+                lambda db: _with_applied_steps(db, self._rows(db, "decisions", {"run_id": run_id}, "created_at, id"))
+            )
         where, args = ["id > ?"], [_int(after_id or 0, "after_id")]
         if run_id is not None:
             where.append("run_id = ?")
             args.append(run_id)
         return self._read(
-            lambda db: [
+            lambda db: _with_applied_steps(db, [
                 _decode("decisions", row)
                 for row in db["decisions"].rows_where(" AND ".join(where), args, order_by="id", limit=limit)
-            ]
-        )
+            ])
+        )  # fmt: skip
+
+
+def _with_applied_steps(db: sqlite_utils.Database, rows: list[dict]) -> list[dict]:
+    """Each decision with `applied_step`: the step its command took effect, or None (nothing sent, or
+    not applied: pending, or failed). Read from the journal, so it is never out of date."""
+    uuids = sorted({row["command"] for row in rows if row.get("command")})
+    applied: dict[str, int] = {}
+    for start in range(0, len(uuids), 500):  # SQLite's limit on bound parameters
+        chunk = uuids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT uuid, step FROM commands WHERE status = 'success' AND uuid IN ({marks})"
+        applied.update({uuid: step for uuid, step in db.execute(query, chunk).fetchall()})
+    return [{**row, "applied_step": applied.get(row.get("command"))} for row in rows]

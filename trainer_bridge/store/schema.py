@@ -150,9 +150,22 @@ def _v3_self_correction(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v4_decision_command(conn: sqlite3.Connection) -> None:
+    # The command that carried a decision out: its step is where the decision took effect (applied_step),
+    # which for a supervisor that does not hold the run is tens of steps after the step it observed.
+    conn.execute("ALTER TABLE decisions ADD COLUMN command TEXT REFERENCES commands(uuid)")
+
+
+def _v5_run_process_start(conn: sqlite3.Connection) -> None:
+    # A pid alone outlives its process: once the run's process is gone the kernel may give the pid to
+    # another, and the run would look alive forever. The pid with its start time names one process.
+    conn.execute("ALTER TABLE runs ADD COLUMN process_start INTEGER")
+
+
 # Append only. A migration gets a connection inside an open transaction and must not commit.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _v1_initial_schema, _v2_idempotency_and_run_owner, _v3_self_correction,
+    _v1_initial_schema, _v2_idempotency_and_run_owner, _v3_self_correction, _v4_decision_command,
+    _v5_run_process_start,
 ]  # fmt: skip
 
 
