@@ -66,7 +66,7 @@ def paused_off_a_save_step(client: BridgeClient) -> int:
         if (step - 1) % SAVE_STEPS != 0:
             return step
         client.wait(client.resume()["uuid"])
-        wait_for(lambda: client.state()["step"] > step, "a step after the save step")
+        wait_for(lambda step=step: client.state()["step"] > step, "a step after the save step")
 
 
 def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
