@@ -19,7 +19,15 @@ from websockets.sync.client import connect
 
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, make_interactive
 from selfsteer.trainer_bridge.client import BridgeClient
-from selfsteer.trainer_bridge.commands import NoArgs
+from selfsteer.trainer_bridge.commands import (
+    BETA_BOUNDS,
+    EPS_BOUNDS,
+    LR_BOUNDS,
+    MAX_GRAD_NORM_BOUNDS,
+    MOMENTUM_BOUNDS,
+    WEIGHT_DECAY_BOUNDS,
+    NoArgs,
+)
 from selfsteer.trainer_bridge.handlers import default_registry
 from selfsteer.trainer_bridge.recipe import build_workload, load_recipe
 from selfsteer.trainer_bridge.records import NewDecision
@@ -83,6 +91,44 @@ def test_arguments_are_bounded_to_where_training_still_works(idle):
         and "float32" in schema["properties"]["lr"]["description"]
     )
     assert {"required": ["lr"]} in schema["anyOf"]  # at least one setting
+
+
+def _edges(type: str, name: str, bounds: tuple[float, float], wrap=lambda v: v):
+    """Each bound taken, and the float just past it refused."""
+    low, high = bounds
+    inside = [(type, {name: wrap(low)}), (type, {name: wrap(high)})]
+    outside = [
+        (type, {name: wrap(math.nextafter(low, -math.inf))}),
+        (type, {name: wrap(math.nextafter(high, math.inf))}),
+    ]
+    return inside, outside
+
+
+EDGES = [
+    _edges("set_optimizer", "lr", LR_BOUNDS),
+    _edges("set_optimizer", "weight_decay", WEIGHT_DECAY_BOUNDS),
+    _edges("set_optimizer", "eps", EPS_BOUNDS),
+    _edges("set_optimizer", "momentum", MOMENTUM_BOUNDS),  # no optimizer yet to say AdamW has none
+    _edges("set_optimizer", "betas", BETA_BOUNDS, lambda beta: [0.0, beta]),  # beta2 (beta1 0: no floor)
+    _edges("set_optimizer", "betas", BETA_BOUNDS, lambda beta: [beta, BETA_BOUNDS[1]]),  # beta1
+    _edges("set_max_grad_norm", "value", MAX_GRAD_NORM_BOUNDS),
+]
+
+
+@pytest.mark.parametrize(
+    ("accepted", "refused"),
+    EDGES,
+    ids=["lr", "weight_decay", "eps", "momentum", "beta2", "beta1", "max_grad_norm"],
+)
+def test_each_bound_is_in_and_the_next_float_past_it_out(idle, accepted, refused):
+    """The bounds hold to the last float: 1e-8 and 1.0 are lrs, math.nextafter of either outwards is not."""
+    for type, args in refused:
+        response = send(idle.url, {"type": type, "args": args})
+        assert response.status_code == 422, (type, args, response.text)
+    assert BridgeClient(idle.url).commands() == []  # nothing was queued
+    for type, args in accepted:
+        response = send(idle.url, {"type": type, "args": args})
+        assert response.status_code == 200, (type, args, response.text)
 
 
 # -----------------------------------------------------------------------------
