@@ -3,6 +3,7 @@ processes)."""
 
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from selfsteer.trainer_bridge.store import (
     migrate,
     schema,
 )
+from selfsteer.trainer_bridge.store.runs import process_start
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def test_open_creates_parent_dir_uses_wal_and_migrates(tmp_path):
     path = tmp_path / "a" / "b" / "store.sqlite"
     with Store(path) as s:
         assert s.path == path and path.exists()
-        assert s.schema_version == len(MIGRATIONS) == 3
+        assert s.schema_version == len(MIGRATIONS) == 5
         assert s.applied_migrations == len(MIGRATIONS)
     conn = raw(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -561,6 +563,33 @@ def test_migration_is_decided_again_under_the_write_lock(tmp_path):
     [s] = opened
     assert s.applied_migrations == 0 and s.schema_version == len(MIGRATIONS)
     s.close()
+
+
+# -----------------------------------------------------------------------------
+# crashed runs
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason="process start times come from /proc")
+def test_a_run_whose_pid_went_to_another_process_is_recovered_as_crashed(store):
+    """A pid outlives its process: the kernel hands it on. A run whose pid is alive but whose process
+    started at another time is the run of a process that is gone."""
+    alive = store.create_run("alive")  # this process, this start time: alive
+    reused = store.create_run("reused")
+    legacy = store.create_run("legacy")  # from a version of the file without start times
+    started = store.get_run(alive)["process_start"]
+    assert started == process_start(os.getpid())
+    command = store.add_command(reused, "pause", {}, "test")["uuid"]
+    conn = raw(store.path)
+    conn.execute("UPDATE runs SET process_start = ? WHERE id = ?", (started - 1, reused))
+    conn.execute("UPDATE runs SET process_start = NULL WHERE id = ?", (legacy,))
+    conn.close()
+
+    assert store.recover_crashed_runs() == [reused]
+    run = store.get_run(reused)
+    assert run["status"] == "failed" and "now another process's" in run["summary"]["error"]
+    assert store.get_command(command)["status"] == "failed"
+    assert store.get_run(alive)["status"] == store.get_run(legacy)["status"] == "running"
+    assert store.recover_crashed_runs() == []
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -29,6 +30,32 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: alive
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat): with the pid,
+    it names one process, as a pid is handed to a new process once its own is gone. None where there
+    is no /proc (not Linux) or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may itself hold spaces and ")".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # fields[0] is field 3
+
+
+def _run_process_gone(run: dict) -> str | None:
+    """Why the process that owns a running run is gone (None: it is alive, or cannot be told)."""
+    pid, started = run["pid"], run.get("process_start")
+    if pid is None:
+        return None
+    if not _process_alive(pid):
+        return f"its process {pid} is gone"
+    now = process_start(pid) if started is not None else None
+    if now is not None and now != started:
+        return f"its process {pid} is gone; that pid is now another process's"
+    return None
 
 
 def _down_sampled(rows: Iterable[tuple], columns: list[str], width: int) -> list[tuple]:
@@ -68,6 +95,7 @@ class RunsMixin(StoreBase):
             "parent_run_id": _optional_text(parent_run_id, "parent_run_id"),
             "created_at": time.time(),
             "pid": os.getpid(),
+            "process_start": process_start(os.getpid()),
             "host": socket.gethostname(),
         }
         self._write(lambda db: db["runs"].insert(row), f"cannot create run {name!r}")
@@ -87,6 +115,7 @@ class RunsMixin(StoreBase):
                 "status": "running",
                 "finished_at": None,
                 "pid": os.getpid(),
+                "process_start": process_start(os.getpid()),
                 "host": socket.gethostname(),
             }
             db["runs"].update(run_id, changes)
@@ -95,8 +124,8 @@ class RunsMixin(StoreBase):
         return self._write(fn, f"cannot reopen run {run_id!r}")
 
     def recover_crashed_runs(self) -> list[str]:
-        """Runs marked `running` whose process on this host is gone (killed, crashed) are marked
-        `failed`, and each command they left pending or running is journaled `failed` with the reason,
+        """Runs marked `running` whose process on this host is gone (killed, crashed; its pid free, or
+        another process's as its start time tells) are marked `failed`, and each command they left pending or running is journaled `failed` with the reason,
         so none waits forever. Returns their ids. Runs of other hosts are left alone (their processes
         cannot be seen from here)."""
         host = socket.gethostname()
@@ -104,9 +133,10 @@ class RunsMixin(StoreBase):
         def fn(db: sqlite_utils.Database) -> list[str]:
             crashed = []
             for run in self._rows(db, "runs", {"status": "running", "host": host}, "created_at"):
-                if run["pid"] is None or _process_alive(run["pid"]):
+                gone = _run_process_gone(run)
+                if gone is None:
                     continue
-                now, why = time.time(), f"the run crashed (its process {run['pid']} is gone)"
+                now, why = time.time(), f"the run crashed ({gone})"
                 for command in self._rows(db, "commands", {"run_id": run["id"]}, "created_at, rowid"):
                     if command["status"] == "pending":
                         error = f"{why} before this command was applied"
