@@ -318,6 +318,10 @@ def build_supervision_graph(
                 return {"finished": True, "rolled_back": False, "awaiting_verdict": True}
             return {"rolled_back": False, "awaiting_verdict": True}
         if not verdict.failed:
+            if pending["decision_id"] is not None:  # the verdict is part of what followed it
+                outcome = {**_outcome({"observation": pending["observation"], "step": pending["step"]}, now)}
+                outcome["verdict"] = asdict(verdict)
+                tools.client.update_decision(pending["decision_id"], DecisionUpdate(outcome=_finite(outcome)))
             return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
         action, iteration = pending["action"], pending["iteration"]
         facts = factual_reflection(

@@ -4,6 +4,8 @@ scripted bad decision is checked, reflected on, rolled back into a new branch an
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 from helpers.self_correct import AlwaysDouble, supervised_run
@@ -12,9 +14,10 @@ from selfsteer.agents.decision_data import decision_rows
 from selfsteer.agents.local_chat import LocalChatModel
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MAX_REFLECTION_CHARS, factual_reflection, judge
-from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
-from selfsteer.graphs.supervise import SelfCorrection
+from selfsteer.agents.supervisors import Decision, LLMSupervisor, RuleSupervisor, Supervisor
+from selfsteer.graphs.supervise import SelfCorrection, run_supervision
 from selfsteer.trainer_bridge.store import Store
+from selfsteer.trainer_bridge.testing import LiveRun
 
 
 def observed(eval_loss, step=None):
@@ -127,3 +130,92 @@ def test_reflections_of_earlier_runs_are_remembered_when_asked(tmp_path):
     supervised_run(tmp_path, forgetting, 0.1, SelfCorrection())
     assert remembering.seen[0].reflections == learned[-2:]  # the latest two, oldest first
     assert forgetting.seen[0].reflections == []
+
+
+class DecidesLate(Supervisor):
+    """Doubles, but answers its first question only once training has reached step 25 (a gate the test
+    holds): a supervisor that does not hold the run, slower than the run's next evaluation. It looks
+    while the run is held at step 11, so it sees the first evaluation only."""
+
+    name = "decides-late"
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    def decide(self, observation):
+        self.gate.release(11)
+        self.gate.wait(25)
+        return Decision("double", f"scripted at step {observation.step}")
+
+
+def wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(0.05)
+
+
+def test_in_the_unheld_loop_a_change_is_judged_by_an_evaluation_after_it_took_effect(tmp_path):
+    """The run goes on while the supervisor decides (the default loop): the decision seen at the first
+    evaluation takes effect at step 25, after the evaluation at step 20, which saw the old lr. Its check
+    must wait for the evaluation at step 30."""
+    overrides = ["training.learning_rate=0.01", "training.max_steps=50"]
+    with LiveRun(tmp_path, overrides, gates=[11, 25, 35]) as live, Store(live.db) as store:
+        thread = threading.Thread(
+            target=run_supervision, args=(live.run.url, DecidesLate(live.gate)),
+            kwargs={"db": str(live.db), "max_iterations": 2, "self_correct": SelfCorrection(margin=5.0)},
+            daemon=True,
+        )  # fmt: skip
+        thread.start()
+        run_id = live.run.run_id
+        lr_commands = lambda: [c for c in store.list_commands(run_id) if c["type"] == "set_optimizer"]  # noqa: E731
+        wait_for(lambda: len(lr_commands()) == 1)
+        live.gate.release(25)  # the first change takes effect at step 25
+        wait_for(lambda: len(lr_commands()) == 2)
+        live.gate.release(35)  # the second before step 35: the run cannot end without it
+        summary = live.join()
+        thread.join(60)
+        first, second = store.list_decisions(run_id)
+        eval_20 = next(m["value"] for m in store.get_metrics(run_id, names=["eval_loss"]) if m["step"] == 20)
+    assert first["step"] < 20 and first["applied_step"] == 25  # observed before step 20, applied at 25
+    assert first["command"] is not None
+    verdict = first["outcome"]["verdict"]
+    assert verdict["step"] == 30 and not verdict["failed"]  # not the evaluation at step 20
+    # Its loss before: the latest evaluation before it took effect (step 20's), not the one it saw.
+    assert verdict["loss_before"] == pytest.approx(eval_20)
+    # No new decision over an unjudged one: the second comes after the verdict.
+    assert second["step"] >= 30 and 30 < second["applied_step"] <= 35
+    assert [d["applied_step"] for d in summary["decisions"]] == [25, second["applied_step"]]
+
+
+class Raises(Supervisor):
+    name = "raises"
+
+    def decide(self, observation):
+        raise RuntimeError("a bug in a plug-in")
+
+
+def test_a_supervisor_that_raises_while_holding_the_run_leaves_it_running(tmp_path):
+    """Held while deciding (`--pause-while-deciding`): each failure is journaled as a fallback keep and
+    the run goes on to the end; a crash of the loop itself resumes the held run and journals why."""
+    summary, final, db = supervised_run(tmp_path, Raises(), 0.003, None)
+    assert summary["steps"] == 60 and summary["status"] == "finished"
+    decisions = summary["decisions"]
+    assert len(decisions) == 5 and {d["action"] for d in decisions} == {"keep"}
+    assert all("a bug in a plug-in" in d["explanation"] for d in decisions)
+    assert all(d["applied_step"] is None for d in decisions)  # nothing was sent
+
+    def crash_after_deciding(decision):
+        raise RuntimeError("the loop itself crashed")
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    summary, _, db = supervised_run(crashed, AlwaysDouble(), 0.003, None, on_decision=crash_after_deciding)
+    assert summary["steps"] == 60 and summary["status"] == "finished"  # not held forever
+    with Store(db) as store:
+        pauses = [c for c in store.list_commands(summary["run_id"]) if c["type"] in ("pause", "resume")]
+    assert [c["type"] for c in pauses] == ["pause", "resume"]
+    decided, journaled = summary["decisions"]
+    assert decided["action"] == "double" and decided["applied_step"] is None  # it crashed before acting
+    assert journaled["action"] == "keep" and "the loop itself crashed" in journaled["explanation"]

@@ -23,7 +23,7 @@ class AlwaysDouble(Supervisor):
         return Decision("double", "scripted: always double")
 
 
-def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection | None):
+def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection | None, on_decision=None):
     """A tiny run of 60 steps (eval every 10) that waits after each evaluation for the supervisor,
     which pauses the run while it decides."""
     db = tmp_path / "selfsteer.sqlite"
@@ -32,7 +32,8 @@ def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection
     def supervise(url, stop):
         final.update(
             run_supervision(
-                url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct
+                url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct,
+                on_decision=on_decision,
             )
         )
 
