@@ -288,3 +288,29 @@ def test_decisions_are_recorded_through_the_server(tmp_path):
     with Store(live.db) as store:
         row = store.list_decisions(live.bridge.run_id)[0]
     assert row["observation"] == {"step": 10, "loss": "nan"} and row["key"] == "k1"
+
+
+def test_a_state_that_cannot_be_read_is_an_error_on_the_event_socket_not_a_disconnect(tmp_path, caplog):
+    """The first event of a subscription is the run's state: when reading it fails, that is the server's
+    error, logged as one, and the client is told (close code 1011, internal error)."""
+    from websockets.exceptions import ConnectionClosedError
+
+    bridge = Bridge(BridgeConfig(port=0, db=tmp_path / "e.sqlite"))
+
+    def broken_state():
+        raise RuntimeError("state is broken")
+
+    try:
+        bridge.state = broken_state
+        url = bridge.url.replace("http", "ws") + "/api/events"
+        with (
+            caplog.at_level("ERROR", logger="selfsteer.trainer_bridge.server"),
+            connect(url, open_timeout=10) as ws,
+            pytest.raises(ConnectionClosedError) as closed,
+        ):
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1011
+        assert any("state is broken" in (r.exc_text or "") for r in caplog.records), caplog.text
+    finally:
+        del bridge.state
+        bridge.close()

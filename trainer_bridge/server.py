@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import pathlib
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -101,6 +102,8 @@ from selfsteer.trainer_bridge.store import Store
 
 if TYPE_CHECKING:
     from selfsteer.trainer_bridge.bridge import Bridge
+
+log = logging.getLogger(__name__)
 
 EVENT_QUEUE_SIZE = 1000
 MAX_BODY_BYTES = 64 * 1024  # a command is well under 1 KiB; a custom one gets room, a 50 MB upload does not
@@ -830,10 +833,18 @@ def create_app(
             await websocket.close(code=1008)  # a page from another site must not read the run
             return
         await websocket.accept()
+        try:
+            first = json.dumps({"event": "state", "state": bridge.state()}, default=str)
+        except Exception:
+            # The server's own fault, not the client's leaving: said as such, and the client told (1011).
+            log.exception("WS /api/events: cannot read the run's state for a new subscriber")
+            with contextlib.suppress(RuntimeError, OSError):
+                await websocket.close(code=1011)
+            return
         queue: asyncio.Queue = asyncio.Queue(maxsize=EVENT_QUEUE_SIZE)
         hub.subscribers.add(queue)
         try:
-            await websocket.send_text(json.dumps({"event": "state", "state": bridge.state()}, default=str))
+            await websocket.send_text(first)
             sender = asyncio.ensure_future(_send_loop(websocket, queue))
             receiver = asyncio.ensure_future(_drain(websocket))
             done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
