@@ -207,14 +207,22 @@ def harm_done(live, fuzz_started: float) -> dict[str, int]:
 
 
 def count_warnings(url: str, token: str, seen: list, stop: threading.Event) -> None:
+    """Appends to `seen` every warning event of the run until `stop`. A subscription that ends before
+    then is said on stderr: the count would otherwise read as a run that warned of nothing."""
     from selfsteer.trainer_bridge.client import BridgeClient
 
-    with BridgeClient(url, token=token) as client, contextlib.suppress(Exception):
-        for event in client.events():
-            if event.get("event") == "warning":
-                seen.append(event)
-            if stop.is_set():
-                return
+    why = "the server closed the event stream"
+    try:
+        with BridgeClient(url, token=token) as client:
+            for event in client.events():
+                if event.get("event") == "warning":
+                    seen.append(event)
+                if stop.is_set():
+                    return
+    except Exception as error:
+        why = repr(error)
+    if not stop.is_set():
+        print(f"fuzz_api: warning events are no longer counted ({why})", file=sys.stderr, flush=True)
 
 
 def fuzz(workdir: Path, cases: int, max_time: float | None = None, seed: int = 0) -> Result:

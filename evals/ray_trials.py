@@ -22,6 +22,8 @@ from pathlib import Path
 from ray import tune
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
+
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to the cluster at `address` or $RAY_ADDRESS, else start Ray here (`num_cpus`, default all).
@@ -51,8 +53,23 @@ class Recorder(tune.Callback):
         self.experiment = experiment
 
     def _sink(self):
-        # Restored from an experiment whose folder has moved since: the one experiment running now.
-        return _SINKS.get(self.experiment) or next(iter(_SINKS.values()))
+        sink = _SINKS.get(self.experiment)
+        if sink is not None:
+            return sink
+        if len(_SINKS) == 1:
+            # Restored from an experiment whose folder has moved since: the one experiment running now.
+            ((folder, sink),) = _SINKS.items()
+            if not getattr(self, "_told", False):
+                self._told = True
+                log.warning(
+                    "ray_trials: no experiment at %s; results go to the one at %s", self.experiment, folder
+                )
+            return sink
+        # None, or several, running: a result handed to a guess could land in another experiment's files.
+        raise RuntimeError(
+            f"ray_trials: no experiment at {self.experiment} to hand this trial's result to "
+            f"({len(_SINKS)} running: {', '.join(_SINKS) or 'none'})"
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._sink()[0](result, trial)
@@ -186,7 +203,8 @@ def trial_statuses(folder: Path) -> dict[str, str] | None:
 
     try:
         return {str(t): t.status for t in ExperimentAnalysis(str(folder)).trials}
-    except Exception:  # unreadable state: not one to restore
+    except Exception as error:  # unreadable state: not one to restore
+        log.warning("ray_trials: cannot read the experiment in %s (%r): not restored", folder, error)
         return None
 
 

@@ -24,3 +24,21 @@ def test_fuzzing_the_live_api_finds_no_error_and_does_no_harm(tmp_path):
     assert result.harmful == 0, report
     # The fuzzer got past validation: commands were applied and training went on meanwhile.
     assert 200 in with_token.statuses and result.steps > 0, report
+
+
+def test_the_warning_counter_says_when_it_stops_listening(tmp_path, capsys):
+    """The report's count of warning events is only as good as the subscription: one refused (here, a
+    wrong token) is said on stderr, not left to read as a run that warned of nothing."""
+    import threading
+
+    from selfsteer.evals.fuzz_api import count_warnings
+    from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+
+    bridge = Bridge(BridgeConfig(port=0, token="right", db=tmp_path / "run.sqlite"))
+    try:
+        seen: list = []
+        count_warnings(bridge.url, "wrong", seen, threading.Event())
+    finally:
+        bridge.close()
+    assert seen == []
+    assert "warning events are no longer counted" in capsys.readouterr().err

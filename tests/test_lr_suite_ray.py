@@ -79,3 +79,23 @@ def test_an_interrupted_suite_runs_only_the_rest(suites):
     assert ran == {"tiny-too_high-3-s0-rule", "tiny-too_high-3-s0-bogus"}
     (experiment,) = (on_ray / "ray").iterdir()  # the Tune experiment: one trial per run left
     assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == sorted(ran)
+
+
+def test_a_result_of_no_known_experiment_is_an_error_not_a_guess(monkeypatch, caplog):
+    """The driver hands each trial's result to its experiment's sink. A Recorder whose experiment is not
+    running says so; with one experiment running (its folder moved since the save) it goes there, with a
+    warning; with none or several, guessing would write into another experiment's files: an error."""
+    from selfsteer.evals import ray_trials
+
+    sink = (lambda result, trial: None, lambda trial, error: None, None)
+    recorder = ray_trials.Recorder("/moved/experiment")
+    monkeypatch.setattr(ray_trials, "_SINKS", {})
+    with pytest.raises(RuntimeError, match="no experiment at /moved/experiment"):
+        recorder._sink()
+    monkeypatch.setattr(ray_trials, "_SINKS", {"/here/experiment": sink})
+    with caplog.at_level("WARNING", logger="selfsteer.evals.ray_trials"):
+        assert recorder._sink() is sink
+    assert "results go to the one at /here/experiment" in caplog.text
+    monkeypatch.setattr(ray_trials, "_SINKS", {"/a": sink, "/b": sink})
+    with pytest.raises(RuntimeError, match="2 running"):
+        recorder._sink()
