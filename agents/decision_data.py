@@ -37,20 +37,13 @@ def _messages(decision: dict) -> list[dict] | None:
         prompt = load_strategy(name)
     except ValueError:  # rules, humans, custom agents: no prompt
         return None
-    values = Observation(**_floats(observation)).prompt_values()
+    # The views it was shown, as stored with it; a decision stored before they were re-renders them.
+    values = observation.get("views") or Observation.from_record(observation).prompt_values()
     return [
         {"role": "system", "content": prompt.system.strip()},
         {"role": "user", "content": prompt.render_user(**values)},
         {"role": "assistant", "content": decision.get("raw_output") or ""},
     ]
-
-
-def _floats(observation: dict) -> dict:
-    """Stored observations spell non-finite numbers as strings ("nan"); series come back as lists."""
-    out = dict(observation)
-    for key in ("train_loss", "eval_loss", "grad_norm", "learning_rate"):
-        out[key] = [(int(s), float(v)) for s, v in observation.get(key, [])]
-    return out
 
 
 def export_decisions(store, out: str | Path, fmt: str = "jsonl", run_id: str | None = None) -> int:

@@ -98,10 +98,7 @@ def regret(row: dict, action: str) -> float:
 
 def observation_of(row: dict) -> Observation:
     """The row's observation (stored as JSON: series are lists, non-finite numbers spelled out)."""
-    data = dict(row["observation"])
-    for key in ("train_loss", "eval_loss", "grad_norm", "learning_rate"):
-        data[key] = [(int(s), float(v)) for s, v in data.get(key, [])]
-    return Observation(**data)
+    return Observation.from_record(row["observation"])
 
 
 def prompt_messages(observation: Observation, strategy: str = STRATEGY) -> list[dict]:

@@ -223,6 +223,36 @@ class Observation:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def record(self, recent_evaluations: int = 8, recent_steps: int = 64) -> dict:
+        """What a decision stores of what it saw: the prompt views it was shown (`views`, exactly as
+        rendered) and the raw series of the recent past only: the last `recent_evaluations` evaluations
+        and the points since the earlier of the `recent_evaluations`-th last evaluation and the last
+        `recent_steps` points. The whole history stays in the run's metrics; a copy of it in every
+        decision grew the store quadratically (and a long run's decision past the server's body limit)."""
+        evals = self.eval_loss[-recent_evaluations:]
+        since = min(evals[0][0] - 1 if evals else self.step, self.step - recent_steps)
+
+        def recent(series: Series) -> Series:
+            return [(s, v) for s, v in series if s > since]
+
+        return {
+            **asdict(self),
+            "train_loss": recent(self.train_loss),
+            "eval_loss": evals,
+            "grad_norm": recent(self.grad_norm),
+            "learning_rate": recent(self.learning_rate),
+            "views": self.prompt_values(),
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping) -> Observation:
+        """An observation from a stored one (`to_dict` or `record`): JSON lists back to series, non-finite
+        numbers spelled as strings back to floats, the rendered views set aside."""
+        fields = {k: v for k, v in data.items() if k != "views"}
+        for key in ("train_loss", "eval_loss", "grad_norm", "learning_rate"):
+            fields[key] = [(int(s), float(v)) for s, v in data.get(key, [])]
+        return cls(**fields)
+
 
 def _loss_text(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else ("-" if math.isnan(value) else str(value))

@@ -225,7 +225,7 @@ def build_supervision_graph(
             decision_id = tools.client.record_decision(NewDecision(
                 step=state["step"], agent=supervisor.name, action=decision.action,
                 explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
-                observation=_finite(seen), raw_output=decision.raw_output,
+                observation=_finite(observation.record()), raw_output=decision.raw_output,
                 lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
                 key=decision_key, retry_of=state.get("retry_of"),
             )).id  # fmt: skip

@@ -52,3 +52,41 @@ def test_export_jsonl_and_hf(tmp_path):
     dataset = load_from_disk(str(tmp_path / "hf"))
     assert len(dataset) == 2 and dataset[0]["action"] == "halve"
     assert json.loads(dataset[0]["outcome"])["loss_change"] == -0.5
+
+
+def test_a_decision_stores_what_it_used_not_the_whole_history(tmp_path):
+    """A decision late in a long run stores the views its prompt was rendered from and a recent window:
+    its size does not grow with the run, and the exported chat is the one the agent was shown."""
+    from selfsteer.agents.decision_data import decision_rows
+
+    def observation_at(steps: int) -> Observation:
+        rows = []
+        for step in range(1, steps + 1):
+            rows += [
+                {"step": step, "name": "loss", "value": 4.0 - step / steps + 0.1 * math.sin(step)},
+                {"step": step, "name": "grad_norm", "value": 1.0 + 0.01 * (step % 7)},
+                {"step": step, "name": "learning_rate", "value": 1e-3 * (2 if step > steps // 2 else 1)},
+            ]
+            if step % 50 == 0:
+                rows.append({"step": step, "name": "eval_loss", "value": 4.1 - step / steps})
+        return Observation.from_metrics(rows, step=steps, lr=2e-3, max_steps=2 * steps)
+
+    short, long = observation_at(1_000), observation_at(20_000)
+    assert len(json.dumps(short.to_dict())) > 50_000  # what a decision stored before
+    sizes = [len(json.dumps(_finite(o.record()))) for o in (short, long)]
+    assert sizes[1] < 1.2 * sizes[0] < 50_000  # bounded by the recent window: not 20x for 20x the history
+    db = tmp_path / "s.sqlite"
+    with Store(db) as store:
+        run = store.create_run("r")
+        store.add_decision(run, NewDecision(
+            step=20_000, agent="llm", action="keep", strategy="intervener_signals@v1",
+            observation=_finite(long.record()), raw_output="{}",
+        ))  # fmt: skip
+        (row,) = decision_rows(store, run)
+    stored = Observation.from_record(row["observation"])
+    assert stored.eval_loss == long.eval_loss[-8:]  # and the train loss from the first of them on:
+    assert stored.train_loss == [(s, v) for s, v in long.train_loss if s >= long.eval_loss[-8][0]]
+    shown = row["messages"][1]["content"]
+    from selfsteer.prompts import load_strategy
+
+    assert shown == load_strategy("intervener_signals").render_user(**long.prompt_values())
