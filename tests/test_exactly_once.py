@@ -131,3 +131,32 @@ def test_a_supervisor_killed_inside_each_node_acts_exactly_once(tmp_path):
         assert command["args"]["lr"] == pytest.approx(decision["lr_after"])
     for before, after in zip(decisions, decisions[1:], strict=False):
         assert after["lr_before"] == pytest.approx(before["lr_after"])
+
+
+def test_a_supervisor_killed_inside_a_rollback_rolls_back_once(tmp_path):
+    """Self-correction: at lr 0.3 a doubling makes the tiny run's eval loss rise, so the check rolls it
+    back. The supervisor process dies right after the rollback reached the server, before LangGraph
+    checkpointed the node; the next process re-runs `check` and must not roll back a second time."""
+    overrides = [*LONG_RUN, "training.learning_rate=0.3"]
+    with LiveRun(tmp_path, overrides) as live:
+        died = _supervisor(
+            live.run.url, live.db, "--self-correct", "--kill-after", "check:load_checkpoint", "--max-iterations", "3"
+        )
+        assert died.returncode == -9, (died.returncode, died.stderr[-2000:])
+        finished = _supervisor(live.run.url, live.db, "--self-correct", "--max-iterations", "3")
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        live.client.stop()
+        live.join()
+        with Store(live.db) as store:
+            run = live.run.run_id
+            loads = [c for c in store.list_commands(run) if c["type"] == "load_checkpoint"]
+            decisions = store.list_decisions(run)
+    keys = [c["idempotency_key"] for c in loads]
+    assert keys[0] == f"{run}/crash-test/1/load-rollback" and len(set(keys)) == len(keys)  # once each
+    assert [c["args"]["branch"] for c in loads].count("retry-1") == 1
+    assert all(c["status"] == "success" for c in loads)
+    # Each rollback is recorded once, on the decision it undid; the retry in its place did not double.
+    rolled_back = [d for d in decisions if d["rolled_back"]]
+    assert len(rolled_back) == len(loads) and rolled_back[0]["key"] == f"{run}/crash-test/1/decision"
+    retry = next(d for d in decisions if d["retry_of"] == rolled_back[0]["id"])
+    assert retry["action"] == "keep"

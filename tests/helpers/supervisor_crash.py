@@ -14,7 +14,7 @@ import os
 import signal
 
 from selfsteer.agents.supervisors import Decision, Supervisor
-from selfsteer.graphs.supervise import run_supervision
+from selfsteer.graphs.supervise import SelfCorrection, run_supervision
 from selfsteer.tools.bridge_tools import BridgeTools
 from selfsteer.trainer_bridge.client import BridgeClient
 
@@ -27,6 +27,7 @@ KILL_POINTS = {
     "act:set_lr": BridgeTools,
     "act:resume": BridgeTools,
     "wait:read_metrics": BridgeTools,
+    "check:load_checkpoint": BridgeClient,  # the rollback reached the server (with --self-correct)
 }
 
 
@@ -38,6 +39,15 @@ class Alternating(Supervisor):
     def decide(self, observation):
         action = "double" if (observation.step // 5) % 2 == 0 else "halve"
         return Decision(action, f"scripted at step {observation.step}")
+
+
+class AlwaysDouble(Supervisor):
+    """Doubles whatever it sees: from a high lr, a decision self-correction fails and rolls back."""
+
+    name = "always-double"
+
+    def decide(self, observation):
+        return Decision("double", f"scripted at step {observation.step}")
 
 
 def die_after(cls: type, method: str, nth: int, only_if=None) -> None:
@@ -64,6 +74,7 @@ def main() -> None:
     parser.add_argument("--kill-after", choices=sorted(KILL_POINTS))
     parser.add_argument("--nth", type=int, default=1)
     parser.add_argument("--max-iterations", type=int, default=100)
+    parser.add_argument("--self-correct", action="store_true", help="always double, under self-correction")
     args = parser.parse_args()
     if args.kill_after:
         method = args.kill_after.split(":")[1]
@@ -72,8 +83,9 @@ def main() -> None:
         )
         die_after(KILL_POINTS[args.kill_after], method, args.nth, only_if)
     run_supervision(
-        args.url, Alternating(), db=args.db, max_iterations=args.max_iterations,
-        thread_id="crash-test", pause_while_deciding=True,
+        args.url, AlwaysDouble() if args.self_correct else Alternating(), db=args.db,
+        max_iterations=args.max_iterations, thread_id="crash-test", pause_while_deciding=True,
+        self_correct=SelfCorrection(max_extra_steps=1.0) if args.self_correct else None,
     )  # fmt: skip
 
 
