@@ -81,11 +81,15 @@ def describe_llm_error(error: BaseException, spec: str = "", base_url: str | Non
     """One line that says what went wrong with a chat model and what to do about it."""
     import openai
 
+    from selfsteer.trainer_bridge.client import CommandTimeout
+
     where = base_url or "the OpenAI API"
     if isinstance(error, ChatModelConfigError):
         return str(error)
     if isinstance(error, openai.APITimeoutError):
         return f"{where} did not answer in time: check that the server is up and not overloaded, or raise --timeout"
+    if isinstance(error, CommandTimeout):  # the training run's delay, not the model's
+        return f"the training run did not apply a command in time ({error}): is it held by another client or busy?"
     if isinstance(error, TimeoutError):  # the embedded model's own deadline
         return f"the model did not answer in time{f' ({error})' if str(error) else ''}: raise --timeout"
     if isinstance(error, openai.APIConnectionError):

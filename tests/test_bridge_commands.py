@@ -130,3 +130,18 @@ def test_stop_evaluate_reload_and_failures(tmp_path):
 def test_registry_refuses_odd_names():
     with pytest.raises(ValueError):
         CommandRegistry().register("os.system")
+
+
+def test_a_command_the_run_does_not_apply_in_time_is_the_runs_delay_not_a_models(tmp_path):
+    from selfsteer.agents.chat_models import describe_llm_error
+    from selfsteer.trainer_bridge.client import CommandTimeout
+
+    with LiveRun(tmp_path, gates=[3]) as live:
+        live.gate.wait(3)  # held inside step 3's boundary: nothing is applied until released
+        sent = live.client.set_lr(1e-3)
+        with pytest.raises(CommandTimeout) as late:
+            live.client.wait(sent["uuid"], timeout=0.2)
+        live.gate.release(3)
+        assert live.client.wait(sent["uuid"])["status"] == "success"
+    said = describe_llm_error(late.value)
+    assert said.startswith("the training run did not apply a command in time") and "model" not in said

@@ -27,6 +27,11 @@ DEFAULT_URL = "http://127.0.0.1:7007"
 DONE = ("success", "failed")
 
 
+class CommandTimeout(TimeoutError):
+    """A command the run did not finish applying in time (it is held, or busy in a long command): the
+    run's delay, not a model's."""
+
+
 class BridgeHTTPError(RuntimeError):
     def __init__(self, status_code: int, detail: Any):
         super().__init__(f"{status_code}: {detail}")
@@ -202,7 +207,7 @@ class BridgeClient(_Commands):
             if row["status"] in DONE:
                 return row
             if time.monotonic() > deadline:
-                raise TimeoutError(f"command {uuid} still {row['status']} after {timeout} s")
+                raise CommandTimeout(f"command {uuid} still {row['status']} after {timeout} s")
             time.sleep(poll_s)
 
     def events(self, open_timeout: float = 10.0) -> Iterator[dict]:
@@ -296,7 +301,7 @@ class AsyncBridgeClient(_Commands):
             if row["status"] in DONE:
                 return row
             if time.monotonic() > deadline:
-                raise TimeoutError(f"command {uuid} still {row['status']} after {timeout} s")
+                raise CommandTimeout(f"command {uuid} still {row['status']} after {timeout} s")
             await asyncio.sleep(poll_s)
 
     async def events(self, open_timeout: float = 10.0) -> AsyncIterator[dict]:
