@@ -80,10 +80,19 @@ def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
     assert summary["steps"] == 40
 
 
+def sent_or_kept(store, run_id):
+    decisions = store.list_decisions(run_id)
+    if not decisions:
+        return False
+    return decisions[0]["action"] == "keep" or any(
+        c["type"] == "set_optimizer" for c in store.list_commands(run_id)
+    )
+
+
 def test_rule_supervisor_halves_a_run_whose_learning_rate_is_far_too_high(tmp_path):
     # At lr 2.0 the tiny model's loss explodes from ~5.5 to ~190 by step 10, then drifts back down.
     overrides = ["training.max_steps=40", "training.learning_rate=2.0"]
-    with LiveRun(tmp_path, overrides, gates=[21, 31]) as live, Store(live.db) as store:
+    with LiveRun(tmp_path, overrides, gates=[11, 21, 31]) as live, Store(live.db) as store:
         thread = threading.Thread(
             target=run_supervision,
             args=(live.run.url, RuleSupervisor()),
@@ -91,14 +100,34 @@ def test_rule_supervisor_halves_a_run_whose_learning_rate_is_far_too_high(tmp_pa
             daemon=True,
         )
         thread.start()
+        # Held at 11 until the first decision's lr command (if it changes the lr) is journaled, so that
+        # it lands at step 11 whatever the speed of either side.
+        live.gate.wait(11)
+        wait_for(lambda: sent_or_kept(store, live.run.run_id))
+        live.gate.release(11)
         for gate in (21, 31):
             live.gate.wait(gate)
             wait_for(lambda gate=gate: any(d["step"] >= gate - 1 for d in store.list_decisions()))
             live.gate.release(gate)
         live.join()
         thread.join(60)
-        actions = [d["action"] for d in store.list_decisions(live.run.run_id)]
-    assert "halve" in actions
+        decisions = store.list_decisions(live.run.run_id)
+        commands = {c["uuid"]: c for c in store.list_commands(live.run.run_id)}
+
+    first = decisions[0]
+    # The first decision reads the step-10 evaluation, the first one after the explosion.
+    assert first["observation"]["eval_loss"][-1][0] == 10
+    assert first["observation"]["eval_loss"][-1][1] > 1.5 * first["observation"]["train_loss"][0][1]
+    assert first["action"] == "halve" and "exploded" in first["explanation"]
+    assert first["lr_before"] == pytest.approx(2.0) and first["lr_after"] == pytest.approx(1.0)
+    command = commands[first["command"]]
+    assert command["type"] == "set_optimizer" and command["status"] == "success"
+    assert command["args"]["lr"] == pytest.approx(first["lr_after"])
+    assert command["step"] == first["applied_step"] == 11
+    assert command["result"]["before"]["lr"] == pytest.approx(2.0)
+    assert command["result"]["after"]["lr"] == pytest.approx(1.0)
+    # The optimizer really stepped at 2.0 up to the applied step and at 1.0 right after it.
+    assert live.recorder.lr[11] == pytest.approx(2.0) and live.recorder.lr[12] == pytest.approx(1.0)
 
 
 def test_a_supervisor_that_dies_resumes_without_acting_twice(tmp_path):
