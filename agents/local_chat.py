@@ -19,6 +19,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,17 +367,27 @@ def structured_json_text(
     *,
     field_max_chars: int,
     field_max_tokens: int,
+    max_tokens: int | None = None,
     timeout: float | None = None,
+    cancel: Future | None = None,
     **sampling,
 ) -> str:
     """The JSON text of one object of `schema` answering the prompt, built field by field in the
     schema's order: a field with a finite set of values takes the one of highest log-probability
     (scored whole, not decided by its first token), any other is generated under its own grammar
-    (`sampling`: temperature, seed). Raises _RetryableOutput when a field runs past its budget. Used
-    by the local chat model and by serve-llm, so that both answer the same prompt the same way."""
+    (`sampling`: temperature, seed). Raises _RetryableOutput when a field runs past its budget, or
+    the generated fields together past `max_tokens`. Used by the local chat model and by serve-llm,
+    so that both answer the same prompt the same way.
+
+    cancel: once this future is done (its caller no longer wants the answer), the field being
+    generated is cancelled in the engine and CancelledError raised (at the latest before the next
+    field)."""
     prompt_text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
     text = "{"
+    left = max_tokens
     for index, (name, field_schema) in enumerate(schema.get("properties", {}).items()):
+        if cancel is not None and cancel.done():
+            raise CancelledError("the answer was cancelled")
         # The value starts with a space, as the model tokenizes JSON: `"key":` then ` "value"`.
         text += (", " if index else "") + json.dumps(name) + ":"
         choices = _choices(field_schema, schema)
@@ -395,13 +406,24 @@ def structured_json_text(
             if value_schema["maxLength"] == 0:  # nothing to generate: not worth a pass over the prompt
                 text += ' ""'
                 continue
-        generation = engine.generate(
+        if left is not None:
+            if left < 1:
+                raise _RetryableOutput(f"the fields before {name!r} took all {max_tokens} tokens")
+            budget = min(budget, left)
+        future = engine.submit(
             prompt_ids + engine.tokenizer.encode(text, add_special_tokens=False),
             max_new_tokens=budget,
             grammar=engine.compile_json_schema(value_schema, leading_space=True),
-            timeout=timeout,
             **sampling,
         )
+        if cancel is not None:  # runs at once if it is done already
+            cancel.add_done_callback(lambda _, future=future: future.cancel())
+        try:
+            generation = future.result(timeout=timeout)
+        finally:  # a timeout, an error or an interrupt: nothing keeps generating for nobody
+            future.cancel()
+        if left is not None:
+            left -= len(generation.token_ids)
         if generation.finish_reason != "stop":
             raise _RetryableOutput(f"field {name!r} ran past {budget} tokens")
         text += generation.text

@@ -31,6 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,6 +68,14 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Seconds uvicorn waits for open connections after SIGTERM (answers in progress are ended at once).
 SHUTDOWN_GRACE_S = 3.0
 OPENAI_MAX_STOP = 4  # OpenAI takes at most four stop sequences
+# Seconds a request waits for one engine call made on a pool thread before its answer is generated
+# (the scoring that decides between a tool call and text, a field of a structured answer); past it,
+# 504. A pool thread is never held by a stuck engine for longer.
+DEFAULT_ENGINE_TIMEOUT_S = 300.0
+# The most properties a json_schema object may have to be built field by field. Above it the object
+# is one grammar-constrained answer instead (a 400 would refuse schemas OpenAI takes): each field
+# costs a pass over the whole prompt, so a large schema would cost many times what one answer costs.
+FIELD_BY_FIELD_MAX_PROPERTIES = 16
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,6 +370,7 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
         413: "the request body is too large",
         422: "a request that does not match this schema",
         503: "the server is shutting down",
+        504: "the model did not answer within the server's timeout",
     }
     return {status: {"model": ErrorResponse, "description": described[status]} for status in statuses}
 
@@ -437,6 +447,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
+        if (engine_error := _engine_error(error)) is not None:  # one no path turned into an OpenAIError
+            return _error_response(engine_error.status, engine_error.message, engine_error.type,
+                                   code=engine_error.code)  # fmt: skip
         return _error_response(500, f"{type(error).__name__}: {error}", type="server_error")
 
 
@@ -514,11 +527,12 @@ def _bearer_check(api_key: str | None):
 
 
 def _engine_options(
-    engine, request: ChatCompletionRequest, max_tokens_cap: int
+    engine, request: ChatCompletionRequest, max_tokens_cap: int, timeout: float | None = None
 ) -> tuple[list[int], dict[str, Any], bool]:
     """(prompt token ids, keyword arguments of engine.submit, whether the answer is a tool call) for
     a request; OpenAIError if the request asks for something this server cannot do. With tools, the
-    choice between a call and a text answer is made here (`local_chat.plan_tool_answer`)."""
+    choice between a call and a text answer is made here (`local_chat.plan_tool_answer`, waiting at
+    most `timeout` seconds for the engine)."""
     if request.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     if request.logprobs:
@@ -542,8 +556,10 @@ def _engine_options(
         prompt_ids = engine.chat_prompt_ids(messages)
     else:
         try:
-            prompt_ids, grammar = plan_tool_answer(engine, messages, spec)
+            prompt_ids, grammar = plan_tool_answer(engine, messages, spec, timeout=timeout)
         except Exception as error:  # a tool's parameters that are no JSON schema xgrammar takes
+            if (engine_error := _engine_error(error)) is not None:  # not the schema: the engine
+                raise engine_error from error
             raise OpenAIError(
                 400, f"invalid JSON schema in tools: {_clip(_xgrammar_reason(error))}", param="tools",
                 code="invalid_schema",
@@ -675,11 +691,14 @@ def create_app(
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     origins: list[str] | tuple[str, ...] = (),
+    engine_timeout_s: float | None = DEFAULT_ENGINE_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI app. engine: a `LocalEngine`; None loads the embedded one at startup.
     api_key: when set, every request must carry `Authorization: Bearer API_KEY`.
     max_tokens_cap: the most tokens one answer may ask for (more: 400), and the default.
     max_body_bytes: the largest request body (more: 413).
+    engine_timeout_s: the longest a request waits for one engine call before its answer is
+    generated (more: 504; None: no limit).
     origins: where it is served (`net.bind`'s list); none: on loopback. A loopback server refuses a
     foreign Host or Origin (`net.LoopbackGuard`)."""
     if max_tokens_cap < 1:
@@ -716,7 +735,9 @@ def create_app(
 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = app.state.engine
-        prompt_ids, options, is_call = await run_in_threadpool(_engine_options, engine, body, max_tokens_cap)
+        prompt_ids, options, is_call = await run_in_threadpool(
+            _engine_options, engine, body, max_tokens_cap, engine_timeout_s
+        )
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -724,7 +745,29 @@ def create_app(
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        structured = await run_in_threadpool(_structured_answer, engine, body, prompt_ids, options, is_call)
+        schema = _field_by_field_schema(body, options, is_call)
+        structured = None
+        if schema is not None:
+            # Several engine calls on a pool thread. The connection is watched as for one answer
+            # (below): a client that goes away cancels the field in progress and every one after it.
+            cancel: Future = Future()
+            work = asyncio.ensure_future(
+                run_in_threadpool(
+                    _structured_answer, engine, schema, prompt_ids, options, engine_timeout_s, cancel
+                )
+            )
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this handler is cancelled (the server is stopping)
+                gone.cancel()
+                if not work.done():
+                    cancel.set_result(None)
+                    # Its CancelledError, once the thread has stopped, is expected: nobody awaits it.
+                    work.add_done_callback(lambda task: task.cancelled() or task.exception())
+            if not work.done():  # the client is gone
+                return Response(status_code=499)
+            structured = work.result()
         if structured is not None:
             text, completion_tokens = structured
             return {
@@ -786,7 +829,7 @@ def create_app(
                 "`chat.completion.chunk` objects ending with `data: [DONE]`",
                 "content": {"text/event-stream": {"schema": STREAM_EVENT}},
             },
-            **_errors(400, *auth_errors, 413, 422, 503),
+            **_errors(400, *auth_errors, 413, 422, 503, 504),
         },
     )(chat_completions)
     _declare_stream_chunks(app)
@@ -811,26 +854,40 @@ def _declare_stream_chunks(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def _structured_answer(engine, body, prompt_ids: list[int], options: dict, is_call: bool):
+def _field_by_field_schema(body, options: dict, is_call: bool) -> dict | None:
+    """The schema of a greedy, unstreamed json_schema answer to build field by field (see
+    `_structured_answer`), or None: any other request, or an object of more than
+    FIELD_BY_FIELD_MAX_PROPERTIES properties (then one grammar-constrained answer)."""
+    if is_call or body.stream or options["temperature"] != 0.0:
+        return None
+    schema = _json_schema_of(body.response_format)
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not properties or not isinstance(properties, dict) or len(properties) > FIELD_BY_FIELD_MAX_PROPERTIES:
+        return None
+    return schema
+
+
+def _structured_answer(
+    engine, schema: dict, prompt_ids: list[int], options: dict, timeout: float | None, cancel: Future
+):
     """(JSON text, its token count) of a greedy answer to a json_schema object with fields, built as the
     local chat model builds it (`structured_json_text`: a field with a finite set of values scored whole,
     the others generated), so that a client of this server gets what a process running the model gets;
-    None for any other request, or when that answer would not fit max_tokens (the plain grammar answer
-    then says so with finish_reason "length")."""
-    from selfsteer.agents.local_llm import EngineClosed
-
-    schema = None if is_call else _json_schema_of(body.response_format)
-    if not schema or not schema.get("properties") or options["temperature"] != 0.0:
-        return None
+    None when that answer would not fit max_tokens (the plain grammar answer then says so with
+    finish_reason "length"). The fields together generate at most max_tokens tokens; each engine call
+    waits at most `timeout` seconds (then 504); `cancel` done: CancelledError."""
     budget = options["max_new_tokens"]
     try:
         text = structured_json_text(
-            engine, prompt_ids, schema, field_max_chars=budget, field_max_tokens=budget, temperature=0.0
-        )
-    except EngineClosed as error:
-        raise _shutting_down(error) from error
-    except (_RetryableOutput, ValueError, RuntimeError):  # too long, or a field xgrammar cannot compile alone
-        return None
+            engine, prompt_ids, schema, field_max_chars=budget, field_max_tokens=budget, max_tokens=budget,
+            timeout=timeout, cancel=cancel, temperature=0.0,
+        )  # fmt: skip
+    except Exception as error:
+        if (engine_error := _engine_error(error)) is not None:
+            raise engine_error from error
+        if isinstance(error, _RetryableOutput | ValueError | RuntimeError):
+            return None  # too long, or a field xgrammar cannot compile alone
+        raise
     tokens = len(engine.tokenizer.encode(text, add_special_tokens=False))
     return (text, tokens) if tokens <= budget else None
 
@@ -856,6 +913,21 @@ def _result(answer: asyncio.Future):
 
 def _shutting_down(error: Exception) -> OpenAIError:
     return OpenAIError(503, f"{error}: try again later", type="server_error", code="server_shutting_down")
+
+
+def _engine_error(error: BaseException) -> OpenAIError | None:
+    """The answer to an engine failure that is no fault of the request: 503 for an engine that is
+    closed or closing, 504 for one that did not answer in time; None for any other error."""
+    from selfsteer.agents.local_llm import EngineClosed
+
+    if isinstance(error, EngineClosed):
+        return _shutting_down(error)
+    if isinstance(error, TimeoutError):
+        return OpenAIError(
+            504, "the model did not answer within the server's timeout: try again later",
+            type="server_error", code="timeout",
+        )  # fmt: skip
+    return None
 
 
 async def _disconnected(request: Request) -> None:

@@ -148,10 +148,28 @@ def test_stream_concatenates_to_the_greedy_answer(base_url):
     assert any(c.usage_metadata and c.usage_metadata["output_tokens"] > 0 for c in chunks)  # usage chunk
 
 
-def test_concurrent_requests_are_all_answered(base_url):
-    # batch() sends the requests at once from threads; they meet in the engine's micro-batch.
-    answers = _client(base_url, max_tokens=4).batch(["Name a color.", "Name a fruit.", "Name a city."])
+def test_concurrent_requests_share_forward_passes(base_url, engine):
+    # batch() sends the requests at once from threads. The engine's worker is held in a decode step
+    # until all three wait in its queue, so they are taken in together whatever the machine's speed.
+    prompts = ["Name a color.", "Name a fruit.", "Name a city."]
+    answers: list = []
+    with _worker_held(engine):
+        before = dict(engine.stats)
+        sender = threading.Thread(
+            target=lambda: answers.extend(_client(base_url, max_tokens=4).batch(prompts)), daemon=True
+        )
+        sender.start()
+        _wait_until(lambda: engine.queued == len(prompts), "the three requests wait in the engine")
+    sender.join(timeout=120)
     assert len(answers) == 3 and all(isinstance(a.content, str) and a.content for a in answers)
+    assert engine.stats["requests"] - before["requests"] == 3
+    assert engine.stats["batches"] - before["batches"] == 1  # started together
+    # Shared passes: each decode step gives every one of them its next token, so the steps are those
+    # of the longest answer (its first token comes from its prefill, its end of turn from a step),
+    # plus one: the step that drops the held answer before they are taken in. One by one they would
+    # take a step per token of each.
+    longest = max(a.usage_metadata["output_tokens"] for a in answers)
+    assert engine.stats["steps"] - before["steps"] <= longest + 1
 
 
 def test_structured_output_json_schema(base_url):
@@ -309,6 +327,27 @@ def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def _worker_held(engine) -> Iterator[None]:
+    """Holds the engine's worker inside a decode step (an answer's on_text waits on an event) for the
+    length of the block: whatever is submitted meanwhile waits in the engine's queue, and an engine
+    call with a timeout runs out, however fast the machine is."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_piece: str) -> None:
+        entered.set()
+        release.wait()
+
+    prompt = engine.chat_prompt_ids([{"role": "user", "content": PROMPT}])
+    blocker = engine.submit(prompt, max_new_tokens=64, on_text=hold)
+    try:
+        _wait_until(entered.is_set, "the worker is held")
+        yield
+    finally:
+        blocker.cancel()
+        release.set()
+
+
 def _chat(url: str, **body) -> httpx.Response:
     body.setdefault("messages", [{"role": "user", "content": PROMPT}])
     return httpx.post(f"{url}/chat/completions", json=body, timeout=120)
@@ -386,8 +425,8 @@ def test_an_abandoned_request_stops_generating(base_url, engine, stream):
     payload = json.dumps(body).encode()
     with socket.create_connection((host, int(port)), timeout=120) as conn:
         conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload)
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(payload), payload)
         )
         if stream:
             received = b""
@@ -405,6 +444,114 @@ def test_an_engine_that_is_shutting_down_answers_503(engine):
     for url in _run_uvicorn(create_app(closing)):
         error = _assert_openai_error(_chat(url, max_tokens=2), 503)
         assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+# Both ask the engine something before the answer is generated: whether to call a tool (scored), and
+# the first field's value (scored: it is one of a finite set).
+BEFORE_GENERATION = {
+    "tools": {"tools": [WEATHER_TOOL], "tool_choice": "auto"},
+    "fields": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "m", "schema": Mood.model_json_schema()},
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("asks", BEFORE_GENERATION.values(), ids=BEFORE_GENERATION.keys())
+def test_a_closed_engine_answers_503_before_generation_too(engine, asks):
+    # Before the fix the tool-choice scoring's EngineClosed became 400 invalid_schema ("tools").
+    closing = LocalEngine(engine.model, engine.tokenizer)  # the same weights, its own worker
+    closing.close(cancel=True, reason="the server is shutting down")
+    for url in _run_uvicorn(create_app(closing)):
+        error = _assert_openai_error(_chat(url, max_tokens=8, **asks), 503)
+        assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+
+
+@pytest.mark.parametrize("asks", BEFORE_GENERATION.values(), ids=BEFORE_GENERATION.keys())
+def test_an_engine_that_does_not_answer_in_time_gets_504(engine, asks):
+    # The worker is held, so the engine's answer cannot come within any timeout.
+    for url in _run_uvicorn(create_app(engine, engine_timeout_s=0.2)):
+        with _worker_held(engine):
+            error = _assert_openai_error(_chat(url, max_tokens=8, **asks), 504)
+        assert error["code"] == "timeout" and error["type"] == "server_error"
+
+
+def _fields_schema(count: int, field: dict) -> dict:
+    names = [f"f{n}" for n in range(count)]
+    return {"type": "object", "properties": dict.fromkeys(names, field), "required": names}
+
+
+def test_field_by_field_json_is_bounded_by_max_tokens(base_url, engine):
+    # Eight generated fields of six tokens each (` [1, 2]`): before the fix each field had the whole
+    # max_tokens, so all eight were generated (48 tokens, 40 decode steps), found too long, and
+    # generated again as one grammar answer.
+    digits = {"type": "integer", "minimum": 0, "maximum": 9}
+    schema = _fields_schema(8, {"type": "array", "items": digits, "minItems": 2, "maxItems": 2})
+    max_tokens = 12
+    before = dict(engine.stats)
+    response = _chat(
+        base_url,
+        max_tokens=max_tokens,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= max_tokens
+    # A decode step per generated token after each answer's first: at most max_tokens in the
+    # field-by-field attempt, at most max_tokens more in the grammar answer that replaces it.
+    assert engine.stats["steps"] - before["steps"] <= 2 * max_tokens
+
+
+def test_a_schema_with_many_fields_is_answered_in_one_generation(base_url, engine):
+    # Field by field, each of these would cost a scoring pass over the prompt; beyond the cap the
+    # whole object is one grammar-constrained answer.
+    schema = _fields_schema(openai_server.FIELD_BY_FIELD_MAX_PROPERTIES + 1, {"type": "boolean"})
+    before = dict(engine.stats)
+    response = _chat(
+        base_url,
+        max_tokens=8,
+        response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": schema}},
+    )
+    assert response.status_code == 200, response.text
+    assert engine.stats["requests"] - before["requests"] == 1
+
+
+def test_an_abandoned_field_by_field_answer_stops_generating(base_url, engine):
+    # The first field must hold 200 numbers (hundreds of tokens); the client leaves while it is
+    # generated. Before the fix nothing watched the connection on this path.
+    schema = {
+        "type": "object",
+        "properties": {
+            "numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 200},
+            "done": {"type": "boolean"},
+        },
+        "required": ["numbers", "done"],
+    }
+    body = {
+        "messages": [{"role": "user", "content": LONG_PROMPT}],
+        "max_tokens": 1000,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    }
+    before = dict(engine.stats)
+    host, port = base_url.removeprefix("http://").split("/")[0].split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=120) as conn:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(payload), payload)
+        )
+        _wait_until(lambda: engine.stats["steps"] - before["steps"] >= 5, "the field is being generated")
+    _wait_until(lambda: engine.stats["cancelled"] > before["cancelled"], "the field is cancelled")
+    _wait_until(lambda: engine.stats["running"] == 0, "its place in the engine is free")
+    assert engine.stats["requests"] - before["requests"] == 1  # and no field after it was asked for
 
 
 def test_sigterm_stops_the_server_while_it_generates():
@@ -571,8 +718,8 @@ def test_wrong_method_gets_405_with_allow(base_url):
 def test_openapi_declares_the_responses(capped_url, keyed_url):
     spec = httpx.get(capped_url.removesuffix("/v1") + "/openapi.json").json()
     chat = spec["paths"]["/v1/chat/completions"]["post"]
-    assert set(chat["responses"]) == {"200", "400", "413", "422", "503"}  # no 401: this one has no key
-    for status in ("400", "413", "422", "503"):
+    assert set(chat["responses"]) == {"200", "400", "413", "422", "503", "504"}  # no 401: no key here
+    for status in ("400", "413", "422", "503", "504"):
         assert chat["responses"][status]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorResponse"
         }
