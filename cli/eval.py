@@ -83,6 +83,13 @@ def add_parser(subparsers, name: str) -> None:
     suite.add_argument(
         "--eval-steps", type=int, default=None, help="evaluate every N steps (default: tiny 10, small 15)"
     )
+    suite.add_argument(
+        "--no-hold",
+        dest="hold",
+        action="store_false",
+        help="let each run train on while its supervisor decides (the default holds it from each evaluation "
+        "to the decision on it, so the decision acts on the state it saw)",
+    )
     suite.add_argument("--out", default="runs/lr-suite", help="output folder (default runs/lr-suite)")
     suite.add_argument(
         "--retries",
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         )
     config = SuiteConfig(
         recipes=recipes.split(","), seeds=args.seeds, supervisors=supervisors.split(","),
-        llm=args.llm, base_url=args.base_url, api_key=args.api_key, retries=args.retries,
+        llm=args.llm, base_url=args.base_url, api_key=args.api_key, retries=args.retries, hold=args.hold,
         ray=args.ray, ray_address=args.ray_address, ray_cpus=args.ray_cpus,
         cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
     )  # fmt: skip

@@ -82,6 +82,9 @@ class SuiteConfig:
     base_url: str | None = None
     api_key: str | None = None
     retries: int = 1  # a failed run is run again this many times, then reported as failed
+    # Hold the run from each evaluation to the decision on it (as `selfsteer train` does by default);
+    # False lets it train on while the supervisor decides (`--no-hold`), as an outside supervisor would.
+    hold: bool = True
     # Ray Tune (evals/lr_suite_ray.py): each run a trial, on this machine's Ray or on a cluster
     ray: bool = False
     ray_address: str | None = None  # default $RAY_ADDRESS, else Ray started here
@@ -158,7 +161,7 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
             run_supervision(
                 # A supervisor of its own per run: a cell run again after an interruption starts afresh.
                 url, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{run.run_id}",
-                pause_while_deciding=True, self_correct=SelfCorrection() if self_correct else None,
+                pause_while_deciding=config.hold, self_correct=SelfCorrection() if self_correct else None,
             )  # fmt: skip
         except Exception:  # a supervisor crash never stops the run; it is reported
             traceback.print_exc(file=sys.stderr)
@@ -170,7 +173,7 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
         db=db,
         port=0,
         supervisor=supervise if supervisor is not None else None,
-        hold_for_supervisor=True,  # each decision is about the evaluation it follows
+        hold_for_supervisor=config.hold,  # each decision is about the evaluation it follows
     )
     try:
         summary = run.train()

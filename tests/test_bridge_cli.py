@@ -56,3 +56,14 @@ def test_dashboard_refuses_a_missing_store_and_an_open_host_without_token(tmp_pa
     assert main(["dashboard", "--db", str(tmp_path / "s.sqlite"), "--host", "0.0.0.0"]) == 2
     assert "needs --token" in capsys.readouterr().err
     assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_the_printed_address_carries_the_token_percent_encoded(tmp_path, capsys):
+    from urllib.parse import parse_qs, urlparse
+
+    token = "a/b+c=d&e f"  # each would change the query's meaning unencoded
+    argv = ["train", "--recipe", "tiny", "--set", "training.max_steps=2", "--port", "0", "--token", token]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--db", str(tmp_path / "runs.sqlite")]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "dashboard and API at" in line]
+    address = urlparse(line.split(" at ")[1])
+    assert address.query == "token=a%2Fb%2Bc%3Dd%26e+f" and parse_qs(address.query) == {"token": [token]}
