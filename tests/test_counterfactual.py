@@ -3,7 +3,6 @@ never collected, labels follow the measured noise margin, and the CLI collects, 
 Real training runs of the tiny workload."""
 
 import json
-import math
 
 import pytest
 from datasets import load_from_disk
@@ -15,12 +14,14 @@ from selfsteer.agents.intervener_data import (
     grounded,
     label,
     noise_margin,
+    numbers,
     observation_of,
     prompt_messages,
     read_rows,
 )
 from selfsteer.agents.observation import Observation
 from selfsteer.evals.counterfactual import HELD_OUT, RunSpec, collect_run, default_specs
+from selfsteer.evals.lr_suite import DEFAULT_LRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,13 +60,20 @@ def test_a_branch_other_than_keep_is_the_live_run_under_that_policy():
 
 
 def test_held_out_workloads_are_never_collected():
+    # The start lr of every held-out cell of the lr-suite (too low, good, too high), on a collected
+    # shape and optimizer: the lr alone makes a spec held out.
+    held_lrs = sorted(DEFAULT_LRS["deep-rmsprop"].values())
+    assert len(held_lrs) == 3
     for held in (
         {"shape": HELD_OUT["shape"]},
         {"optimizer": HELD_OUT["optimizer"]},
-        {"lr": HELD_OUT["start_lrs"][1]},
+        *({"lr": lr} for lr in held_lrs),
+        *({"lr": lr * 1.0005} for lr in held_lrs),  # the same cell, written with rounding
     ):
         with pytest.raises(ValueError, match="held out for evaluation"):
             RunSpec(**held)
+    for lr in held_lrs:
+        assert RunSpec(lr=lr * 1.01).lr == lr * 1.01  # a neighbour of a held-out lr is collected
     specs = default_specs(seeds=range(5), shapes=("tiny", "tiny-wide", "small-narrow", "small"))
     assert not any(s.shape == HELD_OUT["shape"] or s.optimizer == HELD_OUT["optimizer"] for s in specs)
     assert {s.optimizer for s in specs} == {"adamw", "sgd"}
@@ -127,7 +135,10 @@ def test_grounding_catches_a_number_that_is_not_in_the_prompt():
     assert grounded("Eval loss fell from 3.512 to 3.498 at 0.01.", prompt)
     assert not grounded("Eval loss fell to 3.4 at 0.01.", prompt)
     assert grounded("No numbers at all.", prompt)
-    assert math.isfinite(float("3.498"))
+    # Numbers are compared as values, not as spellings: every cell of the table is read, once each.
+    assert numbers(prompt) == {"10.0", "0.01", "3.512", "3.498"}
+    assert grounded("Eval loss fell to 3.4980 at 1e-2 by step 10.", prompt)
+    assert not grounded("Eval loss fell to 3.49 at 0.01.", prompt)  # a prefix of 3.498 is another number
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
