@@ -421,11 +421,23 @@ def test_decision_markers_tooltips_and_the_history_view(tmp_path, open_page):
         page.wait_until(lambda: markers.count() == 3, "three decision markers on the loss chart")
         assert [markers.nth(i).get_attribute("data-action") for i in range(3)] == ["halve", "double", "keep"]
         assert len(assert_markers_on_the_curve(page, store, live.run.run_id, "loss")) == 3
+        # Each marker stands where its decision took effect (a keep sends nothing: where it was observed).
+        decisions = store.list_decisions(live.run.run_id)
+        assert [d["applied_step"] is not None for d in decisions] == [True, True, False]
+        effect = [d["applied_step"] if d["applied_step"] is not None else d["step"] for d in decisions]
+        assert [int(markers.nth(i).get_attribute("data-step")) for i in range(3)] == effect
+        assert [int(markers.nth(i).get_attribute("data-observed-step")) for i in range(3)] == [
+            d["step"] for d in decisions
+        ]
         markers.nth(0).hover()
         tooltip = page.by_id("decision-tooltip")
         tooltip.wait_for()
         text = tooltip.inner_text()
         assert "halve" in text and "the loss went up twice in a row" in text and "scripted" in text
+        # Seen at the evaluation of step 40 (training held at 41), its command applied at a later boundary.
+        applied = decisions[0]["applied_step"]
+        assert decisions[0]["step"] == 40 and applied > 40
+        assert f"observed at step 40, took effect at step {applied}" in text
         assert len(page.console_lines("decision")) == 3
         page.screenshot("markers")
         live.gate.release(121)
