@@ -593,13 +593,22 @@ def test_sigterm_stops_the_server_while_it_generates():
         reader.start()
         _wait_until(streaming.is_set, "the answer streams")
         os.kill(process.pid, signal.SIGTERM)  # while it generates
-        # A liveness bound from the signal on: before the fix the server finished the answer first
-        # (about a minute), then exited. uvicorn re-raises the signal once it has shut down, so the
-        # exit status says SIGTERM.
-        assert process.wait(timeout=15) in (0, -signal.SIGTERM)
-        reader.join(timeout=15)
-        # The client was told, in-stream, why its answer ended (no finish_reason, no [DONE]).
-        assert any("shutting down" in line for line in lines), lines[-3:]
+        # What makes the exit quick is asserted, not how quick it is (evals/bench_serve_llm.py's
+        # `sigterm` scenario prints the seconds): the signal handler cancels the answer in progress.
+        # A handler that only stopped uvicorn would leave the stream running until uvicorn's grace
+        # period cut its connection, with no word to the client. The bound is a hang guard only.
+        # uvicorn re-raises the signal once its own shutdown is done: the exit status says SIGTERM.
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        reader.join(timeout=60)
+        assert not reader.is_alive()
+        events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+        # The stream's last event is the cancellation's error, sent while the connection was open.
+        error = events[-1].get("error") or {}
+        assert error.get("code") == "server_shutting_down", lines[-3:]
+        assert "shutting down" in error["message"]
+        chunks = events[:-1]
+        assert len(chunks) >= 3 and all("error" not in e for e in chunks)  # those awaited before the signal
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks)  # cut short, not finished
         assert "data: [DONE]" not in lines
     finally:
         if process.poll() is None:
