@@ -77,9 +77,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     add_supervisor_arguments(parser, default=None)
     parser.add_argument(
         "--pause-while-deciding",
-        action="store_true",
-        help="hold training from each evaluation until the supervisor has decided and acted on it, so "
-        "each decision is about the state it saw (default: training goes on beside it)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold training from each evaluation until the supervisor has decided and acted on it, so each "
+        "decision acts on the state it saw (default). --no-pause-while-deciding lets training go on beside "
+        "the supervisor: faster, but its decisions land later than the evaluation they answer (on the "
+        "lr-suite's tiny cells most runs ended before a second decision and nothing was rescued)",
     )
     add_llm_arguments(parser)
     return parser
