@@ -204,14 +204,23 @@ class CompletionHeadSFTTrainer(SFTTrainer):
             ignore_index=-100,
             reduction="none",
         ).view(targets.shape)
-        mask = (targets != -100).float()
-        weights = mask.clone()
-        rows = torch.nonzero(mask.any(1)).flatten()
-        action_at = mask.argmax(1)[rows] + ACTION_TOKEN
-        inside = action_at < targets.shape[1]
-        weights[rows[inside], action_at[inside]] *= self.action_weight
+        weights = label_weights(labels, self.action_weight)[:, labels.shape[1] - keep + 1 :]
         loss = (per_token * weights).sum() / weights.sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss
+
+
+def label_weights(labels, action_weight: float):
+    """Each position's weight in the loss, shaped like `labels`: 0 off the answer, 1 on it, and
+    `action_weight` on the action's token (the answer's `ACTION_TOKEN`-th)."""
+    import torch
+
+    mask = (labels != -100).float()
+    weights = mask.clone()
+    rows = torch.nonzero(mask.any(1)).flatten()
+    action_at = mask.argmax(1)[rows] + ACTION_TOKEN
+    inside = action_at < labels.shape[1]
+    weights[rows[inside], action_at[inside]] *= action_weight
+    return weights
 
 
 def split(rows: list[dict], config: IntervenerConfig) -> tuple[list[dict], list[dict]]:

@@ -4,14 +4,31 @@ the shipped adapter and its card, and `--supervisor intervener` steering a real 
 import json
 import math
 import shutil
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from helpers.cli import selfsteer
 from safetensors.torch import load_file
 
-from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
-from selfsteer.agents.intervener_data import explain, grounded, observation_of, read_rows
-from selfsteer.agents.supervisors import ACTIONS
+from selfsteer.agents.intervener import (
+    ADAPTER_DIR,
+    CompletionHeadSFTTrainer,
+    IntervenerConfig,
+    IntervenerSupervisor,
+    label_weights,
+    wilson,
+)
+from selfsteer.agents.intervener_data import (
+    examples,
+    explain,
+    grounded,
+    label,
+    noise_margin,
+    observation_of,
+    read_rows,
+)
+from selfsteer.agents.supervisors import ACTIONS, RuleSupervisor
 from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect
 from selfsteer.trainer_bridge.store import Store
 
@@ -29,8 +46,26 @@ def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 1 and metrics["train_examples"] <= 8
     assert metrics["validation_rows"] == 4  # the seed-3 runs: two decision points each
-    for policy in ("intervener", "keep", "rule"):
-        assert 0 <= metrics["validation"][policy]["accuracy"] <= 1
+    # Each policy's accuracy, recounted from the collected rows: the labels, the rule supervisor's own
+    # answers, and the intervener's answers (all four rows are among the explained ones).
+    rows = read_rows([data])
+    margin = noise_margin(rows)
+    held = [r for r in rows if r["spec"]["seed"] == 3]
+    labels = [label(r, margin) for r in held]
+    validation = metrics["validation"]
+    assert metrics["noise_margin"] == margin and validation["labels"] == dict(Counter(labels))
+    answers = validation["answers"]
+    assert [a["label"] for a in answers] == labels
+    chosen = {
+        "keep": ["keep"] * len(held),
+        "rule": [RuleSupervisor().decide(observation_of(r)).action for r in held],
+        "intervener": [a["action"] for a in answers],
+    }
+    for policy, actions in chosen.items():
+        hits = sum(a == b for a, b in zip(actions, labels, strict=True))
+        assert validation[policy]["accuracy"] == hits / 4, policy
+        assert validation[policy]["accuracy_ci95"] == list(wilson(hits, 4)), policy
+        assert validation[policy]["actions"] == dict(Counter(actions)), policy
     assert '"intervener"' in said.stdout
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(str(t.dtype) == "torch.float16" for t in weights.values())
@@ -40,6 +75,63 @@ def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
     assert set(bias) == set(ACTIONS) and bias == metrics["choice_bias"]
     # -log(mean probability) over the scored rows: the three mean probabilities sum to one
     assert sum(math.exp(-b) for b in bias.values()) == pytest.approx(1.0)
+
+
+def test_the_action_token_alone_weighs_action_weight_in_the_loss(tmp_path):
+    """The batch TRL builds from one example per action: the one position weighted 30x is the action's
+    first token, right after `{"action": "`, and the trainer's loss applies exactly those weights."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from selfsteer.agents.local_llm import load_embedded_model
+
+    margin = json.loads((ADAPTER_DIR / "metrics.json").read_text())["noise_margin"]
+    one_each = {}
+    for example in examples(read_rows([ADAPTER_DIR / "examples.jsonl"]), margin):
+        one_each.setdefault(example["label"], example)
+    assert set(one_each) == set(ACTIONS)
+    model, tokenizer = load_embedded_model()
+    tokenizer.padding_side = "right"  # as train_intervener pads
+    dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in one_each.values()])
+    config = IntervenerConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(one_each))
+    trainer = CompletionHeadSFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        action_weight=30.0,
+    )  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels, ids = batch["labels"], batch["input_ids"]
+    weights = label_weights(labels, 30.0)
+    seen = set()
+    for row in range(len(labels)):
+        answer = torch.nonzero(labels[row] != -100).flatten()
+        heavy = torch.nonzero(weights[row] == 30.0).flatten().tolist()
+        assert len(heavy) == 1
+        at = heavy[0]
+        action = json.loads(tokenizer.decode(ids[row, answer]).split("<|im_end|>")[0])["action"]
+        seen.add(action)
+        assert tokenizer.decode(ids[row, answer[0] : at]) == '{"action": "'
+        token = tokenizer.decode(ids[row, at])
+        assert token and action.startswith(token), (token, action)  # "halve" is two tokens: "hal", "ve"
+        assert tokenizer.decode(ids[row, at:]).startswith(action + '"')
+        others = [p for p in answer.tolist() if p != at]
+        assert weights[row, others].eq(1.0).all() and weights[row][labels[row] == -100].eq(0.0).all()
+    assert seen == set(ACTIONS)
+
+    # compute_loss weighs each position's cross-entropy by exactly these weights
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(*ids.shape, model.config.vocab_size, generator=generator)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, logits_to_keep=0, use_cache=False):
+            return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+    loss = CompletionHeadSFTTrainer.compute_loss(trainer, Fixed(), batch)
+    # logits at position p predict the token at p + 1
+    picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))
+    expected = (-picked.squeeze(-1) * weights[:, 1:]).sum() / weights[:, 1:].sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_calibration_bias_moves_the_answer_in_process_and_served(tmp_path):
