@@ -220,3 +220,23 @@ def test_a_supervisor_that_raises_while_holding_the_run_leaves_it_running(tmp_pa
     decided, journaled = summary["decisions"]
     assert decided["action"] == "double" and decided["applied_step"] is None  # it crashed before acting
     assert journaled["action"] == "keep" and "the loop itself crashed" in journaled["explanation"]
+
+
+def test_with_every_steps_no_decision_is_made_over_an_unjudged_one(tmp_path):
+    """`every_steps` wakes the loop between evaluations; a change not yet judged (no evaluation after it
+    took effect) is neither overwritten by a new decision nor checked in a loop that pauses the run at
+    every wake-up: the loop waits for the evaluation, and ends within its cap."""
+    summary, final, db = supervised_run(
+        tmp_path, AlwaysDouble(), 1e-4, SelfCorrection(margin=5.0), every_steps=3, max_iterations=20
+    )
+    with Store(db) as store:
+        run_id = summary["run_id"]
+        evals = [m["step"] for m in store.get_metrics(run_id, names=["eval_loss"])]
+        pauses = [c for c in store.list_commands(run_id) if c["type"] == "pause"]
+    decisions = summary["decisions"]
+    assert summary["steps"] == 60 and len(decisions) >= 3
+    assert all(d["action"] == "double" and d["applied_step"] is not None for d in decisions)
+    for made, following in zip(decisions, decisions[1:], strict=False):
+        # the next decision came only after an evaluation judged this one
+        assert any(made["applied_step"] < step <= following["step"] for step in evals), (made, following)
+    assert len(pauses) <= 2 * len(decisions) + 2  # a wake-up is a pause only when it can decide or judge

@@ -23,9 +23,9 @@ class AlwaysDouble(Supervisor):
         return Decision("double", "scripted: always double")
 
 
-def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection | None, on_decision=None):
+def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection | None, **loop):
     """A tiny run of 60 steps (eval every 10) that waits after each evaluation for the supervisor,
-    which pauses the run while it decides."""
+    which pauses the run while it decides; `loop`: more options of run_supervision."""
     db = tmp_path / "selfsteer.sqlite"
     final = {}
 
@@ -33,7 +33,7 @@ def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection
         final.update(
             run_supervision(
                 url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct,
-                on_decision=on_decision,
+                **loop,
             )
         )
 
