@@ -10,6 +10,7 @@ a short explanation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -283,6 +284,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
     output = Path(config.output_dir)
     trainer.model.save_pretrained(str(output))
     _half_precision(output / "adapter_model.safetensors")  # a few MB; merged back in float32 at load
+    adapter_sha256 = hashlib.sha256((output / "adapter_model.safetensors").read_bytes()).hexdigest()
     train_s = time.perf_counter() - started
     del trainer, model
 
@@ -296,6 +298,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
         "train_loss": result.training_loss,
         "train_steps": result.global_step,
         "train_s": train_s,
+        "adapter_sha256": adapter_sha256,
         "seed": config.seed,
         "strategy": config.strategy,
         "data": [str(d) for d in config.data],
@@ -503,7 +506,8 @@ cites the prompt's numbers (prompt strategy `{config.strategy}`). `--supervisor 
   linear layer, lr {config.learning_rate}, {config.num_train_epochs} epoch(s), batch
   {config.per_device_train_batch_size}, seed {config.seed}: {metrics["train_steps"]} steps,
   {metrics["train_s"] / 60:.1f} min on this machine's CPU, final train loss {metrics["train_loss"]:.4f}.
-  Weights stored in float16.
+  Weights stored in float16: `adapter_model.safetensors`, sha256
+  {metrics["adapter_sha256"]}.
 - **Calibration** (`calibration.json`): {_calibration_text(metrics)}
 - **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --examples {config.max_examples} --seed {config.seed} --out {config.output_dir}`
 

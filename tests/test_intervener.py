@@ -1,6 +1,7 @@
 """The intervener: TRL SFT of a LoRA adapter on collected counterfactual rows (a real, short training),
 the shipped adapter and its card, and `--supervisor intervener` steering a real run."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -155,11 +156,42 @@ def test_calibration_bias_moves_the_answer_in_process_and_served(tmp_path):
 
 
 def test_the_shipped_adapter_is_small_and_carded():
-    size = (ADAPTER_DIR / "adapter_model.safetensors").stat().st_size
-    assert size < 8 * 2**20
+    weights = (ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+    assert len(weights) < 8 * 2**20
     card = (ADAPTER_DIR / "README.md").read_text()
     for fact in ("Data", "Training", "Reproduce", "seed", "Validation"):
         assert fact in card
+    # The card describes these very weights: the file's hash is the one metrics.json and the card record.
+    metrics = json.loads((ADAPTER_DIR / "metrics.json").read_text())
+    assert hashlib.sha256(weights).hexdigest() == metrics["adapter_sha256"]
+    # Every figure the card quotes from metrics.json, spelled as the card spells it (model_card's formats).
+    m, v = metrics, metrics["validation"]
+    means = ", ".join(f"{a} {math.exp(-b):.3f}" for a, b in m["choice_bias"].items())
+    quoted = [
+        f"prompt strategy `{m['strategy']}`",
+        f"sha256\n  {m['adapter_sha256']}.",
+        f"- **Data**: {m['rows']} counterfactual decision points",
+        f"({', '.join(m['data'])}); labels:",
+        f"the noise margin {m['noise_margin']:.2%}. Trained on {m['train_rows']} rows",
+        f"drawn equally per label: {m['train_examples']} examples {m['train_labels']}.",
+        f"seed {m['seed']}: {m['train_steps']} steps,",
+        f"{m['train_s'] / 60:.1f} min on this machine's CPU, final train loss {m['train_loss']:.4f}.",
+        f"on sampled training rows were {means};",
+        f": {m['validation_rows']} decision points)",
+        f"Labels: {v['labels']}.",
+        f"{v['grounded']:.0%} of {len(v['answers'])};",
+        f"with the model's own explanation {v['median_latency_s']:.2f} s",
+    ]
+    for policy in ("intervener", "keep", "rule"):
+        p = v[policy]
+        low, high = p["accuracy_ci95"]
+        quoted.append(f"| {policy} | {p['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {p['mean_regret']:.4f} | {p['actions']} |")
+    for a in v["answers"][:3]:
+        quoted.append(
+            f'- label {a["label"]}, answered {a["action"]}: "{a["explanation"]}" (grounded: {a["grounded"]})'
+        )
+    for figure in quoted:
+        assert figure in card, figure
 
 
 def test_the_intervener_answers_a_grounded_decision():
