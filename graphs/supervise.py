@@ -46,6 +46,7 @@ from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools
+from selfsteer.trainer_bridge.client import CommandTimeout
 from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
 
 
@@ -147,8 +148,7 @@ def build_supervision_graph(
         run_state = tools.read_state()
         iteration = state.get("iteration", 0)
         # At the last step there is nothing left to steer (the final evaluation comes after it).
-        max_steps = run_state.get("max_steps")
-        trained_out = bool(max_steps) and int(run_state.get("step") or 0) >= max_steps
+        trained_out = _trained_out(run_state)
         deciding = (
             run_state.get("phase") not in FINISHED_PHASES
             and not trained_out
@@ -351,14 +351,24 @@ def build_supervision_graph(
         }
         why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
         loaded = None
-        if point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
+        # Judged after its last step, a run has nothing left to retry on (and applies no more commands).
+        ended = _trained_out(tools.read_state())
+        if not ended and point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
             branch = f"retry-{iteration}"
             # Under a key: a supervisor that dies in this node and comes back rolls back once, not twice.
             rollback_key = key(state["run_id"], config, "load-rollback", iteration)
             sent = tools.client.load_checkpoint(pending["checkpoint"], branch, idempotency_key=rollback_key)
-            loaded = tools.client.wait(sent["uuid"], timeout=tools.wait_s)  # until the run has it
-            why = f"the rollback failed: {loaded.get('error')}"
-        if loaded is not None and loaded["status"] == "success":
+            try:
+                loaded = tools.client.wait(sent["uuid"], timeout=tools.wait_s)  # until the run has it
+                why = f"the rollback failed: {loaded.get('error')}"
+            except CommandTimeout:
+                if not _trained_out(tools.read_state()):
+                    raise
+                ended = True  # it trained its last step meanwhile: the command is never applied
+        if ended:
+            outcome |= {"why_not_rolled_back": "the run ended first"}
+            update["finished"] = True
+        elif loaded is not None and loaded["status"] == "success":
             outcome |= {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
             update |= {
                 "rollbacks": state.get("rollbacks", 0) + 1,
@@ -368,14 +378,23 @@ def build_supervision_graph(
         else:
             # Over the budget (or no rollback point): keep the weights, give the lr back.
             revert_key = key(state["run_id"], config, "revert", iteration)
-            row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
-            outcome |= {"reverted": True, "why_not_rolled_back": why}
-            update |= {
-                "reverts": state.get("reverts", 0) + 1,
-                "lr": pending["lr_before"],
-                "observation": {**state["observation"], "lr": pending["lr_before"]},
-            }
-            update["sent_lr"] = {"uuid": row["uuid"], "lr": pending["lr_before"]}
+            try:
+                row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
+            except BridgeHTTPError as error:
+                if error.status_code != 409:
+                    raise
+                row = None  # the run ended meanwhile
+            if row is None:
+                outcome |= {"why_not_rolled_back": f"{why}; the run ended first"}
+                update["finished"] = True
+            else:
+                outcome |= {"reverted": True, "why_not_rolled_back": why}
+                update |= {
+                    "reverts": state.get("reverts", 0) + 1,
+                    "lr": pending["lr_before"],
+                    "observation": {**state["observation"], "lr": pending["lr_before"]},
+                    "sent_lr": {"uuid": row["uuid"], "lr": pending["lr_before"]},
+                }
         if pending["decision_id"] is not None:
             update_row = DecisionUpdate(
                 reflection=reflection, outcome=_finite(outcome), rolled_back="rolled_back_to" in outcome
@@ -538,6 +557,13 @@ def _run_over(command) -> bool:
         if error.status_code == 409:
             return False
         raise
+
+
+def _trained_out(run_state: dict) -> bool:
+    """The run has ended, or trained its last step: nothing is left to steer."""
+    max_steps = run_state.get("max_steps")
+    last_step = bool(max_steps) and int(run_state.get("step") or 0) >= max_steps
+    return run_state.get("phase") in FINISHED_PHASES or last_step
 
 
 def _current_lr(run_state: dict, rows: list[dict]) -> float:

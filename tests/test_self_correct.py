@@ -240,3 +240,39 @@ def test_with_every_steps_no_decision_is_made_over_an_unjudged_one(tmp_path):
         # the next decision came only after an evaluation judged this one
         assert any(made["applied_step"] < step <= following["step"] for step in evals), (made, following)
     assert len(pauses) <= 2 * len(decisions) + 2  # a wake-up is a pause only when it can decide or judge
+
+
+class StopsTheRunWhileReflecting(AlwaysDouble):
+    """Doubles; asked to reflect on a failure, first stops the run and waits until it has ended: the
+    rollback that follows finds a run that trains no more."""
+
+    name = "stops-while-reflecting"
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+
+    def reflect(self, observation, action, facts):
+        self.live.client.stop()
+        self.live.join()
+        return facts
+
+
+def test_a_failure_judged_as_the_run_ends_is_recorded_without_a_rollback(tmp_path):
+    """A check that fails a change when the run has no steps left (it ended while the supervisor
+    judged) records the failure and ends the loop: no rollback into a run that will not apply it, no
+    crash of the supervisor on the finished run."""
+    overrides = ["training.max_steps=100000", "training.eval_steps=10", "training.learning_rate=0.3"]
+    with LiveRun(tmp_path, overrides) as live, Store(live.db) as store:
+        final = run_supervision(
+            live.run.url, StopsTheRunWhileReflecting(live), db=str(live.db), max_iterations=5,
+            pause_while_deciding=True, self_correct=SelfCorrection(margin=0.0),
+        )  # fmt: skip
+        run_id = live.run.run_id
+        decisions = store.list_decisions(run_id)
+        types = [c["type"] for c in store.list_commands(run_id) if c["source"] == "stops-while-reflecting"]
+    assert final["finished"]
+    failed = decisions[-1]
+    assert failed["reflection"] and failed["outcome"]["why_not_rolled_back"] == "the run ended first"
+    assert failed["outcome"]["verdict"]["failed"] and not failed["rolled_back"]
+    assert "load_checkpoint" not in types
