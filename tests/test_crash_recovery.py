@@ -10,10 +10,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers.polling import wait_for
 
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.store import Store
@@ -45,15 +45,6 @@ def url_of(process: subprocess.Popen) -> str:
         if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
             return match.group(1)
     raise AssertionError(f"no URL line (exit code {process.wait()})")
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-    return value
 
 
 def paused_off_a_save_step(client: BridgeClient) -> int:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers.cli import served_dashboard
 from helpers.self_correct import AlwaysDouble, supervised_run
 from playwright.sync_api import sync_playwright
 
@@ -36,17 +35,8 @@ def test_a_rollback_is_marked_and_the_abandoned_branch_faded_in_the_history(tmp_
     summary, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection())
     with Store(db) as store:
         failed = next(d for d in store.list_decisions(summary["run_id"]) if d["rolled_back"])
-    server = subprocess.Popen(
-        [sys.executable, "-m", "selfsteer.cli.main", "dashboard", "--db", str(db), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        match = None
-        for line in server.stdout:
-            if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
-                break
-        assert match
-        page = open_page(match.group(1))
+    with served_dashboard(db) as url:
+        page = open_page(url)
         page.by_id(f"run-row-{summary['run_id']}").click()
         lines = page.by_id("chart-eval_loss").get_by_test_id("rollback-marker")
         page.wait_until(lambda: lines.count() >= 1, "a rollback marker on the eval loss chart")
@@ -62,9 +52,6 @@ def test_a_rollback_is_marked_and_the_abandoned_branch_faded_in_the_history(tmp_
         assert failed["reflection"] in rolled.inner_text()
         page.screenshot("rollback")
         assert page.errors == []
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 DASHBOARD = Path(dashboard.__file__).parent
@@ -453,20 +440,8 @@ def test_decision_markers_tooltips_and_the_history_view(tmp_path, open_page):
         )
 
     # The history: a server over the store alone, no run training.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "selfsteer.cli.main", "dashboard", "--db", str(live.db), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # warnings go there; the URL line is on stdout
-        text=True,
-    )
-    try:
-        lines = []
-        for line in server.stdout:
-            lines.append(line)
-            if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
-                break
-        assert match, lines
-        page = open_page(match.group(1))
+    with served_dashboard(live.db) as url:
+        page = open_page(url)
         page.by_id(f"run-row-{run_id}").click()
         page.wait_until(lambda: page.attr_int("chart-loss", "data-points") >= 120, "the run's losses")
         assert page.page.get_by_test_id("decision-row").count() == 4
@@ -482,9 +457,6 @@ def test_decision_markers_tooltips_and_the_history_view(tmp_path, open_page):
         assert "set_optimizer" in journal and "stop" in journal
         page.screenshot("history")
         assert page.errors == []
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_token_protected_server_asks_for_the_token(tmp_path, open_page):

@@ -5,13 +5,11 @@ both are refused. A server bound beyond loopback has a token and is not restrict
 
 from __future__ import annotations
 
-import re
 import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
+from helpers.cli import served_dashboard
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -115,25 +113,12 @@ def test_selfsteer_dashboard_refuses_foreign_hosts(tmp_path):
     db = tmp_path / "runs.sqlite"
     with Store(db) as store:
         store.create_run("one")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "selfsteer.cli.main", "dashboard", "--db", str(db), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        match = None
-        for line in server.stdout:
-            if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
-                break
-        assert match
-        url = match.group(1)
+    with served_dashboard(db) as url:
         check_host(url, "/api/runs", "detail")
         check_host(url, "/", "detail")
         # Nothing here changes state, so any method is refused on Origin before routing (not 405).
         response = httpx.post(url + "/api/runs", headers={"Origin": "http://evil.example"})
         assert response.status_code == 403, response.text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_serve_llm_refuses_foreign_hosts_and_origins():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import pytest
+from helpers.polling import wait_for
 from helpers.self_correct import AlwaysDouble, supervised_run
 
 from selfsteer.agents.decision_data import decision_rows
@@ -147,14 +147,6 @@ class DecidesLate(Supervisor):
         self.gate.release(11)
         self.gate.wait(25)
         return Decision("double", f"scripted at step {observation.step}")
-
-
-def wait_for(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition never held")
-        time.sleep(0.05)
 
 
 def test_in_the_unheld_loop_a_change_is_judged_by_an_evaluation_after_it_took_effect(tmp_path):

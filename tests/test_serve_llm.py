@@ -415,12 +415,10 @@ def test_a_short_request_completes_while_a_long_one_generates(base_url, engine):
     _wait_until(lambda: engine.stats["running"] == 0, "the long answer is cancelled once its client left")
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_an_abandoned_request_stops_generating(base_url, engine, stream):
-    before = dict(engine.stats)
-    body = {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1000, "stream": stream}
-    # A raw socket: the client sends its request, waits until the answer is being generated (the
-    # first chunk of a stream; a plain answer has none before its end), then closes the connection.
+@contextlib.contextmanager
+def posted_raw(base_url: str, body: dict):
+    """A chat completion POSTed on a raw socket, so the test decides when the client goes away: the
+    connection closes when the block ends."""
     host, port = base_url.removeprefix("http://").split("/")[0].split(":")
     payload = json.dumps(body).encode()
     with socket.create_connection((host, int(port)), timeout=120) as conn:
@@ -428,6 +426,16 @@ def test_an_abandoned_request_stops_generating(base_url, engine, stream):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(payload), payload)
         )
+        yield conn
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_an_abandoned_request_stops_generating(base_url, engine, stream):
+    before = dict(engine.stats)
+    body = {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1000, "stream": stream}
+    # A raw socket: the client sends its request, waits until the answer is being generated (the
+    # first chunk of a stream; a plain answer has none before its end), then closes the connection.
+    with posted_raw(base_url, body) as conn:
         if stream:
             received = b""
             while b'data: {"id"' not in received:
@@ -541,13 +549,7 @@ def test_an_abandoned_field_by_field_answer_stops_generating(base_url, engine):
         "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
     }
     before = dict(engine.stats)
-    host, port = base_url.removeprefix("http://").split("/")[0].split(":")
-    payload = json.dumps(body).encode()
-    with socket.create_connection((host, int(port)), timeout=120) as conn:
-        conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(payload), payload)
-        )
+    with posted_raw(base_url, body):
         _wait_until(lambda: engine.stats["steps"] - before["steps"] >= 5, "the field is being generated")
     _wait_until(lambda: engine.stats["cancelled"] > before["cancelled"], "the field is cancelled")
     _wait_until(lambda: engine.stats["running"] == 0, "its place in the engine is free")

@@ -2,9 +2,9 @@
 here are scripted (a list of actions) so that the path the graph takes is known in advance."""
 
 import threading
-import time
 
 import pytest
+from helpers.polling import wait_for
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from selfsteer.agents.supervisors import Decision, RuleSupervisor, Supervisor
@@ -25,14 +25,6 @@ class Scripted(Supervisor):
     def decide(self, observation):
         self.seen.append(observation.step)
         return Decision(self.actions.pop(0) if self.actions else "keep", "scripted")
-
-
-def wait_for(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition never held")
-        time.sleep(0.05)
 
 
 def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
