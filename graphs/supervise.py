@@ -45,8 +45,7 @@ from langgraph.types import Command
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
-from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools
-from selfsteer.trainer_bridge.client import CommandTimeout
+from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools, CommandTimeout
 from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
 
 

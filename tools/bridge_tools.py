@@ -11,11 +11,11 @@ from __future__ import annotations
 from langchain_core.tools import StructuredTool
 
 from selfsteer.trainer_bridge.checkpoints import lineage
-from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError
+from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError, CommandTimeout
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
 
 # What graphs and agents see of the bridge: these, not the bridge's own modules.
-__all__ = ["LR_BOUNDS", "BridgeClient", "BridgeHTTPError", "BridgeTools"]
+__all__ = ["LR_BOUNDS", "BridgeClient", "BridgeHTTPError", "BridgeTools", "CommandTimeout"]
 
 
 class BridgeTools:
