@@ -120,7 +120,11 @@ def test_demo_without_a_key_fails_with_one_clear_line(tmp_path):
     assert "no API key" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
-def test_bad_self_correction_flags_are_refused_before_training(tmp_path):
+def test_bad_self_correction_flags_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    # In process, through the real entry point: four refusals need no four interpreters importing torch.
+    from selfsteer.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
     for flags, says in (
         (["--self-correct", "--self-correct-budget", "2"], "budget must be a fraction in [0, 1]"),
         (["--self-correct", "--self-correct-margin", "-0.1"], "margin must be a fraction >= 0"),
@@ -128,8 +132,7 @@ def test_bad_self_correction_flags_are_refused_before_training(tmp_path):
         (["--self-correct", "--supervisor", "tools", "--llm", "openai:m", "--base-url", "http://127.0.0.1:9/v1"],
          "self-correction rolls back"),
     ):  # fmt: skip
-        result = run(
-            "train", "--recipe", "tiny", "--supervisor", "rule", *flags, "--out", "out", cwd=tmp_path
-        )
-        assert result.returncode == 2 and says in result.stderr, (flags, result.stderr)
+        code = main(["train", "--recipe", "tiny", "--supervisor", "rule", *flags, "--out", "out"])
+        stderr = capsys.readouterr().err
+        assert code == 2 and says in stderr, (flags, stderr)
         assert not (tmp_path / "out" / "summary.json").exists()  # nothing trained
