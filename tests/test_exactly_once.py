@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers.polling import wait_for
 
 from selfsteer.trainer_bridge.client import BridgeHTTPError
 from selfsteer.trainer_bridge.store import Store
@@ -136,9 +138,18 @@ def test_a_supervisor_killed_inside_each_node_acts_exactly_once(tmp_path):
 def test_a_supervisor_killed_inside_a_rollback_rolls_back_once(tmp_path):
     """Self-correction: at lr 0.3 a doubling makes the tiny run's eval loss rise, so the check rolls it
     back. The supervisor process dies right after the rollback reached the server, before LangGraph
-    checkpointed the node; the next process re-runs `check` and must not roll back a second time."""
+    checkpointed the node; the next process re-runs `check` and must not roll back a second time.
+    The first decision is made at a step the test fixes (6: the run waits there until the supervisor's
+    pause is queued), so the same weights are judged at the evaluation of step 10 whatever the speed."""
     overrides = [*LONG_RUN, "training.learning_rate=0.3"]
-    with LiveRun(tmp_path, overrides) as live:
+    with LiveRun(tmp_path, overrides, gates=[6]) as live, Store(live.db) as store:
+
+        def release_once_paused():
+            wait_for(lambda: any(c["type"] == "pause" for c in store.list_commands(live.run.run_id)), "a pause")
+            live.gate.release(6)
+
+        releaser = threading.Thread(target=release_once_paused, daemon=True)
+        releaser.start()
         died = _supervisor(
             live.run.url, live.db, "--self-correct", "--kill-after", "check:load_checkpoint", "--max-iterations", "3"
         )
@@ -147,10 +158,9 @@ def test_a_supervisor_killed_inside_a_rollback_rolls_back_once(tmp_path):
         assert finished.returncode == 0, finished.stderr[-2000:]
         live.client.stop()
         live.join()
-        with Store(live.db) as store:
-            run = live.run.run_id
-            loads = [c for c in store.list_commands(run) if c["type"] == "load_checkpoint"]
-            decisions = store.list_decisions(run)
+        run = live.run.run_id
+        loads = [c for c in store.list_commands(run) if c["type"] == "load_checkpoint"]
+        decisions = store.list_decisions(run)
     keys = [c["idempotency_key"] for c in loads]
     assert keys[0] == f"{run}/crash-test/1/load-rollback" and len(set(keys)) == len(keys)  # once each
     assert [c["args"]["branch"] for c in loads].count("retry-1") == 1
