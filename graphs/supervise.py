@@ -316,10 +316,10 @@ def build_supervision_graph(
             if not release(state, config):
                 return {"finished": True, "rolled_back": False, "awaiting_verdict": True}
             return {"rolled_back": False, "awaiting_verdict": True}
-        # What followed the decision, with the verdict on it (stored through _finite, as NaN may be in it).
-        outcome = {**_outcome(pending, now), "verdict": asdict(verdict)}
         if not verdict.failed:
-            if pending["decision_id"] is not None:
+            if pending["decision_id"] is not None:  # the verdict is part of what followed it
+                outcome = {**_outcome({"observation": pending["observation"], "step": pending["step"]}, now)}
+                outcome["verdict"] = asdict(verdict)
                 tools.client.update_decision(pending["decision_id"], DecisionUpdate(outcome=_finite(outcome)))
             return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
         action, iteration = pending["action"], pending["iteration"]
@@ -343,7 +343,11 @@ def build_supervision_graph(
             "rolled_back": False,
             "awaiting_verdict": False,
         }
-        outcome["reflection_source"] = "facts" if reflection == facts else "model"
+        outcome = {
+            **_outcome({"observation": pending["observation"], "step": pending["step"]}, now),
+            "verdict": asdict(verdict),  # stored through _finite below, like the rest of the outcome
+            "reflection_source": "facts" if reflection == facts else "model",
+        }
         why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
         loaded = None
         # Judged after its last step, a run has nothing left to retry on (and applies no more commands).

@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,9 @@ class Bridge:
         self._last_log: tuple[float, int] | None = None
         self._decay_groups: list[int] | None = None
         self._optimizer: Any = None  # last seen, for submit-time checks
-        self._scheduler: Any = None  # ... and the lr scheduler with the optimizer steps left then
-        self._steps_left = 0
+        # The lr scheduler last seen and the optimizer steps left then, for the same checks; weakly, as
+        # the runner lets go of the trainer (and its scheduler) when training ends.
+        self._schedule: tuple[weakref.ref, int] | None = None
         self._finish_lock = threading.Lock()
 
         self.store: Store | None = None
@@ -350,7 +352,8 @@ class Bridge:
     def boundary(self, ctx: StepContext) -> None:
         """An optimizer-step boundary: apply what is pending; while paused, wait here for more."""
         self._optimizer = ctx.optimizer
-        self._scheduler, self._steps_left = ctx.lr_scheduler, ctx.state.max_steps - ctx.step
+        if ctx.lr_scheduler is not None:
+            self._schedule = (weakref.ref(ctx.lr_scheduler), ctx.state.max_steps - ctx.step)
         # The step that just ended trained on the branch active before this boundary's commands.
         self._step_branch = self.branch
         while True:

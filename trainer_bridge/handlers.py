@@ -36,8 +36,9 @@ def _check_optimizer(bridge: Bridge, args: SetOptimizerArgs) -> None:
     # Before training starts there is no optimizer to check against; the apply step checks again.
     if bridge._optimizer is not None:
         optim.check_args(bridge._optimizer, args)
-    if bridge._scheduler is not None:
-        optim.check_peak(bridge._scheduler, args, bridge._steps_left)
+    scheduler = bridge._schedule[0]() if bridge._schedule is not None else None
+    if scheduler is not None:
+        optim.check_peak(scheduler, args, bridge._schedule[1])
 
 
 @command(

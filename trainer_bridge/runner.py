@@ -269,7 +269,7 @@ class RecipeRun:
         trainer = self.trainer
         if self.bridge is not None:
             self.bridge.trainer = None
-            self.bridge._optimizer = self.bridge._scheduler = None
+            self.bridge._optimizer = None
         trainer.callback_handler.callbacks.clear()  # the bridge's callback and ours point back here
         trainer.model_wrapped = trainer.model
         trainer.optimizer = trainer.lr_scheduler = None
