@@ -17,7 +17,8 @@ from transformers import Trainer, TrainerCallback
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, make_interactive
+from selfsteer.integrations.hf_trainer import make_interactive
+from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.commands import (
     BETA_BOUNDS,

@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "trainer_bridge": 0,
+    "integrations": 0,  # selfsteer.integrations: the folder trainer_bridge/integrations (the core's adapters)
     "prompts": 0,
     "tools": 1,
     "agents": 2,

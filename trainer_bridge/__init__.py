@@ -16,10 +16,10 @@ from typing import Any
 _EXPORTS = {
     "Bridge": "bridge",
     "BridgeConfig": "bridge",
-    "BridgeCallback": "bridge",
+    "BridgeCallback": "selfsteer.integrations.hf_trainer",
     "StepContext": "bridge",
-    "attach": "bridge",
-    "make_interactive": "bridge",
+    "attach": "selfsteer.integrations.hf_trainer",
+    "make_interactive": "selfsteer.integrations.hf_trainer",
     "CommandRegistry": "commands",
     "CommandError": "commands",
     "Args": "commands",
@@ -39,4 +39,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    if not module.startswith("selfsteer."):
+        module = f"{__name__}.{module}"
+    return getattr(importlib.import_module(module), name)

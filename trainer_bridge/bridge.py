@@ -1,15 +1,17 @@
-"""The bridge between a live Hugging Face Trainer and the outside: commands in, metrics and events out.
+"""The steering core: everything that happens at an optimizer-step boundary of a live training run,
+whatever loop runs it. Commands in, metrics and events out.
 
-    trainer = make_interactive(Trainer)(model=..., args=..., train_dataset=...)   # or
-    bridge = attach(Trainer(...))                                                   # on any Trainer
-    trainer.train()                                   # now steerable at http://127.0.0.1:7007
+An adapter drives it from its loop (`selfsteer.integrations`): the Hugging Face Trainer (a callback), a
+plain PyTorch loop (`selfsteer.attach`), Lightning (`SteerCallback`), an accelerate loop. At each
+boundary the adapter builds a `StepContext` (the live model, optimizer, scheduler and the loop's
+`args` / `state` / `control`, with the field names of the Trainer's own) and calls `boundary(ctx)`; it
+reports logs with `on_log`, its own saves with `on_trainer_save`, and the end with `on_train_end`.
 
 How a command travels:
 1. the control server (a thread) validates it and journals it in the store as `pending`;
-2. at the next optimizer-step boundary (`on_step_end`, through the public callback API and
-   `TrainerControl`; `on_train_begin` counts as step 0) the training thread reads the pending rows,
-   marks each `running` with the step, applies it, and journals `success` with a result or `failed`
-   with the error. A failing command never stops training;
+2. at the next boundary (the start of training counts as step 0) the training thread reads the pending
+   rows, marks each `running` with the step, applies it, and journals `success` with a result or
+   `failed` with the error. A failing command never stops training;
 3. under DDP only rank 0 reads the journal and serves; it broadcasts the commands of each boundary, and
    every rank applies the same ones at the same step.
 While paused, the training thread stays inside the boundary, applying commands until `resume` or `stop`.
@@ -28,15 +30,14 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from selfsteer.trainer_bridge import checkpoints as ckpt
 from selfsteer.trainer_bridge import optim
@@ -82,18 +83,55 @@ class BridgeConfig:
 
 
 @dataclass
+class LoopArgs:
+    """The settings of a loop that a command reads or changes, under the names of the Trainer's
+    `TrainingArguments` (an adapter of the Trainer passes those; other adapters pass this)."""
+
+    output_dir: str = "."
+    max_grad_norm: float | None = None  # the clipping norm the loop should use (set_max_grad_norm)
+    per_device_train_batch_size: int | None = None  # for samples/s; None: not reported
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class LoopState:
+    """Where a loop is, under the names of the Trainer's `TrainerState`."""
+
+    global_step: int = 0  # optimizer steps done
+    max_steps: int = 0
+    epoch: float | None = None
+
+
+@dataclass
+class LoopControl:
+    """What a command asks of the loop after this boundary, under the names of `TrainerControl`."""
+
+    should_training_stop: bool = False
+    should_evaluate: bool = False
+    should_log: bool = False
+    should_save: bool = False
+
+
+@dataclass
 class StepContext:
-    """What a command handler gets: the live objects at the boundary where it is applied."""
+    """What a command handler gets: the live objects at the boundary where it is applied.
+
+    `args`, `state` and `control` are the Trainer's own objects under the Trainer, a `LoopArgs`,
+    `LoopState` and `LoopControl` elsewhere. `evaluate` runs an evaluation now and returns its metrics
+    (None: the loop evaluates when `control.should_evaluate` asks it to). `goto` (a plain loop's) moves
+    the loop to another step after a rollback."""
 
     bridge: Bridge
-    args: TrainingArguments
-    state: TrainerState
-    control: TrainerControl
+    args: Any
+    state: Any
+    control: Any
     model: torch.nn.Module | None = None
     optimizer: Any = None
     lr_scheduler: Any = None
     train_dataloader: Any = None
     eval_dataloader: Any = None
+    evaluate: Callable[[], dict] | None = None
+    goto: Callable[[int], None] | None = field(default=None, repr=False)
 
     @property
     def step(self) -> int:
@@ -127,8 +165,7 @@ class Bridge:
         # name -> zero-argument callable returning a Dataset; `reload_data` may only pick from these.
         self.data_factories: dict[str, Any] = dict(data_factories or {})
         self.current_dataset: str | None = "train" if "train" in self.data_factories else None
-        self.trainer: Any = None
-        self.callback = BridgeCallback(self)
+        self.trainer: Any = None  # the Trainer (or Lightning trainer) an adapter attached, if any
         self.rank, self.world_size = _rank_and_world()
         self.is_main = self.rank == 0
         if self.config.resume_run_id and self.world_size > 1:
@@ -210,14 +247,6 @@ class Bridge:
         self._resume = {"checkpoint": checkpoint, "branch": f"resume-{resumes + 1}"}
 
     # ---- wiring
-
-    def attach(self, trainer: Any) -> Bridge:
-        self.trainer = trainer
-        # The Trainer's default hides a NaN or infinite loss behind the mean of the window's others, and a
-        # window of nothing but NaN logs 0.0: a broken run looked perfect. The bridge logs what happened.
-        trainer.args.logging_nan_inf_filter = False
-        trainer.add_callback(self.callback)
-        return self
 
     @property
     def url(self) -> str | None:
@@ -336,10 +365,6 @@ class Bridge:
 
     # ---- the training thread's side
 
-    def context(self, args, state, control, **kwargs) -> StepContext:
-        names = ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
-        return StepContext(self, args, state, control, **{n: kwargs.get(n) for n in names})
-
     def on_train_begin(self, ctx: StepContext) -> None:
         if self._resume is not None:
             self._journal_resume(ctx)
@@ -387,7 +412,9 @@ class Bridge:
             self._journal(row["uuid"], "running", step=ctx.step)
             self._journal(row["uuid"], "success", result=info)
 
-    def on_log(self, state: TrainerState, args: TrainingArguments, logs: dict) -> None:
+    def on_log(self, state: Any, args: Any, logs: dict, branch: str | None = None) -> None:
+        """Stores and publishes a log of the loop. `branch`: the branch the values belong to (default: a
+        training loss belongs to the step just taken, anything else to the weights as they are now)."""
         loss = logs.get("loss")
         if isinstance(loss, float) and not math.isfinite(loss):
             self._clear_loss_window()
@@ -400,7 +427,7 @@ class Bridge:
             # Throughput over the steps since the previous training log.
             now, step = time.perf_counter(), state.global_step
             last_time, last_step = self._last_log
-            if step > last_step and now > last_time:
+            if step > last_step and now > last_time and args.per_device_train_batch_size:
                 batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
                 values["samples_per_s"] = (step - last_step) * batch / (now - last_time)
             self._last_log = (now, step)
@@ -408,7 +435,7 @@ class Bridge:
             return
         # A training log describes the step just taken (on the branch it ran on); anything else (an
         # evaluation) describes the weights as they are now.
-        branch = self._step_branch if "loss" in values else self.branch
+        branch = branch or (self._step_branch if "loss" in values else self.branch)
         rows = [
             {"step": state.global_step, "name": k, "value": v, "branch": branch} for k, v in values.items()
         ]
@@ -612,58 +639,3 @@ class Bridge:
         if moved != before or self.paused != self._published_paused:
             self._published_paused = self.paused
             self.publish({"event": "state", "state": self.state()})
-
-
-class BridgeCallback(TrainerCallback):
-    """The Trainer-facing half: public callback events only, forwarded to the bridge."""
-
-    def __init__(self, bridge: Bridge):
-        self.bridge = bridge
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bridge.on_train_begin(self.bridge.context(args, state, control, **kwargs))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.bridge.boundary(self.bridge.context(args, state, control, **kwargs))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.bridge.on_log(state, args, logs or {})
-
-    def on_save(self, args, state, control, **kwargs):
-        self.bridge.on_trainer_save(self.bridge.context(args, state, control, **kwargs))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.bridge.on_train_end(self.bridge.context(args, state, control, **kwargs))
-
-
-# -----------------------------------------------------------------------------
-# drop-in integration
-
-
-def attach(trainer: Any, config: BridgeConfig | None = None, **kwargs: Any) -> Bridge:
-    """Makes an existing Trainer (or TRL trainer) steerable; returns its bridge. kwargs go to Bridge."""
-    return Bridge(config, **kwargs).attach(trainer)
-
-
-def make_interactive(trainer_class: type) -> type:
-    """A subclass of `trainer_class` that serves a control API while it trains.
-
-    Extra constructor keywords: `bridge` (a BridgeConfig or a ready Bridge), `data_factories` (for
-    `reload_data`), `commands` (a CommandRegistry with your own commands)."""
-
-    class Interactive(trainer_class):
-        def __init__(self, *args, bridge=None, data_factories=None, commands=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            if not isinstance(bridge, Bridge):
-                bridge = Bridge(bridge, registry=commands, data_factories=data_factories)
-            self.bridge = bridge.attach(self)
-
-        def train(self, *args, **kwargs):
-            try:
-                return super().train(*args, **kwargs)
-            except BaseException as exc:
-                self.bridge.finish("failed", error=f"training failed: {type(exc).__name__}: {exc}")
-                raise
-
-    Interactive.__name__ = Interactive.__qualname__ = f"Interactive{trainer_class.__name__}"
-    return Interactive

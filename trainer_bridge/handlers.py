@@ -101,18 +101,11 @@ def stop(ctx: StepContext, args: NoArgs) -> dict:
 
 @command("evaluate", NoArgs, "Evaluate on the eval set now; the result holds the eval metrics.")
 def evaluate(ctx: StepContext, args: NoArgs) -> dict:
-    if ctx.trainer is None:
-        # Callback-only use: the Trainer evaluates right after this boundary.
+    if ctx.evaluate is None:
+        # Callback-only use: the loop evaluates right after this boundary.
         ctx.control.should_evaluate = True
         return {"scheduled": True}
-    if ctx.trainer.eval_dataset is None:
-        raise CommandError("this run has no eval dataset")
-    # Trainer.evaluate() logs through the callback handler, which clears should_log: keep this step's
-    # training log. (Its clearing should_evaluate is right: this was the step's evaluation.)
-    should_log = ctx.control.should_log
-    metrics = ctx.trainer.evaluate()
-    ctx.control.should_log = should_log
-    return metrics
+    return ctx.evaluate()
 
 
 # ---- checkpoints and branches
@@ -186,6 +179,11 @@ def load_checkpoint(ctx: StepContext, args: LoadCheckpointArgs) -> dict:
     }
     bridge.branches[branch] = {"name": branch, "parent": parent}
     bridge.branch = branch
+    if ctx.goto is not None and info["checkpoint_step"] is not None:
+        # A loop whose schedule and data follow its own step counter goes back to the checkpoint's step
+        # (the Trainer keeps counting: its scheduler and data position came back with the checkpoint).
+        ctx.goto(info["checkpoint_step"])
+        info["continues_at"] = info["checkpoint_step"]
     return info
 
 

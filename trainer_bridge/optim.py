@@ -111,6 +111,67 @@ def make_holdable(scheduler: Any) -> bool:
     return True
 
 
+class LrScale:
+    """The steered lr of a loop that sets the lr itself each step (nanoGPT: `param_group["lr"] =
+    get_lr(it)`), where an outside edit of the groups would be undone a step later. The loop asks for
+    its lr through it, `lr = scale(get_lr(it))`: what its own schedule gives, times the scale the
+    commands set ("scale"), or the value they hold ("constant"; a later "scale" scales the held value).
+
+    It stands where a scheduler would (the bridge's `lr_scheduler`): checkpoints save its `state_dict()`
+    and a rollback loads it back, so the steered lr is restored with the weights."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+        self.scale = 1.0
+        self.held: float | None = None
+        self.scheduled: float | None = None  # what the loop's schedule gave the latest step
+
+    def __call__(self, scheduled: float) -> float:
+        self.scheduled = float(scheduled)
+        return self.held if self.held is not None else self.scheduled * self.scale
+
+    def current(self) -> float:
+        """The lr in force: held, or the latest scheduled value scaled (before the loop first asked: the
+        groups' lr)."""
+        if self.held is not None:
+            return self.held
+        if self.scheduled is None:
+            return float(unwrap_optimizer(self.optimizer).param_groups[0]["lr"])
+        return self.scheduled * self.scale
+
+    def set(self, lr: float, schedule: str) -> dict:
+        info: dict[str, Any] = {"mode": schedule}
+        now = self.current()
+        if schedule == "constant":
+            self.held = lr
+        elif now <= 0:
+            raise CommandError(
+                "the loop's schedule gives 0 now (a warm-up's first step): no scale leads it to a new lr; "
+                "send schedule 'constant', or wait a step"
+            )
+        else:
+            info["factor"] = lr / now
+            if self.held is not None:
+                self.held = lr
+            else:
+                self.scale *= lr / now
+        # So that a loop which leaves the groups alone (no schedule of its own) trains at it too; the
+        # ratios between groups are kept.
+        groups = unwrap_optimizer(self.optimizer).param_groups
+        first = groups[0]["lr"]
+        for group in groups:
+            group["lr"] = lr * group["lr"] / first if first > 0 else lr
+        groups[0]["lr"] = lr
+        info["lr"] = lr
+        return info
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "held": self.held, "scheduled": self.scheduled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.held, self.scheduled = state["scale"], state["held"], state["scheduled"]
+
+
 def _scheduled_lrs(inner: Any, step: int) -> list[float] | None:
     """What a LambdaLR gives each group at one of its steps; None for other schedulers."""
     if not isinstance(inner, LambdaLR):
@@ -164,6 +225,8 @@ def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -
     `rebased` (scale where the schedule was at 0)."""
     if schedule not in ("scale", "constant"):
         raise CommandError(f"schedule must be 'scale' or 'constant', not {schedule!r}")
+    if isinstance(scheduler, LrScale):
+        return scheduler.set(lr, schedule)
     groups = optimizer.param_groups
     inner = unwrap_scheduler(scheduler) if scheduler is not None else None
     info: dict[str, Any] = {"mode": schedule}

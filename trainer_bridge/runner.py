@@ -33,7 +33,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, make_interactive
+from selfsteer.integrations.hf_trainer import make_interactive
+from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.checkpoints import list_checkpoints
 from selfsteer.trainer_bridge.recipe import build_workload
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
