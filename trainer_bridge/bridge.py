@@ -80,6 +80,8 @@ class BridgeConfig:
     announce: bool = True
     # The dashboard's built folder (index.html, assets/) served at `/`; None: the installed dashboard's.
     static_dir: str | os.PathLike | None = None
+    # Hold at the first boundary (step 0) until a `resume`: a supervisor or a person looks first.
+    start_paused: bool = False
 
 
 @dataclass
@@ -175,7 +177,7 @@ class Bridge:
         # Training-side state, changed only by the training thread (and mirrored on every rank).
         self.phase = "created"  # created -> running -> finished | stopped | failed
         self.training_done = False
-        self.paused = False
+        self.paused = self.config.start_paused
         self.stop_requested = False
         self.branch = "main"
         self._step_branch = "main"
@@ -381,6 +383,8 @@ class Bridge:
             self._schedule = (weakref.ref(ctx.lr_scheduler), ctx.state.max_steps - ctx.step)
         # The step that just ended trained on the branch active before this boundary's commands.
         self._step_branch = self.branch
+        # Where the run is, before any command: a reader that sees a pause applied here sees this step.
+        self._snapshot_state(ctx)
         while True:
             for command in self._next_commands(ctx.step):
                 self._apply(ctx, command)

@@ -71,8 +71,9 @@ def set_optimizer(ctx: StepContext, args: SetOptimizerArgs) -> dict:
 def set_max_grad_norm(ctx: StepContext, args: SetMaxGradNormArgs) -> dict:
     before = ctx.args.max_grad_norm
     ctx.args.max_grad_norm = args.value
-    if ctx.trainer is not None and ctx.trainer.args is not ctx.args:
-        ctx.trainer.args.max_grad_norm = args.value
+    trainer_args = getattr(ctx.trainer, "args", None)  # a HF Trainer's own, when the context holds a copy
+    if trainer_args is not None and trainer_args is not ctx.args:
+        trainer_args.max_grad_norm = args.value
     return {"before": before, "after": args.value}
 
 

@@ -98,9 +98,9 @@ class Steer:
             host=host, port=port, token=token, db=db or DEFAULT_DB_PATH, run_name=name, run_kind="train",
             run_config={"loop": "plain", "max_steps": max_steps, **(run_config or {})},
             checkpoint_dir=str(Path(output_dir) / "checkpoints"), auto_finish=False, announce=announce,
+            start_paused=start_paused,
         )  # fmt: skip
         self.bridge = Bridge(config, registry=commands, data_factories=data_factories)
-        self.bridge.paused = start_paused
         if accelerator is not None:
             accelerator.register_for_checkpointing(self)
 
