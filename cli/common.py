@@ -141,8 +141,8 @@ def self_correction_from_args(args: argparse.Namespace):
 def supervisor_thread_from_args(
     args: argparse.Namespace, db: str, pause_while_deciding: bool = False, thread_id: str | None = None
 ):
-    """What `selfsteer train` runs beside training: a callable `(url, stop_event)` that supervises the
-    run through its server until it ends, or None for `--supervisor none`. A supervisor that crashes
+    """What `selfsteer train` runs beside training: a callable `(control, stop_event)` that supervises
+    the run in process (a `LocalRunControl`: no HTTP) until it ends, or None for `--supervisor none`. A supervisor that crashes
     is reported and the run goes on with its current settings."""
     import sys
     import traceback
@@ -155,12 +155,12 @@ def supervisor_thread_from_args(
     self_correct = self_correction_from_args(args)  # bad flags are refused now, not in the thread
     refuse_unsupported(supervisor, self_correct)
 
-    def supervise(url, stop_event):
+    def supervise(run, stop_event):
         from selfsteer.graphs.supervise import run_supervision
 
         try:
             run_supervision(
-                url, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
+                run, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
                 max_iterations=args.max_iterations, every_steps=args.every_steps,
                 pause_while_deciding=pause_while_deciding, thread_id=thread_id, self_correct=self_correct,
             )  # fmt: skip

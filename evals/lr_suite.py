@@ -156,11 +156,11 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     # the suite's chat model).
     supervisor = None if name in ("static", "cosine") else make_supervisor(name, chat_model=chat_model)
 
-    def supervise(url, stop):
+    def supervise(control, stop):
         try:
             run_supervision(
                 # A supervisor of its own per run: a cell run again after an interruption starts afresh.
-                url, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{run.run_id}",
+                control, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{run.run_id}",
                 pause_while_deciding=config.hold, self_correct=SelfCorrection() if self_correct else None,
             )  # fmt: skip
         except Exception:  # a supervisor crash never stops the run; it is reported

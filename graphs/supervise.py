@@ -45,7 +45,7 @@ from langgraph.types import Command
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
-from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools, CommandTimeout
+from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools, CommandTimeout, RunControl
 from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
 
 
@@ -409,6 +409,7 @@ def build_supervision_graph(
         while time.monotonic() < deadline:
             if stop_event is not None and stop_event.is_set():
                 return {"finished": True}
+            token = tools.client.watch()  # before looking: a change after it ends the wait below at once
             run_state = tools.read_state()
             if run_state.get("phase") in FINISHED_PHASES:
                 return {"finished": True}
@@ -419,7 +420,10 @@ def build_supervision_graph(
             since = max(state.get("observed_eval_step", 0), state.get("step", 0))
             if tools.read_metrics(since=since, names=["eval_loss"]):
                 return {}
-            time.sleep(poll_s)
+            # Steps are no change notice: counting them needs a look every poll_s. Otherwise the next
+            # evaluation, command or end wakes an in-process wait; over HTTP this is a poll_s pause.
+            limit = poll_s if every else min(1.0, deadline - time.monotonic())
+            tools.client.wait_for_change(token, max(0.0, limit), poll_s)
         return {}
 
     def after_observe(state: SupervisionState) -> str:
@@ -458,7 +462,7 @@ def build_supervision_graph(
 
 
 def run_supervision(
-    url: str,
+    run: str | RunControl,
     supervisor: Supervisor,
     *,
     db: str | None = None,
@@ -472,7 +476,10 @@ def run_supervision(
     self_correct: SelfCorrection | None = None,
     on_decision: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Supervise the run served at `url` until it ends; returns the graph's final state.
+    """Supervise a run until it ends; returns the graph's final state.
+
+    run: the URL of a run served elsewhere (steered over HTTP), or a `RunControl`: a run in this
+        process is steered through `LocalRunControl(bridge)`, with no request and no polling.
 
     db: where the graph's checkpoints go (default ./selfsteer.sqlite), so that the same `thread_id`
         (default: supervise:RUN_ID) resumes an interrupted supervisor. Decisions go to the run's own
@@ -486,9 +493,13 @@ def run_supervision(
     from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
 
     db = db or DEFAULT_DB_PATH
-    with BridgeClient(url, token=token, source=supervisor.name[:40]) as client:
+    if isinstance(run, str):
+        control = BridgeClient(run, token=token, source=supervisor.name[:40])
+    else:
+        control, run.source = run, supervisor.name[:40]
+    with control as client:
         tools = BridgeTools(client)
-        thread_id = thread_id or f"supervise:{tools.read_state().get('run_id', url)}"
+        thread_id = thread_id or f"supervise:{tools.read_state().get('run_id', getattr(client, 'url', ''))}"
         with SqliteSaver.from_conn_string(db) as checkpointer:
             graph = build_supervision_graph(
                 tools, supervisor, checkpointer=checkpointer, stop_event=stop_event,

@@ -1,4 +1,6 @@
 """The bridge as tools: plain methods for graphs and code, LangChain tools for tool-calling agents.
+They take either road to a run (a `RunControl`): `BridgeClient(url)` over HTTP, or
+`LocalRunControl(bridge)` in the run's own process.
 
 tools = BridgeTools(BridgeClient(url, source="llm"))
 tools.read_state(); tools.read_metrics(since=100); tools.set_lr(2e-3)
@@ -13,13 +15,16 @@ from langchain_core.tools import StructuredTool
 from selfsteer.trainer_bridge.checkpoints import lineage
 from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError, CommandTimeout
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
+from selfsteer.trainer_bridge.control import LocalRunControl, RunControl
 
 # What graphs and agents see of the bridge: these, not the bridge's own modules.
-__all__ = ["LR_BOUNDS", "BridgeClient", "BridgeHTTPError", "BridgeTools", "CommandTimeout"]
+__all__ = [
+    "LR_BOUNDS", "BridgeClient", "BridgeHTTPError", "BridgeTools", "CommandTimeout", "LocalRunControl", "RunControl",
+]  # fmt: skip
 
 
 class BridgeTools:
-    def __init__(self, client: BridgeClient, wait_s: float = 30.0):
+    def __init__(self, client: RunControl, wait_s: float = 30.0):
         self.client = client
         self.wait_s = wait_s
 

@@ -45,15 +45,15 @@ from selfsteer.trainer_bridge.commands import (
     CommandError,
     CommandRegistry,
     InvalidCommand,
+    NotFound,
+    RunFinished,
     dump_args,
 )
-from selfsteer.trainer_bridge.records import FINISHED_PHASES, json_number
+from selfsteer.trainer_bridge.records import FINISHED_PHASES, DecisionUpdate, NewDecision, json_number
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-class RunFinished(RuntimeError):
-    """A command sent to a run that is over (HTTP 409)."""
 
 
 @dataclass
@@ -193,6 +193,10 @@ class Bridge:
         # the runner lets go of the trainer (and its scheduler) when training ends.
         self._schedule: tuple[weakref.ref, int] | None = None
         self._finish_lock = threading.Lock()
+        # Notified at every change of the journal or the decisions: in-process readers wait on it instead
+        # of polling the store (`wait_for_change`).
+        self._changed = threading.Condition()
+        self._version = 0
 
         self.store: Store | None = None
         self._owns_store = False
@@ -303,6 +307,7 @@ class Bridge:
         if row["uuid"] != uuid:  # another request under the same key got in first: the store returned it
             return self._answer(self._same_command(row, idempotency_key, type, parsed), repeated=True)
         self.publish({"event": "command", "command": row})
+        self.notify()
         if self.training_done:
             # The run ended while this was being added, maybe after finish() failed what was pending:
             # fail it here, so that no command waits forever.
@@ -356,8 +361,45 @@ class Bridge:
     def command(self, uuid: str) -> dict:
         row = self.store.get_command(uuid)
         if row is None or row["run_id"] != self.run_id:
-            raise KeyError(uuid)
+            raise NotFound(f"no command {uuid[:200]!r} in run {self.run_id}")
         return row
+
+    # ---- decisions: what supervisors record about the run, in its own store
+
+    def decisions(self, key: str | None = None, after_id: int = 0, limit: int | None = None) -> list[dict]:
+        if key is not None:
+            found = self.store.find_decision(self.run_id, key)
+            return [found] if found is not None and found["id"] > after_id else []
+        return self.store.list_decisions(self.run_id, after_id=after_id, limit=limit)
+
+    def record_decision(self, decision: NewDecision) -> dict:
+        """Records a decision of this run. A repeat under a `key` the run has seen returns the first."""
+        if decision.retry_of is not None:
+            earlier = self.store.get_decision(decision.retry_of)
+            if earlier is None or earlier["run_id"] != self.run_id:
+                raise NotFound(f"retry_of: no decision {decision.retry_of} in run {self.run_id}")
+        row = self.store.get_decision(self.store.add_decision(self.run_id, decision))
+        self.notify()
+        return row
+
+    def update_decision(self, decision_id: int, update: DecisionUpdate) -> dict:
+        """What followed a decision: the command that carried it out, its outcome; under
+        self-correction, the reflection on it and whether the run was rolled back to before it."""
+        store = self.store
+        found = store.get_decision(decision_id)
+        if found is None or found["run_id"] != self.run_id:
+            raise NotFound(f"no decision {decision_id} in run {self.run_id}")
+        if update.command is not None:
+            command = store.get_command(update.command)
+            if command is None or command["run_id"] != self.run_id:
+                raise NotFound(f"command: no command {update.command} in run {self.run_id}")
+            store.set_decision_command(decision_id, update.command)
+        if update.reflection is not None:
+            store.set_reflection(decision_id, update.reflection, update.outcome, bool(update.rolled_back))
+        elif update.outcome is not None:
+            store.set_decision_outcome(decision_id, update.outcome)
+        self.notify()
+        return store.get_decision(decision_id)
 
     def list_checkpoints(self) -> list[dict]:
         return ckpt.list_checkpoints(self.store, self.run_id)
@@ -449,6 +491,8 @@ class Bridge:
             log.exception("could not store metrics at step %s", state.global_step)
         finite = {k: json_number(v) for k, v in values.items()}
         self._last_metrics.update(finite)
+        if any(name.startswith("eval_") for name in values):
+            self.notify()  # an evaluation: what a waiting supervisor waits for
         if self.server is not None:
             self.server.hub.publish_point({"step": state.global_step, "branch": branch, "values": finite})
         if broken := {k: v for k, v in values.items() if not math.isfinite(v)}:
@@ -517,6 +561,7 @@ class Bridge:
         except StoreError:  # finished elsewhere (another process closed it): keep that record
             log.exception("could not finish run %s", self.run_id)
         self.publish({"event": "state", "state": self.state()})
+        self.notify()
 
     # ---- commands at a boundary
 
@@ -595,7 +640,27 @@ class Bridge:
     def _journal(self, uuid: str, status: str, **changes: Any) -> dict:
         row = self.store.update_command(uuid, status, **changes)
         self.publish({"event": "command", "command": row})
+        self.notify()
         return row
+
+    # ---- change notices, for readers in this process
+
+    def notify(self) -> None:
+        """Wakes whoever waits in `wait_for_change`: the journal or the decisions changed (or something
+        else the waiter checks, such as a supervisor that ended)."""
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    @property
+    def version(self) -> int:
+        """Counts the changes: read it, check what you wait for, then `wait_for_change(version)`."""
+        return self._version
+
+    def wait_for_change(self, version: int, timeout: float | None = None) -> bool:
+        """Blocks until a change after `version` (True) or `timeout` (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._version != version, timeout)
 
     def agree(self, error: str | None) -> None:
         """Rank 0's verdict on a step that only it performed (writing a checkpoint), for every rank:

@@ -210,6 +210,15 @@ class BridgeClient(_Commands):
                 raise CommandTimeout(f"command {uuid} still {row['status']} after {timeout} s")
             time.sleep(poll_s)
 
+    def watch(self) -> int:
+        """A token for `wait_for_change` (over HTTP there is no change notice: the wait is a pause)."""
+        return 0
+
+    def wait_for_change(self, token: int, timeout: float, poll_s: float = 0.2) -> bool:
+        """Waits a polling interval (at most `timeout`) before the caller looks again; False."""
+        time.sleep(max(0.0, min(timeout, poll_s)))
+        return False
+
     def events(self, open_timeout: float = 10.0) -> Iterator[dict]:
         """Yields the server's events until the connection closes (first: the current state)."""
         from websockets.exceptions import ConnectionClosed

@@ -34,6 +34,14 @@ class InvalidCommand(ValueError):
     """A command the run refuses before queueing it (HTTP 422)."""
 
 
+class RunFinished(RuntimeError):
+    """A command sent to a run that is over (HTTP 409)."""
+
+
+class NotFound(LookupError):
+    """No such command or decision in this run (HTTP 404)."""
+
+
 class CommandError(RuntimeError):
     """A command that could not be applied; journaled as failed, training goes on."""
 

@@ -5,11 +5,12 @@
     print(run.url)
     summary = run.train()
 
-A supervisor plugs in as a callable `supervisor(url, stop_event)`, started in a thread once the server
-is up and told to stop when training ends; it steers the run through the API like any other client.
-With `hold_for_supervisor` training waits after each evaluation until the supervisor has decided on
-it, so each decision is about the state it saw (the supervisor's `pause_while_deciding` then holds the
-run from its observation to its action).
+A supervisor plugs in as a callable `supervisor(control, stop_event)`, started in a thread once the
+run exists and told to stop when training ends. `control` is a `LocalRunControl`: the run's API as
+direct calls on its bridge (no HTTP; waits wake on the journal's change notices), the same surface as
+`BridgeClient(url)`. With `hold_for_supervisor` training waits after each evaluation until the
+supervisor has decided on it, so each decision is about the state it saw (the supervisor's
+`pause_while_deciding` then holds the run from its observation to its action).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from selfsteer.integrations.hf_trainer import make_interactive
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.checkpoints import list_checkpoints
+from selfsteer.trainer_bridge.control import LocalRunControl
 from selfsteer.trainer_bridge.recipe import build_workload
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
-Supervisor = Callable[[str, threading.Event], None]
+Supervisor = Callable[[LocalRunControl, threading.Event], None]
 
 InteractiveTrainer = make_interactive(Trainer)
 
@@ -62,17 +64,21 @@ class HoldForDecision(TrainerCallback):
         self.seen_id = 0  # decisions up to this id were read at earlier polls: each poll reads only newer ones
 
     def on_evaluate(self, args, state, control, **kwargs):
-        store, run_id = self.run.bridge.store, self.run.run_id
+        bridge, run_id = self.run.bridge, self.run.run_id
         deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline and not self.supervisor_done.is_set():
-            # A decision carries its observation (a long run's is MBs): not the whole list every 50 ms.
-            new = store.list_decisions(run_id, after_id=self.seen_id)
+        while not self.supervisor_done.is_set():
+            version = bridge.version  # before looking: a change after it wakes the wait below
+            # A decision carries its observation (a long run's is MBs): only the ones not seen yet.
+            new = bridge.store.list_decisions(run_id, after_id=self.seen_id)
             self.seen_id = new[-1]["id"] if new else self.seen_id
             if any(d["step"] >= state.global_step for d in new):
                 return
-            if store.list_commands(run_id, status="pending"):
+            if bridge.store.list_commands(run_id, status="pending"):
                 return
-            time.sleep(0.05)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            bridge.wait_for_change(version, left)  # a decision, a command, or the supervisor's end
 
 
 class ProgressBar(TrainerCallback):
@@ -212,13 +218,14 @@ class RecipeRun:
     def train(self) -> dict:
         stop = threading.Event()
         thread = None
-        if self.supervisor is not None and self.url is not None:
+        if self.supervisor is not None and self.bridge is not None:
 
             def supervise() -> None:
                 try:
-                    self.supervisor(self.url, stop)
+                    self.supervisor(LocalRunControl(self.bridge), stop)
                 finally:
                     self.supervisor_done.set()  # nothing waits for a supervisor that is gone
+                    self.bridge.notify()
 
             thread = threading.Thread(target=supervise, name="supervisor", daemon=True)
             thread.start()

@@ -677,7 +677,7 @@ def create_app(
     token: str | None,
     static_dir: pathlib.Path | None = None,
 ) -> FastAPI:
-    from selfsteer.trainer_bridge.bridge import RunFinished
+    from selfsteer.trainer_bridge.commands import NotFound, RunFinished
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -704,8 +704,7 @@ def create_app(
         key: Annotated[str | None, Query(max_length=400, description="Only the decision under this key.")] = None,
     ) -> list[Decision]:
         if key is not None:
-            found = bridge.store.find_decision(bridge.run_id, key)
-            return [found] if found is not None and found["id"] > after_id else []
+            return bridge.decisions(key=key, after_id=after_id)
         return decisions_page(bridge.store, bridge.run_id, request, response, after_id, limit)
 
     # Every writer of a run goes through its server: a supervisor attached by URL records its decisions
@@ -721,31 +720,19 @@ def create_app(
     )
     def post_decision(decision: NewDecision) -> Decision:
         """Record a decision of this run. A repeat under a `key` the run has seen returns the first."""
-        store = bridge.store
-        if decision.retry_of is not None:
-            earlier = store.get_decision(decision.retry_of)
-            if earlier is None or earlier["run_id"] != bridge.run_id:
-                raise HTTPException(404, f"retry_of: no decision {decision.retry_of} in run {bridge.run_id}")
-        return store.get_decision(store.add_decision(bridge.run_id, decision))
+        try:
+            return bridge.record_decision(decision)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
 
     @app.patch("/api/decisions/{decision_id}", responses={**NOT_FOUND, 400: _error("The body is not JSON.")})
     def patch_decision(decision_id: Annotated[int, Path(ge=1, le=MAX_INT)], update: DecisionUpdate) -> Decision:
         """What followed a decision: its outcome; under self-correction, the reflection on it and whether
         the run was rolled back to before it."""
-        store = bridge.store
-        found = store.get_decision(decision_id)
-        if found is None or found["run_id"] != bridge.run_id:
-            raise HTTPException(404, f"no decision {decision_id} in run {bridge.run_id}")
-        if update.command is not None:
-            command = store.get_command(update.command)
-            if command is None or command["run_id"] != bridge.run_id:
-                raise HTTPException(404, f"command: no command {update.command} in run {bridge.run_id}")
-            store.set_decision_command(decision_id, update.command)
-        if update.reflection is not None:
-            store.set_reflection(decision_id, update.reflection, update.outcome, bool(update.rolled_back))
-        elif update.outcome is not None:
-            store.set_decision_outcome(decision_id, update.outcome)
-        return store.get_decision(decision_id)
+        try:
+            return bridge.update_decision(decision_id, update)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
 
     @app.get("/api/reflections")
     def get_reflections(
@@ -809,7 +796,7 @@ def create_app(
     def get_command(uuid: Annotated[str, Path(max_length=200)]) -> Command:
         try:
             return bridge.command(uuid)
-        except KeyError:
+        except NotFound:
             raise HTTPException(404, f"no command {_clip(repr(uuid))} in run {bridge.run_id}") from None
 
     @app.get("/api/command-types")

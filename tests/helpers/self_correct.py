@@ -29,10 +29,10 @@ def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection
     db = tmp_path / "selfsteer.sqlite"
     final = {}
 
-    def supervise(url, stop):
+    def supervise(control, stop):
         final.update(
             run_supervision(
-                url, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct,
+                control, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct,
                 **loop,
             )
         )
