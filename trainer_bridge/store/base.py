@@ -43,6 +43,7 @@ class StoreBase:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards _connections and _closed
         self._closed = False
+        self.transactions = 0  # how many this object ran (benchmarks: what steering costs the file)
         self._reset_connections()
         try:
             db = self._db()
@@ -100,6 +101,7 @@ class StoreBase:
 
     def _transaction(self, fn: Callable[[sqlite_utils.Database], Any], what: str, write: bool) -> Any:
         db = self._db()
+        self.transactions += 1
 
         def run() -> Any:
             db.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
