@@ -197,6 +197,10 @@ class Bridge:
         # of polling the store (`wait_for_change`).
         self._changed = threading.Condition()
         self._version = 0
+        # In-process observers of the run's record (a logger integration): each is called with
+        # {"event": "command", "command": row} at every journal change and {"event": "decision",
+        # "decision": row} when a decision is recorded or updated, on the thread that made the change.
+        self.listeners: list[Callable[[dict], None]] = []
 
         self.store: Store | None = None
         self._owns_store = False
@@ -380,6 +384,7 @@ class Bridge:
                 raise NotFound(f"retry_of: no decision {decision.retry_of} in run {self.run_id}")
         row = self.store.get_decision(self.store.add_decision(self.run_id, decision))
         self.notify()
+        self.tell({"event": "decision", "decision": row})
         return row
 
     def update_decision(self, decision_id: int, update: DecisionUpdate) -> dict:
@@ -398,8 +403,10 @@ class Bridge:
             store.set_reflection(decision_id, update.reflection, update.outcome, bool(update.rolled_back))
         elif update.outcome is not None:
             store.set_decision_outcome(decision_id, update.outcome)
+        row = store.get_decision(decision_id)
         self.notify()
-        return store.get_decision(decision_id)
+        self.tell({"event": "decision", "decision": row})
+        return row
 
     def list_checkpoints(self) -> list[dict]:
         return ckpt.list_checkpoints(self.store, self.run_id)
@@ -641,7 +648,16 @@ class Bridge:
         row = self.store.update_command(uuid, status, **changes)
         self.publish({"event": "command", "command": row})
         self.notify()
+        self.tell({"event": "command", "command": row})
         return row
+
+    def tell(self, event: dict) -> None:
+        """Hands an event to each listener; a listener that fails is logged and never stops the run."""
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("listener %r failed on a %s event", listener, event.get("event"))
 
     # ---- change notices, for readers in this process
 
