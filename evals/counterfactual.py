@@ -15,10 +15,12 @@ that always keeps, collected, and the same run with no forks give the same losse
 (tests/test_counterfactual.py).
 
 Why its own loop and not the Trainer: a branch must replay the same batches from the same step, and
-the Trainer cannot rewind its loop. The loop does what the Trainer does (the Trainer builds the
-optimizer and scheduler, with its param groups; lr changes go through the bridge's `set_lr`, the
-"scale" semantics of a live `set_optimizer`; gradients clipped at max_grad_norm; eval loss the mean
-over the eval set). Observations are the supervisor's own `Observation`, built from the same metric
+the Trainer cannot rewind its data. The loop stands on the steering core for what a fork is: its
+snapshots are the core's exact in-memory snapshots (`trainer_bridge.snapshots`, as behind
+`save_checkpoint {"memory": true}`), its lr changes the core's `set_lr` (the "scale" semantics of a
+live `set_optimizer`). Otherwise it does what the Trainer does (the Trainer builds the optimizer and
+scheduler, with its param groups; gradients clipped at max_grad_norm; eval loss the mean over the
+eval set). Observations are the supervisor's own `Observation`, built from the same metric
 names the Trainer logs, so a prompt rendered here is the prompt a supervisor sees on a live run.
 
 Held-out workloads (HELD_OUT) are refused by construction: no spec with the held-out optimizer, the
@@ -30,7 +32,6 @@ held-out model shape, or a start lr of the held-out cells can be collected.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -46,7 +47,7 @@ import torch
 
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision
-from selfsteer.trainer_bridge.checkpoints import rng_state, set_rng_state
+from selfsteer.trainer_bridge import snapshots
 from selfsteer.trainer_bridge.commands import LR_BOUNDS  # the supervision loop's clamp
 from selfsteer.trainer_bridge.records import ACTIONS
 
@@ -174,12 +175,14 @@ def default_specs(
 
 @dataclass
 class Snapshot:
-    step: int
-    model: dict
-    optimizer: dict
-    scheduler: dict
-    rng: dict
+    """The core's exact in-memory snapshot (weights, optimizer, scheduler, RNG) and the metric history."""
+
+    state: snapshots.Snapshot
     metrics: list[dict]
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
 
 class CounterfactualRun:
@@ -279,20 +282,11 @@ class CounterfactualRun:
     # -- snapshots --------------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(
-            step=self.step,
-            model={k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            optimizer=copy.deepcopy(self.optimizer.state_dict()),
-            scheduler=copy.deepcopy(self.scheduler.state_dict()),
-            rng=rng_state(),
-            metrics=list(self.metrics),
-        )
+        state = snapshots.take(self.model, self.optimizer, self.scheduler, self.step)
+        return Snapshot(state, list(self.metrics))
 
     def restore(self, snapshot: Snapshot) -> None:
-        self.model.load_state_dict(snapshot.model)
-        self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-        self.scheduler.load_state_dict(copy.deepcopy(snapshot.scheduler))
-        set_rng_state(snapshot.rng)
+        snapshots.restore(snapshot.state, self.model, self.optimizer, self.scheduler)
         self.step, self.metrics = snapshot.step, list(snapshot.metrics)
 
 

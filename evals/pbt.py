@@ -87,6 +87,7 @@ class Member(tune.Trainable):
         return Cell(**self.cells[self.trial_name])
 
     def _start(self, checkpoint: Path | None) -> None:
+        from selfsteer.trainer_bridge.control import LocalRunControl
         from selfsteer.trainer_bridge.recipe import load_recipe
         from selfsteer.trainer_bridge.runner import RecipeRun
 
@@ -116,7 +117,7 @@ class Member(tune.Trainable):
             callbacks=[self.gate],
         )
         if checkpoint is not None:  # applied before the first step, after the checkpoint is loaded
-            self.run.bridge.submit("set_optimizer", {"lr": self.config["lr"]}, source="pbt")
+            LocalRunControl(self.run.bridge, source="pbt").set_lr(self.config["lr"])
         self.error = self.summary = None
         self.holding = False
         self.thread = threading.Thread(target=self._train, name="member", daemon=True)

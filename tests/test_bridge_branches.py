@@ -137,3 +137,25 @@ def test_after_a_nan_is_logged_later_losses_are_the_runs_own_again(tmp_path):
             losses = {m["step"]: m["value"] for m in store.get_metrics(live.run.run_id, names=["loss"])}
     assert all(losses[step] != losses[step] for step in (6, 7, 8))  # NaN shown as NaN, never 0.0
     assert all(0 < losses[step] < 10 for step in (1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14))
+
+
+def test_an_in_memory_checkpoint_forks_the_trainer_back_to_its_exact_weights(tmp_path):
+    with LiveRun(tmp_path, ["training.max_steps=14"], gates=[5, 10]) as live:
+        weights = WeightsAt([5, 10])
+        live.run.trainer.add_callback(weights)
+        c = live.client
+        live.gate.wait(5)
+        save = c.save_checkpoint("fast", memory=True)["uuid"]
+        live.gate.release(5)
+        live.gate.wait(10)
+        load = c.load_checkpoint("fast", branch="again")["uuid"]
+        live.gate.release(10)
+        live.join()
+        save_row, load_row = c.command(save), c.command(load)
+        (checkpoint,) = c.checkpoints()
+    assert save_row["status"] == "success" and load_row["status"] == "success", (save_row, load_row)
+    assert checkpoint["memory"] is True and checkpoint["path"] is None and checkpoint["step"] == 5
+    assert load_row["result"]["checkpoint_step"] == 5 and load_row["result"]["restored"]["memory"] is True
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("fast"))  # nothing on disk
+    for key, value in weights.weights[5].items():
+        assert torch.equal(weights.weights[10][key], value)  # bit for bit

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import selfsteer
+from selfsteer.trainer_bridge.checkpoints import list_checkpoints
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.store import Store
 from tests.helpers.polling import wait_for
@@ -105,10 +106,11 @@ def test_a_new_lr_sticks_through_the_loops_own_schedule(tmp_path):
     assert steer.store.get_run(steer.bridge.run_id)["status"] == "finished"
 
 
-def test_a_rollback_restores_weights_optimizer_lr_and_rng_and_the_loop_goes_on_from_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("memory", [False, True], ids=["on-disk", "in-memory"])
+def test_a_rollback_restores_weights_optimizer_lr_and_rng_and_the_loop_goes_on_from_the_checkpoint(tmp_path, memory):
     sent = {}
     actions = {
-        5: lambda client, steer: client.save_checkpoint("at-6"),
+        5: lambda client, steer: client.save_checkpoint("at-6", memory=memory),
         7: lambda client, steer: client.set_lr(0.03),  # after the checkpoint: a rollback must undo it
         10: lambda client, steer: sent.setdefault(
             "load", client.load_checkpoint("at-6", branch="retry")["uuid"]
@@ -133,6 +135,9 @@ def test_a_rollback_restores_weights_optimizer_lr_and_rng_and_the_loop_goes_on_f
     assert retry["loss"][9] != main["loss"][9]
     state = steer.bridge.state()
     assert state["branch"] == "retry" and state["step"] == STEPS and state["phase"] == "finished"
+    (saved,) = list_checkpoints(steer.store, steer.bridge.run_id)
+    assert saved.get("memory", False) is memory and (saved["path"] is None) is memory
+    assert (tmp_path / "out" / "checkpoints" / "at-6").exists() is not memory
 
 
 def test_pause_evaluate_max_grad_norm_and_stop_apply_at_the_next_boundary(tmp_path):

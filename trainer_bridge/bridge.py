@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ class Bridge:
         self._step_branch = "main"
         self.branches: dict[str, dict] = {"main": {"name": "main", "parent": None}}
         self.checkpoints: dict[str, dict] = {}
+        self.memory_checkpoints: OrderedDict[str, Any] = OrderedDict()  # name -> snapshots.Snapshot
         self._snapshot: dict[str, Any] = {"step": 0}
         self._published_paused = False  # as told in the last state event
         self._last_metrics: dict[str, float | None] = {}

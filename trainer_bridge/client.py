@@ -110,8 +110,9 @@ class _Commands:
     def stop(self, idempotency_key: str | None = None):
         return self.send("stop", idempotency_key=idempotency_key)
 
-    def save_checkpoint(self, name: str | None = None, idempotency_key: str | None = None):
-        return self.send("save_checkpoint", idempotency_key=idempotency_key, **_drop_none({"name": name}))
+    def save_checkpoint(self, name: str | None = None, idempotency_key: str | None = None, memory: bool = False):
+        args = _drop_none({"name": name}) | ({"memory": True} if memory else {})
+        return self.send("save_checkpoint", idempotency_key=idempotency_key, **args)
 
     def load_checkpoint(self, checkpoint: str, branch: str | None = None, idempotency_key: str | None = None):
         args = _drop_none({"checkpoint": checkpoint, "branch": branch})

@@ -203,6 +203,9 @@ class SetMaxGradNormArgs(Args):
 
 class SaveCheckpointArgs(Args):
     name: Name | None = None
+    # In memory, exact and fast (a fork to come back to soon); gone with the process, and only the
+    # latest few are kept. False: a folder on disk, loadable after a restart.
+    memory: bool = False
 
 
 class LoadCheckpointArgs(Args):

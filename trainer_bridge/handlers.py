@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfsteer.trainer_bridge import checkpoints as ckpt
-from selfsteer.trainer_bridge import optim
+from selfsteer.trainer_bridge import optim, snapshots
 from selfsteer.trainer_bridge.bridge import Bridge, StepContext
 from selfsteer.trainer_bridge.commands import (
     CommandError,
@@ -22,6 +22,7 @@ from selfsteer.trainer_bridge.commands import (
 from selfsteer.trainer_bridge.data import SwappableDataset
 
 BUILTINS = CommandRegistry()
+MEMORY_CHECKPOINTS = 8  # in-memory checkpoints kept per run, the oldest dropped first
 command = BUILTINS.register
 
 
@@ -112,12 +113,29 @@ def evaluate(ctx: StepContext, args: NoArgs) -> dict:
 # ---- checkpoints and branches
 
 
-@command("save_checkpoint", SaveCheckpointArgs, "Save model, optimizer, scheduler and RNG (name optional).")
+@command(
+    "save_checkpoint",
+    SaveCheckpointArgs,
+    "Save model, optimizer, scheduler and RNG (name optional): a folder on disk, or with memory true an "
+    f"exact copy in memory (fast; gone with the process; the latest {MEMORY_CHECKPOINTS} are kept).",
+)
 def save_checkpoint(ctx: StepContext, args: SaveCheckpointArgs) -> dict:
     bridge = ctx.bridge
     name = args.name or f"{bridge.branch}-step-{ctx.step}"
     if name in bridge.checkpoints:
         raise CommandError(f"this run already has a checkpoint named {name!r}")
+    if args.memory:
+        if ctx.optimizer is None:
+            raise CommandError("the optimizer does not exist yet (training has not started)")
+        # Every rank keeps its own copy of its own state: no file, nothing to agree on.
+        bridge.memory_checkpoints[name] = snapshots.take(
+            ctx.model, ctx.optimizer, ctx.lr_scheduler, ctx.step, max_grad_norm=ctx.args.max_grad_norm
+        )
+        while len(bridge.memory_checkpoints) > MEMORY_CHECKPOINTS:
+            bridge.memory_checkpoints.popitem(last=False)
+        info = {"name": name, "path": None, "memory": True, "step": ctx.step, "branch": bridge.branch}
+        bridge.checkpoints[name] = info
+        return info
     path = bridge.checkpoint_dir(ctx) / name
     error = None
     if bridge.is_main:
@@ -164,8 +182,12 @@ def load_checkpoint(ctx: StepContext, args: LoadCheckpointArgs) -> dict:
     branch = args.branch or f"branch-{len(bridge.branches)}"
     if branch in bridge.branches:
         raise CommandError(f"branch {branch!r} exists already")
-    name, path, step = _resolve_checkpoint(ctx, args.checkpoint)
-    meta = ckpt.load_checkpoint(path, ctx.model, ctx.optimizer, ctx.lr_scheduler)
+    known = bridge.checkpoints.get(args.checkpoint)
+    if known is not None and known.get("memory"):
+        name, path, meta = args.checkpoint, None, _load_from_memory(ctx, args.checkpoint)
+    else:
+        name, path, step = _resolve_checkpoint(ctx, args.checkpoint)
+        meta = ckpt.load_checkpoint(path, ctx.model, ctx.optimizer, ctx.lr_scheduler)
     if meta.get("max_grad_norm") is not None:
         ctx.args.max_grad_norm = meta["max_grad_norm"]
     parent = bridge.branch
@@ -173,9 +195,9 @@ def load_checkpoint(ctx: StepContext, args: LoadCheckpointArgs) -> dict:
         "branch": branch,
         "parent": parent,
         "checkpoint": name,
-        "checkpoint_step": meta.get("step", step),
+        "checkpoint_step": meta["step"] if path is None else meta.get("step", step),
         "fork_step": ctx.step,
-        "path": str(path),
+        "path": str(path) if path is not None else None,
         "restored": meta["restored"],
     }
     bridge.branches[branch] = {"name": branch, "parent": parent}
@@ -186,6 +208,20 @@ def load_checkpoint(ctx: StepContext, args: LoadCheckpointArgs) -> dict:
         ctx.goto(info["checkpoint_step"])
         info["continues_at"] = info["checkpoint_step"]
     return info
+
+
+def _load_from_memory(ctx: StepContext, name: str) -> dict:
+    snapshot = ctx.bridge.memory_checkpoints.get(name)
+    if snapshot is None:
+        raise CommandError(
+            f"the in-memory checkpoint {name!r} is gone (only the latest {MEMORY_CHECKPOINTS} are kept, and "
+            "none outlives its process)"
+        )
+    if ctx.optimizer is None:
+        raise CommandError("the optimizer does not exist yet (training has not started)")
+    snapshots.restore(snapshot, ctx.model, ctx.optimizer, ctx.lr_scheduler)
+    restored = {"optimizer": True, "scheduler": snapshot.scheduler is not None, "rng": True, "memory": True}
+    return {"step": snapshot.step, **snapshot.meta, "restored": restored}
 
 
 # ---- data

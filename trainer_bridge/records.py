@@ -142,7 +142,8 @@ class Accepted(Record):
 class Checkpoint(Record):
     model_config = ConfigDict(extra="allow")
     name: str
-    path: str
+    path: str | None  # None: held in memory (`memory: true`)
+    memory: bool = False
     step: int
     branch: str
     source: str

@@ -293,7 +293,7 @@ function CheckpointCard({ checkpoints, colors, send, refuse, error }: Checkpoint
       <ul className="ckpt-list" data-testid="ckpt-list">
         {checkpoints.map((c) => (
           <li key={c.uuid} className="ckpt-row" data-testid={`ckpt-row-${c.name}`}>
-            <span className="ckpt-name mono" title={c.path}>
+            <span className="ckpt-name mono" title={c.path ?? "in memory"}>
               {c.name}
             </span>
             <span className="muted">step {c.step}</span>
