@@ -103,6 +103,7 @@ def check_the_run(steer, sent) -> dict:
 
 
 def read_events(log_dir: Path):
+    pytest.importorskip("tensorboard")  # the reader (and torch's SummaryWriter): pip install tensorboard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "scalars": 0})
