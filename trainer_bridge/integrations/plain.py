@@ -83,7 +83,11 @@ class Steer:
         `steer.max_grad_norm`). batch_size: examples per optimizer step on one process (for samples/s).
         start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first). The rest
         is the control server's and the store's, as in `BridgeConfig`."""
-        self.model = accelerator.unwrap_model(model) if accelerator is not None else model
+        if accelerator is not None:
+            model = accelerator.unwrap_model(model)
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # checkpoints hold the model's own names, loadable without the wrapper
+        self.model = model
         self.optimizer = optimizer
         self.lr_scale = LrScale(optimizer)
         self.lr_scheduler = lr_scheduler
