@@ -517,9 +517,10 @@ def run_supervision(
                     question = result["__interrupt__"][0].value
                     result = graph.invoke(Command(resume=(ask_human or ask_on_terminal)(question)), config)
             except httpx.TransportError:
-                if stop_event is None or not stop_event.is_set():
-                    raise
-                result = {"finished": True}  # the run ended and took its server with it
+                if (stop_event is None or not stop_event.is_set()) and _still_served(tools):
+                    raise  # the server answers: a real fault, not the end of the run
+                # The run ended and took its server with it (a loop closes its server as it ends).
+                result = {"finished": True}
             except Exception as error:
                 give_the_run_back(tools, supervisor, error, held=pause_while_deciding)
                 raise
@@ -553,6 +554,16 @@ def ask_on_terminal(question: dict) -> dict:
         if answer in ACTIONS:
             return {"action": answer, "explanation": input("why (optional)? ").strip() or "human decision"}
         print("please answer double, halve or keep")
+
+
+def _still_served(tools: BridgeTools, wait_s: float = 1.0) -> bool:
+    """Whether the run's server answers after a connection failed (once more, a moment later)."""
+    time.sleep(wait_s)
+    try:
+        tools.read_state()
+        return True
+    except httpx.TransportError:
+        return False
 
 
 def _run_over(command) -> bool:

@@ -27,12 +27,13 @@ PEAK, WARMUP, STEPS = 0.01, 4, 20
 
 def get_lr(it: int) -> float:
     """The loop's own schedule: a warm-up, then a linear decay (never the same value twice)."""
-    return PEAK * (it + 1) / WARMUP if it < WARMUP else PEAK * (1 - 0.04 * (it - WARMUP))
+    return PEAK * (it + 1) / WARMUP if it < WARMUP else PEAK * max(0.1, 1 - 0.04 * (it - WARMUP))
 
 
-def run_loop(tmp_path: Path, actions: dict, max_steps: int = STEPS, **attach_kwargs) -> tuple:
+def run_loop(tmp_path: Path, actions: dict, max_steps: int = STEPS, before=None, **attach_kwargs) -> tuple:
     """Trains a tiny regression model in a nanoGPT-style loop. `actions[it](client, steer)` runs in the
-    body of iteration `it` (after the optimizer step). Returns (steer, the run's metrics by branch)."""
+    body of iteration `it` (after the optimizer step); `before(steer)` before the loop starts. Returns
+    (steer, the run's metrics by branch)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK)
@@ -53,6 +54,8 @@ def run_loop(tmp_path: Path, actions: dict, max_steps: int = STEPS, **attach_kwa
     )  # fmt: skip
     client = BridgeClient(steer.url)
     seen_norms = []
+    if before is not None:
+        before(steer)
     try:
         for it in steer.steps():
             lr = steer.lr(get_lr(it))
@@ -217,3 +220,45 @@ def test_the_example_plain_loop_runs_and_obeys_commands(tmp_path):
     evals = [row["step"] for row in store.get_metrics(run["id"], names=["eval_loss"])]
     assert evals == [0, 0, 10, 20, 30]  # the evaluate command, then every 10 steps
     assert (tmp_path / "out" / "checkpoints" / "start" / "model.safetensors").is_file()
+
+
+def test_a_supervisor_over_http_steers_a_plain_loop_to_its_end(tmp_path):
+    """`selfsteer supervise --url` on a plain loop: a decision on each evaluation, its lr change applied at
+    a boundary; when the loop ends its server goes, and the supervisor ends quietly. The loop waits, after
+    the evaluations at steps 10, 20 and 30, for the decision about them (as `hold_for_supervisor` does)."""
+    from selfsteer.agents.registry import make_supervisor
+    from selfsteer.graphs.supervise import run_supervision
+
+    outcome = {}
+
+    def supervise(url):
+        try:
+            outcome["result"] = run_supervision(url, make_supervisor("rule"), db=str(tmp_path / "graph.sqlite"))
+        except BaseException as error:  # noqa: BLE001  (the test reports it)
+            outcome["error"] = error
+
+    thread = None
+
+    def start(steer):
+        nonlocal thread
+        thread = threading.Thread(target=supervise, args=(steer.url,), daemon=True)
+        thread.start()
+
+    def decided_on(step):
+        def hold(client, steer):
+            wait_for(lambda: any(d.step >= step for d in client.decisions()), f"a decision at step {step}")
+
+        return hold
+
+    steer, _ = run_loop(
+        tmp_path, {10: decided_on(10), 20: decided_on(20), 30: decided_on(30)}, max_steps=60, before=start,
+        eval_every=10,
+    )  # fmt: skip
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    assert outcome["result"].get("finished")
+    decisions = steer.store.list_decisions(steer.bridge.run_id)
+    assert {10, 20, 30} <= {d["step"] for d in decisions}
+    for decision in decisions:
+        if decision["action"] != "keep":  # an lr change carries the step it took effect at
+            assert decision["applied_step"] is not None and decision["applied_step"] >= decision["step"]

@@ -146,8 +146,8 @@ class LrScale:
             self.held = lr
         elif now <= 0:
             raise CommandError(
-                "the loop's schedule gives 0 now (a warm-up's first step): no scale leads it to a new lr; "
-                "send schedule 'constant', or wait a step"
+                f"the loop's schedule gives {now:g} now (a warm-up's first step?): no scale leads it to a new "
+                "lr; send schedule 'constant', or wait a step"
             )
         else:
             info["factor"] = lr / now
