@@ -57,7 +57,7 @@ def exit_now(code: int) -> None:
 class HoldForDecision(TrainerCallback):
     """Holds training after each evaluation until a decision about it is recorded, a command arrives (a
     pause: the supervisor then holds the run itself, and commands apply between steps only), or the
-    supervisor has ended."""
+    supervisor has ended. An evaluation that an `evaluate` command runs is not held."""
 
     def __init__(self, run: RecipeRun, supervisor_done: threading.Event, timeout_s: float = 300.0):
         self.run, self.supervisor_done, self.timeout_s = run, supervisor_done, timeout_s
@@ -65,6 +65,10 @@ class HoldForDecision(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         bridge, run_id = self.run.bridge, self.run.run_id
+        if any(c["type"] == "evaluate" for c in bridge.store.list_commands(run_id, status="running")):
+            # An evaluation a command asked for (a tool-using supervisor's): that supervisor waits for the
+            # command to finish, so holding here for its decision would hold both until the timeout.
+            return
         deadline = time.monotonic() + self.timeout_s
         while not self.supervisor_done.is_set():
             version = bridge.version  # before looking: a change after it wakes the wait below
