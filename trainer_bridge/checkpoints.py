@@ -33,6 +33,7 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 BRIDGE_STATE = "bridge_state.json"
 RNG = "bridge_rng.pt"
+RANK_RNG = "bridge_rng_rank{rank}.pt"  # under DDP every rank's own (nanoGPT seeds each rank apart)
 
 
 # -----------------------------------------------------------------------------
@@ -87,9 +88,17 @@ def read_meta(path: Path) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
+def save_rank_rng(path: Path, rank: int) -> None:
+    """This rank's RNG state beside a checkpoint rank 0 wrote (the folder exists)."""
+    torch.save(rng_state(), path / RANK_RNG.format(rank=rank))
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, rank: int | None = None
+) -> dict:
     """Loads the folder into the live objects; returns its meta. Everything is read and checked before
-    anything is changed, so a bad checkpoint leaves the run as it was."""
+    anything is changed, so a bad checkpoint leaves the run as it was. `rank`: under DDP, this rank's
+    own RNG state is loaded where the checkpoint has one."""
     if not (path / WEIGHTS).is_file():
         raise CommandError(f"{path} is not a checkpoint (no {WEIGHTS})")
     try:
@@ -99,7 +108,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
         scheduler_state = (
             torch.load(path / SCHEDULER, weights_only=True) if (path / SCHEDULER).exists() else None
         )
-        rng = torch.load(path / RNG, weights_only=True) if (path / RNG).exists() else None
+        rng_file = path / RANK_RNG.format(rank=rank) if rank is not None else None
+        if rng_file is None or not rng_file.exists():
+            rng_file = path / RNG
+        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
     except Exception as exc:
         raise CommandError(f"cannot read checkpoint {path}: {exc}") from exc
     if optimizer_state is not None and len(optimizer_state["param_groups"]) != len(optimizer.param_groups):

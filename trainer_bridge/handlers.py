@@ -147,6 +147,8 @@ def save_checkpoint(ctx: StepContext, args: SaveCheckpointArgs) -> dict:
         except Exception as exc:
             error = f"cannot save checkpoint {name!r}: {exc}"
     bridge.agree(error)
+    if bridge.world_size > 1:
+        ckpt.save_rank_rng(path, bridge.rank)  # each rank's own random state, for its own data and dropout
     info = {"name": name, "path": str(path), "step": ctx.step, "branch": bridge.branch}
     bridge.checkpoints[name] = info
     return info
@@ -187,7 +189,8 @@ def load_checkpoint(ctx: StepContext, args: LoadCheckpointArgs) -> dict:
         name, path, meta = args.checkpoint, None, _load_from_memory(ctx, args.checkpoint)
     else:
         name, path, step = _resolve_checkpoint(ctx, args.checkpoint)
-        meta = ckpt.load_checkpoint(path, ctx.model, ctx.optimizer, ctx.lr_scheduler)
+        rank = bridge.rank if bridge.world_size > 1 else None
+        meta = ckpt.load_checkpoint(path, ctx.model, ctx.optimizer, ctx.lr_scheduler, rank=rank)
     if meta.get("max_grad_norm") is not None:
         ctx.args.max_grad_norm = meta["max_grad_norm"]
     parent = bridge.branch

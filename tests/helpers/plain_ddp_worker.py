@@ -10,8 +10,8 @@ prepares the model and the optimizer (DDP and an AcceleratedOptimizer) and the l
 
 Rank 0 serves on a free port (DIR/url) and sends the commands itself, over HTTP, from inside the loop's
 body at the iterations of ACTIONS, so each lands at a known step boundary; the other ranks get them from
-rank 0's broadcast there. Every rank draws the same global batch from the global RNG (seeded alike) and
-trains on its own shard of it. At the end each rank writes DIR/rank-R.json: per iteration its step, lr,
+rank 0's broadcast there. Each rank draws its own batches from the global RNG, seeded per rank as nanoGPT
+does (1337 + rank): a rollback must give each rank its own random state back. At the end each rank writes DIR/rank-R.json: per iteration its step, lr,
 loss and branch, its final step, a checksum of its weights, what the evaluations gave, and the commands
 sent (rank 0).
 """
@@ -72,6 +72,7 @@ def main(folder: Path, mode: str) -> None:
         model = DistributedDataParallel(model)
     assert isinstance(model, DistributedDataParallel)
     target = torch.randn(8, 1)
+    torch.manual_seed(1337 + rank)  # each rank's own data from here on
     evaluations = []
 
     def evaluate():
@@ -97,7 +98,7 @@ def main(folder: Path, mode: str) -> None:
         lr = steer.lr(get_lr(it))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = torch.randn(GLOBAL_BATCH, 8)[rank::world]  # this rank's shard of the global batch
+        x = torch.randn(GLOBAL_BATCH // world, 8)  # this rank's own batch
         loss = F.mse_loss(model(x), x @ target)
         optimizer.zero_grad()
         if accelerator is not None:
