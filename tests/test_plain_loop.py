@@ -262,3 +262,23 @@ def test_a_supervisor_over_http_steers_a_plain_loop_to_its_end(tmp_path):
     for decision in decisions:
         if decision["action"] != "keep":  # an lr change carries the step it took effect at
             assert decision["applied_step"] is not None and decision["applied_step"] >= decision["step"]
+
+
+def test_a_plain_loop_run_replays_from_its_journal(tmp_path):
+    """The same loop given `replay_of`: the journaled commands apply again at their steps, and the replay
+    trains to the very same losses and lrs."""
+    actions = {
+        2: lambda client, steer: client.set_lr(0.004),
+        6: lambda client, steer: client.set_max_grad_norm(0.1),
+        9: lambda client, steer: client.set_lr(0.02, schedule="constant"),
+    }
+    original, first = run_loop(tmp_path, actions)
+    replay, again = run_loop(tmp_path, {}, replay_of=original.bridge.run_id)
+    assert again["main"]["learning_rate"] == first["main"]["learning_rate"]
+    assert again["main"]["loss"] == first["main"]["loss"]  # bit for bit: same commands, same steps
+    replayed = [c for c in replay.store.list_commands(replay.bridge.run_id) if c["source"] == "replay"]
+    assert [(c["type"], c["step"], c["status"]) for c in replayed] == [
+        ("set_optimizer", 3, "success"), ("set_max_grad_norm", 7, "success"), ("set_optimizer", 10, "success"),
+    ]  # fmt: skip
+    run = replay.store.get_run(replay.bridge.run_id)
+    assert run["kind"] == "replay" and run["parent_run_id"] == original.bridge.run_id

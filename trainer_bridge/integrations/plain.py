@@ -74,6 +74,7 @@ class Steer:
         commands: CommandRegistry | None = None,
         announce: bool = True,
         start_paused: bool = False,
+        replay_of: str | None = None,
     ):
         """max_steps: the loop's optimizer steps. evaluate: a function returning eval metrics (the
         `evaluate` command calls it; keys are logged with an `eval_` prefix). eval_every: also evaluate at
@@ -81,8 +82,11 @@ class Steer:
         scheduler the loop steps itself, if any (then the commands scale its base lrs; without one the
         loop asks `steer.lr`). max_grad_norm: the clipping norm the loop starts with (read
         `steer.max_grad_norm`). batch_size: examples per optimizer step on one process (for samples/s).
-        start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first). The rest
-        is the control server's and the store's, as in `BridgeConfig`."""
+        start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first).
+        replay_of: a run of this loop in the same store whose journaled commands are applied again at
+        their steps (the loop itself must be the same, with the same seed; a run that went back to an
+        earlier step replays each command at its first visit of its step). The rest is the control
+        server's and the store's, as in `BridgeConfig`."""
         if accelerator is not None:
             model = accelerator.unwrap_model(model)
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -99,10 +103,11 @@ class Steer:
         self._started = self._ended = False
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         config = BridgeConfig(
-            host=host, port=port, token=token, db=db or DEFAULT_DB_PATH, run_name=name, run_kind="train",
+            host=host, port=port, token=token, db=db or DEFAULT_DB_PATH, run_name=name,
+            run_kind="replay" if replay_of else "train",
             run_config={"loop": "plain", "max_steps": max_steps, **(run_config or {})},
             checkpoint_dir=str(Path(output_dir) / "checkpoints"), auto_finish=False, announce=announce,
-            start_paused=start_paused,
+            start_paused=start_paused, replay_of=replay_of,
         )  # fmt: skip
         self.bridge = Bridge(config, registry=commands, data_factories=data_factories)
         if accelerator is not None:
