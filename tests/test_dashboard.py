@@ -483,3 +483,80 @@ def test_token_protected_server_asks_for_the_token(tmp_path, open_page):
         # 401s of the refused token are the browser's own console errors: expected here, and only those.
         assert all("401" in e for e in page.errors), page.errors
         assert direct.errors == []
+
+
+def test_a_plain_pytorch_loop_is_watched_and_steered_from_the_dashboard(tmp_path, open_page):
+    """The same dashboard on a plain loop (`selfsteer.attach`): it starts held, the page resumes it, the
+    charts grow, halve changes the loop's own lr, a checkpoint loaded into a branch sends the loop back
+    to the checkpoint's step on that branch, and stop ends the loop."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    import selfsteer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    target = torch.randn(8, 1)
+    x_eval = torch.randn(64, 8)
+
+    def evaluate():
+        with torch.no_grad():
+            return {"loss": F.mse_loss(model(x_eval), x_eval @ target).item()}
+
+    steer = selfsteer.attach(
+        model, optimizer, max_steps=100_000, evaluate=evaluate, eval_every=20, port=0, db=tmp_path / "r.db",
+        output_dir=tmp_path / "out", start_paused=True, announce=False,
+    )  # fmt: skip
+    lrs: dict[str, list[float]] = {}
+
+    def loop():
+        for it in steer.steps():
+            lr = steer.lr(0.01)  # a constant schedule of the loop's own
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = torch.randn(16, 8)
+            loss = F.mse_loss(model(x), x @ target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steer.log(loss=loss.item(), learning_rate=lr)
+            lrs.setdefault(steer.bridge.branch, []).append(lr)
+            time.sleep(0.005)  # a few hundred steps a second: the page has something to draw
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        page = open_page(steer.url)
+        page.wait_until(lambda: page.by_id("run-resume").is_enabled(), "the page to see the run held")
+        page.by_id("run-resume").click()
+        page.wait_until(lambda: page.attr_int("chart-loss", "data-points") > 40, "the loss chart to grow")
+        page.wait_until(lambda: page.attr_int("chart-eval_loss", "data-points") >= 2, "eval points")
+        assert page.attr_int("chart-learning_rate", "data-points") > 0
+
+        page.by_id("lr-halve").click()
+        page.wait_until(lambda: lrs["main"][-1] == pytest.approx(0.005), "the loop to train at half its lr")
+        page.by_id("ckpt-name").fill("mark")
+        page.by_id("ckpt-save").click()
+        page.by_id("ckpt-row-mark").wait_for()
+        mark = next(c for c in steer.bridge.list_checkpoints() if c["name"] == "mark")
+        page.by_id("ckpt-new-branch").fill("retry")
+        page.by_id("ckpt-load-mark").click()
+        page.by_id("branch-retry").wait_for()
+        page.wait_until(lambda: "retry" in chart_series(page, "loss"), "a loss series for the branch")
+        page.wait_until(lambda: len(lrs.get("retry", [])) > 5, "the loop to train on the branch")
+        assert all(lr == pytest.approx(0.005) for lr in lrs["retry"])  # at the halved lr the checkpoint kept
+        (branch,) = [b for b in steer.bridge.list_branches() if b["name"] == "retry"]
+        assert branch["checkpoint_step"] == mark["step"]
+        page.screenshot("plain-branch")
+
+        page.by_id("run-stop").click()
+        page.by_id("run-stop-confirm").click()
+        thread.join(timeout=60)
+        assert not thread.is_alive() and steer.bridge.phase == "stopped"
+        assert page.errors == []
+    finally:
+        if thread.is_alive():
+            steer.bridge.submit("stop", {}, "test")
+            thread.join(timeout=60)
