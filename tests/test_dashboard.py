@@ -512,7 +512,7 @@ def test_a_plain_pytorch_loop_is_watched_and_steered_from_the_dashboard(tmp_path
     lrs: dict[str, list[float]] = {}
 
     def loop():
-        for it in steer.steps():
+        for _ in steer.steps():
             lr = steer.lr(0.01)  # a constant schedule of the loop's own
             for group in optimizer.param_groups:
                 group["lr"] = lr
