@@ -259,9 +259,12 @@ def test_a_supervisor_over_http_steers_a_plain_loop_to_its_end(tmp_path):
     assert outcome["result"].get("finished")
     decisions = steer.store.list_decisions(steer.bridge.run_id)
     assert {10, 20, 30} <= {d["step"] for d in decisions}
-    for decision in decisions:
-        if decision["action"] != "keep":  # an lr change carries the step it took effect at
-            assert decision["applied_step"] is not None and decision["applied_step"] >= decision["step"]
+    for decision in decisions:  # an lr change carries the step its command took effect at, if it did
+        command = steer.store.get_command(decision["command"]) if decision["command"] else None
+        if command is not None and command["status"] == "success":
+            assert decision["applied_step"] == command["step"] >= decision["step"]
+        else:  # a keep, or a change the run ended before applying
+            assert decision["applied_step"] is None
 
 
 def test_a_plain_loop_run_replays_from_its_journal(tmp_path):
