@@ -122,7 +122,8 @@ class StepContext:
     `args`, `state` and `control` are the Trainer's own objects under the Trainer, a `LoopArgs`,
     `LoopState` and `LoopControl` elsewhere. `evaluate` runs an evaluation now and returns its metrics
     (None: the loop evaluates when `control.should_evaluate` asks it to). `goto` (a plain loop's) moves
-    the loop to another step after a rollback."""
+    the loop to another step after a rollback. `train_step` and `eval_slice` (when the adapter gives
+    them) let a `probe` train candidate lrs from a snapshot."""
 
     bridge: Bridge
     args: Any
@@ -135,6 +136,10 @@ class StepContext:
     eval_dataloader: Any = None
     evaluate: Callable[[], dict] | None = None
     goto: Callable[[int], None] | None = field(default=None, repr=False)
+    # What a probe needs of the loop (trainer_bridge/probe.py): one optimizer step on the i-th probe
+    # batch, returning its loss; the mean loss on a small fixed evaluation slice.
+    train_step: Callable[[int], float] | None = field(default=None, repr=False)
+    eval_slice: Callable[[], float] | None = field(default=None, repr=False)
 
     @property
     def step(self) -> int:

@@ -220,6 +220,30 @@ class LoadCheckpointArgs(Args):
         return self
 
 
+ProbeFactor = bounded(
+    1 / 64, 64, "A multiple of the lr in force that one arm of the probe trains at (clamped to the lr bounds)."
+)
+
+
+class ProbeArgs(Args):
+    """Train `steps` optimizer steps at each factor of the current lr, each arm from the same exact
+    snapshot and on the same batches, then restore the snapshot (trainer_bridge/probe.py)."""
+
+    factors: list[ProbeFactor] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1, max_length=8)
+    # Steps per arm: a few, so a probe costs len(factors) x steps optimizer steps.
+    steps: Annotated[int, Field(strict=True, ge=1, le=200)] = 4
+    # Where each arm's eval-slice loss is extrapolated to, in steps from now (default: 2 x steps).
+    horizon: Annotated[int, Field(strict=True, ge=1, le=100_000)] | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ProbeArgs:
+        if len(set(self.factors)) != len(self.factors):
+            raise ValueError("each factor once: two arms at one lr measure the same thing")
+        if self.horizon is not None and self.horizon < self.steps:
+            raise ValueError("the horizon is where each arm is extrapolated to: at least steps")
+        return self
+
+
 class ReloadDataArgs(Args):
     dataset: Name | None = None  # a registered data factory; default: reload the current one
 

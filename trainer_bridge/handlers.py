@@ -14,12 +14,14 @@ from selfsteer.trainer_bridge.commands import (
     CommandRegistry,
     LoadCheckpointArgs,
     NoArgs,
+    ProbeArgs,
     ReloadDataArgs,
     SaveCheckpointArgs,
     SetMaxGradNormArgs,
     SetOptimizerArgs,
 )
 from selfsteer.trainer_bridge.data import SwappableDataset
+from selfsteer.trainer_bridge.probe import run_probe
 
 BUILTINS = CommandRegistry()
 MEMORY_CHECKPOINTS = 8  # in-memory checkpoints kept per run, the oldest dropped first
@@ -108,6 +110,20 @@ def evaluate(ctx: StepContext, args: NoArgs) -> dict:
         ctx.control.should_evaluate = True
         return {"scheduled": True}
     return ctx.evaluate()
+
+
+@command(
+    "probe",
+    ProbeArgs,
+    "Measure before deciding: from an exact in-memory snapshot, train `steps` steps at each factor of the "
+    "lr in force (default x0.5, x1, x2), every arm on the same batches, and measure the loss on a small "
+    "fixed eval slice; then restore the snapshot bit for bit. The result: per arm its train losses, "
+    "slice losses and an estimate extrapolated to `horizon` steps; `best_factor`; `cost_steps` (the "
+    "optimizer steps it paid for). The run itself goes on as if it had not happened.",
+    replay=False,  # it changes nothing a replay could observe
+)
+def probe(ctx: StepContext, args: ProbeArgs) -> dict:
+    return run_probe(ctx, args)
 
 
 # ---- checkpoints and branches

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, StepContext
@@ -24,6 +25,7 @@ class BridgeCallback(TrainerCallback):
 
     def __init__(self, bridge: Bridge):
         self.bridge = bridge
+        self.probe: TrainerProbe | None = None
 
     def context(self, args, state, control, **kwargs) -> StepContext:
         names = ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
@@ -31,6 +33,11 @@ class BridgeCallback(TrainerCallback):
         trainer = self.bridge.trainer
         if trainer is not None:
             ctx.evaluate = lambda: evaluate_now(trainer, control)
+            if self.probe is None or self.probe.trainer is not trainer:
+                self.probe = TrainerProbe(trainer)
+            probe, step = self.probe, state.global_step
+            ctx.train_step = lambda i: probe.train_step(step, i)
+            ctx.eval_slice = probe.eval_slice if trainer.eval_dataset is not None else None
         return ctx
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -58,6 +65,74 @@ def evaluate_now(trainer: Any, control: Any) -> dict:
     metrics = trainer.evaluate()
     control.should_log = should_log
     return metrics
+
+
+class TrainerProbe:
+    """What a probe (trainer_bridge/probe.py) needs of a Trainer: an optimizer step as the Trainer takes
+    one (its `training_step`, gradient accumulation, clipping, optimizer and scheduler), on batches drawn
+    from the step alone, so every arm trains on the same ones; and the mean loss of the first
+    `eval_examples` of the eval set (the Trainer's `prediction_step`)."""
+
+    eval_examples = 64
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self._train_data: Any = None
+        self._eval_batches: list | None = None
+
+    def _data(self) -> Any:
+        if self._train_data is None:
+            data = self.trainer.train_dataset
+            if hasattr(data, "column_names"):  # a datasets.Dataset: the Trainer's own column pruning
+                data = self.trainer._remove_unused_columns(data, description="probe")
+            self._train_data = data
+        return self._train_data
+
+    def train_step(self, step: int, i: int) -> float:
+        trainer, args = self.trainer, self.trainer.args
+        data = self._data()
+        rank = args.process_index
+        generator = torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 1009 + i) * 64 + rank)
+        model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+        loss = 0.0
+        for _ in range(args.gradient_accumulation_steps):
+            ids = torch.randint(len(data), (args.per_device_train_batch_size,), generator=generator)
+            batch = trainer.data_collator([data[int(j)] for j in ids])
+            loss += float(trainer.training_step(model, batch))  # each micro-batch's loss / accumulation
+        if args.max_grad_norm:
+            trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        return loss
+
+    @torch.no_grad()
+    def eval_slice(self) -> float:
+        trainer = self.trainer
+        if self._eval_batches is None:
+            data = trainer.eval_dataset
+            if isinstance(data, dict):
+                data = next(iter(data.values()))
+            if hasattr(data, "column_names"):
+                data = trainer._remove_unused_columns(data, description="probe")
+            n, size = min(self.eval_examples, len(data)), trainer.args.per_device_eval_batch_size
+            self._eval_batches = [
+                trainer.data_collator([data[j] for j in range(start, min(start + size, n))])
+                for start in range(0, n, size)
+            ]
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        total = count = 0
+        try:
+            for batch in self._eval_batches:
+                loss = trainer.prediction_step(model, batch, prediction_loss_only=True)[0]
+                rows = len(next(iter(batch.values())))
+                total += float(loss) * rows
+                count += rows
+        finally:
+            model.train(was_training)
+        return total / count
 
 
 def attach_bridge(bridge: Bridge, trainer: Any) -> Bridge:

@@ -59,6 +59,8 @@ class Steer:
         max_steps: int,
         evaluate: Callable[[], dict] | None = None,
         eval_every: int | None = None,
+        train_step: Callable[[int], Any] | None = None,
+        probe_evaluate: Callable[[], dict] | None = None,
         lr_scheduler: Any = None,
         max_grad_norm: float | None = None,
         batch_size: int | None = None,
@@ -81,7 +83,11 @@ class Steer:
         every step boundary that is a multiple of it (0 included), after the boundary's commands. lr_scheduler: a torch
         scheduler the loop steps itself, if any (then the commands scale its base lrs; without one the
         loop asks `steer.lr`). max_grad_norm: the clipping norm the loop starts with (read
-        `steer.max_grad_norm`). batch_size: examples per optimizer step on one process (for samples/s).
+        `steer.max_grad_norm`). train_step: one iteration of the loop as a function, `train_step(it)`
+        (batch, forward, backward, clip, optimizer step; returns the loss): with it a `probe` can train
+        candidate lrs from a snapshot (the loop may call it too). probe_evaluate: a cheaper evaluation for
+        probes (default `evaluate`; one that draws random batches draws the same ones each time).
+        batch_size: examples per optimizer step on one process (for samples/s).
         start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first).
         replay_of: a run of this loop in the same store whose journaled commands are applied again at
         their steps (the loop itself must be the same, with the same seed; a run that went back to an
@@ -96,6 +102,9 @@ class Steer:
         self.lr_scale = LrScale(optimizer)
         self.lr_scheduler = lr_scheduler
         self.user_evaluate = evaluate
+        self.user_train_step = train_step
+        self.probe_evaluate = probe_evaluate or evaluate
+        self._probing = False
         self.eval_every = eval_every
         self.args = LoopArgs(str(output_dir), max_grad_norm, batch_size)
         self.state = LoopState(0, max_steps)
@@ -162,6 +171,8 @@ class Steer:
         """Records metrics at `step` (default: the step the loop is at) on the current branch:
         `loss`, `learning_rate`, `eval_loss`, anything numeric. They reach the dashboard and the
         supervisors."""
+        if self._probing:  # a probe's arms train off the record
+            return
         state = LoopState(self.state.global_step if step is None else step, self.state.max_steps)
         values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         self.bridge.on_log(state, self.args, values, branch=self.bridge.branch)
@@ -210,7 +221,28 @@ class Steer:
             model=self.model, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler if self.lr_scheduler is not None else self.lr_scale,
             evaluate=self._evaluate, goto=self._go_to,
+            train_step=self._probe_step if self.user_train_step is not None else None,
+            eval_slice=self._probe_loss if self.probe_evaluate is not None else None,
         )  # fmt: skip
+
+    def _probe_step(self, i: int) -> float:
+        self._probing = True
+        try:
+            loss = self.user_train_step(self.state.global_step + i)
+        finally:
+            self._probing = False
+        return float(loss.item() if isinstance(loss, torch.Tensor) else loss)
+
+    def _probe_loss(self) -> float:
+        self._probing = True
+        try:
+            metrics = self.probe_evaluate()
+        finally:
+            self._probing = False
+        for key in ("loss", "eval_loss"):
+            if key in metrics:
+                return float(metrics[key])
+        raise CommandError(f"the probe's evaluation gave no 'loss' (it gave {', '.join(metrics) or 'nothing'})")
 
     def _evaluate(self) -> dict:
         if self.user_evaluate is None:

@@ -1,0 +1,142 @@
+"""Probes: which lr does better from here, measured instead of guessed.
+
+At a step boundary the core takes an exact in-memory snapshot (weights, optimizer, scheduler, RNG), then
+for each factor trains `steps` optimizer steps at that multiple of the lr in force, every arm from the
+snapshot and on the same batches, measures the loss on a small fixed evaluation slice at the start,
+halfway and at the end, and puts the snapshot back: the run goes on bit for bit as if nothing had
+happened (tests/test_probe.py), at a cost of `len(factors) x steps` optimizer steps, journaled with the
+result.
+
+Each arm's slice losses are extrapolated to `horizon` steps with an exponential fit, `a + b e^(-ct)`:
+a few steps reward whatever lr drops the loss fastest now and may plateau soonest (short-horizon bias,
+Wu et al. 2018); AutoLRS compares candidate lrs by such fits instead of by their last value.
+
+The adapter gives the two things only the loop knows (on its `StepContext`): `train_step(i)`, one optimizer
+step on the i-th probe batch, returning its train loss (the batches must be the same for every arm: drawn
+from the step alone, or from the RNG the snapshot restores), and `eval_slice()`, the mean loss on the slice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from selfsteer.trainer_bridge import optim, snapshots
+from selfsteer.trainer_bridge.commands import LR_BOUNDS, CommandError, ProbeArgs
+
+if TYPE_CHECKING:
+    from selfsteer.trainer_bridge.bridge import StepContext
+
+EVAL_SLICE_SEED = 1234
+DECAY_RATES = [1e-3 * (3000 ** (i / 59)) for i in range(60)]  # per step, 1e-3 .. 3: the fits tried
+
+
+def extrapolate(points: list[tuple[int, float]], horizon: int) -> float:
+    """The loss at step `horizon` of a curve through `points` (step, loss), starting at step 0. A curve
+    that falls is fitted with `a + b e^(-ct)` (b >= 0, c > 0, by least squares over a grid of c); one
+    that rises goes on rising at its average rate; a non-finite loss is infinite."""
+    if not points or any(not math.isfinite(y) for _, y in points):
+        return math.inf
+    (t0, y0), (tk, yk) = points[0], points[-1]
+    if len(points) < 2 or tk <= t0 or horizon <= tk:
+        return yk
+    if yk >= y0:  # not learning: no fit makes it better than its trend
+        return yk + (yk - y0) / (tk - t0) * (horizon - tk)
+    best = None
+    for c in DECAY_RATES:
+        xs = [math.exp(-c * t) for t, _ in points]
+        ys = [y for _, y in points]
+        n, sx, sy = len(xs), sum(xs), sum(ys)
+        sxx, sxy = sum(x * x for x in xs), sum(x * y for x, y in zip(xs, ys, strict=True))
+        det = n * sxx - sx * sx
+        if det <= 1e-15:
+            continue
+        b = (n * sxy - sx * sy) / det
+        if b < 0:
+            continue
+        a = (sy - b * sx) / n
+        error = sum((a + b * x - y) ** 2 for x, y in zip(xs, ys, strict=True))
+        if best is None or error < best[0] - 1e-15:
+            best = (error, a, b, c)
+    if best is None:
+        return yk
+    _, a, b, c = best
+    return max(a + b * math.exp(-c * horizon), 0.0)
+
+
+def lr_in_force(optimizer, scheduler) -> float:
+    """The lr the next optimizer step uses."""
+    if isinstance(scheduler, optim.LrScale):
+        return scheduler.current()
+    return float(optim.unwrap_optimizer(optimizer).param_groups[0]["lr"])
+
+
+def _measure(ctx: StepContext) -> float:
+    """The slice's loss, under its own fixed seed: an evaluation that draws random batches (nanoGPT's
+    estimate_loss) measures the same ones each time, and the training RNG is left as it was."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(EVAL_SLICE_SEED)
+        return float(ctx.eval_slice())
+
+
+def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
+    """Trains every arm from the same snapshot, restores it, and returns the probe's table."""
+    if ctx.train_step is None:
+        raise CommandError(
+            "this loop cannot be probed: it gave no train_step (a plain loop: selfsteer.attach(..., "
+            "train_step=fn), fn(step) doing one optimizer step and returning its loss)"
+        )
+    if ctx.eval_slice is None:
+        raise CommandError("this loop cannot be probed: it has no evaluation (pass evaluate= or probe_evaluate=)")
+    if ctx.optimizer is None:
+        raise CommandError("the optimizer does not exist yet (training has not started)")
+    started = time.perf_counter()
+    model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.lr_scheduler
+    snapshot = snapshots.take(model, optimizer, scheduler, ctx.step)
+    was_training = model.training
+    base_lr = lr_in_force(optimizer, scheduler)
+    horizon = args.horizon or 2 * args.steps
+    start = _measure(ctx)
+    halfway = args.steps // 2
+    arms = []
+    try:
+        for factor in args.factors:
+            snapshots.restore(snapshot, model, optimizer, scheduler)
+            lr = min(max(base_lr * factor, LR_BOUNDS[0]), LR_BOUNDS[1])
+            if lr != base_lr:
+                optim.set_lr(optimizer, scheduler, lr)
+            train_loss, curve = [], [(0, start)]
+            for i in range(args.steps):
+                loss = float(ctx.train_step(i))
+                train_loss.append(loss)
+                if not math.isfinite(loss):
+                    break
+                if i + 1 == halfway and halfway < args.steps:
+                    curve.append((i + 1, _measure(ctx)))
+            ended = len(train_loss) == args.steps and math.isfinite(train_loss[-1])
+            curve.append((len(train_loss), _measure(ctx) if ended else math.inf))
+            estimate = extrapolate(curve, horizon)
+            arms.append({
+                "factor": factor, "lr": lr, "train_loss": train_loss, "eval_loss": [list(p) for p in curve],
+                "final": curve[-1][1], "estimate": estimate, "diverged": not math.isfinite(estimate),
+            })  # fmt: skip
+    finally:
+        snapshots.restore(snapshot, model, optimizer, scheduler)
+        model.train(was_training)
+    finite = [arm for arm in arms if math.isfinite(arm["estimate"])]
+    best = min(finite, key=lambda arm: arm["estimate"])["factor"] if finite else None
+    return {
+        "step": ctx.step,
+        "lr": base_lr,
+        "steps": args.steps,
+        "horizon": horizon,
+        "start": start,
+        "arms": arms,
+        "best_factor": best,
+        "cost_steps": sum(len(arm["train_loss"]) for arm in arms),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
