@@ -25,6 +25,8 @@ class Observation:
     # and the actions already tried and rolled back from this very state.
     reflections: list[str] = field(default_factory=list)
     avoid: list[str] = field(default_factory=list)
+    # Evidence: the result of a `probe` sent before this decision (trainer_bridge/probe.py), or None.
+    probe: dict | None = None
 
     @classmethod
     def from_metrics(
@@ -162,6 +164,13 @@ class Observation:
             lines.append(
                 f"Train loss over the last {len(window)} steps: mean {_loss_text(statistics.fmean(window))}, spread {spread:.1f}%."
             )
+        norms = [v for s, v in self.grad_norm if s > start and math.isfinite(v)]
+        before_norms = [v for s, v in self.grad_norm if s <= start and math.isfinite(v)][-len(window) or None :]
+        if norms and before_norms and statistics.median(before_norms) > 0:
+            lines.append(
+                f"Gradient norm: {_times(statistics.median(norms) / statistics.median(before_norms))} its median"
+                " in the interval before."
+            )
         lrs = [v for _, v in self.learning_rate]
         first_eval = self.eval_loss[0][0] if self.eval_loss else self.step
         started = max((v for s, v in self.learning_rate if s <= first_eval), default=0.0)
@@ -171,6 +180,29 @@ class Observation:
                 f"Learning rate: {_times(self.lr / started)} its start, {_times(self.lr / at_previous)} its value at"
                 " the previous evaluation."
             )
+        return "\n".join(lines)
+
+    def probe_text(self) -> str:
+        """The probe's table in relative terms: each arm's factor of the lr in force, and its loss on the
+        slice now and extrapolated, as a change against the x1 arm. No absolute lr."""
+        probe = self.probe or {}
+        arms = probe.get("arms") or []
+        if not arms:
+            return f"No probe: {probe['error']}." if probe.get("error") else "No probe."
+        keep = next((a for a in arms if a["factor"] == 1.0), None)
+        lines = [
+            f"Probe: each lr trained {probe['steps']} steps from here on the same batches; the eval-slice loss"
+            f" after them and extrapolated to {probe['horizon']} steps"
+            + (", against x1:" if keep else ":")
+        ]
+        for arm in arms:
+            final, estimate = arm_loss(arm, "final"), arm_loss(arm, "estimate")
+            if keep is not None and arm is not keep:
+                keep_final, keep_estimate = arm_loss(keep, "final"), arm_loss(keep, "estimate")
+                text = f"{_move(final, keep_final)} now, {_move(estimate, keep_estimate)} extrapolated"
+            else:
+                text = f"{_loss_text(final)} now, {_loss_text(estimate)} extrapolated"
+            lines.append(f"x{arm['factor']:g}: {text}" + (" (diverged)" if arm.get("diverged") else ""))
         return "\n".join(lines)
 
     def stats(self) -> dict:
@@ -218,6 +250,7 @@ class Observation:
             "signals": self.signals(),
             "stats": self.stats_text(),
             "warnings": "".join(f" WARNING: {w}." for w in warnings),
+            "probe": self.probe_text(),
         }
 
     def to_dict(self) -> dict:
@@ -252,6 +285,17 @@ class Observation:
         for key in ("train_loss", "eval_loss", "grad_norm", "learning_rate"):
             fields[key] = [(int(s), float(v)) for s, v in data.get(key, [])]
         return cls(**fields)
+
+
+def arm_loss(arm: Mapping, key: str) -> float:
+    """A probe arm's `final` or `estimate` as a float: the journal stores a diverged arm's as null (JSON
+    has no infinity), a stored observation as the string "inf"; both are infinite."""
+    value = arm.get(key)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
 
 
 def _loss_text(value: float) -> str:

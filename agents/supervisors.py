@@ -52,14 +52,23 @@ class Decision:
     # loop then sends nothing.
     acted: bool = False
     lr_after: float | None = None
+    # A multiple other than the action's own (2 or 0.5), for a supervisor that measured it (probe: x4
+    # is a "double" by 4); it must move the lr the action's way.
+    factor: float | None = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, not {self.action!r}")
+        if self.factor is not None:
+            way = {"double": self.factor > 1, "halve": 0 < self.factor < 1, "keep": self.factor == 1}
+            if not way[self.action]:
+                raise ValueError(f"factor {self.factor} does not {self.action} the lr")
 
     def apply(self, lr: float) -> float:
         if self.acted and self.lr_after is not None:
             return self.lr_after
+        if self.factor is not None:
+            return lr * self.factor
         return {"double": lr * 2.0, "halve": lr / 2.0, "keep": lr}[self.action]
 
 
@@ -72,6 +81,11 @@ class Supervisor:
 
     def decide(self, observation: Observation) -> Decision:
         raise NotImplementedError
+
+    def evidence(self, observation: Observation) -> dict | None:
+        """The `probe` to run before deciding on `observation` (its args: factors, steps, horizon), whose
+        result the loop puts in `observation.probe`; None (the default): decide without one."""
+        return None
 
     def reflect(self, observation: Observation, action: str, facts: str) -> str:
         """Why your decision to `action` failed (self-correction; `facts` says what happened and
@@ -263,7 +277,7 @@ class HumanSupervisor(Supervisor):
 
 
 def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
-    """`none` | `rule` | `plateau` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
+    """`none` | `rule` | `plateau` | `probe` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
     | an entry point of `selfsteer.supervisors`."""
     if spec == "none":
         return None
@@ -271,6 +285,10 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
         return RuleSupervisor()
     if spec == "plateau":
         return PlateauSupervisor()
+    if spec == "probe":
+        from selfsteer.agents.probe_supervisor import ProbeSupervisor
+
+        return ProbeSupervisor()
     if spec == "intervener" or spec.startswith("intervener:"):
         from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
 
@@ -300,7 +318,7 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
     else:
         points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
         if spec not in points:
-            known = ", ".join(["none", "rule", "plateau", "llm", "intervener", "tools", "human", *points])
+            known = ", ".join(["none", "rule", "plateau", "probe", "llm", "intervener", "tools", "human", *points])
             raise ValueError(f"unknown supervisor {spec!r}: use one of {known}, or module:Class")
         cls = points[spec].load()
     supervisor = cls()

@@ -202,6 +202,10 @@ def build_supervision_graph(
             observation.reflections = lessons(state)
             observation.avoid = list(avoid)
         try:
+            wanted = supervisor.evidence(observation) if hasattr(supervisor, "evidence") else None
+            if wanted:  # measured from the state decided on (held) or the next boundary (not held)
+                probe_key = key(state["run_id"], config, "probe", iteration)
+                observation.probe = tools.probe(**wanted, idempotency_key=probe_key)
             decision = supervisor.decide(observation)
         except GraphBubbleUp:  # an interrupt (a person's turn): LangGraph's control flow, not a failure
             raise

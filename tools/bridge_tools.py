@@ -71,6 +71,24 @@ class BridgeTools:
         """Evaluate now; returns the journal row with the result."""
         return self.client.wait(self.client.evaluate()["uuid"], timeout=self.wait_s)
 
+    def probe(
+        self,
+        factors: list[float] | None = None,
+        steps: int | None = None,
+        horizon: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
+        """Measure before deciding: train `steps` steps at each multiple of the current lr in `factors`
+        (default 0.5, 1, 2) from an exact snapshot, on the same batches, then restore it. Returns the
+        probe's table: per arm its eval-slice loss after the steps (`final`) and extrapolated to `horizon`
+        steps (`estimate`), and `best_factor`; or {"error": why} when it could not run."""
+        try:
+            row = self.client.probe(factors, steps, horizon, idempotency_key=idempotency_key)
+            row = self.client.wait(row["uuid"], timeout=self.wait_s)
+        except (BridgeHTTPError, CommandTimeout) as error:
+            return {"error": str(error)}
+        return row["result"] if row["status"] == "success" else {"error": row.get("error") or row["status"]}
+
     def as_langchain_tools(self) -> list[StructuredTool]:
         def read_metrics_window(since_step: int = 0) -> list[dict]:
             """Metric rows (loss, eval_loss, learning_rate, grad_norm) logged after `since_step`."""
@@ -92,9 +110,15 @@ class BridgeTools:
             """Resume a paused run; returns the journal row once it runs again."""
             return self.resume()
 
+        def probe_learning_rates(factors: list[float] | None = None, steps: int = 4) -> dict:
+            """Train `steps` steps at each multiple of the current learning rate in `factors` (default 0.5,
+            1, 2) from an exact copy of the run, then put the run back: each arm's eval loss after the
+            steps and extrapolated further. Measure before you change the learning rate."""
+            return self.probe(factors, steps)
+
         functions = [
             self.read_state, read_metrics_window, set_learning_rate, set_gradient_clipping, pause_training,
-            resume_training,
+            resume_training, probe_learning_rates,
             self.save_checkpoint, self.load_checkpoint, self.evaluate,
         ]  # fmt: skip
         return [StructuredTool.from_function(f) for f in functions]

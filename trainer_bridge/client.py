@@ -121,6 +121,16 @@ class _Commands:
     def evaluate(self, idempotency_key: str | None = None):
         return self.send("evaluate", idempotency_key=idempotency_key)
 
+    def probe(
+        self,
+        factors: list[float] | None = None,
+        steps: int | None = None,
+        horizon: int | None = None,
+        idempotency_key: str | None = None,
+    ):
+        args = _drop_none({"factors": factors, "steps": steps, "horizon": horizon})
+        return self.send("probe", idempotency_key=idempotency_key, **args)
+
     def reload_data(self, dataset: str | None = None, idempotency_key: str | None = None):
         return self.send("reload_data", idempotency_key=idempotency_key, **_drop_none({"dataset": dataset}))
 
