@@ -160,3 +160,76 @@ def test_a_probe_under_the_hf_trainer_measures_its_arms_and_the_run_goes_on_bit_
     assert probed_metrics == metrics
     for key, value in weights.items():
         assert torch.equal(probed_weights[key], value)
+
+
+def arm(factor, final, estimate):
+    return {"factor": factor, "lr": 0.01 * factor, "train_loss": [], "eval_loss": [], "final": final,
+            "estimate": estimate, "diverged": estimate is None}  # fmt: skip
+
+
+def probed(*arms, avoid=()):
+    from selfsteer.agents.observation import Observation
+
+    observation = Observation(step=20, lr=0.01, max_steps=60, eval_loss=[(10, 4.0), (20, 3.8)])
+    observation.probe = {"steps": 4, "horizon": 20, "arms": list(arms)}
+    observation.avoid = list(avoid)
+    return observation
+
+
+def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_never_a_barred_one():
+    from selfsteer.agents.observation import Observation
+    from selfsteer.agents.probe_supervisor import ProbeSupervisor
+
+    supervisor = ProbeSupervisor(factors=(0.25, 0.5, 2.0, 4.0), margin=0.01)
+    assert supervisor.factors == (0.25, 0.5, 1.0, 2.0, 4.0)  # x1 is always probed: the arm to beat
+    evidence = supervisor.evidence(probed())
+    assert evidence == {"factors": [0.25, 0.5, 1.0, 2.0, 4.0], "steps": 4, "horizon": 20}  # 2 x the interval
+    near_end = Observation(step=55, lr=0.01, max_steps=60, eval_loss=[(40, 4.0), (50, 3.8)])
+    assert supervisor.evidence(near_end)["horizon"] == 5  # never past the run's end
+    decision = supervisor.decide(probed(arm(0.5, 3.7, 3.6), arm(1.0, 3.6, 3.5), arm(4.0, 3.4, 3.2)))
+    assert (decision.action, decision.factor, decision.apply(0.01)) == ("double", 4.0, pytest.approx(0.04))
+    assert "x4" in decision.explanation and "8.6% lower" in decision.explanation
+    within = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.6, 3.47)))  # 0.86%: noise
+    assert within.action == "keep" and within.factor is None
+    # The journal stores a diverged arm's numbers as null: never the winner.
+    spiky = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, None, None), arm(0.5, 3.3, 3.3)))
+    assert (spiky.action, spiky.factor) == ("halve", 0.5)
+    assert supervisor.decide(probed(arm(1.0, None, None), arm(2.0, None, None), arm(0.5, None, None))).action == "halve"
+    barred = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.4, 3.2), avoid=["double"]))
+    assert barred.action == "keep"  # double was rolled back from this state
+    assert supervisor.decide(Observation(step=5, lr=0.01)).action == "keep"  # no evidence: keep
+    with pytest.raises(ValueError):
+        from selfsteer.agents.supervisors import Decision
+
+        Decision("double", "", factor=0.5)  # a factor must move the lr the action's way
+
+
+def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, one_torch_thread):
+    from selfsteer.agents.registry import make_supervisor
+    from selfsteer.graphs.supervise import run_supervision
+
+    def supervise(control, stop):
+        run_supervision(control, make_supervisor("probe"), db=str(tmp_path / "graph.sqlite"), stop_event=stop,
+                        pause_while_deciding=True)  # fmt: skip
+
+    recipe = load_recipe("tiny", ["training.learning_rate=1e-4", "training.max_steps=30", "training.eval_steps=10"])
+    run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
+                    hold_for_supervisor=True)  # fmt: skip
+    try:
+        summary = run.train()
+        probes = [c for c in run.bridge.store.list_commands(run.run_id) if c["type"] == "probe"]
+        decisions = run.bridge.store.list_decisions(run.run_id)
+        losses = [m for m in run.bridge.store.get_metrics(run.run_id) if m["name"] == "loss"]
+    finally:
+        run.close()
+    assert len(decisions) == 2 and len(probes) == 2  # an evaluation at 10 and 20, a probe before each decision
+    assert all(p["status"] == "success" and p["result"]["cost_steps"] == 12 for p in probes)
+    for decision, probe in zip(decisions, probes, strict=True):
+        seen = decision["observation"]["probe"]
+        assert [a["factor"] for a in seen["arms"]] == [0.5, 1.0, 2.0]
+        assert seen["arms"] == probe["result"]["arms"]  # the decision saw what the probe measured
+        assert "Probe: each lr trained 4 steps" in decision["observation"]["views"]["probe"]
+    # Far too low: the measured x2 arm wins, and the lr doubles.
+    assert decisions[0]["action"] == "double" and decisions[0]["lr_after"] == pytest.approx(2e-4)
+    assert sorted(m["step"] for m in losses) == list(range(1, 31))  # the arms trained off the record
+    assert summary["steps"] == 30
