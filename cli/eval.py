@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         config.supervisors += [
             f"{s}+sc" for s in config.supervisors if s not in ("static", "cosine", "pbt") and not s.endswith("+sc")
         ]
-    known = ("static", "cosine", "rule", "plateau", "intervener", "pbt")
+    known = ("static", "cosine", "rule", "plateau", "probe", "hypergradient", "intervener", "pbt")
     if "pbt+sc" in config.supervisors:
         print("selfsteer eval lr-suite: pbt has no self-correction (it is a population, not a supervisor)",
               file=sys.stderr)  # fmt: skip
