@@ -560,3 +560,163 @@ def test_a_plain_pytorch_loop_is_watched_and_steered_from_the_dashboard(tmp_path
         if thread.is_alive():
             steer.bridge.submit("stop", {}, "test")
             thread.join(timeout=60)
+
+
+def test_a_probe_shows_as_a_table_of_its_arms_with_the_winner_marked(tmp_path, open_page):
+    """A plain loop held at its start: "probe" in the optimizer panel trains x0.5, x1 and x2 from a
+    snapshot; the probe card shows one row per arm with the numbers the journal holds (lr, slice loss
+    after the steps, estimate at the horizon, change against x1), the winner marked, and a caption with
+    the step, steps per arm, horizon and cost. A second probe, sent over the API where the loop held
+    itself again, has an arm that overflows: it shows as the latest, its diverged arm says so, and the
+    first can still be picked. The history shows the run's probe too."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    import selfsteer
+    from selfsteer.trainer_bridge.client import BridgeClient
+
+    torch.manual_seed(0)
+    # Half precision: at 64 x its lr the model's loss overflows to inf within a probe's 4 steps.
+    half = torch.float16
+    model = nn.Linear(8, 1).to(half)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002)
+    target = torch.randn(8, 1, dtype=half)
+    x_eval = 4 * torch.randn(64, 8, dtype=half)
+
+    def train_step(it: int) -> float:
+        x = 4 * torch.randn(16, 8, dtype=half)  # the RNG a probe's snapshot restores: the same batches
+        loss = F.mse_loss(model(x), x @ target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steer.log(loss=loss.item())
+        return loss.item()
+
+    def evaluate():
+        with torch.no_grad():
+            return {"loss": F.mse_loss(model(x_eval), x_eval @ target).item()}
+
+    steer = selfsteer.attach(
+        model, optimizer, max_steps=100_000, evaluate=evaluate, train_step=train_step, port=0,
+        db=tmp_path / "r.db", output_dir=tmp_path / "out", start_paused=True, announce=False,
+    )  # fmt: skip
+
+    def loop():
+        for it in steer.steps():
+            train_step(it)
+            if it == 9:  # the loop holds itself again at step 10: nothing here depends on timing
+                steer.bridge.submit("pause", {}, "test", None)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    client = BridgeClient(steer.url)
+    try:
+        page = open_page(steer.url)
+        page.wait_until(lambda: page.by_id("run-resume").is_enabled(), "the page to see the run held")
+        assert "none yet" in page.by_id("probes").inner_text()
+
+        # From the page, held at step 0: the default arms x0.5, x1, x2.
+        page.by_id("lr-probe").click()
+        page.wait_until(lambda: _probes(client, "success"), "the probe to be applied")
+        (first,) = _probes(client, "success")
+        assert first["source"] == "human" and first["args"] == {} and first["step"] == 0
+        assert [arm["factor"] for arm in first["result"]["arms"]] == [0.5, 1.0, 2.0]
+        assert_probe_table(page, first)
+        assert page.by_id("probe-picks").count() == 0  # one probe: nothing to pick from
+        page.screenshot("probe")
+
+        # Resumed from the page; the loop holds at step 10, where a probe with an arm at 64 x the lr comes.
+        page.by_id("run-resume").click()
+        page.wait_until(lambda: steer.step == 10 and steer.bridge.paused, "the loop to hold at step 10")
+        second = client.wait(client.probe(factors=[0.5, 1.0, 2.0, 64.0])["uuid"])
+        assert second["status"] == "success" and second["step"] == 10, second
+        overflowed = second["result"]["arms"][3]
+        assert overflowed["diverged"] and overflowed["final"] is None and overflowed["estimate"] is None
+        assert second["result"]["best_factor"] in (0.5, 1.0, 2.0)
+        assert_probe_table(page, second)  # the latest shows by itself
+
+        picks = page.by_id("probe-picks").get_by_test_id("probe-pick")
+        assert picks.all_inner_texts() == ["step 0", "step 10"]
+        assert "active" in (picks.nth(1).get_attribute("class") or "")
+        page.screenshot("probe-diverged")
+        picks.nth(0).click()
+        assert_probe_table(page, first)  # the earlier one, picked by its step
+        picks.nth(1).click()
+        assert_probe_table(page, second)
+
+        page.by_id("run-stop").click()
+        page.by_id("run-stop-confirm").click()
+        thread.join(timeout=60)
+        assert not thread.is_alive() and steer.bridge.phase == "stopped"
+        assert page.errors == []
+    finally:
+        client.close()
+        if thread.is_alive():
+            steer.bridge.submit("stop", {}, "test")
+            thread.join(timeout=60)
+
+    with served_dashboard(tmp_path / "r.db") as url:
+        page = open_page(url)
+        page.by_id(f"run-row-{steer.bridge.run_id}").click()
+        assert_probe_table(page, second)
+        assert page.errors == []
+
+
+def _probes(client, status: str) -> list[dict]:
+    return [c for c in client.commands() if c["type"] == "probe" and c["status"] == status]
+
+
+def _number(text: str) -> float:
+    return float(text.replace("−", "-").removesuffix("%"))  # the page's minus sign is U+2212
+
+
+def assert_probe_table(page: Page, command: dict) -> None:
+    """The probe card shows this probe (its journal row): the caption, one row per arm in the journal's
+    order with its factor, lr, final and estimated loss and change of the estimate against x1 (as the
+    page rounds them), "diverged" across the cells a diverged arm has no number for, and the winner
+    marked, only it."""
+    result = command["result"]
+    caption = page.by_id("probe-caption")
+    shown = lambda: caption.get_attribute("data-uuid") == command["uuid"]  # noqa: E731
+    page.wait_until(shown, f"the probe of step {command['step']} in the probe card")
+    text = caption.inner_text()
+    for said in (
+        f"at step {result['step']}",
+        f"{result['steps']} steps per arm",
+        f"estimated at {result['horizon']} steps",
+        f"cost {result['cost_steps']} optimizer steps",
+    ):
+        assert said in text, (said, text)
+    rows = page.by_id("probe-table").get_by_test_id("probe-arm")
+    assert rows.count() == len(result["arms"])
+    keep = next(arm["estimate"] for arm in result["arms"] if arm["factor"] == 1.0)
+    for i, arm in enumerate(result["arms"]):
+        row = rows.nth(i)
+        cell = {
+            name: row.get_by_test_id(f"probe-{name}").inner_text().strip()
+            for name in ("factor", "lr", "final", "estimate", "change")
+            if row.get_by_test_id(f"probe-{name}").count()
+        }
+        best = arm["factor"] == result["best_factor"]
+        assert float(row.get_attribute("data-factor")) == arm["factor"], (i, cell)
+        assert cell["factor"] == f"×{arm['factor']:g}" + (" ★" if best else ""), cell
+        assert row.get_attribute("data-best") == str(best).lower()
+        assert ("probe-best" in (row.get_attribute("class") or "")) == best
+        assert _number(cell["lr"]) == pytest.approx(arm["lr"], rel=5e-3)
+        if arm["final"] is not None:
+            assert _number(cell["final"]) == pytest.approx(arm["final"], rel=1e-3), (arm, cell)
+        if arm["diverged"]:  # "diverged" across the cells it has no number for
+            assert row.get_attribute("data-diverged") == "true" and "estimate" not in cell, cell
+            said = row.get_by_test_id("probe-diverged")
+            assert said.inner_text().strip() == "diverged"
+            assert said.get_attribute("colspan") == ("3" if arm["final"] is None else "2")
+            assert ("final" in cell) == (arm["final"] is not None)
+            continue
+        assert row.get_attribute("data-diverged") == "false"
+        assert _number(cell["estimate"]) == pytest.approx(arm["estimate"], rel=1e-3), (arm, cell)
+        if arm["factor"] == 1.0:
+            assert cell["change"] == "ref"
+        else:
+            assert _number(cell["change"]) == pytest.approx((arm["estimate"] / keep - 1) * 100, abs=0.051)
+    assert [a["factor"] for a in result["arms"]].count(result["best_factor"]) == 1

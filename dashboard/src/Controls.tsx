@@ -124,6 +124,13 @@ function OptimizerCard({ lr, lrBounds, weightDecay, clip, send, refuse, error }:
         <button data-testid="lr-double" onClick={() => scale(2)}>
           ×2 double
         </button>
+        <button
+          data-testid="lr-probe"
+          title="train ×0.5, ×1 and ×2 the lr a few steps from an exact snapshot, then put the run back: the probe card shows which did best"
+          onClick={() => void send("optimizer", "probe", {})}
+        >
+          probe
+        </button>
       </div>
       <div className="row">
         <input

@@ -1,4 +1,4 @@
-// Past (and present) runs from the store: pick one to see its charts, branches, decisions and journal.
+// Past (and present) runs from the store: pick one to see its charts, branches, decisions, probes and journal.
 
 import { useEffect, useMemo, useState } from "react";
 import { ApiError, HISTORY_POINTS, api, isNotFound, isUnauthorized } from "./api";
@@ -7,6 +7,7 @@ import { ChartGrid } from "./Charts";
 import { glyph } from "./Chart";
 import { BranchColors } from "./colors";
 import { fmtArgs, fmtDate, fmtDuration, fmtLr, fmtNum } from "./format";
+import { Probes } from "./Probes";
 import { MetricStore, rowsToPoints } from "./series";
 import type { Branch, Command, Decision, Run } from "./types";
 
@@ -148,6 +149,7 @@ export function History({ onUnauthorized, hidden: offscreen }: { onUnauthorized:
             </ChartGrid>
           </div>
           <DecisionLog decisions={loaded.decisions} />
+          <Probes key={loaded.run.id} commands={loaded.commands} />
           <Journal commands={loaded.commands} />
         </>
       )}

@@ -1,4 +1,4 @@
-// The live run: its header line, the charts with the branch tree, the controls, and the console.
+// The live run: its header line, the charts with the branch tree, the controls, the probes, and the console.
 
 import { useState } from "react";
 import { BranchTree } from "./BranchTree";
@@ -6,6 +6,7 @@ import { ChartGrid } from "./Charts";
 import { Commands } from "./Commands";
 import { Console } from "./Console";
 import { Controls } from "./Controls";
+import { Probes } from "./Probes";
 import type { LiveRun } from "./store";
 
 const CONNECTION_TEXT = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", ended: "run ended" };
@@ -67,6 +68,7 @@ export function LiveView({ run, hidden: offscreen }: { run: LiveRun; hidden: boo
       </ChartGrid>
       <aside className="controls">
         <Controls run={run} />
+        <Probes commands={[...run.commands.values()]} empty="none yet: “probe” (optimizer) trains ×0.5, ×1 and ×2 a few steps from here, then puts the run back" />
         <Commands run={run} />
       </aside>
       <Console lines={run.lines} />

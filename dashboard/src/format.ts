@@ -16,6 +16,19 @@ export function fmtNum(value: number | null | undefined, digits = 4): string {
   return String(Number(value.toPrecision(digits)));
 }
 
+/** A multiple of the lr: ×0.5, ×1, ×64. */
+export function fmtFactor(value: number): string {
+  return `×${Number(value.toPrecision(3))}`;
+}
+
+/** A relative change in percent, signed: +12.3%, −4.5%, 0.0%; "–" where there is none. */
+export function fmtChange(percent: number | null): string {
+  if (percent === null || !Number.isFinite(percent)) return "–";
+  const text = Math.abs(percent).toFixed(1);
+  if (text === "0.0") return "0.0%";
+  return `${percent > 0 ? "+" : "−"}${text}%`;
+}
+
 /** An axis label: short enough for the axis gutter (12k, 1.5M). */
 export function fmtTick(value: number): string {
   const abs = Math.abs(value);

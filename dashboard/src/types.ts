@@ -32,6 +32,32 @@ export type CommandType = Omit<Schemas["CommandType"], "args_schema"> & {
   args_schema: { properties?: Record<string, { minimum?: number; maximum?: number }> };
 };
 
+/** A probe's table (trainer_bridge/probe.py): the `result` of a "probe" command that succeeded, free-form
+ * in the OpenAPI. Every arm trained `steps` steps at `factor` x the lr in force from the same snapshot;
+ * `final` is its eval-slice loss after them, `estimate` that loss extrapolated to `horizon` steps. A
+ * diverged arm's final and estimate are null (JSON has no infinity), as is any loss that was not finite. */
+export interface ProbeArm {
+  factor: number;
+  lr: number;
+  train_loss: (number | null)[];
+  eval_loss: [number, number | null][];
+  final: number | null;
+  estimate: number | null;
+  diverged: boolean;
+}
+
+export interface ProbeResult {
+  step: number;
+  lr: number;
+  steps: number;
+  horizon: number;
+  start: number | null;
+  arms: ProbeArm[];
+  best_factor: number | null; // the arm with the lowest estimate; null: every arm diverged
+  cost_steps: number; // optimizer steps the probe trained, all arms together
+  seconds: number;
+}
+
 export interface Bounds {
   min: number;
   max: number;
