@@ -20,7 +20,8 @@ def _named_floats(text: str) -> dict[str, float]:
 
 
 def add_parser(subparsers, name: str) -> None:
-    from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS  # light: not evals.lr_suite (transformers)
+    # light: not evals.lr_suite (transformers)
+    from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS, ROWS
 
     parser = subparsers.add_parser(
         name, help="evaluation suites (lr-suite)", description="Evaluation suites."
@@ -31,9 +32,11 @@ def add_parser(subparsers, name: str) -> None:
         help="supervisors x workloads x initial learning rates x seeds -> report.md + plots",
         description="Run every workload at a too-low, a good and a too-high initial learning rate, for each "
         "seed, under each supervisor (static, cosine schedule, rules, PyTorch's ReduceLROnPlateau, the LLM with "
-        "each prompt strategy, the intervener, Ray Tune's Population Based Training), "
+        "each prompt strategy, the intervener, Ray Tune's Population Based Training and PB2, schedule-free AdamW, "
+        "Prodigy), "
         "and write a markdown report with plots: final and best eval loss, regret against the best static "
-        "learning rate of a grid, share of diverging runs rescued, interventions, wall time. Resumable: "
+        "learning rate of a grid, share of diverging runs rescued, interventions, compute (optimizer steps paid, "
+        "against the static run), wall time. Resumable: "
         "runs already in OUT/results.jsonl are not run again (a failed one is; on Ray, an interrupted "
         "experiment is restored by Tune, a PBT population from its members' checkpoints).",
     )
@@ -68,9 +71,10 @@ def add_parser(subparsers, name: str) -> None:
     suite.add_argument(
         "--supervisors",
         default=",".join(DEFAULT_SUPERVISORS),
-        help="default: %(default)s; NAME+sc adds self-correction (check, reflect, roll back, retry) to one; "
-        "pbt: Ray Tune's Population Based Training over each workload's start lrs (one population per workload "
-        "and seed, each member the same steps as a supervised run; always on Ray)",
+        help="default: %(default)s; NAME+sc adds self-correction (check, reflect, roll back, retry) to a "
+        "supervisor. Rows that are no supervisor: static (the start lr untouched), cosine (a cosine schedule); "
+        + "; ".join(f"{name}: {text}" for name, text in ROWS.items()).replace("%", "%%")
+        + " (pbt, pbt-start and pb2 always run on Ray)",
     )
     suite.add_argument(
         "--self-correct",
@@ -108,7 +112,14 @@ def add_parser(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from selfsteer.evals.lr_suite import SuiteConfig, main
-    from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS
+    from selfsteer.evals.lr_suite_names import (
+        BASELINES,
+        DEFAULT_SUPERVISORS,
+        HELD_OUT_SUPERVISORS,
+        POPULATIONS,
+    )
+
+    NOT_SUPERVISORS = (*BASELINES, *POPULATIONS)
 
     recipes, supervisors = args.recipes, args.supervisors
     if args.held_out:
@@ -132,15 +143,17 @@ def run(args: argparse.Namespace) -> int:
         config.eval_steps = dict.fromkeys(config.recipes, args.eval_steps)
     if args.self_correct:  # a self-correcting twin of every supervisor
         config.supervisors += [
-            f"{s}+sc" for s in config.supervisors if s not in ("static", "cosine", "pbt") and not s.endswith("+sc")
+            f"{s}+sc" for s in config.supervisors if s not in NOT_SUPERVISORS and not s.endswith("+sc")
         ]
-    known = ("static", "cosine", "rule", "plateau", "probe", "hypergradient", "intervener", "pbt")
-    if "pbt+sc" in config.supervisors:
-        print("selfsteer eval lr-suite: pbt has no self-correction (it is a population, not a supervisor)",
-              file=sys.stderr)  # fmt: skip
+    known = ("rule", "plateau", "probe", "hypergradient", "intervener", *NOT_SUPERVISORS)
+    corrected = [s for s in config.supervisors if s.removesuffix("+sc") in NOT_SUPERVISORS and s.endswith("+sc")]
+    if corrected:
+        print(f"selfsteer eval lr-suite: {', '.join(corrected)}: no self-correction for a row that is no "
+              "supervisor (a baseline or a population)", file=sys.stderr)  # fmt: skip
         return 2
     named = [s.removesuffix("+sc") for s in config.supervisors]
-    unknown = [s for s in named if s not in known and not s.startswith(("llm:", "intervener:"))]
+    # `module:Class` is a plug-in: the run itself reports one that cannot be loaded.
+    unknown = [s for s in named if s not in known and ":" not in s]
     if unknown:
         print(f"selfsteer eval lr-suite: unknown supervisors {unknown}", file=sys.stderr)
         return 2
