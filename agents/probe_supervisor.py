@@ -100,3 +100,33 @@ class ProbeSupervisor(Supervisor):
             return "none"
         arm = min(others, key=lambda a: arm_loss(a, "estimate"))
         return f"x{arm['factor']:g} {arm_loss(arm, 'estimate'):.3f}"
+
+
+class VettedProbeSupervisor(ProbeSupervisor):
+    """`probe-llm`: the probe proposes, a chat model confirms or vetoes. A proposal to keep stands without
+    a call; otherwise the model reads the run's relative signals and the probe's table (prompt
+    `probe_veto`) and answers: the proposed action confirms it (with the probe's measured factor), any
+    other answer vetoes it (keep). A model that gives no valid answer leaves the measured proposal."""
+
+    name = "probe-llm"
+
+    def __init__(self, chat_model, strategy: str = "probe_veto", **probe_options):
+        from selfsteer.agents.supervisors import LLMSupervisor
+
+        super().__init__(**probe_options)
+        self.llm = LLMSupervisor(chat_model, strategy)
+        self.strategy, self.model = self.llm.strategy, self.llm.model
+
+    def decide(self, observation: Observation) -> Decision:
+        proposal = super().decide(observation)
+        if proposal.action == "keep":
+            return proposal
+        answer = self.llm.decide(observation)
+        if answer.fallback:
+            why = f"{proposal.explanation}; the model gave no valid answer, so the measured proposal stands"
+            return Decision(proposal.action, why, answer.raw_output, True, answer.latency_s, factor=proposal.factor)
+        if answer.action == proposal.action:
+            why = f"{proposal.explanation}; confirmed: {answer.explanation}"
+            return Decision(proposal.action, why, answer.raw_output, latency_s=answer.latency_s, factor=proposal.factor)
+        why = f"vetoed x{proposal.factor:g} ({answer.action}): {answer.explanation} [{proposal.explanation}]"
+        return Decision("keep", why, answer.raw_output, latency_s=answer.latency_s)

@@ -5,7 +5,7 @@
     make_supervisor("llm:compact_stats", chat_model=m)   # the same: the strategy after the colon
     make_supervisor("none")                         # None: no supervisor
 
-Names: `none`, `rule`, `plateau`, `llm[:STRATEGY]`, `intervener[:ADAPTER_DIR]`, `tools`, `human`,
+Names: `none`, `rule`, `plateau`, `probe`, `probe-llm`, `llm[:STRATEGY]`, `intervener[:ADAPTER_DIR]`, `tools`, `human`,
 `module:Class`, or an entry point of the group `selfsteer.supervisors` (see
 `agents.supervisors.load_supervisor`, which this adds `llm:STRATEGY` to).
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from selfsteer.agents.supervisors import Supervisor
 
-CHAT_MODEL_KINDS = ("llm", "tools")  # the supervisors that talk to a chat model
+CHAT_MODEL_KINDS = ("llm", "tools", "probe-llm")  # the supervisors that talk to a chat model
 
 
 def split_name(name: str) -> tuple[str, str | None]:

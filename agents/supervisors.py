@@ -11,6 +11,8 @@ learning rate, with a short explanation. One small interface for all of them:
 - `RuleSupervisor`: the baselines: non-finite, exploded or rising loss -> halve; plateau -> halve
   (a ReduceLROnPlateau equivalent); steady fall -> keep.
 - `PlateauSupervisor`: PyTorch's own `ReduceLROnPlateau`, fed the eval loss, decides (halve or keep).
+- `HypergradientSupervisor` (agents/hypergradient_supervisor.py): the hypergradient's sign (the mean
+  update alignment since the previous evaluation) doubles, halves or keeps.
 - `IntervenerSupervisor` (agents/intervener.py): the embedded model with the shipped LoRA adapter,
   trained on counterfactual decision data.
 - `ToolSupervisor` (agents/tool_supervisor.py): a chat model with tool calling acts on the run
@@ -277,7 +279,7 @@ class HumanSupervisor(Supervisor):
 
 
 def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
-    """`none` | `rule` | `plateau` | `probe` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
+    """`none` | `rule` | `plateau` | `probe` | `hypergradient` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
     | an entry point of `selfsteer.supervisors`."""
     if spec == "none":
         return None
@@ -289,6 +291,18 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
         from selfsteer.agents.probe_supervisor import ProbeSupervisor
 
         return ProbeSupervisor()
+    if spec == "probe-llm":
+        from selfsteer.agents.probe_supervisor import VettedProbeSupervisor
+
+        if chat_model is None:
+            from selfsteer.agents.chat_models import make_chat_model
+
+            chat_model = make_chat_model("local")
+        return VettedProbeSupervisor(chat_model)
+    if spec == "hypergradient":
+        from selfsteer.agents.hypergradient_supervisor import HypergradientSupervisor
+
+        return HypergradientSupervisor()
     if spec == "intervener" or spec.startswith("intervener:"):
         from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
 
@@ -318,7 +332,7 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
     else:
         points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
         if spec not in points:
-            known = ", ".join(["none", "rule", "plateau", "probe", "llm", "intervener", "tools", "human", *points])
+            known = ", ".join(["none", "rule", "plateau", "probe", "hypergradient", "llm", "intervener", "tools", "human", *points])
             raise ValueError(f"unknown supervisor {spec!r}: use one of {known}, or module:Class")
         cls = points[spec].load()
     supervisor = cls()

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         config.supervisors += [
             f"{s}+sc" for s in config.supervisors if s not in NOT_SUPERVISORS and not s.endswith("+sc")
         ]
-    known = ("rule", "plateau", "probe", "hypergradient", "intervener", *NOT_SUPERVISORS)
+    known = ("rule", "plateau", "probe", "probe-llm", "hypergradient", "intervener", *NOT_SUPERVISORS)
     corrected = [s for s in config.supervisors if s.removesuffix("+sc") in NOT_SUPERVISORS and s.endswith("+sc")]
     if corrected:
         print(f"selfsteer eval lr-suite: {', '.join(corrected)}: no self-correction for a row that is no "

@@ -233,3 +233,52 @@ def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, o
     assert decisions[0]["action"] == "double" and decisions[0]["lr_after"] == pytest.approx(2e-4)
     assert sorted(m["step"] for m in losses) == list(range(1, 31))  # the arms trained off the record
     assert summary["steps"] == 30
+
+
+class Answers:
+    """A scripted chat model (it stands for any model, remote ones included): each call answers the next
+    JSON text of the script and records the prompt it was sent."""
+
+    model_name = "scripted"
+
+    def __init__(self, *answers):
+        self.answers, self.prompts = list(answers), []
+
+    def with_structured_output(self, schema, include_raw=False):
+        from langchain_core.messages import AIMessage
+
+        def invoke(messages):
+            self.prompts.append(messages)
+            text = self.answers.pop(0)
+            try:
+                parsed, error = schema.model_validate_json(text), None
+            except ValueError as failure:
+                parsed, error = None, failure
+            return {"raw": AIMessage(content=text), "parsed": parsed, "parsing_error": error}
+
+        return type("Runnable", (), {"invoke": staticmethod(invoke)})()
+
+
+def test_the_hybrid_asks_the_model_only_about_a_measured_move_and_the_model_can_veto_it():
+    from selfsteer.agents.probe_supervisor import VettedProbeSupervisor
+
+    model = Answers(
+        '{"action": "double", "explanation": "x2 wins clearly"}',
+        '{"action": "keep", "explanation": "too small a gain"}',
+        '{"action": "halve", "explanation": "the loss rises"}',
+        "not json", "not json", "not json",
+    )
+    hybrid = VettedProbeSupervisor(model)
+    assert hybrid.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.6, 3.49))).action == "keep"
+    assert model.prompts == []  # a keep needs no model
+    wins = probed(arm(0.5, 3.7, 3.6), arm(1.0, 3.6, 3.5), arm(2.0, 3.4, 3.2))
+    confirmed = hybrid.decide(wins)
+    assert (confirmed.action, confirmed.factor) == ("double", 2.0) and "confirmed: x2 wins" in confirmed.explanation
+    user = model.prompts[0][1][1]
+    assert "x2: fell 5.6% now, fell 8.6% extrapolated" in user
+    assert not any(lr in user for lr in ("0.005", "0.01", "0.02", "1e-2"))  # relative only: no absolute lr
+    vetoed = hybrid.decide(wins)
+    assert vetoed.action == "keep" and vetoed.explanation.startswith("vetoed x2 (keep): too small a gain")
+    assert hybrid.decide(wins).action == "keep"  # the opposite move is a veto too
+    kept = hybrid.decide(wins)  # no valid answer after the retries: the measured proposal stands
+    assert (kept.action, kept.factor, kept.fallback) == ("double", 2.0, True)
