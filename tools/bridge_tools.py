@@ -23,6 +23,9 @@ __all__ = [
 ]  # fmt: skip
 
 
+PROBE_WAIT_S = 900.0
+
+
 class BridgeTools:
     def __init__(self, client: RunControl, wait_s: float = 30.0):
         self.client = client
@@ -84,7 +87,9 @@ class BridgeTools:
         steps (`estimate`), and `best_factor`; or {"error": why} when it could not run."""
         try:
             row = self.client.probe(factors, steps, horizon, idempotency_key=idempotency_key)
-            row = self.client.wait(row["uuid"], timeout=self.wait_s)
+            # A probe trains: on a loaded machine it outlasts a pause's wait many times over, and a wait
+            # given up on would leave it running ahead of every later command.
+            row = self.client.wait(row["uuid"], timeout=max(self.wait_s, PROBE_WAIT_S))
         except (BridgeHTTPError, CommandTimeout) as error:
             return {"error": str(error)}
         return row["result"] if row["status"] == "success" else {"error": row.get("error") or row["status"]}
