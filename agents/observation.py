@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 Series = list[tuple[int, float]]  # (step, value), by step
+SERIES = ("train_loss", "eval_loss", "grad_norm", "learning_rate", "update_alignment")  # the series fields
 
 
 @dataclass
@@ -21,6 +22,9 @@ class Observation:
     eval_loss: Series = field(default_factory=list)
     grad_norm: Series = field(default_factory=list)
     learning_rate: Series = field(default_factory=list)
+    # The cosine between each step's gradient and the previous step's update, reversed (the core logs it:
+    # trainer_bridge/alignment.py): positive, successive steps agree; negative, they oppose.
+    update_alignment: Series = field(default_factory=list)
     # Self-correction: lessons from this run's rolled-back decisions (and, with memory, earlier runs'),
     # and the actions already tried and rolled back from this very state.
     reflections: list[str] = field(default_factory=list)
@@ -33,8 +37,10 @@ class Observation:
         cls, rows: Iterable[Mapping], *, step: int, lr: float, max_steps: int | None = None
     ) -> Observation:
         """From metric rows `{step, name, value}` as the store and the bridge give them
-        (names as the HF Trainer logs them: loss, eval_loss, grad_norm, learning_rate)."""
-        series: dict[str, Series] = {"loss": [], "eval_loss": [], "grad_norm": [], "learning_rate": []}
+        (names as the HF Trainer logs them: loss, eval_loss, grad_norm, learning_rate; and the core's
+        update_alignment)."""
+        names = ("loss", "eval_loss", "grad_norm", "learning_rate", "update_alignment")
+        series: dict[str, Series] = {name: [] for name in names}
         for row in rows:
             if row["name"] in series:
                 value = row["value"]
@@ -49,6 +55,7 @@ class Observation:
             eval_loss=series["eval_loss"],
             grad_norm=series["grad_norm"],
             learning_rate=series["learning_rate"],
+            update_alignment=series["update_alignment"],
         )
 
     # -- facts --------------------------------------------------------------------------------------
@@ -75,6 +82,14 @@ class Observation:
             if not math.isclose(before, after, rel_tol=1e-6):
                 changed = step
         return changed
+
+    def mean_alignment(self, since: int | None = None) -> float | None:
+        """The mean update alignment of the steps after `since` (default: the evaluation before the last,
+        the interval the last one closes), up to this step; None when none was logged there."""
+        if since is None:
+            since = self.eval_loss[-2][0] if len(self.eval_loss) >= 2 else 0
+        values = [v for s, v in self.update_alignment if since < s <= self.step and math.isfinite(v)]
+        return statistics.fmean(values) if values else None
 
     def warnings(self) -> list[str]:
         found = []
@@ -170,6 +185,11 @@ class Observation:
             lines.append(
                 f"Gradient norm: {_times(statistics.median(norms) / statistics.median(before_norms))} its median"
                 " in the interval before."
+            )
+        if (alignment := self.mean_alignment(start)) is not None:
+            lines.append(
+                f"Update alignment over the last interval: mean {alignment:+.2f} (positive: successive steps agree,"
+                " the lr could be higher; negative: they oppose, it is too high)."
             )
         lrs = [v for _, v in self.learning_rate]
         first_eval = self.eval_loss[0][0] if self.eval_loss else self.step
@@ -274,6 +294,7 @@ class Observation:
             "eval_loss": evals,
             "grad_norm": recent(self.grad_norm),
             "learning_rate": recent(self.learning_rate),
+            "update_alignment": recent(self.update_alignment),
             "views": self.prompt_values(),
         }
 
@@ -282,7 +303,7 @@ class Observation:
         """An observation from a stored one (`to_dict` or `record`): JSON lists back to series, non-finite
         numbers spelled as strings back to floats, the rendered views set aside."""
         fields = {k: v for k, v in data.items() if k != "views"}
-        for key in ("train_loss", "eval_loss", "grad_norm", "learning_rate"):
+        for key in SERIES:
             fields[key] = [(int(s), float(v)) for s, v in data.get(key, [])]
         return cls(**fields)
 

@@ -42,6 +42,8 @@ import torch.distributed as dist
 
 from selfsteer.trainer_bridge import checkpoints as ckpt
 from selfsteer.trainer_bridge import optim
+from selfsteer.trainer_bridge.alignment import METRIC as ALIGNMENT_METRIC
+from selfsteer.trainer_bridge.alignment import UpdateAlignment
 from selfsteer.trainer_bridge.commands import (
     CommandError,
     CommandRegistry,
@@ -83,6 +85,10 @@ class BridgeConfig:
     static_dir: str | os.PathLike | None = None
     # Hold at the first boundary (step 0) until a `resume`: a supervisor or a person looks first.
     start_paused: bool = False
+    # Log `update_alignment` every optimizer step: the cosine between the step's gradient and the previous
+    # step's update, reversed (the hypergradient's sign; trainer_bridge/alignment.py). Costs one float32
+    # copy of the trained parameters (on every rank) and a copy, a subtraction and a dot product a step.
+    update_alignment: bool = True
 
 
 @dataclass
@@ -208,6 +214,17 @@ class Bridge:
         # {"event": "command", "command": row} at every journal change and {"event": "decision",
         # "decision": row} when a decision is recorded or updated, on the thread that made the change.
         self.listeners: list[Callable[[dict], None]] = []
+        # The update alignment of each optimizer step, measured by hooks on the optimizer of the first
+        # boundary, logged at the next boundary (off: `config.update_alignment`).
+        self.alignment: UpdateAlignment | None = UpdateAlignment() if self.config.update_alignment else None
+        # Where the loop logs an optimizer step's own metrics (its loss), against the boundary after the
+        # step: 0 (the Trainer, Lightning: at the step count after it), -1 (a plain loop: at the
+        # iteration that took it). A per-step metric of the core's is logged there too.
+        self.step_log_offset = 0
+        # Per-step points of the core's own (the update alignment) not stored yet: they go with the loop's
+        # next log, in the same write, or on their own once `event_interval_s` has passed.
+        self._pending_points: list[tuple[int, str, dict[str, float]]] = []
+        self._pending_since = 0.0
 
         self.store: Store | None = None
         self._owns_store = False
@@ -439,17 +456,48 @@ class Bridge:
             self._schedule = (weakref.ref(ctx.lr_scheduler), ctx.state.max_steps - ctx.step)
         # The step that just ended trained on the branch active before this boundary's commands.
         self._step_branch = self.branch
+        self._log_alignment(ctx)
         # Where the run is, before any command: a reader that sees a pause applied here sees this step.
         self._snapshot_state(ctx)
-        while True:
-            for command in self._next_commands(ctx.step):
-                self._apply(ctx, command)
-            if not self.paused or ctx.control.should_training_stop:
-                break
-            self._snapshot_state(ctx)
-            if self.is_main:
-                time.sleep(self.config.poll_s)  # other ranks wait in the next broadcast
+        step, branch = ctx.step, self.branch
+        if self.alignment is not None:
+            self.alignment.active = False  # optimizer steps in here (a probe's arms) are not the run's
+        try:
+            while True:
+                for command in self._next_commands(ctx.step):
+                    self._apply(ctx, command)
+                if not self.paused or ctx.control.should_training_stop:
+                    break
+                self._snapshot_state(ctx)
+                if self.is_main:
+                    self._flush_points()  # held: what the run measured is seen while it waits
+                    time.sleep(self.config.poll_s)  # other ranks wait in the next broadcast
+        finally:
+            if self.alignment is not None:
+                self.alignment.active = True
+                if ctx.step != step or self.branch != branch:
+                    self.alignment.forget()  # rolled back: the last update led elsewhere
         self._snapshot_state(ctx)
+
+    def _log_alignment(self, ctx: StepContext) -> None:
+        """Logs the update alignment of the step that just ended (measured on every rank, logged on rank
+        0 as every metric), and hooks onto the loop's optimizer at the first boundary."""
+        if self.alignment is None or ctx.optimizer is None:
+            return
+        self.alignment.attach(ctx.optimizer)  # the same optimizer: nothing to do
+        if not self.is_main:
+            self.alignment.drop()  # measured all the same; no host sync for a value nobody logs
+            return
+        value = self.alignment.take()
+        if value is None:
+            return
+        now = time.perf_counter()
+        if not self._pending_points:
+            self._pending_since = now
+        step = max(ctx.step + self.step_log_offset, 0)
+        self._pending_points.append((step, self._step_branch, {ALIGNMENT_METRIC: value}))
+        if now - self._pending_since >= self.config.event_interval_s:
+            self._flush_points()
 
     def _journal_resume(self, ctx: StepContext) -> None:
         """The Trainer has loaded the checkpoint (weights, optimizer, scheduler, RNG, data position):
@@ -496,19 +544,11 @@ class Bridge:
         # A training log describes the step just taken (on the branch it ran on); anything else (an
         # evaluation) describes the weights as they are now.
         branch = branch or (self._step_branch if "loss" in values else self.branch)
-        rows = [
-            {"step": state.global_step, "name": k, "value": v, "branch": branch} for k, v in values.items()
-        ]
-        try:
-            self.store.add_metrics(self.run_id, rows)
-        except StoreError:
-            log.exception("could not store metrics at step %s", state.global_step)
-        finite = {k: json_number(v) for k, v in values.items()}
-        self._last_metrics.update(finite)
+        # The core's own per-step points waiting since the last log go into the store with this one.
+        pending, self._pending_points = self._pending_points, []
+        self._store_points([*pending, (state.global_step, branch, values)])
         if any(name.startswith("eval_") for name in values):
             self.notify()  # an evaluation: what a waiting supervisor waits for
-        if self.server is not None:
-            self.server.hub.publish_point({"step": state.global_step, "branch": branch, "values": finite})
         if broken := {k: v for k, v in values.items() if not math.isfinite(v)}:
             # Stored as it is (NaN as NULL, an infinity as itself), sent as null; and said out loud, now.
             text = ", ".join(f"{k} {v}" for k, v in broken.items()) + f" at step {state.global_step}"
@@ -523,6 +563,25 @@ class Bridge:
                     "text": f"not finite: {text} on branch {branch}",
                 }
             )
+
+    def _store_points(self, points: list[tuple[int, str, dict[str, float]]]) -> None:
+        """Stores points (step, branch, {name: value}) in one write and sends them to subscribers."""
+        rows = [{"step": s, "name": k, "value": v, "branch": b} for s, b, values in points for k, v in values.items()]
+        try:
+            self.store.add_metrics(self.run_id, rows)
+        except StoreError:
+            log.exception("could not store metrics at step %s", points[-1][0])
+        for step, branch, values in points:
+            finite = {k: json_number(v) for k, v in values.items()}
+            self._last_metrics.update(finite)
+            if self.server is not None:
+                self.server.hub.publish_point({"step": step, "branch": branch, "values": finite})
+
+    def _flush_points(self) -> None:
+        """Stores the core's own points now (the loop has not logged for a while, holds, or ends)."""
+        pending, self._pending_points = self._pending_points, []
+        if pending and self.is_main:
+            self._store_points(pending)
 
     def _clear_loss_window(self) -> None:
         """The Trainer sums the loss of a logging window in `_tr_loss` and clears it by subtracting it
@@ -552,6 +611,9 @@ class Bridge:
 
     def on_train_end(self, ctx: StepContext) -> None:
         self.training_done = True
+        if self.alignment is not None:
+            self.alignment.detach()
+        self._flush_points()
         self._snapshot_state(ctx)
         if self.config.auto_finish:
             self.finish()
@@ -566,6 +628,7 @@ class Bridge:
             self.phase = status
         if not self.is_main:
             return
+        self._flush_points()
         reason = error or f"the run ended ({status}) before this command was applied"
         for command in self.store.list_commands(self.run_id, status="pending"):
             with contextlib.suppress(StoreError):  # applied meanwhile: nothing to fail

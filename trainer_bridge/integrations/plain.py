@@ -77,6 +77,7 @@ class Steer:
         announce: bool = True,
         start_paused: bool = False,
         replay_of: str | None = None,
+        update_alignment: bool = True,
     ):
         """max_steps: the loop's optimizer steps. evaluate: a function returning eval metrics (the
         `evaluate` command calls it; keys are logged with an `eval_` prefix). eval_every: also evaluate at
@@ -91,8 +92,10 @@ class Steer:
         start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first).
         replay_of: a run of this loop in the same store whose journaled commands are applied again at
         their steps (the loop itself must be the same, with the same seed; a run that went back to an
-        earlier step replays each command at its first visit of its step). The rest is the control
-        server's and the store's, as in `BridgeConfig`."""
+        earlier step replays each command at its first visit of its step). update_alignment: log the
+        `update_alignment` of every step at the iteration that took it (one float32 copy of the
+        parameters; see `BridgeConfig`). The rest is the control server's and the store's, as in
+        `BridgeConfig`."""
         if accelerator is not None:
             model = accelerator.unwrap_model(model)
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -116,9 +119,10 @@ class Steer:
             run_kind="replay" if replay_of else "train",
             run_config={"loop": "plain", "max_steps": max_steps, **(run_config or {})},
             checkpoint_dir=str(Path(output_dir) / "checkpoints"), auto_finish=False, announce=announce,
-            start_paused=start_paused, replay_of=replay_of,
+            start_paused=start_paused, replay_of=replay_of, update_alignment=update_alignment,
         )  # fmt: skip
         self.bridge = Bridge(config, registry=commands, data_factories=data_factories)
+        self.bridge.step_log_offset = -1  # the loop logs iteration `it`'s loss at step `it`
         if accelerator is not None:
             accelerator.register_for_checkpointing(self)
 
