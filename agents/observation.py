@@ -151,8 +151,9 @@ class Observation:
 
     def signals(self) -> str:
         """A few derived numbers in words: how the eval loss moved over the last two evaluations, how
-        noisy the train loss was since the previous one, and the lr as a multiple of its start and of
-        its value at the previous evaluation. No absolute lr: what counts as a high rate differs by
+        noisy the train loss was since the previous one, the gradient norm against the interval before,
+        the mean update alignment since the previous evaluation, and the lr as a multiple of its start
+        and of its value at the previous evaluation. No absolute lr: what counts as a high rate differs by
         optimizer and model, the moves of the loss do not. What the `intervener_signals` prompt reads."""
         if not self.train_loss and not self.eval_loss:
             return "No loss measured yet."

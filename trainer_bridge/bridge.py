@@ -292,6 +292,8 @@ class Bridge:
 
     def close(self) -> None:
         """Stops the server and releases the store (the run's rows stay)."""
+        if self.alignment is not None:
+            self.alignment.detach()  # a run that failed never reached on_train_end
         if self.server is not None:
             self.server.stop()
             self.server = None
