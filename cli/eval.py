@@ -43,13 +43,13 @@ def add_parser(subparsers, name: str) -> None:
     suite.add_argument(
         "--recipes",
         default="tiny,small",
-        help="workloads: recipes, or deep-rmsprop (held out: never collected for the intervener) "
-        "(default tiny,small)",
+        help="workloads: recipes, or the held-out deep-rmsprop and deep-narrow-adagrad (never collected "
+        "or tuned on; docs/held-out-workloads.md) (default tiny,small)",
     )
     suite.add_argument(
         "--held-out",
         action="store_true",
-        help="the held-out cells: --recipes deep-rmsprop --supervisors "
+        help="the held-out cells: --recipes deep-rmsprop,deep-narrow-adagrad --supervisors "
         "static,cosine,plateau,rule,llm:intervener,intervener (unless given)",
     )
     suite.add_argument(
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipes, supervisors = args.recipes, args.supervisors
     if args.held_out:
-        recipes = "deep-rmsprop" if recipes == "tiny,small" else recipes
+        recipes = "deep-rmsprop,deep-narrow-adagrad" if recipes == "tiny,small" else recipes
         supervisors = (
             ",".join(HELD_OUT_SUPERVISORS) if supervisors == ",".join(DEFAULT_SUPERVISORS) else supervisors
         )

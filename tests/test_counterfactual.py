@@ -20,7 +20,7 @@ from selfsteer.agents.intervener_data import (
     read_rows,
 )
 from selfsteer.agents.observation import Observation
-from selfsteer.evals.counterfactual import HELD_OUT, RunSpec, collect_run, default_specs
+from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, RunSpec, collect_run, default_specs
 from selfsteer.evals.lr_suite import DEFAULT_LRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,6 +67,9 @@ def test_held_out_workloads_are_never_collected():
     for held in (
         {"shape": HELD_OUT["shape"]},
         {"optimizer": HELD_OUT["optimizer"]},
+        {"shape": HELD_OUT_2["shape"]},  # the second held-out workload: shape, optimizer, schedule each
+        {"optimizer": HELD_OUT_2["optimizer"]},
+        {"schedule": HELD_OUT_2["schedule"]},
         *({"lr": lr} for lr in held_lrs),
         *({"lr": lr * 1.0005} for lr in held_lrs),  # the same cell, written with rounding
     ):
@@ -76,6 +79,7 @@ def test_held_out_workloads_are_never_collected():
         assert RunSpec(lr=lr * 1.01).lr == lr * 1.01  # a neighbour of a held-out lr is collected
     specs = default_specs(seeds=range(5), shapes=("tiny", "tiny-wide", "small-narrow", "small"))
     assert not any(s.shape == HELD_OUT["shape"] or s.optimizer == HELD_OUT["optimizer"] for s in specs)
+    assert not any(HELD_OUT_2[k] in (s.shape, s.optimizer, s.schedule) for s in specs for k in ("shape", "optimizer", "schedule"))
     assert {s.optimizer for s in specs} == {"adamw", "sgd"}
     assert {s.schedule for s in specs} == {"constant", "warmup_decay"}
 
