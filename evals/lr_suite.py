@@ -10,11 +10,34 @@ each run under every supervisor:
   model with the intervener's prompt);
 - `intervener`: the embedded model with the shipped adapter trained on counterfactual decisions;
 - `pbt`: Ray Tune's Population Based Training over the workload's start lrs, a population per workload
-  and seed, each member as many steps as a supervised run (evals/pbt.py).
+  and seed, each member as many steps as a supervised run (evals/pbt.py). Its population holds the good
+  start, so it gets the answer for free;
+- `pbt-start`: PBT built around the user's start only: a population per cell of its start lr x0.25, x1
+  and x4 (START_FACTORS), each member as many steps as a supervised run, the row its best member at the
+  end (evals/pbt.py);
+- `pb2`: the same population under Ray Tune's PB2 (`ray.tune.schedulers.pb2.PB2`: PBT whose explore is a
+  GP bandit, fitted with scikit-learn), over log10 of the lr (PB2's GP scales its bounds linearly), bounds
+  the start lr /64..x64 (PB2_SPAN) clamped to the supervisors' lr bounds (evals/pbt.py);
+- `schedulefree`: what a user would pick instead of a supervisor: schedule-free AdamW (Defazio et al.
+  2024; the `schedulefree` package through the Trainer's `optim=schedule_free_adamw`) at the cell's
+  start lr, a constant schedule and a warmup inside the optimizer of SCHEDULE_FREE_WARMUP of the steps.
+  Its weights are evaluated as the optimizer's eval mode has them (the Trainer's evaluation loop calls
+  `optimizer.eval()`, its training step `optimizer.train()`; tests/test_lr_suite_baselines.py);
+- `prodigy`: the same for Prodigy (Mishchenko & Defazio 2023; the `prodigyopt` package), which
+  estimates its step size itself: run at lr=1.0 (PRODIGY_LR, Prodigy's convention: the lr multiplies
+  the step size it estimates), not at the cell's start lr, with the recipe's weight decay and a constant
+  schedule. Its runs do not depend on the start, so the cells of one workload and seed share one run
+  (its row repeated with `same_run_as`). On the held-out workload these two replace its RMSprop.
 Workloads are built-in recipes, or the held-out workload `deep-rmsprop` (a model shape, an optimizer and
 start learning rates that counterfactual collection never runs: evals/counterfactual.py HELD_OUT).
 Extra static runs at other learning rates complete a grid, so that each run's *regret* can be taken
 against the best static learning rate of that grid (same workload and seed).
+
+Every row carries `compute_steps`: the optimizer steps it paid for. A run's are those it trained (under
+the Trainer a self-correcting run's abandoned branches are among them: its step counter keeps counting)
+plus the arms of every probe it ran (trainer_bridge/runner.py `extra_compute_steps`); a population's
+row, every member's steps. The report gives each row's as a ratio to the static run of the same
+workload, seed and start.
 
 At every evaluation training waits until the supervisor has decided on it, so that a slow model is
 judged on its decisions, not its speed, and a fast run cannot finish before its supervisor has looked. Writes `results.jsonl` (one line per run), `report.md` (a table), and PNG plots.
@@ -36,8 +59,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from selfsteer.evals.counterfactual import HELD_OUT, OPTIMIZERS, SHAPES
-from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS
+from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, OPTIMIZERS, SCHEDULES, SHAPES
+from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, POPULATIONS, ROWS
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -45,11 +68,13 @@ DEFAULT_LRS = {
     "tiny": {"too_low": 1e-4, "good": 1e-2, "too_high": 1.0},
     "small": {"too_low": 1e-5, "good": 1e-3, "too_high": 1e-1},
     "deep-rmsprop": dict(zip(("too_low", "good", "too_high"), HELD_OUT["start_lrs"], strict=True)),
+    "deep-narrow-adagrad": dict(zip(("too_low", "good", "too_high"), HELD_OUT_2["start_lrs"], strict=True)),
 }
 DEFAULT_GRID = {
     "tiny": [1e-3, 5e-2, 0.2],
     "small": [1e-4, 3e-3, 1e-2],
     "deep-rmsprop": [1e-4, 1e-3, 3e-3, 1e-2],
+    "deep-narrow-adagrad": [3e-3, 3e-2, 1e-1],
 }
 # Workloads that are not plain recipes: (recipe, overrides).
 WORKLOADS = {
@@ -61,10 +86,23 @@ WORKLOADS = {
             "training.per_device_train_batch_size=16",
         ],
     ),
+    "deep-narrow-adagrad": (  # held out too, since issue 25 (docs/held-out-workloads.md)
+        SHAPES[HELD_OUT_2["shape"]][0],
+        [
+            *SHAPES[HELD_OUT_2["shape"]][1],
+            *OPTIMIZERS[HELD_OUT_2["optimizer"]],
+            *SCHEDULES[HELD_OUT_2["schedule"]],
+            "training.per_device_train_batch_size=8",
+        ],
+    ),
 }
 CATASTROPHE = 0.10  # a supervised run is catastrophic when it ends this fraction above its static twin
 BAD_START = 0.10  # a static run started "badly" when it ends this fraction above the grid's best
 RESCUE_GAIN = 0.05  # a supervised run "rescued" a bad start when it ends this fraction below the static run
+START_FACTORS = (0.25, 1.0, 4.0)  # pbt-start and pb2: the population around the cell's start lr
+PB2_SPAN = 64.0  # pb2's lr bounds: the start lr / PB2_SPAN .. x PB2_SPAN (clamped to LR_BOUNDS)
+SCHEDULE_FREE_WARMUP = 0.1  # schedulefree: warmup inside the optimizer, this fraction of the run's steps
+PRODIGY_LR = 1.0  # prodigy: Prodigy's convention (the lr multiplies the step size it estimates)
 
 
 @dataclass
@@ -75,8 +113,8 @@ class SuiteConfig:
     grid_lrs: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))  # extra static runs
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     supervisors: list[str] = field(default_factory=lambda: list(DEFAULT_SUPERVISORS))
-    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 60, "deep-rmsprop": 60})
-    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 15, "deep-rmsprop": 10})
+    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 60, "deep-rmsprop": 60, "deep-narrow-adagrad": 60})
+    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 15, "deep-rmsprop": 10, "deep-narrow-adagrad": 10})
     explanation_chars: int = 100  # the embedded model's explanations: long ones cost seconds on a CPU
     llm: str = "local"
     base_url: str | None = None
@@ -130,6 +168,10 @@ def cells(config: SuiteConfig) -> list[Cell]:
     return out
 
 
+def max_steps(cell: Cell, config: SuiteConfig) -> int:
+    return config.max_steps.get(cell.recipe, 150)
+
+
 def workload(cell: Cell, config: SuiteConfig) -> tuple[str, list[str]]:
     """The recipe and overrides of a cell's run: its workload at its start lr, seed and length."""
     recipe, overrides = WORKLOADS.get(cell.recipe, (cell.recipe, []))
@@ -137,9 +179,31 @@ def workload(cell: Cell, config: SuiteConfig) -> tuple[str, list[str]]:
         *overrides,
         f"training.learning_rate={cell.lr:.6e}",  # YAML reads 1e-05 as text, 1.000000e-05 as a number
         f"training.seed={cell.seed}",
-        f"training.max_steps={config.max_steps.get(cell.recipe, 150)}",
+        f"training.max_steps={max_steps(cell, config)}",
         f"training.eval_steps={config.eval_steps.get(cell.recipe, 25)}",
     ]
+
+
+def baseline_optimizer(name: str, cell: Cell, config: SuiteConfig) -> tuple[list[str], object]:
+    """The overrides, and the Trainer's (optimizer class, kwargs) if the recipe cannot name it, of the
+    optimizer rows: `schedulefree` (the Trainer builds it: `optim=schedule_free_adamw`, which also puts
+    the optimizer in eval mode around each evaluation) and `prodigy` (lr=PRODIGY_LR whatever the start;
+    weight decay: the recipe's, read when the run's recipe is loaded). Neither takes a schedule."""
+    if name == "schedulefree":
+        warmup = max(1, round(SCHEDULE_FREE_WARMUP * max_steps(cell, config)))
+        return [
+            "training.optim=schedule_free_adamw",
+            "training.lr_scheduler_type=constant",
+            f"training.warmup_steps={warmup}",  # the optimizer's warmup (a constant schedule has none)
+        ], None
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return [
+            "training.lr_scheduler_type=constant",
+            f"training.learning_rate={PRODIGY_LR:.6e}",  # what the run logs and a Trainer would pass
+        ], (Prodigy, {"lr": PRODIGY_LR})
+    return [], None
 
 
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
@@ -152,9 +216,11 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     if cell.supervisor == "cosine":
         overrides.append("training.lr_scheduler_type=cosine")
     name, self_correct = self_correcting(cell.supervisor)
-    # static, cosine: no supervisor (baselines); any other: a fresh one per run (llm:STRATEGY shares
-    # the suite's chat model).
-    supervisor = None if name in ("static", "cosine") else make_supervisor(name, chat_model=chat_model)
+    more, optimizer = baseline_optimizer(name, cell, config)
+    overrides += more
+    # static, cosine, schedulefree, prodigy: no supervisor (baselines); any other: a fresh one per run
+    # (llm:STRATEGY shares the suite's chat model).
+    supervisor = None if name in BASELINES else make_supervisor(name, chat_model=chat_model)
 
     def supervise(control, stop):
         try:
@@ -167,16 +233,21 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
             traceback.print_exc(file=sys.stderr)
 
     shutil.rmtree(out / "runs" / cell.id, ignore_errors=True)  # what an interrupted attempt left
+    loaded = load_recipe(recipe, overrides)
+    if optimizer is not None:
+        optimizer = (optimizer[0], {**optimizer[1], "weight_decay": loaded["training"].get("weight_decay", 0.0)})
     run = RecipeRun(
-        load_recipe(recipe, overrides),
+        loaded,
         out_dir=out / "runs" / cell.id,
         db=db,
         port=0,
         supervisor=supervise if supervisor is not None else None,
         hold_for_supervisor=config.hold,  # each decision is about the evaluation it follows
+        optimizer=optimizer,
     )
     try:
         summary = run.train()
+        extra = optimizer_state(run.trainer.optimizer) if name == "prodigy" else {}
     finally:
         run.close()
     decisions = summary.get("decisions", [])
@@ -191,7 +262,40 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
         "actions": [d["action"] for d in decisions],
         **{k: summary.get("self_correction", {}).get(k, 0) for k in ("failed", "rollbacks", "extra_steps")},
         "max_steps": summary["steps"],
+        "compute_steps": summary["compute_steps"],
+        **extra,
     }
+
+
+def optimizer_state(optimizer) -> dict:
+    """What Prodigy found: its step-size estimate d and the effective lr (d x lr) it ended with."""
+    group = getattr(optimizer, "optimizer", optimizer).param_groups[0]  # the Trainer's is wrapped
+    return {"prodigy_d": float(group["d"]), "effective_lr": float(group["d"] * group["lr"])}
+
+
+def shared_runs(cells: list[Cell]) -> dict[str, Cell]:
+    """Cells whose run is another cell's: every `prodigy` cell of a workload and seed but the first
+    (Prodigy runs at its own lr whatever the start) -> that first one."""
+    first: dict[tuple, Cell] = {}
+    shared = {}
+    for cell in cells:
+        if cell.supervisor == "prodigy":
+            key = (cell.recipe, cell.seed)
+            if key in first:
+                shared[cell.id] = first[key]
+            else:
+                first[key] = cell
+    return shared
+
+
+def fill_shared(path: Path, todo: list[Cell], shared: dict[str, Cell]) -> None:
+    """The rows of the cells in `todo` that share another cell's run: that run's row, as theirs."""
+    rows = load_results(path)
+    for cell in todo:
+        source = shared.get(cell.id)
+        row = rows.get(source.id) if source is not None else None
+        if row is not None:
+            append_result(path, {**row, **asdict(cell), "same_run_as": source.id})
 
 
 def failed_row(cell: Cell, error: str, attempts: int) -> dict:
@@ -228,20 +332,23 @@ def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
     results_path, db = out / "results.jsonl", out / "suite.sqlite"
     done, every = load_results(results_path), cells(config)
     todo = [c for c in every if "error" in done.get(c.id, {"error": ""})]
-    pbt = [c for c in every if c.supervisor == "pbt"]
-    if pbt:
+    populations = [c for c in every if c.supervisor in POPULATIONS]
+    if populations:
         from selfsteer.evals.pbt import run_pbt
 
-        run_pbt(pbt, {c.id for c in todo}, config, out)
-        todo = [c for c in todo if c.supervisor != "pbt"]
+        run_pbt(populations, {c.id for c in todo}, config, out)
+        todo = [c for c in todo if c.supervisor not in POPULATIONS]
+    shared = shared_runs(every)
+    runs = [c for c in todo if c.id not in shared]
     if config.ray:
         from selfsteer.evals.lr_suite_ray import run_on_ray
 
-        run_on_ray(todo, config, out)  # each trial's row lands in results.jsonl as it finishes
-        return list(load_results(results_path).values())
-    chat_model = suite_chat_model(config) if any(c.supervisor.startswith("llm:") for c in todo) else None
-    for cell in tqdm(todo, desc="lr-suite", unit="run"):
-        append_result(results_path, run_cell_retrying(cell, config, out, db, chat_model))
+        run_on_ray(runs, config, out)  # each trial's row lands in results.jsonl as it finishes
+    else:
+        chat_model = suite_chat_model(config) if any(c.supervisor.startswith("llm:") for c in runs) else None
+        for cell in tqdm(runs, desc="lr-suite", unit="run"):
+            append_result(results_path, run_cell_retrying(cell, config, out, db, chat_model))
+    fill_shared(results_path, todo, shared)
     return list(load_results(results_path).values())
 
 
@@ -301,9 +408,16 @@ def score(rows: list[dict]) -> list[dict]:
                 "bad_start": bad,
                 "rescued": rescued,
                 "catastrophic": catastrophic,
+                "compute_ratio": compute_ratio(r, static),
             }
         )
     return scored
+
+
+def compute_ratio(row: dict, static: dict | None) -> float:
+    """The optimizer steps `row` paid for over those of its static twin (NaN: either count unknown)."""
+    paid, twin = row.get("compute_steps"), (static or {}).get("compute_steps")
+    return paid / twin if paid is not None and twin else math.nan
 
 
 def _median(values) -> float:
@@ -348,9 +462,20 @@ def report(
         "each lr change is checked at the next evaluation and a failure (eval loss up over 2%) rolled back "
         "and retried; rollbacks: summed over seeds (and all failures found); steps abandoned: the mean share "
         "of the run's steps trained on branches rolled back from (every run has the same total steps). "
-        "Supervised runs are paused while the supervisor decides.",
+        "Supervised runs are paused while the supervisor decides. Compute: the optimizer steps the row paid "
+        "for (compute_steps: the steps the run trained, abandoned branches included, plus every probe's arms; "
+        "a population's row: every member's steps) over those of the static run from the same start.",
         "",
     ]
+    described = [name for name in ROWS if name in config.supervisors and name != "pbt"]
+    lines += [*(f"- {name}: {ROWS[name]}." for name in described), ""] if described else []
+    if {"pbt-start", "pb2"} & set(config.supervisors):
+        lines += [
+            "pbt-start, pb2: each row is its population's best member at the end (the lowest final eval loss); "
+            "interventions and curve: that member's final lineage; compute: all three members' steps; wall s: "
+            "the population's wall time.",
+            "",
+        ]
     if "pbt" in config.supervisors:
         lines += [
             "pbt: Ray Tune's Population Based Training, one population per workload and seed whose members "
@@ -358,7 +483,8 @@ def report(
             f"{config.pbt_quantile_fraction:.0%} copies the best one's weights and optimizer and moves its lr "
             f"by x{' or x'.join(f'{f:g}' for f in config.pbt_perturbation_factors)}. Equal compute: each member "
             "trains as many steps as a supervised run, so a population of N starts costs the N supervised runs' "
-            "steps; unlike a supervisor, members share what they learn. Interventions: lr changes in the "
+            "steps (each member's row counts them all: compute Nx); unlike a supervisor, members share what they "
+            "learn, and the population holds the good start. Interventions: lr changes in the "
             "member's final lineage (a copied member's includes its donor's), and its curve is that lineage: a "
             "member that copied another at step k shows the donor's eval losses up to k. Wall s: the "
             "population's wall time until the member finished, over its N members.",
@@ -385,8 +511,8 @@ def report(
             + ", ".join(f"{v:g}" for v in grid)
             + ".",
             "",
-            "| initial lr | supervisor | self-correct | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | rollbacks | steps abandoned | wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| initial lr | supervisor | self-correct | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | rollbacks | steps abandoned | compute | wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for lr_name in config.lrs_of(recipe):
             for supervisor in config.supervisors:
@@ -414,12 +540,14 @@ def report(
                     )
                 else:
                     rollbacks = abandoned = "-"
+                ratio = _median(r["compute_ratio"] for r in group)
+                compute = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
                 lines.append(
                     f"| {lr_name} | {name} | {'yes' if self_correct else 'no'} | "
                     f"{_median(r['final_eval_loss'] for r in group):.3f} | "
                     f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
                     f"{spread} | {_median(r['interventions'] for r in group):g} | {rescued} | {catastrophic} | "
-                    f"{rollbacks} | {abandoned} | {_median(r['wall_s'] for r in group):.1f} |"
+                    f"{rollbacks} | {abandoned} | {compute} | {_median(r['wall_s'] for r in group):.1f} |"
                 )
         lines.append("")
     stores = [Store(path) for path in [out / "suite.sqlite", *(extra_dbs or [])]]

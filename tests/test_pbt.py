@@ -39,6 +39,8 @@ def test_a_run_started_from_a_checkpoint_of_another_goes_on_as_that_run_did(tmp_
     resumed, _ = tiny(tmp_path / "resumed", db, start_from=halfway)
     assert resumed["steps"] == whole["steps"] == 20
     assert resumed["final_eval_loss"] == whole["final_eval_loss"]  # to the last digit
+    # The steps before the checkpoint were the other run's to pay for.
+    assert (whole["compute_steps"], resumed["compute_steps"]) == (20, 10)
     moved, run_id = tiny(tmp_path / "moved", db, start_from=halfway, lr=0.05)
     with Store(db) as store:
         [command] = [c for c in store.list_commands(run_id) if c["source"] == "test"]
@@ -131,3 +133,98 @@ def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(
         for move in row["moves"]:
             assert LR_BOUNDS[0] <= move["lr_after"] <= LR_BOUNDS[1], move  # Tune's explore, clamped
             assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
+
+
+@pytest.fixture(scope="module", params=["pbt-start", "pb2"])
+def around_the_start(request, tmp_path_factory, one_torch_thread):
+    """A population built around a too-high start only (the tiny model blows up at lr 1.0): the start
+    x0.25, x1 and x4 under PBT (pbt-start) or PB2, four intervals (PB2's GP needs two results of a member
+    at one lr before it has anything to fit), on 3 CPUs so that the members train side by side."""
+    kind = request.param
+    out = tmp_path_factory.mktemp(kind)
+    config = SuiteConfig(
+        recipes=["tiny"], lrs={"tiny": {"too_high": 1.0}}, grid_lrs={"tiny": []}, seeds=[0],
+        supervisors=["static", kind], max_steps={"tiny": 16}, eval_steps={"tiny": 4},
+    )  # fmt: skip
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        report = main(config, out)
+    finally:
+        ray.shutdown()
+    return kind, out, load_results(out / "results.jsonl"), report
+
+
+def test_a_population_around_the_start_gets_no_good_start_and_pays_for_every_member(around_the_start):
+    kind, out, rows, report = around_the_start
+    row, static = rows[f"tiny-too_high-1-s0-{kind}"], rows["tiny-too_high-1-s0-static"]
+    assert "error" not in row, row
+    members = row["members"]
+    assert [m["label"] for m in members] == ["x0.25", "x1", "x4"]
+    assert [m["start_lr"] for m in members] == [0.25, 1.0, 4.0]  # no good start among them
+    assert all(m["steps"] == 16 for m in members)  # each member the steps of a supervised run
+    assert row["compute_steps"] == 3 * 16 == 3 * static["compute_steps"]
+    best = min(members, key=lambda m: m["final_eval_loss"])
+    assert row["chosen"] == best["label"] and row["final_eval_loss"] == best["final_eval_loss"]
+    assert [step for step, _ in row["curve"]] == [4, 8, 12, 16]
+    line = next(line for line in report.splitlines() if line.startswith(f"| too_high | {kind} | no |"))
+    assert "| 3.00x |" in line and f"- {kind}: " in report
+    # Every move of the population went through the bridge, within the bounds.
+    low, high = row.get("lr_bounds", LR_BOUNDS)
+    with Store(out / "suite.sqlite") as store:
+        sent = [c for c in store.list_commands(None) if c["source"] == "pbt"]
+    assert row["moves"] and sent and all(c["status"] == "success" for c in sent)
+    applied = [(c["step"], c["args"]["lr"]) for c in sent]
+    for move in row["moves"]:
+        assert low * (1 - 1e-6) <= move["lr_after"] <= high * (1 + 1e-6), move
+        assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
+    # Copying the best member's weights rescues the too-high start.
+    assert row["final_eval_loss"] < 0.5 * static["final_eval_loss"]
+    if kind == "pb2":  # log10 lr in start /64 .. x64, clamped to the supervisors' bounds
+        assert row["lr_bounds"] == [pytest.approx(1 / 64), pytest.approx(1.0)]
+        # Not PBT's x2 / x0.5: the GP's choice lands anywhere in the bounds.
+        ratios = {round(m["lr_after"] / m["lr_before"], 6) for m in row["moves"] if m["lr_before"] != m["lr_after"]}
+        assert ratios and ratios - {2.0, 0.5}, row["moves"]
+
+
+def test_a_restored_synchronous_population_never_leaves_its_members_paused_for_ever():
+    """Tune's restore gives PBT a fresh scheduler while the members come back at the steps they had
+    reached. At the first synchronised perturbation the one behind copies one ahead (and its time), and
+    Ray puts the next perturbation at the furthest member's time, which no paused member is below: none
+    could run again (evals/pbt.py ResumableSynch)."""
+    from ray.tune.experiment import Trial
+
+    from selfsteer.evals.pbt import SynchPB2, SynchPBT
+
+    class Controller:
+        search_alg = None
+
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+        def get_live_trials(self):
+            return [t for t in self.trials if t.status != Trial.TERMINATED]
+
+    def exploit(self, trial, controller, upper, lower):
+        """What Ray's exploit does to the scheduler's state (its save and copy need a live Tune)."""
+        if trial in lower:
+            self._trial_state[trial].last_train_time = self._trial_state[upper[0]].last_train_time
+
+    for cls, space in ((SynchPBT, {"hyperparam_mutations": {"lr": [0.1, 0.2]}}),
+                       (SynchPB2, {"hyperparam_bounds": {"lr": [0.1, 0.2]}})):  # fmt: skip
+        scheduler = cls(time_attr="training_iteration", metric="score", mode="min", perturbation_interval=1,
+                        synch=True, **space)  # fmt: skip
+        scheduler._checkpoint_or_exploit = exploit.__get__(scheduler)
+        trials = [Trial("Member", config={"lr": 0.1}, stub=True) for _ in range(3)]
+        controller = Controller(trials)
+        for trial in trials:
+            scheduler.on_trial_add(controller, trial)
+            trial.status = Trial.RUNNING
+        # Restored at iterations 4, 4 and 3: they report 5, 5 and (last, the worst) 4, each then paused.
+        for trial, iteration, score in zip(trials, (5, 5, 4), (1.0, 1.5, 3.0), strict=True):
+            scheduler.on_trial_result(controller, trial, {"training_iteration": iteration, "score": score})
+            trial.status = Trial.PAUSED
+        assert scheduler._next_perturbation_sync == 6  # Ray's own: 5, and all three stuck at 5
+        assert scheduler.choose_trial_to_run(controller) is not None

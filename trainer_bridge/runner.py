@@ -11,6 +11,10 @@ direct calls on its bridge (no HTTP; waits wake on the journal's change notices)
 `BridgeClient(url)`. With `hold_for_supervisor` training waits after each evaluation until the
 supervisor has decided on it, so each decision is about the state it saw (the supervisor's
 `pause_while_deciding` then holds the run from its observation to its action).
+
+`summary.json`'s `compute_steps` is every optimizer step the run paid for: the steps it trained (from a
+checkpoint of another run, only those after it), every probe's arms, and the branches a loop that moves
+its own step counter back abandoned (`extra_compute_steps`).
 """
 
 from __future__ import annotations
@@ -147,6 +151,24 @@ class ResumePoint:
         return cls(run_id, recipe, out_dir, checkpoint)
 
 
+def extra_compute_steps(journal: list[dict]) -> int:
+    """Optimizer steps a run paid for that its step counter does not show, from its command journal:
+    every successful `probe`'s `cost_steps` (arms trained from a snapshot, then put back), and the steps
+    of each branch left by a `load_checkpoint` that moved the loop's own counter back (`continues_at`: a
+    plain loop's). Under the HF Trainer the counter keeps counting through a rollback (self-correction's
+    abandoned branches, `self_correction.extra_steps`, are within `steps` already), so only probes add."""
+    extra = 0
+    for command in journal:
+        result = command.get("result") or {}
+        if command["status"] != "success":
+            continue
+        if command["type"] == "probe":
+            extra += int(result.get("cost_steps", 0))
+        elif command["type"] == "load_checkpoint" and result.get("continues_at") is not None:
+            extra += max(0, result["fork_step"] - result["continues_at"])
+    return extra
+
+
 class RecipeRun:
     def __init__(
         self,
@@ -164,8 +186,12 @@ class RecipeRun:
         supervisor: Supervisor | None = None,
         hold_for_supervisor: bool = False,
         callbacks: list | None = None,
+        optimizer: tuple[type, dict] | None = None,
     ):
+        """`optimizer`: (class, kwargs) of an optimizer the recipe's `training.optim` cannot name (the
+        Trainer's `optimizer_cls_and_kwargs`: built on the Trainer's parameter groups)."""
         self.recipe = recipe
+        self.start_step = 0  # set when training starts (`_start_step`)
         self.resume = resume
         # A Trainer checkpoint folder (of any run) this new run goes on from: weights, optimizer,
         # scheduler, RNG, step and data position (Population Based Training's exploit).
@@ -184,6 +210,7 @@ class RecipeRun:
             "train_dataset": workload.train_dataset,
             "eval_dataset": workload.eval_dataset,
             "callbacks": callbacks,
+            "optimizer_cls_and_kwargs": optimizer,
         }
         self.bridge: Bridge | None = None
         if interactive:
@@ -234,6 +261,7 @@ class RecipeRun:
             thread = threading.Thread(target=supervise, name="supervisor", daemon=True)
             thread.start()
         start = time.perf_counter()
+        self.start_step = self._start_step()
         try:
             self.trainer.train(resume_from_checkpoint=self.start_from)
             final = self.trainer.evaluate()
@@ -289,6 +317,14 @@ class RecipeRun:
             trainer.accelerator.free_memory()  # its _models (the DDP wrapper), optimizers, schedulers
         self.trainer = None
 
+    def _start_step(self) -> int:
+        """The step training starts from: that of a checkpoint of another run (`start_from`), whose steps
+        that run paid for; 0 for a new run or one resumed (`resume`: its earlier steps were its own)."""
+        if self.start_from is None or self.resume is not None:
+            return 0
+        state = Path(self.start_from) / TRAINER_STATE_NAME
+        return json.loads(state.read_text()).get("global_step", 0) if state.is_file() else 0
+
     def _summary(self, final: dict, wall_s: float) -> dict:
         final_eval_loss = final.get("eval_loss", math.nan)
         evals = [row["eval_loss"] for row in self.trainer.state.log_history if "eval_loss" in row]
@@ -298,6 +334,7 @@ class RecipeRun:
             "best_eval_loss": min([*evals, final_eval_loss]),
             "steps": self.trainer.state.global_step,
             "wall_s": round(wall_s, 3),
+            "compute_steps": self.trainer.state.global_step - self.start_step,  # and what the journal adds
             "decisions": [],
             "commands": 0,
             "run_id": None,
@@ -322,6 +359,7 @@ class RecipeRun:
             }
             journal = store.list_commands(bridge.run_id)
             summary["commands"] = sum(1 for c in journal if c["source"] != "trainer")
+            summary["compute_steps"] += extra_compute_steps(journal)
             summary["run_id"] = bridge.run_id
             summary["db"] = str(store.path.resolve())
             summary["branch"] = bridge.branch
