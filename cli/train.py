@@ -164,7 +164,7 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor, resume=
         summary = run.train()
     finally:
         run.close()
-    shown = {k: summary[k] for k in ("final_eval_loss", "best_eval_loss", "steps", "wall_s", "commands")}
+    shown = {k: summary[k] for k in ("final_eval_loss", "best_eval_loss", "steps", "compute_steps", "wall_s", "commands")}
     print(json.dumps(shown))
     if summary.get("decisions"):
         print_decisions(summary["decisions"])
