@@ -120,9 +120,13 @@ class TrainerProbe:
                 trainer.data_collator([data[j] for j in range(start, min(start + size, n))])
                 for start in range(0, n, size)
             ]
-        model = trainer.model
+        model, optimizer = trainer.model, trainer.optimizer
         was_training = model.training
+        # A schedule-free optimizer is measured at its averaged weights, as the Trainer's evaluate does.
+        switches = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
         model.eval()
+        if switches:
+            optimizer.eval()
         total = count = 0
         try:
             for batch in self._eval_batches:
@@ -132,6 +136,8 @@ class TrainerProbe:
                 count += rows
         finally:
             model.train(was_training)
+            if switches:
+                optimizer.train()
         return total / count
 
 
