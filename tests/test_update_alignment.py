@@ -108,6 +108,20 @@ def test_a_rollback_forgets_the_last_update_and_the_switch_turns_it_off(tmp_path
     assert off == []
 
 
+def test_by_default_a_model_past_the_size_limit_pays_no_copy_unless_asked(tmp_path, monkeypatch):
+    from selfsteer.trainer_bridge import bridge
+
+    sgd = lambda params: torch.optim.SGD(params, lr=0.05)  # noqa: E731
+    monkeypatch.setattr(bridge, "ALIGNMENT_AUTO_MAX_PARAMS", 97)  # the loop's model trains 97 parameters
+    _, at_limit = plain_run(tmp_path / "a", sgd, steps=3)
+    assert len(at_limit) == 2
+    monkeypatch.setattr(bridge, "ALIGNMENT_AUTO_MAX_PARAMS", 96)
+    _, past = plain_run(tmp_path / "b", sgd, steps=3)
+    assert past == []
+    _, asked = plain_run(tmp_path / "c", sgd, steps=3, update_alignment=True)
+    assert len(asked) == 2
+
+
 def test_the_hf_trainer_logs_it_at_every_step_where_the_api_reads_it(tmp_path, one_torch_thread):
     overrides = ["training.max_steps=12", "training.eval_steps=6", "training.logging_steps=1", "training.seed=1"]
     run = RecipeRun(load_recipe("tiny", overrides), out_dir=tmp_path / "out", db=tmp_path / "runs.db", port=None)

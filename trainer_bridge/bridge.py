@@ -56,6 +56,7 @@ from selfsteer.trainer_bridge.records import FINISHED_PHASES, DecisionUpdate, Ne
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
 
 log = logging.getLogger(__name__)
+ALIGNMENT_AUTO_MAX_PARAMS = 50_000_000  # 200 MB of float32: what update_alignment=None measures at most
 
 
 
@@ -88,7 +89,9 @@ class BridgeConfig:
     # Log `update_alignment` every optimizer step: the cosine between the step's gradient and the previous
     # step's update, reversed (the hypergradient's sign; trainer_bridge/alignment.py). Costs one float32
     # copy of the trained parameters (on every rank) and a copy, a subtraction and a dot product a step.
-    update_alignment: bool = True
+    # None (default): on while the optimizer trains at most ALIGNMENT_AUTO_MAX_PARAMS parameters (a 1B
+    # model would pay 4 GB of memory unasked); True or False decides.
+    update_alignment: bool | None = None
 
 
 @dataclass
@@ -216,7 +219,9 @@ class Bridge:
         self.listeners: list[Callable[[dict], None]] = []
         # The update alignment of each optimizer step, measured by hooks on the optimizer of the first
         # boundary, logged at the next boundary (off: `config.update_alignment`).
-        self.alignment: UpdateAlignment | None = UpdateAlignment() if self.config.update_alignment else None
+        self.alignment: UpdateAlignment | None = (
+            UpdateAlignment() if self.config.update_alignment is not False else None
+        )
         # Where the loop logs an optimizer step's own metrics (its loss), against the boundary after the
         # step: 0 (the Trainer, Lightning: at the step count after it), -1 (a plain loop: at the
         # iteration that took it). A per-step metric of the core's is logged there too.
@@ -486,6 +491,12 @@ class Bridge:
         0 as every metric), and hooks onto the loop's optimizer at the first boundary."""
         if self.alignment is None or ctx.optimizer is None:
             return
+        if self.config.update_alignment is None and self.alignment.optimizer is None:
+            trained = sum(p.numel() for g in optim.unwrap_optimizer(ctx.optimizer).param_groups for p in g["params"])
+            if trained > ALIGNMENT_AUTO_MAX_PARAMS:
+                log.info("update_alignment off: %d trained parameters (set it True to measure)", trained)
+                self.alignment = None
+                return
         self.alignment.attach(ctx.optimizer)  # the same optimizer: nothing to do
         if not self.is_main:
             self.alignment.drop()  # measured all the same; no host sync for a value nobody logs

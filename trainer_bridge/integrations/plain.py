@@ -77,7 +77,7 @@ class Steer:
         announce: bool = True,
         start_paused: bool = False,
         replay_of: str | None = None,
-        update_alignment: bool = True,
+        update_alignment: bool | None = None,
     ):
         """max_steps: the loop's optimizer steps. evaluate: a function returning eval metrics (the
         `evaluate` command calls it; keys are logged with an `eval_` prefix). eval_every: also evaluate at
