@@ -26,12 +26,12 @@ def test_extrapolate_recovers_an_exponential_and_keeps_a_rise_rising():
     assert extrapolate([(0, 5.0), (4, 5.5), (8, 6.0)], 16) == pytest.approx(7.0)  # on at its rate
     assert extrapolate([(0, 5.0), (4, math.nan), (8, 4.0)], 16) == math.inf
     assert extrapolate([(0, 5.0), (8, 4.0)], 8) == 4.0  # nothing to extrapolate
-    # A falling curve never ends above its last point, nor below zero.
-    assert 0.0 <= extrapolate([(0, 5.0), (4, 1.0), (8, 0.1)], 1000) <= 0.1
-    # A steep drop that barely bends (lr 1.0 recovering) gains at most as much again: two such arms
-    # stay apart instead of both reaching 0.
+    # A falling curve never ends above its last point.
+    assert extrapolate([(0, 5.0), (4, 1.0), (8, 0.1)], 1000) <= 0.1
+    # Two steep drops that barely bend (lr 1.0 recovering) stay apart, the steeper lower, even where
+    # both extrapolate below zero (clamped at 0 they tied, and the probe kept the lr).
     steep, steeper = [(0, 24.0), (2, 20.0), (4, 16.5)], [(0, 24.0), (2, 18.0), (4, 13.0)]
-    assert extrapolate(steep, 20) == pytest.approx(9.0) and extrapolate(steeper, 20) == pytest.approx(2.0)
+    assert extrapolate(steeper, 40) < extrapolate(steep, 40) < 0
 
 
 def plain_loop(tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict | None = None):

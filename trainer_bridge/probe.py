@@ -36,9 +36,8 @@ DECAY_RATES = [1e-3 * (3000 ** (i / 59)) for i in range(60)]  # per step, 1e-3 .
 
 def extrapolate(points: list[tuple[int, float]], horizon: int) -> float:
     """The loss at step `horizon` of a curve through `points` (step, loss), starting at step 0. A curve
-    that falls is fitted with `a + b e^(-ct)` (b >= 0, c > 0, by least squares over a grid of c), and
-    gains at most as much again as it did over the points; one that rises goes on rising at its average
-    rate; a non-finite loss is infinite."""
+    that falls is fitted with `a + b e^(-ct)` (b >= 0, c > 0, by least squares over a grid of c); one
+    that rises goes on rising at its average rate; a non-finite loss is infinite."""
     if not points or any(not math.isfinite(y) for _, y in points):
         return math.inf
     (t0, y0), (tk, yk) = points[0], points[-1]
@@ -65,9 +64,9 @@ def extrapolate(points: list[tuple[int, float]], horizon: int) -> float:
     if best is None:
         return yk
     _, a, b, c = best
-    # At most as much again as the arm gained while measured: a steep, barely bending drop (a run
-    # recovering from a far too high lr) otherwise extrapolates to a loss below zero for every arm alike.
-    return max(a + b * math.exp(-c * horizon), yk - (y0 - yk), 0.0)
+    # Not clamped at zero: a steep, barely bending drop (a run recovering from a far too high lr) can
+    # extrapolate below it, and clamped, every such arm tied at 0. The estimate ranks arms; it is not a loss.
+    return a + b * math.exp(-c * horizon)
 
 
 def lr_in_force(optimizer, scheduler) -> float:
