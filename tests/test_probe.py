@@ -192,7 +192,13 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
     assert supervisor.evidence(near_end)["horizon"] == 5  # never past the run's end
     decision = supervisor.decide(probed(arm(0.5, 3.7, 3.6), arm(1.0, 3.6, 3.5), arm(4.0, 3.4, 3.2)))
     assert (decision.action, decision.factor, decision.apply(0.01)) == ("double", 4.0, pytest.approx(0.04))
-    assert "x4" in decision.explanation and "8.6% lower" in decision.explanation
+    assert "x4 measured 3.400" in decision.explanation  # clearly better measured: no estimate needed
+    close = supervisor.decide(probed(arm(1.0, 3.60, 3.5), arm(2.0, 3.59, 3.4)))  # measured alike
+    assert (close.action, close.factor) == ("double", 2.0) and "2.9% lower" in close.explanation
+    # A steep straight drop at x1 extrapolates far below x0.5, but x0.5 measured clearly better: halve
+    # (tiny from lr 1.0, step 11, as the lr-suite journaled it).
+    steep = supervisor.decide(probed(arm(0.5, 21.67, 15.33), arm(1.0, 26.03, -31.08)))
+    assert (steep.action, steep.factor) == ("halve", 0.5)
     within = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.6, 3.47)))  # 0.86%: noise
     assert within.action == "keep" and within.factor is None
     # The journal stores a diverged arm's numbers as null: never the winner.
