@@ -278,6 +278,12 @@ class HumanSupervisor(Supervisor):
         return Decision(answer["action"], answer.get("explanation", "human decision"))
 
 
+def _embedded_chat_model():
+    from selfsteer.agents.chat_models import make_chat_model
+
+    return make_chat_model("local")
+
+
 def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
     """`none` | `rule` | `plateau` | `probe` | `hypergradient` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
     | an entry point of `selfsteer.supervisors`."""
@@ -294,11 +300,7 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
     if spec == "probe-llm":
         from selfsteer.agents.probe_supervisor import VettedProbeSupervisor
 
-        if chat_model is None:
-            from selfsteer.agents.chat_models import make_chat_model
-
-            chat_model = make_chat_model("local")
-        return VettedProbeSupervisor(chat_model)
+        return VettedProbeSupervisor(chat_model or _embedded_chat_model())
     if spec == "hypergradient":
         from selfsteer.agents.hypergradient_supervisor import HypergradientSupervisor
 
@@ -312,17 +314,9 @@ def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history
     if spec == "tools":
         from selfsteer.agents.tool_supervisor import ToolSupervisor
 
-        if chat_model is None:
-            from selfsteer.agents.chat_models import make_chat_model
-
-            chat_model = make_chat_model("local")
-        return ToolSupervisor(chat_model)
+        return ToolSupervisor(chat_model or _embedded_chat_model())
     if spec == "llm":
-        if chat_model is None:
-            from selfsteer.agents.chat_models import make_chat_model
-
-            chat_model = make_chat_model("local")
-        return LLMSupervisor(chat_model, strategy)
+        return LLMSupervisor(chat_model or _embedded_chat_model(), strategy)
     if ":" in spec:
         module_name, _, class_name = spec.partition(":")
         try:
