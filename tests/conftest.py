@@ -23,12 +23,18 @@ def pytest_collection_modifyitems(session, config, items):
     if twice:
         raise pytest.UsageError(f"tests sharing a node id: {twice}")
     # Under `--dist loadgroup` a file's tests stay on one worker, so its module fixtures (a model, a
-    # server) load once; the Ray files share one group, since two Ray clusters starting at once on
-    # two cores made test_pbt's setup 3-5x slower than serially.
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        group = "ray" if module in RAY_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
+    # server, a PBT population) are set up once; the Ray files share one group, since two Ray clusters
+    # starting at once on two cores made test_pbt's setup 3-5x slower than serially. xdist 3.8 groups
+    # by an "@group" suffix it writes to `item._nodeid`, which pytest 9 no longer reads (its node id is
+    # `_id`): every group was split over both workers and each module fixture set up on each (PBT's
+    # population twice, 88 s). So the suffix is written here, where pytest 9 reads it.
+    if getattr(config.option, "loadgroup", False):
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            module = item.nodeid.split("::", 1)[0]
+            group = "ray" if module in RAY_MODULES else module.rsplit("/", 1)[-1].removesuffix(".py")
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 RAY_MODULES = {"tests/test_pbt.py", "tests/test_lr_suite_ray.py", "tests/test_counterfactual_ray.py"}

@@ -135,23 +135,28 @@ def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(
             assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
 
 
-@pytest.fixture(scope="module", params=["pbt-start", "pb2"])
-def around_the_start(request, tmp_path_factory, one_torch_thread):
-    """A population built around a too-high start only (the tiny model blows up at lr 1.0): the start
-    x0.25, x1 and x4 under PBT (pbt-start) or PB2, four intervals (PB2's GP needs two results of a member
-    at one lr before it has anything to fit), on 3 CPUs so that the members train side by side."""
-    kind = request.param
-    out = tmp_path_factory.mktemp(kind)
+@pytest.fixture(scope="module")
+def populations_around_the_start(tmp_path_factory, one_torch_thread):
+    """Populations built around a too-high start only (the tiny model blows up at lr 1.0): the start
+    x0.25, x1 and x4 under PBT (pbt-start) and under PB2, in one suite (one Ray start, one static twin),
+    four intervals (PB2's GP needs two results of a member at one lr before it has anything to fit), on
+    3 CPUs so that the members train side by side."""
+    out = tmp_path_factory.mktemp("around-the-start")
     config = SuiteConfig(
         recipes=["tiny"], lrs={"tiny": {"too_high": 1.0}}, grid_lrs={"tiny": []}, seeds=[0],
-        supervisors=["static", kind], max_steps={"tiny": 16}, eval_steps={"tiny": 4},
+        supervisors=["static", "pbt-start", "pb2"], max_steps={"tiny": 16}, eval_steps={"tiny": 4},
     )  # fmt: skip
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         report = main(config, out)
     finally:
         ray.shutdown()
-    return kind, out, load_results(out / "results.jsonl"), report
+    return out, load_results(out / "results.jsonl"), report
+
+
+@pytest.fixture(params=["pbt-start", "pb2"])
+def around_the_start(request, populations_around_the_start):
+    return request.param, *populations_around_the_start
 
 
 def test_a_population_around_the_start_gets_no_good_start_and_pays_for_every_member(around_the_start):
