@@ -80,12 +80,14 @@ class TrainerProbe:
         self._train_data: Any = None
         self._eval_batches: list | None = None
 
+    def _pruned(self, data: Any) -> Any:
+        if hasattr(data, "column_names"):  # a datasets.Dataset: the Trainer's own column pruning
+            return self.trainer._remove_unused_columns(data, description="probe")
+        return data
+
     def _data(self) -> Any:
         if self._train_data is None:
-            data = self.trainer.train_dataset
-            if hasattr(data, "column_names"):  # a datasets.Dataset: the Trainer's own column pruning
-                data = self.trainer._remove_unused_columns(data, description="probe")
-            self._train_data = data
+            self._train_data = self._pruned(self.trainer.train_dataset)
         return self._train_data
 
     def train_step(self, step: int, i: int) -> float:
@@ -113,8 +115,7 @@ class TrainerProbe:
             data = trainer.eval_dataset
             if isinstance(data, dict):
                 data = next(iter(data.values()))
-            if hasattr(data, "column_names"):
-                data = trainer._remove_unused_columns(data, description="probe")
+            data = self._pruned(data)
             n, size = min(self.eval_examples, len(data)), trainer.args.per_device_eval_batch_size
             self._eval_batches = [
                 trainer.data_collator([data[j] for j in range(start, min(start + size, n))])

@@ -28,6 +28,7 @@ every rank applies the same commands at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -229,20 +230,23 @@ class Steer:
             eval_slice=self._probe_loss if self.probe_evaluate is not None else None,
         )  # fmt: skip
 
-    def _probe_step(self, i: int) -> float:
+    @contextlib.contextmanager
+    def _off_the_record(self) -> Iterator[None]:
+        """What the loop's own functions log while a probe runs them is dropped (see `log`)."""
         self._probing = True
         try:
-            loss = self.user_train_step(self.state.global_step + i)
+            yield
         finally:
             self._probing = False
+
+    def _probe_step(self, i: int) -> float:
+        with self._off_the_record():
+            loss = self.user_train_step(self.state.global_step + i)
         return float(loss.item() if isinstance(loss, torch.Tensor) else loss)
 
     def _probe_loss(self) -> float:
-        self._probing = True
-        try:
+        with self._off_the_record():
             metrics = self.probe_evaluate()
-        finally:
-            self._probing = False
         for key in ("loss", "eval_loss"):
             if key in metrics:
                 return float(metrics[key])
