@@ -485,6 +485,15 @@ def test_token_protected_server_asks_for_the_token(tmp_path, open_page):
         assert direct.errors == []
 
 
+def stop_the_loop_from_the_page(page, steer, thread) -> None:
+    """Stop, confirmed on the page: the plain loop's thread ends, the run is stopped, the page logged no error."""
+    page.by_id("run-stop").click()
+    page.by_id("run-stop-confirm").click()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and steer.bridge.phase == "stopped"
+    assert page.errors == []
+
+
 def test_a_plain_pytorch_loop_is_watched_and_steered_from_the_dashboard(tmp_path, open_page):
     """The same dashboard on a plain loop (`selfsteer.attach`): it starts held, the page resumes it, the
     charts grow, halve changes the loop's own lr, a checkpoint loaded into a branch sends the loop back
@@ -551,11 +560,7 @@ def test_a_plain_pytorch_loop_is_watched_and_steered_from_the_dashboard(tmp_path
         assert branch["checkpoint_step"] == mark["step"]
         page.screenshot("plain-branch")
 
-        page.by_id("run-stop").click()
-        page.by_id("run-stop-confirm").click()
-        thread.join(timeout=60)
-        assert not thread.is_alive() and steer.bridge.phase == "stopped"
-        assert page.errors == []
+        stop_the_loop_from_the_page(page, steer, thread)
     finally:
         if thread.is_alive():
             steer.bridge.submit("stop", {}, "test")
@@ -645,11 +650,7 @@ def test_a_probe_shows_as_a_table_of_its_arms_with_the_winner_marked(tmp_path, o
         picks.nth(1).click()
         assert_probe_table(page, second)
 
-        page.by_id("run-stop").click()
-        page.by_id("run-stop-confirm").click()
-        thread.join(timeout=60)
-        assert not thread.is_alive() and steer.bridge.phase == "stopped"
-        assert page.errors == []
+        stop_the_loop_from_the_page(page, steer, thread)
     finally:
         client.close()
         if thread.is_alive():
