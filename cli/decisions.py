@@ -7,10 +7,12 @@ import sys
 
 from selfsteer.cli.common import add_ray_arguments
 
+DEFAULT_SHAPES = "tiny,tiny-wide,small-narrow"
+
 COLLECT_HELP = """\
 Counterfactual decision data. Each run of a grid of workloads (model shapes x AdamW / SGD with momentum x
-constant / warm-up-and-decay schedules x batch sizes x start lrs from 64x too low to 64x too high x seeds)
-is forked at every decision point into one branch per action (double, halve, keep), each continued from
+constant / warm-up-and-decay schedules x batch sizes x start lrs from 64x too low to 64x too high x seeds),
+or of one recipe (--recipe, with --set overrides, at each of --lrs x --seeds), is forked at every decision point into one branch per action (double, halve, keep), each continued from
 the identical state (weights, optimizer, scheduler, data order, RNG) for the horizon; the eval loss each
 branch reached is stored. A fourth branch keeps the lr under another data order: the noise from which
 the label's margin is measured (see `decisions export`). The run itself goes on with the behaviour
@@ -18,13 +20,23 @@ policy's action, so the rows cover the states that policy visits (--policy inter
 
 Writes OUT/rows.jsonl (one line per decision point) and OUT/runs.jsonl (one per run) as it goes; run it
 again to resume. A failed run is retried (--retries), then written to OUT/failed.jsonl and reported; the
-next call collects it again. Held-out workloads of the lr-suite are never collected.
+next call collects it again. Held-out workloads are never collected, from the grid or from a recipe (a
+recipe whose model section, optimizer family or schedule is a held-out one, or a held-out start lr, is
+refused before anything is written).
+
+A recipe run takes its steps, evaluation interval (a decision point after each) and batch size from the
+recipe (training.max_steps, eval_steps, per_device_train_batch_size: set them with --set). Its rows'
+spec holds the resolved workload: shape (the recipe's name and, in brackets, what the overrides change),
+optimizer (training.optim), schedule (lr_scheduler_type, +warmupN), so rows of any collection can be
+told apart by workload (evals/counterfactual.py workload_key).
 
 examples:
   selfsteer decisions collect --out runs/cf
   selfsteer decisions collect --out runs/cf --shard 0/2 &  selfsteer decisions collect --out runs/cf2 --shard 1/2
   selfsteer decisions collect --out runs/cf-dagger --policy intervener --seeds 3
   selfsteer decisions collect --out runs/cf --ray --cpus-per-trial 1        # runs as Ray Tune trials
+  selfsteer decisions collect --recipe tiny --set model.n_layer=2 --set training.optim=adafactor \
+      --set training.max_steps=60 --lrs 1e-3,1e-2,0.1 --seeds 0,1 --out runs/cf-tiny2-adafactor
 """
 
 
@@ -47,8 +59,27 @@ def add_parser(subparsers, name: str) -> None:
     collect.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     collect.add_argument(
         "--shapes",
-        default="tiny,tiny-wide,small-narrow",
-        help="model shapes (default tiny,tiny-wide,small-narrow)",
+        default=None,
+        help=f"the grid's model shapes (default {DEFAULT_SHAPES}); not with --recipe",
+    )
+    collect.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FILE_OR_NAME",
+        help="collect this recipe (a built-in name or a YAML file) instead of the grid: one run per --lrs x "
+        "--seeds, with the recipe's steps, evaluation interval and batch size",
+    )
+    collect.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --recipe: override a recipe key, e.g. model.n_layer=2 (repeatable; values are YAML)",
+    )
+    collect.add_argument(
+        "--lrs",
+        default=None,
+        help="with --recipe (required there): comma-separated start lrs, e.g. 1e-3,1e-2",
     )
     collect.add_argument(
         "--policy",
@@ -116,13 +147,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from selfsteer.evals.counterfactual import CollectConfig, collect, default_specs
+    from selfsteer.evals.counterfactual import CollectConfig, collect, default_specs, recipe_specs
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        specs = default_specs(
-            seeds=seeds, shapes=[s.strip() for s in args.shapes.split(",")], policy=args.policy
-        )
+        if args.recipe is None:
+            if args.lrs is not None or args.set:
+                raise ValueError("--lrs and --set need --recipe (the grid's start lrs follow its optimizers)")
+            shapes = args.shapes or DEFAULT_SHAPES
+            specs = default_specs(
+                seeds=seeds, shapes=[s.strip() for s in shapes.split(",")], policy=args.policy
+            )
+        else:
+            if args.shapes is not None:
+                raise ValueError(
+                    "--shapes names the grid's shapes: with --recipe the shape is the recipe's "
+                    "(change it with --set model.KEY=VALUE)"
+                )
+            if not args.lrs:
+                raise ValueError("--recipe needs --lrs: the start lrs to collect, e.g. --lrs 1e-3,1e-2,1e-1")
+            try:
+                lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--lrs must be comma-separated numbers, not {args.lrs!r}") from None
+            specs = recipe_specs(args.recipe, args.set, lrs, seeds, policy=args.policy)
         if args.horizon is not None:
             from dataclasses import replace
 

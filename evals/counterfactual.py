@@ -23,11 +23,19 @@ scheduler, with its param groups; gradients clipped at max_grad_norm; eval loss 
 eval set). Observations are the supervisor's own `Observation`, built from the same metric
 names the Trainer logs, so a prompt rendered here is the prompt a supervisor sees on a live run.
 
-Held-out workloads (HELD_OUT) are refused by construction: no spec with the held-out optimizer, the
-held-out model shape, or a start lr of the held-out cells can be collected.
+A run is either a cell of the named grid (SHAPES x OPTIMIZERS x SCHEDULES, `default_specs`) or a run
+of any recipe (a built-in name or a YAML file) with `--set` overrides (`RunSpec.from_recipe`,
+`recipe_specs`). A recipe run's `shape`, `optimizer` and `schedule` hold what the recipe resolves to
+(the recipe's name with what the overrides change, in brackets; `training.optim`; the scheduler type
+with its warm-up), so `workload_key(row["spec"])` names the workload of a row of either kind.
+
+Held-out workloads (HELD_OUT, HELD_OUT_2) are refused by construction: no spec with a held-out model
+shape, optimizer family or schedule, or a start lr of the held-out cells can be collected, from the
+grid or from a recipe (whose resolved model section, optimizer and schedule are compared).
 
     selfsteer decisions collect --out runs/counterfactual            # the default grid
     selfsteer decisions collect --out runs/cf --policy intervener    # a DAgger round
+    selfsteer decisions collect --recipe tiny --set model.n_layer=2 --lrs 1e-3,1e-2 --seeds 0,1 --out runs/cf-r
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -60,7 +69,10 @@ SHAPES: dict[str, tuple[str, list[str]]] = {
     "small-narrow": ("small", ["model.n_embd=64", "model.n_head=2", "data.eval_blocks=128"]),
     "small": ("small", ["data.eval_blocks=128"]),
     "deep": ("small", ["model.n_layer=3", "model.n_embd=96", "model.n_head=4", "data.eval_blocks=128"]),
-    "deep-narrow": ("small", ["model.n_layer=4", "model.n_embd=64", "model.n_head=4", "data.eval_blocks=128"]),
+    "deep-narrow": (
+        "small",
+        ["model.n_layer=4", "model.n_embd=64", "model.n_head=4", "data.eval_blocks=128"],
+    ),
 }
 # Optimizers: HF `optim` plus its `optim_args`. RMSprop is held out.
 OPTIMIZERS: dict[str, list[str]] = {
@@ -91,11 +103,34 @@ HELD_OUT_2 = {
     "shape": "deep-narrow", "optimizer": "adagrad", "schedule": "cosine_warmup",
     "start_lrs": (3.125e-4, 1e-2, 0.32),
 }  # fmt: skip
+# Workloads collected only to evaluate on (docs/held-out-workloads.md), never trained on: a reflector's
+# (issue 26). They are recipe runs, refused like any other where their shape, optimizer or schedule is
+# held out, but their start lrs may be HELD_OUT's (a grid of half-decades passes 3e-4 and 3e-2): those
+# rows are evaluation rows themselves. `evaluation_workload(spec)` says whether a row is one of them.
+EVALUATION_WORKLOADS = {
+    "reflector-heldout": {  # defined 2026-12-06 for issue 26
+        "recipe": "tiny",
+        "overrides": (
+            "model.n_layer=2", "model.n_embd=48", "model.n_head=3", "training.optim=adafactor",
+            "training.lr_scheduler_type=linear", "training.warmup_steps=0", "training.max_steps=60",
+            "training.eval_steps=10", "training.per_device_train_batch_size=8",
+        ),
+        "lrs": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
+        "seeds": (0, 1, 2, 3),
+        "policy": "random",
+    },
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One collection run. Everything a run does follows from these fields."""
+    """One collection run. Everything a run does follows from these fields.
+
+    A cell of the named grid (`base_recipe` None): `shape`, `optimizer` and `schedule` name entries of
+    SHAPES, OPTIMIZERS and SCHEDULES. A recipe run (`base_recipe` a built-in recipe or a YAML file, with
+    its `overrides`): the three are derived from the resolved recipe (whatever is passed is replaced;
+    see `resolve_recipe`), and the run trains the recipe with the overrides, then this spec's batch size,
+    lr, seed, max_steps and eval_steps. `from_recipe` takes those three from the recipe itself."""
 
     shape: str = "tiny"
     optimizer: str = "adamw"
@@ -107,23 +142,72 @@ class RunSpec:
     eval_steps: int = 10  # a decision point after each evaluation, as the supervision loop does
     horizon: int | None = None  # steps each branch runs (default: to the next decision point)
     policy: str = "random"  # who picks the action the run takes: random | keep | rule | intervener | ...
+    base_recipe: str | None = None  # a recipe run: the recipe (built-in name or YAML file); None: the grid
+    overrides: tuple[str, ...] = ()  # a recipe run's `--set KEY=VALUE`s, applied in this order
 
     def __post_init__(self):
-        for name, table in (("shape", SHAPES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-            if getattr(self, name) not in table:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}: one of {', '.join(table)}")
-        held = [
-            what
-            for what, out in (
-                ("shape", self.shape in (HELD_OUT["shape"], HELD_OUT_2["shape"])),
-                ("optimizer", self.optimizer in (HELD_OUT["optimizer"], HELD_OUT_2["optimizer"])),
-                ("schedule", self.schedule == HELD_OUT_2["schedule"]),
-                ("start lr", any(math.isclose(self.lr, x, rel_tol=1e-3) for x in HELD_OUT["start_lrs"])),
-            )
-            if out
-        ]
+        object.__setattr__(self, "overrides", tuple(self.overrides))  # a list, from JSON
+        if self.base_recipe is None:
+            if self.overrides:
+                raise ValueError("overrides need a base_recipe: a grid cell is named by its tables")
+            for name, table in (("shape", SHAPES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+                if getattr(self, name) not in table:
+                    raise ValueError(f"unknown {name} {getattr(self, name)!r}: one of {', '.join(table)}")
+            held = [
+                what
+                for what, out in (
+                    ("shape", self.shape in (HELD_OUT["shape"], HELD_OUT_2["shape"])),
+                    ("optimizer", self.optimizer in (HELD_OUT["optimizer"], HELD_OUT_2["optimizer"])),
+                    ("schedule", self.schedule == HELD_OUT_2["schedule"]),
+                )
+                if out
+            ]
+        else:
+            workload = resolve_recipe(self.base_recipe, self.overrides)
+            for name in ("shape", "optimizer", "schedule"):
+                object.__setattr__(self, name, workload[name])
+            held = list(workload["held_out"])
+            if not LR_BOUNDS[0] <= self.lr <= LR_BOUNDS[1]:
+                raise ValueError(
+                    f"{self.id}: start lr {self.lr:g} outside {LR_BOUNDS[0]:g}..{LR_BOUNDS[1]:g}"
+                )
+        if any(math.isclose(self.lr, x, rel_tol=1e-3) for x in HELD_OUT["start_lrs"]) and not (
+            self.base_recipe is not None and evaluation_workload(asdict(self))
+        ):
+            held.append(f"start lr: {', '.join(f'{x:g}' for x in HELD_OUT['start_lrs'])} are held out")
         if held:
-            raise ValueError(f"{self.id}: held out for evaluation ({', '.join(held)}); never collected")
+            raise ValueError(f"{self.id}: held out for evaluation ({'; '.join(held)}); never collected")
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: str,
+        overrides: Iterable[str] = (),
+        *,
+        lr: float,
+        seed: int = 0,
+        policy: str = "random",
+        horizon: int | None = None,
+        max_steps: int | None = None,
+        eval_steps: int | None = None,
+        batch_size: int | None = None,
+    ) -> RunSpec:
+        """A recipe run. max_steps, eval_steps and batch_size default to the recipe's own (after the
+        overrides): `training.max_steps` (60 where it sets none), `training.eval_steps` (10 where it sets
+        none) and `training.per_device_train_batch_size` (8 where it sets none)."""
+        overrides = tuple(overrides)
+        workload = resolve_recipe(recipe, overrides)
+        return cls(
+            lr=lr,
+            seed=seed,
+            policy=policy,
+            horizon=horizon,
+            max_steps=max_steps or workload["max_steps"],
+            eval_steps=eval_steps or workload["eval_steps"],
+            batch_size=batch_size or workload["batch_size"],
+            base_recipe=recipe,
+            overrides=overrides,
+        )
 
     @property
     def id(self) -> str:
@@ -139,8 +223,131 @@ class RunSpec:
     def recipe(self) -> dict:
         from selfsteer.trainer_bridge.recipe import load_recipe
 
+        if self.base_recipe is not None:
+            return load_recipe(self.base_recipe, [*self.overrides, *run_overrides(self)])
         base, shape = SHAPES[self.shape]
         return load_recipe(base, recipe_overrides(self, shape))
+
+    def to_dict(self) -> dict:
+        """What rows and summaries store: a grid cell as it always was (without the recipe fields)."""
+        spec = asdict(self)
+        if self.base_recipe is None:
+            del spec["base_recipe"], spec["overrides"]
+        else:
+            spec["overrides"] = list(self.overrides)
+        return spec
+
+
+def workload_key(spec: dict) -> str:
+    """The workload of a row or run (its `spec`, as stored), the same across start lrs, seeds, batch sizes
+    and policies: `shape-optimizer-schedule`, for a grid cell (tiny-adamw-constant) as for a recipe run,
+    whose three fields hold the resolved recipe (tiny[n_embd=48,n_head=3,n_layer=2]-adafactor-linear)."""
+    return f"{spec['shape']}-{spec['optimizer']}-{spec['schedule']}"
+
+
+def evaluation_workload(spec: dict) -> str | None:
+    """The name of the evaluation-only workload (EVALUATION_WORKLOADS) a row's or run's spec belongs to, or
+    None: rows to evaluate on and never to train on."""
+    if spec.get("base_recipe") is None:
+        return None
+    return _evaluation_keys().get(workload_key(spec))
+
+
+@cache
+def _evaluation_keys() -> dict[str, str]:
+    keys = {}
+    for name, workload in EVALUATION_WORKLOADS.items():
+        resolved = resolve_recipe(workload["recipe"], tuple(workload["overrides"]))
+        keys[workload_key(resolved)] = name
+    return keys
+
+
+def run_overrides(spec: RunSpec) -> list[str]:
+    """What a recipe run sets after the recipe's own overrides."""
+    return [
+        f"training.per_device_train_batch_size={spec.batch_size}",
+        f"training.learning_rate={spec.lr:.6e}",  # YAML reads 1e-05 as text
+        f"training.seed={spec.seed}",
+        f"training.max_steps={spec.max_steps}",
+        f"training.eval_steps={spec.eval_steps}",
+    ]
+
+
+# Training keys a recipe run's spec holds in fields of its own (lr, seed, steps, batch size, optimizer,
+# schedule): left out of the brackets of its shape.
+SPEC_TRAINING_KEYS = {
+    "learning_rate", "seed", "max_steps", "eval_steps", "per_device_train_batch_size", "optim", "optim_args",
+    "lr_scheduler_type", "warmup_steps",
+}  # fmt: skip
+
+
+@cache
+def resolve_recipe(recipe: str, overrides: tuple[str, ...]) -> dict:
+    """What a recipe with overrides resolves to, for a recipe run's spec:
+
+    shape: the recipe's name with, in brackets, every key the overrides change (model keys bare, others
+      as section.key; the keys the spec holds itself left out), sorted: tiny[n_embd=48,n_head=3,n_layer=2];
+    optimizer: `training.optim`, with its `optim_args` in parentheses where it has any;
+    schedule: `training.lr_scheduler_type`, with `+warmupN` where it warms up;
+    max_steps, eval_steps, batch_size: the recipe's own (60, 10 and 8 where it sets none);
+    held_out: why it is held out (empty: collected): its resolved model section is that of a held-out
+      shape, its optimizer of a held-out family, or its schedule the held-out one (cosine with warm-up).
+    A RecipeError (a ValueError) for a recipe that does not load."""
+    from selfsteer.trainer_bridge.recipe import load_recipe, parse_recipe
+
+    resolved = load_recipe(recipe, list(overrides))
+    plain = load_recipe(recipe)
+    typed = parse_recipe(resolved)
+    changed = []
+    for section in ("model", "data", "training"):
+        for key in sorted(set(resolved[section]) | set(plain[section])):
+            value = resolved[section].get(key)
+            if section == "training" and key in SPEC_TRAINING_KEYS or value == plain[section].get(key):
+                continue
+            value = f"{value:g}" if isinstance(value, float) else value
+            changed.append(f"{key}={value}" if section == "model" else f"{section}.{key}={value}")
+    training = typed.training
+    optimizer = getattr(training.optim, "value", str(training.optim))
+    if training.optim_args:
+        optimizer += f"({training.optim_args})"
+    schedule = getattr(training.lr_scheduler_type, "value", str(training.lr_scheduler_type))
+    if training.warmup_steps:
+        schedule += f"+warmup{training.warmup_steps:g}"
+
+    held = []
+    model = typed.model.to_dict()
+    for name in (HELD_OUT["shape"], HELD_OUT_2["shape"]):
+        if model == _held_out_model(name):
+            held.append(f"shape: its model section is the held-out shape {name!r}'s")
+    for family in (HELD_OUT["optimizer"], HELD_OUT_2["optimizer"]):
+        if family in optimizer:
+            held.append(f"optimizer: {family} is a held-out family")
+    held_schedule = dict(o.split("=", 1) for o in SCHEDULES[HELD_OUT_2["schedule"]])
+    if held_schedule["training.lr_scheduler_type"] in schedule and training.warmup_steps:
+        held.append(f"schedule: {held_schedule['training.lr_scheduler_type']} with warm-up is held out")
+
+    def integer(key: str, default: int) -> int:
+        value = resolved["training"].get(key)
+        return int(value) if value is not None and float(value) >= 1 else default
+
+    return {
+        "shape": f"{resolved.get('name', 'recipe')}[{','.join(changed)}]",
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "max_steps": integer("max_steps", 60),
+        "eval_steps": integer("eval_steps", 10),
+        "batch_size": integer("per_device_train_batch_size", 8),
+        "held_out": tuple(held),
+    }
+
+
+@cache
+def _held_out_model(shape: str) -> dict:
+    """The resolved model section (as a GPT2Config dict) of a held-out grid shape."""
+    from selfsteer.trainer_bridge.recipe import load_recipe, parse_recipe
+
+    base, overrides = SHAPES[shape]
+    return parse_recipe(load_recipe(base, overrides)).model.to_dict()
 
 
 def recipe_overrides(spec: RunSpec, shape: list[str]) -> list[str]:
@@ -179,6 +386,22 @@ def default_specs(
             )
         )
     return specs
+
+
+def recipe_specs(
+    recipe: str,
+    overrides: Iterable[str] = (),
+    lrs: Iterable[float] = (),
+    seeds: Iterable[int] = (0, 1),
+    policy: str = "random",
+) -> list[RunSpec]:
+    """A recipe's runs: one per start lr and seed (lr-major), with the recipe's own steps and batch size.
+    A ValueError where the recipe does not load or any run is held out (nothing is collected then)."""
+    overrides = tuple(overrides)
+    return [
+        RunSpec.from_recipe(recipe, overrides, lr=lr, seed=seed, policy=policy)
+        for lr, seed in itertools.product(lrs, seeds)
+    ]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -371,7 +594,7 @@ def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None
                 run.set_lr(decision.apply(run.lr))
                 interval()
             row = {
-                "spec": asdict(spec),
+                "spec": spec.to_dict(),
                 "run": spec.id,
                 "step": snapshot.step,
                 "lr": observation.lr,
@@ -388,7 +611,7 @@ def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None
         eval_losses = [(m["step"], m["value"]) for m in run.metrics if m["name"] == "eval_loss"]
         return {
             "run": spec.id,
-            "spec": asdict(spec),
+            "spec": spec.to_dict(),
             "rows": rows,
             "actions": taken,
             "eval_loss": eval_losses,
@@ -460,7 +683,7 @@ def collect(config: CollectConfig, progress: bool = True, failures: list | None 
             summaries.append(summary)
 
         def failed(spec: RunSpec, error: str, attempts: int, **extra) -> None:
-            failure = {"run": spec.id, "spec": asdict(spec), "error": error, "attempts": attempts, **extra}
+            failure = {"run": spec.id, "spec": spec.to_dict(), "error": error, "attempts": attempts, **extra}
             with (out / "failed.jsonl").open("a") as file:
                 file.write(json.dumps(failure) + "\n")
             failures.append(failure)

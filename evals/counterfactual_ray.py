@@ -7,7 +7,6 @@ marks the run done), so OUT needs no filesystem shared with the workers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from ray import tune
@@ -42,7 +41,7 @@ def collect_on_ray(
         failed(RunSpec(**item), error, attempts, trial_dir=trial_dir)  # its error.txt: the tracebacks
 
     run_trials(
-        [asdict(s) for s in specs],
+        [s.to_dict() for s in specs],
         trial,
         record=record,
         fail=fail,
