@@ -12,17 +12,19 @@ DEFAULT_SHAPES = "tiny,tiny-wide,small-narrow"
 COLLECT_HELP = """\
 Counterfactual decision data. Each run of a grid of workloads (model shapes x AdamW / SGD with momentum x
 constant / warm-up-and-decay schedules x batch sizes x start lrs from 64x too low to 64x too high x seeds),
-or of one recipe (--recipe, with --set overrides, at each of --lrs x --seeds), is forked at every decision point into one branch per action (double, halve, keep), each continued from
-the identical state (weights, optimizer, scheduler, data order, RNG) for the horizon; the eval loss each
-branch reached is stored. A fourth branch keeps the lr under another data order: the noise from which
-the label's margin is measured (see `decisions export`). The run itself goes on with the behaviour
-policy's action, so the rows cover the states that policy visits (--policy intervener: a DAgger round).
+or of one recipe (--recipe, with --set overrides, at each of --lrs x --seeds), is forked at every
+decision point into one branch per action (double, halve, keep), each continued from the identical state
+(weights, optimizer, scheduler, data order, RNG) for the horizon; the eval loss each branch reached is
+stored. A fourth branch keeps the lr under another data order: the noise from which the label's margin
+is measured (see `decisions export`). The run itself goes on with the behaviour policy's action, so the
+rows cover the states that policy visits (--policy intervener: a DAgger round).
 
 Writes OUT/rows.jsonl (one line per decision point) and OUT/runs.jsonl (one per run) as it goes; run it
 again to resume. A failed run is retried (--retries), then written to OUT/failed.jsonl and reported; the
 next call collects it again. Held-out workloads are never collected, from the grid or from a recipe (a
 recipe whose model section, optimizer family or schedule is a held-out one, or a held-out start lr, is
-refused before anything is written).
+refused before anything is written; an evaluation-only workload of docs/held-out-workloads.md, such as
+reflector-heldout, may start from a held-out lr).
 
 A recipe run takes its steps, evaluation interval (a decision point after each) and batch size from the
 recipe (training.max_steps, eval_steps, per_device_train_batch_size: set them with --set). Its rows'
@@ -35,7 +37,7 @@ examples:
   selfsteer decisions collect --out runs/cf --shard 0/2 &  selfsteer decisions collect --out runs/cf2 --shard 1/2
   selfsteer decisions collect --out runs/cf-dagger --policy intervener --seeds 3
   selfsteer decisions collect --out runs/cf --ray --cpus-per-trial 1        # runs as Ray Tune trials
-  selfsteer decisions collect --recipe tiny --set model.n_layer=2 --set training.optim=adafactor \
+  selfsteer decisions collect --recipe tiny --set model.n_layer=2 --set training.optim=adafactor \\
       --set training.max_steps=60 --lrs 1e-3,1e-2,0.1 --seeds 0,1 --out runs/cf-tiny2-adafactor
 """
 
