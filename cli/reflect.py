@@ -5,6 +5,11 @@ selfsteer reflect eval  --task bfcl:simple_python --n 100 --out runs/eval   # wr
 selfsteer reflect eval  --task bfcl:multiple --call-mode text --llm openai:gpt-4o-mini --out runs/text
 selfsteer reflect train --task countdown --n 64 --steps 20 --out runs/grpo  # GRPO on reflections
 selfsteer reflect eval  --task countdown --checkpoint runs/grpo/final --out runs/after
+
+# a supervisor's own lr decisions (counterfactual rows from `selfsteer decisions collect --out DIR`):
+selfsteer reflect eval  --task decisions:DIR --reflector none --compare --out runs/decisions-untrained
+selfsteer reflect train --task decisions:DIR --lora-r 8 --lr 5e-5 --steps 60 --out runs/reflector
+selfsteer reflect eval  --task decisions:DIR --reflector runs/reflector/adapter --out runs/decisions-trained
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from selfsteer.prompts import REFLECT_STRATEGIES
 from selfsteer.tools.tasks import CALL_MODES
 
 ACTIONS = ("run", "train", "eval")
+REFLECTOR_NAME = "agents/reflector/"
 DEVICE_USE_CPU = {"auto": None, "cpu": True, "cuda": False}  # --device as ReflectionGRPOConfig.use_cpu
 
 
@@ -35,7 +41,12 @@ def add_parser(subparsers, name: str) -> None:
         epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("action", choices=ACTIONS)
-    parser.add_argument("--task", default="countdown", help="countdown, bfcl:CATEGORY or module:function")
+    parser.add_argument(
+        "--task",
+        default="countdown",
+        help="countdown, bfcl:CATEGORY, decisions:DIR (a supervisor's lr decisions over the counterfactual "
+        "rows in DIR: its decision is the first try, a frozen actor retries) or module:function",
+    )
     parser.add_argument(
         "--call-mode",
         choices=CALL_MODES,
@@ -72,6 +83,22 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="episodes at once (default 32)")
     parser.add_argument("--db", default=None, help="store file (default ./selfsteer.sqlite)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    decisions = parser.add_argument_group("decisions:DIR tasks")
+    decisions.add_argument(
+        "--policy",
+        default=None,
+        help="the supervisor whose decisions are the first tries: intervener (default, the shipped one), "
+        "keep, rule, hypergradient, ... or module:Class (cached in DIR/first-tries/)",
+    )
+    decisions.add_argument(
+        "--reflector",
+        default=None,
+        metavar="PATH|none",
+        help="who writes the reflections: a trained reflector (a LoRA adapter folder, e.g. OUT/adapter of "
+        "`reflect train`, or a model folder), or none: the untrained embedded model. Default: the shipped "
+        f"reflector ({REFLECTOR_NAME}) where there is one, else none. eval also runs the untrained model "
+        "as the baseline unless --no-baseline",
+    )
     local = parser.add_argument_group("local model (eval --checkpoint, train)")
     local.add_argument("--checkpoint", default=None, help="eval: a trained policy folder (e.g. OUT/final)")
     local.add_argument(
@@ -132,7 +159,10 @@ def _local_chat(directory: str | None, max_tokens: int):
     if directory:
         from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
 
-        chat._engine = LocalEngine(*load_embedded_model(Path(directory)))
+        if (Path(directory) / "adapter_config.json").is_file():  # a LoRA adapter over the embedded model
+            chat._engine = LocalEngine(*load_embedded_model(adapter=directory))
+        else:
+            chat._engine = LocalEngine(*load_embedded_model(Path(directory)))
     return chat
 
 
@@ -179,7 +209,7 @@ def _write_episodes(path: Path, results) -> None:
             record = {
                 "problem_id": r.problem_id, "episode_id": r.episode_id, "passed_first": r.passed_first,
                 "passed_final": r.passed_final, "rewards": r.rewards,
-                "attempts": [{k: a[k] for k in ("response", "passed", "reason")} for a in r.attempts],
+                "attempts": [{k: a.get(k) for k in ("response", "passed", "reason", "cost")} for a in r.attempts],
                 "reflections": [{k: x[k] for k in ("text", "n_tokens")} for x in r.reflections],
             }  # fmt: skip
             file.write(json.dumps(record) + "\n")
@@ -208,6 +238,16 @@ def _evaluate(
         f"gain {summary['gain']:+.3f} {_ci(summary['gain_ci95'])}   "
         f"reflection {summary['mean_reflection_tokens']:.1f} tokens   {wall:.0f} s"
     )
+    if summary["n_failed_first"]:
+        console.print(
+            f"  retries of the {summary['n_failed_first']} failed first tries: {summary['retry_acc']:.3f} "
+            f"{_ci(summary['retry_ci95'])}"
+            + (
+                f"   regret {summary['regret_first_mean']:.4f} -> {summary['regret_final_mean']:.4f} (mean)"
+                if "regret_first_mean" in summary
+                else ""
+            )
+        )
     if args.out:
         _write_episodes(Path(args.out) / f"episodes-{label}.jsonl", results)
     return summary
@@ -233,11 +273,17 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]error:[/] --checkpoint is for eval (train takes --model)")
         return 2
     try:
+        _resolve_reflector(args)
         if args.curriculum:
             problems = _curriculum_problems(args)
         else:
             problems = load_task(
-                args.task, split=args.split, n=args.n, seed=args.seed, call_mode=args.call_mode
+                args.task,
+                split=args.split,
+                n=args.n,
+                seed=args.seed,
+                call_mode=args.call_mode,
+                policy=args.policy,
             )
         if not takes_call_mode(args.task):  # countdown: no call modes, none recorded
             args.call_mode = None
@@ -263,6 +309,29 @@ def run(args: argparse.Namespace) -> int:
 
         console.print(f"[red]error:[/] {describe_llm_error(error, args.llm, args.base_url)}")
         return 1
+
+
+def _resolve_reflector(args: argparse.Namespace) -> None:
+    """--reflector, for the decisions tasks: the model eval runs as the reflecting model (--checkpoint)."""
+    decisions = args.task.startswith("decisions:")
+    if not decisions:
+        if args.reflector is not None or args.policy is not None:
+            raise ValueError("--reflector and --policy are for decisions:DIR tasks")
+        return
+    if args.action == "train":
+        if args.reflector is not None:
+            raise ValueError(
+                "train trains a reflector from --model (default: the embedded model); no --reflector"
+            )
+        return
+    if args.checkpoint:
+        raise ValueError("decisions tasks take --reflector PATH|none, not --checkpoint")
+    from selfsteer.agents.reflector import REFLECTOR_DIR, is_shipped
+
+    reflector = args.reflector or (str(REFLECTOR_DIR) if is_shipped() else "none")
+    if reflector != "none" and not Path(reflector).is_dir():
+        raise ValueError(f"--reflector {reflector}: no such folder (a LoRA adapter or model folder, or none)")
+    args.checkpoint = None if reflector == "none" else reflector
 
 
 def _curriculum_problems(args) -> list:

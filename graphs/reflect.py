@@ -91,11 +91,12 @@ class ReflectionMemory:
 # state
 
 
-class Attempt(TypedDict):
+class Attempt(TypedDict, total=False):
     prompt: list[Message]
     response: str
     passed: bool
     reason: str
+    cost: float | None  # the verdict's cost (the decisions task's regret), where the task measures one
 
 
 class Reflection(TypedDict):
@@ -128,25 +129,45 @@ def first_messages(problem: Problem, lessons: Sequence[str] = (), version: str =
     return messages + [{"role": "user", "content": problem.prompt}]
 
 
-def _conversation(first: list[Message], attempts: Sequence[str], reflections: Sequence[str], version: str):
-    """The task, then each failed attempt followed by its reflection (if any)."""
+def _conversation(
+    first: list[Message],
+    attempts: Sequence[str],
+    reflections: Sequence[str],
+    version: str,
+    reasons: Sequence[str] = (),
+):
+    """The task, then each failed attempt followed by its reflection (if any). A task's own texts may
+    cite the validator's reason for each failure (`{reason}`); v1's do not."""
     prompts = load_prompts(version)
     messages = list(first)
     for index, attempt in enumerate(attempts):
         messages.append({"role": "assistant", "content": attempt})
         if index < len(reflections):
-            messages.append({"role": "user", "content": prompts["reflect"]})
+            messages.append({"role": "user", "content": _why(prompts["reflect"], reasons, index)})
             messages.append({"role": "assistant", "content": reflections[index]})
     return messages
 
 
+def _why(template: str, reasons: Sequence[str], index: int) -> str:
+    return template.format(reason=reasons[index] if index < len(reasons) else "")
+
+
 def reflect_messages(
-    problem: Problem, attempts: Sequence[str], reflections: Sequence[str] = (), lessons=(), version="v1"
+    problem: Problem,
+    attempts: Sequence[str],
+    reflections: Sequence[str] = (),
+    lessons=(),
+    version="v1",
+    reasons: Sequence[str] = (),
 ) -> list[Message]:
     """What the model sees when asked to reflect: the task, the failed attempt(s), the instruction.
-    This is also the prompt of GRPO training: its completion is the reflection."""
-    messages = _conversation(first_messages(problem, lessons, version), attempts, reflections, version)
-    return messages + [{"role": "user", "content": load_prompts(version)["reflect"]}]
+    This is also the prompt of GRPO training: its completion is the reflection. `reasons`: the
+    validator's reason for each failed attempt, for texts that cite it."""
+    messages = _conversation(
+        first_messages(problem, lessons, version), attempts, reflections, version, reasons
+    )
+    instruction = _why(load_prompts(version)["reflect"], reasons, len(attempts) - 1)
+    return messages + [{"role": "user", "content": instruction}]
 
 
 def retry_messages(
@@ -156,21 +177,22 @@ def retry_messages(
     reflections: Sequence[str] = (),
     lessons: Sequence[str] = (),
     version: str = "v1",
+    reasons: Sequence[str] = (),
 ) -> list[Message]:
     prompts = load_prompts(version)
     first = first_messages(problem, lessons if strategy == "memory" else (), version)
     if strategy == "retry":
         messages = list(first)
-        for attempt in attempts:
+        for index, attempt in enumerate(attempts):
             messages += [
                 {"role": "assistant", "content": attempt},
-                {"role": "user", "content": prompts["plain_retry"]},
+                {"role": "user", "content": _why(prompts["plain_retry"], reasons, index)},
             ]
         return messages
     if strategy == "reflect":
         user = prompts["retry_with_reflection"].format(prompt=problem.prompt, reflection=reflections[-1])
         return first[:-1] + [{"role": "user", "content": user}]
-    messages = _conversation(first, attempts, reflections, version)
+    messages = _conversation(first, attempts, reflections, version, reasons)
     return messages + [{"role": "user", "content": prompts["retry_after_reflection"]}]
 
 
@@ -233,7 +255,6 @@ def build_graph(
     """The compiled self-correction graph. Invoke it with `{"problem": problem}`."""
     config = config or ReflectConfig()
     memory = memory if memory is not None else ReflectionMemory(config.memory_size)
-    version = config.prompts
 
     def attempt(state: EpisodeState) -> dict:
         problem = state["problem"]
@@ -246,8 +267,10 @@ def build_graph(
                     model=model_name, seed=seed, run_id=run_id,
                 )
             )  # fmt: skip
-        messages = first_messages(problem, lessons, version)
-        response = _answer(llm, problem, messages)
+        messages = first_messages(problem, lessons, _version(problem, config))
+        response = (
+            problem.first_answer if problem.first_answer is not None else _answer(llm, problem, messages)
+        )
         pending = Attempt(prompt=messages, response=response, passed=False, reason="")
         return {"pending": pending, "episode_id": episode_id, "lessons": lessons}
 
@@ -259,6 +282,7 @@ def build_graph(
             response=pending["response"],
             passed=verdict.passed,
             reason=verdict.reason,
+            cost=verdict.cost,
         )
         if store is not None:
             row = EpisodeAttempt(
@@ -277,9 +301,13 @@ def build_graph(
         return "retry" if config.strategy == "retry" else "reflect"
 
     def reflect(state: EpisodeState) -> dict:
+        problem = state["problem"]
         attempts = [a["response"] for a in state["attempts"]]
         previous = [r["text"] for r in state["reflections"]]
-        messages = reflect_messages(state["problem"], attempts, previous, state.get("lessons", ()), version)
+        reasons = [a["reason"] for a in state["attempts"]]
+        messages = reflect_messages(
+            problem, attempts, previous, state.get("lessons", ()), _version(problem, config), reasons
+        )
         answer = llm.invoke(messages)
         text, n_tokens = _text(answer).strip(), _n_tokens(answer)
         after = len(attempts) - 1
@@ -290,15 +318,17 @@ def build_graph(
         return {"reflections": [Reflection(text=text, n_tokens=n_tokens, after_attempt=after, id=row)]}
 
     def retry(state: EpisodeState) -> dict:
+        problem = state["problem"]
         messages = retry_messages(
-            state["problem"],
+            problem,
             config.strategy,
             [a["response"] for a in state["attempts"]],
             [r["text"] for r in state["reflections"]],
             state.get("lessons", ()),
-            version,
+            _version(problem, config),
+            [a["reason"] for a in state["attempts"]],
         )
-        response = _answer(llm, state["problem"], messages)
+        response = problem.actor(messages) if problem.actor is not None else _answer(llm, problem, messages)
         return {"pending": Attempt(prompt=messages, response=response, passed=False, reason="")}
 
     def reward(state: EpisodeState) -> dict:
@@ -331,6 +361,11 @@ def build_graph(
     graph.add_edge("retry", "validate")
     graph.add_edge("reward", END)
     return graph.compile()
+
+
+def _version(problem: Problem, config: ReflectConfig) -> str:
+    """The loop texts a problem is run with: its task's own (`Problem.prompts`), else the run's."""
+    return problem.prompts or config.prompts
 
 
 def _render(messages: list[Message], problem: Problem | None = None) -> str:
@@ -431,26 +466,33 @@ def mine_failures(
 ) -> list[dict]:
     """First attempts at every problem (batched, `chunk` prompts per call), the failures kept as GRPO
     training rows: `prompt` (task + failed attempt + the reflect instruction), `problem_id`,
-    `failed_attempt`. Problems with tools cannot share one call (each binds its own tools): they are
+    `failed_attempt`, `reason` (the validator's). A problem's given first answer (`first_answer`) is
+    used as it is. Problems with tools cannot share one call (each binds its own tools): they are
     answered by `chunk` concurrent calls instead, which the embedded model serves as one batch."""
-    prompts = [first_messages(problem, (), version) for problem in problems]
-    if any(problem.tools for problem in problems):
-        responses = _concurrent_answers(llm, problems, prompts, chunk, progress)
+    asked = [problem for problem in problems if problem.first_answer is None]
+    prompts = [first_messages(problem, (), version) for problem in asked]
+    if any(problem.tools for problem in asked):
+        answers = _concurrent_answers(llm, asked, prompts, chunk, progress)
     else:
         starts = range(0, len(prompts), chunk)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="first attempts", unit=f"x{chunk}")
-        responses = [_text(a) for start in starts for a in llm.batch(prompts[start : start + chunk])]
+        answers = [_text(a) for start in starts for a in llm.batch(prompts[start : start + chunk])]
+    by_id = dict(zip((problem.id for problem in asked), answers, strict=True))
     rows = []
-    for problem, response in zip(problems, responses, strict=True):
-        if not problem.validate(response).passed:
+    for problem in problems:
+        response = problem.first_answer if problem.first_answer is not None else by_id[problem.id]
+        verdict = problem.validate(response)
+        if not verdict.passed:
+            own = problem.prompts or version
             rows.append(
                 {
-                    "prompt": reflect_messages(problem, [response], version=version),
+                    "prompt": reflect_messages(problem, [response], version=own, reasons=[verdict.reason]),
                     "problem_id": problem.id,
                     "failed_attempt": response,
+                    "reason": verdict.reason,
                 }
             )
     return rows
@@ -485,9 +527,10 @@ def reflection_reward(
     """The GRPO reward of reflections: 1 when the retry with the reflection in context passes.
 
     The returned function takes (reflections, rows, generate): rows are the dataset columns
-    (`problem_id`, `failed_attempt`), `generate` answers a list of conversations with the policy being
-    trained, so the retry is the current policy's. `generate` writes plain text, so problems with tools
-    (whose retry would be a tool call) are refused."""
+    (`problem_id`, `failed_attempt`, `reason`), `generate` answers a list of conversations with the policy
+    being trained, so the retry is the current policy's, unless the problem has its own actor
+    (`Problem.actor`, Retroformer's frozen actor), which then answers it. `generate` writes plain text, so
+    problems with tools (whose retry would be a tool call) are refused."""
     with_tools = [problem.id for problem in problems if problem.tools]
     if with_tools:
         raise ValueError(
@@ -499,13 +542,31 @@ def reflection_reward(
     def reward(
         reflections: list[str], rows: dict[str, list], generate: Callable[[list[list[Message]]], list[str]]
     ) -> list[float]:
+        reasons = rows.get("reason") or [""] * len(reflections)
         batch = [
-            retry_messages(by_id[pid], strategy, [failed], [reflection.strip()], version=version)
-            for pid, failed, reflection in zip(
-                rows["problem_id"], rows["failed_attempt"], reflections, strict=True
+            retry_messages(
+                by_id[pid],
+                strategy,
+                [failed],
+                [reflection.strip()],
+                version=by_id[pid].prompts or version,
+                reasons=[reason],
+            )
+            for pid, failed, reflection, reason in zip(
+                rows["problem_id"], rows["failed_attempt"], reflections, reasons, strict=True
             )
         ]
-        retries = generate(batch)
+        retries: list[str | None] = [None] * len(batch)
+        acted = [i for i, pid in enumerate(rows["problem_id"]) if by_id[pid].actor is not None]
+        if acted:
+            with ThreadPoolExecutor(len(acted)) as pool:  # the actor's engine batches concurrent calls
+                answers = pool.map(lambda i: by_id[rows["problem_id"][i]].actor(batch[i]), acted)
+                for i, answer in zip(acted, answers, strict=True):
+                    retries[i] = answer
+        generated = [i for i in range(len(batch)) if retries[i] is None]
+        if generated:
+            for i, answer in zip(generated, generate([batch[i] for i in generated]), strict=True):
+                retries[i] = answer
         return [
             float(by_id[pid].validate(answer).passed)
             for pid, answer in zip(rows["problem_id"], retries, strict=True)

@@ -82,14 +82,16 @@ def pass_fail_reward(steps: list[list[bool]], seen: dict):
 
 
 def train_steps(model: str, tmp_path, steps: list[list[bool]], engine_factory=None, **overrides):
-    """Train one optimizer step per entry of `steps` (each one group's scripted retry outcomes)."""
+    """Train one optimizer step per entry of `steps` (each one group's scripted retry outcomes; no refill
+    of groups without signal unless `refill_attempts` is given)."""
     from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
-    config = ReflectionGRPOConfig(
-        model=model, output_dir=str(tmp_path / "grpo"), num_generations=len(steps[0]), max_steps=len(steps),
-        max_completion_length=16, max_retry_tokens=8, learning_rate=1e-4, save_steps=1000, use_cpu=True,
-        **overrides,
-    )  # fmt: skip
+    options = {
+        "model": model, "output_dir": str(tmp_path / "grpo"), "num_generations": len(steps[0]),
+        "max_steps": len(steps), "max_completion_length": 16, "max_retry_tokens": 8, "learning_rate": 1e-4,
+        "save_steps": 1000, "use_cpu": True, "refill_attempts": 0,
+    }  # fmt: skip
+    config = ReflectionGRPOConfig(**{**options, **overrides})
     seen: dict = {}
     trainer = build_trainer(config, rows(), pass_fail_reward(steps, seen), engine_factory=engine_factory)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -144,6 +146,22 @@ def test_a_group_that_all_fails_leaves_the_weights_alone(tiny_model_dir, tmp_pat
     assert changed == [] and trainer.skipped_batches == 0
     trainer, seen, changed = one_step(tiny_model_dir, tmp_path / "mixed", [False, True])
     assert seen["rewards"] == [0.0, 1.0] and changed and trainer.skipped_batches == 0
+
+
+def test_a_group_without_signal_is_dropped_and_refilled(tiny_model_dir, tmp_path):
+    """DAPO's dynamic sampling: a group whose reflections all earned the same reward is replaced by
+    another failed attempt's group before the step, so the step trains on one with signal; when every
+    refill lacks signal too, the step is the zero-advantage one (skipped, weights unchanged)."""
+    trainer, seen, changed = train_steps(
+        tiny_model_dir, tmp_path / "refilled", [[False, False], [False, True]], max_steps=1, refill_attempts=2
+    )
+    assert seen["rewards_per_step"] == [[0.0, 0.0], [0.0, 1.0]]
+    assert trainer.refilled_batches == 1 and trainer.skipped_batches == 0 and changed
+    trainer, seen, changed = train_steps(
+        tiny_model_dir, tmp_path / "dry", [[False, False], [True, True]], max_steps=1, refill_attempts=1
+    )
+    assert seen["rewards_per_step"] == [[0.0, 0.0], [1.0, 1.0]]
+    assert trainer.refilled_batches == 1 and trainer.skipped_batches == 1 and changed == []
 
 
 def test_a_skipped_step_leaves_the_optimizer_where_trls_zero_loss_does(tiny_model_dir, tmp_path):

@@ -26,8 +26,12 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class Verdict:
+    """pass/fail, a reason a person (and the reflecting model) can read, and optionally how far the answer
+    is from the best one (`cost`: the decisions task's regret; None where a task has no such measure)."""
+
     passed: bool
     reason: str = ""
+    cost: float | None = None
 
     @classmethod
     def ok(cls) -> Verdict:
@@ -36,6 +40,9 @@ class Verdict:
     @classmethod
     def fail(cls, reason: str) -> Verdict:
         return cls(False, reason)
+
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class Problem:
     task: str = ""
     tools: tuple[dict, ...] = field(default=(), repr=False, hash=False)
     tool_choice: str | None = None
+    first_answer: str | None = None
+    actor: Callable[[list[Message]], str] | None = field(default=None, repr=False, compare=False)
+    prompts: str | None = None
 
 
 CALL_MODES = ("tools", "text")

@@ -71,6 +71,15 @@ class ReflectionGRPOConfig(GRPOConfig):
             "folder then holds the merged model."
         },
     )
+    refill_attempts: int = field(
+        default=4,
+        metadata={
+            "help": "DAPO's dynamic sampling: a generation batch in which every group's reflections earned "
+            "the same reward (no advantage, no gradient) is dropped and refilled with other failed attempts "
+            "drawn from the dataset, up to this many times (0: never). With prompts_per_step 1 (the "
+            "default) a batch is one group, so this is DAPO's per-group drop and refill."
+        },
+    )
     skip_zero_advantage: bool = field(
         default=True,
         metadata={
@@ -158,6 +167,7 @@ def _trainer_class():
 
         last_batch: dict | None = None
         skipped_batches: int = 0
+        refilled_batches: int = 0
         skip_zero_advantage: bool = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -174,12 +184,28 @@ def _trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             batch = super()._generate_and_score_completions(inputs)
+            for _ in range(self.args.refill_attempts if self.model.training else 0):
+                if bool(batch["advantages"].any()):
+                    break
+                self.refilled_batches += 1
+                inputs = self._other_failures(len(inputs))
+                batch = super()._generate_and_score_completions(inputs)
             check_reflection_mask(batch, self.eos_token_ids, self.mask_truncated_completions)
             self.last_batch = {
                 k: batch[k]
                 for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
             }
             return batch
+
+        def _other_failures(self, size: int) -> list[dict]:
+            """A fresh generation batch: failed attempts drawn at random (seeded by the run's seed and
+            how many batches were refilled before), each repeated once per reflection of its group."""
+            import random
+
+            rng = random.Random(hash((self.args.seed, self.refilled_batches)))
+            group = self.num_generations
+            rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(size // group)]
+            return [row for row in rows for _ in range(group)]
 
     return ReflectionGRPOTrainer
 
@@ -419,13 +445,14 @@ def train(
     engine_factory: Callable | None = None,
 ) -> dict:
     """Train, resuming from the newest checkpoint in output_dir when there is one; save the final
-    policy (model and tokenizer) to output_dir/final. Returns the train metrics and log history."""
+    policy (model and tokenizer) to output_dir/final, and with `lora_r` the adapter to output_dir/adapter. Returns the train metrics and log history."""
     trainer = build_trainer(config, rows, reward_fn, callbacks, engine_factory)
     checkpoint = last_checkpoint(config.output_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     final = Path(config.output_dir) / "final"
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if config.lora_r:  # the policy as one plain model folder, loadable like the one it started from
+    if config.lora_r:  # the adapter alone (small enough to ship), then the policy as one plain model folder
+        model.save_pretrained(str(Path(config.output_dir) / "adapter"))
         model = model.merge_and_unload()
     model.save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))

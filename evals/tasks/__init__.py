@@ -6,7 +6,9 @@ carries `validate(answer) -> Verdict`.
     problems[0].validate("(3 + 5) * 2")       # Verdict(passed=..., reason=...)
 
 Names: `countdown` (3 to 5 numbers), `countdown:N` (N numbers, 2 to 5), `bfcl:CATEGORY` (simple_python, multiple, parallel, parallel_multiple; the live_*
-categories are held out, test split only), or `module:function` for your own loader.
+categories are held out, test split only), `decisions:DIR` (a supervisor's lr decisions over the
+counterfactual rows collected in DIR; its loader takes `policy`, the supervisor whose decisions are the
+first tries), or `module:function` for your own loader.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from selfsteer.evals.tasks import bfcl, countdown
+from selfsteer.evals.tasks import bfcl, countdown, decisions
 from selfsteer.tools.tasks import SPLITS, Problem, TaskLoader, Verdict, split_of
 
 TASKS: dict[str, TaskLoader] = {
@@ -33,7 +35,9 @@ def get_loader(name: str) -> TaskLoader:
     if name in TASKS:
         return TASKS[name]
     module_name, _, attribute = name.partition(":")
-    if not attribute or module_name in ("bfcl", "countdown"):
+    if module_name == "decisions" and attribute:
+        return decisions.loader(attribute)
+    if not attribute or module_name in ("bfcl", "countdown", "decisions"):
         known = ", ".join(sorted(TASKS))
         raise ValueError(f"unknown task {name!r}: use one of {known}, or module:function")
     try:
@@ -42,23 +46,35 @@ def get_loader(name: str) -> TaskLoader:
         raise ValueError(f"cannot load task {name!r}: {error}") from error
 
 
-def takes_call_mode(name: str) -> bool:
-    """Whether the task's loader takes `call_mode` ("tools" or "text": bfcl does; countdown and loaders
-    written without it do not, and never get it)."""
+def takes_option(name: str, option: str) -> bool:
+    """Whether the task's loader takes the keyword `option` (bfcl takes `call_mode`, "tools" or "text";
+    decisions takes `policy`; loaders written without one never get it)."""
     loader = get_loader(name)
     try:
         parameters = inspect.signature(loader).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "call_mode" or p.kind is p.VAR_KEYWORD for p in parameters)
+    return any(p.name == option or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def takes_call_mode(name: str) -> bool:
+    return takes_option(name, "call_mode")
 
 
 def load_task(
-    name: str, split: str = "train", n: int | None = None, seed: int = 0, *, call_mode: str | None = None
+    name: str,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    call_mode: str | None = None,
+    policy: str | None = None,
 ) -> list[Problem]:
-    """The problems of a task. `call_mode` goes to loaders that take it (see `takes_call_mode`); for the
-    others it is ignored. None: the loader's own default (bfcl: "text")."""
-    options = {"call_mode": call_mode} if call_mode is not None and takes_call_mode(name) else {}
+    """The problems of a task. `call_mode` and `policy` go to loaders that take them (see `takes_option`);
+    for the others they are ignored. None: the loader's own default (bfcl: "text"; decisions: the
+    shipped intervener)."""
+    given = {"call_mode": call_mode, "policy": policy}
+    options = {k: v for k, v in given.items() if v is not None and takes_option(name, k)}
     problems = list(get_loader(name)(split=split, n=n, seed=seed, **options))
     for problem in problems:
         if not isinstance(problem, Problem):
@@ -77,4 +93,5 @@ __all__ = [
     "register",
     "split_of",
     "takes_call_mode",
+    "takes_option",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 
@@ -45,6 +45,7 @@ def summarize(results: Sequence[Any], *, seed: int = 0) -> dict:
     lengths = [x["n_tokens"] for r in results for x in r.reflections]
     rewards = [v for r in results for v in r.rewards]
     gains = [b - a for a, b in zip(first, final, strict=True)]
+    retried = [float(r.passed_final) for r in results if not r.passed_first]
     return {
         "n": len(results),
         "first_try_acc": mean(first) if first else 0.0,
@@ -56,4 +57,24 @@ def summarize(results: Sequence[Any], *, seed: int = 0) -> dict:
         "mean_reflection_tokens": mean(lengths) if lengths else 0.0,
         "n_reflections": len(lengths),
         "reflection_success_rate": mean(rewards) if rewards else 0.0,
+        # the retries alone: how often a failed first try ended right (where reflections differ)
+        "n_failed_first": len(retried),
+        "retry_acc": mean(retried) if retried else 0.0,
+        "retry_ci95": list(wilson_ci(int(sum(retried)), len(retried))),
+        **_regrets(results),
+    }
+
+
+def _regrets(results: Sequence[Any]) -> dict:
+    """Mean and median cost of the first and the final answers, for tasks whose verdicts measure one
+    (the decisions task's regret); nothing for the others."""
+    first = [r.attempts[0].get("cost") for r in results]
+    final = [r.attempts[-1].get("cost") for r in results]
+    if not results or any(c is None for c in first + final):
+        return {}
+    return {
+        "regret_first_mean": mean(first),
+        "regret_first_median": median(first),
+        "regret_final_mean": mean(final),
+        "regret_final_median": median(final),
     }

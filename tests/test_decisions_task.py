@@ -1,0 +1,189 @@
+"""The decisions task (`decisions:DIR`): a supervisor's lr decisions as self-correction items, over real
+counterfactual rows (the shipped intervener's training rows, agents/intervener/counterfactual.tar.gz).
+
+- a decision passes when its regret is within the noise margin; a failure's reason is what the run
+  showed after it (its own eval loss), never which action was best;
+- the split is by workload, and the evaluation-only workload is always test;
+- the first try is the policy's decision, cached; the model is asked only to reflect;
+- the retry is the frozen actor's (the embedded model), and never the barred failed action;
+- GRPO's reward asks the actor, not the policy being trained."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from selfsteer.agents.intervener_data import noise_margin, read_rows, regret
+from selfsteer.cli.main import main
+from selfsteer.evals.counterfactual import EVALUATION_WORKLOADS, workload_key
+from selfsteer.evals.tasks import decisions, load_task
+from selfsteer.graphs.reflect import ReflectConfig, reflection_reward, run_episodes
+from selfsteer.trainer_bridge.records import ACTIONS
+
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
+
+ARCHIVE = Path(decisions.__file__).parents[2] / "agents" / "intervener" / "counterfactual.tar.gz"
+TRAIN_WORKLOAD, TEST_WORKLOAD = "tiny-adamw-constant", "tiny-sgd-constant"
+
+
+def evaluation_spec(spec: dict) -> dict:
+    """A row's spec moved to the evaluation-only workload (reflector-heldout), as its collection stores it."""
+    held = EVALUATION_WORKLOADS["reflector-heldout"]
+    return {
+        **spec, "shape": "tiny[n_embd=48,n_head=3,n_layer=2]", "optimizer": "adafactor", "schedule": "linear",
+        "base_recipe": held["recipe"], "overrides": list(held["overrides"]),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory) -> Path:
+    """12 rows of a train workload, 12 of a test workload, 4 of the evaluation-only one."""
+    with tarfile.open(ARCHIVE) as archive:
+        member = archive.getmember("cf-r0dev/A/rows.jsonl")
+        lines = archive.extractfile(member).read().decode().splitlines()
+    every: dict[str, list[dict]] = {TRAIN_WORKLOAD: [], TEST_WORKLOAD: []}
+    for line in lines:
+        row = json.loads(line)
+        every.get(workload_key(row["spec"]), []).append(row)
+    picked = {key: rows[:: len(rows) // 16][:16] for key, rows in every.items()}  # start lrs of every kind
+    held = [{**row, "spec": evaluation_spec(row["spec"])} for row in picked[TRAIN_WORKLOAD][12:]]
+    directory = tmp_path_factory.mktemp("decisions")
+    rows = picked[TRAIN_WORKLOAD][:12] + picked[TEST_WORKLOAD][:12] + held
+    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
+def task(directory: Path) -> str:
+    return f"decisions:{directory}"
+
+
+def test_a_decision_passes_within_the_margin_and_a_failure_says_what_the_run_showed(rows_dir):
+    rows = read_rows([rows_dir])
+    margin = noise_margin(rows)
+    failures = 0
+    for row in rows:
+        validate = decisions.validator(row, margin)
+        for action in ACTIONS:
+            verdict = validate(f'{{"action": "{action}", "explanation": "x"}}')
+            assert verdict.passed == (regret(row, action) <= margin)
+            assert verdict.cost == pytest.approx(regret(row, action))
+            if not verdict.passed:
+                failures += 1
+                after = row["outcomes"][action]
+                assert f"after you chose {action}" in verdict.reason and f"{after:.3f}" in verdict.reason
+                assert not any(other in verdict.reason for other in ACTIONS if other != action)
+    assert failures > 0
+    assert not decisions.validator(rows[0], margin)("no idea").passed
+
+
+def test_the_split_is_by_workload_and_the_evaluation_workload_is_test_only(rows_dir):
+    keys = {split: set() for split in ("train", "test")}
+    for split in keys:
+        for problem in load_task(task(rows_dir), split=split, policy="keep"):
+            row = next(r for r in read_rows([rows_dir]) if decisions.item_id(r) == problem.id)
+            keys[split].add(workload_key(row["spec"]))
+    assert keys["train"] == {TRAIN_WORKLOAD}
+    assert keys["test"] == {TEST_WORKLOAD, "tiny[n_embd=48,n_head=3,n_layer=2]-adafactor-linear"}
+
+
+def test_first_tries_are_the_policys_decisions_and_are_cached(rows_dir):
+    problems = load_task(task(rows_dir), split="test", policy="keep")
+    assert {p.first_answer for p in problems} == {"keep"} and all(p.actor for p in problems)
+    assert (rows_dir / "first-tries" / "keep.jsonl").is_file()
+    cached = {
+        json.loads(line)["id"] for line in (rows_dir / "first-tries" / "keep.jsonl").read_text().splitlines()
+    }
+    assert {p.id for p in problems} <= cached
+    # Decided before: the policy is not even loaded again.
+    (rows_dir / "first-tries" / "nonexistent_Policy.jsonl").write_text(
+        "".join(json.dumps({"id": p.id, "action": "halve"}) + "\n" for p in problems)
+    )
+    again = load_task(task(rows_dir), split="test", policy="nonexistent:Policy")
+    assert [p.first_answer for p in again] == ["halve"] * len(problems)
+
+
+def test_an_episode_reflects_on_the_given_first_try_and_the_actor_retries_without_the_barred_action(
+    rows_dir,
+):
+    from selfsteer.agents.local_chat import LocalChatModel
+
+    problems = load_task(task(rows_dir), split="test", n=8, seed=1, policy="keep")
+    failed = [p for p in problems if not p.validate(p.first_answer).passed]
+    assert failed and len(failed) < len(problems), "the fixture must hold keep decisions that fail and pass"
+    results = run_episodes(LocalChatModel(max_new_tokens=16), problems, ReflectConfig(), concurrency=8)
+    for result in results:
+        assert result.attempts[0]["response"] == "keep"  # given, not the model's
+        if result.passed_first:
+            assert len(result.attempts) == 1 and not result.reflections
+            continue
+        retry = result.attempts[1]
+        assert retry["response"] in ("double", "halve")  # the failed action is barred
+        assert result.rewards == [float(retry["passed"])]
+        # system, the decision point, the failed decision, the reflect instruction, the reflection, "again"
+        assert retry["prompt"][2]["content"] == "keep"
+        assert "That decision was wrong: after you chose keep" in retry["prompt"][3]["content"]
+        assert retry["prompt"][4]["content"] == result.reflections[0]["text"]
+
+    from selfsteer.evals.tasks.metrics import summarize
+
+    summary = summarize(results)
+    assert summary["n_failed_first"] == len(failed)
+    # A retry can land worse than the first try (a halve that helped a little, then a double that diverged).
+    by_id = {p.id: p for p in problems}
+    finals = [by_id[r.problem_id].validate(r.attempts[-1]["response"]).cost for r in results]
+    assert summary["regret_final_mean"] == pytest.approx(sum(finals) / len(finals))
+
+
+def test_the_grpo_reward_asks_the_actor_not_the_policy(rows_dir):
+    from selfsteer.graphs.reflect import mine_failures
+
+    problems = load_task(task(rows_dir), split="test", policy="keep")
+    rows = mine_failures(None, problems)  # every first try is given: no model is asked
+    assert rows and all(row["failed_attempt"] == "keep" for row in rows)
+    assert all("after you chose keep" in row["prompt"][-1]["content"] for row in rows)
+
+    def policy_generate(conversations):
+        raise AssertionError("the retries of a task with an actor are the actor's")
+
+    columns = {key: [row[key] for row in rows] for key in ("problem_id", "failed_attempt", "reason")}
+    reflections = ["The loss fell fast; the learning rate should double."] * len(rows)
+    rewards = reflection_reward(problems)(reflections, columns, policy_generate)
+    by_id = {p.id: p for p in problems}
+    for reward, row, reflection in zip(rewards, rows, reflections, strict=True):
+        problem = by_id[row["problem_id"]]
+        from selfsteer.graphs.reflect import retry_messages
+
+        answer = problem.actor(
+            retry_messages(
+                problem,
+                "reflect_attempt",
+                ["keep"],
+                [reflection],
+                version="decisions",
+                reasons=[row["reason"]],
+            )
+        )
+        assert answer != "keep" and reward == float(problem.validate(answer).passed)
+
+
+def test_reflect_eval_on_decisions_writes_regret_and_refuses_what_does_not_apply(rows_dir, tmp_path):
+    out = tmp_path / "eval"
+    code = main([
+        "reflect", "eval", "--task", task(rows_dir), "--policy", "keep", "--reflector", "none", "--n", "6",
+        "--max-tokens", "16", "--out", str(out), "--db", str(tmp_path / "s.sqlite"),
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["task"] == task(rows_dir)
+    for key in ("regret_first_mean", "regret_final_mean", "n_failed_first", "retry_acc", "retry_ci95"):
+        assert key in summary
+    db = str(tmp_path / "s.sqlite")
+    assert main(["reflect", "eval", "--task", "countdown", "--reflector", "none", "--db", db]) == 2
+    assert (
+        main(["reflect", "eval", "--task", task(rows_dir), "--reflector", str(tmp_path / "nope"), "--db", db])
+        == 2
+    )
+    assert main(["reflect", "train", "--task", task(rows_dir), "--reflector", "none", "--db", db]) == 2
