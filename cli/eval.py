@@ -72,7 +72,8 @@ def add_parser(subparsers, name: str) -> None:
         "--supervisors",
         default=",".join(DEFAULT_SUPERVISORS),
         help="default: %(default)s; NAME+sc adds self-correction (check, reflect, roll back, retry) to a "
-        "supervisor. Rows that are no supervisor: static (the start lr untouched), cosine (a cosine schedule); "
+        "supervisor; NAME+rsc the same with the trained reflector writing the reflection and its actor "
+        "retrying (see --reflector). Rows that are no supervisor: static (the start lr untouched), cosine (a cosine schedule); "
         + "; ".join(f"{name}: {text}" for name, text in ROWS.items()).replace("%", "%%")
         + " (pbt, pbt-start and pb2 always run on Ray)",
     )
@@ -80,6 +81,13 @@ def add_parser(subparsers, name: str) -> None:
         "--self-correct",
         action="store_true",
         help="also run every supervisor with self-correction (as NAME+sc), compared in the report",
+    )
+    suite.add_argument(
+        "--reflector",
+        default=None,
+        metavar="PATH|none",
+        help="NAME+rsc rows: the reflector (an adapter or model folder, or none: the untrained embedded "
+        "model; default: the shipped agents/reflector/)",
     )
     suite.add_argument(
         "--max-steps", type=int, default=None, help="steps per run (default: tiny 60, small 60)"
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         recipes=recipes.split(","), seeds=args.seeds, supervisors=supervisors.split(","),
         llm=args.llm, base_url=args.base_url, api_key=args.api_key, retries=args.retries, hold=args.hold,
         ray=args.ray, ray_address=args.ray_address, ray_cpus=args.ray_cpus,
-        cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent, reflector=args.reflector,
     )  # fmt: skip
     if args.lrs is not None:
         config.lrs = dict.fromkeys(config.recipes, args.lrs)
@@ -146,12 +154,12 @@ def run(args: argparse.Namespace) -> int:
             f"{s}+sc" for s in config.supervisors if s not in NOT_SUPERVISORS and not s.endswith("+sc")
         ]
     known = ("rule", "plateau", "probe", "probe-llm", "hypergradient", "intervener", *NOT_SUPERVISORS)
-    corrected = [s for s in config.supervisors if s.removesuffix("+sc") in NOT_SUPERVISORS and s.endswith("+sc")]
+    corrected = [s for s in config.supervisors if "+" in s and s.partition("+")[0] in NOT_SUPERVISORS]
     if corrected:
         print(f"selfsteer eval lr-suite: {', '.join(corrected)}: no self-correction for a row that is no "
               "supervisor (a baseline or a population)", file=sys.stderr)  # fmt: skip
         return 2
-    named = [s.removesuffix("+sc") for s in config.supervisors]
+    named = [s.partition("+")[0] for s in config.supervisors]
     # `module:Class` is a plug-in: the run itself reports one that cannot be loaded.
     unknown = [s for s in named if s not in known and ":" not in s]
     if unknown:

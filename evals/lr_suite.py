@@ -113,8 +113,12 @@ class SuiteConfig:
     grid_lrs: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))  # extra static runs
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     supervisors: list[str] = field(default_factory=lambda: list(DEFAULT_SUPERVISORS))
-    max_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 60, "small": 60, "deep-rmsprop": 60, "deep-narrow-adagrad": 60})
-    eval_steps: dict[str, int] = field(default_factory=lambda: {"tiny": 10, "small": 15, "deep-rmsprop": 10, "deep-narrow-adagrad": 10})
+    max_steps: dict[str, int] = field(
+        default_factory=lambda: {"tiny": 60, "small": 60, "deep-rmsprop": 60, "deep-narrow-adagrad": 60}
+    )
+    eval_steps: dict[str, int] = field(
+        default_factory=lambda: {"tiny": 10, "small": 15, "deep-rmsprop": 10, "deep-narrow-adagrad": 10}
+    )
     explanation_chars: int = 100  # the embedded model's explanations: long ones cost seconds on a CPU
     llm: str = "local"
     base_url: str | None = None
@@ -123,6 +127,8 @@ class SuiteConfig:
     # Hold the run from each evaluation to the decision on it (as `selfsteer train` does by default);
     # False lets it train on while the supervisor decides (`--no-hold`), as an outside supervisor would.
     hold: bool = True
+    # NAME+rsc rows: the reflector's adapter (or model) folder, or "none" (None: the shipped one)
+    reflector: str | None = None
     # Ray Tune (evals/lr_suite_ray.py): each run a trial, on this machine's Ray or on a cluster
     ray: bool = False
     ray_address: str | None = None  # default $RAY_ADDRESS, else Ray started here
@@ -206,6 +212,9 @@ def baseline_optimizer(name: str, cell: Cell, config: SuiteConfig) -> tuple[list
     return [], None
 
 
+SELF_CORRECTIONS = ("sc", "rsc")
+
+
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
     from selfsteer.agents.registry import make_supervisor
     from selfsteer.graphs.supervise import SelfCorrection, run_supervision
@@ -221,6 +230,10 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     # static, cosine, schedulefree, prodigy: no supervisor (baselines); any other: a fresh one per run
     # (llm:STRATEGY shares the suite's chat model).
     supervisor = None if name in BASELINES else make_supervisor(name, chat_model=chat_model)
+    if by_reflector(cell.supervisor):
+        from selfsteer.agents.reflector import REFLECTOR_DIR, ReflectorSupervisor
+
+        supervisor = ReflectorSupervisor(supervisor, config.reflector or REFLECTOR_DIR)
 
     def supervise(control, stop):
         try:
@@ -235,7 +248,10 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     shutil.rmtree(out / "runs" / cell.id, ignore_errors=True)  # what an interrupted attempt left
     loaded = load_recipe(recipe, overrides)
     if optimizer is not None:
-        optimizer = (optimizer[0], {**optimizer[1], "weight_decay": loaded["training"].get("weight_decay", 0.0)})
+        optimizer = (
+            optimizer[0],
+            {**optimizer[1], "weight_decay": loaded["training"].get("weight_decay", 0.0)},
+        )
     run = RecipeRun(
         loaded,
         out_dir=out / "runs" / cell.id,
@@ -314,11 +330,18 @@ def run_cell_retrying(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat
 
 
 def self_correcting(supervisor: str) -> tuple[str, bool]:
-    """`rule+sc` -> ("rule", True): the suffix adds self-correction to any supervisor."""
+    """`rule+sc` -> ("rule", True): the suffix adds self-correction to any supervisor; `+rsc` adds
+    self-correction by the trained reflector and its actor (agents/reflector.py ReflectorSupervisor)."""
     name, plus, flag = supervisor.partition("+")
-    if plus and flag != "sc":
-        raise ValueError(f"unknown suffix +{flag} in {supervisor!r}: only +sc (self-correction)")
+    if plus and flag not in SELF_CORRECTIONS:
+        raise ValueError(
+            f"unknown suffix +{flag} in {supervisor!r}: +sc (self-correction) or +rsc (by the reflector)"
+        )
     return name, bool(plus)
+
+
+def by_reflector(supervisor: str) -> bool:
+    return supervisor.endswith("+rsc")
 
 
 def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
@@ -542,8 +565,11 @@ def report(
                     rollbacks = abandoned = "-"
                 ratio = _median(r["compute_ratio"] for r in group)
                 compute = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
+                corrected = (
+                    ("by the reflector" if by_reflector(supervisor) else "yes") if self_correct else "no"
+                )
                 lines.append(
-                    f"| {lr_name} | {name} | {'yes' if self_correct else 'no'} | "
+                    f"| {lr_name} | {name} | {corrected} | "
                     f"{_median(r['final_eval_loss'] for r in group):.3f} | "
                     f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
                     f"{spread} | {_median(r['interventions'] for r in group):g} | {rescued} | {catastrophic} | "

@@ -35,26 +35,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from typing import Annotated, Any, TypedDict
 
-import yaml
 from langchain_core.language_models import BaseChatModel
 from langgraph.graph import END, START, StateGraph
 
-from selfsteer.prompts import REFLECT_STRATEGIES, ReflectStrategy
+from selfsteer.prompts import REFLECT_STRATEGIES, ReflectStrategy, load_prompts
 from selfsteer.tools.tasks import Problem
 from selfsteer.trainer_bridge.records import EpisodeAttempt, EpisodeReflection, NewEpisode
 from selfsteer.trainer_bridge.store import Store
 
 Message = dict[str, str]  # {"role": ..., "content": ...}: what chat models and TRL both read
-
-
-@cache
-def load_prompts(version: str = "v1") -> dict[str, str]:
-    text = resources.files("selfsteer.prompts").joinpath(f"reflect_{version}.yaml").read_text()
-    return yaml.safe_load(text)
 
 
 @dataclass

@@ -14,6 +14,7 @@ reasoning then action), system, user (a `str.format` template over the observati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -50,6 +51,12 @@ def _files() -> dict[str, Path]:
     for path in sorted(HERE.glob("lr_*.yaml")):
         files[yaml.safe_load(path.read_text())["name"]] = path
     return files
+
+
+@cache
+def load_prompts(version: str = "v1") -> dict[str, str]:
+    """The self-correction loop's texts, reflect_{version}.yaml (v1: the tasks'; decisions: lr decisions)."""
+    return yaml.safe_load((HERE / f"reflect_{version}.yaml").read_text())
 
 
 def list_strategies() -> list[str]:

@@ -140,7 +140,7 @@ def test_an_episode_reflects_on_the_given_first_try_and_the_actor_retries_withou
 def test_the_grpo_reward_asks_the_actor_not_the_policy(rows_dir):
     from selfsteer.graphs.reflect import mine_failures
 
-    problems = load_task(task(rows_dir), split="test", policy="keep")
+    problems = load_task(task(rows_dir), split="test", n=6, seed=1, policy="keep")
     rows = mine_failures(None, problems)  # every first try is given: no model is asked
     assert rows and all(row["failed_attempt"] == "keep" for row in rows)
     assert all("after you chose keep" in row["prompt"][-1]["content"] for row in rows)
@@ -187,3 +187,60 @@ def test_reflect_eval_on_decisions_writes_regret_and_refuses_what_does_not_apply
         == 2
     )
     assert main(["reflect", "train", "--task", task(rows_dir), "--reflector", "none", "--db", db]) == 2
+
+
+def test_the_task_and_a_live_run_show_the_reflector_the_same_conversation(rows_dir):
+    from selfsteer.agents.reflector import conversation
+    from selfsteer.graphs.reflect import reflect_messages, retry_messages
+
+    problems = load_task(task(rows_dir), split="test", policy="keep")
+    problem = next(p for p in problems if not p.validate("keep").passed)
+    reason = problem.validate("keep").reason
+    shown = reflect_messages(problem, ["keep"], version="decisions", reasons=[reason])
+    assert shown == conversation(problem.prompt, "keep", reason)
+    retry = retry_messages(
+        problem, "reflect_attempt", ["keep"], ["Too slow."], version="decisions", reasons=[reason]
+    )
+    assert retry == conversation(problem.prompt, "keep", reason, "Too slow.")
+
+
+def test_a_reflector_supervisor_reflects_on_the_loops_facts_and_retries_without_the_barred_actions(rows_dir):
+    """Self-correction of a live run by the reflector: the base supervisor decides; the loop's facts
+    about a failed decision become the reflector's conversation; the retry is the actor's, never an
+    action rolled back from this state."""
+    from selfsteer.agents.intervener_data import observation_of
+    from selfsteer.agents.reflector import ReflectorSupervisor
+    from selfsteer.agents.self_correct import Verdict as LoopVerdict
+    from selfsteer.agents.self_correct import factual_reflection
+    from selfsteer.agents.supervisors import Decision, Supervisor
+
+    class AlwaysDouble(Supervisor):
+        name = "always-double"
+
+        def decide(self, observation):
+            return Decision("double", "a plug-in's own rule")
+
+    supervisor = ReflectorSupervisor(AlwaysDouble(), reflector="none")
+    assert supervisor.name == "always-double+reflector"
+    observation = observation_of(read_rows([rows_dir])[3])
+    assert supervisor.decide(observation).action == "double"  # no failure yet: the base decides
+    verdict = LoopVerdict(True, observation.step + 10, 3.2, 3.5, 3.2, 0.02)
+    facts = factual_reflection("double", 0.01, 0.02, observation.step, verdict)
+    reflection = supervisor.reflect(observation, "double", facts)
+    assert reflection and reflection != facts
+    shown = supervisor._failed[3]["content"]
+    assert "after you chose double, the eval loss went from 3.200 to 3.500 (+9.4%) in 10 steps" in shown
+    observation.avoid = ["double"]
+    assert supervisor.decide(observation).action in ("halve", "keep")
+    observation.avoid = ["double", "keep"]
+    assert supervisor.decide(observation).action == "halve"
+
+
+def test_lr_suite_names_self_correction_by_the_reflector():
+    from selfsteer.evals.lr_suite import by_reflector, self_correcting
+
+    assert self_correcting("intervener+rsc") == ("intervener", True) and by_reflector("intervener+rsc")
+    assert self_correcting("intervener+sc") == ("intervener", True) and not by_reflector("intervener+sc")
+    with pytest.raises(ValueError, match=r"\+rsc"):
+        self_correcting("intervener+xyz")
+    assert main(["eval", "lr-suite", "--supervisors", "static+rsc", "--out", "/nonexistent"]) == 2

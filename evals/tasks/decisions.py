@@ -32,21 +32,16 @@ import math
 import random
 import re
 import threading
-from functools import cache
 from pathlib import Path
 
 from selfsteer.agents.intervener_data import noise_margin, observation_of, read_rows, regret
+from selfsteer.agents.reflector import PROMPTS, SYSTEM, Actor, decision_prompt, outcome_reason
 from selfsteer.evals.counterfactual import evaluation_workload, workload_key
-from selfsteer.tools.tasks import Message, Problem, Verdict, check_split, split_of
+from selfsteer.tools.tasks import Problem, Verdict, check_split, split_of
 from selfsteer.trainer_bridge.records import ACTIONS
 
-PROMPTS = "decisions"  # prompts/reflect_decisions.yaml: the loop's texts for this task
 DEFAULT_POLICY = "intervener"
 TEST_FRACTION = 0.2
-SYSTEM = (
-    "You supervise the training of a neural network. After each evaluation you decide whether to double, "
-    "halve or keep its learning rate. Answer with one word: double, halve or keep."
-)
 _ACTION = re.compile(r"\b(double|halve|keep)\b")
 
 
@@ -70,23 +65,12 @@ def item_id(row: dict) -> str:
 # the verdict: exact, from the row's outcomes
 
 
-def _eval_loss_before(row: dict) -> float | None:
-    losses = row["observation"].get("eval_loss") or []
-    return losses[-1][1] if losses else None
-
-
 def outcome_text(row: dict, action: str) -> str:
     """What the run showed after `action`: the eval loss at the decision and after the horizon."""
-    after, before = row["outcomes"][action], _eval_loss_before(row)
-    steps = row.get("horizon") or row["spec"].get("eval_steps")
-    if after is None or not math.isfinite(after):
-        return f"after you chose {action}, the loss diverged (NaN) within {steps} steps."
-    if before is None:
-        return f"after you chose {action}, the eval loss was {after:.3f} {steps} steps later."
-    change = 100 * (after - before) / before
-    return (
-        f"after you chose {action}, the eval loss went from {before:.3f} to {after:.3f} ({change:+.1f}%) "
-        f"in {steps} steps, and another action would have done better."
+    losses = row["observation"].get("eval_loss") or []
+    before = losses[-1][1] if losses else None
+    return outcome_reason(
+        action, before, row["outcomes"][action], row.get("horizon") or row["spec"].get("eval_steps")
     )
 
 
@@ -101,44 +85,6 @@ def validator(row: dict, margin: float):
         return Verdict(False, outcome_text(row, action), cost)
 
     return validate
-
-
-# -----------------------------------------------------------------------------------------------------
-# the actor: the frozen embedded model, choosing among the actions not barred
-
-
-@cache
-def _actor_engine():
-    from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
-
-    return LocalEngine(*load_embedded_model())
-
-
-def content_free(messages: list[Message]) -> list[Message]:
-    """The conversation with its content blanked: every user turn and every assistant turn after the first
-    (the failed decision stays) replaced by "N/A". The actor's prior over the actions, in this shape."""
-    blanked, answered = [], False
-    for message in messages:
-        if message["role"] == "user" or (message["role"] == "assistant" and answered):
-            message = {**message, "content": "N/A"}
-        answered = answered or message["role"] == "assistant"
-        blanked.append(message)
-    return blanked
-
-
-def actor(barred: str | None, engine=None):
-    """The retry's decider: among the actions not barred, the one whose log-probability after the
-    conversation rises most above its log-probability after the content-free conversation."""
-    allowed = [a for a in ACTIONS if a != barred]
-
-    def decide(messages: list[Message]) -> str:
-        chosen = engine or _actor_engine()
-        scores = chosen.score_options(chosen.chat_prompt_ids(messages), allowed)
-        prior = chosen.score_options(chosen.chat_prompt_ids(content_free(messages)), allowed)
-        lift = [score - base for score, base in zip(scores, prior, strict=True)]
-        return allowed[max(range(len(allowed)), key=lift.__getitem__)]
-
-    return decide
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -182,13 +128,6 @@ def first_tries(directory: Path, rows: list[dict], policy: str) -> dict[str, str
 # the loader
 
 
-def prompt(row: dict) -> str:
-    """The decision point in relative terms only: the loss's moves in %, its noise, the lr as multiples
-    of its start and of its last change (no absolute lr, which means different things per workload)."""
-    values = observation_of(row).prompt_values()
-    return f"{values['signals']}{values['warnings']}\nDecide: double, halve or keep the learning rate."
-
-
 def loader(directory: str):
     """The task over the rows collected in `directory` (searched recursively for rows.jsonl)."""
     root = Path(directory)
@@ -209,12 +148,12 @@ def loader(directory: str):
         return [
             Problem(
                 id=item_id(row),
-                prompt=prompt(row),
+                prompt=decision_prompt(observation_of(row)),
                 validate=validator(row, margin),
                 system=SYSTEM,
                 task=f"decisions:{root.name}",
                 first_answer=tries[item_id(row)],
-                actor=actor(tries[item_id(row)]),
+                actor=Actor([tries[item_id(row)]]),
                 prompts=PROMPTS,
             )
             for row in chosen
