@@ -13,6 +13,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import torch
+from helpers.live_run import LiveRun, StepGate
 from transformers import Trainer, TrainerCallback
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -34,7 +35,6 @@ from selfsteer.trainer_bridge.recipe import build_workload, load_recipe
 from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.server import MAX_BODY_BYTES, METRICS_PAGE
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun, StepGate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,12 +12,12 @@ import threading
 
 import httpx
 import pytest
+from helpers.live_run import LiveRun, serving
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.client import AsyncBridgeClient, BridgeClient, BridgeHTTPError
-from selfsteer.trainer_bridge.testing import LiveRun, serving
 
 BAD_COMMANDS = [
     ({"type": "launch_missiles"}, "unknown command type"),

@@ -8,11 +8,11 @@ import copy
 import json
 
 import torch
+from helpers.live_run import LiveRun
 from transformers import TrainerCallback
 from websockets.sync.client import connect
 
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 
 class WeightsAt(TrainerCallback):

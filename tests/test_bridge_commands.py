@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers.live_run import LiveRun
 
 from selfsteer.trainer_bridge.commands import Args, CommandRegistry
 from selfsteer.trainer_bridge.handlers import default_registry
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 
 def metric(db, run_id: str, name: str) -> dict[int, float]:

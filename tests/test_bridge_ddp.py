@@ -30,7 +30,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None
 
 
 BIN = os.path.dirname(sys.executable)
-WORKER = ["-m", "selfsteer.trainer_bridge.testing_ddp"]
+WORKER = [str(Path(__file__).resolve().parent / "helpers" / "bridge_ddp_worker.py")]  # launched by path
 # Two local processes on a free port. accelerate's `--cpu` alone starts a single process (its multi-CPU
 # path wants mpirun), so accelerate is asked for its torch.distributed launcher (`--multi_gpu`, which needs
 # no GPU) and the recipe's `use_cpu` makes the Trainer's accelerate state MULTI_CPU on gloo, as under
@@ -49,7 +49,7 @@ OVERRIDES = ["training.max_steps=12", "training.ddp_find_unused_parameters=false
 
 @contextlib.contextmanager
 def launched(folder: Path, launcher: str = "torchrun", overrides: list[str] = OVERRIDES):
-    """Two ranks of testing_ddp on `folder` under `launcher`; yields the process once rank 0 serves.
+    """Two ranks of the worker (WORKER) on `folder` under `launcher`; yields the process once rank 0 serves.
     Whatever happens, the launcher and its workers are gone afterwards and the log is printed."""
     program, options = LAUNCHERS[launcher]
     if program is None:

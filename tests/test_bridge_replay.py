@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+from helpers.live_run import LiveRun
+
 from selfsteer.cli.main import main
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 
 def test_replay_reproduces_the_final_eval_loss(tmp_path, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import served_dashboard
+from helpers.live_run import LiveRun
 from helpers.self_correct import AlwaysDouble, supervised_run
 from playwright.sync_api import sync_playwright
 
@@ -22,7 +23,6 @@ from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
 from selfsteer.graphs.supervise import SelfCorrection, run_supervision
 from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 SCREENSHOTS = Path(os.environ.get("SELFSTEER_SCREENSHOTS", "runs/screenshots"))
 LONG_RUN = ["training.max_steps=100000", "training.eval_steps=50"]  # stopped by the test

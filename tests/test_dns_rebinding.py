@@ -10,13 +10,13 @@ import socket
 import httpx
 import pytest
 from helpers.cli import served_dashboard
+from helpers.live_run import serving
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from selfsteer.agents.openai_server import create_app
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import serving
 
 FOREIGN_HOSTS = ["evil.example", "evil.example:{port}", "127.0.0.1:{other}", "localhost.evil.example:{port}"]
 OWN_HOSTS = ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LOCALHOST:{port}"]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.live_run import LiveRun
 from helpers.polling import wait_for
 
 from selfsteer.trainer_bridge.client import BridgeHTTPError
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 LONG_RUN = ["training.max_steps=100000", "training.eval_steps=5"]  # stopped by the test
 CRASH_DRIVER = Path(__file__).parent / "helpers" / "supervisor_crash.py"

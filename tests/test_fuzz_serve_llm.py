@@ -13,11 +13,11 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
+from helpers.live_run import serving
 from hypothesis import HealthCheck, settings
 
 from selfsteer.agents.local_llm import get_local_engine
 from selfsteer.agents.openai_server import create_app
-from selfsteer.trainer_bridge.testing import serving
 
 KEY = "fuzz-key"
 CAP = 2

@@ -137,10 +137,11 @@ def test_the_action_token_alone_weighs_action_weight_in_the_loss(tmp_path):
 
 def test_calibration_bias_moves_the_answer_in_process_and_served(tmp_path):
     """The engine adds an adapter's choice bias wherever a structured answer picks an action."""
+    from helpers.live_run import serving
+
     from selfsteer.agents.chat_models import make_chat_model
     from selfsteer.agents.local_llm import get_local_engine
     from selfsteer.agents.openai_server import create_app
-    from selfsteer.trainer_bridge.testing import serving
 
     adapter = tmp_path / "adapter"
     shutil.copytree(ADAPTER_DIR, adapter)
@@ -223,10 +224,11 @@ def test_template_explanations_keep_the_models_action_and_skip_its_words():
 def test_through_serve_llm_the_intervener_sees_the_same_prompt_and_decides_the_same():
     """A served adapter gets the format instruction it was trained with from the client (the local
     model adds it itself), so the same observations give the same actions."""
+    from helpers.live_run import serving
+
     from selfsteer.agents.chat_models import make_chat_model
     from selfsteer.agents.local_llm import get_local_engine
     from selfsteer.agents.openai_server import create_app
-    from selfsteer.trainer_bridge.testing import serving
 
     rows = read_rows([ADAPTER_DIR / "examples.jsonl"])
     local = IntervenerSupervisor()

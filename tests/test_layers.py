@@ -12,6 +12,7 @@ Every `import` and `from ... import` is read with `ast`, at the top of a module 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,4 +111,60 @@ def test_the_checker_sees_imports_everywhere(tmp_path):
         "selfsteer.dashboard",
         "selfsteer.trainer_bridge.client",
         "selfsteer.trainer_bridge.records.ACTIONS",
+    ]
+
+
+# The folders the install ships (pyproject's [tool.setuptools.package-dir]): no test helper may live in or
+# be needed by them. Test helpers live in tests/helpers, imported by tests as `helpers.X` (pytest puts
+# tests/ on sys.path) or launched by path: neither `tests` nor `helpers` exists in an installed selfsteer.
+SHIPPED = ("selfsteer", "agents", "cli", "dashboard", "evals", "graphs", "prompts", "tools", "trainer_bridge")
+TEST_ONLY = ("tests", "helpers")
+
+
+def package_dirs() -> set[str]:
+    """The top-level folders that pyproject maps under `selfsteer.*`."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return {folder.split("/")[0] for folder in config["tool"]["setuptools"]["package-dir"].values()}
+
+
+def helper_uses(root: Path = ROOT) -> list[str]:
+    """file:line what, for every shipped module that imports from `tests` or `helpers`, and every one
+    named testing*.py (a test helper shipped in the package)."""
+    out = []
+    for folder in SHIPPED:
+        for path in sorted((root / folder).rglob("*.py")):
+            relative = path.relative_to(root).as_posix()
+            if path.name.startswith("testing"):
+                out.append(f"{relative}: a test helper in the shipped package (its place: tests/helpers)")
+            out += [
+                f"{relative}:{line}: imports {module}, which only a checkout's tests have"
+                for line, module in imported_modules(path, root)
+                if module.split(".")[0] in TEST_ONLY
+            ]
+    return out
+
+
+def test_the_shipped_package_holds_no_test_helpers():
+    assert package_dirs() == set(SHIPPED), "SHIPPED is out of step with pyproject's package-dir"
+    bad = helper_uses()
+    assert not bad, "test helpers in, or imported by, the shipped package:\n" + "\n".join(bad)
+
+
+def test_the_helper_checker_sees_them(tmp_path):
+    """An import of `helpers` or `tests`, at the top or inside a function, and a testing*.py: all seen."""
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "bench.py").write_text(
+        "import helpers\n"
+        "def f():\n"
+        "    from helpers.live_run import LiveRun\n"
+        "    import tests.helpers.live_run\n"
+        "    from selfsteer.trainer_bridge.client import BridgeClient\n"
+    )
+    (tmp_path / "trainer_bridge").mkdir()
+    (tmp_path / "trainer_bridge" / "testing_ddp.py").write_text("import json\n")
+    assert helper_uses(root=tmp_path) == [
+        "evals/bench.py:1: imports helpers, which only a checkout's tests have",
+        "evals/bench.py:3: imports helpers.live_run.LiveRun, which only a checkout's tests have",
+        "evals/bench.py:4: imports tests.helpers.live_run, which only a checkout's tests have",
+        "trainer_bridge/testing_ddp.py: a test helper in the shipped package (its place: tests/helpers)",
     ]

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from helpers.live_run import LiveRun
 from transformers.optimization import get_scheduler
 
 from selfsteer.tools.bridge_tools import BridgeTools
@@ -21,7 +22,6 @@ from selfsteer.trainer_bridge.client import BridgeHTTPError
 from selfsteer.trainer_bridge.commands import CommandError, InvalidCommand
 from selfsteer.trainer_bridge.handlers import default_registry
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 BASE = 0.003  # the tiny recipe's learning_rate
 STEPS = 20

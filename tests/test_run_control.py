@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from helpers.live_run import LiveRun
 
 from selfsteer.agents.registry import make_supervisor
 from selfsteer.graphs.supervise import run_supervision
@@ -13,7 +14,6 @@ from selfsteer.trainer_bridge.control import LocalRunControl, RunControl
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.records import DecisionUpdate, NewDecision
 from selfsteer.trainer_bridge.runner import RecipeRun
-from selfsteer.trainer_bridge.testing import LiveRun
 
 
 def test_both_roads_answer_alike(tmp_path):

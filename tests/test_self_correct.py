@@ -7,6 +7,7 @@ import math
 import threading
 
 import pytest
+from helpers.live_run import LiveRun
 from helpers.polling import wait_for
 from helpers.self_correct import AlwaysDouble, supervised_run
 
@@ -17,7 +18,6 @@ from selfsteer.agents.self_correct import MAX_REFLECTION_CHARS, factual_reflecti
 from selfsteer.agents.supervisors import Decision, LLMSupervisor, RuleSupervisor, Supervisor
 from selfsteer.graphs.supervise import SelfCorrection, run_supervision
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 
 def observed(eval_loss, step=None):

@@ -28,6 +28,7 @@ from typing import Literal
 import httpx
 import openai
 import pytest
+from helpers.live_run import serving
 from pydantic import BaseModel, Field
 
 from selfsteer.agents import openai_server
@@ -35,7 +36,6 @@ from selfsteer.agents.chat_models import ChatModelConfigError, describe_llm_erro
 from selfsteer.agents.local_llm import LocalEngine, get_local_engine
 from selfsteer.agents.openai_server import DEFAULT_MODEL_NAME, create_app
 from selfsteer.cli import serve_llm
-from selfsteer.trainer_bridge.testing import serving
 
 API_KEY = "test-key-123"
 PROMPT = "Say hello in one short sentence."

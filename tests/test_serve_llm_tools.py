@@ -9,13 +9,13 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from helpers.live_run import serving
 from helpers.tools import WeatherArgs, assert_calls_valid, get_time, get_weather
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 
 from selfsteer.agents.local_llm import get_local_engine
 from selfsteer.agents.openai_server import create_app
-from selfsteer.trainer_bridge.testing import serving
 
 WEATHER_TOOL = {
     "type": "function",

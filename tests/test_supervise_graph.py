@@ -4,6 +4,7 @@ here are scripted (a list of actions) so that the path the graph takes is known 
 import threading
 
 import pytest
+from helpers.live_run import LiveRun
 from helpers.polling import wait_for
 from langgraph.checkpoint.sqlite import SqliteSaver
 
@@ -12,7 +13,6 @@ from selfsteer.graphs.supervise import build_supervision_graph, run_supervision
 from selfsteer.tools.bridge_tools import BridgeTools
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LiveRun
 
 
 class Scripted(Supervisor):

@@ -1,5 +1,9 @@
-"""A DDP worker for tests: `torchrun --nproc_per_node 2 -m selfsteer.trainer_bridge.testing_ddp DIR [overrides]`
-(or the same module under `accelerate launch`; tests/test_bridge_ddp.py has both command lines).
+"""A torchrun worker for tests/test_bridge_ddp.py, launched by its path:
+
+    torchrun --standalone --nproc_per_node 2 tests/helpers/bridge_ddp_worker.py DIR [overrides]
+
+(or the same script under `accelerate launch`; tests/test_bridge_ddp.py has both command lines). Run as a
+script, its own folder (tests/helpers) is on sys.path, so it imports `live_run` as a top-level module.
 
 Each rank trains the tiny recipe on CPU (gloo); rank 0 serves on a free port and writes its URL to
 DIR/url. Rank 0 holds at the steps named in DIR/gates (one a line) until the test creates
@@ -20,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from live_run import LrRecorder  # tests/helpers/live_run.py: this script's folder is on sys.path
 from transformers import TrainerCallback
 
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun, exit_now
 from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.testing import LrRecorder
 
 
 class FileGate(TrainerCallback):

@@ -1,5 +1,6 @@
-"""Helpers for tests that drive a real run: a recipe training in a background thread behind a real
-server on a free loopback port, and gates that hold the training thread at chosen steps.
+"""Helpers for tests that drive a real run (`from helpers.live_run import LiveRun`; not part of the
+shipped package): a recipe training in a background thread behind a real server on a free loopback port,
+gates that hold the training thread at chosen steps, and `serving` (an ASGI app on a free port).
 
     with LiveRun(tmp_path, gates=[5]) as live:
         live.gate.wait(5)              # the training thread is inside step 5's on_step_end
