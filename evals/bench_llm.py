@@ -158,7 +158,7 @@ def bench_tools(repeats: int) -> None:
     from selfsteer.agents.local_chat import LocalChatModel
     from selfsteer.agents.local_llm import get_local_engine
     from selfsteer.agents.openai_server import create_app
-    from selfsteer.trainer_bridge.testing import serving
+    from selfsteer.trainer_bridge.net import serving
 
     def get_weather(city: str) -> str:
         """Get the current weather in a city."""

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from selfsteer.trainer_bridge.net import serving
     from selfsteer.trainer_bridge.server import create_history_app
     from selfsteer.trainer_bridge.store import Store
-    from selfsteer.trainer_bridge.testing import serving
 
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "pages.sqlite") as store:
         run_id = store.create_run("bench-pages")

@@ -20,7 +20,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from selfsteer.evals.lr_suite import WORKLOADS
-from selfsteer.trainer_bridge.testing import LiveRun
+from selfsteer.trainer_bridge.recipe import load_recipe
+from selfsteer.trainer_bridge.runner import BackgroundRun
 
 
 class StepTimer(TrainerCallback):
@@ -39,12 +40,12 @@ def bench(workload: str, repeats: int) -> dict:
     recipe, overrides = WORKLOADS.get(workload, (workload, []))
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        live = LiveRun(Path(tmp), [*overrides, "training.max_steps=1000", "training.eval_steps=1000"],
-                       recipe=recipe, gates=[20], callbacks=[timer]).start()  # fmt: skip
-        client = live.client
-        live.gate.wait(20)
+        recipe = load_recipe(recipe, [*overrides, "training.max_steps=1000", "training.eval_steps=1000"])
+        live = BackgroundRun(recipe, Path(tmp) / "out", db=Path(tmp) / "selfsteer.sqlite", callbacks=[timer])
+        client = live.start().client
+        while client.state()["step"] < 20:  # warmed up
+            time.sleep(0.05)
         client.pause()
-        live.gate.release(20)
         saves, loads = [], []
         for i in range(repeats):
             started = time.perf_counter()
@@ -69,7 +70,9 @@ def bench(workload: str, repeats: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workloads", default="tiny,small,deep-rmsprop")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

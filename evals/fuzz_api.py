@@ -228,12 +228,14 @@ def count_warnings(url: str, token: str, seen: list, stop: threading.Event) -> N
 def fuzz(workdir: Path, cases: int, max_time: float | None = None, seed: int = 0) -> Result:
     """Fuzzes one live tiny run: at least `cases` test cases with the token (or what `max_time` seconds
     allow, split 3:1 between the token and no token), then the run is checked. Stops the run."""
-    from selfsteer.trainer_bridge.testing import LiveRun
+    from selfsteer.trainer_bridge.recipe import load_recipe
+    from selfsteer.trainer_bridge.runner import BackgroundRun
 
     workdir.mkdir(parents=True, exist_ok=True)
     token = f"{secrets.token_urlsafe(9)}/+={secrets.token_hex(3)}"  # percent-encoded in a query string
     start = time.perf_counter()
-    with LiveRun(workdir, RUN_OVERRIDES, token=token) as live:
+    recipe = load_recipe("tiny", RUN_OVERRIDES)
+    with BackgroundRun(recipe, workdir / "out", db=workdir / "selfsteer.sqlite", token=token) as live:
         client = live.client
         deadline = time.monotonic() + 120
         while client.state()["step"] < 2:  # the optimizer exists: the OpenAPI fits it

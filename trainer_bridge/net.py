@@ -9,12 +9,15 @@ request is refused), so a command line can check its flags without loading a web
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import socket
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlparse
 
 if TYPE_CHECKING:
@@ -203,3 +206,25 @@ class LoopbackGuard:
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 1008})  # the server answers the upgrade 403
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """An ASGI app on uvicorn in a thread, on a free loopback port, for the length of the block;
+    yields its base URL (http://127.0.0.1:PORT). The socket listens before the URL is handed out."""
+    import uvicorn
+
+    sock, url, _ = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -19,6 +19,7 @@ its own step counter back abandoned (`extra_compute_steps`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -65,7 +66,9 @@ class HoldForDecision(TrainerCallback):
 
     def __init__(self, run: RecipeRun, supervisor_done: threading.Event, timeout_s: float = 300.0):
         self.run, self.supervisor_done, self.timeout_s = run, supervisor_done, timeout_s
-        self.seen_id = 0  # decisions up to this id were read at earlier polls: each poll reads only newer ones
+        self.seen_id = (
+            0  # decisions up to this id were read at earlier polls: each poll reads only newer ones
+        )
 
     def on_evaluate(self, args, state, control, **kwargs):
         bridge, run_id = self.run.bridge, self.run.run_id
@@ -195,7 +198,9 @@ class RecipeRun:
         self.resume = resume
         # A Trainer checkpoint folder (of any run) this new run goes on from: weights, optimizer,
         # scheduler, RNG, step and data position (Population Based Training's exploit).
-        self.start_from = str(resume.checkpoint["path"]) if resume else (str(start_from) if start_from else None)
+        self.start_from = (
+            str(resume.checkpoint["path"]) if resume else (str(start_from) if start_from else None)
+        )
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = supervisor
@@ -348,14 +353,29 @@ class RecipeRun:
             summary["best_eval_loss"] = min([v for v in evals if not math.isnan(v)] + [final_eval_loss])
             decisions = store.list_decisions(bridge.run_id)
             summary["decisions"] = [
-                {k: d[k] for k in ("step", "applied_step", "action", "lr_before", "lr_after", "explanation", "rolled_back")}
+                {
+                    k: d[k]
+                    for k in (
+                        "step",
+                        "applied_step",
+                        "action",
+                        "lr_before",
+                        "lr_after",
+                        "explanation",
+                        "rolled_back",
+                    )
+                }
                 for d in decisions
             ]
-            failed = [d for d in decisions if d["reflection"] is not None]  # judged failures (self-correction)
+            failed = [
+                d for d in decisions if d["reflection"] is not None
+            ]  # judged failures (self-correction)
             summary["self_correction"] = {
                 "failed": len(failed),
                 "rollbacks": sum(d["rolled_back"] for d in failed),
-                "extra_steps": sum((d["outcome"] or {}).get("extra_steps", 0) for d in failed if d["rolled_back"]),
+                "extra_steps": sum(
+                    (d["outcome"] or {}).get("extra_steps", 0) for d in failed if d["rolled_back"]
+                ),
             }
             journal = store.list_commands(bridge.run_id)
             summary["commands"] = sum(1 for c in journal if c["source"] != "trainer")
@@ -366,3 +386,55 @@ class RecipeRun:
             summary["replay_of"] = bridge.config.replay_of
             summary["url"] = bridge.url
         return summary
+
+
+class BackgroundRun:
+    """A recipe run training on a thread of this process, its control server up on a free loopback port
+    (`port` 0) and a client for it: steer it from the same notebook, script or benchmark.
+
+        with BackgroundRun(load_recipe("tiny"), out_dir="runs/bg") as live:
+            live.client.set_lr(0.01)
+            summary = live.join()
+    """
+
+    def __init__(self, recipe: dict, out_dir: str | Path, callbacks: list | None = None, **run_kwargs: Any):
+        from selfsteer.trainer_bridge.client import BridgeClient
+
+        run_kwargs.setdefault("port", 0)
+        self.db = Path(run_kwargs.get("db") or DEFAULT_DB_PATH)
+        self.run = RecipeRun(recipe, out_dir=Path(out_dir), callbacks=callbacks or [], **run_kwargs)
+        self.bridge = self.run.bridge
+        self.client = BridgeClient(self.run.url, token=run_kwargs.get("token")) if self.run.url else None
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._train, name="trainer", daemon=True)
+
+    def _train(self) -> None:
+        try:
+            self.summary = self.run.train()
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    def start(self) -> BackgroundRun:
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float = 120.0) -> dict:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError("training did not finish")
+        if self.error is not None:
+            raise self.error
+        return self.summary
+
+    def __enter__(self) -> BackgroundRun:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.bridge is not None and self.bridge.paused:
+            with contextlib.suppress(Exception):  # the run may be over already
+                self.client.resume()
+        self.thread.join(60)
+        if self.client is not None:
+            self.client.close()
+        self.run.close()

@@ -11,18 +11,15 @@ gates that hold the training thread at chosen steps, and `serving` (an ASGI app 
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from selfsteer.trainer_bridge.client import BridgeClient
+from selfsteer.trainer_bridge.net import serving  # noqa: F401 - the tests import it from here
 from selfsteer.trainer_bridge.recipe import load_recipe
-from selfsteer.trainer_bridge.runner import RecipeRun
+from selfsteer.trainer_bridge.runner import BackgroundRun
 
 
 class StepGate(TrainerCallback):
@@ -63,7 +60,9 @@ class LrRecorder(TrainerCallback):
         self.lr[state.global_step + 1] = optimizer.param_groups[0]["lr"]
 
 
-class LiveRun:
+class LiveRun(BackgroundRun):
+    """`BackgroundRun` of a recipe (default tiny) in `tmp_path`, with step gates and an lr recorder."""
+
     def __init__(
         self,
         tmp_path: Path,
@@ -76,73 +75,20 @@ class LiveRun:
         self.gate = StepGate(gates or [])
         self.recorder = LrRecorder()
         self.db = Path(tmp_path) / "selfsteer.sqlite"
-        run_kwargs.setdefault("port", 0)
-        self.run = RecipeRun(
+        super().__init__(
             load_recipe(recipe, overrides),
-            out_dir=Path(tmp_path) / "out",
-            db=self.db,
+            Path(tmp_path) / "out",
             callbacks=[self.gate, self.recorder, *(callbacks or [])],
+            db=self.db,
             **run_kwargs,
         )
-        self.bridge = self.run.bridge
-        self.client = BridgeClient(self.run.url, token=run_kwargs.get("token")) if self.run.url else None
-        self.summary: dict | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._train, name="trainer", daemon=True)
-
-    def _train(self) -> None:
-        try:
-            self.summary = self.run.train()
-        except BaseException as exc:  # surfaced by join()
-            self.error = exc
-
-    def start(self) -> LiveRun:
-        self.thread.start()
-        return self
 
     def join(self, timeout: float = 120.0) -> dict:
         self.thread.join(timeout)
         if self.thread.is_alive():
             self.gate.release_all()
-            raise TimeoutError("training did not finish")
-        if self.error is not None:
-            raise self.error
-        return self.summary
-
-    def __enter__(self) -> LiveRun:
-        return self.start()
+        return super().join(0)
 
     def __exit__(self, *exc_info: Any) -> None:
         self.gate.release_all()
-        if self.bridge is not None and self.bridge.paused:
-            with contextlib.suppress(Exception):  # the run may be over already
-                self.client.resume()
-        self.thread.join(60)
-        if self.client is not None:
-            self.client.close()
-        self.run.close()
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """An ASGI app on uvicorn in a thread, on a free loopback port, for the length of the block;
-    yields its base URL (http://127.0.0.1:PORT). The socket listens before the URL is handed out."""
-    import uvicorn
-
-    from selfsteer.trainer_bridge.net import bind
-
-    sock, url, _ = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+        super().__exit__(*exc_info)
