@@ -82,6 +82,23 @@ def conversation(prompt: str, action: str, reason: str, reflection: str | None =
     ]
 
 
+def reflector_chat(folder: str | Path | None, max_new_tokens: int = REFLECTION_TOKENS):
+    """The reflecting model as a batched chat model: a LoRA adapter folder over the embedded model, a
+    model folder, or None (the untrained embedded model). Greedy."""
+    from selfsteer.agents.local_chat import LocalChatModel
+
+    chat = LocalChatModel(max_new_tokens=max_new_tokens)
+    if folder is not None:
+        from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+
+        folder = Path(folder)
+        adapter = (folder / "adapter_config.json").is_file()
+        chat._engine = LocalEngine(
+            *(load_embedded_model(adapter=folder) if adapter else load_embedded_model(folder))
+        )
+    return chat
+
+
 # -----------------------------------------------------------------------------------------------------
 # the actor
 
@@ -142,19 +159,10 @@ class ReflectorSupervisor(Supervisor):
     def __init__(
         self, base: Supervisor, reflector: str | Path = REFLECTOR_DIR, max_new_tokens: int = REFLECTION_TOKENS
     ):
-        from selfsteer.agents.local_chat import LocalChatModel
-
         self.base = base
         self.name = f"{base.name}+reflector"
         self.strategy, self.model = base.strategy, str(reflector)
-        self.chat = LocalChatModel(max_new_tokens=max_new_tokens)
-        if str(reflector) != "none":
-            from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
-
-            folder = Path(reflector)
-            adapter = (folder / "adapter_config.json").is_file()
-            model = load_embedded_model(adapter=folder) if adapter else load_embedded_model(folder)
-            self.chat._engine = LocalEngine(*model)
+        self.chat = reflector_chat(None if str(reflector) == "none" else reflector, max_new_tokens)
         self._failed: list[Message] | None = None  # the reflector's conversation, reflection appended
 
     def evidence(self, observation: Observation) -> dict | None:
