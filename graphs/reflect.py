@@ -9,6 +9,13 @@ a short reflection and tries again with it in context; a reflection earns reward
 right after it passes. `ReflectConfig.max_retries` caps the loop (LangGraph's recursion limit is a
 safety net, not a cap). Every episode, attempt, verdict, reflection and reward goes to the store.
 
+The graph is built once, without dependencies (`episode_graph()`); its nodes (`attempt`, `validate`,
+`route`, `reflect`, `retry`, `reward`) are module-level functions of the state and LangGraph's
+`runtime`, whose `context` is a `ReflectContext` (the model, the `ReflectConfig`, the store, the
+memory, the run's labels) given at invoke time:
+`episode_graph().invoke({"problem": problem}, context=ReflectContext(llm, config, store))`.
+`build_graph(llm, config, ...)` is that graph with its context bound, for callers that pass a state alone.
+
 Strategies (compare them on the same problems):
 - `retry`: no reflection; the model is told its answer was wrong and tries again;
 - `reflect`: the retry sees the task and the reflection, not the failed attempt;
@@ -28,6 +35,7 @@ passes), `mine_failures` (first attempts in one batch, failures kept, the GRPO t
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import threading
@@ -38,7 +46,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
 
 from selfsteer.prompts import REFLECT_STRATEGIES, ReflectStrategy, load_prompts
 from selfsteer.tools.tasks import Problem
@@ -233,6 +244,164 @@ def _n_tokens(message: Any) -> int:
     return int(usage.get("output_tokens") or len(_text(message).split()))
 
 
+@dataclass
+class ReflectContext:
+    """What an episode runs with, given at invoke time (LangGraph's run context):
+    `episode_graph().invoke(state, context=ReflectContext(llm, ...))`. The nodes read it from
+    `runtime.context`. `memory` (strategy `memory`): one per context unless given, so the episodes run
+    with one context share what they learn."""
+
+    llm: BaseChatModel
+    config: ReflectConfig = field(default_factory=ReflectConfig)
+    store: Store | None = None
+    memory: ReflectionMemory | None = None
+    model_name: str | None = None
+    run_id: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.memory is None:
+            self.memory = ReflectionMemory(self.config.memory_size)
+
+    def new_episode(self, problem: Problem) -> NewEpisode:
+        """The store row of an episode on `problem`."""
+        return NewEpisode(
+            task=problem.task or "custom",
+            task_id=problem.id,
+            strategy=self.config.strategy,
+            model=self.model_name,
+            seed=self.seed,
+            run_id=self.run_id,
+        )
+
+
+# the nodes: each reads the state and the run's context, and returns the state's update
+
+
+def attempt(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """The first answer: the problem's given one (`Problem.first_answer`), else the model's. Opens the
+    episode's store row unless the caller did."""
+    context, problem = runtime.context, state["problem"]
+    lessons = context.memory.lessons() if context.config.strategy == "memory" else []
+    episode_id = state.get("episode_id")
+    if context.store is not None and episode_id is None:
+        episode_id = context.store.add_episode(context.new_episode(problem))
+    messages = first_messages(problem, lessons, _version(problem, context.config))
+    if problem.first_answer is not None:
+        response = problem.first_answer
+    else:
+        response = _answer(context.llm, problem, messages)
+    pending = Attempt(prompt=messages, response=response, passed=False, reason="")
+    return {"pending": pending, "episode_id": episode_id, "lessons": lessons}
+
+
+def validate(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """The problem's validator on the pending answer: pass or fail, its reason and its cost."""
+    pending, problem, store = state["pending"], state["problem"], runtime.context.store
+    verdict = problem.validate(pending["response"])
+    done = Attempt(
+        prompt=pending["prompt"],
+        response=pending["response"],
+        passed=verdict.passed,
+        reason=verdict.reason,
+        cost=verdict.cost,
+    )
+    if store is not None:
+        row = EpisodeAttempt(
+            attempt_index=len(state["attempts"]),
+            prompt=_render(done["prompt"], problem),
+            response=done["response"],
+            passed=done["passed"],
+            reason=done["reason"],
+        )
+        store.add_attempt(state["episode_id"], row)
+    return {"attempts": [done], "pending": None}
+
+
+def route(state: EpisodeState, runtime: Runtime[ReflectContext]) -> str:
+    """After a verdict: done on a pass or out of retries, else a retry (with a reflection first,
+    unless the strategy is the plain `retry`)."""
+    config = runtime.context.config
+    if state["attempts"][-1]["passed"] or len(state["attempts"]) > config.max_retries:
+        return "reward"
+    return "retry" if config.strategy == "retry" else "reflect"
+
+
+def reflect(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """The model's reflection on the failed attempt(s), in plain text (no tools bound)."""
+    context, problem = runtime.context, state["problem"]
+    attempts = [a["response"] for a in state["attempts"]]
+    messages = reflect_messages(
+        problem,
+        attempts,
+        [r["text"] for r in state["reflections"]],
+        state.get("lessons", ()),
+        _version(problem, context.config),
+        [a["reason"] for a in state["attempts"]],
+    )
+    answer = context.llm.invoke(messages)
+    text, n_tokens, after = _text(answer).strip(), _n_tokens(answer), len(attempts) - 1
+    row = None
+    if context.store is not None:
+        noted = EpisodeReflection(after_attempt=after, text=text, n_tokens=n_tokens)
+        row = context.store.add_reflection(state["episode_id"], noted)
+    return {"reflections": [Reflection(text=text, n_tokens=n_tokens, after_attempt=after, id=row)]}
+
+
+def retry(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """Another answer, with what the strategy shows of the failures: the problem's own actor answers
+    it (`Problem.actor`), else the model."""
+    context, problem = runtime.context, state["problem"]
+    messages = retry_messages(
+        problem,
+        context.config.strategy,
+        [a["response"] for a in state["attempts"]],
+        [r["text"] for r in state["reflections"]],
+        state.get("lessons", ()),
+        _version(problem, context.config),
+        [a["reason"] for a in state["attempts"]],
+    )
+    if problem.actor is not None:
+        response = problem.actor(messages)
+    else:
+        response = _answer(context.llm, problem, messages)
+    return {"pending": Attempt(prompt=messages, response=response, passed=False, reason="")}
+
+
+def reward(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """A reflection earns 1 when the attempt right after it passed, else 0; strategy `memory`
+    remembers the rewarded ones. Finishes the episode's store row."""
+    context, attempts = runtime.context, state["attempts"]
+    rewards = []
+    for reflection in state["reflections"]:
+        value = float(attempts[reflection["after_attempt"] + 1]["passed"])
+        rewards.append(value)
+        if context.store is not None and reflection["id"] is not None:
+            context.store.set_reflection_reward(reflection["id"], value)
+        if value and context.config.strategy == "memory":
+            context.memory.add(reflection["text"])
+    if context.store is not None:
+        passed_first, passed_final = attempts[0]["passed"], attempts[-1]["passed"]
+        context.store.finish_episode(state["episode_id"], "finished", passed_first, passed_final)
+    return {"rewards": rewards}
+
+
+@functools.cache
+def episode_graph() -> CompiledStateGraph:
+    """The compiled self-correction graph, built once: invoke it with `{"problem": problem}` and
+    `context=ReflectContext(llm, ...)`."""
+    graph = StateGraph(EpisodeState, context_schema=ReflectContext)
+    for node in (attempt, validate, reflect, retry, reward):
+        graph.add_node(node.__name__, node)
+    graph.add_edge(START, "attempt")
+    graph.add_edge("attempt", "validate")
+    graph.add_conditional_edges("validate", route, ["reflect", "retry", "reward"])
+    graph.add_edge("reflect", "retry")
+    graph.add_edge("retry", "validate")
+    graph.add_edge("reward", END)
+    return graph.compile()
+
+
 def build_graph(
     llm: BaseChatModel,
     config: ReflectConfig | None = None,
@@ -242,116 +411,17 @@ def build_graph(
     model_name: str | None = None,
     run_id: str | None = None,
     seed: int | None = None,
-):
-    """The compiled self-correction graph. Invoke it with `{"problem": problem}`."""
-    config = config or ReflectConfig()
-    memory = memory if memory is not None else ReflectionMemory(config.memory_size)
+) -> RunnableLambda:
+    """`episode_graph()` with its context bound, for callers that invoke it with a state alone:
+    `.invoke({"problem": problem}, config)`, or as a node of another graph (Studio's), where it runs
+    as a subgraph (a runnable whose function calls a graph is one to LangGraph: drawn, streamed)."""
+    context = ReflectContext(llm, config or ReflectConfig(), store, memory, model_name, run_id, seed)
+    graph = episode_graph()  # a closure variable: how LangGraph finds the subgraph (to draw it)
 
-    def attempt(state: EpisodeState) -> dict:
-        problem = state["problem"]
-        lessons = memory.lessons() if config.strategy == "memory" else []
-        episode_id = state.get("episode_id")
-        if store is not None and episode_id is None:
-            episode_id = store.add_episode(
-                NewEpisode(
-                    task=problem.task or "custom", task_id=problem.id, strategy=config.strategy,
-                    model=model_name, seed=seed, run_id=run_id,
-                )
-            )  # fmt: skip
-        messages = first_messages(problem, lessons, _version(problem, config))
-        response = (
-            problem.first_answer if problem.first_answer is not None else _answer(llm, problem, messages)
-        )
-        pending = Attempt(prompt=messages, response=response, passed=False, reason="")
-        return {"pending": pending, "episode_id": episode_id, "lessons": lessons}
+    def episode(state: EpisodeState, config: RunnableConfig) -> dict:
+        return graph.invoke(state, config, context=context)
 
-    def validate(state: EpisodeState) -> dict:
-        pending = state["pending"]
-        verdict = state["problem"].validate(pending["response"])
-        done = Attempt(
-            prompt=pending["prompt"],
-            response=pending["response"],
-            passed=verdict.passed,
-            reason=verdict.reason,
-            cost=verdict.cost,
-        )
-        if store is not None:
-            row = EpisodeAttempt(
-                attempt_index=len(state["attempts"]),
-                prompt=_render(done["prompt"], state["problem"]),
-                response=done["response"],
-                passed=done["passed"],
-                reason=done["reason"],
-            )
-            store.add_attempt(state["episode_id"], row)
-        return {"attempts": [done], "pending": None}
-
-    def route(state: EpisodeState) -> str:
-        if state["attempts"][-1]["passed"] or len(state["attempts"]) > config.max_retries:
-            return "reward"
-        return "retry" if config.strategy == "retry" else "reflect"
-
-    def reflect(state: EpisodeState) -> dict:
-        problem = state["problem"]
-        attempts = [a["response"] for a in state["attempts"]]
-        previous = [r["text"] for r in state["reflections"]]
-        reasons = [a["reason"] for a in state["attempts"]]
-        messages = reflect_messages(
-            problem, attempts, previous, state.get("lessons", ()), _version(problem, config), reasons
-        )
-        answer = llm.invoke(messages)
-        text, n_tokens = _text(answer).strip(), _n_tokens(answer)
-        after = len(attempts) - 1
-        row = None
-        if store is not None:
-            noted = EpisodeReflection(after_attempt=after, text=text, n_tokens=n_tokens)
-            row = store.add_reflection(state["episode_id"], noted)
-        return {"reflections": [Reflection(text=text, n_tokens=n_tokens, after_attempt=after, id=row)]}
-
-    def retry(state: EpisodeState) -> dict:
-        problem = state["problem"]
-        messages = retry_messages(
-            problem,
-            config.strategy,
-            [a["response"] for a in state["attempts"]],
-            [r["text"] for r in state["reflections"]],
-            state.get("lessons", ()),
-            _version(problem, config),
-            [a["reason"] for a in state["attempts"]],
-        )
-        response = problem.actor(messages) if problem.actor is not None else _answer(llm, problem, messages)
-        return {"pending": Attempt(prompt=messages, response=response, passed=False, reason="")}
-
-    def reward(state: EpisodeState) -> dict:
-        """A reflection earns 1 when the attempt right after it passed, else 0."""
-        attempts = state["attempts"]
-        rewards = []
-        for reflection in state["reflections"]:
-            value = float(attempts[reflection["after_attempt"] + 1]["passed"])
-            rewards.append(value)
-            if store is not None and reflection["id"] is not None:
-                store.set_reflection_reward(reflection["id"], value)
-            if value and config.strategy == "memory":
-                memory.add(reflection["text"])
-        if store is not None:
-            store.finish_episode(
-                state["episode_id"], "finished", attempts[0]["passed"], attempts[-1]["passed"]
-            )
-        return {"rewards": rewards}
-
-    graph = StateGraph(EpisodeState)
-    graph.add_node("attempt", attempt)
-    graph.add_node("validate", validate)
-    graph.add_node("reflect", reflect)
-    graph.add_node("retry", retry)
-    graph.add_node("reward", reward)
-    graph.add_edge(START, "attempt")
-    graph.add_edge("attempt", "validate")
-    graph.add_conditional_edges("validate", route, ["reflect", "retry", "reward"])
-    graph.add_edge("reflect", "retry")
-    graph.add_edge("retry", "validate")
-    graph.add_edge("reward", END)
-    return graph.compile()
+    return RunnableLambda(episode, name="episode")
 
 
 def _version(problem: Problem, config: ReflectConfig) -> str:
@@ -410,21 +480,20 @@ def run_episodes(
     model at once, and the embedded model serves concurrent calls as one padded batch. Results come
     back in the order of `problems`."""
     config = config or ReflectConfig()
-    graph = build_graph(llm, config, store, memory, **graph_options)
+    context = ReflectContext(llm, config, store, memory, **graph_options)
     limit = {"recursion_limit": 4 * (config.max_retries + 1) + 8}  # above the cap; never what stops it
 
+    # A pool rather than `episode_graph().batch(inputs, {"max_concurrency": ...}, context=...)`: batch
+    # takes its inputs up front, so each episode's store row would have to be opened before the batch
+    # starts (every row "running", with the batch's start time, before its episode runs), or by the
+    # graph, and then an episode that raises would come back as a bare exception, without the row to
+    # finish as "failed". Here each episode opens its row when it starts and finishes it if it breaks.
     def one(problem: Problem) -> EpisodeResult:
         state: EpisodeState = {"problem": problem, "episode_id": None}
         if store is not None:
-            state["episode_id"] = store.add_episode(
-                NewEpisode(
-                    task=problem.task or "custom", task_id=problem.id, strategy=config.strategy,
-                    model=graph_options.get("model_name"), seed=graph_options.get("seed"),
-                    run_id=graph_options.get("run_id"),
-                )
-            )  # fmt: skip
+            state["episode_id"] = store.add_episode(context.new_episode(problem))
         try:
-            return EpisodeResult.from_state(graph.invoke(state, limit))
+            return EpisodeResult.from_state(episode_graph().invoke(state, limit, context=context))
         except BaseException:
             if store is not None:  # an episode that broke (model error, interrupt) is not left "running"
                 store.finish_episode(state["episode_id"], "failed", False, False)

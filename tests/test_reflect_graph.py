@@ -5,6 +5,7 @@ Problems with tools (BFCL in tools mode) run the same loop with the tools bound 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Callable
@@ -13,17 +14,25 @@ import pytest
 from helpers.scripted_chat import ScriptedChatModel, tool_calls
 from langchain_core.language_models import FakeListChatModel
 from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.runtime import Runtime
 
 from selfsteer.evals.tasks import bfcl, countdown
 from selfsteer.graphs.reflect import (
+    Attempt,
     ReflectConfig,
+    ReflectContext,
+    Reflection,
     ReflectionMemory,
+    first_messages,
     load_prompts,
     mine_failures,
     reflection_reward,
     render_tool_calls,
+    reward,
     run_episodes,
+    validate,
 )
+from selfsteer.trainer_bridge.records import EpisodeReflection
 from selfsteer.trainer_bridge.store import Store
 
 REFLECT = load_prompts()["reflect"]
@@ -187,6 +196,61 @@ def test_an_episode_that_breaks_is_stored_as_failed(store):
     [episode] = store.list_episodes()
     assert episode["status"] == "failed"
     assert len(store.get_episode(episode["id"])["attempts"]) == 1
+
+
+# -----------------------------------------------------------------------------
+# one node alone: a hand-made state and the run's context, no graph
+
+
+def no_model(messages):
+    raise AssertionError("this node does not call the model")
+
+
+def test_validate_alone_records_the_verdict_with_its_reason_and_cost(store):
+    # the countdown validator, with a cost as the decisions task's verdicts carry one (its regret)
+    problem = dataclasses.replace(
+        PROBLEM, validate=lambda answer: dataclasses.replace(PROBLEM.validate(answer), cost=6.0)
+    )
+    context = ReflectContext(ScriptedChatModel(script=no_model), store=store)
+    episode_id = store.add_episode(context.new_episode(problem))
+    prompt = first_messages(problem)
+    pending = Attempt(prompt=prompt, response="3 + 5 + 2", passed=False, reason="")
+    state = {"problem": problem, "episode_id": episode_id, "pending": pending, "attempts": []}
+
+    update = validate(state, Runtime(context=context))
+    [done] = update["attempts"]
+    assert update["pending"] is None
+    assert (done["prompt"], done["response"], done["passed"], done["cost"]) == (
+        prompt,
+        "3 + 5 + 2",
+        False,
+        6.0,
+    )
+    assert done["reason"] == PROBLEM.validate("3 + 5 + 2").reason and "not 16" in done["reason"]
+    [row] = store.get_episode(episode_id)["attempts"]
+    assert (row["attempt_index"], row["response"], row["passed"]) == (0, "3 + 5 + 2", False)
+    assert row["reason"] == done["reason"] and PROBLEM.prompt in row["prompt"]
+
+
+def test_reward_alone_gives_1_exactly_to_a_reflection_whose_next_attempt_passed(store):
+    memory = ReflectionMemory(size=3)
+    context = ReflectContext(
+        ScriptedChatModel(script=no_model), ReflectConfig("memory", max_retries=2), store, memory
+    )
+    episode_id = store.add_episode(context.new_episode(PROBLEM))
+    answers = ["3 + 5 + 2", "3 * 5 + 2", "(3 + 5) * 2"]  # 10, 17, 16: fail, fail, pass
+    attempts = [Attempt(prompt=[], response=a, passed=PROBLEM.validate(a).passed, reason="") for a in answers]
+    reflections = []
+    for after, text in enumerate(["Add them all.", LESSON]):
+        row = store.add_reflection(episode_id, EpisodeReflection(after_attempt=after, text=text, n_tokens=3))
+        reflections.append(Reflection(text=text, n_tokens=3, after_attempt=after, id=row))
+    state = {"problem": PROBLEM, "episode_id": episode_id, "attempts": attempts, "reflections": reflections}
+
+    assert reward(state, Runtime(context=context)) == {"rewards": [0.0, 1.0]}
+    assert memory.lessons() == [LESSON]  # strategy memory keeps the rewarded reflection only
+    episode = store.get_episode(episode_id)
+    assert [r["reward"] for r in episode["reflections"]] == [0.0, 1.0]
+    assert (episode["status"], episode["passed_first"], episode["passed_final"]) == ("finished", False, True)
 
 
 # -----------------------------------------------------------------------------
