@@ -8,7 +8,8 @@ So every answer's outcome is known exactly, and a reflection is rewarded without
 - it fails when its regret (how much worse its loss is than the best action's, relative) exceeds the
   noise margin, and the reason the reflector reads is what the run showed after it (the eval loss
   before and after, in %), not which action would have been best;
-- the retry is decided by a frozen actor (the embedded model, untrained: Retroformer's split), which
+- the retry is decided by a frozen actor (`agents/reflector.py` Actor: the embedded model, untrained;
+  Retroformer's split), which
   reads the conversation, the reflection in it, and picks among the actions left: the failed one is
   barred mechanically (only the others are scored), so a plain retry already gains by elimination and
   a reflection has to beat that. The actor's scores are calibrated by the same conversation with its
