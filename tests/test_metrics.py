@@ -20,10 +20,11 @@ def test_wilson_interval_is_not_a_point_at_zero_or_all():
 
 
 def test_summary_pairs_the_gain_and_bounds_each_accuracy():
-    def episode(first, final, reflection_tokens=()):
+    def episode(first, final, reflection_tokens=(), costs=(None, None)):
         return SimpleNamespace(
             passed_first=first, passed_final=final, rewards=[float(final)] * len(reflection_tokens),
             reflections=[{"n_tokens": n} for n in reflection_tokens],
+            attempts=[{"cost": costs[0]}] + [{"cost": costs[1]}] * len(reflection_tokens),
         )  # fmt: skip
 
     results = [episode(True, True)] * 3 + [episode(False, True, [10])] * 2 + [episode(False, False, [20])] * 5
@@ -33,3 +34,13 @@ def test_summary_pairs_the_gain_and_bounds_each_accuracy():
     assert summary["gain"] == pytest.approx(0.2) and summary["gain_ci95"][0] >= 0.0
     assert summary["mean_reflection_tokens"] == pytest.approx((2 * 10 + 5 * 20) / 7)
     assert summary["reflection_success_rate"] == pytest.approx(2 / 7)
+    assert (summary["n_failed_first"], summary["retry_acc"]) == (7, pytest.approx(2 / 7))
+    assert "regret_first_mean" not in summary  # a task whose verdicts measure no cost
+
+    # The decisions task's verdicts carry a cost (the regret): before and after the retry.
+    results = [episode(True, True, (), (0.0, 0.0))] * 2 + [episode(False, True, [8], (0.3, 0.0))] * 3
+    results += [episode(False, False, [8], (0.2, 0.5))]
+    summary = summarize(results)
+    assert summary["regret_first_mean"] == pytest.approx((3 * 0.3 + 0.2) / 6)
+    assert summary["regret_final_mean"] == pytest.approx(0.5 / 6)
+    assert (summary["regret_first_median"], summary["regret_final_median"]) == (pytest.approx(0.25), 0.0)
