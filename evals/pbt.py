@@ -438,7 +438,7 @@ def population_rows(population: Population, log: dict) -> list[dict]:
     row["members"] = [
         {"label": member["label"], "start_lr": member["cell"]["lr"], "final_eval_loss": done[trial]["final_eval_loss"],
          "final_lr": done[trial]["history"][-1][2] if done[trial]["history"] else None,
-         "steps": log["steps"].get(trial, 0)}
+         "steps": log["steps"].get(trial, 0), "moves": done[trial]["moves"]}
         for trial, member in population.members.items()
     ]  # fmt: skip
     if population.bounds is not None:
