@@ -59,7 +59,7 @@ def suite(tmp_path_factory, one_torch_thread):
     command = [
         sys.executable, "-m", "selfsteer.cli.main", "eval", "lr-suite", "--recipes", "tiny", "--seeds", "0",
         "--supervisors", "static,pbt", "--lrs", ",".join(f"{k}={v}" for k, v in lrs.items()), "--grid", "",
-        "--max-steps", "30", "--eval-steps", "5", "--ray-cpus", "2", "--out", str(out),
+        "--max-steps", "20", "--eval-steps", "5", "--ray-cpus", "2", "--out", str(out),
     ]  # fmt: skip
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     experiment = out / "ray" / "pbt-tiny-s0"
@@ -76,7 +76,7 @@ def suite(tmp_path_factory, one_torch_thread):
     }
     config = SuiteConfig(
         recipes=["tiny"], lrs={"tiny": lrs}, grid_lrs={"tiny": []}, seeds=[0], supervisors=["static", "pbt"],
-        max_steps={"tiny": 30}, eval_steps={"tiny": 5},
+        max_steps={"tiny": 20}, eval_steps={"tiny": 5},
     )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -97,7 +97,7 @@ def test_an_interrupted_population_is_restored_where_it_stopped(suite):
     members = [r for r in load_results(out / "results.jsonl").values() if r["supervisor"] == "pbt"]
     assert len(members) == 3
     for member in members:
-        assert [step for step, _ in member["curve"]] == [5, 10, 15, 20, 25, 30]
+        assert [step for step, _ in member["curve"]] == [5, 10, 15, 20]
 
 
 def test_each_member_trains_the_steps_of_a_supervised_run_and_the_too_high_start_is_rescued(suite):
@@ -108,7 +108,7 @@ def test_each_member_trains_the_steps_of_a_supervised_run_and_the_too_high_start
     assert members.keys() == static.keys() == {"too_low", "good", "too_high"}
     for name, member in members.items():
         assert "error" not in member, member
-        assert member["max_steps"] == static[name]["max_steps"] == 30  # equal steps, member for run
+        assert member["max_steps"] == static[name]["max_steps"] == 20  # equal steps, member for run
         assert member["final_eval_loss"] == member["curve"][-1][1]
     # lr 3.0 diverges on its own; the worst member copies the best one's weights at the first evaluation.
     assert members["too_high"]["final_eval_loss"] < 0.8 * static["too_high"]["final_eval_loss"]
