@@ -244,3 +244,29 @@ def test_lr_suite_names_self_correction_by_the_reflector():
     with pytest.raises(ValueError, match=r"\+rsc"):
         self_correcting("intervener+xyz")
     assert main(["eval", "lr-suite", "--supervisors", "static+rsc", "--out", "/nonexistent"]) == 2
+
+
+def test_the_shipped_reflector_is_small_and_its_card_quotes_its_own_figures():
+    """The card describes these very weights (the hash in metrics.json is the file's) and quotes the
+    held-out figures metrics.json records, as the card spells them."""
+    import hashlib
+
+    from selfsteer.agents.reflector import REFLECTOR_DIR, is_shipped
+
+    assert is_shipped()
+    weights = REFLECTOR_DIR / "adapter_model.safetensors"
+    assert weights.stat().st_size < 12 * 2**20
+    metrics = json.loads((REFLECTOR_DIR / "metrics.json").read_text())
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == metrics["adapter_sha256"]
+    assert json.loads((REFLECTOR_DIR / "adapter_config.json").read_text())["r"] == metrics["lora_r"] == 8
+    card = (REFLECTOR_DIR / "README.md").read_text()
+    assert "selfsteer reflect train --task decisions:runs/cf" in card and "seed 0" in card
+    for row in metrics["evaluation"]:
+        assert f"| {row['n_failed_first']} |" in card
+        for condition in ("trained", "untrained", "plain"):
+            low, high = row[condition]["retry_ci95"]
+            assert f"{row[condition]['retry_acc']:.3f} [{low:.3f}, {high:.3f}]" in card, (row["rows"], condition)
+        for other in ("plain", "untrained"):
+            low, high = row[f"trained_minus_{other}_ci95"]
+            assert f"{row[f'trained_minus_{other}']:+.3f} [{low:.3f}, {high:.3f}]" in card
+    assert f"{metrics['train_failures']} failed first tries" in card
