@@ -175,14 +175,14 @@ def test_a_population_around_the_start_gets_no_good_start_and_pays_for_every_mem
     assert "| 3.00x |" in line and f"- {kind}: " in report
     # Every move of every member went through the bridge, within the bounds. The member that ends best
     # may be one that never moved (Tune's explore draws x2 or x0.5 unseeded, and either can win the
-    # last interval), but at the first perturbation the worst member copies another.
+    # last interval). The worst member copies another at every perturbation: the journal holds the one
+    # at the first (a later copy may overwrite that lineage), and the last copy's move stays in one.
     low, high = row.get("lr_bounds", LR_BOUNDS)
     with Store(out / "suite.sqlite") as store:
         sent = [c for c in store.list_commands(None) if c["source"] == "pbt"]
     moves = [move for member in members for move in member["moves"]]
-    assert any(member["moves"] and member["moves"][0]["step"] == 4 for member in members)
-    assert all(move in moves for move in row["moves"])  # the chosen member's lineage is one of them
-    assert sent and all(c["status"] == "success" for c in sent)
+    assert moves and all(move in moves for move in row["moves"])  # the chosen lineage is one of them
+    assert sent and all(c["status"] == "success" for c in sent) and any(c["step"] == 4 for c in sent)
     applied = [(c["step"], c["args"]["lr"]) for c in sent]
     for move in moves:
         assert low * (1 - 1e-6) <= move["lr_after"] <= high * (1 + 1e-6), move
