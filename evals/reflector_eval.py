@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 from statistics import mean
 
 CONDITIONS = ("trained", "untrained", "plain")
 
 
-def paired_ci(differences: list[float], n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    n = len(differences)
-    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    return means[int(0.025 * (n_boot - 1))], means[int(0.975 * (n_boot - 1))]
+def paired_ci(differences: list[float]) -> tuple[float, float]:
+    """The 95% bootstrap interval of a mean paired difference (the same items under two conditions)."""
+    from selfsteer.evals.tasks.metrics import bootstrap_ci
+
+    return bootstrap_ci(differences, n_boot=4000)
 
 
 def evaluate(task: str, reflector: str, policy: str | None, max_tokens: int, n: int | None) -> dict:
