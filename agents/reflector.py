@@ -162,8 +162,16 @@ class ReflectorSupervisor(Supervisor):
         self.base = base
         self.name = f"{base.name}+reflector"
         self.strategy, self.model = base.strategy, str(reflector)
-        self.chat = reflector_chat(None if str(reflector) == "none" else reflector, max_new_tokens)
+        self.reflector, self.max_new_tokens = reflector, max_new_tokens
+        self._chat = None  # loaded at the first failure: most runs never have one
         self._failed: list[Message] | None = None  # the reflector's conversation, reflection appended
+
+    @property
+    def chat(self):
+        if self._chat is None:
+            folder = None if str(self.reflector) == "none" else self.reflector
+            self._chat = reflector_chat(folder, self.max_new_tokens)
+        return self._chat
 
     def evidence(self, observation: Observation) -> dict | None:
         return self.base.evidence(observation)
@@ -188,3 +196,15 @@ class ReflectorSupervisor(Supervisor):
         reflection = str(self.chat.invoke(messages).content).strip()
         self._failed = [*messages, {"role": "assistant", "content": reflection}]
         return reflection
+
+
+def reflecting(supervisor: Supervisor, reflector: str | Path) -> Supervisor:
+    """The supervisor that self-correction runs: "self" leaves the reflection on a failed decision and its
+    retry to `supervisor` itself (as does a person's supervisor: a person's retries stay theirs);
+    "shipped" (agents/reflector/), "none" (the untrained embedded model) or an adapter or model folder
+    hands them to a `ReflectorSupervisor` around it."""
+    from selfsteer.agents.supervisors import HumanSupervisor
+
+    if str(reflector) == "self" or isinstance(supervisor, (HumanSupervisor, ReflectorSupervisor)):
+        return supervisor
+    return ReflectorSupervisor(supervisor, REFLECTOR_DIR if str(reflector) == "shipped" else reflector)

@@ -90,8 +90,9 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         "--self-correct",
         action="store_true",
         help="check each learning-rate change at the next evaluation; when the eval loss rose more than "
-        "the margin, the supervisor reflects on why, the run rolls back to a checkpoint saved just before "
-        "the change (as a new branch) and the supervisor decides again without that action",
+        "the margin, a reflection says why (by default the shipped reflector writes it, see --reflector), "
+        "the run rolls back to a checkpoint saved just before the change (as a new branch) and the "
+        "decision is taken again without that action",
     )
     group.add_argument(
         "--self-correct-margin",
@@ -105,6 +106,14 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         default=None,
         help="with --self-correct: the most training steps rollbacks may abandon, as a fraction of the "
         "run's max_steps (default 0.25); a failure past it only sets the learning rate back",
+    )
+    group.add_argument(
+        "--reflector",
+        default=None,
+        help="with --self-correct: who reflects on a failed decision and retries it: shipped (default: "
+        "the trained reflector, agents/reflector/, and its actor, the embedded model), self (the "
+        "supervisor itself; always so for human), none (the untrained embedded model as the reflector), "
+        "or an adapter or model folder",
     )
     group.add_argument(
         "--remember-reflections",
@@ -127,12 +136,14 @@ def self_correction_from_args(args: argparse.Namespace):
 
     if not getattr(args, "self_correct", False):
         given = [flag for flag, value in (("--self-correct-margin", args.self_correct_margin),
-                 ("--self-correct-budget", args.self_correct_budget),
+                 ("--self-correct-budget", args.self_correct_budget), ("--reflector", args.reflector),
                  ("--remember-reflections", args.remember_reflections or None)) if value is not None]  # fmt: skip
         if given:
             raise ValueError(f"{', '.join(given)}: only with --self-correct")
         return None
-    options = {"margin": args.self_correct_margin, "max_extra_steps": args.self_correct_budget}
+    options = {
+        "margin": args.self_correct_margin, "max_extra_steps": args.self_correct_budget, "reflector": args.reflector,
+    }  # fmt: skip
     return SelfCorrection(
         **{k: v for k, v in options.items() if v is not None}, remember_runs=args.remember_reflections
     )

@@ -230,17 +230,16 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
     # static, cosine, schedulefree, prodigy: no supervisor (baselines); any other: a fresh one per run
     # (llm:STRATEGY shares the suite's chat model).
     supervisor = None if name in BASELINES else make_supervisor(name, chat_model=chat_model)
-    if by_reflector(cell.supervisor):
-        from selfsteer.agents.reflector import REFLECTOR_DIR, ReflectorSupervisor
-
-        supervisor = ReflectorSupervisor(supervisor, config.reflector or REFLECTOR_DIR)
+    # +sc: the supervisor reflects on its own failures; +rsc: the reflector does (agents/reflector.py)
+    reflector = (config.reflector or "shipped") if by_reflector(cell.supervisor) else "self"
+    correction = SelfCorrection(reflector=reflector) if self_correct else None
 
     def supervise(control, stop):
         try:
             run_supervision(
                 # A supervisor of its own per run: a cell run again after an interruption starts afresh.
                 control, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{run.run_id}",
-                pause_while_deciding=config.hold, self_correct=SelfCorrection() if self_correct else None,
+                pause_while_deciding=config.hold, self_correct=correction,
             )  # fmt: skip
         except Exception:  # a supervisor crash never stops the run; it is reported
             traceback.print_exc(file=sys.stderr)

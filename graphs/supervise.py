@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypedDict
 from uuid import uuid4
 
@@ -43,6 +44,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from selfsteer.agents.observation import Observation
+from selfsteer.agents.reflector import reflecting
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
 from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools, CommandTimeout, RunControl
@@ -85,12 +87,17 @@ class SelfCorrection:
         past it is set back (the lr returns to what it was) without a rollback.
     memory: how many reflections (the latest) later decisions see.
     remember_runs: also show reflections of earlier runs of the same supervisor, from the store.
+    reflector: who reflects on a failed decision and retries it: "shipped" (the trained reflector,
+        agents/reflector/, and its actor, which retries among the actions not rolled back), "self" (the
+        supervisor itself), "none" (the untrained embedded model in the reflector's place), or an
+        adapter or model folder (agents/reflector.py `reflecting`).
     """
 
     margin: float = MARGIN
     max_extra_steps: float = 0.25
     memory: int = 3
     remember_runs: bool = False
+    reflector: str = "shipped"
 
     def __post_init__(self):
         if not 0 <= self.margin < 10:
@@ -101,6 +108,12 @@ class SelfCorrection:
             )
         if self.memory < 0:
             raise ValueError(f"memory must be >= 0, not {self.memory}")
+        folder = Path(self.reflector)
+        named = str(self.reflector) in ("shipped", "self", "none")
+        if not named and not any((folder / name).is_file() for name in ("adapter_config.json", "config.json")):
+            raise ValueError(
+                f"reflector must be shipped, self, none or an adapter or model folder, not {self.reflector!r}"
+            )
 
 
 def refuse_unsupported(supervisor: Supervisor, self_correct: SelfCorrection | None) -> None:
@@ -135,6 +148,8 @@ def build_supervision_graph(
         e.g. to print it."""
 
     refuse_unsupported(supervisor, self_correct)
+    if self_correct is not None:
+        supervisor = reflecting(supervisor, self_correct.reflector)
     if getattr(supervisor, "acts_through_tools", False):
         supervisor.bind_bridge(tools)
     instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name

@@ -121,7 +121,7 @@ def test_demo_without_a_key_fails_with_one_clear_line(tmp_path):
 
 
 def test_bad_self_correction_flags_are_refused_before_training(tmp_path, capsys, monkeypatch):
-    # In process, through the real entry point: four refusals need no four interpreters importing torch.
+    # In process, through the real entry point: six refusals need no six interpreters importing torch.
     from selfsteer.cli.main import main
 
     monkeypatch.chdir(tmp_path)
@@ -129,6 +129,8 @@ def test_bad_self_correction_flags_are_refused_before_training(tmp_path, capsys,
         (["--self-correct", "--self-correct-budget", "2"], "budget must be a fraction in [0, 1]"),
         (["--self-correct", "--self-correct-margin", "-0.1"], "margin must be a fraction >= 0"),
         (["--self-correct-margin", "0.05"], "--self-correct-margin: only with --self-correct"),
+        (["--reflector", "none"], "--reflector: only with --self-correct"),
+        (["--self-correct", "--reflector", str(tmp_path)], "reflector must be shipped, self, none or an"),
         (["--self-correct", "--supervisor", "tools", "--llm", "openai:m", "--base-url", "http://127.0.0.1:9/v1"],
          "self-correction rolls back"),
     ):  # fmt: skip

@@ -96,7 +96,8 @@ def assert_decisions_were_applied(tmp_path: Path, summary: dict) -> None:
 
 def test_self_correct_flags_reach_the_loop(tmp_path, monkeypatch):
     """--self-correct saves a rollback point before each lr change; with --self-correct-budget 0 no
-    rollback may abandon a step, so a failed change can only be given back."""
+    rollback may abandon a step, so a failed change can only be given back. By default the shipped
+    reflector writes the reflection on a failed change and its actor retries (agents/reflector.py)."""
     module = tmp_path / "my_supervisors.py"
     module.write_text(
         "from selfsteer.agents.supervisors import Decision, Supervisor\n"
@@ -117,3 +118,11 @@ def test_self_correct_flags_reach_the_loop(tmp_path, monkeypatch):
     save = next(c for c in journal if c["type"] == "save_checkpoint")
     assert save["args"]["name"].startswith("rollback-1-") and save["status"] == "success"
     assert summary["self_correction"]["rollbacks"] == 0 and summary["self_correction"]["extra_steps"] == 0
+    # Doubling from 0.1 three times fails before lr 0.8 (the tiny model blows up at 1.0).
+    with Store(tmp_path / "s.sqlite") as store:
+        failed = store.list_reflections(summary["run_id"])
+    assert failed and all(r["agent"] == "always-double+reflector" for r in failed)
+    assert all(r["outcome"]["reflection_source"] == "model" and r["reflection"] for r in failed)
+    retries = [d for d in summary["decisions"] if d["step"] > failed[-1]["step"]]
+    assert retries and retries[0]["explanation"].startswith("retried after the reflection")
+    assert retries[0]["action"] != "double"  # the failed action is barred
