@@ -36,16 +36,21 @@ from selfsteer.trainer_bridge.store import Store
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
+def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path, capsys):
     data = tmp_path / "cf"
     specs = [
         RunSpec(shape="tiny", lr=lr, seed=seed, max_steps=30) for seed in (0, 3) for lr in (1.5625e-4, 0.64)
     ]
     collect(CollectConfig(out=str(data), specs=specs), progress=False)
     out = tmp_path / "adapter"
-    said = selfsteer("intervener", "train", "--data", str(data), "--out", str(out), "--examples", "8")
+    # In this process (the CLI's own entry point): a fresh interpreter would spend ~10 s importing torch
+    # and transformers again. One example per label: one optimizer step.
+    from selfsteer.cli.main import main
+
+    assert main(["intervener", "train", "--data", str(data), "--out", str(out), "--examples", "3"]) == 0
+    said = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_steps"] == 1 and metrics["train_examples"] <= 8
+    assert metrics["train_steps"] == 1 and metrics["train_examples"] <= 3
     assert metrics["validation_rows"] == 4  # the seed-3 runs: two decision points each
     # Each policy's accuracy, recounted from the collected rows: the labels, the rule supervisor's own
     # answers, and the intervener's answers (all four rows are among the explained ones).
@@ -67,7 +72,7 @@ def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path):
         assert validation[policy]["accuracy"] == hits / 4, policy
         assert validation[policy]["accuracy_ci95"] == list(wilson(hits, 4)), policy
         assert validation[policy]["actions"] == dict(Counter(actions)), policy
-    assert '"intervener"' in said.stdout
+    assert '"intervener"' in said
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(str(t.dtype) == "torch.float16" for t in weights.values())
     card = (out / "README.md").read_text()
