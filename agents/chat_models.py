@@ -45,7 +45,7 @@ def make_chat_model(
     """
     kind, _, model_name = spec.partition(":")
     if kind == "local" and not model_name:
-        from selfsteer.agents.local_chat import LocalChatModel
+        from selfsteer.agents.llm.chat import LocalChatModel
 
         return LocalChatModel(
             temperature=temperature, seed=seed, max_retries=max_retries, timeout=timeout, **kwargs
@@ -100,7 +100,7 @@ def describe_llm_error(error: BaseException, spec: str = "", base_url: str | Non
         return f"{where} does not know the model in {spec!r} or the path: check the model name and that --base-url ends in /v1"
     if isinstance(error, openai.APIStatusError):
         return f"{where} answered HTTP {error.status_code}: {error.message}"
-    from selfsteer.agents.local_llm import ModelNotFoundError
+    from selfsteer.agents.llm.engine import ModelNotFoundError
 
     if isinstance(error, ModelNotFoundError):
         return str(error)

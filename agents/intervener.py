@@ -34,7 +34,7 @@ from selfsteer.agents.intervener_data import (
     noise_margin,
     read_rows,
 )
-from selfsteer.agents.local_chat import LocalChatModel, _with_format_instruction
+from selfsteer.agents.llm.chat import LocalChatModel, _with_format_instruction
 from selfsteer.agents.supervisors import LLMSupervisor
 from selfsteer.trainer_bridge.records import ACTIONS
 
@@ -252,7 +252,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
     from peft import LoraConfig
     from transformers import set_seed
 
-    from selfsteer.agents.local_llm import load_embedded_model
+    from selfsteer.agents.llm.engine import load_embedded_model
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -331,7 +331,7 @@ def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from selfsteer.agents.intervener_data import observation_of
-    from selfsteer.agents.local_llm import forget_local_engine
+    from selfsteer.agents.llm.engine import forget_local_engine
 
     path = Path(adapter) / "calibration.json"
     path.unlink(missing_ok=True)  # no stale bias survives a calibration that fails (scores are raw)
@@ -430,7 +430,7 @@ def model_explanation(decision) -> str:
 
 def _action_prefix(supervisor: IntervenerSupervisor, observation) -> str:
     """The text the structured answer's action follows: the prompt as the local model sends it."""
-    from selfsteer.agents.local_chat import _with_format_instruction
+    from selfsteer.agents.llm.chat import _with_format_instruction
 
     chat = supervisor.chat_model
     messages = _with_format_instruction(
@@ -448,7 +448,7 @@ def _action_scores(supervisor: IntervenerSupervisor, observation) -> list[float]
 
 def _action_only(supervisor: IntervenerSupervisor, observation) -> str:
     """The action the supervisor's structured output takes (the three scored, the calibration added)."""
-    from selfsteer.agents.local_chat import best_choice
+    from selfsteer.agents.llm.chat import best_choice
 
     chat = supervisor.chat_model
     return best_choice(chat.engine, _action_prefix(supervisor, observation), "action", list(ACTIONS))

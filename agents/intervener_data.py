@@ -107,7 +107,7 @@ def prompt_messages(observation: Observation, strategy: str = STRATEGY) -> list[
     from langchain_core.messages import HumanMessage, SystemMessage
 
     from selfsteer.agents.decision import LRDecision
-    from selfsteer.agents.local_chat import _with_format_instruction
+    from selfsteer.agents.llm.chat import _with_format_instruction
     from selfsteer.prompts import load_strategy
 
     prompt = load_strategy(strategy)

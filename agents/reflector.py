@@ -85,11 +85,11 @@ def conversation(prompt: str, action: str, reason: str, reflection: str | None =
 def reflector_chat(folder: str | Path | None, max_new_tokens: int = REFLECTION_TOKENS):
     """The reflecting model as a batched chat model: a LoRA adapter folder over the embedded model, a
     model folder, or None (the untrained embedded model). Greedy."""
-    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.llm.chat import LocalChatModel
 
     chat = LocalChatModel(max_new_tokens=max_new_tokens)
     if folder is not None:
-        from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+        from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
 
         folder = Path(folder)
         adapter = (folder / "adapter_config.json").is_file()
@@ -118,7 +118,7 @@ def content_free(messages: list[Message]) -> list[Message]:
 @cache
 def base_engine():
     """The untrained embedded model's engine (one per process), the actor's."""
-    from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+    from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
 
     return LocalEngine(*load_embedded_model())
 

@@ -153,11 +153,11 @@ def add_parser(subparsers, name: str) -> None:
 def _local_chat(directory: str | None, max_tokens: int):
     """The embedded model, or a trained policy from a folder, as a batched LangChain chat model
     (one per folder: each loads its weights once and owns one engine thread)."""
-    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.llm.chat import LocalChatModel
 
     chat = LocalChatModel(max_new_tokens=max_tokens)
     if directory:
-        from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+        from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
 
         if (Path(directory) / "adapter_config.json").is_file():  # a LoRA adapter over the embedded model
             chat._engine = LocalEngine(*load_embedded_model(adapter=directory))
@@ -424,7 +424,7 @@ def _act(args, problems, store, console, out: Path | None) -> int:
 
 
 def _train(args, problems, console, out: Path | None) -> int:
-    from selfsteer.agents.local_llm import cache_dir, load_embedded_model
+    from selfsteer.agents.llm.engine import cache_dir, load_embedded_model
     from selfsteer.graphs.reflect import mine_failures, reflection_reward
     from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, train
 
@@ -466,7 +466,7 @@ def _train(args, problems, console, out: Path | None) -> int:
         rows = _in_curriculum_order(rows, problems, args.seed)
     rollout, engine = args.rollout, None
     if rollout == "engine":
-        from selfsteer.agents.local_llm import LocalEngine as engine
+        from selfsteer.agents.llm.engine import LocalEngine as engine
     console.print(f"GRPO: {args.steps} steps x {args.prompts_per_step} failure(s) x {args.group_size} reflections, "
                   f"rollouts by {rollout}, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'every weight'}")  # fmt: skip
     result = train(

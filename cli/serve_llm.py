@@ -1,5 +1,5 @@
 """`selfsteer serve-llm`: the embedded model behind an OpenAI-compatible API
-(see selfsteer.agents.openai_server)."""
+(see selfsteer.agents.llm.openai_server)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from selfsteer.agents.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
+from selfsteer.agents.llm.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
 
 API_KEY_ENV = "SELFSTEER_SERVE_API_KEY"
 
@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --max-tokens {args.max_tokens} must be at least 1", file=sys.stderr)
         return 2
 
-    from selfsteer.agents.local_llm import ModelNotFoundError
-    from selfsteer.agents.openai_server import serve
+    from selfsteer.agents.llm.engine import ModelNotFoundError
+    from selfsteer.agents.llm.openai_server import serve
 
     try:
         adapter = args.adapter

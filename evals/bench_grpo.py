@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from selfsteer.agents.local_llm import LocalEngine, cache_dir, is_cached, load_embedded_model
+    from selfsteer.agents.llm.engine import LocalEngine, cache_dir, is_cached, load_embedded_model
     from selfsteer.evals.tasks import load_task
     from selfsteer.graphs.reflect import reflect_messages, reflection_reward
     from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer

@@ -76,8 +76,8 @@ def main() -> None:
     import transformers  # noqa: F401  (imported before the clock starts: its import is not the load)
 
     from selfsteer.agents.decision import LRDecision
-    from selfsteer.agents.local_chat import LocalChatModel
-    from selfsteer.agents.local_llm import LocalEngine, load_embedded_model
+    from selfsteer.agents.llm.chat import LocalChatModel
+    from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
 
     load_embedded_model()  # converts on the very first run; the timed load below is from the cache
     started = time.perf_counter()
@@ -155,9 +155,9 @@ def bench_tools(repeats: int) -> None:
     import torch
     from langchain_openai import ChatOpenAI
 
-    from selfsteer.agents.local_chat import LocalChatModel
-    from selfsteer.agents.local_llm import get_local_engine
-    from selfsteer.agents.openai_server import create_app
+    from selfsteer.agents.llm.chat import LocalChatModel
+    from selfsteer.agents.llm.engine import get_local_engine
+    from selfsteer.agents.llm.openai_server import create_app
     from selfsteer.trainer_bridge.net import serving
 
     def get_weather(city: str) -> str:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.llm.chat import LocalChatModel
     from selfsteer.evals.tasks import load_task
     from selfsteer.graphs.reflect import ReflectConfig, run_episodes
 

@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             if name not in commands:
                 parser.error(f"unknown server {name!r} (known: {', '.join(commands)})")
             if name == "serve-llm":
-                import selfsteer.agents.local_llm  # noqa: F401
-                import selfsteer.agents.openai_server  # noqa: F401
+                import selfsteer.agents.llm.engine  # noqa: F401
+                import selfsteer.agents.llm.openai_server  # noqa: F401
             if name == "train":
                 import selfsteer.trainer_bridge.runner  # noqa: F401
             refusals, times = [], []

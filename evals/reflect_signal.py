@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.agents.llm.engine import get_local_engine
     from selfsteer.evals.tasks import load_task
     from selfsteer.graphs.reflect import first_messages, reflect_messages, retry_messages
 

@@ -108,7 +108,7 @@ def test_first_tries_are_the_policys_decisions_and_are_cached(rows_dir):
 def test_an_episode_reflects_on_the_given_first_try_and_the_actor_retries_without_the_barred_action(
     rows_dir,
 ):
-    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.llm.chat import LocalChatModel
 
     problems = load_task(task(rows_dir), split="test", n=8, seed=1, policy="keep")
     failed = [p for p in problems if not p.validate(p.first_answer).passed]

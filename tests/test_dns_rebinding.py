@@ -14,7 +14,7 @@ from helpers.live_run import serving
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from selfsteer.agents.openai_server import create_app
+from selfsteer.agents.llm.openai_server import create_app
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.store import Store
 

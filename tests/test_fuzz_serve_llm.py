@@ -16,8 +16,8 @@ import schemathesis
 from helpers.live_run import serving
 from hypothesis import HealthCheck, settings
 
-from selfsteer.agents.local_llm import get_local_engine
-from selfsteer.agents.openai_server import create_app
+from selfsteer.agents.llm.engine import get_local_engine
+from selfsteer.agents.llm.openai_server import create_app
 
 KEY = "fuzz-key"
 CAP = 2

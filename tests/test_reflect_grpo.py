@@ -26,7 +26,7 @@ FAILED, SOLUTION = "3 + 5 + 2", "(3 + 5) * 2"
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from selfsteer.agents.local_llm import cache_dir, is_cached, load_embedded_model
+    from selfsteer.agents.llm.engine import cache_dir, is_cached, load_embedded_model
 
     if not is_cached():
         load_embedded_model()
@@ -202,7 +202,7 @@ def test_engine_rollouts_decode_reflections_and_retries_with_the_model_being_tra
     """Reflections (TRL's rollout_func) and the policy's retries both go through the batched engine,
     built around the trainer's own model object; the completions end with the end token TRL looks for,
     so the mask check holds, and a mixed group moves the weights."""
-    from selfsteer.agents.local_llm import LocalEngine
+    from selfsteer.agents.llm.engine import LocalEngine
 
     engines = []
 

@@ -12,7 +12,7 @@ from helpers.polling import wait_for
 from helpers.self_correct import AlwaysDouble, supervised_run
 
 from selfsteer.agents.decision_data import decision_rows
-from selfsteer.agents.local_chat import LocalChatModel
+from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import MAX_REFLECTION_CHARS, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, LLMSupervisor, RuleSupervisor, Supervisor

@@ -31,10 +31,10 @@ import pytest
 from helpers.live_run import serving
 from pydantic import BaseModel, Field
 
-from selfsteer.agents import openai_server
 from selfsteer.agents.chat_models import ChatModelConfigError, describe_llm_error, make_chat_model
-from selfsteer.agents.local_llm import LocalEngine, get_local_engine
-from selfsteer.agents.openai_server import DEFAULT_MODEL_NAME, create_app
+from selfsteer.agents.llm import openai_server
+from selfsteer.agents.llm.engine import LocalEngine, get_local_engine
+from selfsteer.agents.llm.openai_server import DEFAULT_MODEL_NAME, create_app
 from selfsteer.cli import serve_llm
 
 API_KEY = "test-key-123"
@@ -669,7 +669,7 @@ def test_the_in_process_structured_output_closes_a_loop_too(engine):
     # The same guard serves LocalChatModel's structured output (the engine is shared). Measured before
     # it: "The best is now halved. The best is now halved. ..." up to the field's 400 characters.
     from selfsteer.agents.decision import LRDecision
-    from selfsteer.agents.local_chat import LocalChatModel
+    from selfsteer.agents.llm.chat import LocalChatModel
     from selfsteer.agents.observation import Observation
     from selfsteer.agents.supervisors import LLMSupervisor
 

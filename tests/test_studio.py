@@ -40,7 +40,7 @@ def nothing_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("building a graph loaded the embedded model")
 
-    monkeypatch.setattr("selfsteer.agents.local_chat.get_local_engine", refuse)
+    monkeypatch.setattr("selfsteer.agents.llm.chat.get_local_engine", refuse)
 
 
 def test_langgraph_json_exports_both_loops_as_factories_without_a_checkpointer():

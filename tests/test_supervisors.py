@@ -7,7 +7,7 @@ import math
 import pytest
 from langchain_core.messages import AIMessage
 
-from selfsteer.agents.local_chat import LocalChatModel
+from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import (
     Decision,

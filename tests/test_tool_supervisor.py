@@ -14,7 +14,7 @@ from helpers.openai_endpoint import scripted_endpoints
 from helpers.self_correct import supervised_run
 
 from selfsteer.agents.chat_models import make_chat_model
-from selfsteer.agents.local_chat import LocalChatModel
+from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.tool_supervisor import ToolSupervisor
 from selfsteer.graphs.supervise import SelfCorrection, build_supervision_graph
 from selfsteer.trainer_bridge.store import Store

@@ -13,7 +13,7 @@ over the current model). This module knows nothing of the tasks, the graph or th
     trainer.train(resume_from_checkpoint=last_checkpoint(config.output_dir))
 
 Rollouts: by default TRL samples the reflections (`model.generate`) and the retries are greedy
-`model.generate` too. Pass `engine_factory` (e.g. `selfsteer.agents.local_llm.LocalEngine`) and both go
+`model.generate` too. Pass `engine_factory` (e.g. `selfsteer.agents.llm.engine.LocalEngine`) and both go
 through that batched engine instead, built around the very model being trained (no copy of the weights,
 nothing to sync after a step): the reflections as TRL's `rollout_func`, the retries as the reward's
 `generate`. Measured on a 2-core CPU at 4 reflections of 64 tokens (`evals/bench_grpo.py`) it is no

@@ -3,7 +3,7 @@ URL is announced), tell a loopback address from a reachable one, check a bearer 
 another site's page sends a loopback server (`LoopbackGuard`).
 
 The control server (`trainer_bridge.server`), `selfsteer dashboard` and `selfsteer serve-llm`
-(`agents.openai_server`) all use these. Standard library only at import (starlette is imported when a
+(`agents.llm.openai_server`) all use these. Standard library only at import (starlette is imported when a
 request is refused), so a command line can check its flags without loading a web framework.
 """
 

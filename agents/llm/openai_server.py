@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct over real HTTP:
 
 Served: `GET /v1/models` and `POST /v1/chat/completions` (plain or streamed as server-sent events,
 `response_format` text / json_object / json_schema, and OpenAI `tools` / `tool_choice` /
-`parallel_tool_calls`: a call is decoded under a grammar of the tools' schemas, see `local_chat`). JSON output is constrained by the engine's
+`parallel_tool_calls`: a call is decoded under a grammar of the tools' schemas, see `llm.chat`). JSON output is constrained by the engine's
 grammar, so it is valid by construction (unless cut off by `max_tokens`). There is one model: any
 model name is accepted, as local servers do. The OpenAPI document (`/openapi.json`) declares every
 response, errors included.
@@ -45,7 +45,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfsteer.agents.local_chat import (
+from selfsteer.agents.llm.chat import (
     CallStream,
     _RetryableOutput,
     new_call_id,
@@ -56,7 +56,7 @@ from selfsteer.agents.local_chat import (
     structured_json_text,
     tool_spec,
 )
-from selfsteer.agents.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
+from selfsteer.agents.llm.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
 from selfsteer.trainer_bridge.net import LoopbackGuard, bind, token_matches
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -531,7 +531,7 @@ def _engine_options(
 ) -> tuple[list[int], dict[str, Any], bool]:
     """(prompt token ids, keyword arguments of engine.submit, whether the answer is a tool call) for
     a request; OpenAIError if the request asks for something this server cannot do. With tools, the
-    choice between a call and a text answer is made here (`local_chat.plan_tool_answer`, waiting at
+    choice between a call and a text answer is made here (`llm.chat.plan_tool_answer`, waiting at
     most `timeout` seconds for the engine)."""
     if request.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
@@ -609,7 +609,7 @@ def _xgrammar_reason(error: Exception) -> str:
 
 def _chat_dict(message: ChatMessage) -> dict:
     """A request message as the chat template's role and text; tool calls and results are written
-    as the model was taught them (`local_chat.render_tool_calls`, `render_tool_result`)."""
+    as the model was taught them (`llm.chat.render_tool_calls`, `render_tool_result`)."""
     content = _no_surrogates(message.text())
     if message.role == "tool":
         return {"role": "user", "content": render_tool_result(content)}
@@ -707,7 +707,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.engine is None:
-            from selfsteer.agents.local_llm import get_local_engine
+            from selfsteer.agents.llm.engine import get_local_engine
 
             app.state.engine = await run_in_threadpool(get_local_engine)
         yield
@@ -893,7 +893,7 @@ def _structured_answer(
 
 
 def _submit(engine, prompt_ids: list[int], options: dict, **extra):
-    from selfsteer.agents.local_llm import EngineClosed
+    from selfsteer.agents.llm.engine import EngineClosed
 
     try:
         return engine.submit(prompt_ids, **options, **extra)
@@ -903,7 +903,7 @@ def _submit(engine, prompt_ids: list[int], options: dict, **extra):
 
 def _result(answer: asyncio.Future):
     """The generation of a finished answer; 503 when the engine ended it (the server is stopping)."""
-    from selfsteer.agents.local_llm import EngineClosed
+    from selfsteer.agents.llm.engine import EngineClosed
 
     try:
         return answer.result()
@@ -918,7 +918,7 @@ def _shutting_down(error: Exception) -> OpenAIError:
 def _engine_error(error: BaseException) -> OpenAIError | None:
     """The answer to an engine failure that is no fault of the request: 503 for an engine that is
     closed or closing, 504 for one that did not answer in time; None for any other error."""
-    from selfsteer.agents.local_llm import EngineClosed
+    from selfsteer.agents.llm.engine import EngineClosed
 
     if isinstance(error, EngineClosed):
         return _shutting_down(error)
@@ -1073,7 +1073,7 @@ def serve(
     in a stream), open connections get SHUTDOWN_GRACE_S seconds to close, then the process exits."""
     import uvicorn
 
-    from selfsteer.agents.local_llm import get_local_engine
+    from selfsteer.agents.llm.engine import get_local_engine
 
     sock, _, origins = bind(host, port)
     port = sock.getsockname()[1]  # port 0 picks a free one

@@ -316,7 +316,7 @@ class LocalEngine:
     prefix_cache_size: how many recent prompt prefixes keep their KV cache for option scoring.
     prefill_chunk: prompt tokens encoded per step (over all new requests).
     choice_bias: {field: {value: bias}}, added to the log-probability of a value when a structured
-        answer picks one of a finite set (`local_chat.structured_json_text`); an adapter's
+        answer picks one of a finite set (`chat.structured_json_text`); an adapter's
         `calibration.json` (see `agents.intervener.calibrate`) sets it.
     """
 
@@ -511,7 +511,7 @@ class LocalEngine:
 
     def compile_structural_tag(self, tag: dict | str):
         """A grammar from an xgrammar structural tag (cached with the JSON-schema grammars): e.g. the
-        tool-call format of `local_chat`, tags whose contents are JSON schemas."""
+        tool-call format of `chat`, tags whose contents are JSON schemas."""
         import xgrammar as xgr
 
         text = tag if isinstance(tag, str) else json.dumps(tag)
