@@ -364,7 +364,7 @@ def _grpo_options(pairs: list[str]) -> dict:
     each value read as YAML (numbers, booleans) and checked against its field's type."""
     import yaml
 
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig
     from selfsteer.trainer_bridge.recipe import typed_fields
 
     options = {}
@@ -425,8 +425,8 @@ def _act(args, problems, store, console, out: Path | None) -> int:
 
 def _train(args, problems, console, out: Path | None) -> int:
     from selfsteer.agents.llm.engine import cache_dir, load_embedded_model
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
     from selfsteer.graphs.reflect import mine_failures, reflection_reward
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, train
 
     if args.strategy == "retry":
         console.print(

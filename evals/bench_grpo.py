@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from selfsteer.agents.llm.engine import LocalEngine, cache_dir, is_cached, load_embedded_model
     from selfsteer.evals.tasks import load_task
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
     from selfsteer.graphs.reflect import reflect_messages, reflection_reward
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

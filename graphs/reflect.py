@@ -513,7 +513,7 @@ def run_episodes(
 
 
 # -----------------------------------------------------------------------------
-# training data and reward for GRPO (selfsteer.trainer_bridge.grpo_reflection)
+# training data and reward for GRPO (selfsteer.graphs.grpo_reflection)
 
 
 def mine_failures(

@@ -84,7 +84,7 @@ def pass_fail_reward(steps: list[list[bool]], seen: dict):
 def train_steps(model: str, tmp_path, steps: list[list[bool]], engine_factory=None, **overrides):
     """Train one optimizer step per entry of `steps` (each one group's scripted retry outcomes; no refill
     of groups without signal unless `refill_attempts` is given)."""
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
     options = {
         "model": model, "output_dir": str(tmp_path / "grpo"), "num_generations": len(steps[0]),
@@ -226,7 +226,7 @@ def test_engine_rollouts_decode_reflections_and_retries_with_the_model_being_tra
 def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, train
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
 
     config = ReflectionGRPOConfig(
         model=tiny_model_dir, output_dir=str(tmp_path / "lora"), num_generations=2, max_steps=1,
@@ -271,7 +271,7 @@ def token_gradients(trainer, batch: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def mask_trainer(tiny_model_dir, tmp_path_factory):
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, build_trainer
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
     config = ReflectionGRPOConfig(
         model=tiny_model_dir, output_dir=str(tmp_path_factory.mktemp("mask")), num_generations=2,
@@ -335,7 +335,7 @@ def whole_row(mask):
     ],
 )
 def test_the_mask_check_refuses_what_the_gradient_shows(mask_trainer, corrupt, refusal):
-    from selfsteer.trainer_bridge.grpo_reflection import check_reflection_mask, reflection_spans
+    from selfsteer.graphs.grpo_reflection import check_reflection_mask, reflection_spans
 
     batch = reflection_batch(mask_trainer)
     eos = mask_trainer.eos_token_ids
@@ -358,7 +358,7 @@ def test_the_mask_check_refuses_what_the_gradient_shows(mask_trainer, corrupt, r
 
 
 def test_the_mask_check_reads_tool_mask_and_truncated_rows(mask_trainer):
-    from selfsteer.trainer_bridge.grpo_reflection import check_reflection_mask
+    from selfsteer.graphs.grpo_reflection import check_reflection_mask
 
     batch = reflection_batch(mask_trainer)
     eos = mask_trainer.eos_token_ids
@@ -389,7 +389,7 @@ def test_the_mask_check_reads_tool_mask_and_truncated_rows(mask_trainer):
 def test_the_config_is_trls_with_this_projects_defaults(tmp_path):
     from trl import GRPOConfig
 
-    from selfsteer.trainer_bridge.grpo_reflection import ReflectionGRPOConfig, last_checkpoint
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, last_checkpoint
 
     config = ReflectionGRPOConfig(model="m", output_dir=str(tmp_path), num_generations=4, prompts_per_step=2,
                                   beta=0.04, max_completion_length=48, use_cpu=True)  # fmt: skip
