@@ -121,7 +121,7 @@ def add_parser(subparsers, name: str) -> None:
         choices=("trl", "engine"),
         help="how reflections and retries are decoded: trl (default: TRL's model.generate, or vLLM on a GPU "
         "where installed) or engine (the embedded model's batched engine around the model being trained; "
-        "measured no faster on a 2-core CPU at 4 reflections per group, see evals/bench_grpo.py)",
+        "measured no faster on a 2-core CPU at 4 reflections per group, see evals/bench/grpo.py)",
     )
     grpo.add_argument(
         "--lora-r", type=int, default=0, help="train a LoRA adapter of this rank instead of every weight (0)"
@@ -150,7 +150,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 @cache
-def _local_chat(directory: str | None, max_tokens: int):
+def _embedded_chat(directory: str | None, max_tokens: int):
     """The embedded model, or a trained policy from a folder, as a batched LangChain chat model
     (one per folder: each loads its weights once and owns one engine thread)."""
     from selfsteer.agents.llm.chat import LocalChatModel
@@ -168,7 +168,7 @@ def _local_chat(directory: str | None, max_tokens: int):
 
 def _chat_model(args: argparse.Namespace, checkpoint: str | None = None):
     if checkpoint or args.llm == "local":
-        return _local_chat(checkpoint, args.max_tokens)
+        return _embedded_chat(checkpoint, args.max_tokens)
     from selfsteer.agents.chat_models import make_chat_model
 
     return make_chat_model(
@@ -457,7 +457,7 @@ def _train(args, problems, console, out: Path | None) -> int:
     console.print(
         f"mining failed first attempts of {len(problems)} x {args.task} ({args.split}) with {model}"
     )
-    rows = mine_failures(_local_chat(args.model, args.max_tokens), problems, progress=True)
+    rows = mine_failures(_embedded_chat(args.model, args.max_tokens), problems, progress=True)
     console.print(f"{len(rows)} failures of {len(problems)} first attempts: the training set")
     if not rows:
         console.print("[yellow]nothing to train on: every first attempt passed[/]")

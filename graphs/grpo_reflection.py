@@ -16,7 +16,7 @@ Rollouts: by default TRL samples the reflections (`model.generate`) and the retr
 `model.generate` too. Pass `engine_factory` (e.g. `selfsteer.agents.llm.engine.LocalEngine`) and both go
 through that batched engine instead, built around the very model being trained (no copy of the weights,
 nothing to sync after a step): the reflections as TRL's `rollout_func`, the retries as the reward's
-`generate`. Measured on a 2-core CPU at 4 reflections of 64 tokens (`evals/bench_grpo.py`) it is no
+`generate`. Measured on a 2-core CPU at 4 reflections of 64 tokens (`evals/bench/grpo.py`) it is no
 faster than `model.generate` (both spend ~105 ms per decode step of the batch), so it is not the default.
 """
 

@@ -1,6 +1,6 @@
 """The command line's help loads no heavy library: building the parser imports no torch, transformers,
 TRL, LangChain, LangGraph, FastAPI or Ray (those load inside the commands that use them). How fast the
-help is, is measured by evals/bench_cli.py, not here."""
+help is, is measured by evals/bench/cli.py, not here."""
 
 import os
 import subprocess

@@ -1,12 +1,12 @@
 """Fuzzing the live control server (issue 10): schemathesis, every phase and check, against the OpenAPI of
 one live tiny run, with the bearer token and without, then the run is checked for harm. Bounded to about a
-minute here; `python -m selfsteer.evals.fuzz_api --cases 5000` is the long run."""
+minute here; `python -m selfsteer.evals.bench.fuzz_api --cases 5000` is the long run."""
 
 from __future__ import annotations
 
 import pytest
 
-from selfsteer.evals.fuzz_api import fuzz
+from selfsteer.evals.bench.fuzz_api import fuzz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +31,7 @@ def test_the_warning_counter_says_when_it_stops_listening(tmp_path, capsys):
     wrong token) is said on stderr, not left to read as a run that warned of nothing."""
     import threading
 
-    from selfsteer.evals.fuzz_api import count_warnings
+    from selfsteer.evals.bench.fuzz_api import count_warnings
     from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 
     bridge = Bridge(BridgeConfig(port=0, token="right", db=tmp_path / "run.sqlite"))

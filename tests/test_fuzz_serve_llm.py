@@ -5,7 +5,7 @@ requests refused, valid ones served, the API key enforced).
 
 Bounded: a few dozen generated requests per operation, and a server whose max_tokens cap is 2, so
 every answer is cheap (its OpenAPI says so: the cap is the maximum of max_tokens). The long fuzz is
-`python -m selfsteer.evals.fuzz_serve_llm` (1,000+ cases).
+`python -m selfsteer.evals.bench.fuzz_serve_llm` (1,000+ cases).
 """
 
 from __future__ import annotations

@@ -21,12 +21,12 @@ def test_bind_returns_a_socket_that_already_accepts_connections():
 
 
 # A start costs about 2 s (train) and 6 s (serve-llm loads the model) on 2 busy cores: 10 and 3 starts
-# here, 20 each in the benchmark (`python -m selfsteer.evals.listen_race --trials 20`). A server that
+# here, 20 each in the benchmark (`python -m selfsteer.evals.bench.listen_race --trials 20`). A server that
 # printed before it listened was refused on most starts, so a few already catch it.
 @pytest.mark.parametrize(("server", "trials"), [("dashboard", 20), ("train", 10), ("serve-llm", 3)])
 def test_a_client_connecting_the_instant_the_url_is_printed_is_never_refused(server, trials):
     result = subprocess.run(
-        [sys.executable, "-m", "selfsteer.evals.listen_race", "--servers", server, "--trials", str(trials)],
+        [sys.executable, "-m", "selfsteer.evals.bench.listen_race", "--servers", server, "--trials", str(trials)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

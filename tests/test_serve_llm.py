@@ -595,7 +595,7 @@ def test_sigterm_stops_the_server_while_it_generates():
         reader.start()
         _wait_until(streaming.is_set, "the answer streams")
         os.kill(process.pid, signal.SIGTERM)  # while it generates
-        # What makes the exit quick is asserted, not how quick it is (evals/bench_serve_llm.py's
+        # What makes the exit quick is asserted, not how quick it is (evals/bench/serve_llm.py's
         # `sigterm` scenario prints the seconds): the signal handler cancels the answer in progress.
         # A handler that only stopped uvicorn would leave the stream running until uvicorn's grace
         # period cut its connection, with no word to the client. The bound is a hang guard only.

@@ -8,7 +8,7 @@ Paired runs of one recipe, a plain `transformers.Trainer` against the same Train
 - POST-to-applied latency of commands sent at random moments: in steps (the journal's step minus the
   step the run was at when the POST arrived; target 1) and in ms (POST sent -> success event received).
 
-    python evals/bench_bridge.py [--recipe small] [--steps 60] [--pairs 3] [--commands 20]
+    python evals/bench/bridge.py [--recipe small] [--steps 60] [--pairs 3] [--commands 20]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ real command N times in a row, reads its stdout until the URL line appears (stde
 warning printed first must not matter), connects to that port at once and sends one HTTP request.
 A refused or failed connection counts. Prints one line per server and exits 1 if any was refused.
 
-    .venv/bin/python -m selfsteer.evals.listen_race --trials 20
+    .venv/bin/python -m selfsteer.evals.bench.listen_race --trials 20
 
 Each trial is a fork of this process taken after the imports, so a trial costs the command's own
 start-up (binding, opening the store, loading the model, building the run), not Python's imports:

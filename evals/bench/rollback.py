@@ -6,7 +6,7 @@ scheduler state on disk, through the bridge's `save_checkpoint`), and a failed o
 times both commands through the API (POST to journaled success), against the median time of a training
 step of the same run; it prints medians over the repeats and the checkpoint's size.
 
-    python -m selfsteer.evals.bench_rollback [--workloads tiny,small,deep-rmsprop] [--repeats 5]
+    python -m selfsteer.evals.bench.rollback [--workloads tiny,small,deep-rmsprop] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Latency of the command line's help, measured as a user sees it: `selfsteer --help` and each
 `selfsteer CMD --help` in a fresh process, N runs each, the median wall time (and the slowest) printed.
 
-    .venv/bin/python -m selfsteer.evals.bench_cli [--n 5] [--commands train,eval]
+    .venv/bin/python -m selfsteer.evals.bench.cli [--n 5] [--commands train,eval]
 
 The help needs no model, so it should not load one: the command modules import torch, transformers,
 LangChain and the rest only in the code that runs a command (tests/test_cli_help.py checks that).

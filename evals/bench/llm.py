@@ -1,8 +1,8 @@
 """Benchmark of the embedded model on this machine's CPU.
 
-    .venv/bin/python -m selfsteer.evals.bench_llm [--decisions 20] [--rounds 3] [--tokens 32]
-    .venv/bin/python -m selfsteer.evals.bench_llm --intervener [DIR] [--decisions 20]
-    .venv/bin/python -m selfsteer.evals.bench_llm --tools [--decisions 5]
+    .venv/bin/python -m selfsteer.evals.bench.llm [--decisions 20] [--rounds 3] [--tokens 32]
+    .venv/bin/python -m selfsteer.evals.bench.llm --intervener [DIR] [--decisions 20]
+    .venv/bin/python -m selfsteer.evals.bench.llm --tools [--decisions 5]
 
 Prints:
 - load time of the cached model (after `import transformers`);

@@ -1,6 +1,6 @@
 """Seconds per GRPO step on reflections (the embedded SmolLM2-135M, CPU), and where they go.
 
-    .venv/bin/python -m selfsteer.evals.bench_grpo [--modes trl,engine,engine-lora] [--steps 3]
+    .venv/bin/python -m selfsteer.evals.bench.grpo [--modes trl,engine,engine-lora] [--steps 3]
 
 Each mode trains `--steps` steps after one warm-up step, on the same failed Countdown attempts, with
 `--generations` reflections of at most `--tokens` tokens per step and their greedy retries (at most

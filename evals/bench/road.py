@@ -9,7 +9,7 @@ in the process (every `httpx.Client.send`), the SQLite transactions of the run's
 the wall time of the run. Per decision: requests / decisions, and the transactions above the baseline
 run's / decisions.
 
-    python -m selfsteer.evals.bench_road [--steps 120] [--eval-steps 10] [--rounds 3]
+    python -m selfsteer.evals.bench.road [--steps 120] [--eval-steps 10] [--rounds 3]
 """
 
 from __future__ import annotations

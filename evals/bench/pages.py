@@ -1,7 +1,7 @@
 """What one request for a long run's metrics costs now that they come in pages (issue 10: one GET
 /api/metrics at step 240k returned 204 MB in 11 s).
 
-    .venv/bin/python -m selfsteer.evals.bench_pages --steps 240000
+    .venv/bin/python -m selfsteer.evals.bench.pages --steps 240000
 
 Fills a store with one run of --steps steps (5 metrics a step, as a training log writes them), serves it
 with `create_history_app` on loopback (real uvicorn), and prints for GET /api/runs/{id}/metrics: the first
@@ -41,7 +41,7 @@ def timed_get(client: httpx.Client, url: str, **params) -> tuple[httpx.Response,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m selfsteer.evals.bench_pages", description=__doc__.split("\n\n")[0]
+        prog="python -m selfsteer.evals.bench.pages", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--steps", type=int, default=240_000, help="steps of the run (default 240000)")
     parser.add_argument(

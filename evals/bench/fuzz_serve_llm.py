@@ -1,6 +1,6 @@
 """Fuzz `selfsteer serve-llm`'s OpenAPI with schemathesis, against the real server process.
 
-    .venv/bin/python -m selfsteer.evals.fuzz_serve_llm [--cases 1000] [--max-tokens 2] [--seed 0]
+    .venv/bin/python -m selfsteer.evals.bench.fuzz_serve_llm [--cases 1000] [--max-tokens 2] [--seed 0]
 
 Starts `selfsteer serve-llm --port 0 --max-tokens N --api-key KEY` (the real embedded model; a small cap
 keeps every generated answer cheap, and the OpenAPI names it as the maximum of max_tokens), then runs

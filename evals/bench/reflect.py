@@ -1,7 +1,7 @@
 """Throughput of the self-correction loop on the embedded model: episodes run concurrently (their
 model calls share padded batches) against one at a time.
 
-    .venv/bin/python -m selfsteer.evals.bench_reflect [--episodes 32] [--sequential 8] [--max-tokens 32]
+    .venv/bin/python -m selfsteer.evals.bench.reflect [--episodes 32] [--sequential 8] [--max-tokens 32]
 
 The sequential rate is measured on the first `--sequential` problems (one at a time takes minutes on
 a CPU); the concurrent rate on all `--episodes`. Both use greedy decoding, the same problems and the

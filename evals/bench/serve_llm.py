@@ -2,7 +2,7 @@
 HTTP, real signals. Each scenario starts its own server (`selfsteer serve-llm --port 0`), so one
 scenario's leftovers never slow the next.
 
-    .venv/bin/python -m selfsteer.evals.bench_serve_llm [--long-tokens 400] [--scenarios all] [--threads 1]
+    .venv/bin/python -m selfsteer.evals.bench.serve_llm [--long-tokens 400] [--scenarios all] [--threads 1]
 
 The server runs from whatever `selfsteer` imports: to measure an older tree, run this file by its
 path with PYTHONPATH pointing at a `selfsteer` package of that tree (the server inherits it).

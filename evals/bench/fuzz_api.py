@@ -1,6 +1,6 @@
 """Fuzz the control server's OpenAPI with schemathesis against one live tiny run, then check the run.
 
-    .venv/bin/python -m selfsteer.evals.fuzz_api --cases 5000
+    .venv/bin/python -m selfsteer.evals.bench.fuzz_api --cases 5000
 
 One run of the `tiny` recipe trains (until this script stops it) behind the real uvicorn server on loopback,
 with a bearer token that needs percent-encoding in a URL (`/`, `+`, `=`). schemathesis (its CLI, every
@@ -9,7 +9,7 @@ phase: coverage, fuzzing, stateful; every check) runs against the served /openap
    route, the history routes under /api/runs, commands typed per command type (the OpenAPI's request body
    has one variant per registered type, the args model of /api/command-types);
 2. without the token: every route must answer 401, as its OpenAPI says.
-The hooks in `selfsteer.evals.fuzz_hooks` keep `stop` out (it would end the run) and give each idempotency
+The hooks in `selfsteer.evals.bench.fuzz_hooks` keep `stop` out (it would end the run) and give each idempotency
 key one body. Then the run itself:
 - alive: still `running`, and it goes on training once resumed;
 - no NaN or infinite training loss, gradient norm or eval loss logged while it was fuzzed;
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-HOOKS = "selfsteer.evals.fuzz_hooks"
+HOOKS = "selfsteer.evals.bench.fuzz_hooks"
 # Long enough for any fuzz here (about 10 steps a second). Not 1e9: set_optimizer(lr) looks at the lr of
 # every step left (handlers.set_optimizer, its peak_lr), and at 1e9 steps that list took 23 GB.
 RUN_OVERRIDES = ["training.max_steps=200000", "training.eval_steps=100"]
@@ -293,7 +293,7 @@ def fuzz(workdir: Path, cases: int, max_time: float | None = None, seed: int = 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m selfsteer.evals.fuzz_api",
+        prog="python -m selfsteer.evals.bench.fuzz_api",
         description=__doc__.split("\n\n")[0],
         epilog="Figures: cases run, 5xx responses, response-schema violations, other check failures and "
         "harmful commands applied (all must be 0; exit status 1 otherwise). The reports stay in --out.",

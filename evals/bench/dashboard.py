@@ -7,7 +7,7 @@ the ratios of the median and 25th-percentile step times, and the number of point
 2-core machine the browser's rendering competes with training for the same cores: that is the cost a
 person pays for watching, and what this measures.
 
-    python -m selfsteer.evals.bench_dashboard [--recipe small] [--steps 60] [--pairs 5]
+    python -m selfsteer.evals.bench.dashboard [--recipe small] [--steps 60] [--pairs 5]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from selfsteer.evals.bench_bridge import make_step_timer, quantile
+from selfsteer.evals.bench.bridge import make_step_timer, quantile
 
 
 def timed_run(recipe: dict, root: Path, browser=None) -> dict:

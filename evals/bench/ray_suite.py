@@ -1,7 +1,7 @@
 """Wall time of the same lr-suite run one after the other in one process, and as Ray Tune trials on a Ray
 started on this machine, at concurrency 1 and at `--cpus` concurrent trials; and Ray's overhead per trial.
 
-    .venv/bin/python -m selfsteer.evals.bench_ray_suite [--seeds 0,1] [--cpus 2] [--repeats 2]
+    .venv/bin/python -m selfsteer.evals.bench.ray_suite [--seeds 0,1] [--cpus 2] [--repeats 2]
 
 Each measurement runs in a fresh process on a fresh output folder (imports and model building included,
 the report left out), one torch thread per run in every mode, in an order alternated between repeats.

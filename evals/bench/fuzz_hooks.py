@@ -1,4 +1,4 @@
-"""schemathesis hooks for `selfsteer.evals.fuzz_api` (loaded through SCHEMATHESIS_HOOKS): what the fuzzer
+"""schemathesis hooks for `selfsteer.evals.bench.fuzz_api` (loaded through SCHEMATHESIS_HOOKS): what the fuzzer
 sends to one live run, beyond what the OpenAPI says.
 
 - No `stop`: it ends the run, and the rest of the fuzz would only meet a finished one (409). Its refusals
