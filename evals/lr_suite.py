@@ -450,7 +450,8 @@ def _median(values) -> float:
 def _final_lineage(stores, run_id: str) -> tuple[list[int], list[float]]:
     """The eval losses behind the weights a run ended with: a self-correcting run's abandoned
     branches left out (its final branch is the last one it loaded)."""
-    from selfsteer.trainer_bridge.checkpoints import lineage, list_branches
+    from selfsteer.trainer_bridge.checkpoints import list_branches
+    from selfsteer.trainer_bridge.store.runs import lineage
 
     for store in stores:
         metrics = store.get_metrics(run_id, names=["eval_loss"])

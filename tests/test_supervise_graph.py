@@ -200,7 +200,7 @@ def test_a_person_decides_through_an_interrupt(tmp_path):
 
 
 def test_a_supervisor_sees_only_the_history_of_the_branch_it_steers():
-    from selfsteer.trainer_bridge.checkpoints import lineage
+    from selfsteer.trainer_bridge.store.runs import lineage
 
     def rows(branch, steps):
         return [{"step": step, "name": "loss", "value": 1.0, "branch": branch} for step in steps]

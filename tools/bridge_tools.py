@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from langchain_core.tools import StructuredTool
 
-from selfsteer.trainer_bridge.checkpoints import lineage
 from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError, CommandTimeout
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
 from selfsteer.trainer_bridge.control import LocalRunControl, RunControl
+from selfsteer.trainer_bridge.store.runs import lineage
 
 # What graphs and agents see of the bridge: these, not the bridge's own modules.
 __all__ = [

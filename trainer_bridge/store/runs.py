@@ -22,6 +22,23 @@ from selfsteer.trainer_bridge.store.errors import StoreError
 RUN_STATUSES = ("running", "finished", "failed", "stopped")
 
 
+def lineage(rows: list[dict], branches: list[dict], branch: str) -> list[dict]:
+    """The metric rows behind a run now on `branch`: the branch's own, and each ancestor's up to the
+    checkpoint step it was forked from. A branch abandoned after a fork (a rollback, a resume) is not
+    the history of the weights being trained, so it is left out."""
+    tree = {b["name"]: b for b in branches}
+    limits: dict[str, float] = {}
+    name, limit = branch, math.inf
+    while name is not None and name not in limits:
+        limits[name] = limit
+        node = tree.get(name)
+        if node is None or node["parent"] is None:
+            break
+        limit = min(limit, node["checkpoint_step"])
+        name = node["parent"]
+    return [row for row in rows if row["step"] <= limits.get(row.get("branch", "main"), -math.inf)]
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
