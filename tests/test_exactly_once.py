@@ -11,10 +11,10 @@ from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
 
-import httpx
 import pytest
 from helpers.live_run import LiveRun
 from helpers.polling import wait_for
+from helpers.racer import post_many
 
 from selfsteer.trainer_bridge.client import BridgeHTTPError
 from selfsteer.trainer_bridge.store import Store
@@ -52,21 +52,13 @@ def test_a_repeat_under_the_same_key_returns_the_first_command(tmp_path):
     ]
 
 
-def _post_many(url: str, keys: list[str], start, results) -> None:
-    start.wait()
-    with httpx.Client(base_url=url, timeout=30) as http:
-        for key in keys:
-            body = {"type": "evaluate", "source": "racer", "idempotency_key": key}
-            results.put(http.post("/api/commands", json=body).json()["uuid"])
-
-
 def test_two_processes_racing_with_the_same_keys_queue_each_command_once(tmp_path):
     keys = [f"race-{i}" for i in range(40)]
     with LiveRun(tmp_path, LONG_RUN, gates=[2]) as live:
         live.gate.wait(2)  # held: nothing is applied while they race
         ctx = get_context("spawn")
         start, results = ctx.Event(), ctx.Queue()
-        racers = [ctx.Process(target=_post_many, args=(live.run.url, keys, start, results)) for _ in range(2)]
+        racers = [ctx.Process(target=post_many, args=(live.run.url, keys, start, results)) for _ in range(2)]
         for racer in racers:
             racer.start()
         start.set()
