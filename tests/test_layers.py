@@ -1,12 +1,17 @@
-"""Dependencies point one way (docs: DESIGN.md, "Layout"): a module imports only its own layer or lower ones.
+"""Dependencies point one way (docs: README.md, "Layout"): a module imports only its own layer or lower ones.
 
     trainer_bridge, prompts  (0)  ->  tools (1)  ->  agents (2)  ->  graphs (3)  ->  evals, cli, dashboard (4)
 
 and graphs reach the live run only through tools: of trainer_bridge, graphs import only the persistence
 every layer shares (the store, `trainer_bridge.store`, and the records, `trainer_bridge.records`).
-`dashboard` (static files and Chromium settings) is the top layer: only evals and cli import it.
+`dashboard` (static files and Chromium settings) is the top layer: only evals and cli import it. The front
+door, the folder `selfsteer` (`selfsteer.attach` and friends), names entry points of trainer_bridge and
+integrations only, so it sits at the bottom with them.
 
-Every `import` and `from ... import` is read with `ast`, at the top of a module and inside functions alike.
+Every `import` and `from ... import` is read with `ast`, at the top of a module, inside functions and
+under `if TYPE_CHECKING:` alike; a file's module name comes from pyproject's package-dir (so
+trainer_bridge/integrations/plain.py is `selfsteer.integrations.plain`). Besides the direction, the
+modules' import graph must have no cycle (an import cycle is hidden, not removed, by a lazy import).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
+    "selfsteer": 0,  # the front door (the folder selfsteer/): `import selfsteer`, `selfsteer.attach`
     "trainer_bridge": 0,
     "integrations": 0,  # selfsteer.integrations: the folder trainer_bridge/integrations (the core's adapters)
     "prompts": 0,
@@ -27,19 +33,56 @@ LAYERS = {
     "cli": 4,
     "dashboard": 4,
 }
-CHECKED = ("agents", "graphs", "tools", "trainer_bridge", "prompts", "evals", "cli")
+# The folders whose files are checked (subfolders included): every top-level folder the install ships.
+CHECKED = ("selfsteer", "agents", "graphs", "tools", "trainer_bridge", "prompts", "evals", "cli", "dashboard")
 # What graphs may take from trainer_bridge: the persistence every layer shares, not the live run.
 SHARED_PERSISTENCE = ("selfsteer.trainer_bridge.store", "selfsteer.trainer_bridge.records")
+# Never read: the dashboard's npm packages and byte-code caches.
+SKIPPED_DIRS = {"node_modules", "__pycache__"}
 
 # Exceptions, as "file:selfsteer.package.module". None: keep it that way.
 ALLOWED: set[str] = set()
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+# folder (relative to the repository) -> the package it is installed as: pyproject's package-dir, inverted.
+PACKAGE_OF_FOLDER = {
+    folder: package for package, folder in _pyproject()["tool"]["setuptools"]["package-dir"].items()
+}
+
+
+def source_files(folder: str, root: Path = ROOT) -> list[Path]:
+    """Every .py file under root/folder, subfolders included, the dashboard's node_modules left out."""
+    return sorted(
+        path
+        for path in (root / folder).rglob("*.py")
+        if not SKIPPED_DIRS.intersection(path.relative_to(root).parts)
+    )
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """The dotted name a file is imported as: the longest folder of pyproject's package-dir that holds it
+    gives the package (a folder not listed there: `selfsteer.` + its path); __init__.py is the package."""
+    parts = path.relative_to(root).with_suffix("").parts
+    for cut in range(len(parts) - 1, 0, -1):
+        package = PACKAGE_OF_FOLDER.get("/".join(parts[:cut]))
+        if package is not None:
+            name = [*package.split("."), *parts[cut:]]
+            break
+    else:
+        name = ["selfsteer", *parts]
+    return ".".join(name[:-1] if name[-1] == "__init__" else name)
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
     """(line, absolute dotted name) for every name a file imports: `import a.b` gives a.b, `from a.b
     import c` gives a.b.c (c may be a module or a name in one); a relative import is resolved against
     the file's package."""
-    package = ["selfsteer", *path.relative_to(root).parent.parts]
+    module = module_name(path, root).split(".")
+    package = module if path.name == "__init__.py" else module[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
@@ -54,10 +97,13 @@ def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
 
 
 def layer_of(module: str) -> tuple[str, int] | None:
+    """(folder, layer) of a selfsteer module; `selfsteer` itself and `selfsteer.attach` and the like (a
+    name the front door exports) are the front door's. None for what is not selfsteer's."""
     parts = module.split(".")
-    if parts[0] != "selfsteer" or len(parts) < 2 or parts[1] not in LAYERS:
+    if parts[0] != "selfsteer":
         return None
-    return parts[1], LAYERS[parts[1]]
+    folder = parts[1] if len(parts) > 1 and parts[1] in LAYERS else "selfsteer"
+    return folder, LAYERS[folder]
 
 
 def violations() -> list[tuple[str, str]]:
@@ -65,7 +111,7 @@ def violations() -> list[tuple[str, str]]:
     out = []
     for folder in CHECKED:
         own = LAYERS[folder]
-        for path in sorted((ROOT / folder).rglob("*.py")):
+        for path in source_files(folder):
             relative = path.relative_to(ROOT).as_posix()
             for line, module in imported_modules(path):
                 target = layer_of(module)
@@ -89,7 +135,7 @@ def violations() -> list[tuple[str, str]]:
 def test_imports_point_down():
     found = violations()
     bad = [where for where, key in found if key not in ALLOWED]
-    assert not bad, "imports against the layers (DESIGN.md, Layout):\n" + "\n".join(bad)
+    assert not bad, "imports against the layers (README.md, Layout):\n" + "\n".join(bad)
 
 
 def test_the_checker_sees_imports_everywhere(tmp_path):
@@ -132,7 +178,7 @@ def helper_uses(root: Path = ROOT) -> list[str]:
     named testing*.py (a test helper shipped in the package)."""
     out = []
     for folder in SHIPPED:
-        for path in sorted((root / folder).rglob("*.py")):
+        for path in source_files(folder, root):
             relative = path.relative_to(root).as_posix()
             if path.name.startswith("testing"):
                 out.append(f"{relative}: a test helper in the shipped package (its place: tests/helpers)")
@@ -168,3 +214,148 @@ def test_the_helper_checker_sees_them(tmp_path):
         "evals/bench.py:4: imports tests.helpers.live_run, which only a checkout's tests have",
         "trainer_bridge/testing_ddp.py: a test helper in the shipped package (its place: tests/helpers)",
     ]
+
+
+def test_every_folder_and_subpackage_is_checked_and_installed():
+    """The layer check reads every folder the install ships; each folder under them that holds Python is a
+    package (an __init__.py) that pyproject lists, so a new subpackage cannot be left out of the wheel."""
+    assert set(CHECKED) == package_dirs(), "CHECKED is out of step with pyproject's package-dir"
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    folders = {path.parent for folder in CHECKED for path in source_files(folder)}
+    missing = [
+        f"{folder.relative_to(ROOT).as_posix()}/ ({module_name(folder / '__init__.py')}): "
+        + ("no __init__.py" if not (folder / "__init__.py").exists() else "not in pyproject's packages")
+        for folder in sorted(folders)
+        if not (folder / "__init__.py").exists() or module_name(folder / "__init__.py") not in listed
+    ]
+    assert not missing, "folders with Python that the install would leave out:\n" + "\n".join(missing)
+
+
+# Import cycles between modules (strongly connected components of the import graph below), each hidden
+# today by a lazy (function-local) or `if TYPE_CHECKING:` import. They are to be removed (issue 27): this
+# list may only shrink. A cycle not listed fails the test, and so does a listed one that is gone (or that
+# has changed: a module joined or left it).
+KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
+    frozenset(f"selfsteer.{name}" for name in cycle)
+    for cycle in (
+        # the supervisors' base module makes its subclasses (lazily, by name); they import the base
+        (
+            "agents.supervisors",
+            "agents.hypergradient_supervisor",
+            "agents.intervener",
+            "agents.probe_supervisor",
+            "agents.tool_supervisor",
+        ),
+        # the steering core: commands, probe and server name the Bridge under TYPE_CHECKING, the bridge
+        # imports handlers and server lazily; the rest are on the way (checkpoints, optim, alignment,
+        # snapshots all import commands)
+        (
+            "trainer_bridge.bridge",
+            "trainer_bridge.handlers",
+            "trainer_bridge.server",
+            "trainer_bridge.commands",
+            "trainer_bridge.optim",
+            "trainer_bridge.checkpoints",
+            "trainer_bridge.alignment",
+            "trainer_bridge.probe",
+            "trainer_bridge.snapshots",
+        ),
+        # counterfactual runs its rows on Ray lazily; counterfactual_ray imports counterfactual
+        ("evals.counterfactual", "evals.counterfactual_ray"),
+        # lr_suite runs PBT and Ray trials lazily; pbt and lr_suite_ray import lr_suite
+        ("evals.lr_suite", "evals.lr_suite_ray", "evals.pbt"),
+    )
+)
+
+
+def import_graph(root: Path = ROOT, folders: tuple[str, ...] = CHECKED) -> dict[str, set[str]]:
+    """module -> the selfsteer modules it imports, from every import statement (top level, in functions,
+    under TYPE_CHECKING). `from a.b import c` is an edge to a.b.c when that is a module, else to a.b:
+    each imported name goes to the longest module that prefixes it."""
+    files = {module_name(path, root): path for folder in folders for path in source_files(folder, root)}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        targets = graph.setdefault(module, set())
+        for _, imported in imported_modules(path, root):
+            parts = imported.split(".")
+            while parts and ".".join(parts) not in files:
+                parts.pop()
+            if parts and ".".join(parts) != module:
+                targets.add(".".join(parts))
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: set[frozenset[str]] = set()
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.add(frozenset(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def _describe(cycle: frozenset[str]) -> str:
+    return "{" + ", ".join(sorted(cycle)) + "}"
+
+
+def test_no_import_cycles_but_the_known_ones():
+    found = import_cycles(import_graph())
+    new = sorted(_describe(cycle) for cycle in found - KNOWN_CYCLES)
+    gone = sorted(_describe(cycle) for cycle in KNOWN_CYCLES - found)
+    assert not new, "import cycles between modules (break them; do not list them):\n" + "\n".join(new)
+    assert not gone, "cycles in KNOWN_CYCLES that no longer exist (remove them from the list):\n" + "\n".join(
+        gone
+    )
+
+
+def test_the_cycle_finder_sees_lazy_and_type_checking_imports(tmp_path):
+    """A cycle closed by a function-local import, one closed under TYPE_CHECKING, one through a package's
+    __init__ and a `from package import module`: all found; an import of a name, not a module, and a
+    chain without a way back are not cycles."""
+    files = {
+        "agents/a.py": "from selfsteer.agents.b import B\n",
+        "agents/b.py": "def f():\n    from selfsteer.agents.a import A\n",
+        "tools/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from selfsteer.graphs import d\n",
+        "graphs/__init__.py": "",
+        "graphs/d.py": "import selfsteer.tools.c\n",
+        "evals/__init__.py": "from selfsteer.evals.e import run\n",
+        "evals/e.py": "import selfsteer.evals\nfrom selfsteer.agents.a import A\n",
+        "cli/f.py": "from selfsteer.agents.b import B\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    graph = import_graph(tmp_path, folders=("agents", "tools", "graphs", "evals", "cli"))
+    assert graph["selfsteer.graphs.d"] == {"selfsteer.tools.c"}
+    assert graph["selfsteer.evals"] == {"selfsteer.evals.e"}  # `run` is a name in e, the edge goes to e
+    assert import_cycles(graph) == {
+        frozenset({"selfsteer.agents.a", "selfsteer.agents.b"}),
+        frozenset({"selfsteer.tools.c", "selfsteer.graphs.d"}),
+        frozenset({"selfsteer.evals", "selfsteer.evals.e"}),
+    }
