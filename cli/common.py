@@ -90,9 +90,9 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         "--self-correct",
         action="store_true",
         help="check each learning-rate change at the next evaluation; when the eval loss rose more than "
-        "the margin, a reflection says why (by default the shipped reflector writes it, see --reflector), "
-        "the run rolls back to a checkpoint saved just before the change (as a new branch) and the "
-        "decision is taken again without that action",
+        "the margin, the supervisor reflects on why (or a reflector, see --reflector), the run rolls back "
+        "to a checkpoint saved just before the change (as a new branch) and the decision is taken again "
+        "without that action",
     )
     group.add_argument(
         "--self-correct-margin",
@@ -110,10 +110,10 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
     group.add_argument(
         "--reflector",
         default=None,
-        help="with --self-correct: who reflects on a failed decision and retries it: shipped (default: "
-        "the trained reflector, agents/reflector/, and its actor, the embedded model), self (the "
-        "supervisor itself; always so for human), none (the untrained embedded model as the reflector), "
-        "or an adapter or model folder",
+        help="with --self-correct: who reflects on a failed decision and retries it: self (default: the "
+        "supervisor itself; always so for human), shipped (the trained reflector, agents/reflector/, and "
+        "its actor, the embedded model; no gain measured in the lr-suite, docs/reflector/), none (the "
+        "untrained embedded model as the reflector), or an adapter or model folder",
     )
     group.add_argument(
         "--remember-reflections",

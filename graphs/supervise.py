@@ -87,17 +87,18 @@ class SelfCorrection:
         past it is set back (the lr returns to what it was) without a rollback.
     memory: how many reflections (the latest) later decisions see.
     remember_runs: also show reflections of earlier runs of the same supervisor, from the store.
-    reflector: who reflects on a failed decision and retries it: "shipped" (the trained reflector,
-        agents/reflector/, and its actor, which retries among the actions not rolled back), "self" (the
-        supervisor itself), "none" (the untrained embedded model in the reflector's place), or an
-        adapter or model folder (agents/reflector.py `reflecting`).
+    reflector: who reflects on a failed decision and retries it: "self" (the supervisor itself),
+        "shipped" (the trained reflector, agents/reflector/, and its actor, which retries among the
+        actions not rolled back), "none" (the untrained embedded model in the reflector's place), or an
+        adapter or model folder (agents/reflector.py `reflecting`). "self" by default: in the lr-suite
+        the shipped reflector gained nothing on the held-out cells (docs/reflector/README.md).
     """
 
     margin: float = MARGIN
     max_extra_steps: float = 0.25
     memory: int = 3
     remember_runs: bool = False
-    reflector: str = "shipped"
+    reflector: str = "self"
 
     def __post_init__(self):
         if not 0 <= self.margin < 10:

@@ -32,7 +32,7 @@ def test_a_rollback_is_marked_and_the_abandoned_branch_faded_in_the_history(tmp_
     """A self-correcting supervisor's bad decision is rolled back (tests/test_self_correct.py): the
     history marks the rollback on the loss charts at the step it happened and draws the branch it left
     faded; the rolled-back decision's tooltip says why."""
-    summary, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection(reflector="self"))
+    summary, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection())
     with Store(db) as store:
         failed = next(d for d in store.list_decisions(summary["run_id"]) if d["rolled_back"])
     with served_dashboard(db) as url:

@@ -134,7 +134,7 @@ def eval_loss(run) -> float:
 
 
 def test_a_self_correcting_runs_abandoned_branches_are_among_the_trainers_steps(tmp_path):
-    summary, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection(reflector="self"))
+    summary, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection())
     assert summary["self_correction"]["extra_steps"] > 0  # a branch was rolled back from
     assert summary["steps"] == 60  # the Trainer kept counting through the rollback
     with Store(db) as store:

@@ -40,7 +40,7 @@ def test_a_decision_fails_when_the_next_eval_loss_rises_past_the_margin():
 def test_a_bad_decision_is_rolled_back_into_a_new_branch_and_retried(tmp_path):
     # At lr 0.1 the tiny model takes one doubling (0.2) and not a second (0.4): its eval loss rises.
     supervisor = AlwaysDouble()
-    summary, final, db = supervised_run(tmp_path, supervisor, 0.1, SelfCorrection(reflector="self"))
+    summary, final, db = supervised_run(tmp_path, supervisor, 0.1, SelfCorrection())
     with Store(db) as store:
         run_id = summary["run_id"]
         decisions = store.list_decisions(run_id)
@@ -122,13 +122,13 @@ def test_a_retry_of_the_embedded_model_cannot_repeat_the_rolled_back_action():
 
 
 def test_reflections_of_earlier_runs_are_remembered_when_asked(tmp_path):
-    first, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection(reflector="self"))
+    first, _, db = supervised_run(tmp_path, AlwaysDouble(), 0.1, SelfCorrection())
     with Store(db) as store:
         learned = [d["reflection"] for d in store.list_decisions(first["run_id"]) if d["reflection"]]
     assert learned
     remembering, forgetting = AlwaysDouble(), AlwaysDouble()
-    supervised_run(tmp_path, remembering, 0.1, SelfCorrection(reflector="self", remember_runs=True, memory=2))
-    supervised_run(tmp_path, forgetting, 0.1, SelfCorrection(reflector="self"))
+    supervised_run(tmp_path, remembering, 0.1, SelfCorrection(remember_runs=True, memory=2))
+    supervised_run(tmp_path, forgetting, 0.1, SelfCorrection())
     assert remembering.seen[0].reflections == learned[-2:]  # the latest two, oldest first
     assert forgetting.seen[0].reflections == []
 
@@ -157,7 +157,7 @@ def test_in_the_unheld_loop_a_change_is_judged_by_an_evaluation_after_it_took_ef
     with LiveRun(tmp_path, overrides, gates=[11, 25, 35]) as live, Store(live.db) as store:
         thread = threading.Thread(
             target=run_supervision, args=(live.run.url, DecidesLate(live.gate)),
-            kwargs={"db": str(live.db), "max_iterations": 2, "self_correct": SelfCorrection(reflector="self", margin=5.0)},
+            kwargs={"db": str(live.db), "max_iterations": 2, "self_correct": SelfCorrection(margin=5.0)},
             daemon=True,
         )  # fmt: skip
         thread.start()
@@ -219,7 +219,7 @@ def test_with_every_steps_no_decision_is_made_over_an_unjudged_one(tmp_path):
     took effect) is neither overwritten by a new decision nor checked in a loop that pauses the run at
     every wake-up: the loop waits for the evaluation, and ends within its cap."""
     summary, final, db = supervised_run(
-        tmp_path, AlwaysDouble(), 1e-4, SelfCorrection(reflector="self", margin=5.0), every_steps=3, max_iterations=20
+        tmp_path, AlwaysDouble(), 1e-4, SelfCorrection(margin=5.0), every_steps=3, max_iterations=20
     )
     with Store(db) as store:
         run_id = summary["run_id"]
@@ -258,7 +258,7 @@ def test_a_failure_judged_as_the_run_ends_is_recorded_without_a_rollback(tmp_pat
     with LiveRun(tmp_path, overrides) as live, Store(live.db) as store:
         final = run_supervision(
             live.run.url, StopsTheRunWhileReflecting(live), db=str(live.db), max_iterations=5,
-            pause_while_deciding=True, self_correct=SelfCorrection(reflector="self", margin=0.0),
+            pause_while_deciding=True, self_correct=SelfCorrection(margin=0.0),
         )  # fmt: skip
         run_id = live.run.run_id
         decisions = store.list_decisions(run_id)

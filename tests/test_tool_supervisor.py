@@ -78,4 +78,4 @@ def test_the_tool_supervisor_needs_a_model_that_calls_tools_and_no_self_correcti
     server = endpoint([])
     supervisor = ToolSupervisor(make_chat_model("openai:scripted", base_url=server.url, api_key="none"))
     with pytest.raises(ValueError, match="self-correction"):
-        build_supervision_graph(None, supervisor, self_correct=SelfCorrection(reflector="self"))
+        build_supervision_graph(None, supervisor, self_correct=SelfCorrection())

@@ -96,8 +96,8 @@ def assert_decisions_were_applied(tmp_path: Path, summary: dict) -> None:
 
 def test_self_correct_flags_reach_the_loop(tmp_path, monkeypatch):
     """--self-correct saves a rollback point before each lr change; with --self-correct-budget 0 no
-    rollback may abandon a step, so a failed change can only be given back. By default the shipped
-    reflector writes the reflection on a failed change and its actor retries (agents/reflector.py)."""
+    rollback may abandon a step, so a failed change can only be given back. With --reflector shipped the
+    trained reflector writes the reflection on a failed change and its actor retries (agents/reflector.py)."""
     module = tmp_path / "my_supervisors.py"
     module.write_text(
         "from selfsteer.agents.supervisors import Decision, Supervisor\n"
@@ -110,6 +110,7 @@ def test_self_correct_flags_reach_the_loop(tmp_path, monkeypatch):
     _, summary = train(
         tmp_path, "--set", "training.learning_rate=0.1", "--supervisor", "my_supervisors:AlwaysDouble",
         "--pause-while-deciding", "--max-iterations", "3", "--self-correct", "--self-correct-budget", "0",
+        "--reflector", "shipped",
     )  # fmt: skip
     with Store(tmp_path / "s.sqlite") as store:
         journal = [c for c in store.list_commands(summary["run_id"]) if c["source"] == "always-double"]

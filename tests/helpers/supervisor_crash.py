@@ -85,7 +85,7 @@ def main() -> None:
     run_supervision(
         args.url, AlwaysDouble() if args.self_correct else Alternating(), db=args.db,
         max_iterations=args.max_iterations, thread_id="crash-test", pause_while_deciding=True,
-        self_correct=SelfCorrection(reflector="self", max_extra_steps=1.0) if args.self_correct else None,
+        self_correct=SelfCorrection(max_extra_steps=1.0) if args.self_correct else None,
     )  # fmt: skip
 
 
