@@ -59,6 +59,13 @@ class IntervenerSupervisor(LLMSupervisor):
 
     name = "intervener"
 
+    uses_chat_model = False  # its own model: the embedded one with the adapter
+
+    @classmethod
+    def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
+        """`intervener:DIR`: another adapter folder (default the shipped one)."""
+        return cls(option or ADAPTER_DIR)
+
     def __init__(
         self,
         adapter: str | Path = ADAPTER_DIR,

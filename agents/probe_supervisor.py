@@ -123,6 +123,16 @@ class VettedProbeSupervisor(ProbeSupervisor):
 
     name = "probe-llm"
 
+    uses_chat_model = True
+
+    @classmethod
+    def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
+        """`probe-llm:STRATEGY` picks the veto's prompt (default probe_veto; the caller's --strategy, made
+        for `llm`, is not one)."""
+        from selfsteer.agents.supervisors import embedded_chat_model
+
+        return cls(chat_model or embedded_chat_model(), option or "probe_veto")
+
     def __init__(self, chat_model, strategy: str = "probe_veto", **probe_options):
         from selfsteer.agents.supervisors import LLMSupervisor
 

@@ -18,13 +18,12 @@ learning rate, with a short explanation. One small interface for all of them:
 - `ToolSupervisor` (agents/tool_supervisor.py): a chat model with tool calling acts on the run
   itself through the bridge's tools (lr, clipping, checkpoints, evaluation): beyond the three actions.
 - `HumanSupervisor`: asks a person (a LangGraph interrupt; see graphs/supervise.py).
-- Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`.
+- Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`;
+  `agents/registry.py` builds every one of them by name.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -37,8 +36,6 @@ from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import Reflection, reflection_prompt
 from selfsteer.prompts import PromptStrategy, load_strategy
 from selfsteer.trainer_bridge.records import ACTIONS, Action
-
-ENTRY_POINT_GROUP = "selfsteer.supervisors"
 
 
 @dataclass
@@ -80,6 +77,14 @@ class Supervisor:
     name: str = "supervisor"
     strategy: str | None = None
     model: str | None = None
+    uses_chat_model: bool = False  # the caller makes one (--llm, --base-url) only for those that do
+
+    @classmethod
+    def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
+        """How `agents.registry.make_supervisor` builds every supervisor, built-in or plug-in: the chat
+        model the caller made (None unless `uses_chat_model`), the prompt strategy, and what follows the
+        colon of its name (`intervener:DIR`). By default: `cls()`."""
+        return cls()
 
     def decide(self, observation: Observation) -> Decision:
         raise NotImplementedError
@@ -115,6 +120,11 @@ class LLMSupervisor(Supervisor):
     """
 
     name = "llm"
+    uses_chat_model = True
+
+    @classmethod
+    def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
+        return cls(chat_model or embedded_chat_model(), option or strategy or "json_history")
 
     def __init__(self, chat_model, strategy: str | PromptStrategy = "json_history", max_retries: int = 2):
         self.chat_model = chat_model
@@ -278,58 +288,7 @@ class HumanSupervisor(Supervisor):
         return Decision(answer["action"], answer.get("explanation", "human decision"))
 
 
-def _embedded_chat_model():
+def embedded_chat_model():
     from selfsteer.agents.chat_models import make_chat_model
 
     return make_chat_model("local")
-
-
-def load_supervisor(spec: str, *, chat_model=None, strategy: str = "json_history") -> Supervisor | None:
-    """`none` | `rule` | `plateau` | `probe` | `hypergradient` | `llm` | `intervener[:ADAPTER_DIR]` | `tools` | `human` | `module:Class`
-    | an entry point of `selfsteer.supervisors`."""
-    if spec == "none":
-        return None
-    if spec == "rule":
-        return RuleSupervisor()
-    if spec == "plateau":
-        return PlateauSupervisor()
-    if spec == "probe":
-        from selfsteer.agents.probe_supervisor import ProbeSupervisor
-
-        return ProbeSupervisor()
-    if spec == "probe-llm":
-        from selfsteer.agents.probe_supervisor import VettedProbeSupervisor
-
-        return VettedProbeSupervisor(chat_model or _embedded_chat_model())
-    if spec == "hypergradient":
-        from selfsteer.agents.hypergradient_supervisor import HypergradientSupervisor
-
-        return HypergradientSupervisor()
-    if spec == "intervener" or spec.startswith("intervener:"):
-        from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
-
-        return IntervenerSupervisor(spec.partition(":")[2] or ADAPTER_DIR)
-    if spec == "human":
-        return HumanSupervisor()
-    if spec == "tools":
-        from selfsteer.agents.tool_supervisor import ToolSupervisor
-
-        return ToolSupervisor(chat_model or _embedded_chat_model())
-    if spec == "llm":
-        return LLMSupervisor(chat_model or _embedded_chat_model(), strategy)
-    if ":" in spec:
-        module_name, _, class_name = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"cannot load supervisor {spec!r}: {error}") from error
-    else:
-        points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        if spec not in points:
-            known = ", ".join(["none", "rule", "plateau", "probe", "hypergradient", "llm", "intervener", "tools", "human", *points])
-            raise ValueError(f"unknown supervisor {spec!r}: use one of {known}, or module:Class")
-        cls = points[spec].load()
-    supervisor = cls()
-    if not callable(getattr(supervisor, "decide", None)):
-        raise ValueError(f"{spec} has no decide(observation) method")
-    return supervisor

@@ -64,6 +64,14 @@ class ToolSupervisor(Supervisor):
     name = "tools"
     acts_through_tools = True  # the graph sends no lr command of its own for this supervisor
 
+    uses_chat_model = True
+
+    @classmethod
+    def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
+        from selfsteer.agents.supervisors import embedded_chat_model
+
+        return cls(chat_model or embedded_chat_model())
+
     def __init__(self, chat_model, max_tool_calls: int = 4):
         try:
             chat_model.bind_tools([])

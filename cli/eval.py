@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfsteer.agents.registry import BUILT_IN
 from selfsteer.cli.common import add_llm_arguments, add_ray_arguments
 
 
@@ -153,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         config.supervisors += [
             f"{s}+sc" for s in config.supervisors if s not in NOT_SUPERVISORS and not s.endswith("+sc")
         ]
-    known = ("rule", "plateau", "probe", "probe-llm", "hypergradient", "intervener", *NOT_SUPERVISORS)
+    # every supervisor that decides alone (a person, or one acting through tools, does not suit a suite)
+    known = (*(name for name in BUILT_IN if name not in ("human", "tools")), *NOT_SUPERVISORS)
     corrected = [s for s in config.supervisors if "+" in s and s.partition("+")[0] in NOT_SUPERVISORS]
     if corrected:
         print(f"selfsteer eval lr-suite: {', '.join(corrected)}: no self-correction for a row that is no "

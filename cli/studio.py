@@ -93,13 +93,13 @@ def build_reflect(config: RunnableConfig | None = None):
 
 def build_supervise(config: RunnableConfig | None = None):
     """The supervision loop of graphs/supervise.py on the run served at the `url` setting."""
-    from selfsteer.agents.supervisors import load_supervisor
+    from selfsteer.agents.registry import make_supervisor, needs_chat_model
     from selfsteer.tools.bridge_tools import BridgeTools
     from selfsteer.trainer_bridge.client import BridgeClient
 
     spec = setting(config, "supervisor")
-    chat_model = _chat_model(config) if spec in ("llm", "tools") else None
-    supervisor = load_supervisor(spec, chat_model=chat_model, strategy=setting(config, "strategy"))
+    chat_model = _chat_model(config) if needs_chat_model(spec) else None
+    supervisor = make_supervisor(spec, chat_model=chat_model, strategy=setting(config, "strategy"))
     if supervisor is None:
         raise ValueError("supervisor none: nothing to show; choose rule, llm, ... (SELFSTEER_SUPERVISOR)")
     client = BridgeClient(setting(config, "url"), token=setting(config, "token"), source="studio")

@@ -537,9 +537,9 @@ def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
     if spec.policy == "random":
         rng = random.Random(f"{spec.id}-policy")
         return lambda observation: Decision(rng.choice(ACTIONS), "random behaviour policy")
-    from selfsteer.agents.supervisors import load_supervisor
+    from selfsteer.agents.registry import make_supervisor
 
-    supervisor = load_supervisor(spec.policy)
+    supervisor = make_supervisor(spec.policy)
     if supervisor is None:
         raise ValueError("the behaviour policy cannot be 'none': use keep")
     return supervisor.decide

@@ -238,14 +238,6 @@ def test_every_folder_and_subpackage_is_checked_and_installed():
 KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
     frozenset(f"selfsteer.{name}" for name in cycle)
     for cycle in (
-        # the supervisors' base module makes its subclasses (lazily, by name); they import the base
-        (
-            "agents.supervisors",
-            "agents.hypergradient_supervisor",
-            "agents.intervener",
-            "agents.probe_supervisor",
-            "agents.tool_supervisor",
-        ),
         # the steering core: commands, probe and server name the Bridge under TYPE_CHECKING, the bridge
         # imports handlers and server lazily; the rest are on the way (checkpoints, optim, alignment,
         # snapshots all import commands)

@@ -9,13 +9,13 @@ from langchain_core.messages import AIMessage
 
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.observation import Observation
+from selfsteer.agents.registry import make_supervisor, needs_chat_model, supervisor_class
 from selfsteer.agents.supervisors import (
     Decision,
     HumanSupervisor,
     LLMSupervisor,
     RuleSupervisor,
     Supervisor,
-    load_supervisor,
 )
 from selfsteer.prompts import list_strategies, load_strategy
 
@@ -143,15 +143,38 @@ class AlwaysKeep(Supervisor):
 
 
 def test_custom_supervisors_load_by_module_and_class():
-    supervisor = load_supervisor(f"{__name__}:AlwaysKeep")
+    supervisor = make_supervisor(f"{__name__}:AlwaysKeep")
     assert supervisor.decide(observe(RISING)).action == "keep"
-    assert load_supervisor("none") is None
-    assert isinstance(load_supervisor("rule"), RuleSupervisor)
-    assert isinstance(load_supervisor("human"), HumanSupervisor)
+    assert make_supervisor("none") is None
+    assert isinstance(make_supervisor("rule"), RuleSupervisor)
+    assert isinstance(make_supervisor("human"), HumanSupervisor)
     with pytest.raises(ValueError, match="unknown supervisor"):
-        load_supervisor("no-such-supervisor")
+        make_supervisor("no-such-supervisor")
     with pytest.raises(ValueError, match="cannot load"):
-        load_supervisor("selfsteer.agents:Nope")
+        make_supervisor("selfsteer.agents:Nope")
+
+
+class MyLLMSupervisor(LLMSupervisor):
+    name = "my-llm"
+
+
+def test_one_registry_builds_plug_ins_with_the_arguments_of_the_built_ins():
+    """A plug-in that talks to a chat model is given the caller's, and the strategy, exactly as `llm` is
+    (it was built with no arguments, and failed); `NAME:OPTION` means the same wherever a name is read."""
+    from helpers.scripted_chat import ScriptedChatModel
+
+    chat = ScriptedChatModel(script=lambda messages: "unused")
+    plug_in = f"{__name__}:MyLLMSupervisor"
+    assert needs_chat_model(plug_in) and needs_chat_model("llm:compact_stats") and needs_chat_model("probe-llm")
+    assert not needs_chat_model("rule") and not needs_chat_model(f"{__name__}:AlwaysKeep")
+    mine = make_supervisor(plug_in, chat_model=chat, strategy="compact_stats")
+    builtin = make_supervisor("llm", chat_model=chat, strategy="compact_stats")
+    assert type(mine) is MyLLMSupervisor and mine.chat_model is chat is builtin.chat_model
+    assert mine.strategy == builtin.strategy == make_supervisor("llm:compact_stats", chat_model=chat).strategy
+    assert supervisor_class("intervener:some/adapter").__name__ == "IntervenerSupervisor"
+    assert supervisor_class("probe-llm:probe_veto").__name__ == "VettedProbeSupervisor"
+    with pytest.raises(ValueError, match="unknown supervisor 'llmx'"):
+        supervisor_class("llmx")
 
 
 def test_decisions_refuse_unknown_actions():
@@ -161,12 +184,12 @@ def test_decisions_refuse_unknown_actions():
 
 
 def test_plateau_is_pytorchs_reduce_lr_on_plateau():
-    plateau = load_supervisor("plateau")
+    plateau = make_supervisor("plateau")
     decisions = [plateau.decide(observe(PLATEAU[: n + 1])).action for n in range(len(PLATEAU))]
     # 2.5 is the best; 2.41 improves it by over 1%; then two evaluations without such a gain: halve.
     assert decisions == ["keep", "keep", "keep", "keep", "halve", "keep"]
     assert "ReduceLROnPlateau" in plateau.decide(observe(PLATEAU)).explanation
-    falling = load_supervisor("plateau")
+    falling = make_supervisor("plateau")
     assert {falling.decide(observe(FALLING[: n + 1])).action for n in range(len(FALLING))} == {"keep"}
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import selfsteer
 from selfsteer.agents.hypergradient_supervisor import HypergradientSupervisor
 from selfsteer.agents.observation import Observation
-from selfsteer.agents.supervisors import load_supervisor
+from selfsteer.agents.registry import make_supervisor
 from selfsteer.integrations.lightning import SteerCallback
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun
@@ -182,7 +182,7 @@ def observed(alignment, evals=((10, 4.0), (20, 3.8)), step=20, train=None, avoid
 
 
 def test_the_hypergradient_supervisor_reads_the_mean_alignment_of_the_last_interval():
-    supervisor = load_supervisor("hypergradient")
+    supervisor = make_supervisor("hypergradient")
     assert isinstance(supervisor, HypergradientSupervisor)
     early = [(s, -0.5) for s in range(1, 11)]  # before the previous evaluation: not this interval's
     agree = supervisor.decide(observed(early + [(s, 0.2) for s in range(11, 21)]))
@@ -218,7 +218,7 @@ def test_a_tiny_run_under_the_hypergradient_supervisor_decides_from_the_alignmen
     from selfsteer.graphs.supervise import run_supervision
 
     def supervise(control, stop):
-        run_supervision(control, load_supervisor("hypergradient"), db=str(tmp_path / "graph.sqlite"),
+        run_supervision(control, make_supervisor("hypergradient"), db=str(tmp_path / "graph.sqlite"),
                         stop_event=stop, pause_while_deciding=True)  # fmt: skip
 
     # lr 1e-4 is far too low for tiny: successive steps agree.

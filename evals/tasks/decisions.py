@@ -110,9 +110,9 @@ def first_tries(directory: Path, rows: list[dict], policy: str) -> dict[str, str
         return known
     from tqdm import tqdm
 
-    from selfsteer.agents.supervisors import load_supervisor
+    from selfsteer.agents.registry import make_supervisor
 
-    supervisor = None if policy == "keep" else load_supervisor(policy)
+    supervisor = None if policy == "keep" else make_supervisor(policy)
     if supervisor is None and policy != "keep":
         raise ValueError("the first-try policy cannot be 'none': use keep")
     path.parent.mkdir(parents=True, exist_ok=True)
