@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from selfsteer.evals.counterfactual import CollectConfig, collect, default_specs, recipe_specs
+    from selfsteer.evals.collect import CollectConfig, collect
+    from selfsteer.evals.counterfactual import default_specs, recipe_specs
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -41,16 +41,13 @@ grid or from a recipe (whose resolved model section, optimizer and schedule are 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cache
-from pathlib import Path
 
 import torch
 
@@ -627,89 +624,3 @@ def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-# -----------------------------------------------------------------------------------------------------
-# the command
-
-
-@dataclass
-class CollectConfig:
-    out: str
-    specs: list[RunSpec] = field(default_factory=default_specs)
-    shard: tuple[int, int] = (0, 1)  # (index, count): this process collects every count-th spec
-    retries: int = 1  # a failed run is collected again this many times, then written to OUT/failed.jsonl
-    # Ray Tune (evals/counterfactual_ray.py): each run a trial, on this machine's Ray or on a cluster
-    ray: bool = False
-    ray_address: str | None = None  # default $RAY_ADDRESS, else Ray started here
-    ray_cpus: int | None = None  # the CPUs of a Ray started here (default: all)
-    cpus_per_trial: float = 1  # and torch threads per run
-    max_concurrent: int | None = None  # default: as many trials as the CPUs fit
-
-
-def collect(config: CollectConfig, progress: bool = True, failures: list | None = None) -> list[dict]:
-    """Collects every spec of this shard not yet done (an interrupted collection resumes), in this process
-    or as Ray Tune trials (`config.ray`), writing each run's rows to OUT/rows.jsonl and then its summary to
-    OUT/runs.jsonl as they come. A run that still fails after `config.retries` is written to
-    OUT/failed.jsonl (and to `failures`), reported on stderr, and collected again by the next call."""
-    from tqdm.auto import tqdm
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    index, count = config.shard
-    runs_path, rows_path = out / "runs.jsonl", out / "rows.jsonl"
-    done = set()
-    if runs_path.exists():
-        done = {json.loads(line)["run"] for line in runs_path.read_text().splitlines() if line.strip()}
-        # Rows of a run cut off mid-way are dropped: the run is collected again, whole.
-        if rows_path.exists():
-            kept = [
-                line
-                for line in rows_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["run"] in done
-            ]
-            rows_path.write_text("".join(line + "\n" for line in kept))
-    todo = [s for i, s in enumerate(config.specs) if i % count == index and s.id not in done]
-    summaries, failures = [], [] if failures is None else failures
-    with rows_path.open("a") as rows_file, runs_path.open("a") as runs_file:
-
-        def write_rows(rows: list[dict]) -> None:
-            rows_file.writelines(json.dumps(row) + "\n" for row in rows)
-            rows_file.flush()
-
-        def finished(summary: dict) -> None:  # after its rows: runs.jsonl is what marks a run done
-            runs_file.write(json.dumps(summary) + "\n")
-            runs_file.flush()
-            summaries.append(summary)
-
-        def failed(spec: RunSpec, error: str, attempts: int, **extra) -> None:
-            failure = {"run": spec.id, "spec": spec.to_dict(), "error": error, "attempts": attempts, **extra}
-            with (out / "failed.jsonl").open("a") as file:
-                file.write(json.dumps(failure) + "\n")
-            failures.append(failure)
-
-        if config.ray:
-            from selfsteer.evals.counterfactual_ray import collect_on_ray
-
-            collect_on_ray(todo, config, write_rows, finished, failed)
-        else:
-            for spec in tqdm(todo, desc="counterfactual runs", unit="run", disable=not progress):
-                for attempt in range(1, config.retries + 2):
-                    start = rows_file.tell()
-                    try:
-                        summary = collect_run(spec, on_row=lambda row: write_rows([row]))
-                    except Exception as error:  # retried, then written to failed.jsonl
-                        rows_file.truncate(start)  # the failed attempt's rows
-                        rows_file.seek(start)
-                        if attempt > config.retries:
-                            failed(spec, f"{type(error).__name__}: {error}", attempt)
-                        continue
-                    finished(summary)
-                    break
-    if failures:
-        print(
-            f"{len(failures)} runs failed after {config.retries + 1} attempts (OUT/failed.jsonl): "
-            + ", ".join(f["run"] for f in failures),
-            file=sys.stderr,
-        )
-    return summaries

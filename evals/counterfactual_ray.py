@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ray import tune
 
-from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect_run
+from selfsteer.evals.counterfactual import RunSpec, collect_run
 from selfsteer.evals.ray_trials import ray_options, run_trials, set_trial_threads
 
 
@@ -25,13 +25,14 @@ def trial(params: dict, threads: float) -> None:
 
 def collect_on_ray(
     specs: list[RunSpec],
-    config: CollectConfig,
+    config,
     write_rows: Callable[[list[dict]], None],
     finished: Callable[[dict], None],
     failed: Callable[..., None],
 ) -> None:
     """Collect `specs` as Tune trials: each finished run's rows, then its summary, handed to `write_rows`
-    and `finished` in the driver as it comes; a run still failing after the retries to `failed`."""
+    and `finished` in the driver as it comes; a run still failing after the retries to `failed`.
+    config: the collection's `CollectConfig` (evals/collect.py: `out` and the Ray options)."""
 
     def record(result: dict) -> None:
         write_rows(result["rows"])

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect
+from selfsteer.evals.collect import CollectConfig, collect
+from selfsteer.evals.counterfactual import RunSpec
 
 ray = pytest.importorskip("ray")
 

@@ -30,7 +30,8 @@ from selfsteer.agents.intervener_data import (
     read_rows,
 )
 from selfsteer.agents.supervisors import ACTIONS, RuleSupervisor
-from selfsteer.evals.counterfactual import CollectConfig, RunSpec, collect
+from selfsteer.evals.collect import CollectConfig, collect
+from selfsteer.evals.counterfactual import RunSpec
 from selfsteer.trainer_bridge.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
