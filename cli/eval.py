@@ -120,13 +120,14 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfsteer.evals.lr_suite import SuiteConfig, main
+    from selfsteer.evals.lr_suite import SuiteConfig
     from selfsteer.evals.lr_suite_names import (
         BASELINES,
         DEFAULT_SUPERVISORS,
         HELD_OUT_SUPERVISORS,
         POPULATIONS,
     )
+    from selfsteer.evals.lr_suite_run import main
 
     NOT_SUPERVISORS = (*BASELINES, *POPULATIONS)
 

@@ -52,15 +52,12 @@ import math
 import shutil
 import statistics
 import sys
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, OPTIMIZERS, SCHEDULES, SHAPES
-from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, POPULATIONS, ROWS
+from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -343,37 +340,6 @@ def by_reflector(supervisor: str) -> bool:
     return supervisor.endswith("+rsc")
 
 
-def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
-    """Run every cell (skipping those already in results.jsonl: an interrupted suite resumes; a failed
-    one is run again), in this process or as Ray Tune trials (`config.ray`)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path, db = out / "results.jsonl", out / "suite.sqlite"
-    done, every = load_results(results_path), cells(config)
-    todo = [c for c in every if "error" in done.get(c.id, {"error": ""})]
-    populations = [c for c in every if c.supervisor in POPULATIONS]
-    if populations:
-        from selfsteer.evals.pbt import run_pbt
-
-        run_pbt(populations, {c.id for c in todo}, config, out)
-        todo = [c for c in todo if c.supervisor not in POPULATIONS]
-    shared = shared_runs(every)
-    runs = [c for c in todo if c.id not in shared]
-    if config.ray:
-        from selfsteer.evals.lr_suite_ray import run_on_ray
-
-        run_on_ray(runs, config, out)  # each trial's row lands in results.jsonl as it finishes
-    else:
-        chat_model = suite_chat_model(config) if any(c.supervisor.startswith("llm:") for c in runs) else None
-        for cell in tqdm(runs, desc="lr-suite", unit="run"):
-            append_result(results_path, run_cell_retrying(cell, config, out, db, chat_model))
-    fill_shared(results_path, todo, shared)
-    return list(load_results(results_path).values())
-
-
 def suite_chat_model(config: SuiteConfig):
     """The chat model the suite's `llm:STRATEGY` supervisors share (the embedded one's explanations kept
     short: long ones cost seconds on a CPU)."""
@@ -602,16 +568,4 @@ def report(
             store.close()
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    return text
-
-
-def main(config: SuiteConfig, out: str | Path) -> str:
-    started = time.perf_counter()
-    rows = run_suite(config, out)
-    text = report(rows, config, out)
-    print(text)
-    failed = sum("error" in r for r in rows)
-    print(
-        f"{len(rows)} runs ({failed} failed), {time.perf_counter() - started:.0f} s; report: {Path(out) / 'report.md'}"
-    )
     return text

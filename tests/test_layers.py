@@ -252,8 +252,6 @@ KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
             "trainer_bridge.probe",
             "trainer_bridge.snapshots",
         ),
-        # lr_suite runs PBT and Ray trials lazily; pbt and lr_suite_ray import lr_suite
-        ("evals.lr_suite", "evals.lr_suite_ray", "evals.pbt"),
     )
 )
 

@@ -2,7 +2,8 @@
 
 import json
 
-from selfsteer.evals.lr_suite import SuiteConfig, cells, main, score
+from selfsteer.evals.lr_suite import SuiteConfig, cells, score
+from selfsteer.evals.lr_suite_run import main
 
 
 def test_a_miniature_suite_writes_results_report_and_plots(tmp_path):

@@ -16,9 +16,9 @@ from selfsteer.evals.lr_suite import (
     SuiteConfig,
     baseline_optimizer,
     load_results,
-    main,
     workload,
 )
+from selfsteer.evals.lr_suite_run import main
 from selfsteer.graphs.supervise import SelfCorrection
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun, extra_compute_steps

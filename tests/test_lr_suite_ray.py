@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from selfsteer.evals.lr_suite import Cell, SuiteConfig, load_results, main
+from selfsteer.evals.lr_suite import Cell, SuiteConfig, load_results
+from selfsteer.evals.lr_suite_run import main
 
 ray = pytest.importorskip("ray")
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from selfsteer.evals.lr_suite import SuiteConfig, load_results, main
+from selfsteer.evals.lr_suite import SuiteConfig, load_results
+from selfsteer.evals.lr_suite_run import main
 from selfsteer.evals.pbt import within_lr_bounds
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
 from selfsteer.trainer_bridge.recipe import load_recipe

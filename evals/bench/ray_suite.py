@@ -20,7 +20,8 @@ import tempfile
 
 MEASURE = """
 import json, sys, time, torch
-from selfsteer.evals.lr_suite import SuiteConfig, cells, run_suite
+from selfsteer.evals.lr_suite import SuiteConfig, cells
+from selfsteer.evals.lr_suite_run import run_suite
 mode, out, seeds, cpus = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")], int(sys.argv[4])
 torch.set_num_threads(1)
 config = SuiteConfig(
