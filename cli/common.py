@@ -142,8 +142,10 @@ def self_correction_from_args(args: argparse.Namespace):
             raise ValueError(f"{', '.join(given)}: only with --self-correct")
         return None
     options = {
-        "margin": args.self_correct_margin, "max_extra_steps": args.self_correct_budget, "reflector": args.reflector,
-    }  # fmt: skip
+        "margin": args.self_correct_margin,
+        "max_extra_steps": args.self_correct_budget,
+        "reflector": args.reflector,
+    }
     return SelfCorrection(
         **{k: v for k, v in options.items() if v is not None}, remember_runs=args.remember_reflections
     )
