@@ -15,31 +15,6 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the Ray files: they share an xdist group, so one worker runs them one after
-    another, and each Ray start costs seconds of CPU on the 2-core test machine (its raylet, GCS and
-    prestarted workers). Started by the first Ray file that needs it and shut down after the last Ray
-    test of a run of them (`pytest_runtest_teardown`). 3 CPUs, so that a population's three members
-    train side by side."""
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=3, include_dashboard=False)
-    return ray
-
-
-def pytest_runtest_teardown(item, nextitem):
-    """Shuts `local_ray` down once the next test is in no Ray file."""
-    if item.nodeid.split("::", 1)[0] in RAY_MODULES and (
-        nextitem is None or nextitem.nodeid.split("::", 1)[0] not in RAY_MODULES
-    ):
-        import sys
-
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
-
-
 def pytest_collection_modifyitems(session, config, items):
     """Two items with one node id would run serially, but pytest-xdist schedules by node id and runs
     only one of them (412 of 413 once, silently): refuse them at collection."""

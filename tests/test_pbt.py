@@ -52,7 +52,7 @@ def test_a_run_started_from_a_checkpoint_of_another_goes_on_as_that_run_did(tmp_
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory, one_torch_thread, local_ray):
+def suite(tmp_path_factory, one_torch_thread):
     """A suite of static runs and a PBT population, interrupted (Ctrl+C) once the population has
     checkpoints, then run again: Tune restores the population where it stopped."""
     out = tmp_path_factory.mktemp("pbt")
@@ -79,7 +79,11 @@ def suite(tmp_path_factory, one_torch_thread, local_ray):
         recipes=["tiny"], lrs={"tiny": lrs}, grid_lrs={"tiny": []}, seeds=[0], supervisors=["static", "pbt"],
         max_steps={"tiny": 20}, eval_steps={"tiny": 5},
     )  # fmt: skip
-    report = main(config, out)  # on the tests' local Ray
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        report = main(config, out)
+    finally:
+        ray.shutdown()
     return out, report, interrupted
 
 
@@ -133,7 +137,7 @@ def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(
 
 
 @pytest.fixture(scope="module")
-def populations_around_the_start(tmp_path_factory, one_torch_thread, local_ray):
+def populations_around_the_start(tmp_path_factory, one_torch_thread):
     """Populations built around a too-high start only (the tiny model blows up at lr 1.0): the start
     x0.25, x1 and x4 under PBT (pbt-start) and under PB2, in one suite (one Ray start, one static twin),
     four intervals (PB2's GP needs two results of a member at one lr before it has anything to fit), on
@@ -143,7 +147,11 @@ def populations_around_the_start(tmp_path_factory, one_torch_thread, local_ray):
         recipes=["tiny"], lrs={"tiny": {"too_high": 1.0}}, grid_lrs={"tiny": []}, seeds=[0],
         supervisors=["static", "pbt-start", "pb2"], max_steps={"tiny": 16}, eval_steps={"tiny": 4},
     )  # fmt: skip
-    report = main(config, out)  # on the tests' local Ray (3 CPUs)
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        report = main(config, out)
+    finally:
+        ray.shutdown()
     return out, load_results(out / "results.jsonl"), report
 
 
