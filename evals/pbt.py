@@ -358,6 +358,24 @@ class ResumableSynch:
                 self._next_perturbation_sync = furthest + self._perturbation_interval
         return decision
 
+    def choose_trial_to_run(self, tune_controller):
+        """Ray's choice; and when no member runs and none may (all paused at or past the next
+        synchronised perturbation: seen after a restore where one member had finished before the
+        interrupt, the other two PAUSED for 18 minutes while Tune's loop spun), the one furthest behind
+        runs, and the next perturbation is put one interval beyond it."""
+        from ray.tune.experiment import Trial
+
+        chosen = super().choose_trial_to_run(tune_controller)
+        if chosen is not None or not self._synch:
+            return chosen
+        trials = tune_controller.get_trials()
+        waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
+        if not waiting or any(t.status == Trial.RUNNING for t in trials):
+            return None  # nothing to run, or a member still on its way to the perturbation
+        behind = min(waiting, key=lambda t: self._trial_state[t].last_train_time)
+        self._next_perturbation_sync = self._trial_state[behind].last_train_time + self._perturbation_interval
+        return behind
+
 
 class SynchPBT(ResumableSynch, PopulationBasedTraining):
     pass

@@ -239,3 +239,41 @@ def test_a_restored_synchronous_population_never_leaves_its_members_paused_for_e
             trial.status = Trial.PAUSED
         assert scheduler._next_perturbation_sync == 6  # Ray's own: 5, and all three stuck at 5
         assert scheduler.choose_trial_to_run(controller) is not None
+
+
+def test_a_synchronous_population_with_every_member_paused_past_the_barrier_runs_the_one_behind():
+    """A restored population where one member had finished before the interrupt: the other two came back
+    PAUSED at or past the next synchronised perturbation, none ran, and Tune's loop spun for 18 minutes
+    (a fresh clone's test run). Ray's own choice is None there; the one furthest behind runs instead, and
+    nothing runs while a member is still on its way."""
+    from ray.tune.experiment import Trial
+
+    from selfsteer.evals.pbt import SynchPBT
+
+    class Controller:
+        search_alg = None
+
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+    scheduler = SynchPBT(time_attr="training_iteration", metric="score", mode="min", perturbation_interval=1,
+                         synch=True, hyperparam_mutations={"lr": [0.1, 0.2]})  # fmt: skip
+    trials = [Trial("Member", config={"lr": 0.1}, stub=True) for _ in range(3)]
+    controller = Controller(trials)
+    for trial in trials:
+        scheduler.on_trial_add(controller, trial)
+    done, ahead, behind = trials
+    done.status, ahead.status, behind.status = Trial.TERMINATED, Trial.PAUSED, Trial.PAUSED
+    scheduler._trial_state[ahead].last_train_time, scheduler._trial_state[behind].last_train_time = 3, 2
+    scheduler._next_perturbation_sync = 2  # both at or past it: Ray would wait for ever
+    from ray.tune.schedulers.pbt import PopulationBasedTraining
+
+    assert PopulationBasedTraining.choose_trial_to_run(scheduler, controller) is None
+    assert scheduler.choose_trial_to_run(controller) is behind
+    assert scheduler._next_perturbation_sync == 3
+    ahead.status = Trial.RUNNING
+    scheduler._next_perturbation_sync = 2
+    assert scheduler.choose_trial_to_run(controller) is None
