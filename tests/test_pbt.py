@@ -197,6 +197,23 @@ def test_a_population_around_the_start_gets_no_good_start_and_pays_for_every_mem
         assert ratios and ratios - {2.0, 0.5}, moves
 
 
+class Controller:
+    """The part of Tune's controller a PBT scheduler reads (the tests below drive a scheduler alone)."""
+
+    search_alg = None
+
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):
+        from ray.tune.experiment import Trial
+
+        return [t for t in self.trials if t.status != Trial.TERMINATED]
+
+
 def test_a_restored_synchronous_population_never_leaves_its_members_paused_for_ever():
     """Tune's restore gives PBT a fresh scheduler while the members come back at the steps they had
     reached. At the first synchronised perturbation the one behind copies one ahead (and its time), and
@@ -205,18 +222,6 @@ def test_a_restored_synchronous_population_never_leaves_its_members_paused_for_e
     from ray.tune.experiment import Trial
 
     from selfsteer.evals.pbt import SynchPB2, SynchPBT
-
-    class Controller:
-        search_alg = None
-
-        def __init__(self, trials):
-            self.trials = trials
-
-        def get_trials(self):
-            return self.trials
-
-        def get_live_trials(self):
-            return [t for t in self.trials if t.status != Trial.TERMINATED]
 
     def exploit(self, trial, controller, upper, lower):
         """What Ray's exploit does to the scheduler's state (its save and copy need a live Tune)."""
@@ -249,15 +254,6 @@ def test_a_synchronous_population_with_every_member_paused_past_the_barrier_runs
     from ray.tune.experiment import Trial
 
     from selfsteer.evals.pbt import SynchPBT
-
-    class Controller:
-        search_alg = None
-
-        def __init__(self, trials):
-            self.trials = trials
-
-        def get_trials(self):
-            return self.trials
 
     scheduler = SynchPBT(time_attr="training_iteration", metric="score", mode="min", perturbation_interval=1,
                          synch=True, hyperparam_mutations={"lr": [0.1, 0.2]})  # fmt: skip
