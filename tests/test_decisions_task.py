@@ -10,6 +10,7 @@ counterfactual rows (the shipped intervener's training rows, agents/intervener/c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_an_episode_reflects_on_the_given_first_try_and_the_actor_retries_withou
 
 
 def test_the_grpo_reward_asks_the_actor_not_the_policy(rows_dir):
-    from selfsteer.graphs.reflect import mine_failures
+    from selfsteer.graphs.reflect import mine_failures, retry_messages
 
     problems = load_task(task(rows_dir), split="test", n=6, seed=1, policy="keep")
     rows = mine_failures(None, problems)  # every first try is given: no model is asked
@@ -148,23 +149,26 @@ def test_the_grpo_reward_asks_the_actor_not_the_policy(rows_dir):
     def policy_generate(conversations):
         raise AssertionError("the retries of a task with an actor are the actor's")
 
+    asked: dict[str, tuple[list, str]] = {}  # what each problem's (real) actor was shown and answered
+
+    def recording(problem):
+        def actor(messages):
+            asked[problem.id] = (messages, problem.actor(messages))
+            return asked[problem.id][1]
+
+        return dataclasses.replace(problem, actor=actor)
+
+    problems = [recording(problem) for problem in problems]
     columns = {key: [row[key] for row in rows] for key in ("problem_id", "failed_attempt", "reason")}
     reflections = ["The loss fell fast; the learning rate should double."] * len(rows)
     rewards = reflection_reward(problems)(reflections, columns, policy_generate)
     by_id = {p.id: p for p in problems}
+    assert sorted(asked) == sorted(row["problem_id"] for row in rows)
     for reward, row, reflection in zip(rewards, rows, reflections, strict=True):
         problem = by_id[row["problem_id"]]
-        from selfsteer.graphs.reflect import retry_messages
-
-        answer = problem.actor(
-            retry_messages(
-                problem,
-                "reflect_attempt",
-                ["keep"],
-                [reflection],
-                version="decisions",
-                reasons=[row["reason"]],
-            )
+        shown, answer = asked[problem.id]
+        assert shown == retry_messages(
+            problem, "reflect_attempt", ["keep"], [reflection], version="decisions", reasons=[row["reason"]]
         )
         assert answer != "keep" and reward == float(problem.validate(answer).passed)
 
