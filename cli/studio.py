@@ -32,11 +32,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import START, StateGraph
 
 from selfsteer.graphs.reflect import EpisodeState, build_graph
-from selfsteer.graphs.supervise import build_supervision_graph
+from selfsteer.graphs.supervise import SupervisionContext, SupervisionState, supervision_graph
 
 DEFAULTS = {
     "task": ("SELFSTEER_TASK", "countdown"),
@@ -103,7 +103,17 @@ def build_supervise(config: RunnableConfig | None = None):
     if supervisor is None:
         raise ValueError("supervisor none: nothing to show; choose rule, llm, ... (SELFSTEER_SUPERVISOR)")
     client = BridgeClient(setting(config, "url"), token=setting(config, "token"), source="studio")
-    return build_supervision_graph(BridgeTools(client), supervisor)
+    context = SupervisionContext(BridgeTools(client), supervisor)
+    loop = supervision_graph()  # a closure variable: how LangGraph finds the subgraph (to draw it)
+
+    def supervise(state: SupervisionState, config: RunnableConfig) -> dict:
+        return loop.invoke(state, config, context=context)
+
+    # Studio gives a state alone: the loop runs as a subgraph of one node that gives it its context.
+    graph = StateGraph(SupervisionState)
+    graph.add_node("supervise", RunnableLambda(supervise, name="supervise"))
+    graph.add_edge(START, "supervise")
+    return graph.compile()
 
 
 async def reflect(config: RunnableConfig | None = None):

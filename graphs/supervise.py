@@ -21,8 +21,11 @@ key made of the run, the supervisor instance (the graph's thread id) and the ite
 returns the first command instead of queueing another; and a decision is stored under such a key
 too, so a decision recorded before the crash is reused as it was, never asked for again.
 
-    graph = build_supervision_graph(BridgeTools(BridgeClient(url)), RuleSupervisor())
-    graph.invoke({"max_iterations": 50}, {"configurable": {"thread_id": "supervise:RUN"}})
+    context = SupervisionContext(BridgeTools(BridgeClient(url)), RuleSupervisor())
+    supervision_graph().invoke({"max_iterations": 50}, {"configurable": {"thread_id": "RUN"}}, context=context)
+
+Each node is a function of the state, the run's config and `runtime.context` (a `SupervisionContext`:
+the tools, the supervisor and the loop's settings), so each can be called alone.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 from uuid import uuid4
@@ -41,6 +44,7 @@ import httpx
 from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from selfsteer.agents.observation import Observation
@@ -126,359 +130,410 @@ def refuse_unsupported(supervisor: Supervisor, self_correct: SelfCorrection | No
         )
 
 
-def build_supervision_graph(
-    tools: BridgeTools,
-    supervisor: Supervisor,
-    *,
-    checkpointer=None,
-    stop_event: threading.Event | None = None,
-    pause_while_deciding: bool = False,
-    self_correct: SelfCorrection | None = None,
-    poll_s: float = 0.2,
-    wait_timeout_s: float = 600.0,
-    on_decision: Callable[[dict], None] | None = None,
-):
-    """Compile the loop. `tools` act on the run and record every decision and its outcome in the run's
-    store, through its server; `checkpointer` makes the loop resumable; `stop_event` ends it from outside.
+@dataclass
+class SupervisionContext:
+    """What the loop runs with, given at invoke time (LangGraph's run context):
+    `supervision_graph().invoke(state, config, context=SupervisionContext(tools, supervisor))`. The nodes
+    below read it from `runtime.context`.
+
+    tools: act on the run, and record every decision and its outcome in the run's store, through its server.
+    supervisor: who decides; under self-correction wrapped by `reflecting` (the reflector, if one is set).
     pause_while_deciding: hold training from the observation to the action, so a decision acts on
         the state it saw (reproducible comparisons; by default training goes on while the supervisor
         thinks).
     self_correct: check each lr change at the next evaluation, and reflect, roll back and retry a
         failed one.
+    stop_event: ends the loop from outside.
+    poll_s: how often `wait` looks when it counts steps (`every_steps`); wait_timeout_s: the longest wait.
     on_decision: called with each new decision ({step, action, lr_before, lr_after, explanation, ...}),
-        e.g. to print it."""
+        e.g. to print it.
+    instance: names this supervisor's commands when the graph runs without a checkpointer's thread id."""
 
-    refuse_unsupported(supervisor, self_correct)
-    if self_correct is not None:
-        supervisor = reflecting(supervisor, self_correct.reflector)
-    if getattr(supervisor, "acts_through_tools", False):
-        supervisor.bind_bridge(tools)
-    instance = uuid4().hex[:12]  # without a checkpointer's thread id nothing resumes: any unique name
+    tools: BridgeTools
+    supervisor: Supervisor
+    pause_while_deciding: bool = False
+    self_correct: SelfCorrection | None = None
+    stop_event: threading.Event | None = None
+    poll_s: float = 0.2
+    wait_timeout_s: float = 600.0
+    on_decision: Callable[[dict], None] | None = None
+    instance: str = field(default_factory=lambda: uuid4().hex[:12])
 
-    def key(run_id: str, config: RunnableConfig, what: str, iteration: int) -> str:
-        thread_id = (config.get("configurable") or {}).get("thread_id") or instance
+    def __post_init__(self):
+        refuse_unsupported(self.supervisor, self.self_correct)
+        if self.self_correct is not None:
+            self.supervisor = reflecting(self.supervisor, self.self_correct.reflector)
+        if getattr(self.supervisor, "acts_through_tools", False):
+            self.supervisor.bind_bridge(self.tools)
+
+    def key(self, run_id: str, config: RunnableConfig, what: str, iteration: int) -> str:
+        """The idempotency key of a command or decision: the same after a resume (see the module's docstring)."""
+        thread_id = (config.get("configurable") or {}).get("thread_id") or self.instance
         return f"{run_id}/{thread_id}/{iteration}/{what}"
 
-    def observe(state: SupervisionState, config: RunnableConfig) -> dict:
-        run_state = tools.read_state()
-        iteration = state.get("iteration", 0)
-        # At the last step there is nothing left to steer (the final evaluation comes after it).
-        trained_out = _trained_out(run_state)
-        deciding = (
-            run_state.get("phase") not in FINISHED_PHASES
-            and not trained_out
-            and iteration < state.get("max_iterations", 100)
-        )
-        observations = state.get("observations", 0) + 1
-        if pause_while_deciding and deciding:
-            # Held from here to the action (or to a check that has no verdict yet), so the decision is
-            # about the state it acts on.
-            pause_key = key(run_state.get("run_id", ""), config, "pause", observations)
-            if not _run_over(lambda: tools.pause(pause_key)):
-                return {"finished": True, "observations": observations}
-            run_state = tools.read_state()
-        # Only the history of the weights now training: not a branch the run forked away from.
-        rows = tools.read_lineage(run_state.get("branch") or "main")
-        step = int(run_state.get("step") or 0)
-        lr = _current_lr(run_state, rows)
-        sent = state.get("sent_lr")
-        if sent and tools.client.command(sent["uuid"])["status"] in ("pending", "running"):
-            lr = sent["lr"]  # sent, not yet applied: the run will have it at its next step
-        observation = Observation.from_metrics(rows, step=step, lr=lr, max_steps=run_state.get("max_steps"))
-        if state.get("decision_id") is not None:
-            tools.client.update_decision(state["decision_id"], DecisionUpdate(outcome=_outcome(state, observation)))
-        return {
-            "run_id": run_state.get("run_id", ""),
-            "max_steps": int(run_state.get("max_steps") or 0),
-            "step": step,
-            "lr": lr,
-            "observation": observation.to_dict(),
-            "observed_eval_step": observation.eval_loss[-1][0] if observation.eval_loss else 0,
-            "finished": run_state.get("phase") in FINISHED_PHASES or trained_out,
-            "observations": observations,
-        }
 
-    def release(state: SupervisionState, config: RunnableConfig) -> bool:
-        """Resumes a run held since this observation; False when the run has ended meanwhile."""
-        if not pause_while_deciding:
-            return True
-        resume_key = key(state["run_id"], config, "resume", state.get("observations", 0))
-        return _run_over(lambda: tools.resume(resume_key))
+# -----------------------------------------------------------------------------------------------------
+# the nodes: each reads the state and the run's context, and returns the state's update
 
-    def decide(state: SupervisionState, config: RunnableConfig) -> dict:
-        iteration = state.get("iteration", 0) + 1
-        decision_key = key(state["run_id"], config, "decision", iteration)
-        recorded = tools.client.decisions(key=decision_key) if state.get("run_id") else []
-        if recorded:  # decided before this process died: the same decision, not a new one
-            decision = recorded[0].model_dump(include={"action", "explanation", "lr_before", "lr_after", "step"})
-            return {"decision": decision, "decision_id": recorded[0].id, "iteration": iteration}
-        observation = Observation(**state["observation"])
-        avoid = state.get("avoid") or []
-        if self_correct is not None:
-            observation.reflections = lessons(state)
-            observation.avoid = list(avoid)
-        try:
-            wanted = supervisor.evidence(observation) if hasattr(supervisor, "evidence") else None
-            if wanted:  # measured from the state decided on (held) or the next boundary (not held)
-                probe_key = key(state["run_id"], config, "probe", iteration)
-                observation.probe = tools.probe(**wanted, idempotency_key=probe_key)
-            decision = supervisor.decide(observation)
-        except GraphBubbleUp:  # an interrupt (a person's turn): LangGraph's control flow, not a failure
-            raise
-        except Exception as error:  # noqa: BLE001 - any failure of a plug-in: the run must go on
-            # Journaled as a fallback keep, so the run (held or not) goes on with its settings and the
-            # record says why; the next evaluation asks again.
-            explanation = f"the supervisor failed ({type(error).__name__}: {error}); keeping the current settings"
-            decision = Decision("keep", explanation[:4000], fallback=True)
-        if decision.action in avoid:  # rules and custom supervisors may not know they cannot
-            decision = Decision(
-                "keep",
-                f"{decision.action} was rolled back from this state, so keep (it said: {decision.explanation})",
-                decision.raw_output, decision.fallback, decision.latency_s,
-            )  # fmt: skip
-        # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
-        lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
-        seen = observation.to_dict()
-        decision_id = None
-        if state.get("run_id"):
-            decision_id = tools.client.record_decision(NewDecision(
-                step=state["step"], agent=supervisor.name, action=decision.action,
-                explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
-                observation=_finite(observation.record()), raw_output=decision.raw_output,
-                lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
-                key=decision_key, retry_of=state.get("retry_of"),
-            )).id  # fmt: skip
-        made = {**decision.__dict__, "lr_before": state["lr"], "lr_after": lr_after, "step": state["step"]}
-        if on_decision is not None:
-            on_decision(made)
-        return {
-            "decision": made,
-            "decision_id": decision_id,
-            "iteration": iteration,
-            "observation": seen,
-            "avoid": [],
-            "retry_of": None,
-        }
 
-    def lessons(state: SupervisionState) -> list[str]:
-        """The reflections a decision sees: this run's latest, and earlier runs' when remembered."""
-        texts = (state.get("reflections") or [])[-self_correct.memory :]
-        if self_correct.remember_runs and len(texts) < self_correct.memory:
-            earlier = tools.client.reflections(agent=supervisor.name, limit=4 * self_correct.memory)
-            texts = [r.reflection for r in earlier if r.run_id != state.get("run_id")][
-                : self_correct.memory - len(texts)
-            ][::-1] + texts
-        return texts
-
-    def act(state: SupervisionState, config: RunnableConfig) -> dict:
-        if state.get("finished"):
-            return {}
-        decision, iteration = state["decision"], state["iteration"]
-        update: dict = {}
-        try:
-            # A decision that changes nothing (a double at the lr's upper bound) is acted on as keep.
-            changes = decision["action"] != "keep" and decision["lr_after"] != decision["lr_before"]
-            if changes and not decision.get("acted"):
-                if self_correct is not None:
-                    # The rollback point: journaled before the lr change, so saved before it applies. Named
-                    # by run too: another run in the same output folder must not find it taken.
-                    name = f"rollback-{iteration}-{state['run_id'][:8]}"
-                    point = tools.client.save_checkpoint(
-                        name, idempotency_key=key(state["run_id"], config, "rollback", iteration)
-                    )
-                    update["pending_check"] = {
-                        **{k: decision[k] for k in ("action", "lr_before", "lr_after", "step")},
-                        "decision_id": state.get("decision_id"),
-                        "iteration": iteration,
-                        "observation": state["observation"],
-                        "checkpoint": name,
-                        "checkpoint_uuid": point["uuid"],
-                        "avoided": state["observation"].get("avoid") or [],
-                    }
-                lr_key = key(state["run_id"], config, "lr", iteration)
-                row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
-                update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
-                if "pending_check" in update:
-                    update["pending_check"]["command_uuid"] = row["uuid"]
-                if state.get("decision_id") is not None:  # its applied_step: the step this command takes effect
-                    tools.client.update_decision(state["decision_id"], DecisionUpdate(command=row["uuid"]))
-            elif self_correct is not None:
-                update["pending_check"] = None
-        except BridgeHTTPError as error:
-            if error.status_code != 409:
-                raise
-            update["finished"] = True  # the run ended while we were deciding
-        finally:
-            # Whatever happened, a run paused for this decision goes on: it is never left waiting.
-            if not release(state, config):
-                update["finished"] = True
-        return update
-
-    def check(state: SupervisionState, config: RunnableConfig) -> dict:
-        """Judge the last lr change; on a failure reflect, then roll back (or set the lr back)."""
-        pending = state["pending_check"]
-        decided, now = Observation(**pending["observation"]), Observation(**state["observation"])
-        # Judged only by an evaluation after the change took effect: a supervisor that does not hold
-        # the run acts tens of steps after it observed, and evaluations in between saw the old lr.
-        command = tools.client.command(pending["command_uuid"]) if pending.get("command_uuid") else None
-        if command is not None and command["status"] == "failed":  # never took effect: nothing to judge
-            return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
-        applied_step = command["step"] if command is not None and command["status"] == "success" else None
-        verdict = None
-        if applied_step is not None or command is None:
-            took_effect = pending["step"] if applied_step is None else applied_step
-            # The loss it is held to: the latest evaluation before it took effect (the decision saw
-            # the one at its own step; the run may have moved on since).
-            before = [v for s, v in now.eval_loss if pending["step"] <= s <= took_effect]
-            loss_before = before[-1] if before else (decided.losses[-1][1] if decided.losses else math.nan)
-            verdict = judge(loss_before, took_effect, now, self_correct.margin)
-        if verdict is None:  # not applied yet, or no evaluation since: judged at a later observation
-            if not release(state, config):
-                return {"finished": True, "rolled_back": False, "awaiting_verdict": True}
-            return {"rolled_back": False, "awaiting_verdict": True}
-        if not verdict.failed:
-            if pending["decision_id"] is not None:  # the verdict is part of what followed it
-                outcome = {**_outcome({"observation": pending["observation"], "step": pending["step"]}, now)}
-                outcome["verdict"] = asdict(verdict)
-                tools.client.update_decision(pending["decision_id"], DecisionUpdate(outcome=_finite(outcome)))
-            return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
-        action, iteration = pending["action"], pending["iteration"]
-        facts = factual_reflection(
-            action, pending["lr_before"], pending["lr_after"], pending["step"], verdict
-        )
-        try:
-            reflection = supervisor.reflect(decided, action, facts)
-        except Exception:  # noqa: BLE001 - a plug-in's failure: the facts are a reflection too
-            reflection = facts
-        point = tools.client.command(pending["checkpoint_uuid"])
-        # The steps a rollback abandons: everything trained since the rollback point was saved.
-        spent = state["step"] - (point["step"] if point.get("step") is not None else pending["step"])
-        budget = self_correct.max_extra_steps * (state.get("max_steps") or 0)
-        update: dict = {
-            "pending_check": None,
-            "decision_id": None,  # its outcome is written here, once
-            "reflections": [*(state.get("reflections") or []), reflection],
-            "avoid": [*pending["avoided"], action],
-            "retry_of": pending["decision_id"],
-            "rolled_back": False,
-            "awaiting_verdict": False,
-        }
-        outcome = {
-            **_outcome({"observation": pending["observation"], "step": pending["step"]}, now),
-            "verdict": asdict(verdict),  # stored through _finite below, like the rest of the outcome
-            "reflection_source": "facts" if reflection == facts else "model",
-        }
-        why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
-        loaded = None
-        # Judged after its last step, a run has nothing left to retry on (and applies no more commands).
-        ended = _trained_out(tools.read_state())
-        if not ended and point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
-            branch = f"retry-{iteration}"
-            # Under a key: a supervisor that dies in this node and comes back rolls back once, not twice.
-            rollback_key = key(state["run_id"], config, "load-rollback", iteration)
-            sent = tools.client.load_checkpoint(pending["checkpoint"], branch, idempotency_key=rollback_key)
-            try:
-                loaded = tools.client.wait(sent["uuid"], timeout=tools.wait_s)  # until the run has it
-                why = f"the rollback failed: {loaded.get('error')}"
-            except CommandTimeout:
-                if not _trained_out(tools.read_state()):
-                    raise
-                ended = True  # it trained its last step meanwhile: the command is never applied
-        if ended:
-            outcome |= {"why_not_rolled_back": "the run ended first"}
-            update["finished"] = True
-        elif loaded is not None and loaded["status"] == "success":
-            outcome |= {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
-            update |= {
-                "rollbacks": state.get("rollbacks", 0) + 1,
-                "extra_steps": state.get("extra_steps", 0) + spent,
-            }
-            update |= {"sent_lr": None, "rolled_back": True}  # the checkpoint brought its own lr back
-        else:
-            # Over the budget (or no rollback point): keep the weights, give the lr back.
-            revert_key = key(state["run_id"], config, "revert", iteration)
-            try:
-                row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
-            except BridgeHTTPError as error:
-                if error.status_code != 409:
-                    raise
-                row = None  # the run ended meanwhile
-            if row is None:
-                outcome |= {"why_not_rolled_back": f"{why}; the run ended first"}
-                update["finished"] = True
-            else:
-                outcome |= {"reverted": True, "why_not_rolled_back": why}
-                update |= {
-                    "reverts": state.get("reverts", 0) + 1,
-                    "lr": pending["lr_before"],
-                    "observation": {**state["observation"], "lr": pending["lr_before"]},
-                    "sent_lr": {"uuid": row["uuid"], "lr": pending["lr_before"]},
-                }
-        if pending["decision_id"] is not None:
-            update_row = DecisionUpdate(
-                reflection=reflection, outcome=_finite(outcome), rolled_back="rolled_back_to" in outcome
-            )
-            tools.client.update_decision(pending["decision_id"], update_row)
-        return update
-
-    def wait(state: SupervisionState) -> dict:
-        """Until a newer evaluation, `every_steps` more steps, or the end of the run."""
-        deadline = time.monotonic() + wait_timeout_s
-        # A change awaiting its verdict needs an evaluation: more steps alone would only check again.
-        every = 0 if state.get("awaiting_verdict") else state.get("every_steps", 0)
-        while time.monotonic() < deadline:
-            if stop_event is not None and stop_event.is_set():
-                return {"finished": True}
-            token = tools.client.watch()  # before looking: a change after it ends the wait below at once
-            run_state = tools.read_state()
-            if run_state.get("phase") in FINISHED_PHASES:
-                return {"finished": True}
-            if every and int(run_state.get("step") or 0) >= state.get("step", 0) + every:
-                return {}
-            # Newer than what was seen, and than the step it was seen at: after a rollback the branch
-            # left behind holds evaluations past the rollback point that are no news.
-            since = max(state.get("observed_eval_step", 0), state.get("step", 0))
-            if tools.read_metrics(since=since, names=["eval_loss"]):
-                return {}
-            # Steps are no change notice: counting them needs a look every poll_s. Otherwise the next
-            # evaluation, command or end wakes an in-process wait; over HTTP this is a poll_s pause.
-            limit = poll_s if every else min(1.0, deadline - time.monotonic())
-            tools.client.wait_for_change(token, max(0.0, limit), poll_s)
-        return {}
-
-    def after_observe(state: SupervisionState) -> str:
-        if state.get("finished") or state.get("iteration", 0) >= state.get("max_iterations", 100):
-            return END
-        return "check" if state.get("pending_check") else "decide"
-
-    def after_check(state: SupervisionState) -> str:
-        if state.get("finished"):
-            return END
-        # No verdict yet: no new decision over an unjudged one; wait for the evaluation that judges it.
-        if state.get("awaiting_verdict"):
-            return "wait"
-        # Rolled back: the run is at the rollback point now, so look again before deciding again.
-        return "observe" if state.get("rolled_back") else "decide"
-
-    def after_wait(state: SupervisionState) -> str:
-        return END if state.get("finished") else "observe"
-
-    graph = StateGraph(SupervisionState)
-    graph.add_node("observe", observe)
-    graph.add_node("decide", decide)
-    graph.add_node("act", act)
-    graph.add_node("wait", wait)
-    graph.add_edge(START, "wait")  # the first decision waits for the first evaluation: nothing to see before
-    graph.add_conditional_edges(
-        "observe", after_observe, ["check", "decide", END] if self_correct else ["decide", END]
+def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[SupervisionContext]) -> dict:
+    context = runtime.context
+    tools = context.tools
+    run_state = tools.read_state()
+    iteration = state.get("iteration", 0)
+    # At the last step there is nothing left to steer (the final evaluation comes after it).
+    trained_out = _trained_out(run_state)
+    deciding = (
+        run_state.get("phase") not in FINISHED_PHASES
+        and not trained_out
+        and iteration < state.get("max_iterations", 100)
     )
-    if self_correct is not None:
-        graph.add_node("check", check)
-        graph.add_conditional_edges("check", after_check, ["observe", "decide", "wait", END])
+    observations = state.get("observations", 0) + 1
+    if context.pause_while_deciding and deciding:
+        # Held from here to the action (or to a check that has no verdict yet), so the decision is
+        # about the state it acts on.
+        pause_key = context.key(run_state.get("run_id", ""), config, "pause", observations)
+        if not _run_over(lambda: tools.pause(pause_key)):
+            return {"finished": True, "observations": observations}
+        run_state = tools.read_state()
+    # Only the history of the weights now training: not a branch the run forked away from.
+    rows = tools.read_lineage(run_state.get("branch") or "main")
+    step = int(run_state.get("step") or 0)
+    lr = _current_lr(run_state, rows)
+    sent = state.get("sent_lr")
+    if sent and tools.client.command(sent["uuid"])["status"] in ("pending", "running"):
+        lr = sent["lr"]  # sent, not yet applied: the run will have it at its next step
+    observation = Observation.from_metrics(rows, step=step, lr=lr, max_steps=run_state.get("max_steps"))
+    if state.get("decision_id") is not None:
+        tools.client.update_decision(state["decision_id"], DecisionUpdate(outcome=_outcome(state, observation)))
+    return {
+        "run_id": run_state.get("run_id", ""),
+        "max_steps": int(run_state.get("max_steps") or 0),
+        "step": step,
+        "lr": lr,
+        "observation": observation.to_dict(),
+        "observed_eval_step": observation.eval_loss[-1][0] if observation.eval_loss else 0,
+        "finished": run_state.get("phase") in FINISHED_PHASES or trained_out,
+        "observations": observations,
+    }
+
+
+def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[SupervisionContext]) -> dict:
+    context = runtime.context
+    tools, supervisor = context.tools, context.supervisor
+    iteration = state.get("iteration", 0) + 1
+    decision_key = context.key(state.get("run_id", ""), config, "decision", iteration)
+    recorded = tools.client.decisions(key=decision_key) if state.get("run_id") else []
+    if recorded:  # decided before this process died: the same decision, not a new one
+        decision = recorded[0].model_dump(include={"action", "explanation", "lr_before", "lr_after", "step"})
+        return {"decision": decision, "decision_id": recorded[0].id, "iteration": iteration}
+    observation = Observation(**state["observation"])
+    avoid = state.get("avoid") or []
+    if context.self_correct is not None:
+        observation.reflections = _lessons(state, context)
+        observation.avoid = list(avoid)
+    try:
+        wanted = supervisor.evidence(observation) if hasattr(supervisor, "evidence") else None
+        if wanted:  # measured from the state decided on (held) or the next boundary (not held)
+            probe_key = context.key(state["run_id"], config, "probe", iteration)
+            observation.probe = tools.probe(**wanted, idempotency_key=probe_key)
+        decision = supervisor.decide(observation)
+    except GraphBubbleUp:  # an interrupt (a person's turn): LangGraph's control flow, not a failure
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of a plug-in: the run must go on
+        # Journaled as a fallback keep, so the run (held or not) goes on with its settings and the
+        # record says why; the next evaluation asks again.
+        explanation = f"the supervisor failed ({type(error).__name__}: {error}); keeping the current settings"
+        decision = Decision("keep", explanation[:4000], fallback=True)
+    if decision.action in avoid:  # rules and custom supervisors may not know they cannot
+        decision = Decision(
+            "keep",
+            f"{decision.action} was rolled back from this state, so keep (it said: {decision.explanation})",
+            decision.raw_output, decision.fallback, decision.latency_s,
+        )  # fmt: skip
+    # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
+    lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
+    seen = observation.to_dict()
+    decision_id = None
+    if state.get("run_id"):
+        decision_id = tools.client.record_decision(NewDecision(
+            step=state["step"], agent=supervisor.name, action=decision.action,
+            explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
+            observation=_finite(observation.record()), raw_output=decision.raw_output,
+            lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
+            key=decision_key, retry_of=state.get("retry_of"),
+        )).id  # fmt: skip
+    made = {**decision.__dict__, "lr_before": state["lr"], "lr_after": lr_after, "step": state["step"]}
+    if context.on_decision is not None:
+        context.on_decision(made)
+    return {
+        "decision": made,
+        "decision_id": decision_id,
+        "iteration": iteration,
+        "observation": seen,
+        "avoid": [],
+        "retry_of": None,
+    }
+
+
+def act(state: SupervisionState, config: RunnableConfig, runtime: Runtime[SupervisionContext]) -> dict:
+    if state.get("finished"):
+        return {}
+    context = runtime.context
+    tools = context.tools
+    decision, iteration = state["decision"], state["iteration"]
+    update: dict = {}
+    try:
+        # A decision that changes nothing (a double at the lr's upper bound) is acted on as keep.
+        changes = decision["action"] != "keep" and decision["lr_after"] != decision["lr_before"]
+        if changes and not decision.get("acted"):
+            if context.self_correct is not None:
+                # The rollback point: journaled before the lr change, so saved before it applies. Named
+                # by run too: another run in the same output folder must not find it taken.
+                name = f"rollback-{iteration}-{state['run_id'][:8]}"
+                point = tools.client.save_checkpoint(
+                    name, idempotency_key=context.key(state["run_id"], config, "rollback", iteration)
+                )
+                update["pending_check"] = {
+                    **{k: decision[k] for k in ("action", "lr_before", "lr_after", "step")},
+                    "decision_id": state.get("decision_id"),
+                    "iteration": iteration,
+                    "observation": state["observation"],
+                    "checkpoint": name,
+                    "checkpoint_uuid": point["uuid"],
+                    "avoided": state["observation"].get("avoid") or [],
+                }
+            lr_key = context.key(state["run_id"], config, "lr", iteration)
+            row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
+            update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
+            if "pending_check" in update:
+                update["pending_check"]["command_uuid"] = row["uuid"]
+            if state.get("decision_id") is not None:  # its applied_step: the step this command takes effect
+                tools.client.update_decision(state["decision_id"], DecisionUpdate(command=row["uuid"]))
+        elif context.self_correct is not None:
+            update["pending_check"] = None
+    except BridgeHTTPError as error:
+        if error.status_code != 409:
+            raise
+        update["finished"] = True  # the run ended while we were deciding
+    finally:
+        # Whatever happened, a run paused for this decision goes on: it is never left waiting.
+        if not _release(state, config, context):
+            update["finished"] = True
+    return update
+
+
+def check(state: SupervisionState, config: RunnableConfig, runtime: Runtime[SupervisionContext]) -> dict:
+    """Judge the last lr change; on a failure reflect, then roll back (or set the lr back)."""
+    context = runtime.context
+    tools, self_correct = context.tools, context.self_correct
+    pending = state["pending_check"]
+    decided, now = Observation(**pending["observation"]), Observation(**state["observation"])
+    verdict = _verdict(pending, now, tools, self_correct.margin)
+    if verdict is _NEVER_APPLIED:  # the command failed: nothing to judge
+        return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
+    if verdict is None:  # not applied yet, or no evaluation since: judged at a later observation
+        if not _release(state, config, context):
+            return {"finished": True, "rolled_back": False, "awaiting_verdict": True}
+        return {"rolled_back": False, "awaiting_verdict": True}
+    if not verdict.failed:
+        if pending["decision_id"] is not None:  # the verdict is part of what followed it
+            outcome = {**_outcome({"observation": pending["observation"], "step": pending["step"]}, now)}
+            outcome["verdict"] = asdict(verdict)
+            tools.client.update_decision(pending["decision_id"], DecisionUpdate(outcome=_finite(outcome)))
+        return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
+    action = pending["action"]
+    facts = factual_reflection(action, pending["lr_before"], pending["lr_after"], pending["step"], verdict)
+    try:
+        reflection = context.supervisor.reflect(decided, action, facts)
+    except Exception:  # noqa: BLE001 - a plug-in's failure: the facts are a reflection too
+        reflection = facts
+    update: dict = {
+        "pending_check": None,
+        "decision_id": None,  # its outcome is written here, once
+        "reflections": [*(state.get("reflections") or []), reflection],
+        "avoid": [*pending["avoided"], action],
+        "retry_of": pending["decision_id"],
+        "rolled_back": False,
+        "awaiting_verdict": False,
+    }
+    outcome = {
+        **_outcome({"observation": pending["observation"], "step": pending["step"]}, now),
+        "verdict": asdict(verdict),  # stored through _finite below, like the rest of the outcome
+        "reflection_source": "facts" if reflection == facts else "model",
+    }
+    undone, outcome_more = _undo(state, config, context)
+    update |= undone
+    outcome |= outcome_more
+    if pending["decision_id"] is not None:
+        update_row = DecisionUpdate(
+            reflection=reflection, outcome=_finite(outcome), rolled_back="rolled_back_to" in outcome
+        )
+        tools.client.update_decision(pending["decision_id"], update_row)
+    return update
+
+
+def wait(state: SupervisionState, runtime: Runtime[SupervisionContext]) -> dict:
+    """Until a newer evaluation, `every_steps` more steps, or the end of the run."""
+    context = runtime.context
+    tools = context.tools
+    deadline = time.monotonic() + context.wait_timeout_s
+    # A change awaiting its verdict needs an evaluation: more steps alone would only check again.
+    every = 0 if state.get("awaiting_verdict") else state.get("every_steps", 0)
+    while time.monotonic() < deadline:
+        if context.stop_event is not None and context.stop_event.is_set():
+            return {"finished": True}
+        token = tools.client.watch()  # before looking: a change after it ends the wait below at once
+        run_state = tools.read_state()
+        if run_state.get("phase") in FINISHED_PHASES:
+            return {"finished": True}
+        if every and int(run_state.get("step") or 0) >= state.get("step", 0) + every:
+            return {}
+        # Newer than what was seen, and than the step it was seen at: after a rollback the branch
+        # left behind holds evaluations past the rollback point that are no news.
+        since = max(state.get("observed_eval_step", 0), state.get("step", 0))
+        if tools.read_metrics(since=since, names=["eval_loss"]):
+            return {}
+        # Steps are no change notice: counting them needs a look every poll_s. Otherwise the next
+        # evaluation, command or end wakes an in-process wait; over HTTP this is a poll_s pause.
+        limit = context.poll_s if every else min(1.0, deadline - time.monotonic())
+        tools.client.wait_for_change(token, max(0.0, limit), context.poll_s)
+    return {}
+
+
+# the edges
+
+
+def after_observe(state: SupervisionState) -> str:
+    if state.get("finished") or state.get("iteration", 0) >= state.get("max_iterations", 100):
+        return END
+    return "check" if state.get("pending_check") else "decide"  # only self-correction leaves one
+
+
+def after_check(state: SupervisionState) -> str:
+    if state.get("finished"):
+        return END
+    # No verdict yet: no new decision over an unjudged one; wait for the evaluation that judges it.
+    if state.get("awaiting_verdict"):
+        return "wait"
+    # Rolled back: the run is at the rollback point now, so look again before deciding again.
+    return "observe" if state.get("rolled_back") else "decide"
+
+
+def after_wait(state: SupervisionState) -> str:
+    return END if state.get("finished") else "observe"
+
+
+def supervision_graph(checkpointer=None):
+    """The loop, compiled: invoke it with `context=SupervisionContext(tools, supervisor, ...)`.
+    `checkpointer` (e.g. `SqliteSaver`) makes it resumable."""
+    graph = StateGraph(SupervisionState, context_schema=SupervisionContext)
+    for node in (observe, check, decide, act, wait):
+        graph.add_node(node.__name__, node)
+    graph.add_edge(START, "wait")  # the first decision waits for the first evaluation: nothing to see before
+    graph.add_conditional_edges("observe", after_observe, ["check", "decide", END])
+    graph.add_conditional_edges("check", after_check, ["observe", "decide", "wait", END])
     graph.add_edge("decide", "act")
     graph.add_edge("act", "wait")
     graph.add_conditional_edges("wait", after_wait, ["observe", END])
     return graph.compile(checkpointer=checkpointer)
+
+
+# the nodes' helpers
+
+
+def _release(state: SupervisionState, config: RunnableConfig, context: SupervisionContext) -> bool:
+    """Resumes a run held since this observation; False when the run has ended meanwhile."""
+    if not context.pause_while_deciding:
+        return True
+    resume_key = context.key(state["run_id"], config, "resume", state.get("observations", 0))
+    return _run_over(lambda: context.tools.resume(resume_key))
+
+
+def _lessons(state: SupervisionState, context: SupervisionContext) -> list[str]:
+    """The reflections a decision sees: this run's latest, and earlier runs' when remembered."""
+    memory = context.self_correct.memory
+    texts = (state.get("reflections") or [])[-memory:] if memory else []
+    if context.self_correct.remember_runs and len(texts) < memory:
+        earlier = context.tools.client.reflections(agent=context.supervisor.name, limit=4 * memory)
+        texts = [r.reflection for r in earlier if r.run_id != state.get("run_id")][: memory - len(texts)][
+            ::-1
+        ] + texts
+    return texts
+
+
+_NEVER_APPLIED = object()
+
+
+def _verdict(pending: dict, now: Observation, tools: BridgeTools, margin: float):
+    """The verdict on a pending lr change, judged only by an evaluation after it took effect (a
+    supervisor that does not hold the run acts tens of steps after it observed, and evaluations in
+    between saw the old lr); None while there is none; `_NEVER_APPLIED` when its command failed."""
+    command = tools.client.command(pending["command_uuid"]) if pending.get("command_uuid") else None
+    if command is not None and command["status"] == "failed":
+        return _NEVER_APPLIED
+    applied_step = command["step"] if command is not None and command["status"] == "success" else None
+    if applied_step is None and command is not None:
+        return None
+    took_effect = pending["step"] if applied_step is None else applied_step
+    # The loss it is held to: the latest evaluation before it took effect (the decision saw the one at
+    # its own step; the run may have moved on since).
+    decided = Observation(**pending["observation"])
+    before = [v for s, v in now.eval_loss if pending["step"] <= s <= took_effect]
+    loss_before = before[-1] if before else (decided.losses[-1][1] if decided.losses else math.nan)
+    return judge(loss_before, took_effect, now, margin)
+
+
+def _undo(state: SupervisionState, config: RunnableConfig, context: SupervisionContext) -> tuple[dict, dict]:
+    """Undo a failed lr change: roll back to the checkpoint saved before it, or (over the budget of
+    extra steps, or with no rollback point) set the lr back. Returns (state update, outcome fields)."""
+    tools, pending = context.tools, state["pending_check"]
+    iteration = pending["iteration"]
+    point = tools.client.command(pending["checkpoint_uuid"])
+    # The steps a rollback abandons: everything trained since the rollback point was saved.
+    spent = state["step"] - (point["step"] if point.get("step") is not None else pending["step"])
+    budget = context.self_correct.max_extra_steps * (state.get("max_steps") or 0)
+    why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
+    loaded = None
+    # Judged after its last step, a run has nothing left to retry on (and applies no more commands).
+    ended = _trained_out(tools.read_state())
+    if not ended and point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
+        branch = f"retry-{iteration}"
+        # Under a key: a supervisor that dies in this node and comes back rolls back once, not twice.
+        rollback_key = context.key(state["run_id"], config, "load-rollback", iteration)
+        sent = tools.client.load_checkpoint(pending["checkpoint"], branch, idempotency_key=rollback_key)
+        try:
+            loaded = tools.client.wait(sent["uuid"], timeout=tools.wait_s)  # until the run has it
+            why = f"the rollback failed: {loaded.get('error')}"
+        except CommandTimeout:
+            if not _trained_out(tools.read_state()):
+                raise
+            ended = True  # it trained its last step meanwhile: the command is never applied
+    if ended:
+        return {"finished": True}, {"why_not_rolled_back": "the run ended first"}
+    if loaded is not None and loaded["status"] == "success":
+        update = {
+            "rollbacks": state.get("rollbacks", 0) + 1,
+            "extra_steps": state.get("extra_steps", 0) + spent,
+            "sent_lr": None,  # the checkpoint brought its own lr back
+            "rolled_back": True,
+        }
+        return update, {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
+    # Over the budget (or no rollback point): keep the weights, give the lr back.
+    revert_key = context.key(state["run_id"], config, "revert", iteration)
+    try:
+        row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
+    except BridgeHTTPError as error:
+        if error.status_code != 409:
+            raise
+        return {"finished": True}, {"why_not_rolled_back": f"{why}; the run ended first"}
+    update = {
+        "reverts": state.get("reverts", 0) + 1,
+        "lr": pending["lr_before"],
+        "observation": {**state["observation"], "lr": pending["lr_before"]},
+        "sent_lr": {"uuid": row["uuid"], "lr": pending["lr_before"]},
+    }
+    return update, {"reverted": True, "why_not_rolled_back": why}
 
 
 def run_supervision(
@@ -521,9 +576,10 @@ def run_supervision(
         tools = BridgeTools(client)
         thread_id = thread_id or f"supervise:{tools.read_state().get('run_id', getattr(client, 'url', ''))}"
         with SqliteSaver.from_conn_string(db) as checkpointer:
-            graph = build_supervision_graph(
-                tools, supervisor, checkpointer=checkpointer, stop_event=stop_event,
-                pause_while_deciding=pause_while_deciding, self_correct=self_correct, on_decision=on_decision,
+            graph = supervision_graph(checkpointer)
+            context = SupervisionContext(
+                tools, supervisor, pause_while_deciding=pause_while_deciding, self_correct=self_correct,
+                stop_event=stop_event, on_decision=on_decision,
             )  # fmt: skip
             # Each decision takes at most six steps of the graph (wait, observe, check, observe after a
             # rollback, decide, act), plus three (wait, observe, check) for each evaluation that comes
@@ -532,10 +588,10 @@ def run_supervision(
             resuming = graph.get_state(config).next
             start = None if resuming else {"max_iterations": max_iterations, "every_steps": every_steps}
             try:
-                result = graph.invoke(start, config)
+                result = graph.invoke(start, config, context=context)
                 while result.get("__interrupt__"):  # a person's turn (HumanSupervisor)
-                    question = result["__interrupt__"][0].value
-                    result = graph.invoke(Command(resume=(ask_human or ask_on_terminal)(question)), config)
+                    answer = (ask_human or ask_on_terminal)(result["__interrupt__"][0].value)
+                    result = graph.invoke(Command(resume=answer), config, context=context)
             except httpx.TransportError:
                 if (stop_event is None or not stop_event.is_set()) and _still_served(tools):
                     raise  # the server answers: a real fault, not the end of the run
@@ -638,4 +694,6 @@ def _finite(value):
     return value
 
 
-__all__ = ["Decision", "SelfCorrection", "SupervisionState", "build_supervision_graph", "run_supervision"]
+__all__ = [
+    "Decision", "SelfCorrection", "SupervisionContext", "SupervisionState", "run_supervision", "supervision_graph",
+]  # fmt: skip

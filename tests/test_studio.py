@@ -14,7 +14,7 @@ from selfsteer.tools.tasks import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
 REFLECT_NODES = {"attempt", "validate", "reflect", "retry", "reward"}  # graphs/reflect.py
-SUPERVISE_NODES = {"observe", "decide", "act", "wait"}  # graphs/supervise.py (check: with self-correction)
+SUPERVISE_NODES = {"observe", "check", "decide", "act", "wait"}  # graphs/supervise.py
 
 
 def load(entry: str):
@@ -48,7 +48,7 @@ def test_langgraph_json_exports_both_loops_as_factories_without_a_checkpointer()
     assert set(config["graphs"]) == {"reflect", "supervise"}
     expected = {
         "reflect": {"problem"} | {f"episode:{n}" for n in REFLECT_NODES},
-        "supervise": SUPERVISE_NODES,
+        "supervise": {f"supervise:{n}" for n in SUPERVISE_NODES},
     }
     for name, entry in config["graphs"].items():
         factory = load(entry)
@@ -56,7 +56,7 @@ def test_langgraph_json_exports_both_loops_as_factories_without_a_checkpointer()
         graph = build(factory, {"configurable": {}})
         assert isinstance(graph, CompiledStateGraph), name
         assert graph.checkpointer is None, name
-        nodes = set(graph.get_graph(xray=True).nodes) - {"__start__", "__end__"}
+        nodes = {n for n in graph.get_graph(xray=True).nodes if not n.endswith(("__start__", "__end__"))}
         assert nodes == expected[name], (name, nodes)
 
 

@@ -9,7 +9,7 @@ from helpers.polling import wait_for
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from selfsteer.agents.supervisors import Decision, RuleSupervisor, Supervisor
-from selfsteer.graphs.supervise import build_supervision_graph, run_supervision
+from selfsteer.graphs.supervise import SupervisionContext, run_supervision, supervision_graph
 from selfsteer.tools.bridge_tools import BridgeTools
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.store import Store
@@ -138,23 +138,15 @@ def test_a_supervisor_that_dies_resumes_without_acting_twice(tmp_path):
         live.gate.wait(5)
         with SqliteSaver.from_conn_string(str(tmp_path / "graph.sqlite")) as saver:
             client = BridgeClient(live.run.url, source="scripted")
-            graph = build_supervision_graph(
-                DiesAfterSending(client),
-                Scripted(["halve"]),
-                checkpointer=saver,
-                wait_timeout_s=0.5,
-            )
+            graph = supervision_graph(saver)
+            context = SupervisionContext(DiesAfterSending(client), Scripted(["halve"]), wait_timeout_s=0.5)
             with pytest.raises(RuntimeError, match="died"):
-                graph.invoke({"max_iterations": 1}, config)
-            # A new process: new tools and a new supervisor, the same checkpoint thread.
-            graph = build_supervision_graph(
-                DiesAfterSending(client),
-                Scripted(["double"]),
-                checkpointer=saver,
-                wait_timeout_s=0.5,
-            )
+                graph.invoke({"max_iterations": 1}, config, context=context)
+            # A new process: a new graph, new tools and a new supervisor, the same checkpoint thread.
+            graph = supervision_graph(saver)
+            context = SupervisionContext(DiesAfterSending(client), Scripted(["double"]), wait_timeout_s=0.5)
             assert graph.get_state(config).next == ("act",)
-            final = graph.invoke(None, config)
+            final = graph.invoke(None, config, context=context)
             client.close()
         live.gate.release(5)
         live.join()
@@ -262,11 +254,9 @@ def test_a_failing_action_still_resumes_the_paused_run(tmp_path):
         Store(live.db) as store,
     ):
         client = BridgeClient(live.run.url, source="scripted")
-        graph = build_supervision_graph(
-            Refused(client), AlwaysDouble(), pause_while_deciding=True
-        )
+        context = SupervisionContext(Refused(client), AlwaysDouble(), pause_while_deciding=True)
         with pytest.raises(BridgeHTTPError, match="fell over"):
-            graph.invoke({"max_iterations": 3}, {"configurable": {"thread_id": "t"}})
+            supervision_graph().invoke({"max_iterations": 3}, {"configurable": {"thread_id": "t"}}, context=context)
         step = client.state()["step"]
         wait_for(lambda: client.state()["step"] > step + 5)  # it trains on: the pause was undone
         client.stop()
@@ -307,3 +297,40 @@ def test_selfsteer_supervise_needs_only_the_url_and_prints_each_decision(tmp_pat
     ]
     assert len(printed) == 2 and "done after 2 decisions" in out
     assert {p.name.split("-")[0] for p in elsewhere.iterdir()} == {"selfsteer.sqlite"}  # the loop's own state only
+
+
+def test_decide_alone_falls_back_keeps_what_was_rolled_back_and_stays_within_the_lr_bounds():
+    """A node is a function of the state, the config and the run's context: called here with no run at
+    all (no run id, so nothing is recorded and no tool is used)."""
+    from langgraph.runtime import Runtime
+
+    from selfsteer.agents.observation import Observation
+    from selfsteer.graphs.supervise import SelfCorrection, after_check, decide
+    from selfsteer.tools.bridge_tools import LR_BOUNDS
+
+    class Broken(Supervisor):
+        name = "broken"
+
+        def decide(self, observation):
+            raise RuntimeError("no answer")
+
+    seen = Observation(step=20, lr=0.1, eval_loss=[(10, 3.0), (20, 2.5)]).to_dict()
+    state = {"observation": seen, "lr": 0.1, "step": 20, "iteration": 4, "avoid": ["double"]}
+    told = []
+
+    def run(supervisor, **state_changes):
+        context = SupervisionContext(None, supervisor, self_correct=SelfCorrection(), on_decision=told.append)
+        return decide({**state, **state_changes}, {}, Runtime(context=context))
+
+    failed = run(Broken())["decision"]
+    assert failed["action"] == "keep" and failed["fallback"] and "RuntimeError: no answer" in failed["explanation"]
+    barred = run(Scripted(["double"]))
+    assert barred["decision"]["action"] == "keep" and "double was rolled back" in barred["decision"]["explanation"]
+    assert barred["iteration"] == 5 and barred["avoid"] == [] and barred["decision_id"] is None
+    at_bound = run(Scripted(["double"]), avoid=[], lr=LR_BOUNDS[1])["decision"]
+    assert at_bound["action"] == "double" and at_bound["lr_after"] == LR_BOUNDS[1]
+    assert [d["action"] for d in told] == ["keep", "keep", "double"]
+
+    assert after_check({"awaiting_verdict": True}) == "wait"  # no new decision over an unjudged one
+    assert after_check({"rolled_back": True}) == "observe"
+    assert after_check({"rolled_back": False}) == "decide"

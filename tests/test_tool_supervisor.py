@@ -16,7 +16,7 @@ from helpers.self_correct import supervised_run
 from selfsteer.agents.chat_models import make_chat_model
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.tool_supervisor import ToolSupervisor
-from selfsteer.graphs.supervise import SelfCorrection, build_supervision_graph
+from selfsteer.graphs.supervise import SelfCorrection, SupervisionContext
 from selfsteer.trainer_bridge.store import Store
 
 
@@ -78,4 +78,4 @@ def test_the_tool_supervisor_needs_a_model_that_calls_tools_and_no_self_correcti
     server = endpoint([])
     supervisor = ToolSupervisor(make_chat_model("openai:scripted", base_url=server.url, api_key="none"))
     with pytest.raises(ValueError, match="self-correction"):
-        build_supervision_graph(None, supervisor, self_correct=SelfCorrection())
+        SupervisionContext(None, supervisor, self_correct=SelfCorrection())
