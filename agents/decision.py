@@ -9,6 +9,11 @@ from selfsteer.trainer_bridge.records import Action
 MAX_EXPLANATION_WORDS = 100
 
 
+class StructuredOutputError(RuntimeError):
+    """A chat model gave no valid object after every retry of its own, and no fallback was given: a
+    caller that retries too would nest its retries in the model's."""
+
+
 class LRDecision(BaseModel):
     """Double, halve or keep the learning rate, with a short explanation."""
 

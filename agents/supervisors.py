@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field, create_model
-from tenacity import Retrying, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
-from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision
+from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision, StructuredOutputError
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import Reflection, reflection_prompt
 from selfsteer.prompts import PromptStrategy, load_strategy
@@ -115,8 +115,9 @@ class LLMSupervisor(Supervisor):
 
     chat_model: any LangChain chat model (see `make_chat_model`).
     strategy: a prompt strategy name (`selfsteer.prompts.list_strategies()`) or a .yaml path.
-    max_retries: retries after an error of the model (timeout, connection, malformed answer);
-        after the last one the decision is "keep", marked as a fallback.
+    max_retries: retries after an error of the model (timeout, connection, malformed answer), but for a
+        model that retried by itself (`StructuredOutputError`: the embedded model's own retries are
+        spent); after the last one the decision is "keep", marked as a fallback.
     """
 
     name = "llm"
@@ -160,6 +161,8 @@ class LLMSupervisor(Supervisor):
             for attempt in Retrying(
                 stop=stop_after_attempt(self.max_retries + 1),
                 wait=wait_exponential(0.2, max=2.0),
+                # The embedded model retries malformed answers itself: its retries are not nested in these.
+                retry=retry_if_not_exception_type(StructuredOutputError),
                 reraise=True,
             ):
                 with attempt:

@@ -122,6 +122,16 @@ def test_llm_supervisor_retries_then_falls_back_to_keep():
     assert len(model.prompts) == 3 and model.script == []
 
 
+def test_llm_supervisor_does_not_nest_its_retries_in_a_models_own():
+    from selfsteer.agents.decision import StructuredOutputError
+
+    spent = StructuredOutputError("no valid LRDecision in 3 tries")  # what the embedded model raises
+    model = ScriptedChatModel([spent, json.dumps({"action": "halve", "explanation": "loss rises"})])
+    decision = LLMSupervisor(model, "json_history", max_retries=2).decide(observe(RISING))
+    assert decision.action == "keep" and decision.fallback and "3 tries" in decision.explanation
+    assert len(model.prompts) == 1  # asked once: the model had retried already
+
+
 def test_reason_then_answer_keeps_the_reasoning_as_explanation():
     model = ScriptedChatModel([json.dumps({"reasoning": "it rises", "action": "halve"})])
     decision = LLMSupervisor(model, "reason_then_answer").decide(observe(RISING))

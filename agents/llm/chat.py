@@ -34,13 +34,10 @@ from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
+from selfsteer.agents.decision import StructuredOutputError
 from selfsteer.agents.llm.engine import MODEL_NAME, Generation, LocalEngine, get_local_engine
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "user", "function": "user"}
-
-
-class StructuredOutputError(RuntimeError):
-    """No valid object after every retry, and no fallback was given."""
 
 
 class _RetryableOutput(ValueError):
