@@ -132,31 +132,58 @@ def adapter_strategy(adapter: str | Path) -> str:
 
 @dataclass
 class IntervenerConfig(SFTConfig):
-    """TRL's `SFTConfig` with the intervener's defaults, plus what the data and the adapter need.
+    """TRL's `SFTConfig` with the intervener's defaults, plus what the data and the adapter need (each
+    field's `help` says what it is; `selfsteer intervener train` takes every field as a flag).
 
-    data: folders (or rows.jsonl files) written by `selfsteer decisions collect`.
-    strategy: the prompt the adapter learns to answer: `intervener` (a table of lr and losses per
-        evaluation) or `intervener_signals` (the loss's moves in %, its spread, the lr as multiples).
-    validation_seeds: rows of runs with these seeds are held out of training and scored after it.
-    max_examples: training examples, drawn equally from each label (a label with fewer rows is
-        repeated); the training time grows with it (about 12 s per batch of 8 on 2 cores).
-    lora_r / lora_alpha / lora_dropout: the LoRA adapter on every linear layer of the model.
-    action_weight: how much the action's token weighs against one token of the explanation.
-    calibration_rows: training rows (a seeded sample) whose mean answer sets the adapter's action
-        bias (`calibrate`); 0: no calibration.
-    validation_rows: at most this many validation rows are scored (a seeded sample).
+    lora_alpha left at None becomes 2 * lora_r.
     """
 
-    data: list[str] = field(default_factory=list)
-    strategy: str = STRATEGY
-    validation_seeds: list[int] = field(default_factory=lambda: [3])
-    validation_rows: int = 300
-    max_examples: int = 960
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    action_weight: float = 30.0
-    calibration_rows: int = 300
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "folders (or rows.jsonl files) written by `selfsteer decisions collect`",
+            "metavar": "DIR",
+        },
+    )
+    strategy: str = field(
+        default=STRATEGY,
+        metadata={
+            "help": "the prompt the adapter learns to answer: intervener (a table of lr and losses per "
+            "evaluation) or intervener_signals (the loss's recent moves in %%, its spread, the lr as multiples "
+            "of its start: no absolute lr)",
+            "choices": STRATEGIES,
+        },
+    )
+    validation_seeds: list[int] = field(
+        default_factory=lambda: [3],
+        metadata={"help": "rows of runs with these seeds are held out of training and scored after it"},
+    )
+    validation_rows: int = field(
+        default=300, metadata={"help": "at most this many validation rows are scored (a seeded sample)"}
+    )
+    max_examples: int = field(
+        default=960,
+        metadata={
+            "help": "training examples, drawn equally from each label (a label with fewer rows is repeated); "
+            "the training time grows with it (about 12 s per batch of 8 on 2 cores)"
+        },
+    )
+    lora_r: int = field(
+        default=8, metadata={"help": "rank of the LoRA adapter on every linear layer of the model"}
+    )
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; None: 2 * lora_r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    action_weight: float = field(
+        default=30.0,
+        metadata={"help": "how much the action's token weighs against one token of the explanation"},
+    )
+    calibration_rows: int = field(
+        default=300,
+        metadata={
+            "help": "training rows (a seeded sample) whose mean answer sets the adapter's action bias after "
+            "training (see `selfsteer intervener calibrate`); 0: no calibration"
+        },
+    )
     # SFTConfig's fields, with defaults for a 135M model on a CPU:
     output_dir: str = "runs/intervener"
     learning_rate: float = 1e-3
@@ -172,6 +199,15 @@ class IntervenerConfig(SFTConfig):
     use_cpu: bool = True
     bf16: bool = False
     seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.data, str):  # one folder, as a YAML scalar
+            self.data = [self.data]
+        if isinstance(self.validation_seeds, int):
+            self.validation_seeds = [self.validation_seeds]
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r
+        super().__post_init__()
 
 
 ACTION_TOKEN = 4  # the action's first token in the answer: `{"`, `action`, `":`, ` "`, then the action
@@ -516,7 +552,7 @@ cites the prompt's numbers (prompt strategy `{config.strategy}`). `--supervisor 
   Weights stored in float16: `adapter_model.safetensors`, sha256
   {metrics["adapter_sha256"]}.
 - **Calibration** (`calibration.json`): {_calibration_text(metrics)}
-- **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --examples {config.max_examples} --seed {config.seed} --out {config.output_dir}`
+- **Reproduce**: `selfsteer intervener train --data {" ".join(metrics["data"])} --strategy {config.strategy} --max_examples {config.max_examples} --seed {config.seed} --output_dir {config.output_dir}`
 
 ## Validation (rows of held-out seeds {config.validation_seeds}: {metrics["validation_rows"]} decision points)
 

@@ -43,7 +43,7 @@ HELP = {
     "eval": ["SUITE", "lr-suite"],
     "decisions export": ["--format {jsonl,hf}", "--out OUT", "--counterfactual DIR"],
     "decisions collect": ["--policy POLICY", "--shard SHARD", "identical state", "DAgger"],
-    "intervener train": ["--data DIR", "--examples EXAMPLES", "validation"],
+    "intervener train": ["--data DIR", "--max_examples MAX_EXAMPLES", "--config FILE.yaml", "validation"],
     "eval lr-suite": [
         "--recipes RECIPES",
         "--supervisors SUPERVISORS",

@@ -9,7 +9,9 @@ import sys
 from selfsteer.cli.main import COMMANDS
 
 HEAVY = ("torch", "transformers", "trl", "langchain_core", "langgraph", "fastapi", "ray")
-NESTED = ("decisions collect", "decisions export", "intervener train", "eval lr-suite")
+# `intervener train --help` is TRL's parser of IntervenerConfig (a TrainingArguments: it imports torch, as
+# `trl sft --help` does); tests/test_cli.py checks it. `intervener --help` stays light.
+NESTED = ("decisions collect", "decisions export", "eval lr-suite")
 PROBE = (
     "from selfsteer.cli.main import build_parser; build_parser(); import sys; "
     f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"

@@ -48,7 +48,8 @@ def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path, capsys):
     # and transformers again. One example per label: one optimizer step.
     from selfsteer.cli.main import main
 
-    assert main(["intervener", "train", "--data", str(data), "--out", str(out), "--examples", "3"]) == 0
+    argv = ["intervener", "train", "--data", str(data), "--output_dir", str(out), "--max_examples", "3"]
+    assert main(argv) == 0
     said = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 1 and metrics["train_examples"] <= 3

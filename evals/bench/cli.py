@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-# Subcommands with their own help, besides the top-level commands.
+# Subcommands with their own help, besides the top-level commands (`intervener train --help` is TRL's
+# parser of IntervenerConfig: it imports torch, as `trl sft --help` does).
 NESTED = ("decisions collect", "decisions export", "intervener train", "eval lr-suite")
 
 
