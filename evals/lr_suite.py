@@ -428,17 +428,8 @@ def _final_lineage(stores, run_id: str) -> tuple[list[int], list[float]]:
     return [], []
 
 
-def report(
-    rows: list[dict], config: SuiteConfig, out: str | Path, extra_dbs: list[Path] | None = None
-) -> str:
-    """report.md and plots in `out`; curves come from out/suite.sqlite (and `extra_dbs`: suites run
-    apart and reported together)."""
-    from selfsteer.evals.plots import plot_curves
-    from selfsteer.trainer_bridge.store import Store
-
-    out = Path(out)
-    failed = [r for r in rows if "error" in r]
-    rows = [r for r in score([r for r in rows if "error" not in r]) if r["lr_name"] != "grid"]
+def _preamble(config: SuiteConfig, failed: list[dict]) -> list[str]:
+    """What the report's columns and rows mean, and the runs that failed."""
     lines = [
         "# lr-suite report",
         "",
@@ -488,60 +479,73 @@ def report(
               f"{r['attempts']} attempts: {r['error']}" for r in failed),
             "",
         ]  # fmt: skip
-    for recipe in config.recipes:
-        grid = sorted({*config.lrs_of(recipe).values(), *config.grid_of(recipe)})
-        lines += [
-            f"## {recipe}"
-            + (" (held out: never collected for the intervener)" if recipe in WORKLOADS else ""),
-            "",
-            "Initial learning rates: "
-            + ", ".join(f"{k} {v:g}" for k, v in config.lrs_of(recipe).items())
-            + "; static grid: "
-            + ", ".join(f"{v:g}" for v in grid)
-            + ".",
-            "",
-            "| initial lr | supervisor | self-correct | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | rollbacks | steps abandoned | compute | wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for lr_name in config.lrs_of(recipe):
-            for supervisor in config.supervisors:
-                group = [
-                    r
-                    for r in rows
-                    if (r["recipe"], r["lr_name"], r["supervisor"]) == (recipe, lr_name, supervisor)
-                ]
-                if not group:
-                    continue
-                bad = [r for r in group if r["bad_start"]]
-                rescued = (
-                    f"{sum(r['rescued'] for r in bad)}/{len(bad)}" if bad and supervisor != "static" else "-"
+    return lines
+
+
+def _recipe_table(recipe: str, rows: list[dict], config: SuiteConfig) -> list[str]:
+    """A workload's table: a line per initial lr and supervisor, medians over seeds."""
+    grid = sorted({*config.lrs_of(recipe).values(), *config.grid_of(recipe)})
+    lines = [
+        f"## {recipe}"
+        + (" (held out: never collected for the intervener)" if recipe in WORKLOADS else ""),
+        "",
+        "Initial learning rates: "
+        + ", ".join(f"{k} {v:g}" for k, v in config.lrs_of(recipe).items())
+        + "; static grid: "
+        + ", ".join(f"{v:g}" for v in grid)
+        + ".",
+        "",
+        "| initial lr | supervisor | self-correct | final eval loss | best eval loss | regret | regret spread | interventions | rescued | catastrophic | rollbacks | steps abandoned | compute | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for lr_name in config.lrs_of(recipe):
+        for supervisor in config.supervisors:
+            group = [
+                r
+                for r in rows
+                if (r["recipe"], r["lr_name"], r["supervisor"]) == (recipe, lr_name, supervisor)
+            ]
+            if not group:
+                continue
+            bad = [r for r in group if r["bad_start"]]
+            rescued = (
+                f"{sum(r['rescued'] for r in bad)}/{len(bad)}" if bad and supervisor != "static" else "-"
+            )
+            regrets = [r["regret"] for r in group if math.isfinite(r["regret"])]
+            spread = f"{min(regrets):+.3f}..{max(regrets):+.3f}" if regrets else "-"
+            catastrophic = (
+                f"{sum(r['catastrophic'] for r in group)}/{len(group)}" if supervisor != "static" else "-"
+            )
+            name, self_correct = self_correcting(supervisor)
+            if self_correct:
+                rollbacks = f"{sum(r.get('rollbacks', 0) for r in group)} ({sum(r.get('failed', 0) for r in group)} failed)"
+                abandoned = (
+                    f"{statistics.fmean(r.get('extra_steps', 0) / r['max_steps'] for r in group):.0%}"
                 )
-                regrets = [r["regret"] for r in group if math.isfinite(r["regret"])]
-                spread = f"{min(regrets):+.3f}..{max(regrets):+.3f}" if regrets else "-"
-                catastrophic = (
-                    f"{sum(r['catastrophic'] for r in group)}/{len(group)}" if supervisor != "static" else "-"
-                )
-                name, self_correct = self_correcting(supervisor)
-                if self_correct:
-                    rollbacks = f"{sum(r.get('rollbacks', 0) for r in group)} ({sum(r.get('failed', 0) for r in group)} failed)"
-                    abandoned = (
-                        f"{statistics.fmean(r.get('extra_steps', 0) / r['max_steps'] for r in group):.0%}"
-                    )
-                else:
-                    rollbacks = abandoned = "-"
-                ratio = _median(r["compute_ratio"] for r in group)
-                compute = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
-                corrected = (
-                    ("by the reflector" if by_reflector(supervisor) else "yes") if self_correct else "no"
-                )
-                lines.append(
-                    f"| {lr_name} | {name} | {corrected} | "
-                    f"{_median(r['final_eval_loss'] for r in group):.3f} | "
-                    f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
-                    f"{spread} | {_median(r['interventions'] for r in group):g} | {rescued} | {catastrophic} | "
-                    f"{rollbacks} | {abandoned} | {compute} | {_median(r['wall_s'] for r in group):.1f} |"
-                )
-        lines.append("")
+            else:
+                rollbacks = abandoned = "-"
+            ratio = _median(r["compute_ratio"] for r in group)
+            compute = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
+            corrected = (
+                ("by the reflector" if by_reflector(supervisor) else "yes") if self_correct else "no"
+            )
+            lines.append(
+                f"| {lr_name} | {name} | {corrected} | "
+                f"{_median(r['final_eval_loss'] for r in group):.3f} | "
+                f"{_median(r['best_eval_loss'] for r in group):.3f} | {_median(r['regret'] for r in group):+.3f} | "
+                f"{spread} | {_median(r['interventions'] for r in group):g} | {rescued} | {catastrophic} | "
+                f"{rollbacks} | {abandoned} | {compute} | {_median(r['wall_s'] for r in group):.1f} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _curve_plots(rows: list[dict], config: SuiteConfig, out: Path, extra_dbs: list[Path] | None) -> list[str]:
+    """A plot per workload and initial lr (the first seed's curves): written to `out`, linked in the report."""
+    from selfsteer.evals.plots import plot_curves
+    from selfsteer.trainer_bridge.store import Store
+
+    lines: list[str] = []
     stores = [Store(path) for path in [out / "suite.sqlite", *(extra_dbs or [])]]
     try:
         for recipe in config.recipes:
@@ -566,6 +570,21 @@ def report(
     finally:
         for store in stores:
             store.close()
+    return lines
+
+
+def report(
+    rows: list[dict], config: SuiteConfig, out: str | Path, extra_dbs: list[Path] | None = None
+) -> str:
+    """report.md and plots in `out`; curves come from out/suite.sqlite (and `extra_dbs`: suites run
+    apart and reported together)."""
+    out = Path(out)
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in score([r for r in rows if "error" not in r]) if r["lr_name"] != "grid"]
+    lines = _preamble(config, failed)
+    for recipe in config.recipes:
+        lines += _recipe_table(recipe, rows, config)
+    lines += _curve_plots(rows, config, out, extra_dbs)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text

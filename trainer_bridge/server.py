@@ -670,30 +670,10 @@ def create_history_app(
     return app
 
 
-def create_app(
-    bridge: "Bridge",
-    hub: EventHub,
-    origins: list[str],
-    token: str | None,
-    static_dir: pathlib.Path | None = None,
-) -> FastAPI:
-    from selfsteer.trainer_bridge.commands import NotFound, RunFinished
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub.loop = asyncio.get_running_loop()
-        yield
-        hub.loop = None
-
-    app = _base_app("selfsteer control server", origins, token, lifespan, static_dir)
-    bodies = CommandBodies(lambda: bridge.registry)
-
-    # The handlers are plain `def`: FastAPI runs them in its thread pool, so SQLite reads never block
-    # the event loop (and the WebSocket fan-out with it).
-
-    @app.get("/api/info")
-    def get_info() -> Info:
-        return Info(mode="live", run_id=bridge.run_id, version=_version())
+def add_decision_routes(app: FastAPI, bridge: "Bridge") -> None:
+    """A live run's decisions. Every writer of a run goes through its server: a supervisor attached by
+    URL records its decisions here, in the run's own store, and needs nothing else."""
+    from selfsteer.trainer_bridge.commands import NotFound
 
     @app.get("/api/decisions", responses=NEXT_PAGE)
     def get_decisions(
@@ -706,9 +686,6 @@ def create_app(
         if key is not None:
             return bridge.decisions(key=key, after_id=after_id)
         return decisions_page(bridge.store, bridge.run_id, request, response, after_id, limit)
-
-    # Every writer of a run goes through its server: a supervisor attached by URL records its decisions
-    # here, in the run's own store, and needs nothing else.
 
     @app.post(
         "/api/decisions",
@@ -743,23 +720,11 @@ def create_app(
         this run's store (optionally of one agent): a supervisor's memory across runs."""
         return bridge.store.list_reflections(agent=agent, limit=limit)
 
-    @app.get("/api/state", response_model_exclude_unset=True)
-    def get_state() -> RunState:
-        return bridge.state()
 
-    @app.get("/api/metrics", responses=NEXT_PAGE)
-    def get_metrics(
-        request: Request,
-        response: Response,
-        since: Since = None,
-        branch: BranchName = None,
-        name: MetricNames = None,
-        limit: MetricsLimit = METRICS_PAGE,
-        points: Points = None,
-    ) -> list[MetricPoint]:
-        return metrics_page(
-            bridge.store, bridge.run_id, request, response, since, branch, name, limit, points
-        )
+
+def add_command_routes(app: FastAPI, bridge: "Bridge", bodies: CommandBodies) -> None:
+    """A live run's commands: sent, listed, looked up, and the types it takes."""
+    from selfsteer.trainer_bridge.commands import NotFound, RunFinished
 
     @app.post(
         "/api/commands",
@@ -803,16 +768,10 @@ def create_app(
     def get_command_types() -> list[CommandType]:
         return bridge.registry.describe()
 
-    @app.get("/api/checkpoints")
-    def get_checkpoints() -> list[Checkpoint]:
-        return bridge.list_checkpoints()
 
-    @app.get("/api/branches")
-    def get_branches() -> list[Branch]:
-        return bridge.list_branches()
 
-    app.include_router(store_router(lambda: bridge.store))
-
+def add_event_route(app: FastAPI, bridge: "Bridge", hub: EventHub, origins: list[str]) -> None:
+    """`/api/events`: the run's state, then every change (metric points, commands, decisions) as it comes."""
     @app.websocket("/api/events")
     async def events(websocket: WebSocket) -> None:
         origin = websocket.headers.get("origin")
@@ -842,6 +801,67 @@ def create_app(
         finally:
             hub.subscribers.discard(queue)
 
+
+
+def create_app(
+    bridge: "Bridge",
+    hub: EventHub,
+    origins: list[str],
+    token: str | None,
+    static_dir: pathlib.Path | None = None,
+) -> FastAPI:
+    """A live run's control server: its state, metrics, checkpoints and branches here; its decisions,
+    commands and events from the functions above (routes on the app itself: Starlette's 405 names the
+    methods of every route on a path, see `_http_error`, and cannot see into an included router); every run of its store (`store_router`)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.loop = asyncio.get_running_loop()
+        yield
+        hub.loop = None
+
+    app = _base_app("selfsteer control server", origins, token, lifespan, static_dir)
+    bodies = CommandBodies(lambda: bridge.registry)
+
+    # The handlers are plain `def`: FastAPI runs them in its thread pool, so SQLite reads never block
+    # the event loop (and the WebSocket fan-out with it).
+
+    @app.get("/api/info")
+    def get_info() -> Info:
+        return Info(mode="live", run_id=bridge.run_id, version=_version())
+
+    add_decision_routes(app, bridge)
+
+    @app.get("/api/state", response_model_exclude_unset=True)
+    def get_state() -> RunState:
+        return bridge.state()
+
+    @app.get("/api/metrics", responses=NEXT_PAGE)
+    def get_metrics(
+        request: Request,
+        response: Response,
+        since: Since = None,
+        branch: BranchName = None,
+        name: MetricNames = None,
+        limit: MetricsLimit = METRICS_PAGE,
+        points: Points = None,
+    ) -> list[MetricPoint]:
+        return metrics_page(
+            bridge.store, bridge.run_id, request, response, since, branch, name, limit, points
+        )
+
+    add_command_routes(app, bridge, bodies)
+
+    @app.get("/api/checkpoints")
+    def get_checkpoints() -> list[Checkpoint]:
+        return bridge.list_checkpoints()
+
+    @app.get("/api/branches")
+    def get_branches() -> list[Branch]:
+        return bridge.list_branches()
+
+    app.include_router(store_router(lambda: bridge.store))
+    add_event_route(app, bridge, hub, origins)
     routes_openapi = app.openapi  # FastAPI's, built once from the routes and cached
 
     def openapi() -> dict:
