@@ -135,11 +135,12 @@ def add_parser(subparsers, name: str) -> None:
         "--task is then ignored)",
     )
     grpo.add_argument(
-        "--grpo-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other TRL GRPOConfig field, e.g. scale_rewards=none or loss_type=dr_grpo (repeatable)",
+        "--grpo-config",
+        default=None,
+        metavar="FILE.yaml",
+        help="any other fields of ReflectionGRPOConfig (selfsteer.graphs.grpo_reflection: TRL's GRPOConfig "
+        "and TrainingArguments, plus this project's), as a YAML mapping, e.g. `scale_rewards: none` and "
+        "`loss_type: dr_grpo`; its keys win over the flags that set the same field; unknown keys are refused",
     )
     grpo.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has checkpoints")
     add_llm_arguments(parser)
@@ -287,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if not takes_call_mode(args.task):  # countdown: no call modes, none recorded
             args.call_mode = None
-        args.grpo_extra = _grpo_options(args.grpo_option)
+        args.grpo_extra = _grpo_config(args.grpo_config)
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
@@ -359,23 +360,27 @@ def _in_curriculum_order(rows: list[dict], problems: list, seed: int) -> list[di
     return sorted(rows, key=lambda row: order.index(level[row["problem_id"]]))
 
 
-def _grpo_options(pairs: list[str]) -> dict:
-    """--grpo-option KEY=VALUE pairs as fields of ReflectionGRPOConfig (TRL's GRPOConfig and a few more),
-    each value read as YAML (numbers, booleans) and checked against its field's type."""
+def _grpo_config(path: str | None) -> dict:
+    """--grpo-config FILE.yaml: a mapping of ReflectionGRPOConfig fields (TRL's GRPOConfig and a few more),
+    each value checked against its field's type (read before anything runs; `_train` builds the config
+    from it and the flags with HfArgumentParser.parse_dict)."""
     import yaml
 
     from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig
     from selfsteer.trainer_bridge.recipe import typed_fields
 
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in ReflectionGRPOConfig.__dataclass_fields__:
-            raise ValueError(
-                f"--grpo-option {pair!r}: expected KEY=VALUE with KEY a field of TRL's GRPOConfig"
-            )
-        options[key] = yaml.safe_load(value)
-    return typed_fields(ReflectionGRPOConfig, options, lambda key: f"--grpo-option {key}")
+    if path is None:
+        return {}
+    try:
+        options = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"--grpo-config: cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--grpo-config {path}: not YAML: {error}") from None
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise ValueError(f"--grpo-config {path}: expected a YAML mapping of ReflectionGRPOConfig fields")
+    return typed_fields(ReflectionGRPOConfig, options, lambda key: f"--grpo-config {path}: {key}")
 
 
 def _act(args, problems, store, console, out: Path | None) -> int:
@@ -424,6 +429,8 @@ def _act(args, problems, store, console, out: Path | None) -> int:
 
 
 def _train(args, problems, console, out: Path | None) -> int:
+    from transformers import HfArgumentParser
+
     from selfsteer.agents.llm.engine import cache_dir, load_embedded_model
     from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
     from selfsteer.graphs.reflect import mine_failures, reflection_reward
@@ -434,11 +441,11 @@ def _train(args, problems, console, out: Path | None) -> int:
         )
         return 2
     out = out or Path("runs/reflect-grpo")
-    options = dict(args.grpo_extra)  # --grpo-option wins over the flags that set the same field
+    options = dict(args.grpo_extra)  # --grpo-config wins over the flags that set the same field
     if args.curriculum:
         options.setdefault("shuffle_dataset", False)  # the rows come level by level
     try:  # before the slow part: TRL's own checks (batch sizes, groups) say what is wrong at once
-        config = ReflectionGRPOConfig(**{
+        (config,) = HfArgumentParser(ReflectionGRPOConfig).parse_dict({
             "model": args.model or str(cache_dir()), "output_dir": str(out), "max_steps": args.steps,
             "num_generations": args.group_size, "prompts_per_step": args.prompts_per_step, "beta": args.beta,
             "learning_rate": args.lr, "max_completion_length": args.reflection_tokens,

@@ -168,18 +168,24 @@ def test_curriculum_and_grpo_options_are_checked_before_anything_runs(tmp_path, 
     assert "--curriculum is for train" in capsys.readouterr().out
     assert main(["reflect", "train", "--curriculum", "2,x", "--db", db]) == 2
     assert "Countdown levels like 2,3,4" in capsys.readouterr().out
-    assert (
-        main(["reflect", "train", "--task", "countdown:2", "--grpo-option", "no_such_field=1", "--db", db])
-        == 2
-    )
-    assert "GRPOConfig" in capsys.readouterr().out.replace("\n", " ")
+    grpo_config = tmp_path / "grpo.yaml"
+    grpo_config.write_text("scale_rewards: none\nno_such_field: 1\n")
+    argv = ["reflect", "train", "--task", "countdown:2", "--db", db, "--grpo-config"]
+    assert main([*argv, str(grpo_config)]) == 2
+    said = capsys.readouterr().out.replace("\n", " ")
+    assert "no_such_field" in said and "not a ReflectionGRPOConfig field" in said, said
+    grpo_config.write_text("num_iterations: two\n")
+    assert main([*argv, str(grpo_config)]) == 2
+    assert "num_iterations" in capsys.readouterr().out
+    assert main([*argv, str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().out
     assert not (tmp_path / "s.sqlite").exists()
 
 
-def test_a_curriculum_trains_level_by_level():
+def test_a_curriculum_trains_level_by_level(tmp_path):
     import argparse
 
-    from selfsteer.cli.reflect import _curriculum_problems, _grpo_options, _in_curriculum_order
+    from selfsteer.cli.reflect import _curriculum_problems, _grpo_config, _in_curriculum_order
 
     args = argparse.Namespace(action="train", curriculum="3,2", split="train", n=6, seed=0, task="countdown")
     problems = _curriculum_problems(args)
@@ -190,7 +196,22 @@ def test_a_curriculum_trains_level_by_level():
     levels = [len(r["problem_id"].split("->")[0].split(",")) for r in ordered]
     assert levels == [2] * 6 + [3] * 6
     assert _in_curriculum_order(rows, problems, seed=0) == ordered  # seeded
-    assert _grpo_options(["scale_rewards=none", "num_iterations=2"]) == {
+    grpo_config = tmp_path / "grpo.yaml"  # YAML reads 1e-6 as a string; the field's type makes it a float
+    grpo_config.write_text("scale_rewards: none\nnum_iterations: 2\nlearning_rate: 1e-6\n")
+    assert _grpo_config(str(grpo_config)) == {
         "scale_rewards": "none",
         "num_iterations": 2,
+        "learning_rate": 1e-6,
     }
+    assert _grpo_config(None) == {}
+
+
+def test_the_grpo_config_wins_over_the_flags(tmp_path, capsys):
+    # num_generations 1 from the file over --group-size 4: ReflectionGRPOConfig's own check refuses it,
+    # before any model is loaded.
+    grpo_config = tmp_path / "grpo.yaml"
+    grpo_config.write_text("num_generations: 1\n")
+    argv = ["reflect", "train", "--task", "countdown:2", "--n", "2", "--group-size", "4"]
+    db, out = str(tmp_path / "s.sqlite"), str(tmp_path / "out")
+    assert main([*argv, "--grpo-config", str(grpo_config), "--db", db, "--out", out]) == 2
+    assert "num_generations >= 2" in capsys.readouterr().out
