@@ -746,75 +746,11 @@ def create_app(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         schema = _field_by_field_schema(body, options, is_call)
-        structured = None
         if schema is not None:
-            # Several engine calls on a pool thread. The connection is watched as for one answer
-            # (below): a client that goes away cancels the field in progress and every one after it.
-            cancel: Future = Future()
-            work = asyncio.ensure_future(
-                run_in_threadpool(
-                    _structured_answer, engine, schema, prompt_ids, options, engine_timeout_s, cancel
-                )
-            )
-            gone = asyncio.ensure_future(_disconnected(request))
-            try:
-                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when this handler is cancelled (the server is stopping)
-                gone.cancel()
-                if not work.done():
-                    cancel.set_result(None)
-                    # Its CancelledError, once the thread has stopped, is expected: nobody awaits it.
-                    work.add_done_callback(lambda task: task.cancelled() or task.exception())
-            if not work.done():  # the client is gone
-                return Response(status_code=499)
-            structured = work.result()
-        if structured is not None:
-            text, completion_tokens = structured
-            return {
-                **meta,
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                          "total_tokens": len(prompt_ids) + completion_tokens},
-                "system_fingerprint": None,
-            }  # fmt: skip
-        # Requests in the engine at the same time share its forward passes. While it generates, the
-        # connection is watched: a client that goes away cancels its answer (the engine drops it
-        # before its next decode step), instead of generating for nobody.
-        future = _submit(engine, prompt_ids, options)
-        answer = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when this handler is cancelled (the server is stopping)
-            gone.cancel()
-            future.cancel()
-        if not answer.done():  # the client is gone: nobody reads this
-            answer.cancel()
-            return Response(status_code=499)  # nginx's "client closed request", for the access log
-        generation = _result(answer)
-        message = {"role": "assistant", "content": generation.text, "refusal": None}
-        finish_reason = generation.finish_reason
-        if is_call:
-            calls = split_tool_calls(generation.text)
-            message["content"] = None
-            message["tool_calls"] = [
-                {
-                    "id": new_call_id(),
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": c["arguments"]},
-                }
-                for c in calls
-            ] or None
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        return {
-            **meta,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": _usage(generation),
-            "system_fingerprint": None,
-        }
+            answer = await _structured_completion(engine, schema, prompt_ids, options, engine_timeout_s, request, meta)
+            if answer is not None:
+                return answer
+        return await _completion(engine, prompt_ids, options, request, meta, is_call)
 
     # The body's model carries this app's cap in its OpenAPI schema: a local class, so set in place of
     # the annotation (a string here, which FastAPI would look up among the module's names).
@@ -834,6 +770,76 @@ def create_app(
     )(chat_completions)
     _declare_stream_chunks(app)
     return app
+
+
+async def _structured_completion(
+    engine, schema: dict, prompt_ids: list[int], options: dict, timeout_s: float | None, request: Request, meta: dict
+):
+    """A JSON answer decoded field by field (`_structured_answer`): several engine calls on a pool thread.
+    The connection is watched as for one answer: a client that goes away cancels the field in progress and
+    every one after it. None: answered the plain way instead (see `_structured_answer`)."""
+    cancel: Future = Future()
+    work = asyncio.ensure_future(
+        run_in_threadpool(_structured_answer, engine, schema, prompt_ids, options, timeout_s, cancel)
+    )
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (the server is stopping)
+        gone.cancel()
+        if not work.done():
+            cancel.set_result(None)
+            # Its CancelledError, once the thread has stopped, is expected: nobody awaits it.
+            work.add_done_callback(lambda task: task.cancelled() or task.exception())
+    if not work.done():  # the client is gone
+        return Response(status_code=499)
+    if work.result() is None:  # it would not fit max_tokens: the plain grammar answer says so
+        return None
+    text, completion_tokens = work.result()
+    return {
+        **meta,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                  "total_tokens": len(prompt_ids) + completion_tokens},
+        "system_fingerprint": None,
+    }  # fmt: skip
+
+
+async def _completion(engine, prompt_ids: list[int], options: dict, request: Request, meta: dict, is_call: bool):
+    """One answer. Requests in the engine at the same time share its forward passes. While it generates,
+    the connection is watched: a client that goes away cancels its answer (the engine drops it before its
+    next decode step), instead of generating for nobody."""
+    future = _submit(engine, prompt_ids, options)
+    answer = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (the server is stopping)
+        gone.cancel()
+        future.cancel()
+    if not answer.done():  # the client is gone: nobody reads this
+        answer.cancel()
+        return Response(status_code=499)  # nginx's "client closed request", for the access log
+    generation = _result(answer)
+    message = {"role": "assistant", "content": generation.text, "refusal": None}
+    finish_reason = generation.finish_reason
+    if is_call:
+        calls = split_tool_calls(generation.text)
+        message["content"] = None
+        message["tool_calls"] = [
+            {"id": new_call_id(), "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls
+        ] or None
+        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {
+        **meta,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": _usage(generation),
+        "system_fingerprint": None,
+    }
 
 
 def _declare_stream_chunks(app: FastAPI) -> None:
