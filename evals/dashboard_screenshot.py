@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
+from selfsteer.trainer_bridge.client import BridgeClient
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chromium", default=CHROMIUM, help=f"the browser (default: {CHROMIUM})")
     args = parser.parse_args(argv)
 
-    from playwright.sync_api import sync_playwright
-
-    from selfsteer.trainer_bridge.client import BridgeClient
+    from playwright.sync_api import sync_playwright  # lazy: a dev dependency (pyproject's [dev])
 
     work = Path(tempfile.mkdtemp(prefix="selfsteer-shot-"))
     command = [

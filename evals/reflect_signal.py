@@ -15,6 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
+from selfsteer.agents.llm.engine import get_local_engine
+from selfsteer.evals.tasks import load_task
+from selfsteer.graphs.reflect import first_messages, reflect_messages, retry_messages
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,12 +36,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from selfsteer.agents.llm.engine import get_local_engine
-    from selfsteer.evals.tasks import load_task
-    from selfsteer.graphs.reflect import first_messages, reflect_messages, retry_messages
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,22 +22,20 @@ import json
 from pathlib import Path
 from statistics import mean
 
+from selfsteer.agents.reflector import reflector_chat
+from selfsteer.evals.tasks import load_task
+from selfsteer.evals.tasks.metrics import bootstrap_ci, wilson_ci
+from selfsteer.graphs.reflect import ReflectConfig, run_episodes
+
 CONDITIONS = ("trained", "untrained", "plain")
 
 
 def paired_ci(differences: list[float]) -> tuple[float, float]:
     """The 95% bootstrap interval of a mean paired difference (the same items under two conditions)."""
-    from selfsteer.evals.tasks.metrics import bootstrap_ci
-
     return bootstrap_ci(differences, n_boot=4000)
 
 
 def evaluate(task: str, reflector: str, policy: str | None, max_tokens: int, n: int | None) -> dict:
-    from selfsteer.agents.reflector import reflector_chat
-    from selfsteer.evals.tasks import load_task
-    from selfsteer.evals.tasks.metrics import wilson_ci
-    from selfsteer.graphs.reflect import ReflectConfig, run_episodes
-
     problems = load_task(task, split="test", n=n, policy=policy)
     failed = [p for p in problems if not p.validate(p.first_answer).passed]
     models = {"trained": reflector_chat(reflector, max_tokens), "untrained": reflector_chat(None, max_tokens)}
@@ -73,8 +71,6 @@ def evaluate(task: str, reflector: str, policy: str | None, max_tokens: int, n: 
 
 
 def pooled(summaries: list[dict]) -> dict:
-    from selfsteer.evals.tasks.metrics import wilson_ci
-
     passed = {c: [x for s in summaries for x in s["_passed"][c]] for c in CONDITIONS}
     out: dict = {"task": "pooled", "n_failed_first": len(passed["plain"])}
     for c in CONDITIONS:

@@ -27,15 +27,19 @@ import threading
 import time
 from pathlib import Path
 
+from websockets.asyncio.client import connect
+
+from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.records import FINISHED_PHASES
+
+# torch, transformers and the runner stay imported inside the functions that use them: the subscriber
+# process runs this file (--subscribe) and must not import torch.
 
 # -----------------------------------------------------------------------------
 # the subscriber process: N WebSocket clients that read every event until told to stop
 
 
 async def _subscribe(url: str, n: int) -> None:
-    from websockets.asyncio.client import connect
-
     counts = [0] * n
     connections = [
         await connect(url.replace("http", "ws", 1) + "/api/events", max_size=None) for _ in range(n)
@@ -171,7 +175,6 @@ def paired_ratios(recipe: dict, root: Path, pairs: int, subscribers: int) -> dic
 
 def latency(recipe: dict, root: Path, commands: int) -> dict:
     """Sends set_max_grad_norm (to its current value: no effect on training) at random moments."""
-    from selfsteer.trainer_bridge.client import BridgeClient
     from selfsteer.trainer_bridge.runner import RecipeRun
 
     run = RecipeRun(recipe, out_dir=Path(tempfile.mkdtemp(dir=root)), db=root / "bench.sqlite", port=0)

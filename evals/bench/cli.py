@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from selfsteer.cli.main import COMMANDS
+
 # Subcommands with their own help, besides the top-level commands (`intervener train --help` is TRL's
 # parser of IntervenerConfig: it imports torch, as `trl sft --help` does).
 NESTED = ("decisions collect", "decisions export", "intervener train", "eval lr-suite")
@@ -49,8 +51,6 @@ def time_help(args: list[str], n: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfsteer.cli.main import COMMANDS
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -18,12 +18,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from selfsteer import dashboard
+from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
 from selfsteer.evals.bench.bridge import make_step_timer, quantile
+from selfsteer.trainer_bridge.recipe import load_recipe
+from selfsteer.trainer_bridge.runner import RecipeRun
 
 
 def timed_run(recipe: dict, root: Path, browser=None) -> dict:
-    from selfsteer.trainer_bridge.runner import RecipeRun
-
     timer = make_step_timer()
     run = RecipeRun(
         recipe, out_dir=Path(tempfile.mkdtemp(dir=root)), db=root / "bench.sqlite", port=0, callbacks=[timer]
@@ -61,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=5, help="paired runs (default: 5)")
     args = parser.parse_args(argv)
 
-    from playwright.sync_api import sync_playwright
-    from transformers.utils import logging as hf_logging
-
-    from selfsteer import dashboard
-    from selfsteer.dashboard import CHROMIUM, CHROMIUM_ARGS
-    from selfsteer.trainer_bridge.recipe import load_recipe
+    from playwright.sync_api import sync_playwright  # lazy: a dev dependency (pyproject's [dev])
 
     if dashboard.index_html() is None:
         print("the dashboard is not built: bash scripts/install.sh", file=sys.stderr)

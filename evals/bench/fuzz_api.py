@@ -31,6 +31,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
+from pydantic import ValidationError
+
+from selfsteer.trainer_bridge.client import BridgeClient
+from selfsteer.trainer_bridge.commands import SetMaxGradNormArgs, SetOptimizerArgs
+from selfsteer.trainer_bridge.recipe import load_recipe
+from selfsteer.trainer_bridge.runner import BackgroundRun
+from selfsteer.trainer_bridge.store import Store
 
 HOOKS = "selfsteer.evals.bench.fuzz_hooks"
 # Long enough for any fuzz here (about 10 steps a second). Not 1e9: set_optimizer(lr) looks at the lr of
@@ -162,11 +171,6 @@ class Result:
 
 def harm_done(live, fuzz_started: float) -> dict[str, int]:
     """What the fuzz did to the run (each 0 when nothing): see the module's docstring."""
-    from pydantic import ValidationError
-
-    from selfsteer.trainer_bridge.commands import SetMaxGradNormArgs, SetOptimizerArgs
-    from selfsteer.trainer_bridge.store import Store
-
     client = live.client
     state = client.state()
     if state["paused"]:
@@ -209,8 +213,6 @@ def harm_done(live, fuzz_started: float) -> dict[str, int]:
 def count_warnings(url: str, token: str, seen: list, stop: threading.Event) -> None:
     """Appends to `seen` every warning event of the run until `stop`. A subscription that ends before
     then is said on stderr: the count would otherwise read as a run that warned of nothing."""
-    from selfsteer.trainer_bridge.client import BridgeClient
-
     why = "the server closed the event stream"
     try:
         with BridgeClient(url, token=token) as client:
@@ -228,9 +230,6 @@ def count_warnings(url: str, token: str, seen: list, stop: threading.Event) -> N
 def fuzz(workdir: Path, cases: int, max_time: float | None = None, seed: int = 0) -> Result:
     """Fuzzes one live tiny run: at least `cases` test cases with the token (or what `max_time` seconds
     allow, split 3:1 between the token and no token), then the run is checked. Stops the run."""
-    from selfsteer.trainer_bridge.recipe import load_recipe
-    from selfsteer.trainer_bridge.runner import BackgroundRun
-
     workdir.mkdir(parents=True, exist_ok=True)
     token = f"{secrets.token_urlsafe(9)}/+={secrets.token_hex(3)}"  # percent-encoded in a query string
     start = time.perf_counter()
@@ -309,10 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="where the run and reports go (default: a temp dir)"
     )
     args = parser.parse_args(argv)
-
-    import tempfile
-
-    import torch
 
     torch.set_num_threads(1)  # the run shares the machine with the server and the fuzzer
     with contextlib.ExitStack() as stack:

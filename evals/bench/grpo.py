@@ -22,6 +22,14 @@ import statistics
 import tempfile
 import time
 
+import torch
+from transformers import TrainerCallback
+
+from selfsteer.agents.llm.engine import LocalEngine, cache_dir, is_cached, load_embedded_model
+from selfsteer.evals.tasks import load_task
+from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
+from selfsteer.graphs.reflect import reflect_messages, reflection_reward
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,14 +47,6 @@ def main(argv: list[str] | None = None) -> dict:
         "has a gradient (the untrained model's retries all fail: without this every step is zero-advantage)",
     )
     args = parser.parse_args(argv)
-
-    import torch
-    from transformers import TrainerCallback
-
-    from selfsteer.agents.llm.engine import LocalEngine, cache_dir, is_cached, load_embedded_model
-    from selfsteer.evals.tasks import load_task
-    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
-    from selfsteer.graphs.reflect import reflect_messages, reflection_reward
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,12 +25,17 @@ import threading
 import time
 from pathlib import Path
 
+import uvicorn  # noqa: F401  (the imports every trial would pay, paid once before the forks)
+
+import selfsteer.trainer_bridge.server  # noqa: F401
+from selfsteer.cli.main import build_parser
+from selfsteer.cli.main import main as selfsteer_main
+from selfsteer.trainer_bridge.store import Store
+
 URL = re.compile(rb"http://127\.0\.0\.1:(\d+)")
 
 
 def server_commands(workdir: Path) -> dict[str, list[str]]:
-    from selfsteer.trainer_bridge.store import Store
-
     db = workdir / "history.sqlite"
     with Store(db) as store:
         store.create_run("listen-race")
@@ -59,9 +64,7 @@ def trial(argv: list[str], timeout: float = 120.0) -> tuple[bool, str, float]:
             sys.stdout = os.fdopen(1, "w", buffering=1)
             sys.stderr = os.fdopen(2, "w", buffering=1)
             print("warning: a line on stderr before anything else", file=sys.stderr, flush=True)
-            from selfsteer.cli.main import main
-
-            code = main(argv)
+            code = selfsteer_main(argv)
         finally:
             os._exit(code)
     os.close(out_w)
@@ -121,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    # The imports every trial would pay, paid once here (the commands import these lazily).
-    import uvicorn  # noqa: F401
-
-    import selfsteer.trainer_bridge.server  # noqa: F401
-    from selfsteer.cli.main import build_parser
-
+    # The rest of what every trial would pay, paid once here (the commands import these lazily).
     build_parser()  # imports every command's module
 
     refused_total = 0
@@ -136,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             if name not in commands:
                 parser.error(f"unknown server {name!r} (known: {', '.join(commands)})")
             if name == "serve-llm":
+                # lazy: torch, paid only when this server is raced
                 import selfsteer.agents.llm.engine  # noqa: F401
                 import selfsteer.agents.llm.openai_server  # noqa: F401
             if name == "train":
-                import selfsteer.trainer_bridge.runner  # noqa: F401
+                import selfsteer.trainer_bridge.runner  # noqa: F401  (lazy: torch, as above)
             refusals, times = [], []
             for _ in range(args.trials):
                 accepted, what, elapsed = trial(commands[name])

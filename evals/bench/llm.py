@@ -25,11 +25,26 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
+import subprocess
+import sys
 import time
 
+import torch
+import transformers  # noqa: F401  (imported before the clock starts: its import is not the load)
+from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
+from selfsteer.agents.chat_models import make_chat_model
+from selfsteer.agents.decision import LRDecision
+from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor, model_explanation
+from selfsteer.agents.intervener_data import grounded, observation_of
+from selfsteer.agents.llm.chat import LocalChatModel
+from selfsteer.agents.llm.engine import LocalEngine, get_local_engine, load_embedded_model
+from selfsteer.agents.llm.openai_server import create_app
+from selfsteer.evals.counterfactual import RunSpec, collect_run
+from selfsteer.trainer_bridge.net import serving
 from selfsteer.trainer_bridge.records import Action as ActionName
 
 SYSTEM = (
@@ -71,13 +86,6 @@ def main() -> None:
     if args.intervener is not None:
         bench_intervener(args.intervener, args.decisions)
         return
-
-    import torch
-    import transformers  # noqa: F401  (imported before the clock starts: its import is not the load)
-
-    from selfsteer.agents.decision import LRDecision
-    from selfsteer.agents.llm.chat import LocalChatModel
-    from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
 
     load_embedded_model()  # converts on the very first run; the timed load below is from the cache
     started = time.perf_counter()
@@ -139,27 +147,15 @@ def main() -> None:
 
 def observations(count: int) -> list:
     """Observations of real tiny runs at each evaluation, from far too low to far too high starts."""
-    from selfsteer.evals.counterfactual import RunSpec, collect_run
-
     seen = []
     for lr in (1.5625e-4, 1e-2, 0.64, 1.25e-3, 0.08):
         rows = []
         collect_run(RunSpec(shape="tiny", lr=lr, policy="random", seed=7), on_row=rows.append)
         seen += [row["observation"] for row in rows]
-    from selfsteer.agents.intervener_data import observation_of
-
     return [observation_of({"observation": o}) for o in seen[:count]]
 
 
 def bench_tools(repeats: int) -> None:
-    import torch
-    from langchain_openai import ChatOpenAI
-
-    from selfsteer.agents.llm.chat import LocalChatModel
-    from selfsteer.agents.llm.engine import get_local_engine
-    from selfsteer.agents.llm.openai_server import create_app
-    from selfsteer.trainer_bridge.net import serving
-
     def get_weather(city: str) -> str:
         """Get the current weather in a city."""
         return ""
@@ -193,14 +189,6 @@ def bench_tools(repeats: int) -> None:
 
 
 def bench_intervener(adapter: str, decisions: int) -> None:
-    import re
-    import subprocess
-    import sys
-
-    from selfsteer.agents.chat_models import make_chat_model
-    from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor, model_explanation
-    from selfsteer.agents.intervener_data import grounded
-
     adapter = ADAPTER_DIR if adapter == "shipped" else adapter
     seen = observations(decisions)
     local = {}

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import httpx
 
+from selfsteer.trainer_bridge.net import serving
+from selfsteer.trainer_bridge.server import create_history_app
+from selfsteer.trainer_bridge.store import Store
+
 NAMES = ("loss", "grad_norm", "learning_rate", "epoch", "samples_per_s")
 
 
@@ -51,10 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         help="points= of the down-sampled request (default: the dashboard's)",
     )
     args = parser.parse_args(argv)
-
-    from selfsteer.trainer_bridge.net import serving
-    from selfsteer.trainer_bridge.server import create_history_app
-    from selfsteer.trainer_bridge.store import Store
 
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "pages.sqlite") as store:
         run_id = store.create_run("bench-pages")

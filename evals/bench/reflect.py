@@ -14,6 +14,12 @@ import argparse
 import json
 import time
 
+import torch
+
+from selfsteer.agents.llm.chat import LocalChatModel
+from selfsteer.evals.tasks import load_task
+from selfsteer.graphs.reflect import ReflectConfig, run_episodes
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -24,12 +30,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--strategy", default="reflect_attempt")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from selfsteer.agents.llm.chat import LocalChatModel
-    from selfsteer.evals.tasks import load_task
-    from selfsteer.graphs.reflect import ReflectConfig, run_episodes
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,6 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from selfsteer.agents.registry import make_supervisor
+from selfsteer.graphs.supervise import run_supervision
+from selfsteer.trainer_bridge.recipe import load_recipe
+from selfsteer.trainer_bridge.runner import RecipeRun
+
 ROADS = ("none", "http", "local")
 
 
@@ -46,11 +51,6 @@ class RequestCounter:
 
 
 def one_run(road: str, out: Path, steps: int, eval_steps: int) -> dict:
-    from selfsteer.agents.registry import make_supervisor
-    from selfsteer.graphs.supervise import run_supervision
-    from selfsteer.trainer_bridge.recipe import load_recipe
-    from selfsteer.trainer_bridge.runner import RecipeRun
-
     supervisor = make_supervisor("rule")
     db = out / "runs.sqlite"
 

@@ -19,19 +19,22 @@ import inspect
 from selfsteer.evals.tasks import bfcl, countdown, decisions
 from selfsteer.tools.tasks import SPLITS, Problem, TaskLoader, Verdict, split_of
 
-TASKS: dict[str, TaskLoader] = {
+# name -> its loader, or "module:function" (imported when first asked for: one line registers a task)
+TASKS: dict[str, TaskLoader | str] = {
     "countdown": countdown.load,
     **{f"countdown:{count}": countdown.loader(count) for count in countdown.LEVELS},
     **{f"bfcl:{category}": bfcl.loader(category) for category in bfcl.CATEGORIES},
 }
 
 
-def register(name: str, loader: TaskLoader) -> None:
+def register(name: str, loader: TaskLoader | str) -> None:
     TASKS[name] = loader
 
 
 def get_loader(name: str) -> TaskLoader:
     """The loader of a registered task, or of `module:function` (a function with the loader signature)."""
+    if isinstance(TASKS.get(name), str):
+        return _import_loader(name, TASKS[name])
     if name in TASKS:
         return TASKS[name]
     module_name, _, attribute = name.partition(":")
@@ -40,6 +43,11 @@ def get_loader(name: str) -> TaskLoader:
     if not attribute or module_name in ("bfcl", "countdown", "decisions"):
         known = ", ".join(sorted(TASKS))
         raise ValueError(f"unknown task {name!r}: use one of {known}, or module:function")
+    return _import_loader(name, name)
+
+
+def _import_loader(name: str, target: str) -> TaskLoader:
+    module_name, _, attribute = target.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:

@@ -35,8 +35,11 @@ import re
 import threading
 from pathlib import Path
 
+from tqdm import tqdm
+
 from selfsteer.agents.intervener_data import noise_margin, observation_of, read_rows, regret
 from selfsteer.agents.reflector import PROMPTS, SYSTEM, Actor, decision_prompt, outcome_reason
+from selfsteer.agents.registry import make_supervisor
 from selfsteer.evals.counterfactual import evaluation_workload, workload_key
 from selfsteer.tools.tasks import Problem, Verdict, check_split, split_of
 from selfsteer.trainer_bridge.records import ACTIONS
@@ -108,9 +111,6 @@ def first_tries(directory: Path, rows: list[dict], policy: str) -> dict[str, str
     missing = [row for row in rows if item_id(row) not in known]
     if not missing:
         return known
-    from tqdm import tqdm
-
-    from selfsteer.agents.registry import make_supervisor
 
     supervisor = None if policy == "keep" else make_supervisor(policy)
     if supervisor is None and policy != "keep":
