@@ -8,11 +8,13 @@ message a person can act on.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
+from selfsteer.trainer_bridge.client import CommandTimeout
 from selfsteer.trainer_bridge.net import is_loopback_url
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -45,13 +47,13 @@ def make_chat_model(
     """
     kind, _, model_name = spec.partition(":")
     if kind == "local" and not model_name:
-        from selfsteer.agents.llm.chat import LocalChatModel
+        from selfsteer.agents.llm.chat import LocalChatModel  # lazy: torch, for the embedded model only
 
         return LocalChatModel(
             temperature=temperature, seed=seed, max_retries=max_retries, timeout=timeout, **kwargs
         )
     if kind == "openai" and model_name:
-        from langchain_openai import ChatOpenAI
+        from langchain_openai import ChatOpenAI  # lazy: openai's client, for openai: models only
 
         base_url = base_url or _first_env(BASE_URL_ENV)
         api_key = api_key or _first_env(API_KEY_ENV)
@@ -79,9 +81,7 @@ def make_chat_model(
 
 def describe_llm_error(error: BaseException, spec: str = "", base_url: str | None = None) -> str:
     """One line that says what went wrong with a chat model and what to do about it."""
-    import openai
-
-    from selfsteer.trainer_bridge.client import CommandTimeout
+    import openai  # lazy: some 0.6 s, paid only when an error is described
 
     where = base_url or "the OpenAI API"
     if isinstance(error, ChatModelConfigError):
@@ -100,7 +100,7 @@ def describe_llm_error(error: BaseException, spec: str = "", base_url: str | Non
         return f"{where} does not know the model in {spec!r} or the path: check the model name and that --base-url ends in /v1"
     if isinstance(error, openai.APIStatusError):
         return f"{where} answered HTTP {error.status_code}: {error.message}"
-    from selfsteer.agents.llm.engine import ModelNotFoundError
+    from selfsteer.agents.llm.engine import ModelNotFoundError  # lazy: torch
 
     if isinstance(error, ModelNotFoundError):
         return str(error)
@@ -117,8 +117,6 @@ def _malformed_response(error: BaseException) -> str | None:
     """What was wrong with an answer that arrived but is no chat completion, or None if the error is
     something else. The client libraries raise plain ValueError / TypeError / KeyError for these, so
     they are told apart by their messages (langchain-openai's and the json module's)."""
-    import json
-
     text = str(error)
     if isinstance(error, json.JSONDecodeError):
         return "the body is not JSON"

@@ -20,8 +20,10 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.decision_data import write_rows
 from selfsteer.agents.observation import Observation
+from selfsteer.prompts import load_strategy
 from selfsteer.trainer_bridge.records import ACTIONS
 
 STRATEGY = "intervener"  # the table of lr and losses per evaluation
@@ -104,11 +106,10 @@ def observation_of(row: dict) -> Observation:
 def prompt_messages(observation: Observation, strategy: str = STRATEGY) -> list[dict]:
     """The chat the intervener gets: its strategy's prompt plus the local model's format instruction
     (as `LocalChatModel.with_structured_output(LRDecision)` sends it)."""
+    # lazy: LangChain and torch (agents.llm.chat), which reading and writing the rows does not need
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    from selfsteer.agents.decision import LRDecision
     from selfsteer.agents.llm.chat import _with_format_instruction
-    from selfsteer.prompts import load_strategy
 
     prompt = load_strategy(strategy)
     messages = _with_format_instruction(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from selfsteer.agents.observation import Observation, arm_loss
-from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.agents.supervisors import Decision, LLMSupervisor, Supervisor, embedded_chat_model
 
 
 class ProbeSupervisor(Supervisor):
@@ -129,13 +129,9 @@ class VettedProbeSupervisor(ProbeSupervisor):
     def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
         """`probe-llm:STRATEGY` picks the veto's prompt (default probe_veto; the caller's --strategy, made
         for `llm`, is not one)."""
-        from selfsteer.agents.supervisors import embedded_chat_model
-
         return cls(chat_model or embedded_chat_model(), option or "probe_veto")
 
     def __init__(self, chat_model, strategy: str = "probe_veto", **probe_options):
-        from selfsteer.agents.supervisors import LLMSupervisor
-
         super().__init__(**probe_options)
         self.llm = LLMSupervisor(chat_model, strategy)
         self.strategy, self.model = self.llm.strategy, self.llm.model

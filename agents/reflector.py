@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 
 from selfsteer.agents.observation import Observation
-from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.agents.supervisors import Decision, HumanSupervisor, Supervisor
 from selfsteer.prompts import load_prompts
 from selfsteer.trainer_bridge.records import ACTIONS
 
@@ -85,7 +85,7 @@ def conversation(prompt: str, action: str, reason: str, reflection: str | None =
 def reflector_chat(folder: str | Path | None, max_new_tokens: int = REFLECTION_TOKENS):
     """The reflecting model as a batched chat model: a LoRA adapter folder over the embedded model, a
     model folder, or None (the untrained embedded model). Greedy."""
-    from selfsteer.agents.llm.chat import LocalChatModel
+    from selfsteer.agents.llm.chat import LocalChatModel  # lazy: torch (graphs.supervise imports this module)
 
     chat = LocalChatModel(max_new_tokens=max_new_tokens)
     if folder is not None:
@@ -203,8 +203,6 @@ def reflecting(supervisor: Supervisor, reflector: str | Path) -> Supervisor:
     retry to `supervisor` itself (as does a person's supervisor: a person's retries stay theirs);
     "shipped" (agents/reflector/), "none" (the untrained embedded model) or an adapter or model folder
     hands them to a `ReflectorSupervisor` around it."""
-    from selfsteer.agents.supervisors import HumanSupervisor
-
     if str(reflector) == "self" or isinstance(supervisor, (HumanSupervisor, ReflectorSupervisor)):
         return supervisor
     return ReflectorSupervisor(supervisor, REFLECTOR_DIR if str(reflector) == "shipped" else reflector)

@@ -30,7 +30,7 @@ from langgraph.prebuilt import ToolNode, tools_condition
 
 from selfsteer.agents.decision import MAX_EXPLANATION_WORDS
 from selfsteer.agents.observation import Observation
-from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.agents.supervisors import Decision, Supervisor, embedded_chat_model
 from selfsteer.prompts import load_strategy
 from selfsteer.tools.bridge_tools import BridgeTools
 
@@ -68,8 +68,6 @@ class ToolSupervisor(Supervisor):
 
     @classmethod
     def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
-        from selfsteer.agents.supervisors import embedded_chat_model
-
         return cls(chat_model or embedded_chat_model())
 
     def __init__(self, chat_model, max_tool_calls: int = 4):

@@ -17,11 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+from selfsteer.trainer_bridge.server import EventHub, create_app, create_history_app
+
 
 def document() -> dict:
-    from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
-    from selfsteer.trainer_bridge.server import EventHub, create_app, create_history_app
-
     with tempfile.TemporaryDirectory(prefix="selfsteer-openapi-") as tmp:
         bridge = Bridge(BridgeConfig(port=None, db=Path(tmp) / "openapi.sqlite", run_name="openapi"))
         try:

@@ -50,6 +50,7 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
+from tqdm import tqdm
 
 from selfsteer.prompts import REFLECT_STRATEGIES, ReflectStrategy, load_prompts
 from selfsteer.tools.tasks import Problem
@@ -504,8 +505,6 @@ def run_episodes(
         futures = {pool.submit(one, problem): index for index, problem in enumerate(problems)}
         done = as_completed(futures)
         if progress:
-            from tqdm import tqdm
-
             done = tqdm(done, total=len(futures), desc=f"episodes ({config.strategy})", unit="ep")
         for future in done:
             results[futures[future]] = future.result()
@@ -536,8 +535,6 @@ def mine_failures(
     else:
         starts = range(0, len(prompts), chunk)
         if progress:
-            from tqdm import tqdm
-
             starts = tqdm(starts, desc="first attempts", unit=f"x{chunk}")
         answers = [_text(a) for start in starts for a in llm.batch(prompts[start : start + chunk])]
     by_id = dict(zip((problem.id for problem in asked), answers, strict=True))
@@ -573,8 +570,6 @@ def _concurrent_answers(
         }
         done = as_completed(futures)
         if progress:
-            from tqdm import tqdm
-
             done = tqdm(done, total=len(futures), desc="first attempts", unit="call")
         for future in done:
             responses[futures[future]] = future.result()

@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+from websockets.asyncio.client import connect as connect_async
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as connect_sync
 
 from selfsteer.trainer_bridge.records import Decision, DecisionUpdate, NewDecision
 
@@ -232,11 +235,8 @@ class BridgeClient(_Commands):
 
     def events(self, open_timeout: float = 10.0) -> Iterator[dict]:
         """Yields the server's events until the connection closes (first: the current state)."""
-        from websockets.exceptions import ConnectionClosed
-        from websockets.sync.client import connect
-
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        with connect(_ws_url(self.url), additional_headers=headers, open_timeout=open_timeout) as ws:
+        with connect_sync(_ws_url(self.url), additional_headers=headers, open_timeout=open_timeout) as ws:
             try:
                 for message in ws:
                     yield json.loads(message)
@@ -325,11 +325,9 @@ class AsyncBridgeClient(_Commands):
             await asyncio.sleep(poll_s)
 
     async def events(self, open_timeout: float = 10.0) -> AsyncIterator[dict]:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed
-
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        async with connect(_ws_url(self.url), additional_headers=headers, open_timeout=open_timeout) as ws:
+        url = _ws_url(self.url)
+        async with connect_async(url, additional_headers=headers, open_timeout=open_timeout) as ws:
             try:
                 async for message in ws:
                     yield json.loads(message)

@@ -26,9 +26,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from pydantic import TypeAdapter, ValidationError
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, set_seed
 
-from selfsteer.trainer_bridge.data import EOS_ID, VOCAB_SIZE, CorpusSpec
+from selfsteer.trainer_bridge.data import EOS_ID, VOCAB_SIZE, CorpusSpec, SwappableDataset, load_corpus
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 SECTIONS = ("model", "data", "training", "supervisor")
@@ -137,9 +140,6 @@ def parse_recipe(
 
     source: the file it came from; overridden: the dotted keys a --set gave (errors name those instead).
     output_dir: the TrainingArguments' output_dir (None: transformers' placeholder, for a check only)."""
-    import torch
-    from transformers import GPT2Config, TrainingArguments
-
     def where(key: str) -> str:
         return f"{source}: --set {key}" if key in overridden else f"{source}: {key}"
 
@@ -177,8 +177,6 @@ def typed_fields(cls: type, values: dict, label: Callable[[str], str]) -> dict:
     """`values` as fields of the dataclass `cls`: every key one of its fields, every value of that field's
     type, coerced the way pydantic does (5.0 -> 5 for an int, "1e-3" -> 0.001 for a float). A RecipeError
     otherwise, which names the key as `label(key)` says (where it came from)."""
-    from pydantic import ValidationError
-
     types = _field_types(cls)
     unknown = sorted(set(values) - set(types))
     if unknown:
@@ -196,16 +194,12 @@ def typed_fields(cls: type, values: dict, label: Callable[[str], str]) -> dict:
 
 @cache
 def _field_types(cls: type) -> dict[str, Any]:
-    import torch
-
     hints = typing.get_type_hints(cls, localns={"torch": torch})  # GPT2Config names torch.dtype
     return {f.name: hints[f.name] for f in fields(cls) if f.init and not f.name.startswith("_")}
 
 
 @cache
 def _adapter(annotation: Any):
-    from pydantic import TypeAdapter
-
     return TypeAdapter(annotation)
 
 
@@ -238,10 +232,6 @@ class Workload:
 
 def build_workload(recipe: dict | Recipe, output_dir: str | Path) -> Workload:
     """The model, data and TrainingArguments of a recipe (a dict as `load_recipe` returns and runs store)."""
-    from transformers import GPT2LMHeadModel, set_seed
-
-    from selfsteer.trainer_bridge.data import SwappableDataset, load_corpus
-
     if isinstance(recipe, Recipe):
         recipe = replace(recipe, training=replace(recipe.training, output_dir=str(output_dir)))
     else:

