@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import traceback
+
+from selfsteer.prompts import list_strategies  # the prompts/lr_*.yaml files (light: no model)
 
 
 def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +64,6 @@ def chat_model_from_args(args: argparse.Namespace):
 
 
 def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | None = "rule") -> None:
-    from selfsteer.prompts import list_strategies  # the prompts/lr_*.yaml files (light: no model)
-
     group = parser.add_argument_group("supervisor")
     group.add_argument(
         "--supervisor",
@@ -157,9 +159,6 @@ def supervisor_thread_from_args(
     """What `selfsteer train` runs beside training: a callable `(control, stop_event)` that supervises
     the run in process (a `LocalRunControl`: no HTTP) until it ends, or None for `--supervisor none`. A supervisor that crashes
     is reported and the run goes on with its current settings."""
-    import sys
-    import traceback
-
     from selfsteer.graphs.supervise import refuse_unsupported
 
     supervisor = supervisor_from_args(args)

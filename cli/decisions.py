@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from selfsteer.cli.common import add_ray_arguments
 
@@ -175,8 +177,6 @@ def _collect(args: argparse.Namespace) -> int:
                 raise ValueError(f"--lrs must be comma-separated numbers, not {args.lrs!r}") from None
             specs = recipe_specs(args.recipe, args.set, lrs, seeds, policy=args.policy)
         if args.horizon is not None:
-            from dataclasses import replace
-
             specs = [replace(s, horizon=args.horizon) for s in specs]
         shard = _shard(args.shard)
     except ValueError as error:
@@ -198,8 +198,6 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if args.counterfactual:
         from selfsteer.agents.intervener_data import export_counterfactual
 

@@ -7,6 +7,13 @@ import sys
 
 from selfsteer.agents.registry import BUILT_IN
 from selfsteer.cli.common import add_llm_arguments, add_ray_arguments
+from selfsteer.evals.lr_suite_names import (
+    BASELINES,
+    DEFAULT_SUPERVISORS,
+    HELD_OUT_SUPERVISORS,
+    POPULATIONS,
+    ROWS,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -22,7 +29,6 @@ def _named_floats(text: str) -> dict[str, float]:
 
 def add_parser(subparsers, name: str) -> None:
     # light: not evals.lr_suite (transformers)
-    from selfsteer.evals.lr_suite_names import DEFAULT_SUPERVISORS, ROWS
 
     parser = subparsers.add_parser(
         name, help="evaluation suites (lr-suite)", description="Evaluation suites."
@@ -121,12 +127,6 @@ def add_parser(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from selfsteer.evals.lr_suite import SuiteConfig
-    from selfsteer.evals.lr_suite_names import (
-        BASELINES,
-        DEFAULT_SUPERVISORS,
-        HELD_OUT_SUPERVISORS,
-        POPULATIONS,
-    )
     from selfsteer.evals.lr_suite_run import main
 
     NOT_SUPERVISORS = (*BASELINES, *POPULATIONS)
