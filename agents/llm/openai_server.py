@@ -18,9 +18,10 @@ One request cannot hold the server: `max_tokens` is capped (above the cap: 400, 
 one never waits for a long one, an answer whose client has gone away stops within a decode step,
 request bodies are limited (413), and SIGTERM ends the answers in progress (503) and the process.
 
-Top to bottom: request and response models (validation at the edge, and the OpenAPI document),
-errors in OpenAI's shape, the translation of a request into engine options, the app with its two
-routes, and `serve()`.
+The request and response models (validation at the edge, and the OpenAPI document) are in
+`openai_api.py`, the errors in OpenAI's shape and the checks before the model in `openai_errors.py`.
+Here, top to bottom: the translation of a request into engine options, the app with its two routes,
+and `serve()`.
 """
 
 from __future__ import annotations
@@ -34,16 +35,12 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from fastapi.responses import Response, StreamingResponse
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfsteer.agents.llm.chat import (
     CallStream,
@@ -56,10 +53,33 @@ from selfsteer.agents.llm.chat import (
     structured_json_text,
     tool_spec,
 )
+from selfsteer.agents.llm.engine import EngineClosed, get_local_engine
+from selfsteer.agents.llm.openai_api import (
+    DEFAULT_MODEL_NAME,
+    STREAM_EVENT,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ModelList,
+    NamedToolChoice,
+    ResponseFormat,
+    error_responses,
+    request_model,
+)
+from selfsteer.agents.llm.openai_errors import (
+    BodyLimit,
+    OpenAIError,
+    bearer_check,
+    clip,
+    engine_error,
+    guard_error,
+    install_error_handlers,
+    shutting_down,
+)
 from selfsteer.agents.llm.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
-from selfsteer.trainer_bridge.net import LoopbackGuard, bind, token_matches
+from selfsteer.trainer_bridge.net import LoopbackGuard, bind
 
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8008
 # Request bodies above this get 413 before they are read: 8192 tokens of context are ~32 KB of
@@ -67,7 +87,6 @@ DEFAULT_PORT = 8008
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Seconds uvicorn waits for open connections after SIGTERM (answers in progress are ended at once).
 SHUTDOWN_GRACE_S = 3.0
-OPENAI_MAX_STOP = 4  # OpenAI takes at most four stop sequences
 # Seconds a request waits for one engine call made on a pool thread before its answer is generated
 # (the scoring that decides between a tool call and text, a field of a structured answer); past it,
 # 504. A pool thread is never held by a stuck engine for longer.
@@ -76,450 +95,6 @@ DEFAULT_ENGINE_TIMEOUT_S = 300.0
 # is one grammar-constrained answer instead (a 400 would refuse schemas OpenAI takes): each field
 # costs a pass over the whole prompt, so a large schema would cost many times what one answer costs.
 FIELD_BY_FIELD_MAX_PROPERTIES = 16
-
-
-# ----------------------------------------------------------------------------------------------------
-# Request models. Unknown fields are ignored (clients send newer options such as `user` or
-# `metadata`); options that would change the answer and that we cannot honour are refused with 400.
-
-
-# strict: JSON types as the schema says them (`0` is no boolean, `"1"` no number); a float field
-# still takes an integer.
-_REQUEST = ConfigDict(extra="ignore", strict=True)
-
-
-def _integral(value):
-    """JSON Schema's integer is any number without a fraction: 2.0 is one."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-JsonInt = Annotated[int, BeforeValidator(_integral)]
-TokenCount = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
-
-
-class TextPart(BaseModel):
-    model_config = _REQUEST
-
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(BaseModel):
-    model_config = _REQUEST
-
-    name: str
-    arguments: str = Field(description="the arguments as JSON text")
-
-
-class ToolCall(BaseModel):
-    model_config = _REQUEST
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(BaseModel):
-    model_config = _REQUEST
-
-    # "developer" is OpenAI's newer name for the system role; "tool" carries a tool's result.
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant's earlier calls")
-    tool_call_id: str | None = Field(default=None, description="the call a tool message answers")
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
-
-    name: str = "response"
-    # `schema` would shadow a BaseModel attribute, hence the alias.
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = _REQUEST
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class FunctionDefinition(BaseModel):
-    model_config = _REQUEST
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of the arguments")
-    strict: bool | None = None
-
-
-class FunctionTool(BaseModel):
-    model_config = _REQUEST
-
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    model_config = _REQUEST
-
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    model_config = _REQUEST
-
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class StreamOptions(BaseModel):
-    model_config = _REQUEST
-
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = _REQUEST
-
-    model: str = DEFAULT_MODEL_NAME
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: JsonInt | None = Field(
-        default=None, ge=1, description="at most the server's cap (`selfsteer serve-llm --max-tokens`)"
-    )
-    max_completion_tokens: JsonInt | None = Field(
-        default=None, ge=1, description="a newer name of max_tokens"
-    )
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: JsonInt | None = None
-    stop: str | Annotated[list[str], Field(max_length=OPENAI_MAX_STOP)] | None = Field(
-        default=None, description="up to 4 stop sequences"
-    )
-    n: JsonInt = Field(default=1, ge=1, json_schema_extra={"maximum": 1}, description="only 1 is supported")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[FunctionTool] | None = Field(default=None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        default=None, description="unknown tool name: 400"
-    )
-    parallel_tool_calls: bool | None = None
-    # Declared only to refuse it clearly: this model returns no logprobs.
-    logprobs: bool | None = Field(
-        default=None, json_schema_extra={"enum": [False, None]}, description="not supported"
-    )
-
-
-def _request_model(max_tokens_cap: int) -> type[ChatCompletionRequest]:
-    """The request model of an app, its OpenAPI schema naming the app's cap as the maximum of
-    max_tokens (the check itself is a 400 in `_engine_options`, in OpenAI's words)."""
-    cap = {"maximum": max_tokens_cap}
-    return create_model(
-        "ChatCompletionRequest",
-        __base__=ChatCompletionRequest,
-        max_tokens=(
-            TokenCount | None,
-            Field(default=None, json_schema_extra=cap, description=f"at most {max_tokens_cap}"),
-        ),
-        max_completion_tokens=(
-            TokenCount | None,
-            Field(default=None, json_schema_extra=cap, description="a newer name of max_tokens"),
-        ),
-    )
-
-
-# Response models: what the server answers, for the OpenAPI document (and checked on the way out).
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"]
-    function: FunctionCall
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | None
-    refusal: None
-    tool_calls: list[ToolCallOut] | None = None
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None
-    finish_reason: Literal["stop", "length", "tool_calls"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    system_fingerprint: str | None
-
-
-class FunctionCallDelta(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolCallDelta(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionCallDelta
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    logprobs: None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed answer (the last one, asked for with
-    stream_options.include_usage, has no choices and the usage)."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-# A streamed answer, event by event: `data:` holds a chunk, an error (the stream's headers were sent
-# before it happened), or the final `[DONE]`.
-STREAM_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "event": {"type": "string"},
-        "data": {
-            "anyOf": [
-                {"const": "[DONE]"},
-                {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {
-                        "anyOf": [
-                            {"$ref": "#/components/schemas/ChatCompletionChunk"},
-                            {"$ref": "#/components/schemas/ErrorResponse"},
-                        ]
-                    },
-                },
-            ]
-        },
-    },
-}
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-def _errors(*statuses: int) -> dict[int | str, dict]:
-    described = {
-        400: "a request this server cannot serve: an unsupported option, max_tokens above the cap, an "
-        "invalid JSON schema (response_format or tools), a tool_choice naming no tool, a prompt longer than the context, a body that is not JSON",
-        401: "missing or wrong API key (`Authorization: Bearer KEY`)",
-        413: "the request body is too large",
-        422: "a request that does not match this schema",
-        503: "the server is shutting down",
-        504: "the model did not answer within the server's timeout",
-    }
-    return {status: {"model": ErrorResponse, "description": described[status]} for status in statuses}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Errors, always in OpenAI's shape, so OpenAI clients raise their usual exception classes. Nothing a
-# client sent is echoed back at length: every message is clipped.
-
-
-class OpenAIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _error_response(
-    status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None
-) -> JSONResponse:
-    body = {
-        "error": {
-            "message": _clip(message, 1000),
-            "type": type,
-            "param": None if param is None else _clip(param, 100),
-            "code": code,
-        }
-    }
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, error: OpenAIError):
-        return _error_response(error.status, error.message, error.type, error.param, error.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError):
-        problems = error.errors()
-        first = problems[0] if problems else {}
-        if first.get("type") == "json_invalid":  # not JSON at all: a bad request, not a bad field
-            return _error_response(400, "the request body is not valid JSON", code="invalid_json")
-
-        def where(problem) -> str:
-            return ".".join(_clip(str(p), 40) for p in problem.get("loc", ()) if p != "body") or "body"
-
-        # Pydantic's messages name the rule, never the value given (`input` is left out).
-        message = "; ".join(f"{where(e)}: {e.get('msg')}" for e in problems[:5])
-        if len(problems) > 5:
-            message += f"; and {len(problems) - 5} more"
-        param = _param_of(first.get("loc", ()))
-        return _error_response(422, message, param=param, code="invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        if error.status_code == 404:
-            message = (
-                f"unknown path {_clip(request.url.path, 100)}: this server serves /v1/models and "
-                "/v1/chat/completions"
-            )
-            return _error_response(404, message, code="not_found")
-        # 405 keeps its Allow header; 413 comes from the body limit.
-        return _error_response(error.status_code, str(error.detail), headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception):
-        if (engine_error := _engine_error(error)) is not None:  # one no path turned into an OpenAIError
-            return _error_response(engine_error.status, engine_error.message, engine_error.type,
-                                   code=engine_error.code)  # fmt: skip
-        return _error_response(500, f"{type(error).__name__}: {error}", type="server_error")
-
-
-class _BodyLimit:
-    """ASGI middleware: 413 for a request body over `limit` bytes, before it is read when it says
-    its length (Content-Length), as soon as it passes the limit when it does not (chunked)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = f"the request body is larger than this server's limit of {self.limit} bytes"
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            response = _error_response(
-                413, too_large, code="request_too_large", headers={"Connection": "close"}
-            )
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:  # raised inside the app: its handlers answer 413
-                    raise StarletteHTTPException(413, too_large)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _guard_error(status: int, message: str) -> dict:
-    """`net.LoopbackGuard`'s refusals in OpenAI's form."""
-    code = "misdirected_request" if status == 421 else "forbidden_origin"
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-
-
-def _param_of(loc) -> str | None:
-    """The request field a validation error is about (`messages.0.role`), without pydantic's names of
-    the union member it tried (`stop.str`, `content.list[TextPart]`)."""
-    path = []
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, str) and (
-            not part.isidentifier() or part in ("str", "int", "float", "bool", "list")
-        ):
-            break
-        path.append(_clip(str(part), 40))
-    return ".".join(path) or None
-
-
-def _bearer_check(api_key: str | None):
-    """A dependency that requires `Authorization: Bearer KEY` when the server has a key (declared in
-    the OpenAPI document as an HTTP bearer scheme). A dependency, not the control server's middleware
-    (`net.BearerAuth`): the errors take OpenAI's form and an unknown path stays 404; the check is the
-    same (`net.token_matches`)."""
-    bearer = HTTPBearer(auto_error=False, description="the key the server was started with")
-
-    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        given = credentials.credentials.strip() if credentials else ""
-        if not token_matches(given, api_key):
-            raise OpenAIError(
-                401,
-                "invalid API key: send `Authorization: Bearer KEY` with the key the server was started with",
-                code="invalid_api_key",
-            )
-
-    return check
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -558,10 +133,10 @@ def _engine_options(
         try:
             prompt_ids, grammar = plan_tool_answer(engine, messages, spec, timeout=timeout)
         except Exception as error:  # a tool's parameters that are no JSON schema xgrammar takes
-            if (engine_error := _engine_error(error)) is not None:  # not the schema: the engine
-                raise engine_error from error
+            if (failure := engine_error(error)) is not None:  # not the schema: the engine
+                raise failure from error
             raise OpenAIError(
-                400, f"invalid JSON schema in tools: {_clip(_xgrammar_reason(error))}", param="tools",
+                400, f"invalid JSON schema in tools: {clip(_xgrammar_reason(error))}", param="tools",
                 code="invalid_schema",
             ) from error  # fmt: skip
     context = engine.model.config.max_position_embeddings
@@ -595,7 +170,7 @@ def _engine_options(
         except Exception as error:
             raise OpenAIError(
                 400,
-                f"invalid JSON schema: {_clip(_xgrammar_reason(error))}",
+                f"invalid JSON schema: {clip(_xgrammar_reason(error))}",
                 param="response_format",
                 code="invalid_schema",
             ) from error
@@ -647,7 +222,7 @@ def _tool_spec_of(request: ChatCompletionRequest):
     try:
         return tool_spec(tools, choice, request.parallel_tool_calls)
     except ValueError as error:
-        raise OpenAIError(400, _clip(str(error)), param="tool_choice", code="invalid_value") from error
+        raise OpenAIError(400, clip(str(error)), param="tool_choice", code="invalid_value") from error
 
 
 def _no_surrogates(text: str) -> str:
@@ -707,8 +282,6 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.engine is None:
-            from selfsteer.agents.llm.engine import get_local_engine
-
             app.state.engine = await run_in_threadpool(get_local_engine)
         yield
 
@@ -718,15 +291,15 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine = engine
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     # Outermost: another site's page reaching the model through the browser gets nothing from it.
-    app.add_middleware(LoopbackGuard, origins=list(origins), error=_guard_error)
-    _install_error_handlers(app)
-    authorized = [Depends(_bearer_check(api_key))] if api_key is not None else []
+    app.add_middleware(LoopbackGuard, origins=list(origins), error=guard_error)
+    install_error_handlers(app)
+    authorized = [Depends(bearer_check(api_key))] if api_key is not None else []
     auth_errors = (401,) if api_key is not None else ()
     created = int(time.time())
 
-    @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=_errors(*auth_errors))
+    @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=error_responses(*auth_errors))
     async def list_models():
         return {
             "object": "list",
@@ -754,7 +327,7 @@ def create_app(
 
     # The body's model carries this app's cap in its OpenAPI schema: a local class, so set in place of
     # the annotation (a string here, which FastAPI would look up among the module's names).
-    chat_completions.__annotations__["body"] = _request_model(max_tokens_cap)
+    chat_completions.__annotations__["body"] = request_model(max_tokens_cap)
     app.post(
         "/v1/chat/completions",
         dependencies=authorized,
@@ -765,7 +338,7 @@ def create_app(
                 "`chat.completion.chunk` objects ending with `data: [DONE]`",
                 "content": {"text/event-stream": {"schema": STREAM_EVENT}},
             },
-            **_errors(400, *auth_errors, 413, 422, 503, 504),
+            **error_responses(400, *auth_errors, 413, 422, 503, 504),
         },
     )(chat_completions)
     _declare_stream_chunks(app)
@@ -889,8 +462,8 @@ def _structured_answer(
             timeout=timeout, cancel=cancel, temperature=0.0,
         )  # fmt: skip
     except Exception as error:
-        if (engine_error := _engine_error(error)) is not None:
-            raise engine_error from error
+        if (failure := engine_error(error)) is not None:
+            raise failure from error
         if isinstance(error, _RetryableOutput | ValueError | RuntimeError):
             return None  # too long, or a field xgrammar cannot compile alone
         raise
@@ -899,41 +472,18 @@ def _structured_answer(
 
 
 def _submit(engine, prompt_ids: list[int], options: dict, **extra):
-    from selfsteer.agents.llm.engine import EngineClosed
-
     try:
         return engine.submit(prompt_ids, **options, **extra)
     except EngineClosed as error:
-        raise _shutting_down(error) from error
+        raise shutting_down(error) from error
 
 
 def _result(answer: asyncio.Future):
     """The generation of a finished answer; 503 when the engine ended it (the server is stopping)."""
-    from selfsteer.agents.llm.engine import EngineClosed
-
     try:
         return answer.result()
     except EngineClosed as error:
-        raise _shutting_down(error) from error
-
-
-def _shutting_down(error: Exception) -> OpenAIError:
-    return OpenAIError(503, f"{error}: try again later", type="server_error", code="server_shutting_down")
-
-
-def _engine_error(error: BaseException) -> OpenAIError | None:
-    """The answer to an engine failure that is no fault of the request: 503 for an engine that is
-    closed or closing, 504 for one that did not answer in time; None for any other error."""
-    from selfsteer.agents.llm.engine import EngineClosed
-
-    if isinstance(error, EngineClosed):
-        return _shutting_down(error)
-    if isinstance(error, TimeoutError):
-        return OpenAIError(
-            504, "the model did not answer within the server's timeout: try again later",
-            type="server_error", code="timeout",
-        )  # fmt: skip
-    return None
+        raise shutting_down(error) from error
 
 
 async def _disconnected(request: Request) -> None:
@@ -1056,7 +606,7 @@ def _tool_call_deltas(calls: CallStream, piece: str) -> list[dict]:
 
 
 def _stream_error(message: str, type: str, code: str | None = None) -> str:
-    body = {"error": {"message": _clip(message, 1000), "type": type, "param": None, "code": code}}
+    body = {"error": {"message": clip(message, 1000), "type": type, "param": None, "code": code}}
     return f"data: {json.dumps(body)}\n\n"
 
 
@@ -1078,8 +628,6 @@ def serve(
     SIGTERM or Ctrl-C: the answers in progress end at once (their clients get 503, or an error event
     in a stream), open connections get SHUTDOWN_GRACE_S seconds to close, then the process exits."""
     import uvicorn
-
-    from selfsteer.agents.llm.engine import get_local_engine
 
     sock, _, origins = bind(host, port)
     port = sock.getsockname()[1]  # port 0 picks a free one
