@@ -21,7 +21,7 @@ _EXPORTS = {
     "Steer": "selfsteer.integrations.plain",
     "make_interactive": "selfsteer.integrations.hf_trainer",  # the Hugging Face Trainer
     "attach_trainer": "selfsteer.integrations.hf_trainer",
-    "BridgeConfig": "selfsteer.trainer_bridge.bridge",
+    "BridgeConfig": "selfsteer.trainer_bridge.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,8 +16,9 @@ from helpers.live_run import LiveRun, serving
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.client import AsyncBridgeClient, BridgeClient, BridgeHTTPError
+from selfsteer.trainer_bridge.config import BridgeConfig
 
 BAD_COMMANDS = [
     ({"type": "launch_missiles"}, "unknown command type"),

@@ -15,7 +15,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from selfsteer.agents.llm.openai_server import create_app
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+from selfsteer.trainer_bridge.bridge import Bridge
+from selfsteer.trainer_bridge.config import BridgeConfig
 from selfsteer.trainer_bridge.store import Store
 
 FOREIGN_HOSTS = ["evil.example", "evil.example:{port}", "127.0.0.1:{other}", "localhost.evil.example:{port}"]

@@ -32,7 +32,8 @@ def test_the_warning_counter_says_when_it_stops_listening(tmp_path, capsys):
     import threading
 
     from selfsteer.evals.bench.fuzz_api import count_warnings
-    from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+    from selfsteer.trainer_bridge.bridge import Bridge
+    from selfsteer.trainer_bridge.config import BridgeConfig
 
     bridge = Bridge(BridgeConfig(port=0, token="right", db=tmp_path / "run.sqlite"))
     try:

@@ -15,9 +15,9 @@ from typing import Any
 
 _EXPORTS = {
     "Bridge": "bridge",
-    "BridgeConfig": "bridge",
+    "BridgeConfig": "config",
     "BridgeCallback": "selfsteer.integrations.hf_trainer",
-    "StepContext": "bridge",
+    "StepContext": "loop",
     "attach": "selfsteer.integrations.hf_trainer",
     "make_interactive": "selfsteer.integrations.hf_trainer",
     "CommandRegistry": "commands",

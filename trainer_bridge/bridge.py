@@ -6,6 +6,8 @@ plain PyTorch loop (`selfsteer.attach`), Lightning (`SteerCallback`), an acceler
 boundary the adapter builds a `StepContext` (the live model, optimizer, scheduler and the loop's
 `args` / `state` / `control`, with the field names of the Trainer's own) and calls `boundary(ctx)`; it
 reports logs with `on_log`, its own saves with `on_trainer_save`, and the end with `on_train_end`.
+The `StepContext` and the loop's own `LoopArgs` / `LoopState` / `LoopControl` are in `loop.py`; the
+run's settings, `BridgeConfig`, in `config.py`.
 
 How a command travels:
 1. the control server (a thread) validates it and journals it in the store as `pending`;
@@ -32,7 +34,6 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -51,112 +52,16 @@ from selfsteer.trainer_bridge.commands import (
     NotFound,
     RunFinished,
     dump_args,
+    replay_plan,
+    same_command,
 )
+from selfsteer.trainer_bridge.config import BridgeConfig
+from selfsteer.trainer_bridge.loop import StepContext
 from selfsteer.trainer_bridge.records import FINISHED_PHASES, DecisionUpdate, NewDecision, json_number
-from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store, StoreError
+from selfsteer.trainer_bridge.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 ALIGNMENT_AUTO_MAX_PARAMS = 50_000_000  # 200 MB of float32: what update_alignment=None measures at most
-
-
-
-@dataclass
-class BridgeConfig:
-    host: str = "127.0.0.1"
-    port: int | None = 7007  # None: no control server (replays, scripts); 0: any free port
-    token: str | None = None  # bearer token; required when serving on anything but loopback
-    db: str | os.PathLike = DEFAULT_DB_PATH
-    run_name: str = "run"
-    run_kind: str = "train"
-    run_config: dict | None = None  # what a replay needs to rebuild the run (the recipe)
-    parent_run_id: str | None = None
-    checkpoint_dir: str | None = None  # default: <output_dir>/bridge-checkpoints
-    poll_s: float = 0.05  # how often a paused run looks for new commands
-    event_interval_s: float = 0.5  # metrics reach WebSocket subscribers in batches this far apart
-    auto_finish: bool = True  # finish the run in the store when training ends
-    replay_of: str | None = None  # apply this run's journaled commands at their steps
-    # Continue this run (crashed, failed or stopped) from the Trainer checkpoint `resume_checkpoint`:
-    # same run id, journal and metrics; the steps from the checkpoint on go to a new branch.
-    resume_run_id: str | None = None
-    resume_checkpoint: dict | None = None  # a journaled Trainer save: {name, path, step, branch, ...}
-    # Say on stderr where the run is served, once it accepts connections (a library run would otherwise
-    # keep its URL to itself; the command line prints its own).
-    announce: bool = True
-    # The dashboard's built folder (index.html, assets/) served at `/`; None: the installed dashboard's.
-    static_dir: str | os.PathLike | None = None
-    # Hold at the first boundary (step 0) until a `resume`: a supervisor or a person looks first.
-    start_paused: bool = False
-    # Log `update_alignment` every optimizer step: the cosine between the step's gradient and the previous
-    # step's update, reversed (the hypergradient's sign; trainer_bridge/alignment.py). Costs one float32
-    # copy of the trained parameters (on every rank) and a copy, a subtraction and a dot product a step.
-    # None (default): on while the optimizer trains at most ALIGNMENT_AUTO_MAX_PARAMS parameters (a 1B
-    # model would pay 4 GB of memory unasked); True or False decides.
-    update_alignment: bool | None = None
-
-
-@dataclass
-class LoopArgs:
-    """The settings of a loop that a command reads or changes, under the names of the Trainer's
-    `TrainingArguments` (an adapter of the Trainer passes those; other adapters pass this)."""
-
-    output_dir: str = "."
-    max_grad_norm: float | None = None  # the clipping norm the loop should use (set_max_grad_norm)
-    per_device_train_batch_size: int | None = None  # for samples/s; None: not reported
-    gradient_accumulation_steps: int = 1
-
-
-@dataclass
-class LoopState:
-    """Where a loop is, under the names of the Trainer's `TrainerState`."""
-
-    global_step: int = 0  # optimizer steps done
-    max_steps: int = 0
-    epoch: float | None = None
-
-
-@dataclass
-class LoopControl:
-    """What a command asks of the loop after this boundary, under the names of `TrainerControl`."""
-
-    should_training_stop: bool = False
-    should_evaluate: bool = False
-    should_log: bool = False
-    should_save: bool = False
-
-
-@dataclass
-class StepContext:
-    """What a command handler gets: the live objects at the boundary where it is applied.
-
-    `args`, `state` and `control` are the Trainer's own objects under the Trainer, a `LoopArgs`,
-    `LoopState` and `LoopControl` elsewhere. `evaluate` runs an evaluation now and returns its metrics
-    (None: the loop evaluates when `control.should_evaluate` asks it to). `goto` (a plain loop's) moves
-    the loop to another step after a rollback. `train_step` and `eval_slice` (when the adapter gives
-    them) let a `probe` train candidate lrs from a snapshot."""
-
-    bridge: Bridge
-    args: Any
-    state: Any
-    control: Any
-    model: torch.nn.Module | None = None
-    optimizer: Any = None
-    lr_scheduler: Any = None
-    train_dataloader: Any = None
-    eval_dataloader: Any = None
-    evaluate: Callable[[], dict] | None = None
-    goto: Callable[[int], None] | None = field(default=None, repr=False)
-    # What a probe needs of the loop (trainer_bridge/probe.py): one optimizer step on the i-th probe
-    # batch, returning its loss; the mean loss on a small fixed evaluation slice.
-    train_step: Callable[[int], float] | None = field(default=None, repr=False)
-    eval_slice: Callable[[], float] | None = field(default=None, repr=False)
-
-    @property
-    def step(self) -> int:
-        return self.state.global_step
-
-    @property
-    def trainer(self) -> Any:
-        return self.bridge.trainer
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -253,7 +158,7 @@ class Bridge:
                 for run_id in self.store.recover_crashed_runs():
                     log.warning("run %s crashed earlier: its unapplied commands are journaled failed", run_id)
                 if self.config.replay_of:
-                    self._replay = self._load_replay(self.config.replay_of)
+                    self._replay = replay_plan(self.store, self.registry, self.config.replay_of)
                 if self.config.resume_run_id:
                     self._reopen(self.config.resume_run_id, self.config.resume_checkpoint)
                 else:
@@ -327,7 +232,7 @@ class Bridge:
         if idempotency_key is not None:
             first = self.store.get_command_by_key(self.run_id, idempotency_key)
             if first is not None:
-                return self._answer(self._same_command(first, idempotency_key, type, parsed), repeated=True)
+                return self._answer(same_command(first, idempotency_key, type, parsed), repeated=True)
         if spec.check is not None:
             spec.check(self, parsed)
         if self.training_done or self.phase in FINISHED_PHASES:
@@ -340,7 +245,7 @@ class Bridge:
             self.run_id, type, dump_args(parsed), source, uuid=uuid, idempotency_key=idempotency_key
         )
         if row["uuid"] != uuid:  # another request under the same key got in first: the store returned it
-            return self._answer(self._same_command(row, idempotency_key, type, parsed), repeated=True)
+            return self._answer(same_command(row, idempotency_key, type, parsed), repeated=True)
         self.publish({"event": "command", "command": row})
         self.notify()
         if self.training_done:
@@ -359,17 +264,6 @@ class Bridge:
             "step": self._snapshot.get("step", 0),
             "repeated": repeated,
         }
-
-    @staticmethod
-    def _same_command(first: dict, key: str, type: str, parsed) -> dict:
-        """The command first journaled under an idempotency key, when this one is the same; another
-        command under the same key is refused (a client bug that a silent return would hide)."""
-        if first["type"] != type or first["args"] != dump_args(parsed):
-            raise InvalidCommand(
-                f"idempotency key {key!r} was used for another command ({first['type']} {first['args']},"
-                f" {first['uuid']})"
-            )
-        return first
 
     def state(self) -> dict:
         return {
@@ -654,21 +548,6 @@ class Bridge:
         self.notify()
 
     # ---- commands at a boundary
-
-    def _load_replay(self, run_id: str) -> dict[int, list[dict]]:
-        """The original run's applied commands by step, keeping only what changes the training."""
-        if self.store.get_run(run_id) is None:
-            raise KeyError(f"no run {run_id!r} in {self.store.path}")
-        by_step: dict[int, list[dict]] = {}
-        for command in self.store.list_commands(run_id, status="success"):
-            spec = self.registry.specs.get(command["type"])
-            if command["source"] == "trainer" or (spec is not None and not spec.replay):
-                continue  # the Trainer's own saves happen again by themselves
-            by_step.setdefault(command["step"], []).append(command)
-        for commands in by_step.values():
-            # Applied order, not submitted order: `updated_at` of a success is when it ran.
-            commands.sort(key=lambda c: c["updated_at"])
-        return by_step
 
     def _next_commands(self, step: int) -> Iterator[dict]:
         """This boundary's commands, one at a time and the same on every rank. Rank 0 decides: just

@@ -27,7 +27,8 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
-    from selfsteer.trainer_bridge.bridge import StepContext
+    from selfsteer.trainer_bridge.loop import StepContext
+    from selfsteer.trainer_bridge.store import Store
 
 
 class InvalidCommand(ValueError):
@@ -324,3 +325,35 @@ class CommandRegistry:
 def dump_args(args: Args) -> dict:
     """What the journal keeps: only what the caller set, in JSON form, so a replay parses the same."""
     return args.model_dump(mode="json", exclude_unset=True)
+
+
+# -----------------------------------------------------------------------------
+# commands in the journal
+
+
+def same_command(first: dict, key: str, type: str, parsed: Args) -> dict:
+    """The command first journaled under an idempotency key, when this one is the same; another
+    command under the same key is refused (a client bug that a silent return would hide)."""
+    if first["type"] != type or first["args"] != dump_args(parsed):
+        raise InvalidCommand(
+            f"idempotency key {key!r} was used for another command ({first['type']} {first['args']},"
+            f" {first['uuid']})"
+        )
+    return first
+
+
+def replay_plan(store: Store, registry: CommandRegistry, run_id: str) -> dict[int, list[dict]]:
+    """What a replay of run `run_id` applies: the original run's applied commands by step, keeping only
+    what changes the training."""
+    if store.get_run(run_id) is None:
+        raise KeyError(f"no run {run_id!r} in {store.path}")
+    by_step: dict[int, list[dict]] = {}
+    for command in store.list_commands(run_id, status="success"):
+        spec = registry.specs.get(command["type"])
+        if command["source"] == "trainer" or (spec is not None and not spec.replay):
+            continue  # the Trainer's own saves happen again by themselves
+        by_step.setdefault(command["step"], []).append(command)
+    for commands in by_step.values():
+        # Applied order, not submitted order: `updated_at` of a success is when it ran.
+        commands.sort(key=lambda c: c["updated_at"])
+    return by_step

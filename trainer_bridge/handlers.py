@@ -8,7 +8,7 @@ from pathlib import Path
 
 from selfsteer.trainer_bridge import checkpoints as ckpt
 from selfsteer.trainer_bridge import optim, snapshots
-from selfsteer.trainer_bridge.bridge import Bridge, StepContext
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import (
     CommandError,
     CommandRegistry,
@@ -21,6 +21,7 @@ from selfsteer.trainer_bridge.commands import (
     SetOptimizerArgs,
 )
 from selfsteer.trainer_bridge.data import SwappableDataset
+from selfsteer.trainer_bridge.loop import StepContext
 from selfsteer.trainer_bridge.probe import run_probe
 
 BUILTINS = CommandRegistry()

@@ -28,7 +28,7 @@ from selfsteer.trainer_bridge import optim, snapshots
 from selfsteer.trainer_bridge.commands import LR_BOUNDS, CommandError, ProbeArgs
 
 if TYPE_CHECKING:
-    from selfsteer.trainer_bridge.bridge import StepContext
+    from selfsteer.trainer_bridge.loop import StepContext
 
 EVAL_SLICE_SEED = 1234
 DECAY_RATES = [1e-3 * (3000 ** (i / 59)) for i in range(60)]  # per step, 1e-3 .. 3: the fits tried

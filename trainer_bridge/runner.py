@@ -40,9 +40,10 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from selfsteer.integrations.hf_trainer import make_interactive
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.checkpoints import list_checkpoints
 from selfsteer.trainer_bridge.client import BridgeClient
+from selfsteer.trainer_bridge.config import BridgeConfig
 from selfsteer.trainer_bridge.control import LocalRunControl
 from selfsteer.trainer_bridge.recipe import build_workload
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store

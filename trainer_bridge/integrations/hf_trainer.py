@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig, StepContext
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import CommandError
+from selfsteer.trainer_bridge.config import BridgeConfig
+from selfsteer.trainer_bridge.loop import StepContext
 
 
 class BridgeCallback(TrainerCallback):

@@ -25,15 +25,10 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-from selfsteer.trainer_bridge.bridge import (
-    Bridge,
-    BridgeConfig,
-    LoopArgs,
-    LoopControl,
-    LoopState,
-    StepContext,
-)
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import CommandError, CommandRegistry
+from selfsteer.trainer_bridge.config import BridgeConfig
+from selfsteer.trainer_bridge.loop import LoopArgs, LoopControl, LoopState, StepContext
 
 
 class SteerCallback(Callback):

@@ -36,15 +36,10 @@ from typing import Any
 
 import torch
 
-from selfsteer.trainer_bridge.bridge import (
-    Bridge,
-    BridgeConfig,
-    LoopArgs,
-    LoopControl,
-    LoopState,
-    StepContext,
-)
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import CommandError, CommandRegistry
+from selfsteer.trainer_bridge.config import BridgeConfig
+from selfsteer.trainer_bridge.loop import LoopArgs, LoopControl, LoopState, StepContext
 from selfsteer.trainer_bridge.optim import LrScale
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
 
