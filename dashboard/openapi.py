@@ -17,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
-from selfsteer.trainer_bridge.server import EventHub, create_app, create_history_app
+from selfsteer.trainer_bridge.bridge import Bridge
+from selfsteer.trainer_bridge.config import BridgeConfig
+from selfsteer.trainer_bridge.events import EventHub
+from selfsteer.trainer_bridge.server import create_app, create_history_app
 
 
 def document() -> dict:

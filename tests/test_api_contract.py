@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from selfsteer.integrations.hf_trainer import make_interactive
-from selfsteer.trainer_bridge.bridge import Bridge, BridgeConfig
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.commands import (
     BETA_BOUNDS,
@@ -30,10 +30,12 @@ from selfsteer.trainer_bridge.commands import (
     WEIGHT_DECAY_BOUNDS,
     NoArgs,
 )
+from selfsteer.trainer_bridge.config import BridgeConfig
 from selfsteer.trainer_bridge.handlers import default_registry
+from selfsteer.trainer_bridge.http_errors import MAX_BODY_BYTES
+from selfsteer.trainer_bridge.pages import METRICS_PAGE
 from selfsteer.trainer_bridge.recipe import build_workload, load_recipe
 from selfsteer.trainer_bridge.records import NewDecision
-from selfsteer.trainer_bridge.server import MAX_BODY_BYTES, METRICS_PAGE
 from selfsteer.trainer_bridge.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -404,7 +406,7 @@ def test_the_clients_read_every_page(idle):
     """BridgeClient.metrics()/commands() and their async twins return whole lists, page after page, as
     before pages existed: a supervisor reading a long run's history must not get only its start."""
     from selfsteer.trainer_bridge.client import AsyncBridgeClient
-    from selfsteer.trainer_bridge.server import LIST_PAGE
+    from selfsteer.trainer_bridge.pages import LIST_PAGE
 
     steps = METRICS_PAGE // 2 + 1  # two metrics a step: more rows than one page holds
     rows = [{"step": s, "name": n, "value": float(s)} for s in range(1, steps + 1) for n in ("loss", "lr")]

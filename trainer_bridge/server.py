@@ -35,6 +35,8 @@ for the token before it reads anything.
 `create_history_app(store)` serves the store's runs without a live run (`selfsteer dashboard`).
 The dashboard's folder is handed in by the caller (`static_dir`; `dashboard_dir()` finds the installed
 one): this, the lowest layer, does not import the UI package. Binding, loopback and the token: `net`.
+The pages and their query parameters: `pages`; the body of POST /api/commands: `command_bodies`; the
+events' fan-out: `events`; the body limit and the error forms: `http_errors`.
 """
 
 import asyncio
@@ -45,7 +47,7 @@ import logging
 import pathlib
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import uvicorn
 from fastapi import (
@@ -63,28 +65,43 @@ from fastapi import (
 )
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.security import APIKeyQuery, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    TypeAdapter,
-    ValidationError,
-    WithJsonSchema,
-    create_model,
-)
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from selfsteer.trainer_bridge.commands import CommandRegistry, InvalidCommand, dump_args
+from selfsteer.trainer_bridge.command_bodies import CommandBodies, fit_to_optimizer
+from selfsteer.trainer_bridge.commands import InvalidCommand, dump_args
+from selfsteer.trainer_bridge.events import EVENT_QUEUE_SIZE, EventHub
+from selfsteer.trainer_bridge.http_errors import (
+    MAX_BODY_BYTES,
+    MAX_DECISION_BYTES,
+    BodyLimit,
+    _clip,
+    _error,
+    _http_error,
+    _validation_error,
+)
 from selfsteer.trainer_bridge.net import BearerAuth, LoopbackGuard, bind, is_loopback
+from selfsteer.trainer_bridge.pages import (
+    LIST_PAGE,
+    MAX_INT,
+    METRICS_PAGE,
+    NEXT_PAGE,
+    After,
+    AfterId,
+    BranchName,
+    Limit,
+    MetricNames,
+    MetricsLimit,
+    Points,
+    Since,
+    Status,
+    commands_page,
+    decisions_page,
+    metrics_page,
+)
 from selfsteer.trainer_bridge.records import (
-    COMMAND_STATUSES,
     Accepted,
     Branch,
     Checkpoint,
@@ -105,21 +122,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVENT_QUEUE_SIZE = 1000
-MAX_BODY_BYTES = 64 * 1024  # a command is well under 1 KiB; a custom one gets room, a 50 MB upload does not
-# A decision carries the observation it was made on: every metric of the run so far (a long run's is MBs).
-MAX_DECISION_BYTES = 16 * 1024 * 1024
-ECHO_CHARS = 200  # the most of a client's input an error message may quote
-METRICS_PAGE = 10_000  # rows (about 1.5 MB of JSON): the default and the most a page of metrics holds
-LIST_PAGE = 1_000  # commands or decisions a page holds at most (and by default)
-MAX_INT = 2**53 - 1  # steps and ids fit a JavaScript number (and SQLite's 64-bit integers)
 
 # -----------------------------------------------------------------------------
-# the API's types: what every route answers
-
-
-class ErrorDetail(Record):
-    detail: str = Field(description="Why, in words.")
+# the API's types: what every route answers (the error body: http_errors.ErrorDetail)
 
 
 class Info(Record):
@@ -134,373 +139,13 @@ class CommandType(Record):
     args_schema: dict[str, Any]
 
 
-def _error(description: str) -> dict:
-    return {"model": ErrorDetail, "description": description}
-
-
 NOT_FOUND = {404: _error("No such run or command.")}
-NEXT_PAGE = {
-    200: {
-        "headers": {
-            "Link": {
-                "description": 'On a full page: `<URL of the next page>; rel="next"`. No Link: the last page.',
-                "schema": {"type": "string"},
-            }
-        }
-    }
-}
-
-# -----------------------------------------------------------------------------
-# the body of POST /api/commands: one model per registered command type
-
-
-class CommandBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Who sends it: "human", an agent's name, "api" (the default), ...
-    source: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = "api"
-    idempotency_key: Annotated[str, Field(strict=True, min_length=1, max_length=200)] | None = Field(
-        None, description="A repeat under a key this run has seen returns the first command (repeated: true)."
-    )
-
-
-def command_body(registry: CommandRegistry) -> Any:
-    """The request body of POST /api/commands: `{type, args, source, idempotency_key}` with `args` the
-    registered model of that type, one variant per type. `args` may be left out where `{}` is valid."""
-    names = sorted(registry.specs)
-    known = ", ".join(names)
-    variants = []
-    for name in names:
-        spec = registry.specs[name]
-        try:
-            spec.args_model.model_validate({})
-            args_field: Any = Field(default_factory=spec.args_model)
-        except ValueError:
-            args_field = ...
-        model = create_model(
-            "".join(part.title() for part in name.split("_")) + "Command",
-            __base__=CommandBody,
-            __doc__=spec.description or None,
-            type=(Literal[name], ...),
-            args=(spec.args_model, args_field),
-        )
-        variants.append(Annotated[model, Tag(name)])
-
-    def type_of(body: Any) -> str | None:
-        kind = body.get("type") if isinstance(body, dict) else getattr(body, "type", None)
-        return kind if isinstance(kind, str) and kind in registry.specs else None
-
-    return Annotated[
-        Union[tuple(variants)],  # noqa: UP007 - a Union built at run time
-        Discriminator(
-            type_of,
-            custom_error_type="unknown_command",
-            custom_error_message=f"unknown command type, or none: a command is an object whose type is one "
-            f"of {known}",
-        ),
-    ]
-
-
-class CommandBodies:
-    """The body of POST /api/commands for the registry the bridge has now (a command may be registered, or
-    the registry replaced, once the server runs): its validator and its OpenAPI schema, both rebuilt when
-    the registry changes, so the server and the bridge never disagree on what a command is."""
-
-    def __init__(self, get_registry: Callable[[], CommandRegistry]):
-        self.get_registry = get_registry
-        self._lock = threading.Lock()
-        self._key: tuple | None = None
-        self._adapter: TypeAdapter | None = None
-
-    def adapter(self) -> TypeAdapter:
-        registry = self.get_registry()
-        key = tuple(
-            (name, spec.args_model, spec.description) for name, spec in sorted(registry.specs.items())
-        )
-        with self._lock:
-            if key != self._key or self._adapter is None:
-                self._adapter, self._key = TypeAdapter(command_body(registry)), key
-            return self._adapter
-
-    def validate(self, body: Any) -> Any:
-        try:
-            return self.adapter().validate_python(body)
-        except ValidationError as exc:
-            errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-            raise RequestValidationError(errors) from None
-
-    def document(self, openapi: dict) -> None:
-        """Puts the body, and the models it names, into an OpenAPI document (changed in place)."""
-        body = self.adapter().json_schema(ref_template="#/components/schemas/{model}")
-        openapi.setdefault("components", {}).setdefault("schemas", {}).update(body.pop("$defs", {}))
-        operation = openapi["paths"]["/api/commands"]["post"]
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-
-
-def fit_to_optimizer(openapi: dict, optimizer: dict | None) -> None:
-    """The OpenAPI of a run whose optimizer exists: set_optimizer offers only the settings it has (AdamW no
-    momentum), as the run refuses the others (422). Changes `openapi` in place."""
-    args = openapi.get("components", {}).get("schemas", {}).get("SetOptimizerArgs")
-    if not optimizer or args is None:
-        return
-    missing = [name for name in ("lr", "weight_decay", "betas", "eps", "momentum") if name not in optimizer]
-    for name in missing:
-        args["properties"].pop(name, None)
-    args["anyOf"] = [branch for branch in args.get("anyOf", []) if branch["required"][0] not in missing]
-
-
-# -----------------------------------------------------------------------------
-# paging
-
-
-def _next_page(request: Request, response: Response, **cursor: Any) -> None:
-    url = request.url.include_query_params(**cursor)
-    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
-
-
-Limit = Annotated[
-    int, Query(ge=1, le=LIST_PAGE, description=f"At most this many rows (at most {LIST_PAGE}).")
-]
-
-
-def metrics_page(
-    store: Store,
-    run_id: str,
-    request: Request,
-    response: Response,
-    since: int | None,
-    branch: str | None,
-    names: list[str] | None,
-    limit: int,
-    points: int | None,
-) -> list[dict]:
-    """One page of a run's metrics: whole steps, at most `limit` rows (one step with more comes whole)."""
-    rows = store.get_metrics(run_id, since, names, branch, limit=limit + 1, points=points)
-    if len(rows) > limit:
-        cut = rows[limit]["step"]  # the first step this page cannot hold whole
-        rows = [row for row in rows[:limit] if row["step"] < cut]
-        if not rows:
-            rows = store.get_metrics(run_id, cut - 1, names, branch, until_step=cut, points=points)
-        _next_page(request, response, since=rows[-1]["step"])
-    return rows
-
-
-Since = Annotated[
-    int | None,
-    Query(ge=-1, le=MAX_INT, description="Only steps after this one (a page's last step: the next page)."),
-]
-BranchName = Annotated[str | None, Query(max_length=200)]
-MetricNames = Annotated[
-    list[Annotated[str, Field(max_length=200)]] | None,
-    Query(max_length=100, description="Only these metrics (repeat the parameter).", alias="name"),
-    # `?name=loss` is one name and a list of one alike: the schema says both (schemathesis sends a string).
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "array", "items": {"type": "string", "maxLength": 200}, "maxItems": 100},
-                {"type": "string", "maxLength": 200},
-                {"type": "null"},
-            ]
-        }
-    ),
-]
-MetricsLimit = Annotated[
-    int, Query(ge=1, le=METRICS_PAGE, description=f"At most this many rows (at most {METRICS_PAGE}).")
-]
-Points = Annotated[
-    int | None,
-    Query(
-        ge=1,
-        le=10_000,
-        description="Down-sample for a chart: the steps cut into this many equal ranges, each keeping per "
-        "series its lowest and highest value and its first NaN, and each series its latest row.",
-    ),
-]
-AfterId = Annotated[int, Query(ge=0, le=MAX_INT, description="Only decisions with a larger id.")]
-After = Annotated[str | None, Query(max_length=200, description="Only commands journaled after this uuid.")]
-Status = Annotated[Literal[COMMAND_STATUSES] | None, Query()]  # type: ignore[valid-type]
-
-
-def decisions_page(
-    store: Store, run_id: str, request: Request, response: Response, after_id: int, limit: int
-):
-    rows = store.list_decisions(run_id, after_id=after_id, limit=limit)
-    if len(rows) == limit:
-        _next_page(request, response, after_id=rows[-1]["id"])
-    return rows
-
-
-def commands_page(
-    store: Store,
-    run_id: str,
-    request: Request,
-    response: Response,
-    status: str | None,
-    after: str | None,
-    limit,
-):
-    rows = store.list_commands(run_id, status, after=after, limit=limit)
-    if len(rows) == limit:
-        _next_page(request, response, after=rows[-1]["uuid"])
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# events
-
-
-class EventHub:
-    """Fan-out from the training thread to WebSocket subscribers on the server's loop.
-
-    Metrics come every step; sending each as its own frame to every subscriber would cost the training
-    process (and the subscribers) CPU per step. So metric points are batched: one
-    `{"event": "metrics", "points": [...]}` frame per `interval_s` at most. Other events go out at once,
-    after any metrics still waiting, so subscribers see everything in order."""
-
-    def __init__(self, interval_s: float = 0.5) -> None:
-        self.interval_s = interval_s
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.subscribers: set[asyncio.Queue] = set()
-        self._points: list[dict] = []
-        self._lock = threading.Lock()  # guards _points and _flush_scheduled across the two threads
-        self._flush_scheduled = False
-
-    def publish_point(self, point: dict) -> None:
-        """A metrics point {step, branch, values}; sent with others within interval_s."""
-        loop = self.loop
-        if loop is None or not self.subscribers:
-            return
-        with self._lock:
-            self._points.append(point)
-            schedule, self._flush_scheduled = not self._flush_scheduled, True
-        if schedule:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
-                loop.call_soon_threadsafe(loop.call_later, self.interval_s, self._flush)
-
-    def publish(self, event: dict) -> None:
-        loop = self.loop
-        if loop is None or not self.subscribers:
-            return
-        text = json.dumps(event, default=str)  # encoded once, here, for every subscriber
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._send_after_points, text)
-
-    def _send_after_points(self, text: str) -> None:
-        self._flush()
-        self._fan_out(text)
-
-    def _flush(self) -> None:
-        with self._lock:
-            points, self._points, self._flush_scheduled = self._points, [], False
-        if points:
-            self._fan_out(json.dumps({"event": "metrics", "points": points}, default=str))
-
-    def _fan_out(self, text: str) -> None:
-        for queue in list(self.subscribers):
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()  # a slow client loses its oldest event, never blocks anyone
-            queue.put_nowait(text)
-
-
-# -----------------------------------------------------------------------------
-# plain ASGI middleware: the size of a request (the token: net.BearerAuth)
-
-
-class BodyLimit:
-    """Refuses (413) a request whose body is over `limit` bytes: at once by its Content-Length, else
-    while it streams in, before the app reads any of it. What fits is handed on as it came."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, limits: dict[str, int] | None = None):
-        self.app = app
-        self.limit = limit
-        self.limits = limits or {"/api/decisions": MAX_DECISION_BYTES}  # path -> its own limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.limits.get(scope["path"], self.limit)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(limit, scope, receive, send)
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break  # the client left: the app hears it
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await self._refuse(limit, scope, receive, send)
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
-            {"detail": f"the request body is over {limit} bytes"},
-            status_code=413,
-            headers={"Connection": "close"},  # the rest of the body is not read
-        )
-        await response(scope, receive, send)
-
-
-# -----------------------------------------------------------------------------
-# errors: FastAPI's list form for 422, never more than ECHO_CHARS of the input, a true Allow on 405
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
-
-
-def _loc(loc: Any) -> list:
-    return [part if isinstance(part, int) else _clip(str(part)) for part in loc]
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default echoes each error's `input`: a 50 MB `type` came back whole. Where and why suffice.
-    errors = [
-        {
-            "type": str(err.get("type", "")),
-            "loc": _loc(err.get("loc", ())),
-            "msg": _clip(str(err.get("msg", ""))),
-        }
-        for err in exc.errors()
-    ]
-    return JSONResponse({"detail": errors}, status_code=422)
 
 
 def _invalid(exc: InvalidCommand) -> RequestValidationError:
     """A command this run refuses (an optimizer without that setting, an idempotency key already used for
     another command), as a 422 of the same form as a body that does not fit the schema."""
     return RequestValidationError([{"type": "invalid_command", "loc": ("body",), "msg": str(exc)}])
-
-
-def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
-    methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
-
-
-def _http_error(app: FastAPI) -> Callable:
-    async def handler(request: Request, exc: StarletteHTTPException) -> Response:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            # Starlette names only the methods of the first route on the path (POST for /api/commands).
-            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
-        return JSONResponse({"detail": _clip(detail)}, status_code=exc.status_code, headers=headers)
-
-    return handler
 
 
 # -----------------------------------------------------------------------------
@@ -812,7 +457,7 @@ def create_app(
 ) -> FastAPI:
     """A live run's control server: its state, metrics, checkpoints and branches here; its decisions,
     commands and events from the functions above (routes on the app itself: Starlette's 405 names the
-    methods of every route on a path, see `_http_error`, and cannot see into an included router); every run of its store (`store_router`)."""
+    methods of every route on a path, see `http_errors._http_error`, and cannot see into an included router); every run of its store (`store_router`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
