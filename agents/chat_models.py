@@ -100,7 +100,7 @@ def describe_llm_error(error: BaseException, spec: str = "", base_url: str | Non
         return f"{where} does not know the model in {spec!r} or the path: check the model name and that --base-url ends in /v1"
     if isinstance(error, openai.APIStatusError):
         return f"{where} answered HTTP {error.status_code}: {error.message}"
-    from selfsteer.agents.llm.engine import ModelNotFoundError  # lazy: torch
+    from selfsteer.agents.llm.weights import ModelNotFoundError  # lazy: torch
 
     if isinstance(error, ModelNotFoundError):
         return str(error)

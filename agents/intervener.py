@@ -295,7 +295,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
     from peft import LoraConfig
     from transformers import set_seed
 
-    from selfsteer.agents.llm.engine import load_embedded_model
+    from selfsteer.agents.llm.weights import load_embedded_model
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -374,7 +374,7 @@ def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from selfsteer.agents.intervener_data import observation_of
-    from selfsteer.agents.llm.engine import forget_local_engine
+    from selfsteer.agents.llm.local_engines import forget_local_engine
 
     path = Path(adapter) / "calibration.json"
     path.unlink(missing_ok=True)  # no stale bias survives a calibration that fails (scores are raw)

@@ -89,7 +89,8 @@ def reflector_chat(folder: str | Path | None, max_new_tokens: int = REFLECTION_T
 
     chat = LocalChatModel(max_new_tokens=max_new_tokens)
     if folder is not None:
-        from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
+        from selfsteer.agents.llm.engine import LocalEngine
+        from selfsteer.agents.llm.weights import load_embedded_model
 
         folder = Path(folder)
         adapter = (folder / "adapter_config.json").is_file()
@@ -118,7 +119,8 @@ def content_free(messages: list[Message]) -> list[Message]:
 @cache
 def base_engine():
     """The untrained embedded model's engine (one per process), the actor's."""
-    from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
+    from selfsteer.agents.llm.engine import LocalEngine
+    from selfsteer.agents.llm.weights import load_embedded_model
 
     return LocalEngine(*load_embedded_model())
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_embedded_model(row) -> None:
-    from selfsteer.agents.llm.engine import ModelNotFoundError, cache_dir, gguf_path, is_cached
+    from selfsteer.agents.llm.weights import ModelNotFoundError, cache_dir, gguf_path, is_cached
 
     try:
         row("embedded model file", True, str(gguf_path()))

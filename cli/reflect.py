@@ -158,7 +158,8 @@ def _embedded_chat(directory: str | None, max_tokens: int):
 
     chat = LocalChatModel(max_new_tokens=max_tokens)
     if directory:
-        from selfsteer.agents.llm.engine import LocalEngine, load_embedded_model
+        from selfsteer.agents.llm.engine import LocalEngine
+        from selfsteer.agents.llm.weights import load_embedded_model
 
         if (Path(directory) / "adapter_config.json").is_file():  # a LoRA adapter over the embedded model
             chat._engine = LocalEngine(*load_embedded_model(adapter=directory))
@@ -431,7 +432,7 @@ def _act(args, problems, store, console, out: Path | None) -> int:
 def _train(args, problems, console, out: Path | None) -> int:
     from transformers import HfArgumentParser
 
-    from selfsteer.agents.llm.engine import cache_dir, load_embedded_model
+    from selfsteer.agents.llm.weights import cache_dir, load_embedded_model
     from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
     from selfsteer.graphs.reflect import mine_failures, reflection_reward
 

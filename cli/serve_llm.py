@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --max-tokens {args.max_tokens} must be at least 1", file=sys.stderr)
         return 2
 
-    from selfsteer.agents.llm.engine import ModelNotFoundError
     from selfsteer.agents.llm.openai_server import serve
+    from selfsteer.agents.llm.weights import ModelNotFoundError
 
     try:
         adapter = args.adapter

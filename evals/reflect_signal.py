@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from selfsteer.agents.llm.engine import get_local_engine
+from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.evals.tasks import load_task
 from selfsteer.graphs.reflect import first_messages, reflect_messages, retry_messages
 

@@ -16,7 +16,7 @@ import schemathesis
 from helpers.live_run import serving
 from hypothesis import HealthCheck, settings
 
-from selfsteer.agents.llm.engine import get_local_engine
+from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.agents.llm.openai_server import create_app
 
 KEY = "fuzz-key"

@@ -92,7 +92,7 @@ def test_the_action_token_alone_weighs_action_weight_in_the_loss(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig
 
-    from selfsteer.agents.llm.engine import load_embedded_model
+    from selfsteer.agents.llm.weights import load_embedded_model
 
     margin = json.loads((ADAPTER_DIR / "metrics.json").read_text())["noise_margin"]
     one_each = {}
@@ -147,7 +147,7 @@ def test_calibration_bias_moves_the_answer_in_process_and_served(tmp_path):
     from helpers.live_run import serving
 
     from selfsteer.agents.chat_models import make_chat_model
-    from selfsteer.agents.llm.engine import get_local_engine
+    from selfsteer.agents.llm.local_engines import get_local_engine
     from selfsteer.agents.llm.openai_server import create_app
 
     adapter = tmp_path / "adapter"
@@ -234,7 +234,7 @@ def test_through_serve_llm_the_intervener_sees_the_same_prompt_and_decides_the_s
     from helpers.live_run import serving
 
     from selfsteer.agents.chat_models import make_chat_model
-    from selfsteer.agents.llm.engine import get_local_engine
+    from selfsteer.agents.llm.local_engines import get_local_engine
     from selfsteer.agents.llm.openai_server import create_app
 
     rows = read_rows([ADAPTER_DIR / "examples.jsonl"])

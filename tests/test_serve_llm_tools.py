@@ -14,7 +14,7 @@ from helpers.tools import WeatherArgs, assert_calls_valid, get_time, get_weather
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 
-from selfsteer.agents.llm.engine import get_local_engine
+from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.agents.llm.openai_server import create_app
 
 WEATHER_TOOL = {

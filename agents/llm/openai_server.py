@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct over real HTTP:
 
 Served: `GET /v1/models` and `POST /v1/chat/completions` (plain or streamed as server-sent events,
 `response_format` text / json_object / json_schema, and OpenAI `tools` / `tool_choice` /
-`parallel_tool_calls`: a call is decoded under a grammar of the tools' schemas, see `llm.chat`). JSON output is constrained by the engine's
+`parallel_tool_calls`: a call is decoded under a grammar of the tools' schemas, see `llm.tool_calls`). JSON output is constrained by the engine's
 grammar, so it is valid by construction (unless cut off by `max_tokens`). There is one model: any
 model name is accepted, as local servers do. The OpenAPI document (`/openapi.json`) declares every
 response, errors included.
@@ -42,18 +42,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from selfsteer.agents.llm.chat import (
-    CallStream,
-    _RetryableOutput,
-    new_call_id,
-    plan_tool_answer,
-    render_tool_calls,
-    render_tool_result,
-    split_tool_calls,
-    structured_json_text,
-    tool_spec,
-)
-from selfsteer.agents.llm.engine import EngineClosed, get_local_engine
+from selfsteer.agents.llm.chat import _RetryableOutput, structured_json_text
+from selfsteer.agents.llm.engine import EngineClosed
+from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.agents.llm.openai_api import (
     DEFAULT_MODEL_NAME,
     STREAM_EVENT,
@@ -78,6 +69,15 @@ from selfsteer.agents.llm.openai_errors import (
     shutting_down,
 )
 from selfsteer.agents.llm.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
+from selfsteer.agents.llm.tool_calls import (
+    CallStream,
+    new_call_id,
+    plan_tool_answer,
+    render_tool_calls,
+    render_tool_result,
+    split_tool_calls,
+    tool_spec,
+)
 from selfsteer.trainer_bridge.net import LoopbackGuard, bind
 
 DEFAULT_HOST = "127.0.0.1"
@@ -106,7 +106,7 @@ def _engine_options(
 ) -> tuple[list[int], dict[str, Any], bool]:
     """(prompt token ids, keyword arguments of engine.submit, whether the answer is a tool call) for
     a request; OpenAIError if the request asks for something this server cannot do. With tools, the
-    choice between a call and a text answer is made here (`llm.chat.plan_tool_answer`, waiting at
+    choice between a call and a text answer is made here (`llm.tool_calls.plan_tool_answer`, waiting at
     most `timeout` seconds for the engine)."""
     if request.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
@@ -184,7 +184,7 @@ def _xgrammar_reason(error: Exception) -> str:
 
 def _chat_dict(message: ChatMessage) -> dict:
     """A request message as the chat template's role and text; tool calls and results are written
-    as the model was taught them (`llm.chat.render_tool_calls`, `render_tool_result`)."""
+    as the model was taught them (`llm.tool_calls.render_tool_calls`, `render_tool_result`)."""
     content = _no_surrogates(message.text())
     if message.role == "tool":
         return {"role": "user", "content": render_tool_result(content)}

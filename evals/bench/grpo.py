@@ -25,7 +25,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from selfsteer.agents.llm.engine import LocalEngine, cache_dir, is_cached, load_embedded_model
+from selfsteer.agents.llm.engine import LocalEngine
+from selfsteer.agents.llm.weights import cache_dir, is_cached, load_embedded_model
 from selfsteer.evals.tasks import load_task
 from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
 from selfsteer.graphs.reflect import reflect_messages, reflection_reward

@@ -41,8 +41,10 @@ from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor, model_explanation
 from selfsteer.agents.intervener_data import grounded, observation_of
 from selfsteer.agents.llm.chat import LocalChatModel
-from selfsteer.agents.llm.engine import LocalEngine, get_local_engine, load_embedded_model
+from selfsteer.agents.llm.engine import LocalEngine
+from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.agents.llm.openai_server import create_app
+from selfsteer.agents.llm.weights import load_embedded_model
 from selfsteer.evals.counterfactual import RunSpec, collect_run
 from selfsteer.trainer_bridge.net import serving
 from selfsteer.trainer_bridge.records import Action as ActionName
