@@ -118,6 +118,15 @@ EDGES = [
 ]
 
 
+@pytest.mark.parametrize("field", [{"retry_of": 2**63}, {"retry_of": 0}, {"step": 2**63}, {"step": 2**53}])
+def test_a_decision_whose_step_or_retry_of_sqlite_cannot_hold_is_refused_not_a_server_error(idle, field):
+    """The API fuzzer found a 500: a `retry_of` past SQLite's 64-bit integers overflowed at the lookup."""
+    body = {"step": 1, "agent": "fuzz", "action": "keep", **field}
+    response = httpx.post(idle.url + "/api/decisions", json=body)
+    assert response.status_code == 422, response.text
+    assert idle.decisions() == []  # nothing recorded
+
+
 @pytest.mark.parametrize(
     ("accepted", "refused"),
     EDGES,

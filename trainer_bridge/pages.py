@@ -7,12 +7,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Query, Request, Response
 from pydantic import Field, WithJsonSchema
 
-from selfsteer.trainer_bridge.records import COMMAND_STATUSES
+from selfsteer.trainer_bridge.records import COMMAND_STATUSES, MAX_INT
 from selfsteer.trainer_bridge.store import Store
 
 METRICS_PAGE = 10_000  # rows (about 1.5 MB of JSON): the default and the most a page of metrics holds
 LIST_PAGE = 1_000  # commands or decisions a page holds at most (and by default)
-MAX_INT = 2**53 - 1  # steps and ids fit a JavaScript number (and SQLite's 64-bit integers)
 
 NEXT_PAGE = {
     200: {

@@ -50,6 +50,9 @@ def _no_text_or_bool(value: Any) -> Any:
 
 # An integer as JSON Schema has it (2.0 counts, "2" does not).
 Integer = Annotated[int, BeforeValidator(_no_text_or_bool)]
+# The largest step or id: it fits a JavaScript number (and SQLite's 64-bit integers, which a larger one
+# overflows: a 500 the API fuzzer found through `retry_of`).
+MAX_INT = 2**53 - 1
 # A float that may be NaN or infinite (a metric, an lr a supervisor logged) is null in JSON.
 Number = Annotated[float | None, BeforeValidator(_no_text_or_bool), PlainSerializer(json_number)]
 
@@ -162,7 +165,7 @@ class Branch(Record):
 class DecisionFields(Record):
     """What a supervisor decided at a step, and how it came to it."""
 
-    step: Integer = Field(ge=0)
+    step: Integer = Field(ge=0, le=MAX_INT)
     agent: str = Field(min_length=1, max_length=200, description="who decided: rule, llm, intervener ...")
     action: Action
     explanation: str = Field(default="", max_length=4000)
@@ -176,7 +179,9 @@ class DecisionFields(Record):
     key: str | None = Field(
         default=None, max_length=400, description="idempotency key: a repeat returns the first decision"
     )
-    retry_of: Integer | None = Field(default=None, description="the rolled-back decision this one was made in place of")
+    retry_of: Integer | None = Field(
+        default=None, ge=1, le=MAX_INT, description="the rolled-back decision this one was made in place of"
+    )
 
 
 def _json_only(value: dict | None) -> dict | None:
