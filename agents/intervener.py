@@ -20,10 +20,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from datasets import Dataset
 from langchain_core.messages import SystemMessage
+from peft import LoraConfig
 from pydantic import Field, create_model
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from selfsteer.agents.chat_models import make_chat_model
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener_data import (
     STRATEGIES,
@@ -31,11 +38,16 @@ from selfsteer.agents.intervener_data import (
     examples,
     explain,
     grounded,
+    label,
     noise_margin,
+    observation_of,
     read_rows,
+    regret,
 )
-from selfsteer.agents.llm.chat import LocalChatModel, _with_format_instruction
-from selfsteer.agents.supervisors import LLMSupervisor
+from selfsteer.agents.llm.chat import LocalChatModel, _with_format_instruction, best_choice
+from selfsteer.agents.llm.local_engines import forget_local_engine
+from selfsteer.agents.llm.weights import load_embedded_model
+from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
 from selfsteer.trainer_bridge.records import ACTIONS
 
 ADAPTER_DIR = Path(__file__).parent / "intervener"  # the shipped adapter (adapter_model.safetensors)
@@ -73,8 +85,6 @@ class IntervenerSupervisor(LLMSupervisor):
         explanations: str = "template",
         chat_model=None,
     ):
-        from selfsteer.agents.chat_models import make_chat_model
-
         if explanations not in ("template", "model"):
             raise ValueError(f"explanations must be 'template' or 'model', not {explanations!r}")
         if chat_model is None:
@@ -229,8 +239,6 @@ class CompletionHeadSFTTrainer(SFTTrainer):
         self.action_weight = action_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        import torch
-
         labels = inputs["labels"]
         labelled = labels != -100
         first = int(torch.where(labelled.any(1), labelled.float().argmax(1), labels.shape[1]).min())
@@ -256,7 +264,6 @@ class CompletionHeadSFTTrainer(SFTTrainer):
 def label_weights(labels, action_weight: float):
     """Each position's weight in the loss, shaped like `labels`: 0 off the answer, 1 on it, and
     `action_weight` on the action's token (the answer's `ACTION_TOKEN`-th)."""
-    import torch
 
     mask = (labels != -100).float()
     weights = mask.clone()
@@ -291,11 +298,6 @@ def balanced(data: list[dict], total: int, seed: int) -> list[dict]:
 def train_intervener(config: IntervenerConfig) -> dict:
     """Fine-tunes the embedded model's LoRA adapter on the labelled rows; saves the adapter, its card
     and `metrics.json` (validation figures) to `config.output_dir`. Returns the metrics."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import set_seed
-
-    from selfsteer.agents.llm.weights import load_embedded_model
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -371,10 +373,6 @@ def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
     0.53 on the rows it was trained on, whose labels were drawn a third each). Written to the adapter's
     `calibration.json`, which the engine applies wherever the adapter answers (in process and through
     serve-llm); returns the bias."""
-    from tqdm.auto import tqdm
-
-    from selfsteer.agents.intervener_data import observation_of
-    from selfsteer.agents.llm.local_engines import forget_local_engine
 
     path = Path(adapter) / "calibration.json"
     path.unlink(missing_ok=True)  # no stale bias survives a calibration that fails (scores are raw)
@@ -393,9 +391,6 @@ def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
 
 
 def _half_precision(path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(str(path))
     save_file({k: v.to(torch.float16) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
@@ -408,8 +403,6 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
     """The model's decisions on labelled rows against their labels and outcomes, beside the baselines
     that need no model (always keep, the rule supervisor): accuracy (with a 95% Wilson interval), mean
     regret of the chosen action, and for the first `explain` rows the full answer with its grounding."""
-    from selfsteer.agents.intervener_data import label, observation_of, regret
-    from selfsteer.agents.supervisors import RuleSupervisor
 
     # the model writes its own explanations, for the card; its actions are the template mode's (tested)
     supervisor = IntervenerSupervisor(adapter, explanations="model") if adapter is not None else None
@@ -419,7 +412,6 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
     if supervisor is not None:
         chosen["intervener"] = []
     answers, latencies = [], []
-    from tqdm.auto import tqdm
 
     pairs = zip(rows, data, strict=True)
     for index, (row, example) in enumerate(tqdm(pairs, total=len(rows), desc="scoring", unit="row")):
@@ -473,7 +465,6 @@ def model_explanation(decision) -> str:
 
 def _action_prefix(supervisor: IntervenerSupervisor, observation) -> str:
     """The text the structured answer's action follows: the prompt as the local model sends it."""
-    from selfsteer.agents.llm.chat import _with_format_instruction
 
     chat = supervisor.chat_model
     messages = _with_format_instruction(
@@ -491,7 +482,6 @@ def _action_scores(supervisor: IntervenerSupervisor, observation) -> list[float]
 
 def _action_only(supervisor: IntervenerSupervisor, observation) -> str:
     """The action the supervisor's structured output takes (the three scored, the calibration added)."""
-    from selfsteer.agents.llm.chat import best_choice
 
     chat = supervisor.chat_model
     return best_choice(chat.engine, _action_prefix(supervisor, observation), "action", list(ACTIONS))

@@ -23,12 +23,18 @@ faster than `model.generate` (both spend ~105 ms per decode step of the batch), 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import GRPOConfig
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer
+from trl.import_utils import is_vllm_available
 
 Message = dict[str, str]
 Generate = Callable[[list[list[Message]]], list[str]]
@@ -136,8 +142,6 @@ class ReflectionGRPOConfig(GRPOConfig):
         if self.bf16 is None:
             self.bf16 = not self.use_cpu
         if self.use_vllm is None:
-            from trl.import_utils import is_vllm_available
-
             self.use_vllm = not self.use_cpu and is_vllm_available()
         if self.per_device_train_batch_size is None:
             self.per_device_train_batch_size = self.prompts_per_step * self.num_generations
@@ -146,8 +150,6 @@ class ReflectionGRPOConfig(GRPOConfig):
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest checkpoint-N folder of a run, to resume from (None: start afresh)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
 
 
@@ -155,59 +157,52 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
 # the trainer
 
 
-def _trainer_class():
-    from trl import GRPOTrainer
+class ReflectionGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer that checks, on every batch, that the loss covers the reflection tokens only,
+    and keeps the last batch's tensors (`last_batch`) for inspection; and that skips the forward
+    and backward pass of a batch whose advantages are all zero (`skipped_batches` counts them),
+    giving every trainable weight the zero gradient TRL's loss would, so the optimizer step that
+    follows (AdamW's state, weight decay) is the one TRL takes."""
 
-    class ReflectionGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer that checks, on every batch, that the loss covers the reflection tokens only,
-        and keeps the last batch's tensors (`last_batch`) for inspection; and that skips the forward
-        and backward pass of a batch whose advantages are all zero (`skipped_batches` counts them),
-        giving every trainable weight the zero gradient TRL's loss would, so the optimizer step that
-        follows (AdamW's state, weight decay) is the one TRL takes."""
+    last_batch: dict | None = None
+    skipped_batches: int = 0
+    refilled_batches: int = 0
+    skip_zero_advantage: bool = True
 
-        last_batch: dict | None = None
-        skipped_batches: int = 0
-        refilled_batches: int = 0
-        skip_zero_advantage: bool = True
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # With no KL term (beta 0), every advantage zero (each group's reflections all earned the
+        # same reward) makes TRL's loss exactly 0 with an exactly zero gradient on every trainable
+        # weight: the pass itself is skipped. The optimizer must still step as it would on TRL's
+        # loss, and AdamW leaves a parameter whose .grad is None untouched (no step count, no
+        # moment decay, no weight decay), so the stand-in loss reaches every trainable parameter,
+        # giving each one the same explicit zero gradient TRL's loss would.
+        if self.skip_zero_advantage and self.beta == 0.0 and not bool(inputs["advantages"].any()):
+            self.skipped_batches += 1
+            return sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # With no KL term (beta 0), every advantage zero (each group's reflections all earned the
-            # same reward) makes TRL's loss exactly 0 with an exactly zero gradient on every trainable
-            # weight: the pass itself is skipped. The optimizer must still step as it would on TRL's
-            # loss, and AdamW leaves a parameter whose .grad is None untouched (no step count, no
-            # moment decay, no weight decay), so the stand-in loss reaches every trainable parameter,
-            # giving each one the same explicit zero gradient TRL's loss would.
-            if self.skip_zero_advantage and self.beta == 0.0 and not bool(inputs["advantages"].any()):
-                self.skipped_batches += 1
-                return sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def _generate_and_score_completions(self, inputs):
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        for _ in range(self.args.refill_attempts if self.model.training else 0):
+            if bool(batch["advantages"].any()):
+                break
+            self.refilled_batches += 1
+            inputs = self._other_failures(len(inputs))
             batch = super()._generate_and_score_completions(inputs)
-            for _ in range(self.args.refill_attempts if self.model.training else 0):
-                if bool(batch["advantages"].any()):
-                    break
-                self.refilled_batches += 1
-                inputs = self._other_failures(len(inputs))
-                batch = super()._generate_and_score_completions(inputs)
-            check_reflection_mask(batch, self.eos_token_ids, self.mask_truncated_completions)
-            self.last_batch = {
-                k: batch[k]
-                for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
-            }
-            return batch
+        check_reflection_mask(batch, self.eos_token_ids, self.mask_truncated_completions)
+        self.last_batch = {
+            k: batch[k]
+            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+        }
+        return batch
 
-        def _other_failures(self, size: int) -> list[dict]:
-            """A fresh generation batch: failed attempts drawn at random (seeded by the run's seed and
-            how many batches were refilled before), each repeated once per reflection of its group."""
-            import random
-
-            rng = random.Random(hash((self.args.seed, self.refilled_batches)))
-            group = self.num_generations
-            rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(size // group)]
-            return [row for row in rows for _ in range(group)]
-
-    return ReflectionGRPOTrainer
+    def _other_failures(self, size: int) -> list[dict]:
+        """A fresh generation batch: failed attempts drawn at random (seeded by the run's seed and
+        how many batches were refilled before), each repeated once per reflection of its group."""
+        rng = random.Random(hash((self.args.seed, self.refilled_batches)))
+        group = self.num_generations
+        rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(size // group)]
+        return [row for row in rows for _ in range(group)]
 
 
 def reflection_spans(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
@@ -386,8 +381,6 @@ def build_trainer(
     columns the reward function reads.
     engine_factory: decode reflections and retries with this batched engine (`EngineRollout`) instead
     of `model.generate`; not with vLLM."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not rows:
         raise ValueError("no training rows: mine some failed attempts first")
@@ -405,12 +398,10 @@ def build_trainer(
     )
     peft_config = None
     if config.lora_r:
-        from peft import LoraConfig
-
         peft_config = LoraConfig(
             r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
         )
-    trainer = _trainer_class()(
+    trainer = ReflectionGRPOTrainer(
         model=model,
         peft_config=peft_config,
         reward_funcs=_reward_adapter(reward_fn, generate),
@@ -426,8 +417,6 @@ def build_trainer(
 
 
 def _closes_engine(rollout: EngineRollout):
-    from transformers import TrainerCallback
-
     class CloseEngine(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):
             rollout.close()

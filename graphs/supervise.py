@@ -42,6 +42,7 @@ from uuid import uuid4
 
 import httpx
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
@@ -51,8 +52,16 @@ from selfsteer.agents.observation import Observation
 from selfsteer.agents.reflector import reflecting
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
 from selfsteer.agents.supervisors import Decision, Supervisor
-from selfsteer.tools.bridge_tools import LR_BOUNDS, BridgeHTTPError, BridgeTools, CommandTimeout, RunControl
+from selfsteer.tools.bridge_tools import (
+    LR_BOUNDS,
+    BridgeClient,
+    BridgeHTTPError,
+    BridgeTools,
+    CommandTimeout,
+    RunControl,
+)
 from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
+from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
 
 
 class SupervisionState(TypedDict, total=False):
@@ -456,9 +465,8 @@ def _lessons(state: SupervisionState, context: SupervisionContext) -> list[str]:
     texts = (state.get("reflections") or [])[-memory:] if memory else []
     if context.self_correct.remember_runs and len(texts) < memory:
         earlier = context.tools.client.reflections(agent=context.supervisor.name, limit=4 * memory)
-        texts = [r.reflection for r in earlier if r.run_id != state.get("run_id")][: memory - len(texts)][
-            ::-1
-        ] + texts
+        others = [r.reflection for r in earlier if r.run_id != state.get("run_id")]  # newest first
+        texts = others[: memory - len(texts)][::-1] + texts
     return texts
 
 
@@ -562,11 +570,6 @@ def run_supervision(
     ask_human: called with the question of a `HumanSupervisor` interrupt, returns the answer
         (default: asks on the terminal).
     """
-    from langgraph.checkpoint.sqlite import SqliteSaver
-
-    from selfsteer.tools.bridge_tools import BridgeClient
-    from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
-
     db = db or DEFAULT_DB_PATH
     if isinstance(run, str):
         control = BridgeClient(run, token=token, source=supervisor.name[:40])
@@ -692,8 +695,3 @@ def _finite(value):
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-__all__ = [
-    "Decision", "SelfCorrection", "SupervisionContext", "SupervisionState", "run_supervision", "supervision_graph",
-]  # fmt: skip

@@ -47,6 +47,8 @@ import logging
 import pathlib
 import threading
 from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import uvicorn
@@ -70,8 +72,9 @@ from fastapi.security import APIKeyQuery, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from selfsteer.trainer_bridge.checkpoints import list_branches, list_checkpoints
 from selfsteer.trainer_bridge.command_bodies import CommandBodies, fit_to_optimizer
-from selfsteer.trainer_bridge.commands import InvalidCommand, dump_args
+from selfsteer.trainer_bridge.commands import InvalidCommand, NotFound, RunFinished, dump_args
 from selfsteer.trainer_bridge.events import EVENT_QUEUE_SIZE, EventHub
 from selfsteer.trainer_bridge.http_errors import (
     MAX_BODY_BYTES,
@@ -153,8 +156,6 @@ def _invalid(exc: InvalidCommand) -> RequestValidationError:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("selfsteer")
     except PackageNotFoundError:
@@ -170,8 +171,6 @@ def dashboard_dir() -> pathlib.Path | None:
     Found as data, by package name (importlib.resources): the dashboard is a top-level package (the UI),
     which this layer never imports by an import statement. Its build, `dist/`, is there in an editable
     install (where `scripts/install.sh` built it); a wheel built without it has none."""
-    from importlib import resources
-
     try:
         root = resources.files("selfsteer.dashboard")
     except ModuleNotFoundError:
@@ -285,15 +284,11 @@ def store_router(get_store: Callable[[], Store]) -> APIRouter:
 
     @router.get("/{run_id}/branches", responses=NOT_FOUND)
     def get_run_branches(run_id: RunId) -> list[Branch]:
-        from selfsteer.trainer_bridge.checkpoints import list_branches
-
         run_or_404(run_id)
         return list_branches(get_store(), run_id)
 
     @router.get("/{run_id}/checkpoints", responses=NOT_FOUND)
     def get_run_checkpoints(run_id: RunId) -> list[Checkpoint]:
-        from selfsteer.trainer_bridge.checkpoints import list_checkpoints
-
         run_or_404(run_id)
         return list_checkpoints(get_store(), run_id)
 
@@ -318,8 +313,6 @@ def create_history_app(
 def add_decision_routes(app: FastAPI, bridge: "Bridge") -> None:
     """A live run's decisions. Every writer of a run goes through its server: a supervisor attached by
     URL records its decisions here, in the run's own store, and needs nothing else."""
-    from selfsteer.trainer_bridge.commands import NotFound
-
     @app.get("/api/decisions", responses=NEXT_PAGE)
     def get_decisions(
         request: Request,
@@ -369,8 +362,6 @@ def add_decision_routes(app: FastAPI, bridge: "Bridge") -> None:
 
 def add_command_routes(app: FastAPI, bridge: "Bridge", bodies: CommandBodies) -> None:
     """A live run's commands: sent, listed, looked up, and the types it takes."""
-    from selfsteer.trainer_bridge.commands import NotFound, RunFinished
-
     @app.post(
         "/api/commands",
         responses={
