@@ -22,13 +22,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
 import httpx
 import openai
 import pytest
 from helpers.live_run import serving
+from helpers.serve_llm_http import assert_openai_error as _assert_openai_error
+from helpers.serve_llm_http import junk_server, posted_raw
+from helpers.serve_llm_http import wait_until as _wait_until
 from pydantic import BaseModel, Field
 
 from selfsteer.agents.chat_models import ChatModelConfigError, describe_llm_error, make_chat_model
@@ -85,46 +87,14 @@ def capped_url(engine) -> Iterator[str]:
 def junk_url() -> Iterator[str]:
     """A real HTTP server that answers every POST with 200 and something that is no chat completion:
     /text/... plain text, /nochoices/... JSON without `choices`."""
-
-    class Junk(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("content-length") or 0))
-            if self.path.startswith("/text/"):
-                body, content_type = b"hello, I am not an API", "text/plain"
-            else:
-                body, content_type = (
-                    json.dumps({"id": "x", "object": "chat.completion"}).encode(),
-                    "application/json",
-                )
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):  # keep the test output clean
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Junk)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with junk_server() as url:
+        yield url
 
 
 def _client(url: str, **kwargs):
     """ChatOpenAI on `url`, built the way selfsteer builds it: greedy, no retries, short answers."""
     kwargs.setdefault("max_tokens", 16)
     return make_chat_model("openai:smollm2", base_url=url, timeout=30, max_retries=0, **kwargs)
-
-
-def _assert_openai_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"message", "type", "param", "code"}
-    assert error["message"]
-    return error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,14 +290,6 @@ def test_cli_refuses_a_public_host_without_a_key(monkeypatch, capsys):
 # One request cannot hold the server (issue 10)
 
 
-def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
-    """A liveness bound: `predicate` must come true within `timeout` seconds (generous on purpose)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def _worker_held(engine) -> Iterator[None]:
     """Holds the engine's worker inside a decode step (an answer's on_text waits on an event) for the
@@ -414,20 +376,6 @@ def test_a_short_request_completes_while_a_long_one_generates(base_url, engine):
         stop_reading.set()
         reader.join(timeout=60)
     _wait_until(lambda: engine.stats["running"] == 0, "the long answer is cancelled once its client left")
-
-
-@contextlib.contextmanager
-def posted_raw(base_url: str, body: dict):
-    """A chat completion POSTed on a raw socket, so the test decides when the client goes away: the
-    connection closes when the block ends."""
-    host, port = base_url.removeprefix("http://").split("/")[0].split(":")
-    payload = json.dumps(body).encode()
-    with socket.create_connection((host, int(port)), timeout=120) as conn:
-        conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(payload), payload)
-        )
-        yield conn
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
