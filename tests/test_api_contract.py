@@ -118,6 +118,24 @@ EDGES = [
 ]
 
 
+def test_every_bound_in_the_openapi_is_a_json_schema_keyword(idle):
+    """pydantic writes a bound placed after a validator on an optional field as `ge`/`le`, keywords no
+    JSON Schema reader knows: the fuzzer then sent a `retry_of` of 0 as valid data (and got 422)."""
+    found = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            found.extend(f"{path}.{key}" for key in ("ge", "le", "gt", "lt") if key in node)
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    walk(httpx.get(idle.url + "/openapi.json").json(), "openapi")
+    assert found == []
+
+
 @pytest.mark.parametrize("field", [{"retry_of": 2**63}, {"retry_of": 0}, {"step": 2**63}, {"step": 2**53}])
 def test_a_decision_whose_step_or_retry_of_sqlite_cannot_hold_is_refused_not_a_server_error(idle, field):
     """The API fuzzer found a 500: a `retry_of` past SQLite's 64-bit integers overflowed at the lookup."""

@@ -53,6 +53,9 @@ Integer = Annotated[int, BeforeValidator(_no_text_or_bool)]
 # The largest step or id: it fits a JavaScript number (and SQLite's 64-bit integers, which a larger one
 # overflows: a 500 the API fuzzer found through `retry_of`).
 MAX_INT = 2**53 - 1
+# A row's id (1 and up). The bounds before the validator: after it, pydantic writes them into the JSON
+# schema of an optional field as `ge`/`le`, which no JSON Schema reader knows (the fuzzer then sent 0).
+RowId = Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(_no_text_or_bool)]
 # A float that may be NaN or infinite (a metric, an lr a supervisor logged) is null in JSON.
 Number = Annotated[float | None, BeforeValidator(_no_text_or_bool), PlainSerializer(json_number)]
 
@@ -179,8 +182,8 @@ class DecisionFields(Record):
     key: str | None = Field(
         default=None, max_length=400, description="idempotency key: a repeat returns the first decision"
     )
-    retry_of: Integer | None = Field(
-        default=None, ge=1, le=MAX_INT, description="the rolled-back decision this one was made in place of"
+    retry_of: RowId | None = Field(
+        default=None, description="the rolled-back decision this one was made in place of"
     )
 
 
