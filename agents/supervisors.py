@@ -28,11 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from langgraph.types import interrupt
 from pydantic import BaseModel, Field, create_model
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
-from selfsteer.agents.chat_models import make_chat_model
 from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision, StructuredOutputError
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import Reflection, reflection_prompt
@@ -250,7 +248,7 @@ class PlateauSupervisor(Supervisor):
     strategy = "reduce_lr_on_plateau"
 
     def __init__(self, patience: int = 1, threshold: float = 0.01):
-        import torch  # lazy: a supervisor attached by URL runs without torch, unless it is this one
+        import torch
 
         self.patience, self.threshold = patience, threshold
         self._optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -283,6 +281,8 @@ class HumanSupervisor(Supervisor):
     strategy = "human"
 
     def decide(self, observation: Observation) -> Decision:
+        from langgraph.types import interrupt  # lazy: 0.8 s, which every Ray trial would pay
+
         answer = interrupt(
             {"question": "double, halve or keep the learning rate?", **observation.prompt_values()}
         )
@@ -292,4 +292,6 @@ class HumanSupervisor(Supervisor):
 
 
 def embedded_chat_model():
+    from selfsteer.agents.chat_models import make_chat_model
+
     return make_chat_model("local")

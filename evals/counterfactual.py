@@ -44,22 +44,17 @@ import itertools
 import math
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 
 import torch
-from transformers import Trainer
 
 from selfsteer.agents.observation import Observation
-from selfsteer.agents.registry import make_supervisor
 from selfsteer.agents.supervisors import Decision
 from selfsteer.trainer_bridge import snapshots
 from selfsteer.trainer_bridge.commands import LR_BOUNDS  # the supervision loop's clamp
-from selfsteer.trainer_bridge.optim import set_lr
-from selfsteer.trainer_bridge.recipe import build_workload, load_recipe, parse_recipe
 from selfsteer.trainer_bridge.records import ACTIONS
 
 PROBE = "keep_reseeded"  # the noise probe's branch name
@@ -223,6 +218,8 @@ class RunSpec:
         return self.horizon or self.eval_steps
 
     def recipe(self) -> dict:
+        from selfsteer.trainer_bridge.recipe import load_recipe
+
         if self.base_recipe is not None:
             return load_recipe(self.base_recipe, [*self.overrides, *run_overrides(self)])
         base, shape = SHAPES[self.shape]
@@ -293,6 +290,8 @@ def resolve_recipe(recipe: str, overrides: tuple[str, ...]) -> dict:
     held_out: why it is held out (empty: collected): its resolved model section is that of a held-out
       shape, its optimizer of a held-out family, or its schedule the held-out one (cosine with warm-up).
     A RecipeError (a ValueError) for a recipe that does not load."""
+    from selfsteer.trainer_bridge.recipe import load_recipe, parse_recipe
+
     resolved = load_recipe(recipe, list(overrides))
     plain = load_recipe(recipe)
     typed = parse_recipe(resolved)
@@ -342,6 +341,8 @@ def resolve_recipe(recipe: str, overrides: tuple[str, ...]) -> dict:
 @cache
 def _held_out_model(shape: str) -> dict:
     """The resolved model section (as a GPT2Config dict) of a held-out grid shape."""
+    from selfsteer.trainer_bridge.recipe import load_recipe, parse_recipe
+
     base, overrides = SHAPES[shape]
     return parse_recipe(load_recipe(base, overrides)).model.to_dict()
 
@@ -420,6 +421,12 @@ class CounterfactualRun:
     """A workload trained step by step, with snapshots, so that any state can be branched exactly."""
 
     def __init__(self, spec: RunSpec, data_seed: int | None = None):
+        import tempfile
+
+        from transformers import Trainer
+
+        from selfsteer.trainer_bridge.recipe import build_workload
+
         self.spec = spec
         recipe = spec.recipe()
         self._tmp = tempfile.TemporaryDirectory(prefix="selfsteer-cf-")
@@ -495,6 +502,8 @@ class CounterfactualRun:
         return value
 
     def set_lr(self, lr: float) -> None:
+        from selfsteer.trainer_bridge.optim import set_lr
+
         set_lr(self.optimizer, self.scheduler, min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1]))
 
     def observation(self) -> Observation:
@@ -525,6 +534,7 @@ def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
     if spec.policy == "random":
         rng = random.Random(f"{spec.id}-policy")
         return lambda observation: Decision(rng.choice(ACTIONS), "random behaviour policy")
+    from selfsteer.agents.registry import make_supervisor
 
     supervisor = make_supervisor(spec.policy)
     if supervisor is None:

@@ -56,16 +56,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from selfsteer.agents.chat_models import make_chat_model
-from selfsteer.agents.registry import make_supervisor
 from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, OPTIMIZERS, SCHEDULES, SHAPES
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
-from selfsteer.graphs.supervise import SelfCorrection, run_supervision
-from selfsteer.trainer_bridge.checkpoints import list_branches
-from selfsteer.trainer_bridge.recipe import load_recipe
-from selfsteer.trainer_bridge.runner import RecipeRun
-from selfsteer.trainer_bridge.store import Store
-from selfsteer.trainer_bridge.store.runs import lineage
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -208,7 +200,7 @@ def baseline_optimizer(name: str, cell: Cell, config: SuiteConfig) -> tuple[list
             f"training.warmup_steps={warmup}",  # the optimizer's warmup (a constant schedule has none)
         ], None
     if name == "prodigy":
-        from prodigyopt import Prodigy  # lazy: an optional package, for this baseline only
+        from prodigyopt import Prodigy
 
         return [
             "training.lr_scheduler_type=constant",
@@ -221,6 +213,13 @@ SELF_CORRECTIONS = ("sc", "rsc")
 
 
 def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=None) -> dict:
+    # lazy: Ray's worker processes import this module (lr_suite_ray, pbt); each pays its top-level imports
+    # (moved to the top, they made the Ray tests' fixtures some 15% slower: measured)
+    from selfsteer.agents.registry import make_supervisor
+    from selfsteer.graphs.supervise import SelfCorrection, run_supervision
+    from selfsteer.trainer_bridge.recipe import load_recipe
+    from selfsteer.trainer_bridge.runner import RecipeRun
+
     recipe, overrides = workload(cell, config)
     if cell.supervisor == "cosine":
         overrides.append("training.lr_scheduler_type=cosine")
@@ -346,6 +345,7 @@ def by_reflector(supervisor: str) -> bool:
 def suite_chat_model(config: SuiteConfig):
     """The chat model the suite's `llm:STRATEGY` supervisors share (the embedded one's explanations kept
     short: long ones cost seconds on a CPU)."""
+    from selfsteer.agents.chat_models import make_chat_model
 
     extra = {"field_max_chars": config.explanation_chars} if config.llm == "local" else {}
     return make_chat_model(config.llm, base_url=config.base_url, api_key=config.api_key, **extra)
@@ -418,6 +418,8 @@ def _median(values) -> float:
 def _final_lineage(stores, run_id: str) -> tuple[list[int], list[float]]:
     """The eval losses behind the weights a run ended with: a self-correcting run's abandoned
     branches left out (its final branch is the last one it loaded)."""
+    from selfsteer.trainer_bridge.checkpoints import list_branches
+    from selfsteer.trainer_bridge.store.runs import lineage
 
     for store in stores:
         metrics = store.get_metrics(run_id, names=["eval_loss"])
@@ -542,7 +544,8 @@ def _recipe_table(recipe: str, rows: list[dict], config: SuiteConfig) -> list[st
 
 def _curve_plots(rows: list[dict], config: SuiteConfig, out: Path, extra_dbs: list[Path] | None) -> list[str]:
     """A plot per workload and initial lr (the first seed's curves): written to `out`, linked in the report."""
-    from selfsteer.evals.plots import plot_curves  # lazy: matplotlib, for the report, not Ray's workers
+    from selfsteer.evals.plots import plot_curves
+    from selfsteer.trainer_bridge.store import Store
 
     lines: list[str] = []
     stores = [Store(path) for path in [out / "suite.sqlite", *(extra_dbs or [])]]

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers.utils import logging as hf_logging
 
 from selfsteer.evals.lr_suite import (
     SuiteConfig,
@@ -28,6 +27,8 @@ from selfsteer.evals.lr_suite_names import POPULATIONS
 def run_suite(config: SuiteConfig, out: str | Path) -> list[dict]:
     """Run every cell (skipping those already in results.jsonl: an interrupted suite resumes; a failed
     one is run again), in this process or as Ray Tune trials (`config.ray`)."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,14 +50,10 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import ray
 from ray import tune
-from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.schedulers.pb2 import PB2
 from transformers import TrainerCallback
-from transformers.utils import logging as hf_logging
 
 from selfsteer.evals.lr_suite import (
     PB2_SPAN,
@@ -70,9 +66,6 @@ from selfsteer.evals.lr_suite import (
 )
 from selfsteer.evals.ray_trials import fit, ray_options, set_trial_threads, start_ray
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
-from selfsteer.trainer_bridge.control import LocalRunControl
-from selfsteer.trainer_bridge.recipe import load_recipe
-from selfsteer.trainer_bridge.runner import RecipeRun
 
 # Their INFO lines come at every interval of every member ("Checkpoint successfully created", "Restored on").
 QUIET_LOGGERS = ("ray.train", "ray.tune")
@@ -100,6 +93,8 @@ class Member(tune.Trainable):
     per `step`."""
 
     def setup(self, config: dict, suite: SuiteConfig, out: str, members: dict[str, dict]):
+        from transformers.utils import logging as hf_logging
+
         set_trial_threads(suite.cpus_per_trial)
         hf_logging.disable_progress_bar()  # a bar per checkpoint written, forwarded to the driver
         for name in QUIET_LOGGERS:
@@ -121,6 +116,10 @@ class Member(tune.Trainable):
         return lr_of(self.config)
 
     def _start(self, checkpoint: Path | None, set_lr: bool = False) -> None:
+        from selfsteer.trainer_bridge.control import LocalRunControl
+        from selfsteer.trainer_bridge.recipe import load_recipe
+        from selfsteer.trainer_bridge.runner import RecipeRun
+
         cell = self.cell
         recipe, overrides = workload(cell, self.suite)
         # A Trainer checkpoint at every evaluation: what Tune keeps, and what a copy starts from; only the
@@ -364,6 +363,8 @@ class ResumableSynch:
         synchronised perturbation: seen after a restore where one member had finished before the
         interrupt, the other two PAUSED for 18 minutes while Tune's loop spun), the one furthest behind
         runs, and the next perturbation is put one interval beyond it."""
+        from ray.tune.experiment import Trial
+
         chosen = super().choose_trial_to_run(tune_controller)
         if chosen is not None or not self._synch:
             return chosen
@@ -470,6 +471,9 @@ def run_pbt(cells: list[Cell], todo: set[str], config: SuiteConfig, out: Path) -
     on where it stopped (Tune's experiment restore, from its members' checkpoints) when its unfinished
     members are those its log has not seen finish; otherwise it is run whole again, since its members
     learn from each other."""
+    import numpy as np
+    import ray
+
     results = out / "results.jsonl"
     options = ray_options(config)
     started = start_ray(options.pop("address"), options.pop("num_cpus"))  # once for every population

@@ -19,19 +19,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import ray
-import torch
 from ray import tune
-from ray.tune import ExperimentAnalysis
 from tqdm.auto import tqdm
-from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
+# Imports a process may not need (torch, transformers, Ray's internals) stay in the functions that need
+# them: every Ray worker process pays this module's top-level imports.
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to the cluster at `address` or $RAY_ADDRESS, else start Ray here (`num_cpus`, default all).
     True when this call started it (so it is the one to shut it down)."""
+    import ray
+
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -143,6 +143,8 @@ def fit(
     When STORAGE/NAME holds an interrupted experiment whose unfinished trials are exactly `unfinished`
     (default: `names`), it is restored (Tune's experiment restore: trials with a checkpoint go on from it,
     the scheduler's state too); any other one there is moved aside (NAME-TIME) and a new one started."""
+    import ray
+
     # Tune's own CSV/JSON/TensorBoard loggers: our files are the record (and lists upset TensorBoard's).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # ...whose absence its end-of-run analysis then warns about, trial by trial.
@@ -199,6 +201,7 @@ def trial_statuses(folder: Path) -> dict[str, str] | None:
     (None: no experiment Tune can restore there)."""
     if not tune.Tuner.can_restore(str(folder)):
         return None
+    from ray.tune import ExperimentAnalysis
 
     try:
         return {str(t): t.status for t in ExperimentAnalysis(str(folder)).trials}
@@ -226,5 +229,8 @@ def ray_options(config) -> dict:
 
 def set_trial_threads(cpus_per_trial: float) -> None:
     """In a trial's process: torch threads = the trial's CPUs; transformers' warnings quiet."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     torch.set_num_threads(max(1, int(cpus_per_trial)))
