@@ -36,6 +36,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.import_utils import is_vllm_available
 
+from selfsteer.agents.llm.weights import MODEL_LOAD_LOCK
+
 Message = dict[str, str]
 Generate = Callable[[list[list[Message]]], list[str]]
 # (reflections, dataset columns of their rows, generate with the current policy) -> one reward each
@@ -390,7 +392,8 @@ def build_trainer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.float32 if config.use_cpu else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    with MODEL_LOAD_LOCK:  # not while another thread loads one (agents/llm/weights.py)
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
     if engine_factory is not None and config.use_vllm:
         raise ValueError("engine_factory and use_vllm are two ways to decode: choose one")
     generate = (

