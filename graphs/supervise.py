@@ -338,7 +338,7 @@ def check(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Supe
     tools, self_correct = context.tools, context.self_correct
     pending = state["pending_check"]
     decided, now = Observation(**pending["observation"]), Observation(**state["observation"])
-    verdict = _verdict(pending, now, tools, self_correct.margin)
+    verdict = _verdict(pending, decided, now, tools, self_correct.margin)
     if verdict is _NEVER_APPLIED:  # the command failed: nothing to judge
         return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
     if verdict is None:  # not applied yet, or no evaluation since: judged at a later observation
@@ -473,7 +473,7 @@ def _lessons(state: SupervisionState, context: SupervisionContext) -> list[str]:
 _NEVER_APPLIED = object()
 
 
-def _verdict(pending: dict, now: Observation, tools: BridgeTools, margin: float):
+def _verdict(pending: dict, decided: Observation, now: Observation, tools: BridgeTools, margin: float):
     """The verdict on a pending lr change, judged only by an evaluation after it took effect (a
     supervisor that does not hold the run acts tens of steps after it observed, and evaluations in
     between saw the old lr); None while there is none; `_NEVER_APPLIED` when its command failed."""
@@ -486,7 +486,6 @@ def _verdict(pending: dict, now: Observation, tools: BridgeTools, margin: float)
     took_effect = pending["step"] if applied_step is None else applied_step
     # The loss it is held to: the latest evaluation before it took effect (the decision saw the one at
     # its own step; the run may have moved on since).
-    decided = Observation(**pending["observation"])
     before = [v for s, v in now.eval_loss if pending["step"] <= s <= took_effect]
     loss_before = before[-1] if before else (decided.losses[-1][1] if decided.losses else math.nan)
     return judge(loss_before, took_effect, now, margin)

@@ -88,7 +88,6 @@ from selfsteer.trainer_bridge.http_errors import (
 from selfsteer.trainer_bridge.net import BearerAuth, LoopbackGuard, bind, is_loopback
 from selfsteer.trainer_bridge.pages import (
     LIST_PAGE,
-    MAX_INT,
     METRICS_PAGE,
     NEXT_PAGE,
     After,
@@ -105,6 +104,7 @@ from selfsteer.trainer_bridge.pages import (
     metrics_page,
 )
 from selfsteer.trainer_bridge.records import (
+    MAX_INT,
     Accepted,
     Branch,
     Checkpoint,

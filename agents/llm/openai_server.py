@@ -366,9 +366,10 @@ async def _structured_completion(
             work.add_done_callback(lambda task: task.cancelled() or task.exception())
     if not work.done():  # the client is gone
         return Response(status_code=499)
-    if work.result() is None:  # it would not fit max_tokens: the plain grammar answer says so
+    answer = work.result()
+    if answer is None:  # it would not fit max_tokens: the plain grammar answer says so
         return None
-    text, completion_tokens = work.result()
+    text, completion_tokens = answer
     return {
         **meta,
         "object": "chat.completion",
