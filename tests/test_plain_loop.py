@@ -285,3 +285,40 @@ def test_a_plain_loop_run_replays_from_its_journal(tmp_path):
     ]  # fmt: skip
     run = replay.store.get_run(replay.bridge.run_id)
     assert run["kind"] == "replay" and run["parent_run_id"] == original.bridge.run_id
+
+
+def test_a_stop_that_ends_the_run_before_its_post_returns_is_accepted(tmp_path):
+    """A held loop wakes on the stop's notice; it must not end the run before `submit` has answered (a
+    fresh clone's dashboard test got 409 for a stop that was applied). Here the loop is given that
+    chance at the worst point: the stop is answered as accepted, then applied."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    steer = selfsteer.attach(
+        model, optimizer, max_steps=1000, port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out",
+        start_paused=True, announce=False,
+    )  # fmt: skip
+
+    def loop():
+        for _ in steer.steps():
+            loss = model(torch.randn(2, 4)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    bridge, notify = steer.bridge, steer.bridge.notify
+
+    def notify_then_let_the_loop_end():
+        notify()
+        if threading.current_thread() is threading.main_thread():  # submit's notice, not the loop's
+            thread.join(timeout=5)  # the loop ends here if it can take the stop before submit answers
+
+    wait_for(lambda: bridge.paused, "the loop to hold at its start")
+    bridge.notify = notify_then_let_the_loop_end
+    answer = bridge.submit("stop", {}, "test")
+    assert answer["status"] == "pending" and answer["repeated"] is False
+    thread.join(timeout=60)
+    assert not thread.is_alive() and bridge.phase == "stopped"
+    assert Store(tmp_path / "runs.db").get_command(answer["uuid"])["status"] == "success"

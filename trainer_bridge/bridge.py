@@ -114,6 +114,11 @@ class Bridge:
         # the runner lets go of the trainer (and its scheduler) when training ends.
         self._schedule: tuple[weakref.ref, int] | None = None
         self._finish_lock = threading.Lock()
+        # Held by `submit` from its last look at the run to its answer, and by every journal write: the
+        # loop cannot take (journal `running`) a command whose POST has not been answered yet. Without
+        # it a held loop could apply a stop and end the run before `submit` looked again, and the stop
+        # was answered 409. Reentrant: `submit` may fail its own command.
+        self._admission = threading.RLock()
         # Notified at every change of the journal or the decisions: in-process readers wait on it instead
         # of polling the store (`wait_for_change`).
         self._changed = threading.Condition()
@@ -235,6 +240,10 @@ class Bridge:
                 return self._answer(same_command(first, idempotency_key, type, parsed), repeated=True)
         if spec.check is not None:
             spec.check(self, parsed)
+        with self._admission:
+            return self._admit(type, parsed, source, idempotency_key)
+
+    def _admit(self, type: str, parsed: Any, source: str, idempotency_key: str | None) -> dict:
         if self.training_done or self.phase in FINISHED_PHASES:
             raise RunFinished(f"run {self.run_id} is {self.phase if self.phase in FINISHED_PHASES else 'over'}")
         run = self.store.get_run(self.run_id)
@@ -249,8 +258,8 @@ class Bridge:
         self.publish({"event": "command", "command": row})
         self.notify()
         if self.training_done:
-            # The run ended while this was being added, maybe after finish() failed what was pending:
-            # fail it here, so that no command waits forever.
+            # The run ended while this was being added, without taking it (the admission is held), maybe
+            # after finish() failed what was pending: fail it here, so that no command waits forever.
             with contextlib.suppress(StoreError):
                 self._journal(row["uuid"], "failed", error="the run ended before this command was applied")
             raise RunFinished(f"run {self.run_id} is over")
@@ -607,7 +616,8 @@ class Bridge:
             self._journal(uuid, "failed", error=error)
 
     def _journal(self, uuid: str, status: str, **changes: Any) -> dict:
-        row = self.store.update_command(uuid, status, **changes)
+        with self._admission:
+            row = self.store.update_command(uuid, status, **changes)
         self.publish({"event": "command", "command": row})
         self.notify()
         self.tell({"event": "command", "command": row})
