@@ -1,11 +1,10 @@
-"""Arguments several commands share."""
+"""Arguments several commands share (the parser side: nothing heavy is imported here; what commands
+build from these flags is in cli/commands/common.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-import traceback
 
 from selfsteer.prompts import list_strategies  # the prompts/lr_*.yaml files (light: no model)
 
@@ -55,12 +54,6 @@ def add_ray_arguments(parser: argparse.ArgumentParser, description: str) -> argp
         help="runs at once at most (default: as many as the CPUs fit)",
     )
     return group
-
-
-def chat_model_from_args(args: argparse.Namespace):
-    from selfsteer.agents.chat_models import make_chat_model
-
-    return make_chat_model(args.llm, base_url=args.base_url, api_key=args.api_key, timeout=args.timeout)
 
 
 def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | None = "rule") -> None:
@@ -122,62 +115,3 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         action="store_true",
         help="with --self-correct: show later runs the reflections of earlier ones (from the store)",
     )
-
-
-def supervisor_from_args(args: argparse.Namespace):
-    """The Supervisor the flags ask for, or None for `none`."""
-    from selfsteer.agents.registry import make_supervisor, needs_chat_model
-
-    chat_model = chat_model_from_args(args) if needs_chat_model(args.supervisor) else None
-    return make_supervisor(args.supervisor, chat_model=chat_model, strategy=args.strategy)
-
-
-def self_correction_from_args(args: argparse.Namespace):
-    """The SelfCorrection the flags ask for, or None without --self-correct."""
-    from selfsteer.graphs.supervise import SelfCorrection
-
-    if not getattr(args, "self_correct", False):
-        given = [flag for flag, value in (("--self-correct-margin", args.self_correct_margin),
-                 ("--self-correct-budget", args.self_correct_budget), ("--reflector", args.reflector),
-                 ("--remember-reflections", args.remember_reflections or None)) if value is not None]  # fmt: skip
-        if given:
-            raise ValueError(f"{', '.join(given)}: only with --self-correct")
-        return None
-    options = {
-        "margin": args.self_correct_margin,
-        "max_extra_steps": args.self_correct_budget,
-        "reflector": args.reflector,
-    }
-    return SelfCorrection(
-        **{k: v for k, v in options.items() if v is not None}, remember_runs=args.remember_reflections
-    )
-
-
-def supervisor_thread_from_args(
-    args: argparse.Namespace, db: str, pause_while_deciding: bool = False, thread_id: str | None = None
-):
-    """What `selfsteer train` runs beside training: a callable `(control, stop_event)` that supervises
-    the run in process (a `LocalRunControl`: no HTTP) until it ends, or None for `--supervisor none`. A supervisor that crashes
-    is reported and the run goes on with its current settings."""
-    from selfsteer.graphs.supervise import refuse_unsupported
-
-    supervisor = supervisor_from_args(args)
-    if supervisor is None:
-        return None
-    self_correct = self_correction_from_args(args)  # bad flags are refused now, not in the thread
-    refuse_unsupported(supervisor, self_correct)
-
-    def supervise(run, stop_event):
-        from selfsteer.graphs.supervise import run_supervision
-
-        try:
-            run_supervision(
-                run, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
-                max_iterations=args.max_iterations, every_steps=args.every_steps,
-                pause_while_deciding=pause_while_deciding, thread_id=thread_id, self_correct=self_correct,
-            )  # fmt: skip
-        except Exception:
-            print("supervisor crashed; training goes on with its current settings:", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
-
-    return supervise

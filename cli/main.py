@@ -1,5 +1,9 @@
-"""`selfsteer`: the command line. Each command lives in its own module of this package, which
-provides `add_parser(subparsers)` (its arguments and help) and `run(args) -> int` (its exit code)."""
+"""`selfsteer`: the command line. Each command has two modules of the same name: one of this package,
+selfsteer.cli.NAME, provides `add_parser(subparsers, name)` (its arguments and help; it imports nothing
+heavy), and one of selfsteer.cli.commands, selfsteer.cli.commands.NAME, provides `run(args) -> int` (its
+exit code) with its imports at its top. Building the parser imports every selfsteer.cli.NAME; a command's
+run side is imported only when that command runs, so `selfsteer --help` and `selfsteer COMMAND --help`
+import no torch."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import importlib
 import os
 import sys
 
-# command name -> module of selfsteer.cli; the order is the order of `selfsteer --help`.
+# command name -> its module of selfsteer.cli (the parser) and of selfsteer.cli.commands (the run); the
+# order is the order of `selfsteer --help`.
 COMMANDS = {
     "doctor": "doctor",
     "demo": "demo",
@@ -44,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(f"selfsteer.cli.{COMMANDS[args.command]}")
+    module = importlib.import_module(f"selfsteer.cli.commands.{COMMANDS[args.command]}")
     try:
         code = int(module.run(args) or 0)
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         code = 130
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of torchrun / accelerate launch
+        # here, not at the top: the runner imports torch, which `selfsteer --help` must not
         from selfsteer.trainer_bridge.runner import exit_now
 
         exit_now(code)

@@ -14,12 +14,3 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--paths", action="store_true", help="also show each recipe's YAML file")
     return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    from selfsteer.trainer_bridge.recipe import builtin_recipes, recipes_smallest_first
-
-    paths = builtin_recipes()
-    for name in recipes_smallest_first():
-        print(f"{name}\t{paths[name]}" if args.paths else name)
-    return 0

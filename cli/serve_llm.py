@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from selfsteer.agents.llm.serve_limits import DEFAULT_JSON_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP
 
@@ -76,46 +75,3 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
         "required when --host is not a loopback address",
     )
     return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    from selfsteer.trainer_bridge.net import is_loopback
-
-    # Anyone who can reach a non-loopback address could use the model (and the CPU) otherwise.
-    if not is_loopback(args.host) and not args.api_key:
-        print(
-            f"error: --host {args.host} makes the server reachable from other machines; "
-            f"set a key with --api-key KEY (or ${API_KEY_ENV}), or listen on 127.0.0.1",
-            file=sys.stderr,
-        )
-        return 2
-    if not 0 <= args.port <= 65535:
-        print(f"error: --port {args.port} is not a port number (0-65535)", file=sys.stderr)
-        return 2
-    if args.max_tokens < 1:
-        print(f"error: --max-tokens {args.max_tokens} must be at least 1", file=sys.stderr)
-        return 2
-
-    from selfsteer.agents.llm.openai_server import serve
-    from selfsteer.agents.llm.weights import ModelNotFoundError
-
-    try:
-        adapter = args.adapter
-        if adapter == "intervener":
-            from selfsteer.agents.intervener import ADAPTER_DIR
-
-            adapter = ADAPTER_DIR
-        serve(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            max_tokens_cap=args.max_tokens,
-            adapter=adapter,
-        )
-    except ModelNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # the port is taken, or the address is not this machine's
-        print(f"error: {error}", file=sys.stderr)  # "cannot serve on HOST:PORT: why"
-        return 1
-    return 0

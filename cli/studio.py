@@ -35,8 +35,13 @@ import os
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import START, StateGraph
 
+from selfsteer.agents.chat_models import make_chat_model
+from selfsteer.agents.registry import make_supervisor, needs_chat_model
+from selfsteer.evals.tasks import load_task
 from selfsteer.graphs.reflect import EpisodeState, build_graph
 from selfsteer.graphs.supervise import SupervisionContext, SupervisionState, supervision_graph
+from selfsteer.tools.bridge_tools import BridgeTools
+from selfsteer.trainer_bridge.client import BridgeClient
 
 DEFAULTS = {
     "task": ("SELFSTEER_TASK", "countdown"),
@@ -56,8 +61,6 @@ def setting(config: RunnableConfig | None, name: str) -> str | None:
 
 
 def _chat_model(config: RunnableConfig | None):
-    from selfsteer.agents.chat_models import make_chat_model
-
     return make_chat_model(setting(config, "llm"))  # the embedded model loads at its first call
 
 
@@ -69,8 +72,6 @@ class StudioEpisodeState(EpisodeState, total=False):
 def build_reflect(config: RunnableConfig | None = None):
     """The self-correction loop: `problem` (draws the index-th problem of the task) -> the loop of
     graphs/reflect.py as a subgraph (attempt, validate, reflect, retry, reward)."""
-    from selfsteer.evals.tasks import load_task
-
     task = setting(config, "task")
     episode = build_graph(_chat_model(config), model_name=setting(config, "llm"))
 
@@ -93,10 +94,6 @@ def build_reflect(config: RunnableConfig | None = None):
 
 def build_supervise(config: RunnableConfig | None = None):
     """The supervision loop of graphs/supervise.py on the run served at the `url` setting."""
-    from selfsteer.agents.registry import make_supervisor, needs_chat_model
-    from selfsteer.tools.bridge_tools import BridgeTools
-    from selfsteer.trainer_bridge.client import BridgeClient
-
     spec = setting(config, "supervisor")
     chat_model = _chat_model(config) if needs_chat_model(spec) else None
     supervisor = make_supervisor(spec, chat_model=chat_model, strategy=setting(config, "strategy"))

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from selfsteer.agents.intervener import IntervenerConfig
-from selfsteer.cli.intervener import parse_train_args
+from selfsteer.cli.commands.intervener import parse_train_args
 from selfsteer.cli.main import main
 
 

@@ -185,7 +185,7 @@ def test_curriculum_and_grpo_options_are_checked_before_anything_runs(tmp_path, 
 def test_a_curriculum_trains_level_by_level(tmp_path):
     import argparse
 
-    from selfsteer.cli.reflect import _curriculum_problems, _grpo_config, _in_curriculum_order
+    from selfsteer.cli.commands.reflect import _curriculum_problems, _grpo_config, _in_curriculum_order
 
     args = argparse.Namespace(action="train", curriculum="3,2", split="train", n=6, seed=0, task="countdown")
     problems = _curriculum_problems(args)

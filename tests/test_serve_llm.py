@@ -39,6 +39,7 @@ from selfsteer.agents.llm.engine import LocalEngine
 from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.agents.llm.openai_server import DEFAULT_MODEL_NAME, create_app
 from selfsteer.cli import serve_llm
+from selfsteer.cli.commands import serve_llm as serve_llm_command
 
 API_KEY = "test-key-123"
 PROMPT = "Say hello in one short sentence."
@@ -282,7 +283,7 @@ def test_cli_refuses_a_public_host_without_a_key(monkeypatch, capsys):
     monkeypatch.delenv("SELFSTEER_SERVE_API_KEY", raising=False)
     parser = argparse.ArgumentParser(prog="selfsteer")
     serve_llm.add_parser(parser.add_subparsers(), "serve-llm")
-    assert serve_llm.run(parser.parse_args(["serve-llm", "--host", "0.0.0.0"])) == 2
+    assert serve_llm_command.run(parser.parse_args(["serve-llm", "--host", "0.0.0.0"])) == 2
     assert "--api-key" in capsys.readouterr().err
 
 
