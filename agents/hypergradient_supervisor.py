@@ -44,30 +44,35 @@ class HypergradientSupervisor(Supervisor):
     def decide(self, observation: Observation) -> Decision:
         losses = observation.train_loss[-5:] + observation.eval_loss[-2:]
         if any(not math.isfinite(value) for _, value in losses):
-            return self._checked(observation, Decision("halve", "the loss is not finite: the lr is far too high"))
+            return self._checked(
+                observation, Decision("halve", "the loss is not finite: the lr is far too high")
+            )
         since = observation.eval_loss[-2][0] if len(observation.eval_loss) >= 2 else 0
         mean = observation.mean_alignment(since)
         if mean is None:
             return Decision("keep", f"no update alignment logged after step {since}: keep")
-        count = sum(1 for s, v in observation.update_alignment if since < s <= observation.step and math.isfinite(v))
+        count = sum(
+            1 for s, v in observation.update_alignment if since < s <= observation.step and math.isfinite(v)
+        )
         figure = f"mean update alignment {mean:+.3f} over the {count} steps after step {since}"
         if mean > self.double_above:
             decision = Decision(
-                "double", f"{figure}, above {self.double_above:+g}: successive steps agree, the lr can go higher"
+                "double",
+                f"{figure}, above {self.double_above:+g}: successive steps agree, the lr can go higher",
             )
         elif mean < self.halve_below:
             decision = Decision(
                 "halve", f"{figure}, below {self.halve_below:+g}: successive steps oppose, the lr is too high"
             )
         else:
-            return Decision(
-                "keep", f"{figure}, within {self.halve_below:+g} .. {self.double_above:+g}: keep"
-            )
+            return Decision("keep", f"{figure}, within {self.halve_below:+g} .. {self.double_above:+g}: keep")
         return self._checked(observation, decision)
 
     @staticmethod
     def _checked(observation: Observation, decision: Decision) -> Decision:
         """Keep instead of an action already tried from this state and rolled back (self-correction)."""
         if decision.action in observation.avoid:
-            return Decision("keep", f"{decision.explanation}; but {decision.action} was rolled back from here: keep")
+            return Decision(
+                "keep", f"{decision.explanation}; but {decision.action} was rolled back from here: keep"
+            )
         return decision

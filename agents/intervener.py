@@ -100,9 +100,10 @@ class IntervenerSupervisor(LLMSupervisor):
             # explanation of at most 0 characters: the model answers the action and stops.
             described = LRDecision.model_fields["explanation"]
             self._schema = create_model(
-                "LRDecision", __base__=LRDecision,
+                "LRDecision",
+                __base__=LRDecision,
                 explanation=(str, Field(default="", max_length=0, description=described.description)),
-            )  # fmt: skip
+            )
             self._decide = chat_model.with_structured_output(self._schema, include_raw=True)
 
     def messages(self, observation) -> list[tuple[str, str]]:
@@ -322,9 +323,13 @@ def train_intervener(config: IntervenerConfig) -> dict:
         task_type="CAUSAL_LM",
     )
     trainer = CompletionHeadSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
         action_weight=config.action_weight,
-    )  # fmt: skip
+    )
     result = trainer.train()
     output = Path(config.output_dir)
     trainer.model.save_pretrained(str(output))

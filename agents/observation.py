@@ -181,7 +181,9 @@ class Observation:
                 f"Train loss over the last {len(window)} steps: mean {_loss_text(statistics.fmean(window))}, spread {spread:.1f}%."
             )
         norms = [v for s, v in self.grad_norm if s > start and math.isfinite(v)]
-        before_norms = [v for s, v in self.grad_norm if s <= start and math.isfinite(v)][-len(window) or None :]
+        before_norms = [v for s, v in self.grad_norm if s <= start and math.isfinite(v)][
+            -len(window) or None :
+        ]
         if norms and before_norms and statistics.median(before_norms) > 0:
             lines.append(
                 f"Gradient norm: {_times(statistics.median(norms) / statistics.median(before_norms))} its median"
@@ -213,8 +215,7 @@ class Observation:
         keep = next((a for a in arms if a["factor"] == 1.0), None)
         lines = [
             f"Probe: each lr trained {probe['steps']} steps from here on the same batches; the eval-slice loss"
-            f" after them and extrapolated to {probe['horizon']} steps"
-            + (", against x1:" if keep else ":")
+            f" after them and extrapolated to {probe['horizon']} steps" + (", against x1:" if keep else ":")
         ]
         for arm in arms:
             final, estimate = arm_loss(arm, "final"), arm_loss(arm, "estimate")

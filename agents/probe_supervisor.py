@@ -58,9 +58,10 @@ class ProbeSupervisor(Supervisor):
         probe = observation.probe or {}
         barred = {"double": lambda f: f > 1, "halve": lambda f: f < 1}  # rolled back from here
         arms = [
-            arm for arm in probe.get("arms") or []
+            arm
+            for arm in probe.get("arms") or []
             if not any(barred[action](arm["factor"]) for action in observation.avoid if action in barred)
-        ]  # fmt: skip
+        ]
         if not arms:
             why = probe.get("error") or "no probe was run"
             return Decision("keep", f"no evidence ({why}): keep")
@@ -75,17 +76,22 @@ class ProbeSupervisor(Supervisor):
         # within the margin of the best measured. (On tiny from lr 1.0, a nearly straight steep drop at x1
         # extrapolated far below a measured-better x0.5, and kept an lr that went on diverging.)
         best_final = min(arm_loss(arm, "final") for arm in finite)
-        credible = [arm for arm in finite if arm_loss(arm, "final") <= best_final + self.margin * abs(best_final)]
+        credible = [
+            arm for arm in finite if arm_loss(arm, "final") <= best_final + self.margin * abs(best_final)
+        ]
         best = min(credible, key=lambda arm: arm_loss(arm, "estimate"))
         estimate = arm_loss(best, "estimate")
         horizon = probe.get("horizon")
         if keep is None or not math.isfinite(arm_loss(keep, "estimate")):
-            return self._move(best, f"the lr in force diverged in the probe; x{best['factor']:g} reached {estimate:.3f}")
+            return self._move(
+                best, f"the lr in force diverged in the probe; x{best['factor']:g} reached {estimate:.3f}"
+            )
         if keep not in credible:
             return self._move(
-                best, f"probe: x{best['factor']:g} measured {arm_loss(best, 'final'):.3f} after {probe.get('steps')}"
+                best,
+                f"probe: x{best['factor']:g} measured {arm_loss(best, 'final'):.3f} after {probe.get('steps')}"
                 f" steps against {arm_loss(keep, 'final'):.3f} at x1",
-            )  # fmt: skip
+            )
         base = arm_loss(keep, "estimate")
         gain = (base - estimate) / abs(base) if base else 0.0
         if best is keep or gain <= self.margin:
@@ -95,9 +101,10 @@ class ProbeSupervisor(Supervisor):
                 f" (x1 {base:.3f}; best other {self._runner_up(finite, keep)})",
             )
         return self._move(
-            best, f"probe: x{best['factor']:g} reaches {estimate:.3f} at {horizon} steps against {base:.3f} at x1"
+            best,
+            f"probe: x{best['factor']:g} reaches {estimate:.3f} at {horizon} steps against {base:.3f} at x1"
             f" ({100 * gain:.1f}% lower)",
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _move(arm: dict, why: str) -> Decision:
@@ -143,9 +150,13 @@ class VettedProbeSupervisor(ProbeSupervisor):
         answer = self.llm.decide(observation)
         if answer.fallback:
             why = f"{proposal.explanation}; the model gave no valid answer, so the measured proposal stands"
-            return Decision(proposal.action, why, answer.raw_output, True, answer.latency_s, factor=proposal.factor)
+            return Decision(
+                proposal.action, why, answer.raw_output, True, answer.latency_s, factor=proposal.factor
+            )
         if answer.action == proposal.action:
             why = f"{proposal.explanation}; confirmed: {answer.explanation}"
-            return Decision(proposal.action, why, answer.raw_output, latency_s=answer.latency_s, factor=proposal.factor)
+            return Decision(
+                proposal.action, why, answer.raw_output, latency_s=answer.latency_s, factor=proposal.factor
+            )
         why = f"vetoed x{proposal.factor:g} ({answer.action}): {answer.explanation} [{proposal.explanation}]"
         return Decision("keep", why, answer.raw_output, latency_s=answer.latency_s)

@@ -120,6 +120,11 @@ class ToolSupervisor(Supervisor):
         explanation = error or " ".join(str(final).split()[:MAX_EXPLANATION_WORDS]) or "(no answer)"
         raw = json.dumps({"tool_calls": calls, "answer": final})
         return Decision(
-            action, explanation, raw, fallback=fallback, latency_s=time.perf_counter() - started,
-            acted=True, lr_after=lr_after,
-        )  # fmt: skip
+            action,
+            explanation,
+            raw,
+            fallback=fallback,
+            latency_s=time.perf_counter() - started,
+            acted=True,
+            lr_after=lr_after,
+        )

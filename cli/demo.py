@@ -9,8 +9,12 @@ from selfsteer.cli.common import add_llm_arguments
 
 # A run started at too high a learning rate: the loss falls, then climbs.
 DIVERGING_HISTORY = [
-    (50, 3.42, 3.51), (100, 2.97, 3.05), (150, 3.10, 3.21), (200, 3.65, 3.80), (250, 4.47, 4.62),
-]  # fmt: skip
+    (50, 3.42, 3.51),
+    (100, 2.97, 3.05),
+    (150, 3.10, 3.21),
+    (200, 3.65, 3.80),
+    (250, 4.47, 4.62),
+]
 SYSTEM_PROMPT = (
     "You supervise the training of a language model. Every few steps you see its losses and decide "
     "whether to double, halve or keep the learning rate."

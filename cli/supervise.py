@@ -26,7 +26,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument(
         "--db",
         default="selfsteer.sqlite",
-        help="where the supervisor keeps its own state, to resume after a crash (default ./selfsteer.sqlite)"
+        help="where the supervisor keeps its own state, to resume after a crash (default ./selfsteer.sqlite)",
     )
     add_supervisor_arguments(parser)
     add_llm_arguments(parser)

@@ -66,7 +66,9 @@ def score(points, trend: float, margin: float, noise: float) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", nargs="*", help="collected folders (default: the shipped cf-r0dev rows)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,15 +80,19 @@ def main(argv=None) -> None:
             rows = read_rows([Path(tmp) / "cf-r0dev"])
     noise = noise_margin(rows)
     points = decision_points(rows)
-    print(f"{len(rows)} rows, {len(points)} with an eval trend ({2 * len(points)} double/halve decisions); "
-          f"noise margin {noise:.2%}")  # fmt: skip
+    print(
+        f"{len(rows)} rows, {len(points)} with an eval trend ({2 * len(points)} double/halve decisions); "
+        f"noise margin {noise:.2%}"
+    )
     print("| expectation | margin | failed | precision | recall | harm caught |")
     print("| --- | --- | --- | --- | --- | --- |")
     for trend, name in ((0.0, "no rise"), (0.5, "half the trend"), (1.0, "the trend")):
         for margin in (0.0, 0.01, 0.02, 0.05):
             s = score(points, trend, margin, noise)
-            print(f"| {name} | {margin:.0%} | {s['failed']:.1%} | {s['precision']:.3f} | {s['recall']:.3f} | "
-                  f"{s['harm_caught']:.1%} |")  # fmt: skip
+            print(
+                f"| {name} | {margin:.0%} | {s['failed']:.1%} | {s['precision']:.3f} | {s['recall']:.3f} | "
+                f"{s['harm_caught']:.1%} |"
+            )
 
 
 if __name__ == "__main__":

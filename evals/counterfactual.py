@@ -97,9 +97,11 @@ HELD_OUT = {"shape": "deep", "optimizer": "rmsprop", "start_lrs": (1e-5, 3e-4, 3
 # times the best of a static grid (60 steps, seed 0: 1e-3 4.46, 3e-3 3.63, 1e-2 3.21, 3e-2 3.26,
 # 1e-1 3.21, 3e-1 3.38, 1.0 3.46).
 HELD_OUT_2 = {
-    "shape": "deep-narrow", "optimizer": "adagrad", "schedule": "cosine_warmup",
+    "shape": "deep-narrow",
+    "optimizer": "adagrad",
+    "schedule": "cosine_warmup",
     "start_lrs": (3.125e-4, 1e-2, 0.32),
-}  # fmt: skip
+}
 # Workloads collected only to evaluate on (docs/held-out-workloads.md), never trained on: a reflector's
 # (issue 26). They are recipe runs, refused like any other where their shape, optimizer or schedule is
 # held out, but their start lrs may be HELD_OUT's (a grid of half-decades passes 3e-4 and 3e-2): those
@@ -116,7 +118,7 @@ EVALUATION_WORKLOADS = {
         "seeds": (0, 1, 2, 3),
         "policy": "random",
     },
-}  # fmt: skip
+}  # the overrides as --set takes them # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def run_overrides(spec: RunSpec) -> list[str]:
 SPEC_TRAINING_KEYS = {
     "learning_rate", "seed", "max_steps", "eval_steps", "per_device_train_batch_size", "optim", "optim_args",
     "lr_scheduler_type", "warmup_steps",
-}  # fmt: skip
+}  # the training keys a spec carries # fmt: skip
 
 
 @cache

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", f"training.learning_rate={args.lr}", "--set", f"training.max_steps={args.shot_at + 200}",
         "--set", "training.eval_steps=25", "--supervisor", args.supervisor,
         "--port", "0", "--out", str(work / "run"), "--db", str(work / "selfsteer.sqlite"),
-    ]  # fmt: skip
+    ]  # the train command as a user types it # fmt: skip
     log = work / "train.log"  # a file, not a pipe: nobody would drain a pipe and the run would block
     train = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:

@@ -237,9 +237,14 @@ def run_cell(cell: Cell, config: SuiteConfig, out: Path, db: Path, chat_model=No
         try:
             run_supervision(
                 # A supervisor of its own per run: a cell run again after an interruption starts afresh.
-                control, supervisor, db=str(db), stop_event=stop, thread_id=f"{cell.id}/{run.run_id}",
-                pause_while_deciding=config.hold, self_correct=correction,
-            )  # fmt: skip
+                control,
+                supervisor,
+                db=str(db),
+                stop_event=stop,
+                thread_id=f"{cell.id}/{run.run_id}",
+                pause_while_deciding=config.hold,
+                self_correct=correction,
+            )
         except Exception:  # a supervisor crash never stops the run; it is reported
             traceback.print_exc(file=sys.stderr)
 
@@ -477,10 +482,13 @@ def _preamble(config: SuiteConfig, failed: list[dict]) -> list[str]:
             f"**Failed runs: {len(failed)}** (failed on every attempt; left out of the tables, run again on "
             "resume):",
             "",
-            *(f"- {Cell(r['recipe'], r['lr_name'], r['lr'], r['seed'], r['supervisor']).id}, "
-              f"{r['attempts']} attempts: {r['error']}" for r in failed),
+            *(
+                f"- {Cell(r['recipe'], r['lr_name'], r['lr'], r['seed'], r['supervisor']).id}, "
+                f"{r['attempts']} attempts: {r['error']}"
+                for r in failed
+            ),
             "",
-        ]  # fmt: skip
+        ]
     return lines
 
 
@@ -488,8 +496,7 @@ def _recipe_table(recipe: str, rows: list[dict], config: SuiteConfig) -> list[st
     """A workload's table: a line per initial lr and supervisor, medians over seeds."""
     grid = sorted({*config.lrs_of(recipe).values(), *config.grid_of(recipe)})
     lines = [
-        f"## {recipe}"
-        + (" (held out: never collected for the intervener)" if recipe in WORKLOADS else ""),
+        f"## {recipe}" + (" (held out: never collected for the intervener)" if recipe in WORKLOADS else ""),
         "",
         "Initial learning rates: "
         + ", ".join(f"{k} {v:g}" for k, v in config.lrs_of(recipe).items())
@@ -521,16 +528,12 @@ def _recipe_table(recipe: str, rows: list[dict], config: SuiteConfig) -> list[st
             name, self_correct = self_correcting(supervisor)
             if self_correct:
                 rollbacks = f"{sum(r.get('rollbacks', 0) for r in group)} ({sum(r.get('failed', 0) for r in group)} failed)"
-                abandoned = (
-                    f"{statistics.fmean(r.get('extra_steps', 0) / r['max_steps'] for r in group):.0%}"
-                )
+                abandoned = f"{statistics.fmean(r.get('extra_steps', 0) / r['max_steps'] for r in group):.0%}"
             else:
                 rollbacks = abandoned = "-"
             ratio = _median(r["compute_ratio"] for r in group)
             compute = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
-            corrected = (
-                ("by the reflector" if by_reflector(supervisor) else "yes") if self_correct else "no"
-            )
+            corrected = ("by the reflector" if by_reflector(supervisor) else "yes") if self_correct else "no"
             lines.append(
                 f"| {lr_name} | {name} | {corrected} | "
                 f"{_median(r['final_eval_loss'] for r in group):.3f} | "

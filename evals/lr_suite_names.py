@@ -2,7 +2,7 @@
 `selfsteer eval lr-suite --help` shows them without loading transformers."""
 
 HELD_OUT_SUPERVISORS = ["static", "cosine", "plateau", "rule", "llm:intervener", "intervener"]
-DEFAULT_SUPERVISORS = ["static", "cosine", "rule", "llm:json_history", "llm:compact_stats", "llm:reason_then_answer"]  # fmt: skip
+DEFAULT_SUPERVISORS = ["static", "cosine", "rule", "llm:json_history", "llm:compact_stats", "llm:reason_then_answer"]  # the suite's default rows, in table order # fmt: skip
 
 # Rows that train without a supervisor: the start lr untouched, a schedule, or an optimizer a user would
 # pick instead of a supervisor.

@@ -388,8 +388,12 @@ class SynchPB2(ResumableSynch, PB2):  # PB2 itself asks for scikit-learn when it
 def scheduler(population: Population, config: SuiteConfig):
     """PBT (moves by the perturbation factors) or PB2 (a GP bandit within bounds), synchronous: every member
     at the same step when they are ranked, at every evaluation."""
-    common = {"time_attr": "training_iteration", "perturbation_interval": 1, "synch": True,
-              "quantile_fraction": config.pbt_quantile_fraction}  # fmt: skip
+    common = {
+        "time_attr": "training_iteration",
+        "perturbation_interval": 1,
+        "synch": True,
+        "quantile_fraction": config.pbt_quantile_fraction,
+    }
     if population.kind == "pb2":
         low, high = population.bounds
         return SynchPB2(
@@ -454,11 +458,16 @@ def population_rows(population: Population, log: dict) -> list[dict]:
     row = member_row(cell, done[best], population.members[best]["label"])
     row["chosen"] = population.members[best]["label"]
     row["members"] = [
-        {"label": member["label"], "start_lr": member["cell"]["lr"], "final_eval_loss": done[trial]["final_eval_loss"],
-         "final_lr": done[trial]["history"][-1][2] if done[trial]["history"] else None,
-         "steps": log["steps"].get(trial, 0), "moves": done[trial]["moves"]}
+        {
+            "label": member["label"],
+            "start_lr": member["cell"]["lr"],
+            "final_eval_loss": done[trial]["final_eval_loss"],
+            "final_lr": done[trial]["history"][-1][2] if done[trial]["history"] else None,
+            "steps": log["steps"].get(trial, 0),
+            "moves": done[trial]["moves"],
+        }
         for trial, member in population.members.items()
-    ]  # fmt: skip
+    ]
     if population.bounds is not None:
         row["lr_bounds"] = [10**b for b in population.bounds]
     row["wall_s"] = round(max(done[trial]["elapsed_s"] for trial in population.members), 3)

@@ -159,7 +159,9 @@ def fit(
     _SINKS[str(folder)] = (record, fail, bar)
     started = start_ray(address, num_cpus)
     try:
-        wrapped = tune.with_resources(tune.with_parameters(trainable, **trial_params), {"cpu": cpus_per_trial})
+        wrapped = tune.with_resources(
+            tune.with_parameters(trainable, **trial_params), {"cpu": cpus_per_trial}
+        )
         if restoring:
             tuner = tune.Tuner.restore(str(folder), wrapped, resume_unfinished=True, resume_errored=True)
         else:
@@ -186,7 +188,11 @@ def fit(
             )
         tuner.fit()
         # Tune ends a run on Ctrl+C with its state saved, and returns: the caller stops here too.
-        left = [n for n, status in (trial_statuses(folder) or {}).items() if status in ("PENDING", "RUNNING", "PAUSED")]
+        left = [
+            n
+            for n, status in (trial_statuses(folder) or {}).items()
+            if status in ("PENDING", "RUNNING", "PAUSED")
+        ]
         if left:
             raise KeyboardInterrupt(f"interrupted with {len(left)} trials unfinished; run again to go on")
     finally:

@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def generate(conversations, max_tokens, temperature=0.0, seed=0):
         futures = [
-            engine.submit(engine.chat_prompt_ids(c), max_new_tokens=max_tokens, temperature=temperature, seed=seed + i)
+            engine.submit(
+                engine.chat_prompt_ids(c), max_new_tokens=max_tokens, temperature=temperature, seed=seed + i
+            )
             for i, c in enumerate(conversations)
-        ]  # fmt: skip
+        ]
         return [future.result().text for future in futures]
 
     problems = load_task(args.task, split="train", n=args.n, seed=args.seed)
@@ -73,12 +75,20 @@ def main(argv: list[str] | None = None) -> dict:
             passed = [failures[k // group][0].validate(r).passed for k, r in enumerate(retries)]
             groups = [passed[i * group : (i + 1) * group] for i in range(len(failures))]
             repeated = sum(r.strip() == failures[k // group][1].strip() for k, r in enumerate(retries))
-            row = {"strategy": strategy, "retry_temperature": temperature, "retries": len(passed),
-                   "passed": sum(passed), "groups_with_signal": sum(any(g) and not all(g) for g in groups),
-                   "repeat_the_failed_attempt": repeated}  # fmt: skip
+            row = {
+                "strategy": strategy,
+                "retry_temperature": temperature,
+                "retries": len(passed),
+                "passed": sum(passed),
+                "groups_with_signal": sum(any(g) and not all(g) for g in groups),
+                "repeat_the_failed_attempt": repeated,
+            }
             report["results"].append(row)
-            print(f"{strategy:16s} retry T={temperature:<4} passed {row['passed']}/{row['retries']}   groups with "
-                  f"signal {row['groups_with_signal']}/{len(groups)}   repeats {repeated}", flush=True)  # fmt: skip
+            print(
+                f"{strategy:16s} retry T={temperature:<4} passed {row['passed']}/{row['retries']}   groups with "
+                f"signal {row['groups_with_signal']}/{len(groups)}   repeats {repeated}",
+                flush=True,
+            )
     print(json.dumps(report, indent=2))
     return report
 

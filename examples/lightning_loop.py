@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         gradient_clip_val=args.max_grad_norm, callbacks=[steer], default_root_dir=args.out,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, accelerator="cpu", devices=1,
-    )  # fmt: skip
+    )  # steps, wiring, quiet, device # fmt: skip
     trainer.fit(ByteLM(args.lr, args.warmup, args.max_steps), train, val)
     print(f"done at step {trainer.global_step} on branch {steer.bridge.branch}", file=sys.stderr)
 

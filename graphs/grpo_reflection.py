@@ -290,11 +290,14 @@ class EngineRollout:
         step = trainer.state.global_step
         futures = [
             engine.submit(
-                ids, max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                top_p=config.top_p, seed=hash((config.seed, step, index)) % 2**63,
+                ids,
+                max_new_tokens=config.max_completion_length,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                seed=hash((config.seed, step, index)) % 2**63,
             )
             for index, ids in enumerate(prompt_ids)
-        ]  # fmt: skip
+        ]
         eos = trainer.processing_class.eos_token_id
         completion_ids = []
         for future in futures:

@@ -16,6 +16,7 @@ if [ ! -x "$CHROMIUM" ]; then
   fi
 fi
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 # Two workers on the 2-core test machine: each file stays on one worker (its module fixtures load once)
 # and the Ray files share one (tests/conftest.py); the slowest are listed, to keep the suite near 10 minutes.
 .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@"

@@ -50,7 +50,7 @@ RAY_MODULES = {"tests/test_pbt.py", "tests/test_lr_suite_ray.py", "tests/test_co
 SLOWEST_FIRST = [
     "ray", "test_intervener", "test_local_llm", "test_listen_before_announce", "test_serve_llm",
     "test_exactly_once", "test_dashboard", "test_train_supervised", "test_bridge_ddp", "test_fuzz_serve_llm",
-]  # fmt: skip
+]  # slowest first, a few per line # fmt: skip
 
 
 def pytest_configure(config):

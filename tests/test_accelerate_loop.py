@@ -89,7 +89,7 @@ def run_loop(
         model, optimizer, max_steps=max_steps, evaluate=evaluate, port=0, db=tmp_path / "runs.db",
         output_dir=tmp_path / out, max_grad_norm=1.0, announce=False, accelerator=accelerator,
         lr_scheduler=scheduler,
-    )  # fmt: skip
+    )  # the accelerate loop's attach settings # fmt: skip
     if load_state is not None:
         accelerator.load_state(str(load_state))
     client = BridgeClient(steer.url)
@@ -194,7 +194,7 @@ def test_a_rollback_restores_weights_optimizer_lr_and_rng_and_the_loop_goes_on_f
     names = set(load_file(str(folder / "model.safetensors")))
     assert names == set(accelerator.unwrap_model(steer.model).state_dict()) == {
         "0.weight", "0.bias", "2.weight", "2.bias",
-    }  # fmt: skip
+    }  # ruff would split the chained == # fmt: skip
     saved_optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     assert set(saved_optimizer["state"]) == {0, 1, 2, 3} and saved_optimizer["state"][0]["step"] == 6
 
@@ -212,9 +212,11 @@ def test_accelerators_save_state_carries_the_steering_state(tmp_path):
         saved["steer"] = steer.state_dict()
 
     first, _, metrics, losses = run_loop(
-        tmp_path, {2: lambda client, steer, acc: client.set_lr(0.02, schedule="constant")}, max_steps=8,
+        tmp_path,
+        {2: lambda client, steer, acc: client.set_lr(0.02, schedule="constant")},
+        max_steps=8,
         at_top={5: save},
-    )  # fmt: skip
+    )
     assert saved["steer"]["step"] == 5 and saved["steer"]["lr"]["held"] == 0.02
     assert (state_dir / "custom_checkpoint_0.pkl").is_file()
 

@@ -350,7 +350,10 @@ def test_errors_have_one_form_and_the_openapi_declares_them(tmp_path):
     )
     # One body per command type, typed by the registry (what /api/command-types lists).
     schemas = openapi["components"]["schemas"]
-    variants = [schemas[ref["$ref"].rsplit("/", 1)[1]] for ref in post["requestBody"]["content"]["application/json"]["schema"]["oneOf"]]  # fmt: skip
+    variants = [
+        schemas[ref["$ref"].rsplit("/", 1)[1]]
+        for ref in post["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    ]
     assert sorted(v["properties"]["type"]["const"] for v in variants) == sorted(types)
     # The run's optimizer is AdamW: the OpenAPI offers no momentum.
     assert "momentum" not in schemas["SetOptimizerArgs"]["properties"]

@@ -129,7 +129,7 @@ def test_token_cors_and_page(tmp_path):
             assert refusal.value.response.status_code == 403, refused
         # The dashboard's page loads without the token (it asks for it); no data does.
         assert httpx.get(base + "/").status_code == 200
-        for path in ("/api/info", "/api/runs", "/api/decisions", "/api/state", "/api/commands", "/docs", "/openapi.json"):  # fmt: skip
+        for path in ("/api/info", "/api/runs", "/api/decisions", "/api/state", "/api/commands", "/docs", "/openapi.json"):  # every GET route on one line # fmt: skip
             response = httpx.get(base + path)
             assert response.status_code == 401, path
             assert response.json() == {"detail": "missing or wrong bearer token"}, path
@@ -193,7 +193,10 @@ def test_store_views_for_the_dashboard_history(tmp_path):
         run_id = live.bridge.run_id
         with Store(live.db) as store:
             first = store.add_decision(
-                run_id, NewDecision(step=10, agent="llm", action="halve", explanation="rising", observation={"big": 1})
+                run_id,
+                NewDecision(
+                    step=10, agent="llm", action="halve", explanation="rising", observation={"big": 1}
+                ),
             )
             store.add_metrics(run_id, [{"step": 999, "name": "loss", "value": float("nan")}])
         base = live.run.url
@@ -245,16 +248,21 @@ def test_decisions_are_recorded_through_the_server(tmp_path):
         live.gate.wait(11)
         client = BridgeClient(live.run.url, source="rule")
         new = NewDecision(step=10, agent="rule", action="halve", explanation="rising", lr_before=3e-3,
-                          lr_after=1.5e-3, observation={"step": 10, "loss": "nan"}, key="k1")  # fmt: skip
+                          lr_after=1.5e-3, observation={"step": 10, "loss": "nan"}, key="k1")  # the decision posted under key k1 # fmt: skip
         first = client.record_decision(new)
         assert (first.action, first.run_id, first.lr_after) == ("halve", live.bridge.run_id, 1.5e-3)
         assert client.record_decision(new.model_copy(update={"action": "double"})).id == first.id
-        for bad in ({**new.model_dump(), "action": "triple"}, {"step": -1, "agent": "rule", "action": "keep"}):
+        for bad in (
+            {**new.model_dump(), "action": "triple"},
+            {"step": -1, "agent": "rule", "action": "keep"},
+        ):
             assert httpx.post(live.run.url + "/api/decisions", json=bad).status_code == 422
         nan = '{"step": 1, "agent": "rule", "action": "keep", "observation": {"loss": NaN}}'
         assert httpx.post(live.run.url + "/api/decisions", content=nan).status_code == 422
-        for bad in ({"step": "1", "agent": "rule", "action": "keep"}, {"step": 1, "agent": "rule", "action": "keep",
-                    "spare": 1}):  # fmt: skip
+        for bad in (
+            {"step": "1", "agent": "rule", "action": "keep"},
+            {"step": 1, "agent": "rule", "action": "keep", "spare": 1},
+        ):
             assert httpx.post(live.run.url + "/api/decisions", json=bad).status_code == 422, bad
         orphan = {"step": 1, "agent": "rule", "action": "keep", "retry_of": first.id + 1}
         assert httpx.post(live.run.url + "/api/decisions", json=orphan).status_code == 404
@@ -265,10 +273,13 @@ def test_decisions_are_recorded_through_the_server(tmp_path):
         assert done.outcome == {"loss_change": 0.1} and not done.rolled_back
         assert client.reflections() == []
         failed = client.update_decision(
-            first.id, DecisionUpdate(reflection="halving stalled it", outcome={"loss_change": 0.5}, rolled_back=True)
+            first.id,
+            DecisionUpdate(reflection="halving stalled it", outcome={"loss_change": 0.5}, rolled_back=True),
         )
         assert (failed.reflection, failed.rolled_back) == ("halving stalled it", True)
-        assert [(r.id, r.reflection) for r in client.reflections(agent="rule")] == [(first.id, "halving stalled it")]
+        assert [(r.id, r.reflection) for r in client.reflections(agent="rule")] == [
+            (first.id, "halving stalled it")
+        ]
         assert client.reflections(agent="llm") == []
         with pytest.raises(BridgeHTTPError) as missing:
             client.update_decision(first.id + 1, DecisionUpdate(outcome={}))

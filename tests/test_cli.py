@@ -113,9 +113,13 @@ def test_demo_makes_and_stores_a_live_decision(tmp_path):
 def test_demo_without_a_key_fails_with_one_clear_line(tmp_path):
     env_free = {k: v for k, v in os.environ.items() if "API_KEY" not in k and "BASE_URL" not in k}
     result = subprocess.run(
-        [*SELFSTEER, "demo", "--llm", "openai:gpt-4o-mini"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=60, env=env_free,
-    )  # fmt: skip
+        [*SELFSTEER, "demo", "--llm", "openai:gpt-4o-mini"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env_free,
+    )
     assert result.returncode == 1
     assert "no API key" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
@@ -133,7 +137,7 @@ def test_bad_self_correction_flags_are_refused_before_training(tmp_path, capsys,
         (["--self-correct", "--reflector", str(tmp_path)], "reflector must be shipped, self, none or an"),
         (["--self-correct", "--supervisor", "tools", "--llm", "openai:m", "--base-url", "http://127.0.0.1:9/v1"],
          "self-correction rolls back"),
-    ):  # fmt: skip
+    ):  # one row per refused flag set # fmt: skip
         code = main(["train", "--recipe", "tiny", "--supervisor", "rule", *flags, "--out", "out"])
         stderr = capsys.readouterr().err
         assert code == 2 and says in stderr, (flags, stderr)

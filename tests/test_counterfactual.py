@@ -79,7 +79,11 @@ def test_held_out_workloads_are_never_collected():
         assert RunSpec(lr=lr * 1.01).lr == lr * 1.01  # a neighbour of a held-out lr is collected
     specs = default_specs(seeds=range(5), shapes=("tiny", "tiny-wide", "small-narrow", "small"))
     assert not any(s.shape == HELD_OUT["shape"] or s.optimizer == HELD_OUT["optimizer"] for s in specs)
-    assert not any(HELD_OUT_2[k] in (s.shape, s.optimizer, s.schedule) for s in specs for k in ("shape", "optimizer", "schedule"))
+    assert not any(
+        HELD_OUT_2[k] in (s.shape, s.optimizer, s.schedule)
+        for s in specs
+        for k in ("shape", "optimizer", "schedule")
+    )
     assert {s.optimizer for s in specs} == {"adamw", "sgd"}
     assert {s.schedule for s in specs} == {"constant", "warmup_decay"}
 

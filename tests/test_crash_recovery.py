@@ -25,7 +25,7 @@ RECIPE = [
     "--set", f"training.max_steps={MAX_STEPS}",
     "--set", "training.save_strategy=steps", "--set", f"training.save_steps={SAVE_STEPS}",
     "--set", "training.eval_steps=1000",
-]  # fmt: skip
+]  # flag and value pairs # fmt: skip
 HELD_TRAIN = Path(__file__).parent / "helpers" / "held_train.py"
 
 
@@ -36,8 +36,11 @@ def selfsteer_train(*args: str, held: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "SELFSTEER_TEST_RELEASE": str(held)} if held else None
     return subprocess.Popen(
         [sys.executable, *program, "train", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
 
 
 def url_of(process: subprocess.Popen) -> str:
@@ -117,7 +120,9 @@ def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
     resume = branches["resume-1"]
     assert resume["parent"] == "main" and resume["fork_step"] == resume["checkpoint_step"]
     assert resume["checkpoint"] == f"checkpoint-{resume['checkpoint_step']}"
-    assert resume["checkpoint_step"] == (held_at - 1) // SAVE_STEPS * SAVE_STEPS  # the latest save before the kill
+    assert (
+        resume["checkpoint_step"] == (held_at - 1) // SAVE_STEPS * SAVE_STEPS
+    )  # the latest save before the kill
     resumed_losses = {m["step"]: m["value"] for m in metrics if m["branch"] == "resume-1"}
     assert sorted(resumed_losses) == list(range(resume["checkpoint_step"] + 1, MAX_STEPS + 1))
     main = [(m["step"], m["value"]) for m in metrics if m["branch"] == "main"]

@@ -149,8 +149,13 @@ def test_live_charts_grow_halve_changes_lr_and_a_checkpoint_draws_a_branch(tmp_p
         row = page.by_id(f"command-{command['uuid']}")
         page.wait_until(lambda: row.get_attribute("data-status") == "success", "the page to show success")
         assert str(command["step"]) in row.inner_text()
-        page.wait_until(lambda: "0.0015" in page.by_id("current-lr").inner_text()
-                        or "1.5e-3" in page.by_id("current-lr").inner_text(), "the new lr on the page")  # fmt: skip
+        page.wait_until(
+            lambda: (
+                "0.0015" in page.by_id("current-lr").inner_text()
+                or "1.5e-3" in page.by_id("current-lr").inner_text()
+            ),
+            "the new lr on the page",
+        )
         page.wait_until(
             lambda: any(str(command["step"]) in line for line in page.console_lines("ack")), "the ack"
         )
@@ -445,7 +450,7 @@ def test_a_plain_pytorch_loop_is_watched_and_steered_from_the_dashboard(tmp_path
     steer = selfsteer.attach(
         model, optimizer, max_steps=100_000, evaluate=evaluate, eval_every=20, port=0, db=tmp_path / "r.db",
         output_dir=tmp_path / "out", start_paused=True, announce=False,
-    )  # fmt: skip
+    )  # the paused dashboard run's settings # fmt: skip
     lrs: dict[str, list[float]] = {}
 
     def loop():
@@ -533,7 +538,7 @@ def test_a_probe_shows_as_a_table_of_its_arms_with_the_winner_marked(tmp_path, o
     steer = selfsteer.attach(
         model, optimizer, max_steps=100_000, evaluate=evaluate, train_step=train_step, port=0,
         db=tmp_path / "r.db", output_dir=tmp_path / "out", start_paused=True, announce=False,
-    )  # fmt: skip
+    )  # the paused run with its own train_step # fmt: skip
 
     def loop():
         for it in steer.steps():

@@ -102,7 +102,7 @@ DEEP_NARROW = ["model.n_layer=4", "model.n_embd=64", "model.n_head=4"]  # on sma
     ],
     ids=["deep", "deep-other-data", "deep-narrow", "rmsprop", "adagrad", "cosine-warmup", "cosine-warmup-ratio",
          "lr-1e-5", "lr-3e-4", "lr-3e-2"],
-)  # fmt: skip
+)  # one row per held-out workload # fmt: skip
 def test_held_out_workloads_are_refused_whatever_the_recipe(recipe, overrides, lr, why):
     with pytest.raises(ValueError, match="held out for evaluation") as refused:
         RunSpec.from_recipe(recipe, overrides, lr=lr)
@@ -149,4 +149,4 @@ def test_the_named_grid_is_unchanged():
     assert specs[57].to_dict() == {
         "shape": "tiny", "optimizer": "sgd", "schedule": "constant", "batch_size": 16, "lr": 0.8, "seed": 1,
         "max_steps": 60, "eval_steps": 10, "horizon": None, "policy": "random",
-    }  # fmt: skip
+    }  # spec 57 as to_dict() gives it # fmt: skip

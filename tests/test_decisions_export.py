@@ -21,7 +21,7 @@ def fill(store):
         step=30, agent="llm", action="halve", explanation="nan loss", strategy="json_history@v1",
         model="SmolLM2-135M-Instruct", observation=_finite(observation.to_dict()),
         raw_output='{"action": "halve", "explanation": "nan loss"}', lr_before=1e-3, lr_after=5e-4, latency_s=0.2,
-    ))  # fmt: skip
+    ))  # the exported decision, field by field # fmt: skip
     store.set_decision_outcome(first, {"loss_change": -0.5, "steps": 10})
     store.add_decision(
         run, NewDecision(step=40, agent="rule", action="keep", strategy="rules", observation={"step": 40})
@@ -81,7 +81,7 @@ def test_a_decision_stores_what_it_used_not_the_whole_history(tmp_path):
         store.add_decision(run, NewDecision(
             step=20_000, agent="llm", action="keep", strategy="intervener_signals@v1",
             observation=_finite(long.record()), raw_output="{}",
-        ))  # fmt: skip
+        ))  # a decision with a long observation # fmt: skip
         (row,) = decision_rows(store, run)
     stored = Observation.from_record(row["observation"])
     assert stored.eval_loss == long.eval_loss[-8:]  # and the train loss from the first of them on:

@@ -34,9 +34,13 @@ def evaluation_spec(spec: dict) -> dict:
     """A row's spec moved to the evaluation-only workload (reflector-heldout), as its collection stores it."""
     held = EVALUATION_WORKLOADS["reflector-heldout"]
     return {
-        **spec, "shape": "tiny[n_embd=48,n_head=3,n_layer=2]", "optimizer": "adafactor", "schedule": "linear",
-        "base_recipe": held["recipe"], "overrides": list(held["overrides"]),
-    }  # fmt: skip
+        **spec,
+        "shape": "tiny[n_embd=48,n_head=3,n_layer=2]",
+        "optimizer": "adafactor",
+        "schedule": "linear",
+        "base_recipe": held["recipe"],
+        "overrides": list(held["overrides"]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +182,7 @@ def test_reflect_eval_on_decisions_writes_regret_and_refuses_what_does_not_apply
     code = main([
         "reflect", "eval", "--task", task(rows_dir), "--policy", "keep", "--reflector", "none", "--n", "6",
         "--max-tokens", "16", "--out", str(out), "--db", str(tmp_path / "s.sqlite"),
-    ])  # fmt: skip
+    ])  # the command as a user types it # fmt: skip
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 6 and summary["task"] == task(rows_dir)
@@ -269,7 +273,10 @@ def test_the_shipped_reflector_is_small_and_its_card_quotes_its_own_figures():
         assert f"| {row['n_failed_first']} |" in card
         for condition in ("trained", "untrained", "plain"):
             low, high = row[condition]["retry_ci95"]
-            assert f"{row[condition]['retry_acc']:.3f} [{low:.3f}, {high:.3f}]" in card, (row["rows"], condition)
+            assert f"{row[condition]['retry_acc']:.3f} [{low:.3f}, {high:.3f}]" in card, (
+                row["rows"],
+                condition,
+            )
         for other in ("plain", "untrained"):
             low, high = row[f"trained_minus_{other}_ci95"]
             assert f"{row[f'trained_minus_{other}']:+.3f} [{low:.3f}, {high:.3f}]" in card

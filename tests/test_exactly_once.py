@@ -78,8 +78,10 @@ def test_two_processes_racing_with_the_same_keys_queue_each_command_once(tmp_pat
 def _supervisor(url: str, db: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(CRASH_DRIVER), "--url", url, "--db", str(db), *extra],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 # Each kill point, in the order the processes die: one supervisor process after another, each killed
@@ -137,13 +139,21 @@ def test_a_supervisor_killed_inside_a_rollback_rolls_back_once(tmp_path):
     with LiveRun(tmp_path, overrides, gates=[6]) as live, Store(live.db) as store:
 
         def release_once_paused():
-            wait_for(lambda: any(c["type"] == "pause" for c in store.list_commands(live.run.run_id)), "a pause")
+            wait_for(
+                lambda: any(c["type"] == "pause" for c in store.list_commands(live.run.run_id)), "a pause"
+            )
             live.gate.release(6)
 
         releaser = threading.Thread(target=release_once_paused, daemon=True)
         releaser.start()
         died = _supervisor(
-            live.run.url, live.db, "--self-correct", "--kill-after", "check:load_checkpoint", "--max-iterations", "3"
+            live.run.url,
+            live.db,
+            "--self-correct",
+            "--kill-after",
+            "check:load_checkpoint",
+            "--max-iterations",
+            "3",
         )
         assert died.returncode == -9, (died.returncode, died.stderr[-2000:])
         finished = _supervisor(live.run.url, live.db, "--self-correct", "--max-iterations", "3")

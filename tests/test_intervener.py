@@ -101,13 +101,18 @@ def test_the_action_token_alone_weighs_action_weight_in_the_loss(tmp_path):
     assert set(one_each) == set(ACTIONS)
     model, tokenizer = load_embedded_model()
     tokenizer.padding_side = "right"  # as train_intervener pads
-    dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in one_each.values()])
+    dataset = Dataset.from_list(
+        [{"prompt": e["prompt"], "completion": e["completion"]} for e in one_each.values()]
+    )
     config = IntervenerConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(one_each))
     trainer = CompletionHeadSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
         action_weight=30.0,
-    )  # fmt: skip
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     labels, ids = batch["labels"], batch["input_ids"]
     weights = label_weights(labels, 30.0)
@@ -193,7 +198,9 @@ def test_the_shipped_adapter_is_small_and_carded():
     for policy in ("intervener", "keep", "rule"):
         p = v[policy]
         low, high = p["accuracy_ci95"]
-        quoted.append(f"| {policy} | {p['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {p['mean_regret']:.4f} | {p['actions']} |")
+        quoted.append(
+            f"| {policy} | {p['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {p['mean_regret']:.4f} | {p['actions']} |"
+        )
     for a in v["answers"][:3]:
         quoted.append(
             f'- label {a["label"]}, answered {a["action"]}: "{a["explanation"]}" (grounded: {a["grounded"]})'
@@ -254,7 +261,7 @@ def test_train_with_supervisor_intervener(tmp_path):
         "train", "--recipe", "tiny", "--set", "training.max_steps=200", "--set", "training.eval_steps=10",
         "--supervisor", "intervener", "--pause-while-deciding", "--max-iterations", "2",
         "--port", "0", "--out", str(out), "--db", str(db),
-    )  # fmt: skip
+    )  # the train command as a user types it # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["decisions"]) == 2
     with Store(db) as store:

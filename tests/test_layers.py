@@ -17,6 +17,9 @@ modules' import graph must have no cycle (an import cycle is hidden, not removed
 from __future__ import annotations
 
 import ast
+import os
+import re
+import tokenize
 import tomllib
 from pathlib import Path
 
@@ -341,3 +344,41 @@ def test_the_cycle_finder_sees_lazy_and_type_checking_imports(tmp_path):
         frozenset({"selfsteer.tools.c", "selfsteer.graphs.d"}),
         frozenset({"selfsteer.evals", "selfsteer.evals.e"}),
     }
+
+
+# A `# fmt: skip` keeps a statement out of the formatter's layout; the comment before it on its line says
+# why (`)  # one row per workload # fmt: skip`). Every .py file of the repository, tests included.
+FMT_SKIP = re.compile(r"#\s*fmt:\s*skip\s*$")
+
+
+def unexplained_fmt_skips(root: Path = ROOT) -> list[str]:
+    """file:line of every `# fmt: skip` comment with no reason before it (.venv, node_modules, dot folders
+    and byte-code caches left out). Comments only, read with `tokenize`: a string that holds one is none."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in {*SKIPPED_DIRS, ".venv"} and not d.startswith("."))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder) / name
+            with path.open("rb") as source:
+                for token in tokenize.tokenize(source.readline):
+                    skips = token.type == tokenize.COMMENT and FMT_SKIP.search(token.string)
+                    if skips and not FMT_SKIP.sub("", token.string).strip("# \t"):
+                        found.append(f"{path.relative_to(root).as_posix()}:{token.start[0]}")
+    return found
+
+
+def test_every_fmt_skip_says_why():
+    bare = unexplained_fmt_skips()
+    why = "a `# fmt: skip` without a reason (write `# why # fmt: skip`, or let ruff format it):\n"
+    assert not bare, why + "\n".join(bare)
+
+
+def test_the_fmt_skip_checker_wants_a_reason(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "bare.py").write_text("x = f(\n    1, 2,\n)  # fmt: skip\ny = [1,  2]  #fmt:skip\n")
+    (tmp_path / "pkg" / "why.py").write_text(
+        'x = f(\n    1, 2,\n)  # packed args # fmt: skip\ns = ")  # fmt: skip"  # a string, not a comment\n'
+    )
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "lib.py").write_text("x = 1  # fmt: skip\n")
+    assert unexplained_fmt_skips(tmp_path) == ["pkg/bare.py:3", "pkg/bare.py:4"]

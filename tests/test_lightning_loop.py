@@ -74,7 +74,7 @@ def fit(tmp_path: Path, actions: dict, **trainer_kwargs) -> tuple[SteerCallback,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, accelerator="cpu", devices=1, limit_val_batches=1,
         **{"gradient_clip_val": 1.0, "val_check_interval": 100, "check_val_every_n_epoch": None, **trainer_kwargs},
-    )  # fmt: skip
+    )  # a quiet CPU Trainer for the test # fmt: skip
     try:
         trainer.fit(Regression(), data, val)
     finally:
@@ -154,7 +154,7 @@ def test_the_example_lightning_loop_runs_and_obeys_commands(tmp_path):
         [sys.executable, str(ROOT / "examples" / "lightning_loop.py"), "--port", "0", "--max-steps", "20",
          "--eval-interval", "10", "--start-paused", "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db")],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path,
-    )  # fmt: skip
+    )  # the example's command line as typed # fmt: skip
     try:
         line = process.stderr.readline()
         assert " is served at http://127.0.0.1:" in line, line

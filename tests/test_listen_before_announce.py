@@ -28,6 +28,6 @@ def test_a_client_connecting_the_instant_the_url_is_printed_is_never_refused(ser
     result = subprocess.run(
         [sys.executable, "-m", "selfsteer.evals.bench.listen_race", "--servers", server, "--trials", str(trials)],
         capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    )  # the bench command line as typed # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{server}: {trials} starts, 0 refused" in result.stdout

@@ -34,9 +34,14 @@ def supervised_loop(tmp_path: Path, *, loggers: dict, log_step=None) -> tuple:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     steer = selfsteer.attach(
-        model, optimizer, max_steps=STEPS, port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out",
+        model,
+        optimizer,
+        max_steps=STEPS,
+        port=None,
+        db=tmp_path / "runs.db",
+        output_dir=tmp_path / "out",
         announce=False,
-    )  # fmt: skip
+    )
     listeners = attach_loggers(steer, **loggers)
     control = LocalRunControl(steer.bridge)
     sent: dict = {}
@@ -46,7 +51,7 @@ def supervised_loop(tmp_path: Path, *, loggers: dict, log_step=None) -> tuple:
         decision = control.record_decision(NewDecision(
             step=steer.step, agent="rule", action=action, lr_before=lr, lr_after=lr_after,
             explanation=explanation,
-        ))  # fmt: skip
+        ))  # a rule decision, field by field # fmt: skip
         sent.setdefault("decisions", []).append(decision.id)
         if action != "keep":
             uuid = control.set_lr(lr_after)["uuid"]
@@ -65,7 +70,7 @@ def supervised_loop(tmp_path: Path, *, loggers: dict, log_step=None) -> tuple:
                 rolled_back=True,
                 outcome={"eval_loss_delta": 0.1},
             ),
-        ),  # fmt: skip
+        ),
     }
     x = torch.randn(64, 4)
     y = x.sum(dim=1, keepdim=True)
@@ -192,7 +197,7 @@ def wandb_offline(tmp_path, monkeypatch):
     def init(**kwargs):
         run = wandb.init(project="selfsteer-test", dir=str(tmp_path), settings=wandb.Settings(
             console="off", x_disable_stats=True, save_code=False,
-        ), **kwargs)  # fmt: skip
+        ), **kwargs)  # an offline wandb run # fmt: skip
         runs.append(run)
         return run
 
@@ -210,8 +215,9 @@ def wandb_records(run_dir: Path) -> list:
     path = run_dir / f"run-{run_dir.name.rsplit('-', 1)[1]}.wandb"
     return wait_for(
         lambda: (records := _read_log(path)) and records[-1].WhichOneof("record_type") == "exit" and records,
-        f"the exit record in {path}", timeout=30,
-    )  # fmt: skip
+        f"the exit record in {path}",
+        timeout=30,
+    )
 
 
 def _read_log(path: Path) -> list:
@@ -318,9 +324,10 @@ def test_wandb_fork_starts_a_forked_run_offline_that_the_loop_goes_on_logging_to
 
     parent = wandb_offline()
     steer, (wb,), sent = supervised_loop(
-        tmp_path, loggers={"wandb": parent, "fork": True},
+        tmp_path,
+        loggers={"wandb": parent, "fork": True},
         log_step=lambda it, loss: wandb.log({"loss": loss}, step=it),  # the global run: the fork after it
-    )  # fmt: skip
+    )
     (fork_id,) = wb.forks
     child = wb.run
     assert child.id == fork_id and wandb.run is child and parent._is_finished

@@ -29,9 +29,14 @@ from selfsteer.trainer_bridge.store import Store
 def suite(tmp_path_factory, one_torch_thread):
     out = tmp_path_factory.mktemp("baselines")
     config = SuiteConfig(
-        recipes=["tiny"], lrs={"tiny": {"too_low": 1e-4, "good": 1e-2}}, grid_lrs={}, seeds=[0],
-        supervisors=["static", "probe", "schedulefree", "prodigy"], max_steps={"tiny": 30}, eval_steps={"tiny": 10},
-    )  # fmt: skip
+        recipes=["tiny"],
+        lrs={"tiny": {"too_low": 1e-4, "good": 1e-2}},
+        grid_lrs={},
+        seeds=[0],
+        supervisors=["static", "probe", "schedulefree", "prodigy"],
+        max_steps={"tiny": 30},
+        eval_steps={"tiny": 10},
+    )
     report = main(config, out)
     return out, load_results(out / "results.jsonl"), report
 
@@ -96,8 +101,13 @@ def test_schedule_free_adamw_is_evaluated_in_its_eval_mode(tmp_path, one_torch_t
     more, optimizer = baseline_optimizer("schedulefree", cell, config)
     assert optimizer is None  # the Trainer builds it
     modes = Modes()
-    run = RecipeRun(load_recipe(recipe, overrides + more), out_dir=tmp_path / "out", db=tmp_path / "db.sqlite",
-                    port=None, callbacks=[modes])  # fmt: skip
+    run = RecipeRun(
+        load_recipe(recipe, overrides + more),
+        out_dir=tmp_path / "out",
+        db=tmp_path / "db.sqlite",
+        port=None,
+        callbacks=[modes],
+    )
     try:
         summary = run.train()
         schedule_free = optimizer_of(run)

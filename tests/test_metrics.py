@@ -22,10 +22,12 @@ def test_wilson_interval_is_not_a_point_at_zero_or_all():
 def test_summary_pairs_the_gain_and_bounds_each_accuracy():
     def episode(first, final, reflection_tokens=(), costs=(None, None)):
         return SimpleNamespace(
-            passed_first=first, passed_final=final, rewards=[float(final)] * len(reflection_tokens),
+            passed_first=first,
+            passed_final=final,
+            rewards=[float(final)] * len(reflection_tokens),
             reflections=[{"n_tokens": n} for n in reflection_tokens],
             attempts=[{"cost": costs[0]}] + [{"cost": costs[1]}] * len(reflection_tokens),
-        )  # fmt: skip
+        )
 
     results = [episode(True, True)] * 3 + [episode(False, True, [10])] * 2 + [episode(False, False, [20])] * 5
     summary = summarize(results)

@@ -22,8 +22,13 @@ ray = pytest.importorskip("ray")
 
 
 def tiny(folder, db, start_from=None, lr=None):
-    overrides = ["training.max_steps=20", "training.eval_steps=10", "training.save_strategy=steps",
-                 "training.save_steps=10", "training.seed=3"]  # fmt: skip
+    overrides = [
+        "training.max_steps=20",
+        "training.eval_steps=10",
+        "training.save_strategy=steps",
+        "training.save_steps=10",
+        "training.seed=3",
+    ]
     run = RecipeRun(load_recipe("tiny", overrides), out_dir=folder, db=db, port=None, start_from=start_from)
     if lr is not None:
         run.bridge.submit("set_optimizer", {"lr": lr}, source="test")
@@ -61,7 +66,7 @@ def suite(tmp_path_factory, one_torch_thread):
         sys.executable, "-m", "selfsteer.cli.main", "eval", "lr-suite", "--recipes", "tiny", "--seeds", "0",
         "--supervisors", "static,pbt", "--lrs", ",".join(f"{k}={v}" for k, v in lrs.items()), "--grid", "",
         "--max-steps", "20", "--eval-steps", "5", "--ray-cpus", "2", "--out", str(out),
-    ]  # fmt: skip
+    ]  # the lr-suite command as a user types it # fmt: skip
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     experiment = out / "ray" / "pbt-tiny-s0"
     deadline = time.monotonic() + 240
@@ -76,9 +81,14 @@ def suite(tmp_path_factory, one_torch_thread):
         "rows": load_results(out / "results.jsonl") if (out / "results.jsonl").exists() else {},
     }
     config = SuiteConfig(
-        recipes=["tiny"], lrs={"tiny": lrs}, grid_lrs={"tiny": []}, seeds=[0], supervisors=["static", "pbt"],
-        max_steps={"tiny": 20}, eval_steps={"tiny": 5},
-    )  # fmt: skip
+        recipes=["tiny"],
+        lrs={"tiny": lrs},
+        grid_lrs={"tiny": []},
+        seeds=[0],
+        supervisors=["static", "pbt"],
+        max_steps={"tiny": 20},
+        eval_steps={"tiny": 5},
+    )
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = main(config, out)
@@ -133,7 +143,9 @@ def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(
     for row in rows:
         for move in row["moves"]:
             assert LR_BOUNDS[0] <= move["lr_after"] <= LR_BOUNDS[1], move  # Tune's explore, clamped
-            assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
+            assert any(
+                step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied
+            ), move
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +156,14 @@ def populations_around_the_start(tmp_path_factory, one_torch_thread):
     3 CPUs so that the members train side by side."""
     out = tmp_path_factory.mktemp("around-the-start")
     config = SuiteConfig(
-        recipes=["tiny"], lrs={"tiny": {"too_high": 1.0}}, grid_lrs={"tiny": []}, seeds=[0],
-        supervisors=["static", "pbt-start", "pb2"], max_steps={"tiny": 16}, eval_steps={"tiny": 4},
-    )  # fmt: skip
+        recipes=["tiny"],
+        lrs={"tiny": {"too_high": 1.0}},
+        grid_lrs={"tiny": []},
+        seeds=[0],
+        supervisors=["static", "pbt-start", "pb2"],
+        max_steps={"tiny": 16},
+        eval_steps={"tiny": 4},
+    )
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         report = main(config, out)
@@ -187,7 +204,9 @@ def test_a_population_around_the_start_gets_no_good_start_and_pays_for_every_mem
     applied = [(c["step"], c["args"]["lr"]) for c in sent]
     for move in moves:
         assert low * (1 - 1e-6) <= move["lr_after"] <= high * (1 + 1e-6), move
-        assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), move
+        assert any(step == move["step"] and lr == pytest.approx(move["lr_after"]) for step, lr in applied), (
+            move
+        )
     # Copying the best member's weights rescues the too-high start.
     assert row["final_eval_loss"] < 0.5 * static["final_eval_loss"]
     if kind == "pb2":  # log10 lr in start /64 .. x64, clamped to the supervisors' bounds
@@ -228,10 +247,12 @@ def test_a_restored_synchronous_population_never_leaves_its_members_paused_for_e
         if trial in lower:
             self._trial_state[trial].last_train_time = self._trial_state[upper[0]].last_train_time
 
-    for cls, space in ((SynchPBT, {"hyperparam_mutations": {"lr": [0.1, 0.2]}}),
-                       (SynchPB2, {"hyperparam_bounds": {"lr": [0.1, 0.2]}})):  # fmt: skip
+    for cls, space in (
+        (SynchPBT, {"hyperparam_mutations": {"lr": [0.1, 0.2]}}),
+        (SynchPB2, {"hyperparam_bounds": {"lr": [0.1, 0.2]}}),
+    ):
         scheduler = cls(time_attr="training_iteration", metric="score", mode="min", perturbation_interval=1,
-                        synch=True, **space)  # fmt: skip
+                        synch=True, **space)  # the same settings as the SynchPBT below # fmt: skip
         scheduler._checkpoint_or_exploit = exploit.__get__(scheduler)
         trials = [Trial("Member", config={"lr": 0.1}, stub=True) for _ in range(3)]
         controller = Controller(trials)
@@ -256,7 +277,7 @@ def test_a_synchronous_population_with_every_member_paused_past_the_barrier_runs
     from selfsteer.evals.pbt import SynchPBT
 
     scheduler = SynchPBT(time_attr="training_iteration", metric="score", mode="min", perturbation_interval=1,
-                         synch=True, hyperparam_mutations={"lr": [0.1, 0.2]})  # fmt: skip
+                         synch=True, hyperparam_mutations={"lr": [0.1, 0.2]})  # the same settings as the schedulers above # fmt: skip
     trials = [Trial("Member", config={"lr": 0.1}, stub=True) for _ in range(3)]
     controller = Controller(trials)
     for trial in trials:

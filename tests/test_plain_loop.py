@@ -51,7 +51,7 @@ def run_loop(tmp_path: Path, actions: dict, max_steps: int = STEPS, before=None,
     steer = selfsteer.attach(
         model, optimizer, max_steps=max_steps, evaluate=evaluate, port=0, db=tmp_path / "runs.db",
         output_dir=tmp_path / "out", max_grad_norm=1.0, announce=False, **attach_kwargs,
-    )  # fmt: skip
+    )  # the plain loop's attach settings # fmt: skip
     client = BridgeClient(steer.url)
     seen_norms = []
     if before is not None:
@@ -110,7 +110,9 @@ def test_a_new_lr_sticks_through_the_loops_own_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("memory", [False, True], ids=["on-disk", "in-memory"])
-def test_a_rollback_restores_weights_optimizer_lr_and_rng_and_the_loop_goes_on_from_the_checkpoint(tmp_path, memory):
+def test_a_rollback_restores_weights_optimizer_lr_and_rng_and_the_loop_goes_on_from_the_checkpoint(
+    tmp_path, memory
+):
     sent = {}
     actions = {
         5: lambda client, steer: client.save_checkpoint("at-6", memory=memory),
@@ -176,7 +178,7 @@ def test_the_steering_state_travels_in_the_loops_own_checkpoint(tmp_path):
     assert saved["step"] == 5 and saved["lr"]["held"] == 0.02
     model = nn.Linear(2, 1)
     again = selfsteer.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), max_steps=8, port=None,
-                             db=tmp_path / "runs.db", output_dir=tmp_path / "again")  # fmt: skip
+                             db=tmp_path / "runs.db", output_dir=tmp_path / "again")  # a second attach on the same model # fmt: skip
     again.load_state_dict(saved)
     assert list(again.steps()) == [5, 6, 7]  # goes on from the saved step
     assert again.lr(0.5) == 0.02  # with the steered lr
@@ -191,7 +193,7 @@ def test_the_example_plain_loop_runs_and_obeys_commands(tmp_path):
         [sys.executable, str(ROOT / "examples" / "plain_loop.py"), "--port", "0", "--max-steps", "30",
          "--eval-interval", "10", "--start-paused", "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db")],
         stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
+    )  # the example's command line as typed # fmt: skip
     try:
         line = process.stderr.readline()
         assert " is served at http://127.0.0.1:" in line, line
@@ -233,7 +235,9 @@ def test_a_supervisor_over_http_steers_a_plain_loop_to_its_end(tmp_path):
 
     def supervise(url):
         try:
-            outcome["result"] = run_supervision(url, make_supervisor("rule"), db=str(tmp_path / "graph.sqlite"))
+            outcome["result"] = run_supervision(
+                url, make_supervisor("rule"), db=str(tmp_path / "graph.sqlite")
+            )
         except BaseException as error:  # noqa: BLE001  (the test reports it)
             outcome["error"] = error
 
@@ -251,9 +255,12 @@ def test_a_supervisor_over_http_steers_a_plain_loop_to_its_end(tmp_path):
         return hold
 
     steer, _ = run_loop(
-        tmp_path, {10: decided_on(10), 20: decided_on(20), 30: decided_on(30)}, max_steps=60, before=start,
+        tmp_path,
+        {10: decided_on(10), 20: decided_on(20), 30: decided_on(30)},
+        max_steps=60,
+        before=start,
         eval_every=10,
-    )  # fmt: skip
+    )
     thread.join(timeout=120)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     assert outcome["result"].get("finished")
@@ -281,8 +288,10 @@ def test_a_plain_loop_run_replays_from_its_journal(tmp_path):
     assert again["main"]["loss"] == first["main"]["loss"]  # bit for bit: same commands, same steps
     replayed = [c for c in replay.store.list_commands(replay.bridge.run_id) if c["source"] == "replay"]
     assert [(c["type"], c["step"], c["status"]) for c in replayed] == [
-        ("set_optimizer", 3, "success"), ("set_max_grad_norm", 7, "success"), ("set_optimizer", 10, "success"),
-    ]  # fmt: skip
+        ("set_optimizer", 3, "success"),
+        ("set_max_grad_norm", 7, "success"),
+        ("set_optimizer", 10, "success"),
+    ]
     run = replay.store.get_run(replay.bridge.run_id)
     assert run["kind"] == "replay" and run["parent_run_id"] == original.bridge.run_id
 
@@ -297,7 +306,7 @@ def test_a_stop_that_ends_the_run_before_its_post_returns_is_accepted(tmp_path):
     steer = selfsteer.attach(
         model, optimizer, max_steps=1000, port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out",
         start_paused=True, announce=False,
-    )  # fmt: skip
+    )  # a paused loop without a server # fmt: skip
 
     def loop():
         for _ in steer.steps():

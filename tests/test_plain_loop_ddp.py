@@ -42,7 +42,7 @@ def launch(folder: Path, mode: str, timeout: float = 240.0) -> list[dict]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), str(WORKER), str(folder), mode,
-    ]  # fmt: skip
+    ]  # the torchrun command as typed # fmt: skip
     with open(folder / "log", "wb") as log:
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

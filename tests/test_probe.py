@@ -64,7 +64,7 @@ def plain_loop(tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict
     steer = selfsteer.attach(
         model, optimizer, max_steps=steps, evaluate=evaluate, train_step=train_step,
         port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out", announce=False,
-    )  # fmt: skip
+    )  # the probe loop's attach settings # fmt: skip
     uuid = None
     for it in steer.steps():
         losses[it] = train_step(it)
@@ -97,7 +97,9 @@ def test_a_probe_in_a_plain_loop_measures_every_arm_and_leaves_the_run_bit_for_b
     assert probed == plain
     for key, value in weights.items():
         assert torch.equal(probed_weights[key], value)
-    logged = [m for m in Store(tmp_path / "b" / "runs.db").get_metrics(steer.bridge.run_id) if m["name"] == "loss"]
+    logged = [
+        m for m in Store(tmp_path / "b" / "runs.db").get_metrics(steer.bridge.run_id) if m["name"] == "loss"
+    ]
     assert sorted(m["step"] for m in logged) == list(range(12))
 
 
@@ -106,9 +108,9 @@ def test_a_probe_is_refused_whole_when_its_arguments_are_wrong_and_fails_clearly
     model = nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     steer = selfsteer.attach(model, optimizer, max_steps=3, port=None, db=tmp_path / "runs.db",
-                             output_dir=tmp_path / "out", announce=False)  # fmt: skip
+                             output_dir=tmp_path / "out", announce=False)  # a three-step loop's attach settings # fmt: skip
     for bad in ({"factors": [1.0, 1.0]}, {"factors": []}, {"steps": 0}, {"factors": [100.0]},
-                {"steps": 8, "horizon": 4}, {"factors": ["2"]}):  # fmt: skip
+                {"steps": 8, "horizon": 4}, {"factors": ["2"]}):  # the refused probe arguments, side by side # fmt: skip
         with pytest.raises(InvalidCommand):
             steer.bridge.submit("probe", bad, "test", None)
     assert steer.bridge.commands() == []  # nothing queued
@@ -133,31 +135,45 @@ class SendAt(TrainerCallback):
 
 
 def trainer_run(tmp_path, probe: dict | None):
-    overrides = ["training.max_steps=12", "training.eval_steps=6", "training.logging_steps=1",
-                 "training.learning_rate=5e-3", "training.seed=1"]  # fmt: skip
-    run = RecipeRun(load_recipe("tiny", overrides), out_dir=tmp_path / "out", db=tmp_path / "runs.db", port=None)
+    overrides = [
+        "training.max_steps=12",
+        "training.eval_steps=6",
+        "training.logging_steps=1",
+        "training.learning_rate=5e-3",
+        "training.seed=1",
+    ]
+    run = RecipeRun(
+        load_recipe("tiny", overrides), out_dir=tmp_path / "out", db=tmp_path / "runs.db", port=None
+    )
     sender = SendAt(run, 5, probe) if probe is not None else None
     if sender is not None:
         run.trainer.add_callback(sender)
     try:
         run.train()
         metrics = sorted(
-            (m["name"], m["step"], m["value"]) for m in run.bridge.store.get_metrics(run.run_id)
+            (m["name"], m["step"], m["value"])
+            for m in run.bridge.store.get_metrics(run.run_id)
             if m["name"] in ("loss", "eval_loss", "grad_norm", "learning_rate")
-        )  # fmt: skip
+        )
         weights = {k: v.clone() for k, v in run.trainer.model.state_dict().items()}
         return metrics, weights, run.bridge.command(sender.uuid) if sender else None
     finally:
         run.close()
 
 
-def test_a_probe_under_the_hf_trainer_measures_its_arms_and_the_run_goes_on_bit_for_bit(tmp_path, one_torch_thread):
+def test_a_probe_under_the_hf_trainer_measures_its_arms_and_the_run_goes_on_bit_for_bit(
+    tmp_path, one_torch_thread
+):
     metrics, weights, _ = trainer_run(tmp_path / "a", None)
-    probed_metrics, probed_weights, row = trainer_run(tmp_path / "b", {"factors": [0.25, 1.0, 4.0], "steps": 3})
+    probed_metrics, probed_weights, row = trainer_run(
+        tmp_path / "b", {"factors": [0.25, 1.0, 4.0], "steps": 3}
+    )
     assert row["status"] == "success", row
     result = row["result"]
     assert result["cost_steps"] == 9 and [a["factor"] for a in result["arms"]] == [0.25, 1.0, 4.0]
-    assert result["lr"] > 0 and all(a["lr"] == pytest.approx(result["lr"] * a["factor"]) for a in result["arms"])
+    assert result["lr"] > 0 and all(
+        a["lr"] == pytest.approx(result["lr"] * a["factor"]) for a in result["arms"]
+    )
     firsts = {a["train_loss"][0] for a in result["arms"]}
     assert len(firsts) == 1  # the same first batch and weights in every arm
     assert all(len(a["eval_loss"]) == 3 and a["eval_loss"][0][1] == result["start"] for a in result["arms"])
@@ -168,7 +184,7 @@ def test_a_probe_under_the_hf_trainer_measures_its_arms_and_the_run_goes_on_bit_
 
 def arm(factor, final, estimate):
     return {"factor": factor, "lr": 0.01 * factor, "train_loss": [], "eval_loss": [], "final": final,
-            "estimate": estimate, "diverged": estimate is None}  # fmt: skip
+            "estimate": estimate, "diverged": estimate is None}  # an arm as the probe reports it # fmt: skip
 
 
 def probed(*arms, avoid=()):
@@ -204,7 +220,10 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
     # The journal stores a diverged arm's numbers as null: never the winner.
     spiky = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, None, None), arm(0.5, 3.3, 3.3)))
     assert (spiky.action, spiky.factor) == ("halve", 0.5)
-    assert supervisor.decide(probed(arm(1.0, None, None), arm(2.0, None, None), arm(0.5, None, None))).action == "halve"
+    assert (
+        supervisor.decide(probed(arm(1.0, None, None), arm(2.0, None, None), arm(0.5, None, None))).action
+        == "halve"
+    )
     barred = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.4, 3.2), avoid=["double"]))
     assert barred.action == "keep"  # double was rolled back from this state
     assert supervisor.decide(Observation(step=5, lr=0.01)).action == "keep"  # no evidence: keep
@@ -219,12 +238,19 @@ def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, o
     from selfsteer.graphs.supervise import run_supervision
 
     def supervise(control, stop):
-        run_supervision(control, make_supervisor("probe"), db=str(tmp_path / "graph.sqlite"), stop_event=stop,
-                        pause_while_deciding=True)  # fmt: skip
+        run_supervision(
+            control,
+            make_supervisor("probe"),
+            db=str(tmp_path / "graph.sqlite"),
+            stop_event=stop,
+            pause_while_deciding=True,
+        )
 
-    recipe = load_recipe("tiny", ["training.learning_rate=1e-4", "training.max_steps=30", "training.eval_steps=10"])
+    recipe = load_recipe(
+        "tiny", ["training.learning_rate=1e-4", "training.max_steps=30", "training.eval_steps=10"]
+    )
     run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
-                    hold_for_supervisor=True)  # fmt: skip
+                    hold_for_supervisor=True)  # the held run of test_run_control's # fmt: skip
     try:
         summary = run.train()
         probes = [c for c in run.bridge.store.list_commands(run.run_id) if c["type"] == "probe"]
@@ -232,7 +258,9 @@ def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, o
         losses = [m for m in run.bridge.store.get_metrics(run.run_id) if m["name"] == "loss"]
     finally:
         run.close()
-    assert len(decisions) == 2 and len(probes) == 2  # an evaluation at 10 and 20, a probe before each decision
+    assert (
+        len(decisions) == 2 and len(probes) == 2
+    )  # an evaluation at 10 and 20, a probe before each decision
     assert all(p["status"] == "success" and p["result"]["cost_steps"] == 12 for p in probes)
     for decision, probe in zip(decisions, probes, strict=True):
         seen = decision["observation"]["probe"]
@@ -276,14 +304,19 @@ def test_the_hybrid_asks_the_model_only_about_a_measured_move_and_the_model_can_
         '{"action": "double", "explanation": "x2 wins clearly"}',
         '{"action": "keep", "explanation": "too small a gain"}',
         '{"action": "halve", "explanation": "the loss rises"}',
-        "not json", "not json", "not json",
+        "not json",
+        "not json",
+        "not json",
     )
     hybrid = VettedProbeSupervisor(model)
     assert hybrid.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.6, 3.49))).action == "keep"
     assert model.prompts == []  # a keep needs no model
     wins = probed(arm(0.5, 3.7, 3.6), arm(1.0, 3.6, 3.5), arm(2.0, 3.4, 3.2))
     confirmed = hybrid.decide(wins)
-    assert (confirmed.action, confirmed.factor) == ("double", 2.0) and "confirmed: x2 wins" in confirmed.explanation
+    assert (confirmed.action, confirmed.factor) == (
+        "double",
+        2.0,
+    ) and "confirmed: x2 wins" in confirmed.explanation
     user = model.prompts[0][1][1]
     assert "x2: fell 5.6% now, fell 8.6% extrapolated" in user
     assert not any(lr in user for lr in ("0.005", "0.01", "0.02", "1e-2"))  # relative only: no absolute lr

@@ -35,7 +35,7 @@ def test_set_overrides_nested_keys_with_yaml_values():
         ["training.learning_rate=1e-5", "training.eval_strategy=no", "data.block_size=16", "name=mine",
          "training.use_cpu=true", "supervisor.type=rule"],
         seed=3,
-    )  # fmt: skip
+    )  # the overrides as --set takes them # fmt: skip
     assert recipe["training"]["learning_rate"] == 1e-5  # YAML 1.1 reads 1e-5 as text; --set makes it a number
     assert recipe["training"]["eval_strategy"] == "no"  # the word, not YAML's boolean
     assert recipe["training"]["use_cpu"] is True and recipe["training"]["seed"] == 3

@@ -30,7 +30,7 @@ def test_help_lists_the_actions(capsys):
 def test_eval_writes_summary_and_stores_episodes(tmp_path):
     out, db = tmp_path / "eval", tmp_path / "s.sqlite"
     code = main(["reflect", "eval", "--task", "countdown", "--n", "2", "--max-tokens", "8",
-                 "--out", str(out), "--db", str(db), "--seed", "1"])  # fmt: skip
+                 "--out", str(out), "--db", str(db), "--seed", "1"])  # reflect eval as a user types it # fmt: skip
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in (
@@ -67,7 +67,7 @@ def test_unknown_task_is_one_line_error(tmp_path, capsys):
 def test_eval_compare_runs_every_strategy_on_the_same_problems(tmp_path):
     out = tmp_path / "cmp"
     code = main(["reflect", "eval", "--task", "countdown", "--n", "1", "--max-tokens", "4", "--compare",
-                 "--out", str(out), "--db", str(tmp_path / "s.sqlite")])  # fmt: skip
+                 "--out", str(out), "--db", str(tmp_path / "s.sqlite")])  # reflect eval --compare as typed # fmt: skip
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["strategies"]) == {"retry", "reflect", "reflect_attempt", "memory"}
@@ -115,7 +115,7 @@ def test_eval_in_tools_mode_offers_the_functions_as_tools_over_http(tmp_path, en
     server = endpoint(_bfcl_solver(requests))
     out, db = tmp_path / "tools", tmp_path / "s.sqlite"
     code = main(["reflect", "eval", "--task", "bfcl:simple_python", "--n", "3", "--seed", "2",
-                 "--llm", "openai:scripted", "--base-url", server.url, "--out", str(out), "--db", str(db)])  # fmt: skip
+                 "--llm", "openai:scripted", "--base-url", server.url, "--out", str(out), "--db", str(db)])  # the BFCL eval as a user types it # fmt: skip
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["call_mode"] == "tools" and summary["n"] == 3
@@ -130,8 +130,12 @@ def test_eval_in_tools_mode_offers_the_functions_as_tools_over_http(tmp_path, en
     with Store(db) as store:
         run = store.get_run(summary["run_id"])
         assert run["config"]["call_mode"] == "tools"
-        [episode] = [e for e in store.list_episodes() if e["task_id"] == json.loads(
-            (out / "episodes-model.jsonl").read_text().splitlines()[0])["problem_id"]]  # fmt: skip
+        [episode] = [
+            e
+            for e in store.list_episodes()
+            if e["task_id"]
+            == json.loads((out / "episodes-model.jsonl").read_text().splitlines()[0])["problem_id"]
+        ]
         attempts = store.get_episode(episode["id"])["attempts"]
         assert json.loads(attempts[1]["response"])[0]["arguments"] != {}  # the rendered tool call
 
@@ -141,7 +145,7 @@ def test_eval_in_text_mode_lists_the_functions_and_binds_no_tools(tmp_path, endp
     out = tmp_path / "text"
     code = main(["reflect", "eval", "--task", "bfcl:simple_python", "--n", "2", "--call-mode", "text",
                  "--llm", "openai:scripted", "--base-url", server.url, "--out", str(out),
-                 "--db", str(tmp_path / "s.sqlite")])  # fmt: skip
+                 "--db", str(tmp_path / "s.sqlite")])  # the text call mode as typed # fmt: skip
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["call_mode"] == "text" and summary["second_try_acc"] == 0.0
@@ -153,7 +157,7 @@ def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endp
     server = endpoint(lambda body: "3 + 5")
     db = tmp_path / "s.sqlite"
     code = main(["reflect", "run", "--task", "countdown", "--n", "1", "--call-mode", "tools", "--max-retries", "0",
-                 "--llm", "openai:scripted", "--base-url", server.url, "--db", str(db)])  # fmt: skip
+                 "--llm", "openai:scripted", "--base-url", server.url, "--db", str(db)])  # reflect run as a user types it # fmt: skip
     assert code == 0 and all("tools" not in body for body in server.requests)
     with Store(db) as store:
         [episode] = store.list_episodes()

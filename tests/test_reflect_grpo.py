@@ -45,7 +45,7 @@ def tiny_model_dir(model_dir, tmp_path_factory):
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )  # a one-layer Llama's sizes # fmt: skip
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -90,7 +90,7 @@ def train_steps(model: str, tmp_path, steps: list[list[bool]], engine_factory=No
         "model": model, "output_dir": str(tmp_path / "grpo"), "num_generations": len(steps[0]),
         "max_steps": len(steps), "max_completion_length": 16, "max_retry_tokens": 8, "learning_rate": 1e-4,
         "save_steps": 1000, "use_cpu": True, "refill_attempts": 0,
-    }  # fmt: skip
+    }  # the GRPO options of every run here # fmt: skip
     config = ReflectionGRPOConfig(**{**options, **overrides})
     seen: dict = {}
     trainer = build_trainer(config, rows(), pass_fail_reward(steps, seen), engine_factory=engine_factory)
@@ -171,9 +171,12 @@ def test_a_skipped_step_leaves_the_optimizer_where_trls_zero_loss_does(tiny_mode
     trainers = {}
     for skip in (True, False):
         trainer, seen, _ = train_steps(
-            tiny_model_dir, tmp_path / f"skip-{skip}", [[False, False], [False, True]],
-            skip_zero_advantage=skip, weight_decay=0.1,
-        )  # fmt: skip
+            tiny_model_dir,
+            tmp_path / f"skip-{skip}",
+            [[False, False], [False, True]],
+            skip_zero_advantage=skip,
+            weight_decay=0.1,
+        )
         assert seen["rewards_per_step"] == [[0.0, 0.0], [0.0, 1.0]]
         trainers[skip] = trainer
     skipped, full = trainers[True], trainers[False]
@@ -231,7 +234,7 @@ def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tiny_model_dir, t
     config = ReflectionGRPOConfig(
         model=tiny_model_dir, output_dir=str(tmp_path / "lora"), num_generations=2, max_steps=1,
         max_completion_length=8, max_retry_tokens=4, learning_rate=1e-2, save_steps=1000, use_cpu=True, lora_r=4,
-    )  # fmt: skip
+    )  # a one-step LoRA config # fmt: skip
     outcomes = iter([1.0, 0.0])
     result = train(
         config, rows(), lambda reflections, columns, generate: [next(outcomes) for _ in reflections]
@@ -274,9 +277,12 @@ def mask_trainer(tiny_model_dir, tmp_path_factory):
     from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
 
     config = ReflectionGRPOConfig(
-        model=tiny_model_dir, output_dir=str(tmp_path_factory.mktemp("mask")), num_generations=2,
-        max_steps=1, use_cpu=True,
-    )  # fmt: skip
+        model=tiny_model_dir,
+        output_dir=str(tmp_path_factory.mktemp("mask")),
+        num_generations=2,
+        max_steps=1,
+        use_cpu=True,
+    )
     return build_trainer(config, rows(), lambda reflections, columns, generate: [0.0] * len(reflections))
 
 
@@ -392,7 +398,7 @@ def test_the_config_is_trls_with_this_projects_defaults(tmp_path):
     from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, last_checkpoint
 
     config = ReflectionGRPOConfig(model="m", output_dir=str(tmp_path), num_generations=4, prompts_per_step=2,
-                                  beta=0.04, max_completion_length=48, use_cpu=True)  # fmt: skip
+                                  beta=0.04, max_completion_length=48, use_cpu=True)  # a two-prompt config # fmt: skip
     assert isinstance(config, GRPOConfig)
     assert config.use_cpu and not config.bf16 and not config.use_vllm
     assert (config.num_generations, config.per_device_train_batch_size, config.beta) == (4, 8, 0.04)
@@ -410,7 +416,7 @@ def test_the_config_is_trls_with_this_projects_defaults(tmp_path):
         "temperature": 1.0, "top_p": 1.0, "save_steps": 10, "save_total_limit": 2, "logging_steps": 1,
         "seed": 0, "lora_r": 0, "skip_zero_advantage": True, "bf16": False, "use_vllm": False,
         "remove_unused_columns": False, "gradient_checkpointing": False, "report_to": [],
-    }  # fmt: skip
+    }  # keys and their defaults, in the same order # fmt: skip
     assert default.save_strategy == "steps" and default.vllm_mode == "colocate"
     assert ReflectionGRPOConfig(per_device_train_batch_size=8).per_device_train_batch_size == 8  # given: kept
     with pytest.raises(ValueError, match="num_generations"):

@@ -61,12 +61,17 @@ def test_a_supervisor_in_the_runs_process_makes_no_http_request(tmp_path, monkey
 
     def supervise(control, stop):
         assert isinstance(control, LocalRunControl)
-        run_supervision(control, make_supervisor("rule"), db=str(tmp_path / "graph.sqlite"), stop_event=stop,
-                        pause_while_deciding=True)  # fmt: skip
+        run_supervision(
+            control,
+            make_supervisor("rule"),
+            db=str(tmp_path / "graph.sqlite"),
+            stop_event=stop,
+            pause_while_deciding=True,
+        )
 
     recipe = load_recipe("tiny", ["training.learning_rate=1.0", "training.max_steps=40"])
     run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
-                    hold_for_supervisor=True)  # fmt: skip
+                    hold_for_supervisor=True)  # the held run of test_probe's # fmt: skip
     try:
         summary = run.train()
     finally:

@@ -156,10 +156,11 @@ def test_in_the_unheld_loop_a_change_is_judged_by_an_evaluation_after_it_took_ef
     overrides = ["training.learning_rate=0.01", "training.max_steps=50"]
     with LiveRun(tmp_path, overrides, gates=[11, 25, 35]) as live, Store(live.db) as store:
         thread = threading.Thread(
-            target=run_supervision, args=(live.run.url, DecidesLate(live.gate)),
+            target=run_supervision,
+            args=(live.run.url, DecidesLate(live.gate)),
             kwargs={"db": str(live.db), "max_iterations": 2, "self_correct": SelfCorrection(margin=5.0)},
             daemon=True,
-        )  # fmt: skip
+        )
         thread.start()
         run_id = live.run.run_id
         lr_commands = lambda: [c for c in store.list_commands(run_id) if c["type"] == "set_optimizer"]  # noqa: E731
@@ -257,9 +258,13 @@ def test_a_failure_judged_as_the_run_ends_is_recorded_without_a_rollback(tmp_pat
     overrides = ["training.max_steps=100000", "training.eval_steps=10", "training.learning_rate=0.3"]
     with LiveRun(tmp_path, overrides) as live, Store(live.db) as store:
         final = run_supervision(
-            live.run.url, StopsTheRunWhileReflecting(live), db=str(live.db), max_iterations=5,
-            pause_while_deciding=True, self_correct=SelfCorrection(margin=0.0),
-        )  # fmt: skip
+            live.run.url,
+            StopsTheRunWhileReflecting(live),
+            db=str(live.db),
+            max_iterations=5,
+            pause_while_deciding=True,
+            self_correct=SelfCorrection(margin=0.0),
+        )
         run_id = live.run.run_id
         decisions = store.list_decisions(run_id)
         types = [c["type"] for c in store.list_commands(run_id) if c["source"] == "stops-while-reflecting"]

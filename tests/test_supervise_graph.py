@@ -33,7 +33,9 @@ def test_graph_observes_decides_and_acts_after_each_evaluation(tmp_path):
     with LiveRun(tmp_path, ["training.max_steps=40"], gates=[11, 21, 31]) as live, Store(live.db) as store:
         # Attached by URL alone: its own state goes elsewhere, its decisions to the run's store via the server.
         kwargs = {"db": str(tmp_path / "supervisor.sqlite"), "on_decision": told.append}
-        thread = threading.Thread(target=run_supervision, args=(live.run.url, supervisor), kwargs=kwargs, daemon=True)
+        thread = threading.Thread(
+            target=run_supervision, args=(live.run.url, supervisor), kwargs=kwargs, daemon=True
+        )
         thread.start()
         # Training waits at step 11 (the step-10 evaluation is done) for the first decision, at step 21
         # for the second, at step 31 for the third: the path does not depend on how fast either side is.
@@ -256,7 +258,9 @@ def test_a_failing_action_still_resumes_the_paused_run(tmp_path):
         client = BridgeClient(live.run.url, source="scripted")
         context = SupervisionContext(Refused(client), AlwaysDouble(), pause_while_deciding=True)
         with pytest.raises(BridgeHTTPError, match="fell over"):
-            supervision_graph().invoke({"max_iterations": 3}, {"configurable": {"thread_id": "t"}}, context=context)
+            supervision_graph().invoke(
+                {"max_iterations": 3}, {"configurable": {"thread_id": "t"}}, context=context
+            )
         step = client.state()["step"]
         wait_for(lambda: client.state()["step"] > step + 5)  # it trains on: the pause was undone
         client.stop()
@@ -280,8 +284,10 @@ def test_selfsteer_supervise_needs_only_the_url_and_prints_each_decision(tmp_pat
     elsewhere.mkdir()
     with LiveRun(tmp_path, ["training.max_steps=30"], gates=[11, 21]) as live, Store(live.db) as store:
         command = [sys.executable, "-m", "selfsteer.cli.main", "supervise", "--url", live.run.url,
-                   "--supervisor", "rule", "--max-iterations", "2"]  # fmt: skip
-        supervisor = subprocess.Popen(command, cwd=elsewhere, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   "--supervisor", "rule", "--max-iterations", "2"]  # the supervise command as typed # fmt: skip
+        supervisor = subprocess.Popen(
+            command, cwd=elsewhere, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for gate, decisions in ((11, 1), (21, 2)):
             live.gate.wait(gate)
             wait_for(lambda n=decisions: len(store.list_decisions(live.run.run_id)) >= n, timeout=120)
@@ -296,7 +302,9 @@ def test_selfsteer_supervise_needs_only_the_url_and_prints_each_decision(tmp_pat
         for d in decisions
     ]
     assert len(printed) == 2 and "done after 2 decisions" in out
-    assert {p.name.split("-")[0] for p in elsewhere.iterdir()} == {"selfsteer.sqlite"}  # the loop's own state only
+    assert {p.name.split("-")[0] for p in elsewhere.iterdir()} == {
+        "selfsteer.sqlite"
+    }  # the loop's own state only
 
 
 def test_decide_alone_falls_back_keeps_what_was_rolled_back_and_stays_within_the_lr_bounds():
@@ -323,9 +331,16 @@ def test_decide_alone_falls_back_keeps_what_was_rolled_back_and_stays_within_the
         return decide({**state, **state_changes}, {}, Runtime(context=context))
 
     failed = run(Broken())["decision"]
-    assert failed["action"] == "keep" and failed["fallback"] and "RuntimeError: no answer" in failed["explanation"]
+    assert (
+        failed["action"] == "keep"
+        and failed["fallback"]
+        and "RuntimeError: no answer" in failed["explanation"]
+    )
     barred = run(Scripted(["double"]))
-    assert barred["decision"]["action"] == "keep" and "double was rolled back" in barred["decision"]["explanation"]
+    assert (
+        barred["decision"]["action"] == "keep"
+        and "double was rolled back" in barred["decision"]["explanation"]
+    )
     assert barred["iteration"] == 5 and barred["avoid"] == [] and barred["decision_id"] is None
     at_bound = run(Scripted(["double"]), avoid=[], lr=LR_BOUNDS[1])["decision"]
     assert at_bound["action"] == "double" and at_bound["lr_after"] == LR_BOUNDS[1]

@@ -175,7 +175,9 @@ def test_one_registry_builds_plug_ins_with_the_arguments_of_the_built_ins():
 
     chat = ScriptedChatModel(script=lambda messages: "unused")
     plug_in = f"{__name__}:MyLLMSupervisor"
-    assert needs_chat_model(plug_in) and needs_chat_model("llm:compact_stats") and needs_chat_model("probe-llm")
+    assert (
+        needs_chat_model(plug_in) and needs_chat_model("llm:compact_stats") and needs_chat_model("probe-llm")
+    )
     assert not needs_chat_model("rule") and not needs_chat_model(f"{__name__}:AlwaysKeep")
     mine = make_supervisor(plug_in, chat_model=chat, strategy="compact_stats")
     builtin = make_supervisor("llm", chat_model=chat, strategy="compact_stats")

@@ -116,8 +116,12 @@ def test_parallel_calls_match_in_any_order():
     paris, rome = 'get_weather(city="Paris", days=3)', 'get_weather(city="Rome", days=2)'
     assert validate(f"[{paris}, {rome}]", FUNCTIONS, TWO).passed
     assert validate(f"[{rome}, {paris}]", FUNCTIONS, TWO).passed  # reordered
-    as_json = json.dumps([{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}},
-                          {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}])  # fmt: skip
+    as_json = json.dumps(
+        [
+            {"name": "get_weather", "arguments": {"city": "Rome", "days": 2}},
+            {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}},
+        ]
+    )
     assert validate(as_json, FUNCTIONS, TWO).passed
     assert not validate(f"[{paris}]", FUNCTIONS, TWO).passed  # one missing
     wrong = validate(f'[{paris}, get_weather(city="Rome", days=5)]', FUNCTIONS, TWO)
@@ -164,7 +168,7 @@ def test_ground_truth_answers_pass_the_checker():
         passed = 0
         for question, truth in records:
             calls = [{"name": name, "arguments": {k: _first(v) for k, v in params.items() if _first(v) is not None}}
-                     for call in truth for name, params in call.items()]  # fmt: skip
+                     for call in truth for name, params in call.items()]  # the comprehension of _gold_calls # fmt: skip
             passed += validate(json.dumps(calls), question["function"], truth).passed
         assert passed >= 0.99 * len(records), category
 
@@ -249,8 +253,12 @@ def test_tool_schemas_map_bfcl_types_to_json_schema_and_names_to_openai_names():
     assert weather["parameters"]["properties"]["coords"] == {"type": "array", "items": {"type": "number"}}
     assert NESTED["parameters"]["type"] == "dict"  # the data is not changed in place
     assert bfcl.tool_name("a" * 70 + ".b") == "a" * 64
-    tools, names = bfcl.openai_tools([{"name": "a.b", "parameters": {"type": "dict", "properties": {}}},
-                                      {"name": "a_b", "parameters": {"type": "dict", "properties": {}}}])  # fmt: skip
+    tools, names = bfcl.openai_tools(
+        [
+            {"name": "a.b", "parameters": {"type": "dict", "properties": {}}},
+            {"name": "a_b", "parameters": {"type": "dict", "properties": {}}},
+        ]
+    )
     assert sorted(names.values()) == ["a.b", "a_b"] and len(names) == 2  # no two tools share a name
 
 
@@ -270,7 +278,7 @@ def test_every_tool_of_the_data_is_an_openai_tool():
 
 def _gold_calls(truth, rename=lambda name: name):
     return [{"name": rename(name), "arguments": {k: _first(v) for k, v in params.items() if _first(v) is not None}}
-            for call in truth for name, params in call.items()]  # fmt: skip
+            for call in truth for name, params in call.items()]  # the calls of one question, as JSON # fmt: skip
 
 
 def test_tools_mode_passes_the_gold_calls_and_agrees_with_text_mode():

@@ -41,7 +41,12 @@ def solve(numbers: list[int], target: int) -> str | None:
         for i, j in itertools.combinations(range(len(items)), 2):
             (a, x), (b, y) = items[i], items[j]
             rest = tuple(item for k, item in enumerate(items) if k not in (i, j))
-            options = [(a + b, f"({x} + {y})"), (a * b, f"({x} * {y})"), (a - b, f"({x} - {y})"), (b - a, f"({y} - {x})")]  # fmt: skip
+            options = [
+                (a + b, f"({x} + {y})"),
+                (a * b, f"({x} * {y})"),
+                (a - b, f"({x} - {y})"),
+                (b - a, f"({y} - {x})"),
+            ]
             options += [(a / b, f"({x} / {y})")] if b else []
             options += [(b / a, f"({y} / {x})")] if a else []
             for value, expression in options:

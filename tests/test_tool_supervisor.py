@@ -65,7 +65,7 @@ def test_the_tool_supervisor_acts_beyond_the_three_actions(tmp_path, endpoint):
     # What went over the wire: the OpenAI tools schema, and the tool results back to the model.
     offered = {t["function"]["name"] for t in server.requests[0]["tools"]}
     assert {"set_learning_rate", "set_gradient_clipping", "save_checkpoint", "load_checkpoint", "evaluate",
-            "pause_training", "resume_training"} <= offered  # fmt: skip
+            "pause_training", "resume_training"} <= offered  # the tools a run offers # fmt: skip
     assert [m["role"] for m in server.requests[1]["messages"]][-2:] == ["tool", "tool"]
 
 

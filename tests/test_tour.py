@@ -45,7 +45,9 @@ def blocks(tmp_path, monkeypatch) -> dict[str, str]:
             module = "tour_" + path.removesuffix(".py").replace("/", "_")
             (tmp_path / f"{module}.py").write_text(body)
             package = "selfsteer." + path.removesuffix(".py").replace("/", ".")
-            renamed[package.replace("selfsteer.trainer_bridge.integrations", "selfsteer.integrations")] = module
+            renamed[package.replace("selfsteer.trainer_bridge.integrations", "selfsteer.integrations")] = (
+                module
+            )
     for header, body in found.items():
         if header.startswith("# register in "):
             for package, module in renamed.items():

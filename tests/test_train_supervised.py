@@ -18,8 +18,10 @@ def train(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dic
     args = ["train", "--recipe", "tiny", "--set", "training.max_steps=200", "--port", "0"]
     done = subprocess.run(
         [*CLI, *args, "--out", str(out), "--db", str(tmp_path / "s.sqlite"), *extra],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done, json.loads((out / "summary.json").read_text())
 
@@ -111,7 +113,7 @@ def test_self_correct_flags_reach_the_loop(tmp_path, monkeypatch):
         tmp_path, "--set", "training.learning_rate=0.1", "--supervisor", "my_supervisors:AlwaysDouble",
         "--pause-while-deciding", "--max-iterations", "3", "--self-correct", "--self-correct-budget", "0",
         "--reflector", "shipped",
-    )  # fmt: skip
+    )  # the train flags as a user types them # fmt: skip
     with Store(tmp_path / "s.sqlite") as store:
         journal = [c for c in store.list_commands(summary["run_id"]) if c["source"] == "always-double"]
     kinds = [c["type"] for c in journal if c["type"] not in ("pause", "resume")]

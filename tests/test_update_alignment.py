@@ -53,7 +53,7 @@ def plain_run(tmp_path, optimizer_class, steps=6, probe_at=None, rollback=None, 
     steer = selfsteer.attach(
         model, optimizer, max_steps=steps, train_step=train_step, evaluate=lambda: {"loss": 0.0},
         port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out", announce=False, **attach,
-    )  # fmt: skip
+    )  # the alignment loop's attach settings # fmt: skip
     for it in steer.steps():
         before = flat(model.parameters())
         loss = train_step(it)
@@ -98,11 +98,18 @@ def test_a_rollback_forgets_the_last_update_and_the_switch_turns_it_off(tmp_path
     # Saved at step 2 (after iteration 1), loaded at step 4: the loop goes on from iteration 2, on a new
     # branch, whose first step has no previous update of its own to be compared with.
     assert [(step, branch) for step, branch, _ in logged] == [
-        (1, "main"), (2, "main"), (3, "main"), (3, "again"), (4, "again"), (5, "again"),
-    ]  # fmt: skip
+        (1, "main"),
+        (2, "main"),
+        (3, "main"),
+        (3, "again"),
+        (4, "again"),
+        (5, "again"),
+    ]
     again = [entry for entry in seen if entry[0] >= 2][-4:]  # iterations 2..5 of the new branch
     assert [entry[0] for entry in again] == [2, 3, 4, 5]
-    for (step, _, value), (it, grad, _), (_, previous, _) in zip(logged[3:], again[1:], again[:-1], strict=True):
+    for (step, _, value), (it, grad, _), (_, previous, _) in zip(
+        logged[3:], again[1:], again[:-1], strict=True
+    ):
         assert it == step and value == pytest.approx(cosine(grad, previous), abs=1e-5)
     _, off = plain_run(tmp_path / "b", sgd, steps=3, update_alignment=False)
     assert off == []
@@ -123,8 +130,15 @@ def test_by_default_a_model_past_the_size_limit_pays_no_copy_unless_asked(tmp_pa
 
 
 def test_the_hf_trainer_logs_it_at_every_step_where_the_api_reads_it(tmp_path, one_torch_thread):
-    overrides = ["training.max_steps=12", "training.eval_steps=6", "training.logging_steps=1", "training.seed=1"]
-    run = RecipeRun(load_recipe("tiny", overrides), out_dir=tmp_path / "out", db=tmp_path / "runs.db", port=None)
+    overrides = [
+        "training.max_steps=12",
+        "training.eval_steps=6",
+        "training.logging_steps=1",
+        "training.seed=1",
+    ]
+    run = RecipeRun(
+        load_recipe("tiny", overrides), out_dir=tmp_path / "out", db=tmp_path / "runs.db", port=None
+    )
     try:
         run.train()
         rows = run.bridge.metrics(names=["update_alignment"])  # what GET /api/metrics answers
@@ -164,7 +178,7 @@ def test_lightning_passes_its_gradient_through_a_closure_and_is_measured_all_the
     module = Regression()
     steer = SteerCallback(port=None, db=tmp_path / "runs.db", announce=False)
     trainer = L.Trainer(max_steps=5, callbacks=[steer], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # a quiet Trainer for five steps # fmt: skip
     trainer.fit(module, data)
     rows = Store(tmp_path / "runs.db").get_metrics(steer.bridge.run_id, names=["update_alignment"])
     assert [r["step"] for r in rows] == [2, 3, 4, 5]  # as Lightning logs the loss: the step count after it
@@ -175,10 +189,14 @@ def test_lightning_passes_its_gradient_through_a_closure_and_is_measured_all_the
 
 def observed(alignment, evals=((10, 4.0), (20, 3.8)), step=20, train=None, avoid=()):
     return Observation(
-        step=step, lr=0.01, max_steps=60, eval_loss=list(evals), avoid=list(avoid),
+        step=step,
+        lr=0.01,
+        max_steps=60,
+        eval_loss=list(evals),
+        avoid=list(avoid),
         train_loss=train if train is not None else [(s, 4.0) for s in range(1, step + 1)],
         update_alignment=[(s, v) for s, v in alignment],
-    )  # fmt: skip
+    )
 
 
 def test_the_hypergradient_supervisor_reads_the_mean_alignment_of_the_last_interval():
@@ -186,12 +204,18 @@ def test_the_hypergradient_supervisor_reads_the_mean_alignment_of_the_last_inter
     assert isinstance(supervisor, HypergradientSupervisor)
     early = [(s, -0.5) for s in range(1, 11)]  # before the previous evaluation: not this interval's
     agree = supervisor.decide(observed(early + [(s, 0.2) for s in range(11, 21)]))
-    assert agree.action == "double" and "+0.200" in agree.explanation and "10 steps after step 10" in agree.explanation
+    assert (
+        agree.action == "double"
+        and "+0.200" in agree.explanation
+        and "10 steps after step 10" in agree.explanation
+    )
     oppose = supervisor.decide(observed(early + [(s, -0.04) for s in range(11, 21)]))
     assert oppose.action == "halve" and "-0.040" in oppose.explanation
     assert supervisor.decide(observed(early + [(s, 0.01) for s in range(11, 21)])).action == "keep"
     # Noisy per step, the mean decides: +0.3 and -0.1 alternating is +0.1.
-    assert supervisor.decide(observed([(s, 0.3 if s % 2 else -0.1) for s in range(11, 21)])).action == "double"
+    assert (
+        supervisor.decide(observed([(s, 0.3 if s % 2 else -0.1) for s in range(11, 21)])).action == "double"
+    )
     # The first evaluation: everything since the start.
     first = observed([(s, 0.3) for s in range(2, 11)], evals=[(10, 4.0)], step=10)
     assert first.signals().splitlines()[-1].startswith("Update alignment over the last interval: mean +0.30")
@@ -210,7 +234,10 @@ def test_the_observation_carries_the_series_from_the_metrics_and_back_from_its_r
     observation = Observation.from_metrics(rows, step=20, lr=0.01, max_steps=60)
     assert observation.update_alignment == [(s, -0.05) for s in range(2, 21)]
     assert observation.mean_alignment() == pytest.approx(-0.05)
-    assert "Update alignment over the last interval: mean -0.05 (positive: successive steps agree" in observation.signals()
+    assert (
+        "Update alignment over the last interval: mean -0.05 (positive: successive steps agree"
+        in observation.signals()
+    )
     assert Observation.from_record(observation.record()).update_alignment == observation.update_alignment
 
 
@@ -218,13 +245,18 @@ def test_a_tiny_run_under_the_hypergradient_supervisor_decides_from_the_alignmen
     from selfsteer.graphs.supervise import run_supervision
 
     def supervise(control, stop):
-        run_supervision(control, make_supervisor("hypergradient"), db=str(tmp_path / "graph.sqlite"),
-                        stop_event=stop, pause_while_deciding=True)  # fmt: skip
+        run_supervision(
+            control,
+            make_supervisor("hypergradient"),
+            db=str(tmp_path / "graph.sqlite"),
+            stop_event=stop,
+            pause_while_deciding=True,
+        )
 
     # lr 1e-4 is far too low for tiny: successive steps agree.
     recipe = load_recipe("tiny", ["training.learning_rate=1e-4", "training.max_steps=30"])
     run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
-                    hold_for_supervisor=True)  # fmt: skip
+                    hold_for_supervisor=True)  # the held run of test_probe's # fmt: skip
     try:
         summary = run.train()
     finally:
@@ -242,8 +274,9 @@ def test_under_ddp_each_step_is_logged_once_by_rank_0_and_a_rollback_starts_afre
     with Store(tmp_path / "runs.db") as store:
         rows = store.get_metrics(ranks[0]["run_id"], names=["update_alignment"])
     assert sorted((r["branch"], r["step"]) for r in rows) == [
-        *(("main", s) for s in range(1, 11)), *(("retry", s) for s in range(7, 16)),
-    ]  # fmt: skip
+        *(("main", s) for s in range(1, 11)),
+        *(("retry", s) for s in range(7, 16)),
+    ]
     # The branch's first steps repeat main's from the same weights, optimizer and batches.
     values = {(r["branch"], r["step"]): r["value"] for r in rows}
     assert values["retry", 7] == pytest.approx(values["main", 7], abs=1e-6)

@@ -19,8 +19,14 @@ from selfsteer.trainer_bridge.store.runs import lineage
 
 # What graphs and agents see of the bridge: these, not the bridge's own modules.
 __all__ = [
-    "LR_BOUNDS", "BridgeClient", "BridgeHTTPError", "BridgeTools", "CommandTimeout", "LocalRunControl", "RunControl",
-]  # fmt: skip
+    "LR_BOUNDS",
+    "BridgeClient",
+    "BridgeHTTPError",
+    "BridgeTools",
+    "CommandTimeout",
+    "LocalRunControl",
+    "RunControl",
+]
 
 
 PROBE_WAIT_S = 900.0
@@ -125,5 +131,5 @@ class BridgeTools:
             self.read_state, read_metrics_window, set_learning_rate, set_gradient_clipping, pause_training,
             resume_training, probe_learning_rates,
             self.save_checkpoint, self.load_checkpoint, self.evaluate,
-        ]  # fmt: skip
+        ]  # reads, commands, then checkpoints # fmt: skip
         return [StructuredTool.from_function(f) for f in functions]

@@ -124,7 +124,9 @@ class UpdateAlignment:
     @torch.no_grad()
     def _before_step(self) -> None:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
-        if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params, strict=True)):
+        if len(params) != len(self._params) or any(
+            a is not b for a, b in zip(params, self._params, strict=True)
+        ):
             self._allocate(params)  # the first step, or the optimizer's parameters changed: start over
         if self._have_update:
             self._value = self._cosine()
@@ -137,7 +139,9 @@ class UpdateAlignment:
         sizes: dict[torch.device, int] = {}
         for p in params:
             sizes[p.device] = sizes.get(p.device, 0) + p.numel()
-        self._flats = {device: torch.empty(n, dtype=torch.float32, device=device) for device, n in sizes.items()}
+        self._flats = {
+            device: torch.empty(n, dtype=torch.float32, device=device) for device, n in sizes.items()
+        }
         offsets = dict.fromkeys(sizes, 0)
         self._params, self._buffers, self._spans = params, [], []
         for p in params:

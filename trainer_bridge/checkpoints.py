@@ -174,5 +174,3 @@ def list_branches(store: Store, run_id: str) -> list[dict]:
                 }
             )
     return branches
-
-

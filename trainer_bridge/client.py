@@ -113,7 +113,9 @@ class _Commands:
     def stop(self, idempotency_key: str | None = None):
         return self.send("stop", idempotency_key=idempotency_key)
 
-    def save_checkpoint(self, name: str | None = None, idempotency_key: str | None = None, memory: bool = False):
+    def save_checkpoint(
+        self, name: str | None = None, idempotency_key: str | None = None, memory: bool = False
+    ):
         args = _drop_none({"name": name}) | ({"memory": True} if memory else {})
         return self.send("save_checkpoint", idempotency_key=idempotency_key, **args)
 
@@ -206,11 +208,15 @@ class BridgeClient(_Commands):
 
     def update_decision(self, decision_id: int, update: DecisionUpdate) -> Decision:
         body = update.model_dump(mode="json", exclude_none=True)
-        return Decision.model_validate(_raise_for(self.http.patch(f"/api/decisions/{decision_id}", json=body)))
+        return Decision.model_validate(
+            _raise_for(self.http.patch(f"/api/decisions/{decision_id}", json=body))
+        )
 
     def reflections(self, agent: str | None = None, limit: int = 5) -> list[Decision]:
         """The latest decisions judged failures, newest first, of every run in the run's store."""
-        rows = _raise_for(self.http.get("/api/reflections", params=_drop_none({"agent": agent, "limit": limit})))
+        rows = _raise_for(
+            self.http.get("/api/reflections", params=_drop_none({"agent": agent, "limit": limit}))
+        )
         return [Decision.model_validate(row) for row in rows]
 
     def wait(self, uuid: str, timeout: float = 60.0, poll_s: float = 0.05) -> dict:
@@ -308,11 +314,16 @@ class AsyncBridgeClient(_Commands):
 
     async def update_decision(self, decision_id: int, update: DecisionUpdate) -> Decision:
         body = update.model_dump(mode="json", exclude_none=True)
-        return Decision.model_validate(_raise_for(await self.http.patch(f"/api/decisions/{decision_id}", json=body)))
+        return Decision.model_validate(
+            _raise_for(await self.http.patch(f"/api/decisions/{decision_id}", json=body))
+        )
 
     async def reflections(self, agent: str | None = None, limit: int = 5) -> list[Decision]:
         params = _drop_none({"agent": agent, "limit": limit})
-        return [Decision.model_validate(row) for row in _raise_for(await self.http.get("/api/reflections", params=params))]
+        return [
+            Decision.model_validate(row)
+            for row in _raise_for(await self.http.get("/api/reflections", params=params))
+        ]
 
     async def wait(self, uuid: str, timeout: float = 60.0, poll_s: float = 0.05) -> dict:
         deadline = time.monotonic() + timeout

@@ -222,7 +222,9 @@ class LoadCheckpointArgs(Args):
 
 
 ProbeFactor = bounded(
-    1 / 64, 64, "A multiple of the lr in force that one arm of the probe trains at (clamped to the lr bounds)."
+    1 / 64,
+    64,
+    "A multiple of the lr in force that one arm of the probe trains at (clamped to the lr bounds).",
 )
 
 

@@ -93,7 +93,9 @@ def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
             "train_step=fn), fn(step) doing one optimizer step and returning its loss)"
         )
     if ctx.eval_slice is None:
-        raise CommandError("this loop cannot be probed: it has no evaluation (pass evaluate= or probe_evaluate=)")
+        raise CommandError(
+            "this loop cannot be probed: it has no evaluation (pass evaluate= or probe_evaluate=)"
+        )
     if ctx.optimizer is None:
         raise CommandError("the optimizer does not exist yet (training has not started)")
     started = time.perf_counter()
@@ -125,7 +127,7 @@ def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
             arms.append({
                 "factor": factor, "lr": lr, "train_loss": train_loss, "eval_loss": [list(p) for p in curve],
                 "final": curve[-1][1], "estimate": estimate, "diverged": not math.isfinite(estimate),
-            })  # fmt: skip
+            })  # one arm per factor # fmt: skip
     finally:
         snapshots.restore(snapshot, model, optimizer, scheduler)
         model.train(was_training)

@@ -140,6 +140,7 @@ def parse_recipe(
 
     source: the file it came from; overridden: the dotted keys a --set gave (errors name those instead).
     output_dir: the TrainingArguments' output_dir (None: transformers' placeholder, for a check only)."""
+
     def where(key: str) -> str:
         return f"{source}: --set {key}" if key in overridden else f"{source}: {key}"
 

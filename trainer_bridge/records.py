@@ -215,9 +215,13 @@ class Decision(DecisionFields):
     run_id: str
     created_at: float
     outcome: Any = Field(default=None, description="how the eval loss moved by the next observation")
-    rolled_back: bool = Field(default=False, description="judged a failure at the next evaluation and rolled back")
+    rolled_back: bool = Field(
+        default=False, description="judged a failure at the next evaluation and rolled back"
+    )
     reflection: str | None = Field(default=None, description="why it failed, by the supervisor itself")
-    command: str | None = Field(default=None, description="uuid of the command that carried it out (none: keep)")
+    command: str | None = Field(
+        default=None, description="uuid of the command that carried it out (none: keep)"
+    )
     applied_step: int | None = Field(
         default=None,
         description="the step its command took effect (null: nothing sent, or not applied); `step` is "
@@ -235,9 +239,11 @@ class DecisionUpdate(Record):
     reflection: str | None = Field(default=None, min_length=1, max_length=4000)
     rolled_back: StrictBool | None = None
     command: str | None = Field(
-        default=None, min_length=1, max_length=64,
+        default=None,
+        min_length=1,
+        max_length=64,
         description="uuid of this run's command that carries the decision out",
-    )  # fmt: skip
+    )
 
 
 class NewEpisode(Record):

@@ -313,13 +313,16 @@ def create_history_app(
 def add_decision_routes(app: FastAPI, bridge: "Bridge") -> None:
     """A live run's decisions. Every writer of a run goes through its server: a supervisor attached by
     URL records its decisions here, in the run's own store, and needs nothing else."""
+
     @app.get("/api/decisions", responses=NEXT_PAGE)
     def get_decisions(
         request: Request,
         response: Response,
         after_id: AfterId = 0,
         limit: Limit = LIST_PAGE,
-        key: Annotated[str | None, Query(max_length=400, description="Only the decision under this key.")] = None,
+        key: Annotated[
+            str | None, Query(max_length=400, description="Only the decision under this key.")
+        ] = None,
     ) -> list[Decision]:
         if key is not None:
             return bridge.decisions(key=key, after_id=after_id)
@@ -341,7 +344,9 @@ def add_decision_routes(app: FastAPI, bridge: "Bridge") -> None:
             raise HTTPException(404, str(exc)) from None
 
     @app.patch("/api/decisions/{decision_id}", responses={**NOT_FOUND, 400: _error("The body is not JSON.")})
-    def patch_decision(decision_id: Annotated[int, Path(ge=1, le=MAX_INT)], update: DecisionUpdate) -> Decision:
+    def patch_decision(
+        decision_id: Annotated[int, Path(ge=1, le=MAX_INT)], update: DecisionUpdate
+    ) -> Decision:
         """What followed a decision: its outcome; under self-correction, the reflection on it and whether
         the run was rolled back to before it."""
         try:
@@ -359,9 +364,9 @@ def add_decision_routes(app: FastAPI, bridge: "Bridge") -> None:
         return bridge.store.list_reflections(agent=agent, limit=limit)
 
 
-
 def add_command_routes(app: FastAPI, bridge: "Bridge", bodies: CommandBodies) -> None:
     """A live run's commands: sent, listed, looked up, and the types it takes."""
+
     @app.post(
         "/api/commands",
         responses={
@@ -405,9 +410,9 @@ def add_command_routes(app: FastAPI, bridge: "Bridge", bodies: CommandBodies) ->
         return bridge.registry.describe()
 
 
-
 def add_event_route(app: FastAPI, bridge: "Bridge", hub: EventHub, origins: list[str]) -> None:
     """`/api/events`: the run's state, then every change (metric points, commands, decisions) as it comes."""
+
     @app.websocket("/api/events")
     async def events(websocket: WebSocket) -> None:
         origin = websocket.headers.get("origin")
@@ -436,7 +441,6 @@ def add_event_route(app: FastAPI, bridge: "Bridge", hub: EventHub, origins: list
             pass  # a dropped client is its own business
         finally:
             hub.subscribers.discard(queue)
-
 
 
 def create_app(

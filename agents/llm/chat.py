@@ -361,9 +361,14 @@ class LocalChatModel(BaseChatModel):
             {"temperature": 0.0} if attempt == 0 else {"temperature": 0.8, "seed": (self.seed or 0) + attempt}
         )
         return structured_json_text(
-            self.engine, self._prompt_ids(messages), schema, field_max_chars=self.field_max_chars,
-            field_max_tokens=self.field_max_tokens, timeout=self.timeout, **sampling,
-        )  # fmt: skip
+            self.engine,
+            self._prompt_ids(messages),
+            schema,
+            field_max_chars=self.field_max_chars,
+            field_max_tokens=self.field_max_tokens,
+            timeout=self.timeout,
+            **sampling,
+        )
 
 
 def structured_json_text(

@@ -166,7 +166,9 @@ def engine_error(error: BaseException) -> OpenAIError | None:
         return shutting_down(error)
     if isinstance(error, TimeoutError):
         return OpenAIError(
-            504, "the model did not answer within the server's timeout: try again later",
-            type="server_error", code="timeout",
-        )  # fmt: skip
+            504,
+            "the model did not answer within the server's timeout: try again later",
+            type="server_error",
+            code="timeout",
+        )
     return None

@@ -136,9 +136,11 @@ def _engine_options(
             if (failure := engine_error(error)) is not None:  # not the schema: the engine
                 raise failure from error
             raise OpenAIError(
-                400, f"invalid JSON schema in tools: {clip(_xgrammar_reason(error))}", param="tools",
+                400,
+                f"invalid JSON schema in tools: {clip(_xgrammar_reason(error))}",
+                param="tools",
                 code="invalid_schema",
-            ) from error  # fmt: skip
+            ) from error
     context = engine.model.config.max_position_embeddings
     room = context - len(prompt_ids)
     if room < 1:  # OpenAI's code for this, which clients (langchain-openai) map to their overflow error
@@ -299,7 +301,12 @@ def create_app(
     auth_errors = (401,) if api_key is not None else ()
     created = int(time.time())
 
-    @app.get("/v1/models", dependencies=authorized, response_model=ModelList, responses=error_responses(*auth_errors))
+    @app.get(
+        "/v1/models",
+        dependencies=authorized,
+        response_model=ModelList,
+        responses=error_responses(*auth_errors),
+    )
     async def list_models():
         return {
             "object": "list",
@@ -320,7 +327,9 @@ def create_app(
             )
         schema = _field_by_field_schema(body, options, is_call)
         if schema is not None:
-            answer = await _structured_completion(engine, schema, prompt_ids, options, engine_timeout_s, request, meta)
+            answer = await _structured_completion(
+                engine, schema, prompt_ids, options, engine_timeout_s, request, meta
+            )
             if answer is not None:
                 return answer
         return await _completion(engine, prompt_ids, options, request, meta, is_call)
@@ -346,7 +355,13 @@ def create_app(
 
 
 async def _structured_completion(
-    engine, schema: dict, prompt_ids: list[int], options: dict, timeout_s: float | None, request: Request, meta: dict
+    engine,
+    schema: dict,
+    prompt_ids: list[int],
+    options: dict,
+    timeout_s: float | None,
+    request: Request,
+    meta: dict,
 ):
     """A JSON answer decoded field by field (`_structured_answer`): several engine calls on a pool thread.
     The connection is watched as for one answer: a client that goes away cancels the field in progress and
@@ -373,15 +388,26 @@ async def _structured_completion(
     return {
         **meta,
         "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                  "total_tokens": len(prompt_ids) + completion_tokens},
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(prompt_ids) + completion_tokens,
+        },
         "system_fingerprint": None,
-    }  # fmt: skip
+    }
 
 
-async def _completion(engine, prompt_ids: list[int], options: dict, request: Request, meta: dict, is_call: bool):
+async def _completion(
+    engine, prompt_ids: list[int], options: dict, request: Request, meta: dict, is_call: bool
+):
     """One answer. Requests in the engine at the same time share its forward passes. While it generates,
     the connection is watched: a client that goes away cancels its answer (the engine drops it before its
     next decode step), instead of generating for nobody."""
@@ -403,7 +429,11 @@ async def _completion(engine, prompt_ids: list[int], options: dict, request: Req
         calls = split_tool_calls(generation.text)
         message["content"] = None
         message["tool_calls"] = [
-            {"id": new_call_id(), "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            {
+                "id": new_call_id(),
+                "type": "function",
+                "function": {"name": c["name"], "arguments": c["arguments"]},
+            }
             for c in calls
         ] or None
         finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
@@ -461,7 +491,7 @@ def _structured_answer(
         text = structured_json_text(
             engine, prompt_ids, schema, field_max_chars=budget, field_max_tokens=budget, max_tokens=budget,
             timeout=timeout, cancel=cancel, temperature=0.0,
-        )  # fmt: skip
+        )  # the budget caps every limit alike # fmt: skip
     except Exception as error:
         if (failure := engine_error(error)) is not None:
             raise failure from error

@@ -114,8 +114,12 @@ def _without_titles(schema: Any) -> Any:
 
 def tools_system_prompt(spec: ToolSpec, system: str = "") -> str:
     """The system prompt that lists the tools (compact JSON), after the conversation's own one."""
-    listed = [_without_titles(f) if f["description"] else _without_titles(
-        {"name": f["name"], "parameters": f["parameters"]}) for f in spec.functions]  # fmt: skip
+    listed = [
+        _without_titles(f)
+        if f["description"]
+        else _without_titles({"name": f["name"], "parameters": f["parameters"]})
+        for f in spec.functions
+    ]
     prompt = TOOLS_PROMPT.format(tools=json.dumps(listed, ensure_ascii=False))
     return f"{system}\n\n{prompt}" if system else prompt
 

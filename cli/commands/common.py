@@ -25,9 +25,16 @@ def supervisor_from_args(args: argparse.Namespace):
 def self_correction_from_args(args: argparse.Namespace):
     """The SelfCorrection the flags ask for, or None without --self-correct."""
     if not getattr(args, "self_correct", False):
-        given = [flag for flag, value in (("--self-correct-margin", args.self_correct_margin),
-                 ("--self-correct-budget", args.self_correct_budget), ("--reflector", args.reflector),
-                 ("--remember-reflections", args.remember_reflections or None)) if value is not None]  # fmt: skip
+        given = [
+            flag
+            for flag, value in (
+                ("--self-correct-margin", args.self_correct_margin),
+                ("--self-correct-budget", args.self_correct_budget),
+                ("--reflector", args.reflector),
+                ("--remember-reflections", args.remember_reflections or None),
+            )
+            if value is not None
+        ]
         if given:
             raise ValueError(f"{', '.join(given)}: only with --self-correct")
         return None
@@ -59,7 +66,7 @@ def supervisor_thread_from_args(
                 run, supervisor, db=db, token=getattr(args, "token", None), stop_event=stop_event,
                 max_iterations=args.max_iterations, every_steps=args.every_steps,
                 pause_while_deciding=pause_while_deciding, thread_id=thread_id, self_correct=self_correct,
-            )  # fmt: skip
+            )  # the supervise flags, passed through # fmt: skip
         except Exception:
             print("supervisor crashed; training goes on with its current settings:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)

@@ -67,7 +67,7 @@ def _collect(args: argparse.Namespace) -> int:
         out=args.out, specs=specs[: args.limit] if args.limit else specs, shard=shard,
         retries=args.retries, ray=args.ray, ray_address=args.ray_address, ray_cpus=args.ray_cpus,
         cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
-    )  # fmt: skip
+    )  # collect's flags into its config # fmt: skip
     failures: list[dict] = []
     summaries = collect(config, failures=failures)
     rows = sum(s["rows"] for s in summaries)

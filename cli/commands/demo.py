@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
     decision: LRDecision = answer["parsed"] or keep_decision(answer["parsing_error"])
     fell_back = answer["parsing_error"] is not None
     new_lr = {"double": args.lr * 2, "halve": args.lr / 2, "keep": args.lr}[decision.action]
-    console.print(f"[bold]Decision[/] ({latency:.2f} s{', fallback' if fell_back else ''}): {decision.action} "
-                  f"-> learning rate {new_lr:g}\n[bold]Explanation[/]: {decision.explanation}")  # fmt: skip
+    console.print(
+        f"[bold]Decision[/] ({latency:.2f} s{', fallback' if fell_back else ''}): {decision.action} "
+        f"-> learning rate {new_lr:g}\n[bold]Explanation[/]: {decision.explanation}"
+    )
 
     with Store(args.db or DEFAULT_DB_PATH) as store:
         run_id = store.create_run("demo-decision", kind="demo", config={"llm": args.llm, "lr": args.lr})
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             explanation=decision.explanation, model=args.llm, strategy="demo",
             observation={"text": observation}, raw_output=answer["raw"].content if answer["raw"] else None,
             lr_before=args.lr, lr_after=new_lr, latency_s=latency, fallback=fell_back,
-        ))  # fmt: skip
+        ))  # the demo's one decision, field by field # fmt: skip
         store.finish_run(run_id, summary={"action": decision.action, "latency_s": latency})
     console.print(f"stored as run {run_id} in {args.db or DEFAULT_DB_PATH}")
     return 0

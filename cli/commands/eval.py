@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         llm=args.llm, base_url=args.base_url, api_key=args.api_key, retries=args.retries, hold=args.hold,
         ray=args.ray, ray_address=args.ray_address, ray_cpus=args.ray_cpus,
         cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent, reflector=args.reflector,
-    )  # fmt: skip
+    )  # lr-suite's flags into its config # fmt: skip
     if args.lrs is not None:
         config.lrs = dict.fromkeys(config.recipes, args.lrs)
     if args.grid is not None:
@@ -42,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     known = (*(name for name in BUILT_IN if name not in ("human", "tools")), *NOT_SUPERVISORS)
     corrected = [s for s in config.supervisors if "+" in s and s.partition("+")[0] in NOT_SUPERVISORS]
     if corrected:
-        print(f"selfsteer eval lr-suite: {', '.join(corrected)}: no self-correction for a row that is no "
-              "supervisor (a baseline or a population)", file=sys.stderr)  # fmt: skip
+        print(
+            f"selfsteer eval lr-suite: {', '.join(corrected)}: no self-correction for a row that is no "
+            "supervisor (a baseline or a population)",
+            file=sys.stderr,
+        )
         return 2
     named = [s.partition("+")[0] for s in config.supervisors]
     # `module:Class` is a plug-in: the run itself reports one that cannot be loaded.

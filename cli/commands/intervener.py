@@ -24,6 +24,7 @@ from selfsteer.cli.intervener import TRAIN_DESCRIPTION
 
 def train_parser():
     """TRL's parser of IntervenerConfig, with `--config FILE.yaml` (imports torch, transformers and TRL)."""
+
     class Parser(TrlParser):
         def error(self, message):  # the message without the usage of 200 flags
             self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")

@@ -70,7 +70,7 @@ def _episodes(args, llm, problems, store, model_name: str, strategy: str | None 
     results = run_episodes(
         llm, problems, config, store, concurrency=args.concurrency, progress=True,
         model_name=model_name, run_id=run_id, seed=args.seed,
-    )  # fmt: skip
+    )  # reflect eval's settings, passed through # fmt: skip
     return results, run_id, time.perf_counter() - started
 
 
@@ -83,11 +83,16 @@ def _write_episodes(path: Path, results) -> None:
     with path.open("w") as file:
         for r in results:
             record = {
-                "problem_id": r.problem_id, "episode_id": r.episode_id, "passed_first": r.passed_first,
-                "passed_final": r.passed_final, "rewards": r.rewards,
-                "attempts": [{k: a.get(k) for k in ("response", "passed", "reason", "cost")} for a in r.attempts],
+                "problem_id": r.problem_id,
+                "episode_id": r.episode_id,
+                "passed_first": r.passed_first,
+                "passed_final": r.passed_final,
+                "rewards": r.rewards,
+                "attempts": [
+                    {k: a.get(k) for k in ("response", "passed", "reason", "cost")} for a in r.attempts
+                ],
                 "reflections": [{k: x[k] for k in ("text", "n_tokens")} for x in r.reflections],
-            }  # fmt: skip
+            }
             file.write(json.dumps(record) + "\n")
 
 
@@ -249,8 +254,10 @@ def _act(args, problems, store, console, out: Path | None) -> int:
         first = sum(r.passed_first for r in results)
         final = sum(r.passed_final for r in results)
         store.finish_run(run_id, "finished", summary={"n": len(results), "first": first, "final": final})
-        console.print(f"{first}/{len(results)} first try, {final}/{len(results)} after retries, {wall:.1f} s "
-                      f"(run {run_id} in {store.path})")  # fmt: skip
+        console.print(
+            f"{first}/{len(results)} first try, {final}/{len(results)} after retries, {wall:.1f} s "
+            f"(run {run_id} in {store.path})"
+        )
         if out:
             _write_episodes(out / "episodes.jsonl", results)
         return 0
@@ -268,9 +275,12 @@ def _act(args, problems, store, console, out: Path | None) -> int:
                     args, problems, store, console, args.checkpoint, strategy, strategy
                 )
         summary.update(
-            task=args.task, call_mode=args.call_mode, split=args.split, strategy=args.strategy,
+            task=args.task,
+            call_mode=args.call_mode,
+            split=args.split,
+            strategy=args.strategy,
             max_retries=args.max_retries,
-        )  # fmt: skip
+        )
         if out:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             console.print(f"wrote {out / 'summary.json'}")
@@ -299,7 +309,7 @@ def _train(args, problems, console, out: Path | None) -> int:
             "max_retry_tokens": args.retry_tokens,
             "save_steps": args.save_steps, "seed": args.seed, "use_cpu": DEVICE_USE_CPU[args.device],
             "temperature": args.temperature, "lora_r": args.lora_r, **options,
-        })  # fmt: skip
+        })  # the GRPO flags into its config # fmt: skip
     except (TypeError, ValueError) as error:
         console.print(f"[red]error:[/] GRPO options: {error}")
         return 2
@@ -321,8 +331,10 @@ def _train(args, problems, console, out: Path | None) -> int:
     rollout, engine = args.rollout, None
     if rollout == "engine":
         engine = LocalEngine
-    console.print(f"GRPO: {args.steps} steps x {args.prompts_per_step} failure(s) x {args.group_size} reflections, "
-                  f"rollouts by {rollout}, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'every weight'}")  # fmt: skip
+    console.print(
+        f"GRPO: {args.steps} steps x {args.prompts_per_step} failure(s) x {args.group_size} reflections, "
+        f"rollouts by {rollout}, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'every weight'}"
+    )
     result = train(
         config,
         rows,
@@ -337,17 +349,21 @@ def _train(args, problems, console, out: Path | None) -> int:
         "wall_s": time.perf_counter() - started, "final_model": result["final_model"],
         "resumed_from": result["resumed_from"], "config": config.to_dict(),
         "reward_per_step": [entry["reward"] for entry in log], "train_metrics": result["metrics"],
-    }  # fmt: skip
+    }  # summary.json's fields # fmt: skip
     zero_std = [entry.get("frac_reward_zero_std", 0.0) for entry in log]
     summary["frac_reward_zero_std"] = sum(zero_std) / len(zero_std) if zero_std else None
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if log:
         plot_grpo(result["log_history"], out / "reward.png", f"GRPO on reflections: {args.task}")
-    console.print(f"trained {args.steps} steps in {summary['wall_s']:.0f} s; policy in {result['final_model']}; "
-                  f"mean reward per step: {[round(r, 3) for r in summary['reward_per_step']]}")  # fmt: skip
+    console.print(
+        f"trained {args.steps} steps in {summary['wall_s']:.0f} s; policy in {result['final_model']}; "
+        f"mean reward per step: {[round(r, 3) for r in summary['reward_per_step']]}"
+    )
     if zero_std and min(zero_std) >= 1.0:
-        console.print("[yellow]warning:[/] in every group all reflections earned the same reward, so every "
-                      "advantage and every loss was zero and the weights did not move. The model never (or "
-                      "always) passes on the retry: use a stronger model or an easier task (Bensal et al.: "
-                      "models under 1.5B parameters barely gain).")  # fmt: skip
+        console.print(
+            "[yellow]warning:[/] in every group all reflections earned the same reward, so every "
+            "advantage and every loss was zero and the weights did not move. The model never (or "
+            "always) passes on the retry: use a stronger model or an easier task (Bensal et al.: "
+            "models under 1.5B parameters barely gain)."
+        )
     return 0

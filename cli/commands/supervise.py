@@ -33,10 +33,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"supervising run {state.get('run_id')} at {args.url} with {supervisor.name}", flush=True)
     try:
         final = run_supervision(
-            args.url, supervisor, db=args.db, token=args.token,
-            max_iterations=args.max_iterations, every_steps=args.every_steps,
-            self_correct=self_correct, on_decision=print_decision,
-        )  # fmt: skip
+            args.url,
+            supervisor,
+            db=args.db,
+            token=args.token,
+            max_iterations=args.max_iterations,
+            every_steps=args.every_steps,
+            self_correct=self_correct,
+            on_decision=print_decision,
+        )
     except Exception as error:
         print(f"selfsteer supervise: {describe_llm_error(error, args.llm, args.base_url)}", file=sys.stderr)
         return 1

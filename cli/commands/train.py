@@ -43,10 +43,12 @@ def run(args: argparse.Namespace) -> int:
     args.supervisor = args.supervisor or recipe["supervisor"].get("type", "none")
     try:
         supervisor = supervisor_thread_from_args(
-            args, db=args.db, pause_while_deciding=args.pause_while_deciding,
+            args,
+            db=args.db,
+            pause_while_deciding=args.pause_while_deciding,
             # A resumed run's supervisor starts afresh: the old loop's state belongs to the old branch.
             thread_id=f"supervise:{args.resume}:resume-{time.time():.0f}" if resume else None,
-        )  # fmt: skip
+        )
     except (ValueError, ChatModelConfigError) as exc:
         print(f"selfsteer train: {exc}", file=sys.stderr)
         return 2
@@ -85,7 +87,10 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor, resume=
         summary = run.train()
     finally:
         run.close()
-    shown = {k: summary[k] for k in ("final_eval_loss", "best_eval_loss", "steps", "compute_steps", "wall_s", "commands")}
+    shown = {
+        k: summary[k]
+        for k in ("final_eval_loss", "best_eval_loss", "steps", "compute_steps", "wall_s", "commands")
+    }
     print(json.dumps(shown))
     if summary.get("decisions"):
         print_decisions(summary["decisions"])

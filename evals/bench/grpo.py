@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     report = {"task": args.task, "generations": args.generations, "tokens": args.tokens, "signal": args.signal,
-              "retry_tokens": args.retry_tokens, "torch_threads": torch.get_num_threads(), "modes": {}}  # fmt: skip
+              "retry_tokens": args.retry_tokens, "torch_threads": torch.get_num_threads(), "modes": {}}  # the report's header fields # fmt: skip
     for mode in args.modes.split(","):
         parts: dict[str, list[float]] = {"generate": [], "reward": [], "step": []}
         reward = reflection_reward(problems)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_retry_tokens=args.retry_tokens, save_steps=10_000, use_cpu=True,
             lora_r=16 if mode.endswith("-lora") else 0, skip_zero_advantage=mode != "plain",
             shuffle_dataset=False, activation_checkpointing=mode == "plain",  # plain: TRL's own default
-        )  # fmt: skip
+        )  # the timed mode's config # fmt: skip
         engine = LocalEngine if mode.startswith("engine") else None
         trainer = build_trainer(config, rows, timed_reward, engine_factory=engine)
         generate = trainer._generate
@@ -117,10 +117,15 @@ def main(argv: list[str] | None = None) -> dict:
         timed = {k: v[1:] for k, v in parts.items()}  # the first step warms up
         median = {k: statistics.median(v) for k, v in timed.items()}
         median["rest"] = median["step"] - median["generate"] - median["reward"]
-        report["modes"][mode] = {"median_s": {k: round(v, 2) for k, v in median.items()},
-                                 "steps_s": [round(x, 2) for x in timed["step"]]}  # fmt: skip
-        print(f"{mode:12s} step {median['step']:6.2f} s   generate {median['generate']:5.2f}   "
-              f"reward {median['reward']:5.2f}   rest {median['rest']:5.2f}", flush=True)  # fmt: skip
+        report["modes"][mode] = {
+            "median_s": {k: round(v, 2) for k, v in median.items()},
+            "steps_s": [round(x, 2) for x in timed["step"]],
+        }
+        print(
+            f"{mode:12s} step {median['step']:6.2f} s   generate {median['generate']:5.2f}   "
+            f"reward {median['reward']:5.2f}   rest {median['rest']:5.2f}",
+            flush=True,
+        )
     print(json.dumps(report, indent=2))
     return report
 

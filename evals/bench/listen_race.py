@@ -46,7 +46,7 @@ def server_commands(workdir: Path) -> dict[str, list[str]]:
             "train", "--recipe", "tiny", "--port", "0", "--set", "training.max_steps=100000",
             "--db", str(workdir / "train.sqlite"), "--out", str(workdir / "train"),
         ],
-    }  # fmt: skip
+    }  # the train command as a user types it # fmt: skip
 
 
 def trial(argv: list[str], timeout: float = 120.0) -> tuple[bool, str, float]:

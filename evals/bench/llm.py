@@ -77,9 +77,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="paired batch/sequential rounds (default 3)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     parser.add_argument(
-        "--intervener", nargs="?", const="shipped", default=None, metavar="DIR",
+        "--intervener",
+        nargs="?",
+        const="shipped",
+        default=None,
+        metavar="DIR",
         help="time the intervener instead (the shipped adapter, or DIR)",
-    )  # fmt: skip
+    )
     parser.add_argument("--tools", action="store_true", help="time one tool call instead")
     args = parser.parse_args()
     if args.tools:
@@ -202,8 +206,10 @@ def bench_intervener(adapter: str, decisions: int) -> None:
 
     server = subprocess.Popen(
         [sys.executable, "-m", "selfsteer.cli.main", "serve-llm", "--port", "0", "--adapter", str(adapter)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"(http://\S+/v1)", line)))
         for explanations in ("template", "model"):

@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - started
         calls = engine.stats["requests"] - before["requests"]
         batches = engine.stats["batches"] - before["batches"]
-        return results, {"episodes": len(subset), "wall_s": round(wall, 2), "episodes_per_s": len(subset) / wall,
-                         "model_calls": calls, "forward_batches": batches}  # fmt: skip
+        return results, {
+            "episodes": len(subset),
+            "wall_s": round(wall, 2),
+            "episodes_per_s": len(subset) / wall,
+            "model_calls": calls,
+            "forward_batches": batches,
+        }
 
     sequential_results, sequential = timed(problems[: args.sequential], concurrency=1)
     concurrent_results, concurrent = timed(problems, concurrency=args.episodes)
@@ -56,10 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
         for a, b in zip(sequential_results, concurrent_results, strict=False)
     )
     report = {
-        "task": args.task, "strategy": args.strategy, "max_tokens": args.max_tokens,
-        "torch_threads": torch.get_num_threads(), "one_at_a_time": sequential, "concurrent": concurrent,
-        "speedup": concurrent["episodes_per_s"] / sequential["episodes_per_s"], "same_answers": same,
-    }  # fmt: skip
+        "task": args.task,
+        "strategy": args.strategy,
+        "max_tokens": args.max_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "one_at_a_time": sequential,
+        "concurrent": concurrent,
+        "speedup": concurrent["episodes_per_s"] / sequential["episodes_per_s"],
+        "same_answers": same,
+    }
     print(json.dumps(report, indent=2))
     print(
         f"one at a time: {sequential['episodes_per_s']:.3f} episodes/s   "

@@ -57,14 +57,20 @@ def one_run(road: str, out: Path, steps: int, eval_steps: int) -> dict:
     def supervise(control, stop):
         # The HTTP road is the same supervisor given the run's URL instead of the in-process control.
         run = control.url if road == "http" else control
-        run_supervision(run, supervisor, db=str(out / "graph.sqlite"), stop_event=stop, pause_while_deciding=True)
+        run_supervision(
+            run, supervisor, db=str(out / "graph.sqlite"), stop_event=stop, pause_while_deciding=True
+        )
 
     recipe = load_recipe("tiny", [f"training.max_steps={steps}", f"training.eval_steps={eval_steps}"])
     with RequestCounter() as requests:
         run = RecipeRun(
-            recipe, out_dir=out / "run", db=db, port=0,
-            supervisor=None if road == "none" else supervise, hold_for_supervisor=road != "none",
-        )  # fmt: skip
+            recipe,
+            out_dir=out / "run",
+            db=db,
+            port=0,
+            supervisor=None if road == "none" else supervise,
+            hold_for_supervisor=road != "none",
+        )
         try:
             summary = run.train()
             transactions = run.bridge.store.transactions
@@ -81,7 +87,9 @@ def one_run(road: str, out: Path, steps: int, eval_steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,17 +102,23 @@ def main(argv: list[str] | None = None) -> None:
                 row = one_run(road, Path(tmp) / f"{round_}-{road}", args.steps, args.eval_steps)
                 rows.append(row)
                 print(f"round {round_} {road:5s}: {row}", flush=True)
-    median = {road: {k: statistics.median(r[k] for r in rows if r["road"] == road) for k in rows[0] if k != "road"}
-              for road in ROADS}  # fmt: skip
+    median = {
+        road: {k: statistics.median(r[k] for r in rows if r["road"] == road) for k in rows[0] if k != "road"}
+        for road in ROADS
+    }
     base = median["none"]["transactions"]
     print(f"\n{args.rounds} rounds, tiny recipe, {args.steps} steps, eval every {args.eval_steps}; medians:")
-    print("| road | decisions | HTTP requests | per decision | SQLite transactions | above baseline per decision | wall s |")
+    print(
+        "| road | decisions | HTTP requests | per decision | SQLite transactions | above baseline per decision | wall s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for road in ROADS:
         m = median[road]
         per = m["requests"] / m["decisions"] if m["decisions"] else 0
         extra = (m["transactions"] - base) / m["decisions"] if m["decisions"] else 0
-        print(f"| {road} | {m['decisions']:.0f} | {m['requests']:.0f} | {per:.1f} | {m['transactions']:.0f} | {extra:.1f} | {m['wall_s']:.2f} |")
+        print(
+            f"| {road} | {m['decisions']:.0f} | {m['requests']:.0f} | {per:.1f} | {m['transactions']:.0f} | {extra:.1f} | {m['wall_s']:.2f} |"
+        )
     if median["http"]["wall_s"]:
         print(f"\nwall time local / http: {median['local']['wall_s'] / median['http']['wall_s']:.3f}")
 

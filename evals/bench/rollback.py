@@ -80,8 +80,11 @@ def main(argv=None) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for workload in args.workloads.split(","):
         r = bench(workload, args.repeats)
-        print(f"| {workload} | {r['step_s']:.3f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
-              f"{r['save_s'] / r['step_s']:.1f} | {r['size_mb']:.1f} |", flush=True)  # fmt: skip
+        print(
+            f"| {workload} | {r['step_s']:.3f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
+            f"{r['save_s'] / r['step_s']:.1f} | {r['size_mb']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -187,7 +187,9 @@ def validate(answer: str, numbers: tuple[int, ...], target: int) -> Verdict:
     if Counter(used) != Counter(numbers):
         missing = sorted((Counter(numbers) - Counter(used)).elements())
         extra = sorted((Counter(used) - Counter(numbers)).elements())
-        parts = ([f"unused: {missing}"] if missing else []) + ([f"not allowed or used twice: {extra}"] if extra else [])  # fmt: skip
+        parts = ([f"unused: {missing}"] if missing else []) + (
+            [f"not allowed or used twice: {extra}"] if extra else []
+        )
         return Verdict.fail(f"must use each of {list(numbers)} exactly once ({'; '.join(parts)})")
     if value != target:
         return Verdict.fail(f"{expression} = {value}, not {target}")

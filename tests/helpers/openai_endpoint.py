@@ -45,15 +45,27 @@ class Handler(BaseHTTPRequestHandler):
         message = {"role": "assistant", "content": item if isinstance(item, str) else None}
         if not isinstance(item, str):
             message["tool_calls"] = [
-                {"id": f"call_{len(self.server.requests)}_{i}", "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(args)}}
+                {
+                    "id": f"call_{len(self.server.requests)}_{i}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(args)},
+                }
                 for i, (name, args) in enumerate(item)
-            ]  # fmt: skip
+            ]
         answer = {
-            "id": "scripted", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "tool_calls" in message else "stop"}],
+            "id": "scripted",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if "tool_calls" in message else "stop",
+                }
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }  # fmt: skip
+        }
         data = json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -69,10 +81,10 @@ class Handler(BaseHTTPRequestHandler):
 def scripted_endpoints() -> Iterator[Callable[..., ScriptedOpenAI]]:
     """`start(script)` starts a scripted endpoint; all of them are shut down on exit. In a test module:
 
-        @pytest.fixture
-        def endpoint():
-            with scripted_endpoints() as start:
-                yield start
+    @pytest.fixture
+    def endpoint():
+        with scripted_endpoints() as start:
+            yield start
     """
     servers: list[ScriptedOpenAI] = []
 

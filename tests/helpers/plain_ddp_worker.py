@@ -87,7 +87,7 @@ def main(folder: Path, mode: str) -> None:
     steer = selfsteer.attach(
         model, optimizer, max_steps=STEPS, evaluate=evaluate, port=0, db=folder / "runs.db",
         output_dir=folder / "out", max_grad_norm=1.0, announce=False, accelerator=accelerator,
-    )  # fmt: skip
+    )  # the DDP worker's attach settings # fmt: skip
     client, url = None, steer.url
     if rank == 0:
         (folder / "url.tmp").write_text(steer.url)

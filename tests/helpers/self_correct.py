@@ -32,13 +32,20 @@ def supervised_run(tmp_path, supervisor, lr: float, self_correct: SelfCorrection
     def supervise(control, stop):
         final.update(
             run_supervision(
-                control, supervisor, db=str(db), stop_event=stop, pause_while_deciding=True, self_correct=self_correct,
+                control,
+                supervisor,
+                db=str(db),
+                stop_event=stop,
+                pause_while_deciding=True,
+                self_correct=self_correct,
                 **loop,
             )
         )
 
     recipe = load_recipe("tiny", [f"training.learning_rate={lr:e}", "training.max_steps=60"])
-    run = RecipeRun(recipe, out_dir=tmp_path / "out", db=db, port=0, supervisor=supervise, hold_for_supervisor=True)
+    run = RecipeRun(
+        recipe, out_dir=tmp_path / "out", db=db, port=0, supervisor=supervise, hold_for_supervisor=True
+    )
     try:
         summary = run.train()
     finally:

@@ -83,10 +83,14 @@ def main() -> None:
         )
         die_after(KILL_POINTS[args.kill_after], method, args.nth, only_if)
     run_supervision(
-        args.url, AlwaysDouble() if args.self_correct else Alternating(), db=args.db,
-        max_iterations=args.max_iterations, thread_id="crash-test", pause_while_deciding=True,
+        args.url,
+        AlwaysDouble() if args.self_correct else Alternating(),
+        db=args.db,
+        max_iterations=args.max_iterations,
+        thread_id="crash-test",
+        pause_while_deciding=True,
         self_correct=SelfCorrection(max_extra_steps=1.0) if args.self_correct else None,
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -109,11 +109,15 @@ class SteerCallback(Callback):
     def _context(self, trainer, pl_module) -> StepContext:
         schedulers = trainer.lr_scheduler_configs
         return StepContext(
-            self.bridge, self.args, self._state(trainer), LoopControl(should_training_stop=trainer.should_stop),
-            model=pl_module, optimizer=trainer.optimizers[0] if trainer.optimizers else None,
+            self.bridge,
+            self.args,
+            self._state(trainer),
+            LoopControl(should_training_stop=trainer.should_stop),
+            model=pl_module,
+            optimizer=trainer.optimizers[0] if trainer.optimizers else None,
             lr_scheduler=schedulers[0].scheduler if schedulers else None,
             evaluate=lambda: self._validate_now(trainer),
-        )  # fmt: skip
+        )
 
     def _run_boundary(self, trainer, pl_module, first: bool = False) -> None:
         ctx = self._context(trainer, pl_module)

@@ -252,7 +252,7 @@ class WandbDecisions(_Listener):
         if row.get("command") and row.get("applied_step") is None:
             self._by_command[row["command"]] = row["id"]  # its step comes with the command's success
         values = [row["step"], row.get("applied_step"), row["action"], row.get("lr_before"),
-                  row.get("lr_after"), row["agent"], row.get("explanation") or ""]  # fmt: skip
+                  row.get("lr_after"), row["agent"], row.get("explanation") or ""]  # the decisions table's columns, in order # fmt: skip
         known = self.decisions.get(row["id"])
         if known is not None and values[1] is None:
             values[1] = known[1]  # learnt from the command's event
@@ -277,7 +277,7 @@ class WandbDecisions(_Listener):
         self.branches.append([
             row.get("step"), result["branch"], result.get("parent"), result.get("checkpoint"),
             result.get("checkpoint_step"), result.get("continues_at"), forked_id,
-        ])  # fmt: skip
+        ])  # the branches table's columns, in order # fmt: skip
         self.run.summary["selfsteer/branch"] = result["branch"]
         self.run.summary["selfsteer/branch_points"] = {
             b[1]: dict(zip(BRANCH_COLUMNS, b, strict=True)) for b in self.branches

@@ -116,7 +116,7 @@ class Steer:
             run_config={"loop": "plain", "max_steps": max_steps, **(run_config or {})},
             checkpoint_dir=str(Path(output_dir) / "checkpoints"), auto_finish=False, announce=announce,
             start_paused=start_paused, replay_of=replay_of, update_alignment=update_alignment,
-        )  # fmt: skip
+        )  # the plain loop's bridge settings # fmt: skip
         self.bridge = Bridge(config, registry=commands, data_factories=data_factories)
         self.bridge.step_log_offset = -1  # the loop logs iteration `it`'s loss at step `it`
         if accelerator is not None:
@@ -217,13 +217,18 @@ class Steer:
 
     def _context(self) -> StepContext:
         return StepContext(
-            self.bridge, self.args, self.state, self.control,
-            model=self.model, optimizer=self.optimizer,
+            self.bridge,
+            self.args,
+            self.state,
+            self.control,
+            model=self.model,
+            optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler if self.lr_scheduler is not None else self.lr_scale,
-            evaluate=self._evaluate, goto=self._go_to,
+            evaluate=self._evaluate,
+            goto=self._go_to,
             train_step=self._probe_step if self.user_train_step is not None else None,
             eval_slice=self._probe_loss if self.probe_evaluate is not None else None,
-        )  # fmt: skip
+        )
 
     @contextlib.contextmanager
     def _off_the_record(self) -> Iterator[None]:
@@ -245,7 +250,9 @@ class Steer:
         for key in ("loss", "eval_loss"):
             if key in metrics:
                 return float(metrics[key])
-        raise CommandError(f"the probe's evaluation gave no 'loss' (it gave {', '.join(metrics) or 'nothing'})")
+        raise CommandError(
+            f"the probe's evaluation gave no 'loss' (it gave {', '.join(metrics) or 'nothing'})"
+        )
 
     def _evaluate(self) -> dict:
         if self.user_evaluate is None:

@@ -47,7 +47,9 @@ class DecisionsMixin(StoreBase):
     def find_decision(self, run_id: str, key: str) -> dict | None:
         """The decision stored under `key` in this run, if any."""
         rows = self._read(
-            lambda db: _with_applied_steps(db, self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1))
+            lambda db: _with_applied_steps(
+                db, self._rows(db, "decisions", {"run_id": run_id, "key": key}, "id", 1)
+            )
         )
         return rows[0] if rows else None
 
@@ -55,9 +57,11 @@ class DecisionsMixin(StoreBase):
         """The command that carries the decision out (a decision to keep has none): its step, once
         applied, is the decision's `applied_step`."""
         self._update(
-            "decisions", decision_id, {"command": _text(uuid, "command")},
+            "decisions",
+            decision_id,
+            {"command": _text(uuid, "command")},
             f"cannot set the command of decision {decision_id!r}",
-        )  # fmt: skip
+        )
 
     def set_decision_outcome(self, decision_id: int, outcome: Any) -> None:
         """What followed the decision (e.g. the loss some steps later), for training better interveners."""
@@ -91,13 +95,16 @@ class DecisionsMixin(StoreBase):
                 where.append(f"{column} = ?")
                 args.append(value)
         return self._read(
-            lambda db: _with_applied_steps(db, [
-                _decode("decisions", row)
-                for row in db["decisions"].rows_where(
-                    " AND ".join(where), args, order_by="id DESC", limit=limit
-                )
-            ])
-        )  # fmt: skip
+            lambda db: _with_applied_steps(
+                db,
+                [
+                    _decode("decisions", row)
+                    for row in db["decisions"].rows_where(
+                        " AND ".join(where), args, order_by="id DESC", limit=limit
+                    )
+                ],
+            )
+        )
 
     def list_decisions(
         self, run_id: str | None = None, *, after_id: int | None = None, limit: int | None = None
@@ -106,18 +113,25 @@ class DecisionsMixin(StoreBase):
         after_id or limit (paging) in the order of their ids."""
         if after_id is None and limit is None:
             return self._read(
-                lambda db: _with_applied_steps(db, self._rows(db, "decisions", {"run_id": run_id}, "created_at, id"))
+                lambda db: _with_applied_steps(
+                    db, self._rows(db, "decisions", {"run_id": run_id}, "created_at, id")
+                )
             )
         where, args = ["id > ?"], [_int(after_id or 0, "after_id")]
         if run_id is not None:
             where.append("run_id = ?")
             args.append(run_id)
         return self._read(
-            lambda db: _with_applied_steps(db, [
-                _decode("decisions", row)
-                for row in db["decisions"].rows_where(" AND ".join(where), args, order_by="id", limit=limit)
-            ])
-        )  # fmt: skip
+            lambda db: _with_applied_steps(
+                db,
+                [
+                    _decode("decisions", row)
+                    for row in db["decisions"].rows_where(
+                        " AND ".join(where), args, order_by="id", limit=limit
+                    )
+                ],
+            )
+        )
 
 
 def _with_applied_steps(db: sqlite_utils.Database, rows: list[dict]) -> list[dict]:

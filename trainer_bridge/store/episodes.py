@@ -16,7 +16,9 @@ from selfsteer.trainer_bridge.store.checks import _flag, _number, _record, _text
 class EpisodesMixin(StoreBase):
     def add_episode(self, episode: NewEpisode) -> int:
         row = {**_record(episode, NewEpisode).model_dump(), "status": "running", "created_at": time.time()}
-        return self._write(lambda db: db["episodes"].insert(row).last_pk, f"cannot add {episode.task!r} episode")
+        return self._write(
+            lambda db: db["episodes"].insert(row).last_pk, f"cannot add {episode.task!r} episode"
+        )
 
     def finish_episode(self, episode_id: int, status: str, passed_first: bool, passed_final: bool) -> None:
         changes = {
@@ -79,4 +81,3 @@ class EpisodesMixin(StoreBase):
         return self._read(
             lambda db: self._rows(db, "episodes", {"run_id": run_id, "task": task}, "created_at, id")
         )
-

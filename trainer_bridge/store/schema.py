@@ -164,9 +164,12 @@ def _v5_run_process_start(conn: sqlite3.Connection) -> None:
 
 # Append only. A migration gets a connection inside an open transaction and must not commit.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _v1_initial_schema, _v2_idempotency_and_run_owner, _v3_self_correction, _v4_decision_command,
+    _v1_initial_schema,
+    _v2_idempotency_and_run_owner,
+    _v3_self_correction,
+    _v4_decision_command,
     _v5_run_process_start,
-]  # fmt: skip
+]
 
 
 def _db_file(conn: sqlite3.Connection) -> str:
