@@ -59,6 +59,9 @@ from selfsteer.tools.bridge_tools import (
     BridgeTools,
     CommandTimeout,
     RunControl,
+    current_lr,
+    sent_unless_over,
+    trained_out,
 )
 from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
@@ -193,10 +196,10 @@ def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Su
     run_state = tools.read_state()
     iteration = state.get("iteration", 0)
     # At the last step there is nothing left to steer (the final evaluation comes after it).
-    trained_out = _trained_out(run_state)
+    ended = trained_out(run_state)
     deciding = (
         run_state.get("phase") not in FINISHED_PHASES
-        and not trained_out
+        and not ended
         and iteration < state.get("max_iterations", 100)
     )
     observations = state.get("observations", 0) + 1
@@ -204,19 +207,21 @@ def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Su
         # Held from here to the action (or to a check that has no verdict yet), so the decision is
         # about the state it acts on.
         pause_key = context.key(run_state.get("run_id", ""), config, "pause", observations)
-        if not _run_over(lambda: tools.pause(pause_key)):
+        if not sent_unless_over(lambda: tools.pause(pause_key)):
             return {"finished": True, "observations": observations}
         run_state = tools.read_state()
     # Only the history of the weights now training: not a branch the run forked away from.
     rows = tools.read_lineage(run_state.get("branch") or "main")
     step = int(run_state.get("step") or 0)
-    lr = _current_lr(run_state, rows)
+    lr = current_lr(run_state, rows)
     sent = state.get("sent_lr")
     if sent and tools.client.command(sent["uuid"])["status"] in ("pending", "running"):
         lr = sent["lr"]  # sent, not yet applied: the run will have it at its next step
     observation = Observation.from_metrics(rows, step=step, lr=lr, max_steps=run_state.get("max_steps"))
     if state.get("decision_id") is not None:
-        tools.client.update_decision(state["decision_id"], DecisionUpdate(outcome=_outcome(state, observation)))  # the outcome update; module at its 700-line cap # fmt: skip
+        tools.client.update_decision(
+            state["decision_id"], DecisionUpdate(outcome=_outcome(state, observation))
+        )
     return {
         "run_id": run_state.get("run_id", ""),
         "max_steps": int(run_state.get("max_steps") or 0),
@@ -224,7 +229,7 @@ def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Su
         "lr": lr,
         "observation": observation.to_dict(),
         "observed_eval_step": observation.eval_loss[-1][0] if observation.eval_loss else 0,
-        "finished": run_state.get("phase") in FINISHED_PHASES or trained_out,
+        "finished": run_state.get("phase") in FINISHED_PHASES or ended,
         "observations": observations,
     }
 
@@ -260,8 +265,10 @@ def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Sup
         decision = Decision(
             "keep",
             f"{decision.action} was rolled back from this state, so keep (it said: {decision.explanation})",
-            decision.raw_output, decision.fallback, decision.latency_s,
-        )  # the keep Decision; module at its 700-line cap # fmt: skip
+            decision.raw_output,
+            decision.fallback,
+            decision.latency_s,
+        )
     # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
     lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
     seen = observation.to_dict()
@@ -458,7 +465,7 @@ def _release(state: SupervisionState, config: RunnableConfig, context: Supervisi
     if not context.pause_while_deciding:
         return True
     resume_key = context.key(state["run_id"], config, "resume", state.get("observations", 0))
-    return _run_over(lambda: context.tools.resume(resume_key))
+    return sent_unless_over(lambda: context.tools.resume(resume_key))
 
 
 def _lessons(state: SupervisionState, context: SupervisionContext) -> list[str]:
@@ -505,7 +512,7 @@ def _undo(state: SupervisionState, config: RunnableConfig, context: SupervisionC
     why = "no rollback point" if point["status"] != "success" else "over the budget of extra steps"
     loaded = None
     # Judged after its last step, a run has nothing left to retry on (and applies no more commands).
-    ended = _trained_out(tools.read_state())
+    ended = trained_out(tools.read_state())
     if not ended and point["status"] == "success" and state.get("extra_steps", 0) + spent <= budget:
         branch = f"retry-{iteration}"
         # Under a key: a supervisor that dies in this node and comes back rolls back once, not twice.
@@ -515,7 +522,7 @@ def _undo(state: SupervisionState, config: RunnableConfig, context: SupervisionC
             loaded = tools.client.wait(sent["uuid"], timeout=tools.wait_s)  # until the run has it
             why = f"the rollback failed: {loaded.get('error')}"
         except CommandTimeout:
-            if not _trained_out(tools.read_state()):
+            if not trained_out(tools.read_state()):
                 raise
             ended = True  # it trained its last step meanwhile: the command is never applied
     if ended:
@@ -582,9 +589,13 @@ def run_supervision(
         with SqliteSaver.from_conn_string(db) as checkpointer:
             graph = supervision_graph(checkpointer)
             context = SupervisionContext(
-                tools, supervisor, pause_while_deciding=pause_while_deciding, self_correct=self_correct,
-                stop_event=stop_event, on_decision=on_decision,
-            )  # the loop's context; module at its 700-line cap # fmt: skip
+                tools,
+                supervisor,
+                pause_while_deciding=pause_while_deciding,
+                self_correct=self_correct,
+                stop_event=stop_event,
+                on_decision=on_decision,
+            )
             # Each decision takes at most six steps of the graph (wait, observe, check, observe after a
             # rollback, decide, act), plus three (wait, observe, check) for each evaluation that comes
             # before its change took effect: allow for a few of those. The cap is max_iterations.
@@ -597,7 +608,7 @@ def run_supervision(
                     answer = (ask_human or ask_on_terminal)(result["__interrupt__"][0].value)
                     result = graph.invoke(Command(resume=answer), config, context=context)
             except httpx.TransportError:
-                if (stop_event is None or not stop_event.is_set()) and _still_served(tools):
+                if (stop_event is None or not stop_event.is_set()) and tools.still_served():
                     raise  # the server answers: a real fault, not the end of the run
                 # The run ended and took its server with it (a loop closes its server as it ends).
                 result = {"finished": True}
@@ -619,14 +630,17 @@ def give_the_run_back(tools: BridgeTools, supervisor: Supervisor, error: Excepti
             explanation = (
                 f"the supervisor crashed ({type(error).__name__}: {error}); the run goes on with its settings"
             )
-            lr = _current_lr(state, [])
+            lr = current_lr(state, [])
             tools.client.record_decision(NewDecision(
                 step=int(state.get("step") or 0), agent=supervisor.name, action="keep",
                 explanation=explanation[:4000], strategy=supervisor.strategy, model=supervisor.model,
                 lr_before=lr or None, lr_after=lr or None, fallback=True,
             ))  # the fallback decision row, as stored # fmt: skip
     except (httpx.HTTPError, BridgeHTTPError, TimeoutError) as failure:
-        print(f"[selfsteer] could not give the run back after the supervisor crashed: {failure}", file=sys.stderr)  # one warning line; module at its 700-line cap # fmt: skip
+        print(
+            f"[selfsteer] could not give the run back after the supervisor crashed: {failure}",
+            file=sys.stderr,
+        )
 
 
 def ask_on_terminal(question: dict) -> dict:
@@ -636,45 +650,6 @@ def ask_on_terminal(question: dict) -> dict:
         if answer in ACTIONS:
             return {"action": answer, "explanation": input("why (optional)? ").strip() or "human decision"}
         print("please answer double, halve or keep")
-
-
-def _still_served(tools: BridgeTools, wait_s: float = 1.0) -> bool:
-    """Whether the run's server answers after a connection failed (once more, a moment later)."""
-    time.sleep(wait_s)
-    try:
-        tools.read_state()
-        return True
-    except httpx.TransportError:
-        return False
-
-
-def _run_over(command) -> bool:
-    """Send a command; False when the run has ended meanwhile (409, or its server is gone), which ends
-    the loop quietly."""
-    try:
-        command()
-        return True
-    except httpx.TransportError:
-        return False
-    except BridgeHTTPError as error:
-        if error.status_code == 409:
-            return False
-        raise
-
-
-def _trained_out(run_state: dict) -> bool:
-    """The run has ended, or trained its last step: nothing is left to steer."""
-    max_steps = run_state.get("max_steps")
-    last_step = bool(max_steps) and int(run_state.get("step") or 0) >= max_steps
-    return run_state.get("phase") in FINISHED_PHASES or last_step
-
-
-def _current_lr(run_state: dict, rows: list[dict]) -> float:
-    value = (run_state.get("optimizer") or {}).get("lr")
-    if isinstance(value, int | float) and value > 0:
-        return float(value)
-    logged = [r["value"] for r in rows if r["name"] == "learning_rate" and r["value"] is not None]
-    return float(logged[-1]) if logged else 0.0
 
 
 def _outcome(state: SupervisionState, now: Observation) -> dict:

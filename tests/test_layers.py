@@ -382,3 +382,40 @@ def test_the_fmt_skip_checker_wants_a_reason(tmp_path):
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / "lib.py").write_text("x = 1  # fmt: skip\n")
     assert unexplained_fmt_skips(tmp_path) == ["pkg/bare.py:3", "pkg/bare.py:4"]
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 700, 120
+
+
+def oversized(root: Path = ROOT) -> list[str]:
+    """Every .py file over MAX_MODULE_LINES lines and every function over MAX_FUNCTION_LINES (issue 27's
+    goal: a reader takes in a module, and a function, top to bottom)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in {*SKIPPED_DIRS, ".venv"} and not d.startswith("."))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder) / name
+            text, where = path.read_text(encoding="utf-8"), path.relative_to(root).as_posix()
+            if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+                found.append(f"{where}: {lines} lines")
+            for node in ast.walk(ast.parse(text, str(path))):
+                size = (
+                    node.end_lineno - node.lineno + 1
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                    else 0
+                )
+                if size > MAX_FUNCTION_LINES:
+                    found.append(f"{where}:{node.lineno} {node.name}: {size} lines")
+    return found
+
+
+def test_every_module_and_function_is_short_enough():
+    assert not oversized(), "\n".join(oversized())
+
+
+def test_the_size_checker_sees_long_modules_and_functions(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long_function.py").write_text(f"def long():\n{body}\n")
+    (tmp_path / "long_module.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (tmp_path / "fine.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    assert oversized(tmp_path) == ["long_function.py:1 long: 121 lines", "long_module.py: 701 lines"]

@@ -10,11 +10,16 @@ agent_tools = tools.as_langchain_tools()     # read_state, read_metrics, set_lea
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import httpx
 from langchain_core.tools import StructuredTool
 
 from selfsteer.trainer_bridge.client import BridgeClient, BridgeHTTPError, CommandTimeout
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
 from selfsteer.trainer_bridge.control import LocalRunControl, RunControl
+from selfsteer.trainer_bridge.records import FINISHED_PHASES
 from selfsteer.trainer_bridge.store.runs import lineage
 
 # What graphs and agents see of the bridge: these, not the bridge's own modules.
@@ -26,6 +31,9 @@ __all__ = [
     "CommandTimeout",
     "LocalRunControl",
     "RunControl",
+    "current_lr",
+    "sent_unless_over",
+    "trained_out",
 ]
 
 
@@ -40,6 +48,15 @@ class BridgeTools:
     def read_state(self) -> dict:
         """The run's state: phase, step, max_steps, optimizer hyper-parameters, latest metrics."""
         return self.client.state()
+
+    def still_served(self, wait_s: float = 1.0) -> bool:
+        """Whether the run's server answers after a connection failed (once more, a moment later)."""
+        time.sleep(wait_s)
+        try:
+            self.read_state()
+            return True
+        except httpx.TransportError:
+            return False
 
     def read_metrics(self, since: int | None = None, names: list[str] | None = None) -> list[dict]:
         """Metric rows {step, name, value, branch} after step `since` (all when None)."""
@@ -133,3 +150,33 @@ class BridgeTools:
             self.save_checkpoint, self.load_checkpoint, self.evaluate,
         ]  # reads, commands, then checkpoints # fmt: skip
         return [StructuredTool.from_function(f) for f in functions]
+
+
+def sent_unless_over(command: Callable[[], object]) -> bool:
+    """Sends a command; False when the run has ended meanwhile (409, or its server is gone), which ends
+    a supervisor's loop quietly."""
+    try:
+        command()
+        return True
+    except httpx.TransportError:
+        return False
+    except BridgeHTTPError as error:
+        if error.status_code == 409:
+            return False
+        raise
+
+
+def trained_out(run_state: dict) -> bool:
+    """The run has ended, or trained its last step: nothing is left to steer."""
+    max_steps = run_state.get("max_steps")
+    last_step = bool(max_steps) and int(run_state.get("step") or 0) >= max_steps
+    return run_state.get("phase") in FINISHED_PHASES or last_step
+
+
+def current_lr(run_state: dict, rows: list[dict]) -> float:
+    """The run's lr: its optimizer's as the state says, else the last logged (0.0: not known)."""
+    value = (run_state.get("optimizer") or {}).get("lr")
+    if isinstance(value, int | float) and value > 0:
+        return float(value)
+    logged = [r["value"] for r in rows if r["name"] == "learning_rate" and r["value"] is not None]
+    return float(logged[-1]) if logged else 0.0

@@ -185,3 +185,8 @@ class UpdateAlignment:
         flush()
         update_sq = sum(torch.dot(flat, flat).to(device) for flat in self._flats.values())
         return dot / torch.sqrt(grad_sq * update_sq)
+
+
+def trained_parameters(optimizer: Any) -> int:
+    """How many parameters the optimizer trains (what measuring the alignment costs, in floats)."""
+    return sum(p.numel() for g in optim.unwrap_optimizer(optimizer).param_groups for p in g["params"])

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -38,13 +37,12 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import torch
 import torch.distributed as dist
 
 from selfsteer.trainer_bridge import checkpoints as ckpt
 from selfsteer.trainer_bridge import optim
 from selfsteer.trainer_bridge.alignment import METRIC as ALIGNMENT_METRIC
-from selfsteer.trainer_bridge.alignment import UpdateAlignment
+from selfsteer.trainer_bridge.alignment import UpdateAlignment, trained_parameters
 from selfsteer.trainer_bridge.commands import (
     CommandError,
     CommandRegistry,
@@ -56,19 +54,12 @@ from selfsteer.trainer_bridge.commands import (
     same_command,
 )
 from selfsteer.trainer_bridge.config import BridgeConfig
-from selfsteer.trainer_bridge.loop import StepContext
+from selfsteer.trainer_bridge.loop import StepContext, rank_and_world
 from selfsteer.trainer_bridge.records import FINISHED_PHASES, DecisionUpdate, NewDecision, json_number
 from selfsteer.trainer_bridge.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 ALIGNMENT_AUTO_MAX_PARAMS = 50_000_000  # 200 MB of float32: what update_alignment=None measures at most
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    # Before the process group exists, torchrun/accelerate's environment says it.
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class Bridge:
@@ -88,7 +79,7 @@ class Bridge:
         self.data_factories: dict[str, Any] = dict(data_factories or {})
         self.current_dataset: str | None = "train" if "train" in self.data_factories else None
         self.trainer: Any = None  # the Trainer (or Lightning trainer) an adapter attached, if any
-        self.rank, self.world_size = _rank_and_world()
+        self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
         if self.config.resume_run_id and self.world_size > 1:
             # The resumed branch is named from rank 0's journal; the other ranks would not know it.
@@ -153,9 +144,13 @@ class Bridge:
 
                 # Bound before the run exists: a taken port or a missing token leaves no orphan run.
                 self.server = ControlServer(
-                    self, self.config.host, self.config.port, self.config.token, self.config.event_interval_s,
+                    self,
+                    self.config.host,
+                    self.config.port,
+                    self.config.token,
+                    self.config.event_interval_s,
                     static_dir=Path(self.config.static_dir) if self.config.static_dir else dashboard_dir(),
-                )  # the server's settings; module at its 700-line cap # fmt: skip
+                )
             self._owns_store = store is None
             try:
                 self.store = store or Store(self.config.db)
@@ -176,7 +171,11 @@ class Bridge:
                 if self.server is not None:
                     self.server.start()
                     if self.config.announce:
-                        print(f"selfsteer: run {self.run_id} is served at {self.url}/", file=sys.stderr, flush=True)  # the announce line; module at its 700-line cap # fmt: skip
+                        print(
+                            f"selfsteer: run {self.run_id} is served at {self.url}/",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             except BaseException:
                 self.close()  # releases the bound port
                 raise
@@ -245,7 +244,9 @@ class Bridge:
 
     def _admit(self, type: str, parsed: Any, source: str, idempotency_key: str | None) -> dict:
         if self.training_done or self.phase in FINISHED_PHASES:
-            raise RunFinished(f"run {self.run_id} is {self.phase if self.phase in FINISHED_PHASES else 'over'}")  # the finished-run refusal; module at its 700-line cap # fmt: skip
+            raise RunFinished(
+                f"run {self.run_id} is {self.phase if self.phase in FINISHED_PHASES else 'over'}"
+            )
         run = self.store.get_run(self.run_id)
         if run is None or run["status"] != "running":
             raise RunFinished(f"run {self.run_id} is {run['status'] if run else 'gone'}")
@@ -395,7 +396,7 @@ class Bridge:
         if self.alignment is None or ctx.optimizer is None:
             return
         if self.config.update_alignment is None and self.alignment.optimizer is None:
-            trained = sum(p.numel() for g in optim.unwrap_optimizer(ctx.optimizer).param_groups for p in g["params"])  # the trained parameters; module at its 700-line cap # fmt: skip
+            trained = trained_parameters(ctx.optimizer)
             if trained > ALIGNMENT_AUTO_MAX_PARAMS:
                 log.info("update_alignment off: %d trained parameters (set it True to measure)", trained)
                 self.alignment = None
@@ -427,10 +428,15 @@ class Bridge:
         self.branch = self._step_branch = branch
         if self.is_main:
             info = {
-                "branch": branch, "parent": parent, "checkpoint": checkpoint["name"],
-                "checkpoint_step": checkpoint["step"], "fork_step": ctx.step, "path": checkpoint["path"],
-                "restored": {"optimizer": True, "scheduler": True, "rng": True}, "resumed": True,
-            }  # the branch's info; module at its 700-line cap # fmt: skip
+                "branch": branch,
+                "parent": parent,
+                "checkpoint": checkpoint["name"],
+                "checkpoint_step": checkpoint["step"],
+                "fork_step": ctx.step,
+                "path": checkpoint["path"],
+                "restored": {"optimizer": True, "scheduler": True, "rng": True},
+                "resumed": True,
+            }
             args = {"checkpoint": checkpoint["name"], "branch": branch}
             row = self.store.add_command(self.run_id, "load_checkpoint", args, "resume")
             self._journal(row["uuid"], "running", step=ctx.step)
@@ -439,9 +445,6 @@ class Bridge:
     def on_log(self, state: Any, args: Any, logs: dict, branch: str | None = None) -> None:
         """Stores and publishes a log of the loop. `branch`: the branch the values belong to (default: a
         training loss belongs to the step just taken, anything else to the weights as they are now)."""
-        loss = logs.get("loss")
-        if isinstance(loss, float) and not math.isfinite(loss):
-            self._clear_loss_window()
         if not self.is_main or not logs:
             return
         values = {
@@ -482,7 +485,11 @@ class Bridge:
 
     def _store_points(self, points: list[tuple[int, str, dict[str, float]]]) -> None:
         """Stores points (step, branch, {name: value}) in one write and sends them to subscribers."""
-        rows = [{"step": s, "name": k, "value": v, "branch": b} for s, b, values in points for k, v in values.items()]  # one row per metric point; module at its 700-line cap # fmt: skip
+        rows = [
+            {"step": s, "name": k, "value": v, "branch": b}
+            for s, b, values in points
+            for k, v in values.items()
+        ]
         try:
             self.store.add_metrics(self.run_id, rows)
         except StoreError:
@@ -498,16 +505,6 @@ class Bridge:
         pending, self._pending_points = self._pending_points, []
         if pending and self.is_main:
             self._store_points(pending)
-
-    def _clear_loss_window(self) -> None:
-        """The Trainer sums the loss of a logging window in `_tr_loss` and clears it by subtracting it
-        from itself, which leaves a NaN in place: with NaN losses shown (logging_nan_inf_filter off),
-        one bad step would make every later logged loss NaN, even after a rollback to good weights.
-        The NaN has just been logged; the next window starts from zero. (On every rank: each clears
-        its own sum.)"""
-        window = getattr(self.trainer, "_tr_loss", None)
-        if isinstance(window, torch.Tensor) and not torch.isfinite(window).all():
-            window.zero_()
 
     def on_trainer_save(self, ctx: StepContext) -> None:
         # The Trainer's own checkpoints (save_steps) go into the journal too, so they can be loaded.

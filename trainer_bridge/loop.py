@@ -7,11 +7,13 @@ A leaf: nothing here imports the core, so the command set imports it without an 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -77,3 +79,11 @@ class StepContext:
     @property
     def trainer(self) -> Any:
         return self.bridge.trainer
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of its loop (0 and 1 when it trains alone)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    # Before the process group exists, torchrun/accelerate's environment says it.
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -11,6 +11,7 @@ Works on TRL trainers too (Trainer subclasses). The Trainer's own objects are th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,6 +50,9 @@ class BridgeCallback(TrainerCallback):
         self.bridge.boundary(self.context(args, state, control, **kwargs))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            clear_loss_window(self.bridge.trainer)
         self.bridge.on_log(state, args, logs or {})
 
     def on_save(self, args, state, control, **kwargs):
@@ -56,6 +60,16 @@ class BridgeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bridge.on_train_end(self.context(args, state, control, **kwargs))
+
+
+def clear_loss_window(trainer: Any) -> None:
+    """The Trainer sums the loss of a logging window in `_tr_loss` and clears it by subtracting it from
+    itself, which leaves a NaN in place: with NaN losses shown (logging_nan_inf_filter off), one bad step
+    would make every later logged loss NaN, even after a rollback to good weights. The NaN has just been
+    logged; the next window starts from zero. (On every rank: each clears its own sum.)"""
+    window = getattr(trainer, "_tr_loss", None)
+    if isinstance(window, torch.Tensor) and not torch.isfinite(window).all():
+        window.zero_()
 
 
 def evaluate_now(trainer: Any, control: Any) -> dict:
