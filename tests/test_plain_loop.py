@@ -317,11 +317,11 @@ def test_a_stop_that_ends_the_run_before_its_post_returns_is_accepted(tmp_path):
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
-    bridge, notify = steer.bridge, steer.bridge.notify
+    bridge, notify, this_test = steer.bridge, steer.bridge.notify, threading.current_thread()
 
     def notify_then_let_the_loop_end():
         notify()
-        if threading.current_thread() is threading.main_thread():  # submit's notice, not the loop's
+        if threading.current_thread() is this_test:  # submit's notice, not the loop's
             thread.join(timeout=5)  # the loop ends here if it can take the stop before submit answers
 
     wait_for(lambda: bridge.paused, "the loop to hold at its start")
