@@ -197,11 +197,7 @@ def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Su
     iteration = state.get("iteration", 0)
     # At the last step there is nothing left to steer (the final evaluation comes after it).
     ended = trained_out(run_state)
-    deciding = (
-        run_state.get("phase") not in FINISHED_PHASES
-        and not ended
-        and iteration < state.get("max_iterations", 100)
-    )
+    deciding = not ended and iteration < state.get("max_iterations", 100)
     observations = state.get("observations", 0) + 1
     if context.pause_while_deciding and deciding:
         # Held from here to the action (or to a check that has no verdict yet), so the decision is

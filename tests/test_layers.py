@@ -21,6 +21,7 @@ import os
 import re
 import tokenize
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,19 +352,24 @@ def test_the_cycle_finder_sees_lazy_and_type_checking_imports(tmp_path):
 FMT_SKIP = re.compile(r"#\s*fmt:\s*skip\s*$")
 
 
-def unexplained_fmt_skips(root: Path = ROOT) -> list[str]:
-    """file:line of every `# fmt: skip` comment with no reason before it (.venv, node_modules, dot folders
-    and byte-code caches left out). Comments only, read with `tokenize`: a string that holds one is none."""
-    found = []
+def repository_files(root: Path = ROOT) -> Iterator[Path]:
+    """Every .py file of the repository, tests included (.venv, node_modules, dot folders and byte-code
+    caches left out), in a stable order."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in {*SKIPPED_DIRS, ".venv"} and not d.startswith("."))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = Path(folder) / name
-            with path.open("rb") as source:
-                for token in tokenize.tokenize(source.readline):
-                    skips = token.type == tokenize.COMMENT and FMT_SKIP.search(token.string)
-                    if skips and not FMT_SKIP.sub("", token.string).strip("# \t"):
-                        found.append(f"{path.relative_to(root).as_posix()}:{token.start[0]}")
+        yield from (Path(folder) / name for name in sorted(f for f in files if f.endswith(".py")))
+
+
+def unexplained_fmt_skips(root: Path = ROOT) -> list[str]:
+    """file:line of every `# fmt: skip` comment with no reason before it. Comments only, read with
+    `tokenize`: a string that holds one is none."""
+    found = []
+    for path in repository_files(root):
+        with path.open("rb") as source:
+            for token in tokenize.tokenize(source.readline):
+                skips = token.type == tokenize.COMMENT and FMT_SKIP.search(token.string)
+                if skips and not FMT_SKIP.sub("", token.string).strip("# \t"):
+                    found.append(f"{path.relative_to(root).as_posix()}:{token.start[0]}")
     return found
 
 
@@ -391,21 +397,15 @@ def oversized(root: Path = ROOT) -> list[str]:
     """Every .py file over MAX_MODULE_LINES lines and every function over MAX_FUNCTION_LINES (issue 27's
     goal: a reader takes in a module, and a function, top to bottom)."""
     found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in {*SKIPPED_DIRS, ".venv"} and not d.startswith("."))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = Path(folder) / name
-            text, where = path.read_text(encoding="utf-8"), path.relative_to(root).as_posix()
-            if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
-                found.append(f"{where}: {lines} lines")
-            for node in ast.walk(ast.parse(text, str(path))):
-                size = (
-                    node.end_lineno - node.lineno + 1
-                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-                    else 0
-                )
-                if size > MAX_FUNCTION_LINES:
-                    found.append(f"{where}:{node.lineno} {node.name}: {size} lines")
+    for path in repository_files(root):
+        text, where = path.read_text(encoding="utf-8"), path.relative_to(root).as_posix()
+        if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+            found.append(f"{where}: {lines} lines")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if (size := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                found.append(f"{where}:{node.lineno} {node.name}: {size} lines")
     return found
 
 
