@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ray import tune
+from ray.tune.search import BasicVariantGenerator
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,17 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     return True
+
+
+class KeepActorsWhileTrialsLive(BasicVariantGenerator):
+    """Tune's default search, finished only once every trial it made has ended. Tune keeps a stopped trial's
+    actor for reuse only while the search is unfinished, and the default search is finished as soon as it
+    has made its last trial: each pause of a synchronous PBT population then ended the members' worker
+    processes, and every one that went on paid for a new process and its imports (about 10 s here, a
+    population's useful compute being about as much)."""
+
+    def is_finished(self) -> bool:
+        return super().is_finished() and not self._live_trials
 
 
 # The driver's record/fail functions, by experiment folder: a Recorder restored from Tune's saved state
@@ -172,7 +184,7 @@ def fit(
                     scheduler=scheduler,
                     metric=metric,
                     mode=mode,
-                    max_concurrent_trials=max_concurrent,
+                    search_alg=KeepActorsWhileTrialsLive(max_concurrent=max_concurrent or 0),
                     reuse_actors=True,  # a worker runs trial after trial: torch and transformers imported once
                     trial_name_creator=lambda t: trial_name(t.config),
                     trial_dirname_creator=lambda t: trial_name(t.config),

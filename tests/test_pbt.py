@@ -153,7 +153,10 @@ def populations_around_the_start(tmp_path_factory, one_torch_thread):
     """Populations built around a too-high start only (the tiny model blows up at lr 1.0): the start
     x0.25, x1 and x4 under PBT (pbt-start) and under PB2, in one suite (one Ray start, one static twin),
     four intervals (PB2's GP needs two results of a member at one lr before it has anything to fit), on
-    3 CPUs so that the members train side by side."""
+    one CPU: Tune then trains the members one after another in one worker process. Each worker process
+    starts with about 10 s of imports, and an interval of the tiny model is under a second: on 3 CPUs
+    the two extra workers cost more than they saved (this fixture alone, on a quiet 2-core machine:
+    87 s on 3 CPUs, 54 s on one). The suite above trains its population on 2."""
     out = tmp_path_factory.mktemp("around-the-start")
     config = SuiteConfig(
         recipes=["tiny"],
@@ -164,7 +167,7 @@ def populations_around_the_start(tmp_path_factory, one_torch_thread):
         max_steps={"tiny": 16},
         eval_steps={"tiny": 4},
     )
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(num_cpus=1, include_dashboard=False)
     try:
         report = main(config, out)
     finally:
@@ -294,3 +297,40 @@ def test_a_synchronous_population_with_every_member_paused_past_the_barrier_runs
     ahead.status = Trial.RUNNING
     scheduler._next_perturbation_sync = 2
     assert scheduler.choose_trial_to_run(controller) is None
+
+
+def test_the_search_stays_unfinished_until_every_trial_it_made_has_ended(tmp_path):
+    """Tune keeps a paused trial's actor for the next trial only while its search is unfinished: the
+    default search is finished once it has made its last trial, so every pause of a synchronous
+    population ended the members' worker processes (evals/ray_trials.py KeepActorsWhileTrialsLive).
+    Saved and restored with the experiment, it still knows which trials are live."""
+    from ray import tune
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import BasicVariantGenerator
+
+    from selfsteer.evals.ray_trials import KeepActorsWhileTrialsLive
+
+    def searches():
+        for cls in (BasicVariantGenerator, KeepActorsWhileTrialsLive):
+            search = cls()
+            two_trials = {"x": tune.grid_search([1, 2])}
+            search.add_configurations(
+                [Experiment("e", lambda config: None, config=two_trials, storage_path=str(tmp_path))]
+            )
+            yield search
+
+    default, keeping = searches()
+    made = [keeping.next_trial(), keeping.next_trial()]
+    for search in (default, keeping):
+        while search.next_trial() is not None:
+            pass
+    assert all(made) and default.is_finished()  # Tune's: finished with both trials still to run
+    assert not keeping.is_finished()
+    keeping.on_trial_complete(made[0].trial_id)
+    keeping.save_to_dir(str(tmp_path), session_str="s")  # as Tune saves and restores an experiment's
+    restored = KeepActorsWhileTrialsLive()
+    restored.restore_from_dir(str(tmp_path))
+    for search in (keeping, restored):
+        assert not search.is_finished()
+        search.on_trial_complete(made[1].trial_id)
+        assert search.is_finished()
