@@ -3,12 +3,13 @@
 selfsteer reflect run   --task countdown --n 8                  # episodes, printed and stored
 selfsteer reflect eval  --task bfcl:simple_python --n 100 --out runs/eval   # writes summary.json
 selfsteer reflect eval  --task bfcl:multiple --call-mode text --llm openai:gpt-4o-mini --out runs/text
-selfsteer reflect train --task countdown --n 64 --steps 20 --out runs/grpo  # GRPO on reflections
+selfsteer reflect train --task countdown --n 64 --max_steps 20 --output_dir runs/grpo  # GRPO on reflections
+selfsteer reflect train --config grpo.yaml --learning_rate 5e-6   # the YAML's fields, the flags over them
 selfsteer reflect eval  --task countdown --checkpoint runs/grpo/final --out runs/after
 
 # a supervisor's own lr decisions (counterfactual rows from `selfsteer decisions collect --out DIR`):
 selfsteer reflect eval  --task decisions:DIR --reflector none --compare --out runs/decisions-untrained
-selfsteer reflect train --task decisions:DIR --lora-r 8 --lr 5e-5 --steps 60 --out runs/reflector
+selfsteer reflect train --task decisions:DIR --lora_r 8 --learning_rate 5e-5 --max_steps 60 --output_dir runs/reflector
 selfsteer reflect eval  --task decisions:DIR --reflector runs/reflector/adapter --out runs/decisions-trained
 """
 
@@ -20,23 +21,95 @@ from selfsteer.cli.common import add_llm_arguments
 from selfsteer.prompts import REFLECT_STRATEGIES
 from selfsteer.tools.tasks import CALL_MODES
 
-ACTIONS = ("run", "train", "eval")
 REFLECTOR_NAME = "agents/reflector/"
-DEVICE_USE_CPU = {"auto": None, "cpu": True, "cuda": False}  # --device as ReflectionGRPOConfig.use_cpu
+EXAMPLES = "examples:\n" + "\n".join(f"  {line}" if line else "" for line in __doc__.split("\n")[2:])
+
+DESCRIPTION = """\
+Reflect, Retry, Reward. `run` plays episodes (attempt, validate, reflect, retry) and stores them; `eval`
+adds first-try and second-try accuracy with 95% intervals (Wilson; a paired bootstrap for the gain) and
+the mean reflection length, written to OUT/summary.json; `train` mines failed first attempts and trains
+the local model with GRPO so that its reflections make the retry pass. `selfsteer reflect ACTION --help`
+lists the flags of each (run and eval share theirs: --task, --strategy, --n, --out, ...).
+"""
+
+TRAIN_DESCRIPTION = """\
+Mines the failed first attempts of --n problems of --task with the local model (--model, default the
+embedded one) and trains it with GRPO (TRL's GRPOTrainer) so that its reflections make the retry pass;
+checkpoints, the final policy, train_summary.json and reward.png go to --output_dir. Resumes from the
+newest checkpoint in --output_dir unless --no_resume.
+
+Every field of ReflectionGRPOConfig (selfsteer.graphs.grpo_reflection: TRL's GRPOConfig with this
+project's defaults and fields) is a flag of its own name, and so is every field of the task's arguments,
+parsed by TRL's TrlParser: --config FILE.yaml sets any of them (a mapping of field names, e.g.
+`scale_rewards: none`, `loss_type: dr_grpo`; unknown keys are refused), and flags on the command line win
+over the file. The task's arguments (listed last): --task, --n, --split, --call_mode, --strategy,
+--max_tokens, --policy, --curriculum, --rollout, --no_resume, --threads. ReflectionGRPOConfig's own:
+--model, --prompts_per_step, --max_retry_tokens, --lora_r, --refill_attempts, --skip_zero_advantage; and
+GRPOConfig's, with this project's defaults: --output_dir, --max_steps, --num_generations, --learning_rate,
+--beta, --temperature, --max_completion_length, --save_steps, --seed, --use_cpu, ...
+
+The defaults are the config's own. Flags of the old command line, and their new names: --steps ->
+--max_steps (default 50; it was 20), --group-size -> --num_generations, --prompts-per-step ->
+--prompts_per_step, --lr -> --learning_rate, --reflection-tokens -> --max_completion_length,
+--retry-tokens -> --max_retry_tokens, --save-steps -> --save_steps, --lora-r -> --lora_r, --out ->
+--output_dir, --device cpu|cuda|auto -> --use_cpu true|false (unset: a GPU when there is one),
+--no-resume -> --no_resume, --grpo-config FILE.yaml -> --config FILE.yaml (whose keys, unlike
+--grpo-config's, give way to the flags). Dashed spellings of the new names work too (--lora-r,
+--save-steps, --no-resume, --call-mode, ...); --seed, --model, --beta and --temperature keep their
+names. Gone, as train never used them: --db, --llm, --base-url, --api-key, --timeout, --max-retries,
+--concurrency, --reflector (train trains a reflector from --model).
+
+examples:
+  selfsteer reflect train --task countdown:2 --n 400 --max_steps 120 --num_generations 8 --output_dir runs/grpo
+  selfsteer reflect train --config grpo.yaml --learning_rate 5e-6   # the YAML's fields, the flags over them
+  selfsteer reflect train --curriculum 2,3,4 --n 64 --lora_r 8
+"""
 
 
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name,
         help="the self-correction loop: run episodes, evaluate, or train reflections with GRPO",
-        description="Reflect, Retry, Reward. `run` plays episodes (attempt, validate, reflect, retry) and "
-        "stores them; `eval` adds first-try and second-try accuracy with 95% intervals (Wilson; a paired bootstrap for the gain) and the "
-        "mean reflection length, written to OUT/summary.json; `train` mines failed first attempts and "
-        "trains the local model with GRPO so that its reflections make the retry pass.",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
+        epilog=EXAMPLES,
     )
-    parser.add_argument("action", choices=ACTIONS)
+    actions = parser.add_subparsers(dest="action", required=True)
+    episodes = _episode_arguments()
+    actions.add_parser(
+        "run",
+        parents=[episodes],
+        help="play episodes, print and store them",
+        description="Plays episodes (attempt, validate, reflect, retry), prints and stores them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    # `train` takes ReflectionGRPOConfig's fields and the task's, parsed in `run` by TRL's parser (building
+    # that parser imports torch, transformers and TRL, so `selfsteer --help` does not build it). This parser
+    # only collects the arguments, all of them and in order, `--help` included: its prefix character is one
+    # no argument starts with, so every argument counts as positional (argparse would refuse `--task`
+    # leading a REMAINDER).
+    train = actions.add_parser(
+        "train",
+        help="train reflections with GRPO (--help: every flag)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    actions.add_parser(
+        "eval",
+        parents=[episodes],
+        help="first-try and second-try accuracy with 95%% intervals",
+        description="Plays episodes and writes first-try and second-try accuracy with 95% intervals\n"
+        "(Wilson; a paired bootstrap for the gain) and the mean reflection length to OUT/summary.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+
+
+def _episode_arguments() -> argparse.ArgumentParser:
+    """The flags `run` and `eval` share."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
         "--task",
         default="countdown",
@@ -50,13 +123,11 @@ def add_parser(subparsers, name: str) -> None:
         help="bfcl: how the model calls functions. tools (default): the functions are offered as OpenAI-style "
         "tools and the model answers with tool calls (the leaderboard's FC mode; needs a chat model that "
         "calls tools); text: the functions are listed in the prompt and the calls read from the answer's "
-        "text. Ignored by tasks without call modes (countdown). train needs text",
+        "text. Ignored by tasks without call modes (countdown)",
     )
     parser.add_argument("--n", type=int, default=32, help="problems (default 32)")
-    parser.add_argument("--split", choices=("train", "test"), help="default: train for train, else test")
-    parser.add_argument(
-        "--out", default=None, help="output folder (summary.json, episodes.jsonl, checkpoints)"
-    )
+    parser.add_argument("--split", choices=("train", "test"), default="test", help="default: test")
+    parser.add_argument("--out", default=None, help="output folder (summary.json, episodes.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--strategy",
@@ -95,48 +166,10 @@ def add_parser(subparsers, name: str) -> None:
         f"reflector ({REFLECTOR_NAME}) where there is one, else none. eval also runs the untrained model "
         "as the baseline unless --no-baseline",
     )
-    local = parser.add_argument_group("local model (eval --checkpoint, train)")
+    local = parser.add_argument_group("local model (eval --checkpoint)")
     local.add_argument("--checkpoint", default=None, help="eval: a trained policy folder (e.g. OUT/final)")
     local.add_argument(
         "--no-baseline", action="store_true", help="eval --checkpoint: skip the untrained model"
     )
-    local.add_argument("--model", default=None, help="train: model folder (default: the embedded model)")
-    grpo = parser.add_argument_group("GRPO (train)")
-    grpo.add_argument("--steps", type=int, default=20)
-    grpo.add_argument("--group-size", type=int, default=4, help="reflections per failed attempt")
-    grpo.add_argument("--prompts-per-step", type=int, default=1)
-    grpo.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model)")
-    grpo.add_argument("--lr", type=float, default=1e-6)
-    grpo.add_argument("--reflection-tokens", type=int, default=64)
-    grpo.add_argument("--retry-tokens", type=int, default=64)
-    grpo.add_argument("--save-steps", type=int, default=10)
-    grpo.add_argument("--device", default="auto", choices=tuple(DEVICE_USE_CPU))
-    grpo.add_argument(
-        "--rollout",
-        default="trl",
-        choices=("trl", "engine"),
-        help="how reflections and retries are decoded: trl (default: TRL's model.generate, or vLLM on a GPU "
-        "where installed) or engine (the embedded model's batched engine around the model being trained; "
-        "measured no faster on a 2-core CPU at 4 reflections per group, see evals/bench/grpo.py)",
-    )
-    grpo.add_argument(
-        "--lora-r", type=int, default=0, help="train a LoRA adapter of this rank instead of every weight (0)"
-    )
-    grpo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of reflections")
-    grpo.add_argument(
-        "--curriculum",
-        default=None,
-        metavar="LEVELS",
-        help="countdown: train level by level, easiest first, e.g. 2,3,4 (--n problems of each level; "
-        "--task is then ignored)",
-    )
-    grpo.add_argument(
-        "--grpo-config",
-        default=None,
-        metavar="FILE.yaml",
-        help="any other fields of ReflectionGRPOConfig (selfsteer.graphs.grpo_reflection: TRL's GRPOConfig "
-        "and TrainingArguments, plus this project's), as a YAML mapping, e.g. `scale_rewards: none` and "
-        "`loss_type: dr_grpo`; its keys win over the flags that set the same field; unknown keys are refused",
-    )
-    grpo.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has checkpoints")
     add_llm_arguments(parser)
+    return parser

@@ -26,7 +26,7 @@ HELP = {
     "doctor": ["--db DB", "store file to inspect", "Exits 1 when something"],
     "demo": ["--lr LR", "structured decision", "--llm LLM"],
     "serve-llm": ["--port PORT", "/v1/chat/completions", "--api-key API_KEY"],
-    "reflect": ["{run,train,eval}", "--group-size GROUP_SIZE", "--strategy"],
+    "reflect": ["{run,train,eval}", "Reflect, Retry, Reward", "ACTION --help"],
     "recipes": ["--paths", "smallest first"],
     "train": [
         "--recipe RECIPE",
@@ -43,6 +43,8 @@ HELP = {
     "eval": ["SUITE", "lr-suite"],
     "decisions export": ["--format {jsonl,hf}", "--out OUT", "--counterfactual DIR"],
     "decisions collect": ["--policy POLICY", "--shard SHARD", "identical state", "DAgger"],
+    "reflect eval": ["--strategy", "--checkpoint CHECKPOINT", "--call-mode {tools,text}"],
+    "reflect train": ["--num_generations NUM_GENERATIONS", "--max_retry_tokens", "--config FILE.yaml"],
     "intervener train": ["--data DIR", "--max_examples MAX_EXAMPLES", "--config FILE.yaml", "validation"],
     "eval lr-suite": [
         "--recipes RECIPES",

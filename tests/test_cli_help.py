@@ -9,9 +9,10 @@ import sys
 from selfsteer.cli.main import COMMANDS
 
 HEAVY = ("torch", "transformers", "trl", "langchain_core", "langgraph", "fastapi", "ray")
-# `intervener train --help` is TRL's parser of IntervenerConfig (a TrainingArguments: it imports torch, as
-# `trl sft --help` does); tests/test_cli.py checks it. `intervener --help` stays light.
-NESTED = ("decisions collect", "decisions export", "eval lr-suite")
+# `intervener train --help` and `reflect train --help` are TRL's parsers of IntervenerConfig and of
+# ReflectionGRPOConfig (TrainingArguments: they import torch, as `trl sft --help` does); tests/test_cli.py
+# checks them. `intervener --help` and `reflect --help` stay light.
+NESTED = ("decisions collect", "decisions export", "eval lr-suite", "reflect run", "reflect eval")
 # What got imported that help must not import: a heavy library, or a command's run side.
 LOADED = f"sorted(m for m in sys.modules if m in {HEAVY!r} or m.startswith('selfsteer.cli.commands'))"
 PROBE = f"from selfsteer.cli.main import build_parser; build_parser(); import sys; print({LOADED})"

@@ -5,8 +5,10 @@ stands for a remote model that calls tools."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shlex
 
 import pytest
 from helpers.openai_endpoint import scripted_endpoints
@@ -23,8 +25,12 @@ def test_help_lists_the_actions(capsys):
         build_parser().parse_args(["reflect", "--help"])
     out = capsys.readouterr().out
     assert "run,train,eval" in out.replace(" ", "") or "{run,train,eval}" in out
-    assert "--strategy" in out and "--checkpoint" in out
-    assert "--call-mode" in out and "{tools,text}" in out
+    for action in ("run", "eval"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["reflect", action, "--help"])
+        out = capsys.readouterr().out
+        assert "--strategy" in out and "--checkpoint" in out
+        assert "--call-mode" in out and "{tools,text}" in out
 
 
 def test_eval_writes_summary_and_stores_episodes(tmp_path):
@@ -153,7 +159,7 @@ def test_eval_in_text_mode_lists_the_functions_and_binds_no_tools(tmp_path, endp
     assert server.requests[0]["messages"][1]["content"].startswith("Functions:")
 
 
-def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endpoint, capsys):
+def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endpoint, capsys, monkeypatch):
     server = endpoint(lambda body: "3 + 5")
     db = tmp_path / "s.sqlite"
     code = main(["reflect", "run", "--task", "countdown", "--n", "1", "--call-mode", "tools", "--max-retries", "0",
@@ -162,60 +168,137 @@ def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endp
     with Store(db) as store:
         [episode] = store.list_episodes()
         assert store.get_run(episode["run_id"])["config"]["call_mode"] is None
-    code = main(["reflect", "train", "--task", "bfcl:simple_python", "--n", "2", "--db", str(db)])
-    assert code == 2 and "--call-mode text" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    code = main(["reflect", "train", "--task", "bfcl:simple_python", "--n", "2"])
+    assert code == 2 and "--call_mode text" in capsys.readouterr().out.replace("\n", " ")
+    assert not (tmp_path / "runs").exists()
 
 
-def test_curriculum_and_grpo_options_are_checked_before_anything_runs(tmp_path, capsys):
-    db = str(tmp_path / "s.sqlite")
-    assert main(["reflect", "eval", "--curriculum", "2,3", "--db", db]) == 2
-    assert "--curriculum is for train" in capsys.readouterr().out
-    assert main(["reflect", "train", "--curriculum", "2,x", "--db", db]) == 2
+# `reflect train`'s arguments: TRL's TrlParser over ReflectionGRPOConfig and ReflectTrainArguments, a
+# YAML --config under the command line. None of these tests loads a model.
+
+
+def test_train_help_lists_the_configs_own_fields(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["reflect", "train", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: selfsteer reflect train ")
+    # ReflectionGRPOConfig's own, GRPOConfig's and TrainingArguments', the task's, --config
+    own = "--num_generations --max_retry_tokens --refill_attempts --skip_zero_advantage --lora_r"
+    theirs = "--max_completion_length --learning_rate --output_dir --use_cpu --max_steps --save_steps"
+    for flag in [
+        *own.split(),
+        *theirs.split(),
+        "--task",
+        "--curriculum",
+        "--no_resume",
+        "--config FILE.yaml",
+    ]:
+        assert f"  {flag}" in out, flag
+
+
+def test_the_command_line_wins_over_the_yaml_and_the_rest_are_the_configs_defaults(tmp_path):
+    from selfsteer.cli.commands.reflect import ReflectTrainArguments, parse_train_args
+    from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig
+
+    config_file = tmp_path / "grpo.yaml"  # YAML reads 3e-6 as a string; the field's type makes it a float
+    config_file.write_text(
+        "num_generations: 6\nlearning_rate: 3e-6\nmax_retry_tokens: 16\nscale_rewards: none\nn: 5\n"
+    )
+    argv = ["--config", str(config_file), "--num_generations", "8", "--n", "7", "--output_dir", "out"]
+    config, arguments = parse_train_args(argv)
+    assert config.num_generations == 8 and arguments.n == 7  # the command line over the file
+    assert config.learning_rate == 3e-6 and config.max_retry_tokens == 16 and config.scale_rewards == "none"
+    assert config.output_dir == "out" and config.per_device_train_batch_size == 8  # prompts_per_step * 8
+    # Every other field is ReflectionGRPOConfig's default (GRPOConfig's own where this project sets none).
+    given = dict(num_generations=8, learning_rate=3e-6, max_retry_tokens=16, scale_rewards="none")
+    assert dataclasses.asdict(config) == dataclasses.asdict(ReflectionGRPOConfig(output_dir="out", **given))
+    assert dataclasses.replace(arguments, n=32) == ReflectTrainArguments()
+    assert (config.max_steps, config.model, arguments.resume) == (50, "", True)  # max_steps: old --steps 20
+
+
+def test_the_reflector_cards_command_parses_to_its_figures():
+    """The reproduce command of the shipped reflector's card, as the card spells it."""
+    from selfsteer.agents.reflector import REFLECTOR_DIR
+    from selfsteer.cli.commands.reflect import parse_train_args
+
+    card = (REFLECTOR_DIR / "README.md").read_text()
+    command = re.search(r"selfsteer reflect train (.*?)\n\s*#", card, re.S).group(1)
+    config, arguments = parse_train_args(shlex.split(command.replace("\\\n", " ")))
+    assert (arguments.task, arguments.n, arguments.threads) == ("decisions:runs/cf", 1000, 1)
+    assert (config.lora_r, config.learning_rate, config.max_steps, config.num_generations) == (8, 2e-4, 80, 4)
+    assert (config.max_completion_length, config.save_steps, config.seed) == (48, 10, 0)
+    assert config.output_dir == "runs/reflector"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--group-size", "4"], "unrecognized arguments: --group-size 4"),
+        (["--reflector", "none"], "unrecognized arguments: --reflector none"),
+        (["--strategy", "retry"], "invalid choice: 'retry'"),
+        (["--max_steps", "many"], "invalid int value: 'many'"),
+        (["--config", "missing.yaml"], "cannot read missing.yaml"),
+        (
+            ["--config", "unknown.yaml"],
+            "not fields of ReflectionGRPOConfig or ReflectTrainArguments: no_such_field",
+        ),
+        (["--config", "bad-type.yaml"], "--num_iterations/--num-iterations: invalid int value: 'two'"),
+        (["--config", "not-yaml.yaml"], "not YAML"),
+        (["--config", "list.yaml"], "must contain a YAML mapping"),
+        (["--config", "one-generation.yaml"], "num_generations >= 2"),  # ReflectionGRPOConfig's own check
+        (["--config", "bad-type.yaml", "--config", "list.yaml"], "--config given more than once"),
+    ],
+)
+def test_what_is_not_a_field_exits_2_with_a_message(tmp_path, monkeypatch, capsys, argv, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unknown.yaml").write_text("scale_rewards: none\nno_such_field: 1\n")
+    (tmp_path / "bad-type.yaml").write_text("num_iterations: two\n")
+    (tmp_path / "not-yaml.yaml").write_text("a: [1\n")
+    (tmp_path / "list.yaml").write_text("- max_steps\n")
+    (tmp_path / "one-generation.yaml").write_text("num_generations: 1\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["reflect", "train", "--task", "countdown:2", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsteer reflect train: error: ") and says in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_arguments_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # a flag of train only
+        main(["reflect", "eval", "--curriculum", "2,3"])
+    assert exit_.value.code == 2
+    assert main(["reflect", "train", "--curriculum", "2,x"]) == 2
     assert "Countdown levels like 2,3,4" in capsys.readouterr().out
-    grpo_config = tmp_path / "grpo.yaml"
-    grpo_config.write_text("scale_rewards: none\nno_such_field: 1\n")
-    argv = ["reflect", "train", "--task", "countdown:2", "--db", db, "--grpo-config"]
-    assert main([*argv, str(grpo_config)]) == 2
-    said = capsys.readouterr().out.replace("\n", " ")
-    assert "no_such_field" in said and "not a ReflectionGRPOConfig field" in said, said
-    grpo_config.write_text("num_iterations: two\n")
-    assert main([*argv, str(grpo_config)]) == 2
-    assert "num_iterations" in capsys.readouterr().out
-    assert main([*argv, str(tmp_path / "missing.yaml")]) == 2
-    assert "cannot read" in capsys.readouterr().out
-    assert not (tmp_path / "s.sqlite").exists()
+    assert main(["reflect", "train", "--task", "countdown:2", "--policy", "keep"]) == 2
+    assert "--policy is for decisions:DIR tasks" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_curriculum_trains_level_by_level(tmp_path):
-    import argparse
+    from selfsteer.cli.commands.reflect import (
+        ReflectTrainArguments,
+        _curriculum_problems,
+        _in_curriculum_order,
+        parse_train_args,
+    )
 
-    from selfsteer.cli.commands.reflect import _curriculum_problems, _grpo_config, _in_curriculum_order
-
-    args = argparse.Namespace(action="train", curriculum="3,2", split="train", n=6, seed=0, task="countdown")
-    problems = _curriculum_problems(args)
-    assert args.task == "countdown:2+3"
+    arguments = ReflectTrainArguments(curriculum="3,2", n=6)
+    problems = _curriculum_problems(arguments, seed=0)
+    assert arguments.task == "countdown:2+3"
     assert [p.task for p in problems] == ["countdown:2"] * 6 + ["countdown:3"] * 6
     rows = [{"problem_id": p.id} for p in reversed(problems)]
     ordered = _in_curriculum_order(rows, problems, seed=0)
     levels = [len(r["problem_id"].split("->")[0].split(",")) for r in ordered]
     assert levels == [2] * 6 + [3] * 6
     assert _in_curriculum_order(rows, problems, seed=0) == ordered  # seeded
-    grpo_config = tmp_path / "grpo.yaml"  # YAML reads 1e-6 as a string; the field's type makes it a float
-    grpo_config.write_text("scale_rewards: none\nnum_iterations: 2\nlearning_rate: 1e-6\n")
-    assert _grpo_config(str(grpo_config)) == {
-        "scale_rewards": "none",
-        "num_iterations": 2,
-        "learning_rate": 1e-6,
-    }
-    assert _grpo_config(None) == {}
-
-
-def test_the_grpo_config_wins_over_the_flags(tmp_path, capsys):
-    # num_generations 1 from the file over --group-size 4: ReflectionGRPOConfig's own check refuses it,
-    # before any model is loaded.
-    grpo_config = tmp_path / "grpo.yaml"
-    grpo_config.write_text("num_generations: 1\n")
-    argv = ["reflect", "train", "--task", "countdown:2", "--n", "2", "--group-size", "4"]
-    db, out = str(tmp_path / "s.sqlite"), str(tmp_path / "out")
-    assert main([*argv, "--grpo-config", str(grpo_config), "--db", db, "--out", out]) == 2
-    assert "num_generations >= 2" in capsys.readouterr().out
+    # The rows come level by level: unshuffled by default, unless the file or a flag says otherwise.
+    assert parse_train_args([])[0].shuffle_dataset
+    assert not parse_train_args(["--curriculum", "2,3"])[0].shuffle_dataset
+    assert parse_train_args(["--curriculum", "2,3", "--shuffle_dataset", "true"])[0].shuffle_dataset
+    (tmp_path / "shuffled.yaml").write_text("shuffle_dataset: true\n")
+    assert parse_train_args(["--curriculum", "2,3", "--config", str(tmp_path / "shuffled.yaml")])[
+        0
+    ].shuffle_dataset

@@ -1,4 +1,5 @@
-"""`selfsteer reflect run|train|eval`: the episodes, the evaluation and the GRPO training."""
+"""`selfsteer reflect run|train|eval`: the episodes, the evaluation, and the GRPO training with TRL's
+parser of its arguments (ReflectionGRPOConfig and ReflectTrainArguments)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,28 @@ import argparse
 import json
 import random
 import time
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 from selfsteer.agents.chat_models import describe_llm_error, make_chat_model
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.llm.engine import LocalEngine
 from selfsteer.agents.llm.weights import cache_dir, load_embedded_model
 from selfsteer.agents.reflector import REFLECTOR_DIR, is_shipped
-from selfsteer.cli.reflect import DEVICE_USE_CPU
+from selfsteer.cli.reflect import TRAIN_DESCRIPTION
 from selfsteer.evals.plots import plot_grpo
 from selfsteer.evals.tasks import load_task, takes_call_mode
 from selfsteer.evals.tasks.metrics import summarize
 from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
 from selfsteer.graphs.reflect import ReflectConfig, mine_failures, reflection_reward, run_episodes
 from selfsteer.prompts import REFLECT_STRATEGIES
-from selfsteer.trainer_bridge.recipe import typed_fields
+from selfsteer.tools.tasks import CALL_MODES
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
 # -----------------------------------------------------------------------------
@@ -137,37 +139,28 @@ def _ci(interval) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "train":
+        return _train(*parse_train_args(args.args))
     console = Console()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.split = args.split or ("train" if args.action == "train" else "test")
     if args.checkpoint and args.action != "eval":
         console.print("[red]error:[/] --checkpoint is for eval (train takes --model)")
         return 2
     try:
         _resolve_reflector(args)
-        if args.curriculum:
-            problems = _curriculum_problems(args)
-        else:
-            problems = load_task(
-                args.task,
-                split=args.split,
-                n=args.n,
-                seed=args.seed,
-                call_mode=args.call_mode,
-                policy=args.policy,
-            )
+        problems = load_task(
+            args.task,
+            split=args.split,
+            n=args.n,
+            seed=args.seed,
+            call_mode=args.call_mode,
+            policy=args.policy,
+        )
         if not takes_call_mode(args.task):  # countdown: no call modes, none recorded
             args.call_mode = None
-        args.grpo_extra = _grpo_config(args.grpo_config)
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
-        return 2
-    if args.action == "train" and any(problem.tools for problem in problems):
-        console.print(
-            "[red]error:[/] GRPO with tools-mode retries is not supported (the policy's retries are plain "
-            "text): train with --call-mode text"
-        )
         return 2
     out = Path(args.out) if args.out else None
     if out:
@@ -188,57 +181,12 @@ def _resolve_reflector(args: argparse.Namespace) -> None:
         if args.reflector is not None or args.policy is not None:
             raise ValueError("--reflector and --policy are for decisions:DIR tasks")
         return
-    if args.action == "train":
-        if args.reflector is not None:
-            raise ValueError(
-                "train trains a reflector from --model (default: the embedded model); no --reflector"
-            )
-        return
     if args.checkpoint:
         raise ValueError("decisions tasks take --reflector PATH|none, not --checkpoint")
     reflector = args.reflector or (str(REFLECTOR_DIR) if is_shipped() else "none")
     if reflector != "none" and not Path(reflector).is_dir():
         raise ValueError(f"--reflector {reflector}: no such folder (a LoRA adapter or model folder, or none)")
     args.checkpoint = None if reflector == "none" else reflector
-
-
-def _curriculum_problems(args) -> list:
-    """--n problems of each Countdown level in --curriculum, easiest (fewest numbers) first."""
-    if args.action != "train":
-        raise ValueError("--curriculum is for train")
-    try:
-        levels = sorted(int(level) for level in args.curriculum.split(","))
-    except ValueError:
-        raise ValueError(f"--curriculum takes Countdown levels like 2,3,4, not {args.curriculum!r}") from None
-    args.task = "countdown:" + "+".join(map(str, levels))
-    return [p for level in levels for p in load_task(f"countdown:{level}", args.split, args.n, args.seed)]
-
-
-def _in_curriculum_order(rows: list[dict], problems: list, seed: int) -> list[dict]:
-    """Training rows level by level, in the order of `problems`, shuffled within each level only."""
-    level = {p.id: p.task for p in problems}
-    order = list(dict.fromkeys(p.task for p in problems))
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return sorted(rows, key=lambda row: order.index(level[row["problem_id"]]))
-
-
-def _grpo_config(path: str | None) -> dict:
-    """--grpo-config FILE.yaml: a mapping of ReflectionGRPOConfig fields (TRL's GRPOConfig and a few more),
-    each value checked against its field's type (read before anything runs; `_train` builds the config
-    from it and the flags with HfArgumentParser.parse_dict)."""
-    if path is None:
-        return {}
-    try:
-        options = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise ValueError(f"--grpo-config: cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"--grpo-config {path}: not YAML: {error}") from None
-    options = {} if options is None else options
-    if not isinstance(options, dict):
-        raise ValueError(f"--grpo-config {path}: expected a YAML mapping of ReflectionGRPOConfig fields")
-    return typed_fields(ReflectionGRPOConfig, options, lambda key: f"--grpo-config {path}: {key}")
 
 
 def _act(args, problems, store, console, out: Path | None) -> int:
@@ -262,90 +210,262 @@ def _act(args, problems, store, console, out: Path | None) -> int:
             _write_episodes(out / "episodes.jsonl", results)
         return 0
 
-    if args.action == "eval":
-        summary = _evaluate(
-            args, problems, store, console, args.checkpoint, "after" if args.checkpoint else "model"
-        )
-        if args.checkpoint and not args.no_baseline:
-            summary["baseline"] = _evaluate(args, problems, store, console, None, "before")
-        if args.compare:
-            summary["strategies"] = {args.strategy: {k: v for k, v in summary.items() if k != "baseline"}}
-            for strategy in (x for x in REFLECT_STRATEGIES if x != args.strategy):
-                summary["strategies"][strategy] = _evaluate(
-                    args, problems, store, console, args.checkpoint, strategy, strategy
-                )
-        summary.update(
-            task=args.task,
-            call_mode=args.call_mode,
-            split=args.split,
-            strategy=args.strategy,
-            max_retries=args.max_retries,
-        )
-        if out:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            console.print(f"wrote {out / 'summary.json'}")
-        else:
-            console.print_json(json.dumps(summary))
-        return 0
-
-    return _train(args, problems, console, out)
+    # eval, the other action
+    summary = _evaluate(
+        args, problems, store, console, args.checkpoint, "after" if args.checkpoint else "model"
+    )
+    if args.checkpoint and not args.no_baseline:
+        summary["baseline"] = _evaluate(args, problems, store, console, None, "before")
+    if args.compare:
+        summary["strategies"] = {args.strategy: {k: v for k, v in summary.items() if k != "baseline"}}
+        for strategy in (x for x in REFLECT_STRATEGIES if x != args.strategy):
+            summary["strategies"][strategy] = _evaluate(
+                args, problems, store, console, args.checkpoint, strategy, strategy
+            )
+    summary.update(
+        task=args.task,
+        call_mode=args.call_mode,
+        split=args.split,
+        strategy=args.strategy,
+        max_retries=args.max_retries,
+    )
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        console.print(f"wrote {out / 'summary.json'}")
+    else:
+        console.print_json(json.dumps(summary))
+    return 0
 
 
-def _train(args, problems, console, out: Path | None) -> int:
-    if args.strategy == "retry":
-        console.print(
-            "[red]error:[/] strategy 'retry' has no reflection to train; use reflect or reflect_attempt"
+# -----------------------------------------------------------------------------
+# train: TRL's parser of its arguments, the problems, the training
+
+
+@dataclass
+class ReflectTrainArguments:
+    """`reflect train`'s arguments that are not the training's: where the failed first attempts come from,
+    and how the run goes. ReflectionGRPOConfig holds the training's own (model, steps, group, lr, ...)."""
+
+    task: str = field(
+        default="countdown",
+        metadata={
+            "help": "countdown, countdown:N, bfcl:CATEGORY (with --call_mode text), decisions:DIR (a "
+            "supervisor's lr decisions over the counterfactual rows in DIR) or module:function."
+        },
+    )
+    n: int = field(default=32, metadata={"help": "Problems mined (of each level, with --curriculum)."})
+    split: str = field(default="train", metadata={"help": "The task's split.", "choices": ["train", "test"]})
+    call_mode: str = field(
+        default="tools",
+        metadata={
+            "help": "bfcl: tools or text; train needs text (the policy's retries are plain text). Ignored "
+            "by tasks without call modes (countdown).",
+            "choices": list(CALL_MODES),
+        },
+    )
+    strategy: str = field(
+        default="reflect_attempt",
+        metadata={
+            "help": "What the retry sees: the reflection only (reflect), with the failed attempt "
+            "(reflect_attempt), plus rewarded reflections of earlier episodes (memory).",
+            "choices": [strategy for strategy in REFLECT_STRATEGIES if strategy != "retry"],
+        },
+    )
+    max_tokens: int = field(default=96, metadata={"help": "Tokens of each first attempt mined."})
+    policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "decisions:DIR: the supervisor whose decisions are the first tries: intervener (None: "
+            "the shipped one), keep, rule, hypergradient, ... or module:Class."
+        },
+    )
+    curriculum: str | None = field(
+        default=None,
+        metadata={
+            "help": "Countdown: train level by level, easiest first, e.g. 2,3,4 (--n problems of each "
+            "level; --task is then ignored; shuffle_dataset defaults to false)."
+        },
+    )
+    rollout: str = field(
+        default="trl",
+        metadata={
+            "help": "How reflections and retries are decoded: trl (TRL's model.generate, or vLLM on a GPU "
+            "where installed) or engine (the embedded model's batched engine around the model being "
+            "trained; measured no faster on a 2-core CPU, see evals/bench/grpo.py).",
+            "choices": ["trl", "engine"],
+        },
+    )
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Resume from the newest checkpoint in output_dir (--no_resume: start afresh)."},
+    )
+    threads: int | None = field(default=None, metadata={"help": "Torch CPU threads (None: torch's)."})
+
+
+def train_parser():
+    """TRL's parser of ReflectionGRPOConfig and ReflectTrainArguments, with `--config FILE.yaml` (imports
+    torch, transformers and TRL)."""
+
+    class Parser(TrlParser):
+        def error(self, message):  # the message without the usage of 200 flags
+            self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = Parser(
+        (ReflectionGRPOConfig, ReflectTrainArguments),
+        prog="selfsteer reflect train",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=Formatter,
+    )
+    # TrlParser reads `--config FILE` itself (before the other flags); declared here for --help only.
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="a YAML mapping of field names to values; the command line's flags win over it",
+    )
+    return parser
+
+
+def parse_train_args(argv: list[str]) -> tuple[ReflectionGRPOConfig, ReflectTrainArguments]:
+    """`selfsteer reflect train`'s arguments: the fields from `--config FILE.yaml`, then the command line's
+    flags over them. Exits 2 (argparse's way) with a message on stderr for an unknown flag or YAML key, an
+    unreadable YAML file, a bad value (ReflectionGRPOConfig's and TRL's own checks included); exits 0
+    after --help. With --curriculum, shuffle_dataset defaults to false (the rows come level by level)."""
+    parser = train_parser()
+    argv = list(argv)
+    for i, arg in enumerate(argv):  # TrlParser reads `--config FILE`, not `--config=FILE`
+        if arg.startswith("--config="):
+            argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
+            break
+    if argv.count("--config") > 1:
+        parser.error("--config given more than once")
+    if argv and argv[-1] == "--config":
+        parser.error("argument --config: expected a YAML file")
+    config, arguments = _parse_train_args(parser, argv)
+    if arguments.curriculum:  # a default, so that the file or a flag can still set it
+        parser.set_defaults(shuffle_dataset=False)
+        config, arguments = _parse_train_args(parser, argv)
+    return config, arguments
+
+
+def _parse_train_args(parser, argv: list[str]):
+    try:
+        # after the dataclasses: the namespace of --config (declared for --help), the unknown keys and flags
+        config, arguments, *_, from_file, from_command_line = parser.parse_args_and_config(
+            args=argv, return_remaining_strings=True, separate_remaining_strings=True
         )
+    except OSError as error:
+        parser.error(f"--config: cannot read {error.filename}: {error.strerror}")
+    except yaml.YAMLError as error:
+        parser.error(f"--config: not YAML: {error}")
+    except (TypeError, ValueError) as error:  # a YAML file that is not a mapping, a bad value of a field
+        parser.error(str(error))
+    if from_command_line:
+        parser.error(f"unrecognized arguments: {' '.join(from_command_line)}")
+    if from_file:  # TrlParser hands back each unknown key as `--KEY VALUE`
+        unknown = ", ".join(key.removeprefix("--") for key in from_file[::2])
+        parser.error(
+            f"--config {argv[argv.index('--config') + 1]}: not fields of ReflectionGRPOConfig or "
+            f"ReflectTrainArguments: {unknown}"
+        )
+    return config, arguments
+
+
+def _train_problems(arguments: ReflectTrainArguments, seed: int) -> list:
+    """The problems whose failed first attempts are the training set (checked before any model loads)."""
+    if arguments.policy is not None and not arguments.task.startswith("decisions:"):
+        raise ValueError("--policy is for decisions:DIR tasks")
+    if arguments.curriculum:
+        return _curriculum_problems(arguments, seed)
+    problems = load_task(
+        arguments.task,
+        split=arguments.split,
+        n=arguments.n,
+        seed=seed,
+        call_mode=arguments.call_mode,
+        policy=arguments.policy,
+    )
+    if any(problem.tools for problem in problems):
+        raise ValueError(
+            "GRPO with tools-mode retries is not supported (the policy's retries are plain text): train "
+            "with --call_mode text"
+        )
+    return problems
+
+
+def _curriculum_problems(arguments, seed: int) -> list:
+    """--n problems of each Countdown level in --curriculum, easiest (fewest numbers) first; --task becomes
+    the levels (countdown:2+3+4)."""
+    try:
+        levels = sorted(int(level) for level in arguments.curriculum.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--curriculum takes Countdown levels like 2,3,4, not {arguments.curriculum!r}"
+        ) from None
+    arguments.task = "countdown:" + "+".join(map(str, levels))
+    return [
+        p for level in levels for p in load_task(f"countdown:{level}", arguments.split, arguments.n, seed)
+    ]
+
+
+def _in_curriculum_order(rows: list[dict], problems: list, seed: int) -> list[dict]:
+    """Training rows level by level, in the order of `problems`, shuffled within each level only."""
+    level = {p.id: p.task for p in problems}
+    order = list(dict.fromkeys(p.task for p in problems))
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return sorted(rows, key=lambda row: order.index(level[row["problem_id"]]))
+
+
+def _train(config: ReflectionGRPOConfig, arguments: ReflectTrainArguments) -> int:
+    console = Console()
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
+    try:  # the call mode first: a curriculum renames the task countdown:2+3, which no loader knows
+        takes = not arguments.curriculum and takes_call_mode(arguments.task)
+        call_mode = arguments.call_mode if takes else None  # countdown: no call modes, none recorded
+        problems = _train_problems(arguments, config.seed)
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/] {error}")
         return 2
-    out = out or Path("runs/reflect-grpo")
-    options = dict(args.grpo_extra)  # --grpo-config wins over the flags that set the same field
-    if args.curriculum:
-        options.setdefault("shuffle_dataset", False)  # the rows come level by level
-    try:  # before the slow part: TRL's own checks (batch sizes, groups) say what is wrong at once
-        (config,) = HfArgumentParser(ReflectionGRPOConfig).parse_dict({
-            "model": args.model or str(cache_dir()), "output_dir": str(out), "max_steps": args.steps,
-            "num_generations": args.group_size, "prompts_per_step": args.prompts_per_step, "beta": args.beta,
-            "learning_rate": args.lr, "max_completion_length": args.reflection_tokens,
-            "max_retry_tokens": args.retry_tokens,
-            "save_steps": args.save_steps, "seed": args.seed, "use_cpu": DEVICE_USE_CPU[args.device],
-            "temperature": args.temperature, "lora_r": args.lora_r, **options,
-        })  # the GRPO flags into its config # fmt: skip
-    except (TypeError, ValueError) as error:
-        console.print(f"[red]error:[/] GRPO options: {error}")
-        return 2
-    if args.model is None:
+    task = arguments.task
+    embedded = not config.model  # the default: the embedded model, trained from its folder in the cache
+    if embedded:
         load_embedded_model()  # converts the GGUF once, so that cache_dir() holds a model folder
-    model = config.model
+        config.model = str(cache_dir())
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     console.print(
-        f"mining failed first attempts of {len(problems)} x {args.task} ({args.split}) with {model}"
+        f"mining failed first attempts of {len(problems)} x {task} ({arguments.split}) with {config.model}"
     )
-    rows = mine_failures(_embedded_chat(args.model, args.max_tokens), problems, progress=True)
+    miner = _embedded_chat(None if embedded else config.model, arguments.max_tokens)
+    rows = mine_failures(miner, problems, progress=True)
     console.print(f"{len(rows)} failures of {len(problems)} first attempts: the training set")
     if not rows:
         console.print("[yellow]nothing to train on: every first attempt passed[/]")
         return 1
-    if args.curriculum:
-        rows = _in_curriculum_order(rows, problems, args.seed)
-    rollout, engine = args.rollout, None
-    if rollout == "engine":
-        engine = LocalEngine
+    if arguments.curriculum:
+        rows = _in_curriculum_order(rows, problems, config.seed)
+    rollout = arguments.rollout
     console.print(
-        f"GRPO: {args.steps} steps x {args.prompts_per_step} failure(s) x {args.group_size} reflections, "
-        f"rollouts by {rollout}, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'every weight'}"
+        f"GRPO: {config.max_steps} steps x {config.prompts_per_step} failure(s) x {config.num_generations} "
+        f"reflections, rollouts by {rollout}, "
+        f"{'LoRA r=' + str(config.lora_r) if config.lora_r else 'every weight'}"
     )
     result = train(
         config,
         rows,
-        reflection_reward(problems, args.strategy),
-        resume=not args.no_resume,
-        engine_factory=engine,
+        reflection_reward(problems, arguments.strategy),
+        resume=arguments.resume,
+        engine_factory=LocalEngine if rollout == "engine" else None,
     )
     log = [entry for entry in result["log_history"] if "reward" in entry]
     summary = {
-        "task": args.task, "call_mode": args.call_mode, "n_problems": len(problems), "n_failures": len(rows), "steps": args.steps,
-        "rollout": rollout, "curriculum": args.curriculum,
+        "task": task, "call_mode": call_mode, "n_problems": len(problems), "n_failures": len(rows),
+        "steps": config.max_steps, "rollout": rollout, "curriculum": arguments.curriculum,
         "wall_s": time.perf_counter() - started, "final_model": result["final_model"],
         "resumed_from": result["resumed_from"], "config": config.to_dict(),
         "reward_per_step": [entry["reward"] for entry in log], "train_metrics": result["metrics"],
@@ -354,9 +474,9 @@ def _train(args, problems, console, out: Path | None) -> int:
     summary["frac_reward_zero_std"] = sum(zero_std) / len(zero_std) if zero_std else None
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if log:
-        plot_grpo(result["log_history"], out / "reward.png", f"GRPO on reflections: {args.task}")
+        plot_grpo(result["log_history"], out / "reward.png", f"GRPO on reflections: {task}")
     console.print(
-        f"trained {args.steps} steps in {summary['wall_s']:.0f} s; policy in {result['final_model']}; "
+        f"trained {config.max_steps} steps in {summary['wall_s']:.0f} s; policy in {result['final_model']}; "
         f"mean reward per step: {[round(r, 3) for r in summary['reward_per_step']]}"
     )
     if zero_std and min(zero_std) >= 1.0:
