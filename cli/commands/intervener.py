@@ -8,9 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-from trl import TrlParser
-
 from selfsteer.agents.intervener import (
     IntervenerConfig,
     calibrate,
@@ -19,65 +16,21 @@ from selfsteer.agents.intervener import (
     train_intervener,
 )
 from selfsteer.agents.intervener_data import read_rows
+from selfsteer.cli.commands.config_parser import ConfigParser
 from selfsteer.cli.intervener import TRAIN_DESCRIPTION
 
 
-def train_parser():
+def train_parser() -> ConfigParser:
     """TRL's parser of IntervenerConfig, with `--config FILE.yaml` (imports torch, transformers and TRL)."""
-
-    class Parser(TrlParser):
-        def error(self, message):  # the message without the usage of 200 flags
-            self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
-    parser = Parser(
-        (IntervenerConfig,),
-        prog="selfsteer intervener train",
-        description=TRAIN_DESCRIPTION,
-        formatter_class=Formatter,
-    )
-    # TrlParser reads `--config FILE` itself (before the other flags); declared here for --help only.
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="a YAML mapping of field names to values; the command line's flags win over it",
-    )
-    return parser
+    return ConfigParser((IntervenerConfig,), prog="selfsteer intervener train", description=TRAIN_DESCRIPTION)
 
 
-def parse_train_args(argv: list[str]):
+def parse_train_args(argv: list[str]) -> IntervenerConfig:
     """`selfsteer intervener train`'s arguments as an IntervenerConfig: the fields from `--config FILE.yaml`,
     then the command line's flags over them. Exits 2 (argparse's way) with a message on stderr for an
     unknown flag or YAML key, an unreadable YAML file, a bad value, or no --data; exits 0 after --help."""
     parser = train_parser()
-    argv = list(argv)
-    for i, arg in enumerate(argv):  # TrlParser reads `--config FILE`, not `--config=FILE`
-        if arg.startswith("--config="):
-            argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
-            break
-    if argv.count("--config") > 1:
-        parser.error("--config given more than once")
-    if argv and argv[-1] == "--config":
-        parser.error("argument --config: expected a YAML file")
-    try:
-        config, *_, from_file, from_command_line = parser.parse_args_and_config(
-            args=argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except OSError as error:
-        parser.error(f"--config: cannot read {error.filename}: {error.strerror}")
-    except yaml.YAMLError as error:
-        parser.error(f"--config: not YAML: {error}")
-    except ValueError as error:  # a YAML file that is not a mapping, a bad value of a field
-        parser.error(str(error))
-    if from_command_line:
-        parser.error(f"unrecognized arguments: {' '.join(from_command_line)}")
-    if from_file:  # TrlParser hands back each unknown key as `--KEY VALUE`
-        unknown = ", ".join(key.removeprefix("--") for key in from_file[::2])
-        parser.error(
-            f"--config {argv[argv.index('--config') + 1]}: not fields of IntervenerConfig: {unknown}"
-        )
+    (config,) = parser.parse(argv)
     if not config.data:
         parser.error(
             "--data is required (folders from `selfsteer decisions collect`), as a flag or in --config"

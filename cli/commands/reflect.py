@@ -12,15 +12,14 @@ from functools import cache
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
-from trl import TrlParser
 
 from selfsteer.agents.chat_models import describe_llm_error, make_chat_model
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.llm.engine import LocalEngine
 from selfsteer.agents.llm.weights import cache_dir, load_embedded_model
 from selfsteer.agents.reflector import REFLECTOR_DIR, is_shipped
+from selfsteer.cli.commands.config_parser import ConfigParser
 from selfsteer.cli.reflect import TRAIN_DESCRIPTION
 from selfsteer.evals.plots import plot_grpo
 from selfsteer.evals.tasks import load_task, takes_call_mode
@@ -302,30 +301,14 @@ class ReflectTrainArguments:
     threads: int | None = field(default=None, metadata={"help": "Torch CPU threads (None: torch's)."})
 
 
-def train_parser():
+def train_parser() -> ConfigParser:
     """TRL's parser of ReflectionGRPOConfig and ReflectTrainArguments, with `--config FILE.yaml` (imports
     torch, transformers and TRL)."""
-
-    class Parser(TrlParser):
-        def error(self, message):  # the message without the usage of 200 flags
-            self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
-    parser = Parser(
+    return ConfigParser(
         (ReflectionGRPOConfig, ReflectTrainArguments),
         prog="selfsteer reflect train",
         description=TRAIN_DESCRIPTION,
-        formatter_class=Formatter,
     )
-    # TrlParser reads `--config FILE` itself (before the other flags); declared here for --help only.
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="a YAML mapping of field names to values; the command line's flags win over it",
-    )
-    return parser
 
 
 def parse_train_args(argv: list[str]) -> tuple[ReflectionGRPOConfig, ReflectTrainArguments]:
@@ -334,42 +317,10 @@ def parse_train_args(argv: list[str]) -> tuple[ReflectionGRPOConfig, ReflectTrai
     unreadable YAML file, a bad value (ReflectionGRPOConfig's and TRL's own checks included); exits 0
     after --help. With --curriculum, shuffle_dataset defaults to false (the rows come level by level)."""
     parser = train_parser()
-    argv = list(argv)
-    for i, arg in enumerate(argv):  # TrlParser reads `--config FILE`, not `--config=FILE`
-        if arg.startswith("--config="):
-            argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
-            break
-    if argv.count("--config") > 1:
-        parser.error("--config given more than once")
-    if argv and argv[-1] == "--config":
-        parser.error("argument --config: expected a YAML file")
-    config, arguments = _parse_train_args(parser, argv)
+    config, arguments = parser.parse(argv)
     if arguments.curriculum:  # a default, so that the file or a flag can still set it
         parser.set_defaults(shuffle_dataset=False)
-        config, arguments = _parse_train_args(parser, argv)
-    return config, arguments
-
-
-def _parse_train_args(parser, argv: list[str]):
-    try:
-        # after the dataclasses: the namespace of --config (declared for --help), the unknown keys and flags
-        config, arguments, *_, from_file, from_command_line = parser.parse_args_and_config(
-            args=argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except OSError as error:
-        parser.error(f"--config: cannot read {error.filename}: {error.strerror}")
-    except yaml.YAMLError as error:
-        parser.error(f"--config: not YAML: {error}")
-    except (TypeError, ValueError) as error:  # a YAML file that is not a mapping, a bad value of a field
-        parser.error(str(error))
-    if from_command_line:
-        parser.error(f"unrecognized arguments: {' '.join(from_command_line)}")
-    if from_file:  # TrlParser hands back each unknown key as `--KEY VALUE`
-        unknown = ", ".join(key.removeprefix("--") for key in from_file[::2])
-        parser.error(
-            f"--config {argv[argv.index('--config') + 1]}: not fields of ReflectionGRPOConfig or "
-            f"ReflectTrainArguments: {unknown}"
-        )
+        config, arguments = parser.parse(argv)
     return config, arguments
 
 
