@@ -327,7 +327,7 @@ def test_the_search_stays_unfinished_until_every_trial_it_made_has_ended(tmp_pat
     assert all(made) and default.is_finished()  # Tune's: finished with both trials still to run
     assert not keeping.is_finished()
     keeping.on_trial_complete(made[0].trial_id)
-    keeping.save_to_dir(str(tmp_path), session_str="s")  # as Tune saves and restores an experiment's
+    keeping.save_to_dir(str(tmp_path), session_str="s")  # as Tune saves it with the experiment
     restored = KeepActorsWhileTrialsLive()
     restored.restore_from_dir(str(tmp_path))
     for search in (keeping, restored):
