@@ -115,3 +115,13 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         action="store_true",
         help="with --self-correct: show later runs the reflections of earlier ones (from the store)",
     )
+
+
+def add_config_command(actions, name: str, help: str) -> None:
+    """A sub-command whose flags are the fields of a config dataclass, parsed in `run` by TRL's parser
+    (cli/commands/config_parser.py: building that parser imports torch, transformers and TRL, so
+    `selfsteer --help` does not build it). This parser only collects the arguments, all of them and in
+    order, `--help` included: its prefix character is one no argument starts with, so every argument counts
+    as positional (argparse would refuse `--data` leading a REMAINDER)."""
+    command = actions.add_parser(name, help=help, add_help=False, prefix_chars="\0")
+    command.add_argument("args", nargs=argparse.REMAINDER)

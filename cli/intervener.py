@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from selfsteer.cli.common import add_config_command
+
 DESCRIPTION = """\
 Fine-tunes SmolLM2-135M-Instruct with a LoRA adapter (TRL SFT, completion-only loss) to answer the
 `intervener` prompt with the labelled decision of each collected decision point (see `selfsteer decisions
@@ -44,17 +46,8 @@ def add_parser(subparsers, name: str) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    # `train` takes IntervenerConfig's fields, parsed in `run` by TRL's parser (building that parser imports
-    # torch, transformers and TRL, so `selfsteer --help` does not build it). This parser only collects the
-    # arguments, all of them and in order, `--help` included: its prefix character is one no argument starts
-    # with, so every argument counts as positional (argparse would refuse `--data` leading a REMAINDER).
-    train = actions.add_parser(
-        "train",
-        help="fine-tune and score an adapter (--help: every flag)",
-        add_help=False,
-        prefix_chars="\0",
-    )
-    train.add_argument("args", nargs=argparse.REMAINDER)
+    # IntervenerConfig's fields, parsed by TRL's parser when it runs
+    add_config_command(actions, "train", help="fine-tune and score an adapter (--help: every flag)")
     calibrate = actions.add_parser(
         "calibrate",
         help="(re)compute an adapter's action bias",

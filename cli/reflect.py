@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsteer.cli.common import add_llm_arguments
+from selfsteer.cli.common import add_config_command, add_llm_arguments
 from selfsteer.prompts import REFLECT_STRATEGIES
 from selfsteer.tools.tasks import CALL_MODES
 
@@ -84,18 +84,8 @@ def add_parser(subparsers, name: str) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    # `train` takes ReflectionGRPOConfig's fields and the task's, parsed in `run` by TRL's parser (building
-    # that parser imports torch, transformers and TRL, so `selfsteer --help` does not build it). This parser
-    # only collects the arguments, all of them and in order, `--help` included: its prefix character is one
-    # no argument starts with, so every argument counts as positional (argparse would refuse `--task`
-    # leading a REMAINDER).
-    train = actions.add_parser(
-        "train",
-        help="train reflections with GRPO (--help: every flag)",
-        add_help=False,
-        prefix_chars="\0",
-    )
-    train.add_argument("args", nargs=argparse.REMAINDER)
+    # ReflectionGRPOConfig's fields and the task's, parsed by TRL's parser when it runs
+    add_config_command(actions, "train", help="train reflections with GRPO (--help: every flag)")
     actions.add_parser(
         "eval",
         parents=[episodes],
