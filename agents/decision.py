@@ -14,6 +14,16 @@ class StructuredOutputError(RuntimeError):
     caller that retries too would nest its retries in the model's."""
 
 
+class ModelAnswerError(RuntimeError):
+    """A chat model's answer could not be had (an error of the model or its endpoint, or an answer that
+    did not parse): worth asking again. The supervision graph's `decide` node retries on it (its
+    `RetryPolicy`), then falls back. `raw_output`: what the model said, where it said something."""
+
+    def __init__(self, message: str, raw_output: str | None = None):
+        super().__init__(message)
+        self.raw_output = raw_output
+
+
 class LRDecision(BaseModel):
     """Double, halve or keep the learning rate, with a short explanation."""
 

@@ -81,7 +81,6 @@ class IntervenerSupervisor(LLMSupervisor):
     def __init__(
         self,
         adapter: str | Path = ADAPTER_DIR,
-        max_retries: int = 2,
         explanations: str = "template",
         chat_model=None,
     ):
@@ -90,7 +89,7 @@ class IntervenerSupervisor(LLMSupervisor):
         if chat_model is None:
             chat_model = make_chat_model("local", adapter=str(adapter), field_max_chars=EXPLANATION_CHARS)
         self.strategy_name = adapter_strategy(adapter)
-        super().__init__(chat_model, self.strategy_name, max_retries=max_retries)
+        super().__init__(chat_model, self.strategy_name)
         self.explanations = explanations
         # The local model adds the format instruction the adapter was trained with to the prompt itself;
         # a served one (serve-llm --adapter, through ChatOpenAI) would not see it unless it is sent.

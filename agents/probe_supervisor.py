@@ -147,12 +147,9 @@ class VettedProbeSupervisor(ProbeSupervisor):
         proposal = super().decide(observation)
         if proposal.action == "keep":
             return proposal
-        answer = self.llm.decide(observation)
+        answer = self.llm.decide(observation)  # raises when the model gives no answer: see `fallback`
         if answer.fallback:
-            why = f"{proposal.explanation}; the model gave no valid answer, so the measured proposal stands"
-            return Decision(
-                proposal.action, why, answer.raw_output, True, answer.latency_s, factor=proposal.factor
-            )
+            return self._stands(proposal, answer.raw_output, answer.latency_s)
         if answer.action == proposal.action:
             why = f"{proposal.explanation}; confirmed: {answer.explanation}"
             return Decision(
@@ -160,3 +157,18 @@ class VettedProbeSupervisor(ProbeSupervisor):
             )
         why = f"vetoed x{proposal.factor:g} ({answer.action}): {answer.explanation} [{proposal.explanation}]"
         return Decision("keep", why, answer.raw_output, latency_s=answer.latency_s)
+
+    def fallback(self, observation: Observation, error: BaseException) -> Decision:
+        """The model gave no answer (once the loop's retries were spent): the measured proposal stands."""
+        try:
+            proposal = super().decide(observation)
+        except Exception:  # noqa: BLE001 - no proposal either: the safe action
+            return super().fallback(observation, error)
+        if proposal.action == "keep":
+            return proposal
+        return self._stands(proposal, getattr(error, "raw_output", None))
+
+    @staticmethod
+    def _stands(proposal: Decision, raw_output: str | None, latency_s: float = 0.0) -> Decision:
+        why = f"{proposal.explanation}; the model gave no valid answer, so the measured proposal stands"
+        return Decision(proposal.action, why, raw_output, True, latency_s, factor=proposal.factor)

@@ -188,6 +188,9 @@ class ReflectorSupervisor(Supervisor):
         action = Actor(observation.avoid)(messages)
         return Decision(action, f"retried after the reflection: {messages[-2]['content'][:160]}")
 
+    def fallback(self, observation: Observation, error: BaseException) -> Decision:
+        return self.base.fallback(observation, error)
+
     def reflect(self, observation: Observation, action: str, facts: str) -> str:
         found = _FACTS.search(facts)
         if found is None:  # not the loop's facts: nothing to reflect from

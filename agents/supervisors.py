@@ -20,6 +20,10 @@ learning rate, with a short explanation. One small interface for all of them:
 - `HumanSupervisor`: asks a person (a LangGraph interrupt; see graphs/supervise.py).
 - Your own: `module:Class`, or a name registered under the entry-point group `selfsteer.supervisors`;
   `agents/registry.py` builds every one of them by name.
+
+A `decide` that raises is the loop's to handle: the supervision graph retries a model's failed answer
+(`ModelAnswerError`) and then journals the supervisor's `fallback` ("keep"); callers outside the graph
+(offline collection, scoring) use `decide_or_fall_back`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field, create_model
-from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
-from selfsteer.agents.decision import MAX_EXPLANATION_WORDS, LRDecision, StructuredOutputError
+from selfsteer.agents.decision import (
+    MAX_EXPLANATION_WORDS,
+    LRDecision,
+    ModelAnswerError,
+    StructuredOutputError,
+)
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.self_correct import Reflection, reflection_prompt
 from selfsteer.prompts import PromptStrategy, load_strategy
@@ -89,6 +97,12 @@ class Supervisor:
     def decide(self, observation: Observation) -> Decision:
         raise NotImplementedError
 
+    def fallback(self, observation: Observation, error: BaseException) -> Decision:
+        """The decision when `decide` raised (in the supervision graph: once its retries are spent). By
+        default "keep", marked as a fallback, saying why: the run goes on with its settings."""
+        why = f"the supervisor failed ({type(error).__name__}: {error}); keeping the current settings"
+        return Decision("keep", why[:4000], getattr(error, "raw_output", None), fallback=True)
+
     def evidence(self, observation: Observation) -> dict | None:
         """The `probe` to run before deciding on `observation` (its args: factors, steps, horizon), whose
         result the loop puts in `observation.probe`; None (the default): decide without one."""
@@ -99,6 +113,16 @@ class Supervisor:
         `observation` is what you saw when deciding). The text is shown to your later decisions. By
         default: the facts."""
         return facts
+
+
+def decide_or_fall_back(supervisor: Supervisor, observation: Observation) -> Decision:
+    """One decision outside the supervision graph: `decide`, or the supervisor's `fallback` when it raises.
+    Asked once: the retries are the graph's (its decide node's `RetryPolicy`), and the embedded model
+    retries a malformed answer by itself."""
+    try:
+        return supervisor.decide(observation)
+    except Exception as error:  # noqa: BLE001 - any failure of a plug-in ends in its safe action
+        return supervisor.fallback(observation, error)
 
 
 class ReasonedDecision(BaseModel):
@@ -115,9 +139,10 @@ class LLMSupervisor(Supervisor):
 
     chat_model: any LangChain chat model (see `make_chat_model`).
     strategy: a prompt strategy name (`selfsteer.prompts.list_strategies()`) or a .yaml path.
-    max_retries: retries after an error of the model (timeout, connection, malformed answer), but for a
-        model that retried by itself (`StructuredOutputError`: the embedded model's own retries are
-        spent); after the last one the decision is "keep", marked as a fallback.
+    One model call per decision: an error of the model or an answer that does not parse raises
+    `ModelAnswerError`, which the supervision graph's `decide` node retries (its `RetryPolicy`) before it
+    falls back to `fallback` ("keep"). A model that retried by itself and gave up raises
+    `StructuredOutputError` (the embedded model's own retries are spent), which is not asked again.
     """
 
     name = "llm"
@@ -127,12 +152,11 @@ class LLMSupervisor(Supervisor):
     def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
         return cls(chat_model or embedded_chat_model(), option or strategy or "json_history")
 
-    def __init__(self, chat_model, strategy: str | PromptStrategy = "json_history", max_retries: int = 2):
+    def __init__(self, chat_model, strategy: str | PromptStrategy = "json_history"):
         self.chat_model = chat_model
         self.prompt = strategy if isinstance(strategy, PromptStrategy) else load_strategy(strategy)
         self.strategy = self.prompt.id
         self.model = getattr(chat_model, "model_name", None) or type(chat_model).__name__
-        self.max_retries = max_retries
         self._schema = ReasonedDecision if self.prompt.schema == "reasoned" else LRDecision
         self._decide = chat_model.with_structured_output(self._schema, include_raw=True)
 
@@ -152,34 +176,22 @@ class LLMSupervisor(Supervisor):
         return self.chat_model.with_structured_output(schema, include_raw=True)
 
     def decide(self, observation: Observation) -> Decision:
-        messages = self.messages(observation)
-        decider = self._decider(observation.avoid)
         started = time.perf_counter()
-        error: BaseException | None = None
-        answer = None
         try:
-            for attempt in Retrying(
-                stop=stop_after_attempt(self.max_retries + 1),
-                wait=wait_exponential(0.2, max=2.0),
-                # The embedded model retries malformed answers itself: its retries are not nested in these.
-                retry=retry_if_not_exception_type(StructuredOutputError),
-                reraise=True,
-            ):
-                with attempt:
-                    answer = decider.invoke(messages)
-                    if answer.get("parsed") is None:
-                        raise ValueError(f"malformed answer: {answer.get('parsing_error')}")
-        except Exception as failure:  # any failure of the model ends in the safe action
-            error = failure
-        latency = time.perf_counter() - started
-        raw = answer.get("raw") if answer else None
+            answer = self._decider(observation.avoid).invoke(self.messages(observation))
+        except StructuredOutputError:
+            raise
+        except Exception as failure:
+            raise ModelAnswerError(f"{type(failure).__name__}: {failure}") from failure
+        raw = answer.get("raw")
         raw_text = raw.content if raw is not None else None
-        fell_back = error is not None or bool(raw is not None and raw.response_metadata.get("fallback"))
-        if error is not None or answer is None:
-            return Decision("keep", f"fallback: {error}", raw_text, fallback=True, latency_s=latency)
-        parsed = answer["parsed"]
+        parsed = answer.get("parsed")
+        if parsed is None:
+            raise ModelAnswerError(f"malformed answer: {answer.get('parsing_error')}", raw_text)
         explanation = getattr(parsed, "explanation", None) or getattr(parsed, "reasoning", "")
         explanation = " ".join(explanation.split()[:MAX_EXPLANATION_WORDS])
+        fell_back = bool(raw is not None and raw.response_metadata.get("fallback"))
+        latency = time.perf_counter() - started
         return Decision(parsed.action, explanation, raw_text, fallback=fell_back, latency_s=latency)
 
     def reflect(self, observation: Observation, action: str, facts: str) -> str:

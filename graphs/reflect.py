@@ -1,17 +1,18 @@
 """Reflect, Retry, Reward (Bensal et al. 2025) as a LangGraph state machine.
 
-    attempt -> validate --pass / out of retries--> reward -> END
-                  |
-                  +--fail--> reflect -> retry -> validate -> ...
+    open_episode -> attempt -> validate --pass / out of retries--> reward -> END
+                                  |
+                                  +--fail--> reflect -> retry -> validate -> ...
 
 A model answers a problem; the problem's validator says pass or fail; on a failure the model writes
 a short reflection and tries again with it in context; a reflection earns reward 1 when the attempt
 right after it passes. `ReflectConfig.max_retries` caps the loop (LangGraph's recursion limit is a
 safety net, not a cap). Every episode, attempt, verdict, reflection and reward goes to the store.
 
-The graph is built once, without dependencies (`episode_graph()`); its nodes (`attempt`, `validate`,
-`route`, `reflect`, `retry`, `reward`) are module-level functions of the state and LangGraph's
-`runtime`, whose `context` is a `ReflectContext` (the model, the `ReflectConfig`, the store, the
+The graph is built once, without dependencies (`episode_graph()`); its nodes (`open_episode`,
+`attempt`, `validate`, `route`, `reflect`, `retry`, `reward`; each registered through
+`finished_if_it_breaks`, so a broken episode's store row ends "failed") are module-level functions of
+the state and LangGraph's `runtime`, whose `context` is a `ReflectContext` (the model, the `ReflectConfig`, the store, the
 memory, the run's labels) given at invoke time:
 `episode_graph().invoke({"problem": problem}, context=ReflectContext(llm, config, store))`.
 `build_graph(llm, config, ...)` is that graph with its context bound, for callers that pass a state alone.
@@ -279,21 +280,27 @@ class ReflectContext:
 # the nodes: each reads the state and the run's context, and returns the state's update
 
 
-def attempt(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
-    """The first answer: the problem's given one (`Problem.first_answer`), else the model's. Opens the
-    episode's store row unless the caller did."""
-    context, problem = runtime.context, state["problem"]
-    lessons = context.memory.lessons() if context.config.strategy == "memory" else []
+def open_episode(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """The episode's store row (unless the caller opened one), and what it starts with: the lessons of
+    earlier episodes (strategy `memory`). A node of its own, so that an episode whose model fails at its
+    first attempt has a row to finish as "failed"."""
+    context = runtime.context
     episode_id = state.get("episode_id")
     if context.store is not None and episode_id is None:
-        episode_id = context.store.add_episode(context.new_episode(problem))
-    messages = first_messages(problem, lessons, _version(problem, context.config))
+        episode_id = context.store.add_episode(context.new_episode(state["problem"]))
+    lessons = context.memory.lessons() if context.config.strategy == "memory" else []
+    return {"episode_id": episode_id, "lessons": lessons}
+
+
+def attempt(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
+    """The first answer: the problem's given one (`Problem.first_answer`), else the model's."""
+    context, problem = runtime.context, state["problem"]
+    messages = first_messages(problem, state.get("lessons") or [], _version(problem, context.config))
     if problem.first_answer is not None:
         response = problem.first_answer
     else:
         response = _answer(context.llm, problem, messages)
-    pending = Attempt(prompt=messages, response=response, passed=False, reason="")
-    return {"pending": pending, "episode_id": episode_id, "lessons": lessons}
+    return {"pending": Attempt(prompt=messages, response=response, passed=False, reason="")}
 
 
 def validate(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
@@ -387,14 +394,31 @@ def reward(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
     return {"rewards": rewards}
 
 
+def finished_if_it_breaks(node: Callable) -> Callable:
+    """`node`, which finishes its episode's store row as "failed" when it raises (a model error), so that
+    no broken episode is left "running"; the error then ends the episode (`run_episodes` raises it)."""
+
+    @functools.wraps(node)
+    def guarded(state: EpisodeState, runtime: Runtime[ReflectContext]) -> Any:
+        try:
+            return node(state, runtime)
+        except Exception:
+            if runtime.context.store is not None and state.get("episode_id") is not None:
+                runtime.context.store.finish_episode(state["episode_id"], "failed", False, False)
+            raise
+
+    return guarded
+
+
 @functools.cache
 def episode_graph() -> CompiledStateGraph:
     """The compiled self-correction graph, built once: invoke it with `{"problem": problem}` and
     `context=ReflectContext(llm, ...)`."""
     graph = StateGraph(EpisodeState, context_schema=ReflectContext)
-    for node in (attempt, validate, reflect, retry, reward):
-        graph.add_node(node.__name__, node)
-    graph.add_edge(START, "attempt")
+    for node in (open_episode, attempt, validate, reflect, retry, reward):
+        graph.add_node(node.__name__, finished_if_it_breaks(node))
+    graph.add_edge(START, "open_episode")
+    graph.add_edge("open_episode", "attempt")
     graph.add_edge("attempt", "validate")
     graph.add_conditional_edges("validate", route, ["reflect", "retry", "reward"])
     graph.add_edge("reflect", "retry")
@@ -477,37 +501,27 @@ def run_episodes(
     memory: ReflectionMemory | None = None,
     **graph_options: Any,
 ) -> list[EpisodeResult]:
-    """One episode per problem, `concurrency` at a time on threads. Their model calls reach the chat
-    model at once, and the embedded model serves concurrent calls as one padded batch. Results come
-    back in the order of `problems`."""
+    """One episode per problem through `episode_graph().batch_as_completed`, `concurrency` at a time on
+    threads: their model calls reach the chat model at once, and the embedded model serves concurrent
+    calls as one padded batch. Results come back in the order of `problems`. An episode that breaks is
+    finished as "failed" in the store (`finished_if_it_breaks`); the others run to their end, then its
+    error is raised."""
     config = config or ReflectConfig()
     context = ReflectContext(llm, config, store, memory, **graph_options)
-    limit = {"recursion_limit": 4 * (config.max_retries + 1) + 8}  # above the cap; never what stops it
-
-    # A pool rather than `episode_graph().batch(inputs, {"max_concurrency": ...}, context=...)`: batch
-    # takes its inputs up front, so each episode's store row would have to be opened before the batch
-    # starts (every row "running", with the batch's start time, before its episode runs), or by the
-    # graph, and then an episode that raises would come back as a bare exception, without the row to
-    # finish as "failed". Here each episode opens its row when it starts and finishes it if it breaks.
-    def one(problem: Problem) -> EpisodeResult:
-        state: EpisodeState = {"problem": problem, "episode_id": None}
-        if store is not None:
-            state["episode_id"] = store.add_episode(context.new_episode(problem))
-        try:
-            return EpisodeResult.from_state(episode_graph().invoke(state, limit, context=context))
-        except BaseException:
-            if store is not None:  # an episode that broke (model error, interrupt) is not left "running"
-                store.finish_episode(state["episode_id"], "failed", False, False)
-            raise
-
-    results: list[EpisodeResult | None] = [None] * len(problems)
-    with ThreadPoolExecutor(max(1, min(concurrency, len(problems)))) as pool:
-        futures = {pool.submit(one, problem): index for index, problem in enumerate(problems)}
-        done = as_completed(futures)
-        if progress:
-            done = tqdm(done, total=len(futures), desc=f"episodes ({config.strategy})", unit="ep")
-        for future in done:
-            results[futures[future]] = future.result()
+    options = {
+        "recursion_limit": 4 * (config.max_retries + 1) + 8,  # above the cap; never what stops it
+        "max_concurrency": max(1, concurrency),
+    }
+    inputs = [{"problem": problem} for problem in problems]
+    done = episode_graph().batch_as_completed(inputs, options, return_exceptions=True, context=context)
+    if progress:
+        done = tqdm(done, total=len(inputs), desc=f"episodes ({config.strategy})", unit="ep")
+    results: list[EpisodeResult | Exception | None] = [None] * len(inputs)
+    for index, output in done:
+        results[index] = output if isinstance(output, Exception) else EpisodeResult.from_state(output)
+    failed = next((r for r in results if isinstance(r, Exception)), None)
+    if failed is not None:  # the others ran to their end, their rows finished; a broken one's "failed"
+        raise failed
     return results  # type: ignore[return-value]
 
 

@@ -46,8 +46,9 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
-from langgraph.types import Command
+from langgraph.types import Command, RetryPolicy
 
+from selfsteer.agents.decision import ModelAnswerError
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.reflector import reflecting
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
@@ -186,6 +187,10 @@ class SupervisionContext:
         return f"{run_id}/{thread_id}/{iteration}/{what}"
 
 
+# A model's failed answer is asked for twice more, 0.2 s then 0.4 s later (jittered); then `decide` falls back.
+DECIDE_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, max_interval=2.0, retry_on=ModelAnswerError)
+
+
 # -----------------------------------------------------------------------------------------------------
 # the nodes: each reads the state and the run's context, and returns the state's update
 
@@ -231,6 +236,10 @@ def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Su
 
 
 def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[SupervisionContext]) -> dict:
+    """The supervisor's decision, journaled. A model's failed answer (`ModelAnswerError`) is asked again by
+    the node's `DECIDE_RETRY`; any other failure, or the last try's, is journaled as the supervisor's
+    `fallback` ("keep" by default), so the run (held or not) goes on with its settings, the record says
+    why, and the next evaluation asks again."""
     context = runtime.context
     tools, supervisor = context.tools, context.supervisor
     iteration = state.get("iteration", 0) + 1
@@ -253,10 +262,10 @@ def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Sup
     except GraphBubbleUp:  # an interrupt (a person's turn): LangGraph's control flow, not a failure
         raise
     except Exception as error:  # noqa: BLE001 - any failure of a plug-in: the run must go on
-        # Journaled as a fallback keep, so the run (held or not) goes on with its settings and the
-        # record says why; the next evaluation asks again.
-        explanation = f"the supervisor failed ({type(error).__name__}: {error}); keeping the current settings"
-        decision = Decision("keep", explanation[:4000], fallback=True)
+        tries = runtime.execution_info.node_attempt if runtime.execution_info else DECIDE_RETRY.max_attempts
+        if isinstance(error, ModelAnswerError) and tries < DECIDE_RETRY.max_attempts:
+            raise  # asked again by DECIDE_RETRY (a probe is not run again: its key returns its result)
+        decision = _fallback(supervisor, observation, error)
     if decision.action in avoid:  # rules and custom supervisors may not know they cannot
         decision = Decision(
             "keep",
@@ -442,8 +451,9 @@ def supervision_graph(checkpointer=None):
     """The loop, compiled: invoke it with `context=SupervisionContext(tools, supervisor, ...)`.
     `checkpointer` (e.g. `SqliteSaver`) makes it resumable."""
     graph = StateGraph(SupervisionState, context_schema=SupervisionContext)
-    for node in (observe, check, decide, act, wait):
+    for node in (observe, check, act, wait):
         graph.add_node(node.__name__, node)
+    graph.add_node(decide, retry_policy=DECIDE_RETRY)
     graph.add_edge(START, "wait")  # the first decision waits for the first evaluation: nothing to see before
     graph.add_conditional_edges("observe", after_observe, ["check", "decide", END])
     graph.add_conditional_edges("check", after_check, ["observe", "decide", "wait", END])
@@ -454,6 +464,14 @@ def supervision_graph(checkpointer=None):
 
 
 # the nodes' helpers
+
+
+def _fallback(supervisor: Supervisor, observation: Observation, error: Exception) -> Decision:
+    """The supervisor's own fallback; "keep" when that fails too."""
+    try:
+        return supervisor.fallback(observation, error)
+    except Exception as failure:  # noqa: BLE001 - a plug-in's fallback that fails too
+        return Supervisor.fallback(supervisor, observation, failure)
 
 
 def _release(state: SupervisionState, config: RunnableConfig, context: SupervisionContext) -> bool:

@@ -298,14 +298,13 @@ class Answers:
 
 
 def test_the_hybrid_asks_the_model_only_about_a_measured_move_and_the_model_can_veto_it():
+    from selfsteer.agents.decision import ModelAnswerError
     from selfsteer.agents.probe_supervisor import VettedProbeSupervisor
 
     model = Answers(
         '{"action": "double", "explanation": "x2 wins clearly"}',
         '{"action": "keep", "explanation": "too small a gain"}',
         '{"action": "halve", "explanation": "the loss rises"}',
-        "not json",
-        "not json",
         "not json",
     )
     hybrid = VettedProbeSupervisor(model)
@@ -323,5 +322,9 @@ def test_the_hybrid_asks_the_model_only_about_a_measured_move_and_the_model_can_
     vetoed = hybrid.decide(wins)
     assert vetoed.action == "keep" and vetoed.explanation.startswith("vetoed x2 (keep): too small a gain")
     assert hybrid.decide(wins).action == "keep"  # the opposite move is a veto too
-    kept = hybrid.decide(wins)  # no valid answer after the retries: the measured proposal stands
+    with pytest.raises(ModelAnswerError) as failed:  # asked once: the graph's decide node retries
+        hybrid.decide(wins)
+    kept = hybrid.fallback(wins, failed.value)  # no valid answer after the retries: the proposal stands
     assert (kept.action, kept.factor, kept.fallback) == ("double", 2.0, True)
+    assert kept.raw_output == "not json" and "the measured proposal stands" in kept.explanation
+    assert hybrid.fallback(probed(arm(1.0, 3.6, 3.5)), failed.value).action == "keep"  # nothing measured

@@ -197,6 +197,16 @@ def test_an_episode_that_breaks_is_stored_as_failed(store):
     assert episode["status"] == "failed"
     assert len(store.get_episode(episode["id"])["attempts"]) == 1
 
+    def down(messages):  # the first attempt's model call fails: the row is open, and finished too
+        raise ConnectionError("no model") if "16" in messages[-1].content else TimeoutError("slow")
+
+    problems = [countdown.make_problem([3, 5, 2], 16), countdown.make_problem([2, 5, 3], 10)]
+    with pytest.raises(ConnectionError):
+        run_episodes(
+            ScriptedChatModel(script=down, calls=[]), problems, ReflectConfig(), store, concurrency=1
+        )
+    assert [e["status"] for e in store.list_episodes()] == ["failed"] * 3  # both ran: neither is left running
+
 
 # -----------------------------------------------------------------------------
 # one node alone: a hand-made state and the run's context, no graph

@@ -13,7 +13,7 @@ from langgraph.graph.state import CompiledStateGraph
 from selfsteer.tools.tasks import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
-REFLECT_NODES = {"attempt", "validate", "reflect", "retry", "reward"}  # graphs/reflect.py
+REFLECT_NODES = {"open_episode", "attempt", "validate", "reflect", "retry", "reward"}  # graphs/reflect.py
 SUPERVISE_NODES = {"observe", "check", "decide", "act", "wait"}  # graphs/supervise.py
 
 

@@ -3,10 +3,13 @@ and otherwise on a scripted chat model (a stand-in for a remote LLM: it answers 
 
 import json
 import math
+import threading
 
 import pytest
 from langchain_core.messages import AIMessage
+from langgraph.types import Command
 
+from selfsteer.agents.decision import ModelAnswerError, StructuredOutputError
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.registry import make_supervisor, needs_chat_model, supervisor_class
@@ -17,6 +20,7 @@ from selfsteer.agents.supervisors import (
     RuleSupervisor,
     Supervisor,
 )
+from selfsteer.graphs.supervise import DECIDE_RETRY, SupervisionContext, supervision_graph
 from selfsteer.prompts import list_strategies, load_strategy
 
 
@@ -114,22 +118,71 @@ def test_llm_supervisor_decides_from_the_model_answer():
     assert "recent trend" in user[1]
 
 
-def test_llm_supervisor_retries_then_falls_back_to_keep():
-    model = ScriptedChatModel([TimeoutError("slow"), "not json", '{"action": "triple"}'])
-    supervisor = LLMSupervisor(model, "json_history", max_retries=2)
-    decision = supervisor.decide(observe(RISING))
-    assert decision.action == "keep" and decision.fallback and "fallback" in decision.explanation
+def test_llm_supervisor_asks_once_and_raises_what_failed():
+    """One model call per decision: the retries are the graph's (below)."""
+    model = ScriptedChatModel(
+        [TimeoutError("slow"), "not json", StructuredOutputError("no valid LRDecision")]
+    )
+    supervisor = LLMSupervisor(model, "json_history")
+    with pytest.raises(ModelAnswerError, match="TimeoutError: slow") as failed:
+        supervisor.decide(observe(RISING))
+    assert failed.value.raw_output is None
+    with pytest.raises(ModelAnswerError, match="malformed answer") as malformed:
+        supervisor.decide(observe(RISING))
+    assert malformed.value.raw_output == "not json"
+    with pytest.raises(StructuredOutputError):  # the model retried by itself: not one to ask again
+        supervisor.decide(observe(RISING))
     assert len(model.prompts) == 3 and model.script == []
+    fallback = supervisor.fallback(observe(RISING), malformed.value)
+    assert (fallback.action, fallback.fallback, fallback.raw_output) == ("keep", True, "not json")
+    assert "ModelAnswerError: malformed answer" in fallback.explanation
 
 
-def test_llm_supervisor_does_not_nest_its_retries_in_a_models_own():
-    from selfsteer.agents.decision import StructuredOutputError
+def decided_by_the_graph(supervisor: Supervisor) -> dict:
+    """The supervision graph from its decide node, on a run that has ended: decide (with its retry policy
+    and error handler), act (nothing: the run ended) and wait (stopped)."""
+    stop = threading.Event()
+    stop.set()
+    context = SupervisionContext(None, supervisor, stop_event=stop)
+    state = {"observation": observe(RISING).to_dict(), "lr": 0.1, "step": 200, "finished": True}
+    return supervision_graph().invoke(Command(goto="decide", update=state), context=context)["decision"]
 
+
+def test_the_decide_node_asks_a_failed_model_again_then_falls_back_to_keep():
+    model = ScriptedChatModel([TimeoutError("slow"), "not json", '{"action": "triple"}'])
+    decision = decided_by_the_graph(LLMSupervisor(model, "json_history"))
+    assert (decision["action"], decision["fallback"], decision["lr_after"]) == ("keep", True, 0.1)
+    assert (
+        "ModelAnswerError: malformed answer" in decision["explanation"]
+        and "triple" in decision["explanation"]
+    )
+    assert decision["raw_output"] == '{"action": "triple"}'  # what the model said last, for the record
+    assert len(model.prompts) == DECIDE_RETRY.max_attempts == 3 and model.script == []
+
+    model = ScriptedChatModel(
+        [ConnectionError("reset"), json.dumps({"action": "halve", "explanation": "rises"})]
+    )
+    decision = decided_by_the_graph(LLMSupervisor(model, "json_history"))
+    assert (decision["action"], decision["fallback"], decision["lr_after"]) == ("halve", False, 0.05)
+    assert len(model.prompts) == 2
+
+
+def test_the_decide_node_does_not_nest_its_retries_in_a_models_own_or_retry_a_bug():
     spent = StructuredOutputError("no valid LRDecision in 3 tries")  # what the embedded model raises
     model = ScriptedChatModel([spent, json.dumps({"action": "halve", "explanation": "loss rises"})])
-    decision = LLMSupervisor(model, "json_history", max_retries=2).decide(observe(RISING))
-    assert decision.action == "keep" and decision.fallback and "3 tries" in decision.explanation
+    decision = decided_by_the_graph(LLMSupervisor(model, "json_history"))
+    assert decision["action"] == "keep" and decision["fallback"] and "3 tries" in decision["explanation"]
     assert len(model.prompts) == 1  # asked once: the model had retried already
+
+    class Buggy(Supervisor):
+        calls = 0
+
+        def decide(self, observation):
+            Buggy.calls += 1
+            raise KeyError("a bug in a plug-in")
+
+    decision = decided_by_the_graph(Buggy())
+    assert decision["action"] == "keep" and "KeyError" in decision["explanation"] and Buggy.calls == 1
 
 
 def test_reason_then_answer_keeps_the_reasoning_as_explanation():
