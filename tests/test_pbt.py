@@ -65,7 +65,7 @@ def suite(tmp_path_factory, one_torch_thread):
     command = [
         sys.executable, "-m", "selfsteer.cli.main", "eval", "lr-suite", "--recipes", "tiny", "--seeds", "0",
         "--supervisors", "static,pbt", "--lrs", ",".join(f"{k}={v}" for k, v in lrs.items()), "--grid", "",
-        "--max-steps", "20", "--eval-steps", "5", "--ray-cpus", "2", "--out", str(out),
+        "--max-steps", "20", "--eval-steps", "5", "--ray-cpus", "1", "--out", str(out),
     ]  # the lr-suite command as a user types it # fmt: skip
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     experiment = out / "ray" / "pbt-tiny-s0"
@@ -89,7 +89,7 @@ def suite(tmp_path_factory, one_torch_thread):
         max_steps={"tiny": 20},
         eval_steps={"tiny": 5},
     )
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=1, include_dashboard=False)
     try:
         report = main(config, out)
     finally:
