@@ -31,6 +31,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from selfsteer.agents.chat_models import make_chat_model
+from selfsteer.agents.counterfactual_rows import CounterfactualRow, IntervenerExample
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener_data import (
     STRATEGIES,
@@ -274,18 +275,20 @@ def label_weights(labels, action_weight: float):
     return weights
 
 
-def split(rows: list[dict], config: IntervenerConfig) -> tuple[list[dict], list[dict]]:
+def split(
+    rows: list[CounterfactualRow], config: IntervenerConfig
+) -> tuple[list[CounterfactualRow], list[CounterfactualRow]]:
     held = set(config.validation_seeds)
-    return [r for r in rows if r["spec"]["seed"] not in held], [r for r in rows if r["spec"]["seed"] in held]
+    return [r for r in rows if r.spec["seed"] not in held], [r for r in rows if r.spec["seed"] in held]
 
 
-def balanced(data: list[dict], total: int, seed: int) -> list[dict]:
+def balanced(data: list[IntervenerExample], total: int, seed: int) -> list[IntervenerExample]:
     """`total` examples, an equal share from each label: drawn without repetition until a label's rows
     run out, then again. Shuffled."""
     rng = random.Random(seed)
-    by_label: dict[str, list[dict]] = {}
+    by_label: dict[str, list[IntervenerExample]] = {}
     for example in data:
-        by_label.setdefault(example["label"], []).append(example)
+        by_label.setdefault(example.label, []).append(example)
     out = []
     for name in sorted(by_label):
         items, share = by_label[name], total // len(by_label)
@@ -313,7 +316,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
     set_seed(config.seed)
     model, tokenizer = load_embedded_model()
     tokenizer.padding_side = "right"  # training pads on the right; the engine pads on the left
-    dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in train])
+    dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in train])
     peft_config = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -341,7 +344,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
         "rows": len(rows),
         "train_rows": len(train_rows),
         "train_examples": len(train),
-        "train_labels": dict(Counter(e["label"] for e in train)),
+        "train_labels": dict(Counter(e.label for e in train)),
         "validation_rows": len(validation_rows),
         "noise_margin": margin,
         "train_loss": result.training_loss,
@@ -363,13 +366,13 @@ def train_intervener(config: IntervenerConfig) -> dict:
     return metrics
 
 
-def calibration_sample(train_rows: list[dict], n: int, seed: int) -> list[dict]:
+def calibration_sample(train_rows: list[CounterfactualRow], n: int, seed: int) -> list[CounterfactualRow]:
     """The training rows `calibrate` scores: a seeded draw of at most `n`, another than the validation
     sample's (which uses `seed`)."""
     return random.Random(seed + 1).sample(train_rows, min(n, len(train_rows)))
 
 
-def calibrate(adapter: str | Path, rows: list[dict]) -> dict[str, float]:
+def calibrate(adapter: str | Path, rows: list[CounterfactualRow]) -> dict[str, float]:
     """Contextual calibration (Zhao et al., 2021): the adapter's mean probability of each action over
     `rows` (training rows: the prompts it learnt from), as a bias of -log(mean) on that action's
     log-probability, so that an action it answers often regardless of the prompt loses that head
@@ -403,7 +406,9 @@ def _half_precision(path: Path) -> None:
 # scoring on labelled rows
 
 
-def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = None, explain: int = 20) -> dict:
+def score_rows(
+    rows: list[CounterfactualRow], margin: float, adapter: str | Path | None = None, explain: int = 20
+) -> dict:
     """The model's decisions on labelled rows against their labels and outcomes, beside the baselines
     that need no model (always keep, the rule supervisor): accuracy (with a 95% Wilson interval), mean
     regret of the chosen action, and for the first `explain` rows the full answer with its grounding."""
@@ -430,10 +435,10 @@ def score_rows(rows: list[dict], margin: float, adapter: str | Path | None = Non
             said = model_explanation(decision)
             answers.append(
                 {
-                    "label": example["label"],
+                    "label": example.label,
                     "action": decision.action,
                     "explanation": said,
-                    "grounded": grounded(said, example["prompt"][-1]["content"])
+                    "grounded": grounded(said, example.prompt[-1]["content"])
                     and len(said.split()) <= MAX_WORDS,
                 }
             )

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from selfsteer.agents.counterfactual_rows import CounterfactualRow, IntervenerExample, read_rows
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.decision_data import write_rows
 from selfsteer.agents.observation import Observation
@@ -40,28 +41,15 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?")
 # labels
 
 
-def read_rows(paths: Iterable[str | Path]) -> list[dict]:
-    """Rows of collection output: `rows.jsonl` files, or folders holding them (searched recursively)."""
-    rows = []
-    for path in paths:
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"no collected data at {path}")
-        files = sorted(path.rglob("rows.jsonl")) if path.is_dir() else [path]
-        for file in files:
-            rows += [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    return rows
-
-
-def relative_spread(row: dict) -> float | None:
+def relative_spread(row: CounterfactualRow) -> float | None:
     """|probe - keep| / keep: how far the same action lands under another data order and dropout."""
-    keep, probe = row["outcomes"]["keep"], row.get("probe")
+    keep, probe = row.outcomes["keep"], row.probe
     if keep is None or probe is None:
         return None
     return abs(probe - keep) / keep
 
 
-def noise_margin(rows: list[dict], quantile: float = NOISE_QUANTILE) -> float:
+def noise_margin(rows: list[CounterfactualRow], quantile: float = NOISE_QUANTILE) -> float:
     """The margin an action must beat "keep" by to be the label: the `quantile` of the probes'
     relative spread."""
     spreads = sorted(s for r in rows if (s := relative_spread(r)) is not None)
@@ -70,13 +58,9 @@ def noise_margin(rows: list[dict], quantile: float = NOISE_QUANTILE) -> float:
     return spreads[min(len(spreads) - 1, int(quantile * len(spreads)))]
 
 
-def _losses(row: dict) -> dict[str, float]:
-    return {a: (v if v is not None else math.inf) for a, v in row["outcomes"].items()}
-
-
-def label(row: dict, margin: float) -> str:
+def label(row: CounterfactualRow, margin: float) -> str:
     """The best action by eval loss at the horizon; "keep" unless another beats keep by the margin."""
-    losses = _losses(row)
+    losses = row.losses()
     best = min(ACTIONS, key=lambda a: losses[a])
     if (
         best != "keep"
@@ -87,9 +71,9 @@ def label(row: dict, margin: float) -> str:
     return "keep"
 
 
-def regret(row: dict, action: str) -> float:
+def regret(row: CounterfactualRow, action: str) -> float:
     """How much worse `action` lands than the best action, relative (0 for the best; inf for NaN)."""
-    losses = _losses(row)
+    losses = row.losses()
     best = min(losses.values())
     return 0.0 if not math.isfinite(best) else (losses[action] - best) / best
 
@@ -98,9 +82,9 @@ def regret(row: dict, action: str) -> float:
 # the chat example
 
 
-def observation_of(row: dict) -> Observation:
-    """The row's observation (stored as JSON: series are lists, non-finite numbers spelled out)."""
-    return Observation.from_record(row["observation"])
+def observation_of(row: CounterfactualRow) -> Observation:
+    """The row's observation (stored as JSON: series are lists, non-finite numbers null)."""
+    return row.observed
 
 
 def prompt_messages(observation: Observation, strategy: str = STRATEGY) -> list[dict]:
@@ -215,7 +199,9 @@ def completion(action: str, explanation: str) -> str:
     return json.dumps({"action": action, "explanation": explanation})
 
 
-def examples(rows: list[dict], margin: float, strategy: str = STRATEGY) -> list[dict]:
+def examples(
+    rows: list[CounterfactualRow], margin: float, strategy: str = STRATEGY
+) -> list[IntervenerExample]:
     """One labelled chat example per row (its prompt messages, the answer), with the row's facts."""
     out = []
     for row in rows:
@@ -225,20 +211,20 @@ def examples(rows: list[dict], margin: float, strategy: str = STRATEGY) -> list[
         explanation = explain(observation, action, strategy)
         assert grounded(explanation, messages[-1]["content"]), (explanation, messages[-1]["content"])
         out.append(
-            {
-                "run": row["run"],
-                "step": row["step"],
-                "spec": row["spec"],
-                "lr": row["lr"],
-                "outcomes": row["outcomes"],
-                "probe": row.get("probe"),
-                "horizon": row["horizon"],
-                "behaviour": row["behaviour"]["action"],
-                "label": action,
-                "regret": {a: regret(row, a) for a in ACTIONS},
-                "prompt": messages,
-                "completion": [{"role": "assistant", "content": completion(action, explanation)}],
-            }
+            IntervenerExample(
+                run=row.run,
+                step=row.step,
+                spec=row.spec,
+                lr=row.lr,
+                outcomes=row.outcomes,
+                probe=row.probe,
+                horizon=row.horizon,
+                behaviour=row.behaviour.action,
+                label=action,
+                regret={a: regret(row, a) for a in ACTIONS},
+                prompt=messages,
+                completion=[{"role": "assistant", "content": completion(action, explanation)}],
+            )
         )
     return out
 
@@ -257,16 +243,16 @@ def export_counterfactual(
         raise ValueError("the collected folders hold no rows")
     margin = noise_margin(rows)
     data = examples(rows, margin)
-    write_rows(data, out, fmt, json_fields=("spec", "outcomes", "regret"))
+    write_rows([e.model_dump() for e in data], out, fmt, json_fields=("spec", "outcomes", "regret"))
     if fmt == "hf":
         (Path(out) / "README.md").write_text(data_card(data, margin))
     return len(data), margin
 
 
-def data_card(data: list[dict], margin: float) -> str:
-    labels = Counter(e["label"] for e in data)
-    runs = {e["run"] for e in data}
-    specs = [e["spec"] for e in data]
+def data_card(data: list[IntervenerExample], margin: float) -> str:
+    labels = Counter(e.label for e in data)
+    runs = {e.run for e in data}
+    specs = [e.spec for e in data]
 
     def values(key: str) -> str:
         return ", ".join(sorted({str(s[key]) for s in specs}))

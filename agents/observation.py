@@ -303,10 +303,13 @@ class Observation:
     @classmethod
     def from_record(cls, data: Mapping) -> Observation:
         """An observation from a stored one (`to_dict` or `record`): JSON lists back to series, non-finite
-        numbers spelled as strings back to floats, the rendered views set aside."""
+        numbers back to floats (null, as JSON persists them, is NaN; older records spell them "nan",
+        "inf", or NaN and Infinity tokens), the rendered views set aside."""
         fields = {k: v for k, v in data.items() if k != "views"}
         for key in SERIES:
-            fields[key] = [(int(s), float(v)) for s, v in data.get(key, [])]
+            fields[key] = [(int(s), math.nan if v is None else float(v)) for s, v in data.get(key, [])]
+        if "lr" in data and data["lr"] is None:
+            fields["lr"] = math.nan
         return cls(**fields)
 
 

@@ -18,13 +18,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.agents.intervener_data import noise_margin, observation_of, read_rows
 from selfsteer.trainer_bridge.records import ACTIONS
 
 SHIPPED = Path(__file__).resolve().parents[1] / "agents" / "intervener" / "counterfactual.tar.gz"
 
 
-def decision_points(rows: list[dict]) -> list[tuple[float, float, dict]]:
+def decision_points(rows: list[CounterfactualRow]) -> list[tuple[float, float, dict]]:
     """(eval loss at the decision, its change per step over the interval before, outcomes by action)
     for rows with two finite evaluations before the decision and a finite keep branch."""
     points = []
@@ -33,9 +34,9 @@ def decision_points(rows: list[dict]) -> list[tuple[float, float, dict]]:
         if len(evals) < 2:
             continue
         (s0, v0), (s1, v1) = evals[-2], evals[-1]
-        outcomes = {a: math.inf if v is None else v for a, v in row["outcomes"].items()}
+        outcomes = row.losses()
         if math.isfinite(v0) and math.isfinite(v1) and math.isfinite(outcomes["keep"]):
-            points.append((v1, (v1 - v0) / (s1 - s0) * row["horizon"], outcomes))
+            points.append((v1, (v1 - v0) / (s1 - s0) * row.horizon, outcomes))
     return points
 
 

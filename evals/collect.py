@@ -11,7 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.evals.counterfactual import RunSpec, collect_run, default_specs
+from selfsteer.trainer_bridge.records import json_line
 
 
 @dataclass
@@ -32,7 +34,8 @@ def collect(config: CollectConfig, progress: bool = True, failures: list | None 
     """Collects every spec of this shard not yet done (an interrupted collection resumes), in this process
     or as Ray Tune trials (`config.ray`), writing each run's rows to OUT/rows.jsonl and then its summary to
     OUT/runs.jsonl as they come. A run that still fails after `config.retries` is written to
-    OUT/failed.jsonl (and to `failures`), reported on stderr, and collected again by the next call."""
+    OUT/failed.jsonl (and to `failures`), reported on stderr, and collected again by the next call.
+    Every file is strict JSON lines: a non-finite number is null (`records.json_line`)."""
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -47,26 +50,26 @@ def collect(config: CollectConfig, progress: bool = True, failures: list | None 
             kept = [
                 line
                 for line in rows_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["run"] in done
+                if line.strip() and CounterfactualRow.from_json(line).run in done
             ]
             rows_path.write_text("".join(line + "\n" for line in kept))
     todo = [s for i, s in enumerate(config.specs) if i % count == index and s.id not in done]
     summaries, failures = [], [] if failures is None else failures
     with rows_path.open("a") as rows_file, runs_path.open("a") as runs_file:
 
-        def write_rows(rows: list[dict]) -> None:
-            rows_file.writelines(json.dumps(row) + "\n" for row in rows)
+        def write_rows(rows: list[CounterfactualRow]) -> None:
+            rows_file.writelines(row.to_json() + "\n" for row in rows)
             rows_file.flush()
 
         def finished(summary: dict) -> None:  # after its rows: runs.jsonl is what marks a run done
-            runs_file.write(json.dumps(summary) + "\n")
+            runs_file.write(json_line(summary) + "\n")
             runs_file.flush()
             summaries.append(summary)
 
         def failed(spec: RunSpec, error: str, attempts: int, **extra) -> None:
             failure = {"run": spec.id, "spec": spec.to_dict(), "error": error, "attempts": attempts, **extra}
             with (out / "failed.jsonl").open("a") as file:
-                file.write(json.dumps(failure) + "\n")
+                file.write(json_line(failure) + "\n")
             failures.append(failure)
 
         if config.ray:

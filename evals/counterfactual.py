@@ -27,7 +27,7 @@ A run is either a cell of the named grid (SHAPES x OPTIMIZERS x SCHEDULES, `defa
 of any recipe (a built-in name or a YAML file) with `--set` overrides (`RunSpec.from_recipe`,
 `recipe_specs`). A recipe run's `shape`, `optimizer` and `schedule` hold what the recipe resolves to
 (the recipe's name with what the overrides change, in brackets; `training.optim`; the scheduler type
-with its warm-up), so `workload_key(row["spec"])` names the workload of a row of either kind.
+with its warm-up), so `workload_key(row.spec)` names the workload of a row of either kind.
 
 Held-out workloads (HELD_OUT, HELD_OUT_2) are refused by construction: no spec with a held-out model
 shape, optimizer family or schedule, or a start lr of the held-out cells can be collected, from the
@@ -51,6 +51,7 @@ from functools import cache
 
 import torch
 
+from selfsteer.agents.counterfactual_rows import Behaviour, CounterfactualRow
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision
 from selfsteer.trainer_bridge import snapshots
@@ -544,7 +545,9 @@ def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
     return supervisor.decide
 
 
-def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+def collect_run(
+    spec: RunSpec, forks: bool = True, on_row: Callable[[CounterfactualRow], None] | None = None
+) -> dict:
     """Trains the run to its end; at each decision point, when `forks`, branches every action and the
     noise probe and emits a row (to `on_row`). Returns a summary of the run (its eval losses, the
     actions it took, timings)."""
@@ -592,17 +595,17 @@ def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None
                 run.restore(snapshot)
                 run.set_lr(decision.apply(run.lr))
                 interval()
-            row = {
-                "spec": spec.to_dict(),
-                "run": spec.id,
-                "step": snapshot.step,
-                "lr": observation.lr,
-                "observation": observation.to_dict(),
-                "behaviour": {"action": decision.action, "explanation": decision.explanation},
-                "horizon": horizon,
-                "outcomes": {a: _finite_or_none(outcomes[a]) for a in ACTIONS},
-                "probe": _finite_or_none(outcomes[PROBE]),
-            }
+            row = CounterfactualRow(  # a non-finite outcome (a diverged branch) is None
+                spec=spec.to_dict(),
+                run=spec.id,
+                step=snapshot.step,
+                lr=observation.lr,
+                observation=observation.to_dict(),
+                behaviour=Behaviour(action=decision.action, explanation=decision.explanation),
+                horizon=horizon,
+                outcomes={a: outcomes[a] for a in ACTIONS},
+                probe=outcomes[PROBE],
+            )
             rows += 1
             if on_row is not None:
                 on_row(row)
@@ -622,7 +625,3 @@ def collect_run(spec: RunSpec, forks: bool = True, on_row: Callable[[dict], None
         }
     finally:
         run.close()
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

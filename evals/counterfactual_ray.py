@@ -1,7 +1,7 @@
 """Counterfactual collection runs as Ray Tune trials (evals/ray_trials.py): one trial per run spec, on
 this machine's Ray or on any Ray cluster. A trial runs in another process, maybe on another machine: it
-reports the run's rows with its summary, and the driver writes both (rows first, then the summary, which
-marks the run done), so OUT needs no filesystem shared with the workers.
+reports the run's rows (as their JSON lines) with its summary, and the driver writes both (rows first,
+then the summary, which marks the run done), so OUT needs no filesystem shared with the workers.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ray import tune
 
+from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.evals.counterfactual import RunSpec, collect_run
 from selfsteer.evals.ray_trials import ray_options, run_trials, set_trial_threads
 
@@ -18,15 +19,15 @@ from selfsteer.evals.ray_trials import ray_options, run_trials, set_trial_thread
 def trial(params: dict, threads: float) -> None:
     """One collection run, in a Ray worker process (torch threads: the trial's CPUs)."""
     set_trial_threads(threads)
-    rows: list[dict] = []
+    rows: list[CounterfactualRow] = []
     summary = collect_run(RunSpec(**params["item"]), on_row=rows.append)
-    tune.report({"summary": summary, "rows": rows})
+    tune.report({"summary": summary, "rows": [row.to_json() for row in rows]})
 
 
 def collect_on_ray(
     specs: list[RunSpec],
     config,
-    write_rows: Callable[[list[dict]], None],
+    write_rows: Callable[[list[CounterfactualRow]], None],
     finished: Callable[[dict], None],
     failed: Callable[..., None],
 ) -> None:
@@ -35,7 +36,7 @@ def collect_on_ray(
     config: the collection's `CollectConfig` (evals/collect.py: `out` and the Ray options)."""
 
     def record(result: dict) -> None:
-        write_rows(result["rows"])
+        write_rows([CounterfactualRow.from_json(line) for line in result["rows"]])
         finished(result["summary"])
 
     def fail(item: dict, error: str, attempts: int, trial_dir: str) -> None:

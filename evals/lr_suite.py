@@ -58,6 +58,7 @@ from pathlib import Path
 
 from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, OPTIMIZERS, SCHEDULES, SHAPES
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
+from selfsteer.trainer_bridge.records import json_line
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -361,14 +362,32 @@ def load_results(path: Path) -> dict[str, dict]:
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            row = json.loads(line)
+            row = read_result(line)
             done[Cell(row["recipe"], row["lr_name"], row["lr"], row["seed"], row["supervisor"]).id] = row
     return done
 
 
 def append_result(path: Path, row: dict) -> None:
+    """A row as a line of results.jsonl, strict JSON: a non-finite number is null (`records.json_line`)."""
     with path.open("a") as results:
-        results.write(json.dumps(row) + "\n")
+        results.write(json_line(row) + "\n")
+
+
+# The losses of a results row (and of a population's members): NaN where not finite.
+RESULT_LOSSES = ("final_eval_loss", "best_eval_loss")
+
+
+def read_result(line: str) -> dict:
+    """A line of results.jsonl: its losses null (a non-finite number, as `append_result` writes it) back
+    to NaN. Older files spell them NaN or Infinity, which `json` reads as such."""
+    row = json.loads(line)
+    for losses in (row, *row.get("members", [])):
+        for key in RESULT_LOSSES:
+            if key in losses and losses[key] is None:
+                losses[key] = math.nan
+    if "curve" in row:
+        row["curve"] = [[step, math.nan if loss is None else loss] for step, loss in row["curve"]]
+    return row
 
 
 # -- the report ---------------------------------------------------------------------------------------

@@ -3,13 +3,16 @@ never collected, labels follow the measured noise margin, and the CLI collects, 
 Real training runs of the tiny workload."""
 
 import json
+import math
 
 import pytest
 from datasets import load_from_disk
 from helpers.cli import selfsteer
 
+from selfsteer.agents.counterfactual_rows import Behaviour, CounterfactualRow, IntervenerExample
 from selfsteer.agents.intervener_data import (
     STRATEGIES,
+    examples,
     explain,
     grounded,
     label,
@@ -18,6 +21,7 @@ from selfsteer.agents.intervener_data import (
     observation_of,
     prompt_messages,
     read_rows,
+    regret,
 )
 from selfsteer.agents.observation import Observation
 from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, RunSpec, collect_run, default_specs
@@ -39,13 +43,13 @@ def test_the_keep_branch_is_the_run_that_kept_to_the_last_digit(spec):
     forked = collect_run(spec, forks=True, on_row=rows.append)
     plain = collect_run(spec, forks=False)
     assert forked["eval_loss"] == plain["eval_loss"]  # every evaluation, bit for bit
-    assert [r["step"] for r in rows] == [10, 20]
+    assert [r.step for r in rows] == [10, 20]
     for row in rows:
         # Each fork starts from the state the run was in: the keep branch lands where the run went next.
-        after = dict(plain["eval_loss"])[row["step"] + row["horizon"]]
-        assert row["outcomes"]["keep"] == after
-        assert len(set(row["outcomes"].values())) == 3  # the actions really differ
-        assert row["probe"] != row["outcomes"]["keep"]  # another data order lands elsewhere
+        after = dict(plain["eval_loss"])[row.step + row.horizon]
+        assert row.outcomes["keep"] == after
+        assert len(set(row.outcomes.values())) == 3  # the actions really differ
+        assert row.probe != row.outcomes["keep"]  # another data order lands elsewhere
     assert forked["snapshot_s"] > 0 and forked["restore_s"] > 0
 
 
@@ -54,9 +58,9 @@ def test_a_branch_other_than_keep_is_the_live_run_under_that_policy():
     doubling = collect_run(RunSpec(shape="tiny", policy="random", max_steps=30, seed=1), on_row=rows.append)
     taken = doubling["actions"]
     for row, action in zip(rows, taken, strict=True):
-        assert row["behaviour"]["action"] == action
-        after = dict(doubling["eval_loss"])[row["step"] + row["horizon"]]
-        assert row["outcomes"][action] == after
+        assert row.behaviour.action == action
+        after = dict(doubling["eval_loss"])[row.step + row.horizon]
+        assert row.outcomes[action] == after
 
 
 def test_held_out_workloads_are_never_collected():
@@ -88,8 +92,19 @@ def test_held_out_workloads_are_never_collected():
     assert {s.schedule for s in specs} == {"constant", "warmup_decay"}
 
 
-def row(keep, double, halve, probe):
-    return {"outcomes": {"keep": keep, "double": double, "halve": halve}, "probe": probe}
+def row(keep, double, halve, probe, observation=None):
+    """A row with these outcomes (None: the branch diverged), by hand."""
+    return CounterfactualRow(
+        spec=RunSpec().to_dict(),
+        run=RunSpec().id,
+        step=20,
+        lr=1e-2,
+        observation=observation or Observation(step=20, lr=1e-2, max_steps=60).to_dict(),
+        behaviour=Behaviour(action="keep", explanation="keep behaviour policy"),
+        horizon=10,
+        outcomes={"keep": keep, "double": double, "halve": halve},
+        probe=probe,
+    )
 
 
 def test_labels_need_a_gain_beyond_the_noise_margin():
@@ -104,34 +119,92 @@ def test_labels_need_a_gain_beyond_the_noise_margin():
         noise_margin([row(2.0, 2.0, 2.0, None)])
 
 
+def refuse(token):
+    raise ValueError(f"not JSON: {token}")
+
+
+def test_a_diverged_branch_is_null_on_disk_and_diverged_when_read_back(tmp_path):
+    """One NaN rule: a non-finite outcome, probe or observed loss is written as null (strict JSON), and
+    reads back as a diverged branch (None, counted as an infinite loss) and a NaN loss."""
+    metrics = [
+        {"step": 10, "name": "eval_loss", "value": 3.0},
+        {"step": 20, "name": "eval_loss", "value": math.nan},
+    ]
+    metrics += [{"step": s, "name": "loss", "value": math.inf if s == 20 else 3.1} for s in range(1, 21)]
+    observation = Observation.from_metrics(metrics, step=20, lr=1e-2, max_steps=60)
+    collected = row(math.nan, math.inf, 2.5, math.nan, observation=observation.to_dict())
+    assert collected.outcomes == {"keep": None, "double": None, "halve": 2.5} and collected.probe is None
+    path = tmp_path / "rows.jsonl"
+    path.write_text(collected.to_json() + "\n")
+    line = json.loads(path.read_text(), parse_constant=refuse)  # strict JSON: no NaN or Infinity tokens
+    assert line["outcomes"] == {"keep": None, "double": None, "halve": 2.5} and line["probe"] is None
+    assert line["observation"]["eval_loss"] == [[10, 3.0], [20, None]]
+    (back,) = read_rows([tmp_path])
+    assert back == collected and back.to_json() == collected.to_json()
+    assert label(back, 0.01) == "halve" and regret(back, "keep") == math.inf and regret(back, "halve") == 0
+    seen = observation_of(back)
+    assert math.isnan(seen.eval_loss[-1][1]) and math.isnan(seen.train_loss[-1][1]) and seen.nonfinite
+    (example,) = examples([back], 0.01)
+    assert example.label == "halve" and example.regret["keep"] == math.inf
+    assert json.loads(example.to_json(), parse_constant=refuse)["regret"]["keep"] is None
+    # A row as older collections wrote it (json.dumps: NaN tokens in the observation) reads the same.
+    old = {**line, "observation": {**observation.to_dict(), "eval_loss": [[10, 3.0], [20, math.nan]]}}
+    (path := tmp_path / "old" / "rows.jsonl").parent.mkdir()
+    path.write_text(json.dumps(old) + "\n")
+    (legacy,) = read_rows([path])
+    assert legacy.outcomes == back.outcomes and math.isnan(observation_of(legacy).eval_loss[-1][1])
+    assert prompt_messages(observation_of(legacy)) == prompt_messages(seen)
+
+
+def test_collect_writes_strict_json_when_a_loss_is_not_finite(tmp_path, monkeypatch):
+    """rows.jsonl and runs.jsonl are strict JSON whatever the losses: a run whose branches and final
+    evaluation diverged is written with nulls, and a second call reads them to resume."""
+    from selfsteer.evals import collect as collect_module
+
+    spec = RunSpec(shape="tiny", policy="keep", max_steps=20)
+
+    def diverged(spec, on_row):
+        on_row(row(math.nan, math.inf, math.nan, math.nan))
+        return {"run": spec.id, "spec": spec.to_dict(), "rows": 1, "final_eval_loss": math.nan}
+
+    monkeypatch.setattr(collect_module, "collect_run", diverged)
+    out = tmp_path / "cf"
+    collect_module.collect(collect_module.CollectConfig(out=str(out), specs=[spec]), progress=False)
+    for name in ("rows.jsonl", "runs.jsonl"):
+        for text in (out / name).read_text().splitlines():
+            json.loads(text, parse_constant=refuse)
+    (summary,) = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert summary["final_eval_loss"] is None
+    (collected,) = read_rows([out])
+    assert collected.outcomes == {"keep": None, "double": None, "halve": None} and collected.probe is None
+    assert (
+        collect_module.collect(collect_module.CollectConfig(out=str(out), specs=[spec]), progress=False) == []
+    )
+
+
 def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):
     out = tmp_path / "cf"
     collect = ["decisions", "collect", "--out", str(out), "--shapes", "tiny", "--seeds", "0", "--limit", "2"]
     selfsteer(*collect)
     rows = read_rows([out])
-    assert len(rows) == 2 * 5 and {r["run"] for r in rows} == {
-        s.id for s in default_specs((0,), ("tiny",))[:2]
-    }
+    assert len(rows) == 2 * 5 and {r.run for r in rows} == {s.id for s in default_specs((0,), ("tiny",))[:2]}
     for r in rows:
-        assert set(r["outcomes"]) == {"double", "halve", "keep"} and r["horizon"] == 10
+        assert set(r.outcomes) == {"double", "halve", "keep"} and r.horizon == 10
     selfsteer(*collect)  # done already: nothing is collected twice
     assert len(read_rows([out])) == 10
 
     jsonl, hf = tmp_path / "cf.jsonl", tmp_path / "cf-hf"
     said = selfsteer("decisions", "export", "--counterfactual", str(out), "--out", str(jsonl)).stdout
     assert "10 labelled decision points" in said
-    exported = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    exported = [IntervenerExample.from_json(line) for line in jsonl.read_text().splitlines()]
     margin = noise_margin(rows)
     for original, example in zip(rows, exported, strict=True):
-        assert example["label"] == label(original, margin)
-        assert (
-            example["regret"][example["label"]] == min(example["regret"].values())
-            or example["label"] == "keep"
-        )
-        prompt = example["prompt"][-1]["content"]
+        assert example.label == label(original, margin)
+        assert example.regret[example.label] == min(example.regret.values()) or example.label == "keep"
+        prompt = example.prompt[-1]["content"]
         assert prompt == prompt_messages(observation_of(original))[-1]["content"]
-        answer = json.loads(example["completion"][0]["content"])
-        assert answer["action"] == example["label"] and len(answer["explanation"].split()) <= 30
+        answer = json.loads(example.completion[0]["content"])
+        assert answer["action"] == example.label and len(answer["explanation"].split()) <= 30
         assert grounded(answer["explanation"], prompt) and any(ch.isdigit() for ch in answer["explanation"])
     selfsteer("decisions", "export", "--counterfactual", str(out), "--out", str(hf), "--format", "hf")
     dataset = load_from_disk(str(hf))

@@ -34,12 +34,12 @@ def test_a_recipe_collection_writes_rows_that_name_their_workload(tmp_path, caps
     rows = read_rows([out])
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == len(runs) == 2  # lr-major: the shard's runs are (1e-3, seed 0) and (1e-2, seed 1)
-    assert {(r["spec"]["lr"], r["spec"]["seed"]) for r in rows} == {(1e-3, 0), (1e-2, 1)}
+    assert {(r.spec["lr"], r.spec["seed"]) for r in rows} == {(1e-3, 0), (1e-2, 1)}
     for row in rows:
-        assert row["step"] == 10 and row["horizon"] == 10
-        assert set(row["outcomes"]) == {"double", "halve", "keep"}
-        assert all(isinstance(v, float) for v in row["outcomes"].values()) and isinstance(row["probe"], float)
-        spec = row["spec"]
+        assert row.step == 10 and row.horizon == 10
+        assert set(row.outcomes) == {"double", "halve", "keep"}
+        assert all(isinstance(v, float) for v in row.outcomes.values()) and isinstance(row.probe, float)
+        spec = row.spec
         assert (spec["max_steps"], spec["eval_steps"], spec["batch_size"]) == (20, 10, 8)
         assert (spec["shape"], spec["optimizer"], spec["schedule"]) == (
             "tiny[n_embd=48,n_head=3]",
@@ -49,7 +49,9 @@ def test_a_recipe_collection_writes_rows_that_name_their_workload(tmp_path, caps
         assert spec["base_recipe"] == "tiny" and evaluation_workload(spec) is None
         again = RunSpec(**spec)  # a row's spec is the run's spec: it trains the same recipe
         assert again.to_dict() == spec and again.recipe()["training"]["learning_rate"] == spec["lr"]
-    assert {workload_key(r["spec"]) for r in rows + runs} == {"tiny[n_embd=48,n_head=3]-adamw_torch-constant"}
+    assert {workload_key(spec) for spec in [r.spec for r in rows] + [r["spec"] for r in runs]} == {
+        "tiny[n_embd=48,n_head=3]-adamw_torch-constant"
+    }
     assert workload_key(default_specs((0,), ("tiny",))[0].to_dict()) == "tiny-adamw-constant"
 
 

@@ -90,3 +90,37 @@ def test_a_decision_stores_what_it_used_not_the_whole_history(tmp_path):
     from selfsteer.prompts import load_strategy
 
     assert shown == load_strategy("intervener_signals").render_user(**long.prompt_values())
+
+
+def test_a_stored_observation_reads_back_with_null_or_spelled_out_non_finite_losses(tmp_path):
+    """One NaN rule: an observation persisted as JSON has null for a non-finite number
+    (records.finite_or_null); older decisions spell it "nan" or "inf". Both read back as not finite (null as
+    NaN, as the journal's metrics do), and the export is strict JSON."""
+    from selfsteer.agents.decision_data import decision_rows, write_rows
+    from selfsteer.trainer_bridge.records import finite_or_null
+
+    rows = [
+        {"step": 10 * i, "name": "eval_loss", "value": v} for i, v in enumerate([3.0, math.inf, math.nan], 1)
+    ]
+    rows += [{"step": s, "name": "loss", "value": math.nan if s == 30 else 3.1} for s in range(1, 31)]
+    observation = Observation.from_metrics(rows, step=30, lr=1e-3, max_steps=100)
+    as_null, as_text = finite_or_null(observation.record()), _finite(observation.record())
+    assert as_null["eval_loss"] == [[10, 3.0], [20, None], [30, None]]
+    for stored in (as_null, as_text):
+        back = Observation.from_record(json.loads(json.dumps(stored)))
+        assert back.eval_loss[0] == (10, 3.0) and not any(math.isfinite(v) for _, v in back.eval_loss[1:])
+        assert math.isnan(back.train_loss[-1][1]) and back.nonfinite
+    with Store(tmp_path / "s.sqlite") as store:
+        run = store.create_run("r")
+        store.add_decision(
+            run, NewDecision(step=30, agent="rule", action="halve", strategy="rules", observation=as_null)
+        )
+        exported = decision_rows(store, run)
+    assert math.isnan(Observation.from_record(exported[0]["observation"]).eval_loss[-1][1])
+    write_rows([{**exported[0], "lr": math.nan}], tmp_path / "d.jsonl", "jsonl", ("observation",))
+    (line,) = (tmp_path / "d.jsonl").read_text().splitlines()
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    assert json.loads(line, parse_constant=refuse)["lr"] is None

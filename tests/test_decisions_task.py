@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.agents.intervener_data import noise_margin, read_rows, regret
 from selfsteer.cli.main import main
 from selfsteer.evals.counterfactual import EVALUATION_WORKLOADS, workload_key
@@ -49,15 +50,15 @@ def rows_dir(tmp_path_factory) -> Path:
     with tarfile.open(ARCHIVE) as archive:
         member = archive.getmember("cf-r0dev/A/rows.jsonl")
         lines = archive.extractfile(member).read().decode().splitlines()
-    every: dict[str, list[dict]] = {TRAIN_WORKLOAD: [], TEST_WORKLOAD: []}
+    every: dict[str, list[CounterfactualRow]] = {TRAIN_WORKLOAD: [], TEST_WORKLOAD: []}
     for line in lines:
-        row = json.loads(line)
-        every.get(workload_key(row["spec"]), []).append(row)
+        row = CounterfactualRow.from_json(line)
+        every.get(workload_key(row.spec), []).append(row)
     picked = {key: rows[:: len(rows) // 16][:16] for key, rows in every.items()}  # start lrs of every kind
-    held = [{**row, "spec": evaluation_spec(row["spec"])} for row in picked[TRAIN_WORKLOAD][12:]]
+    held = [row.model_copy(update={"spec": evaluation_spec(row.spec)}) for row in picked[TRAIN_WORKLOAD][12:]]
     directory = tmp_path_factory.mktemp("decisions")
     rows = picked[TRAIN_WORKLOAD][:12] + picked[TEST_WORKLOAD][:12] + held
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (directory / "rows.jsonl").write_text("".join(row.to_json() + "\n" for row in rows))
     return directory
 
 
@@ -77,7 +78,7 @@ def test_a_decision_passes_within_the_margin_and_a_failure_says_what_the_run_sho
             assert verdict.cost == pytest.approx(regret(row, action))
             if not verdict.passed:
                 failures += 1
-                after = row["outcomes"][action]
+                after = row.outcomes[action]
                 assert f"after you chose {action}" in verdict.reason and f"{after:.3f}" in verdict.reason
                 assert not any(other in verdict.reason for other in ACTIONS if other != action)
     assert failures > 0
@@ -89,7 +90,7 @@ def test_the_split_is_by_workload_and_the_evaluation_workload_is_test_only(rows_
     for split in keys:
         for problem in load_task(task(rows_dir), split=split, policy="keep"):
             row = next(r for r in read_rows([rows_dir]) if decisions.item_id(r) == problem.id)
-            keys[split].add(workload_key(row["spec"]))
+            keys[split].add(workload_key(row.spec))
     assert keys["train"] == {TRAIN_WORKLOAD}
     assert keys["test"] == {TEST_WORKLOAD, "tiny[n_embd=48,n_head=3,n_layer=2]-adafactor-linear"}
 

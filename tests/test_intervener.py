@@ -58,7 +58,7 @@ def test_intervener_train_fits_an_adapter_and_scores_it(tmp_path, capsys):
     # answers, and the intervener's answers (all four rows are among the explained ones).
     rows = read_rows([data])
     margin = noise_margin(rows)
-    held = [r for r in rows if r["spec"]["seed"] == 3]
+    held = [r for r in rows if r.spec["seed"] == 3]
     labels = [label(r, margin) for r in held]
     validation = metrics["validation"]
     assert metrics["noise_margin"] == margin and validation["labels"] == dict(Counter(labels))
@@ -97,13 +97,11 @@ def test_the_action_token_alone_weighs_action_weight_in_the_loss(tmp_path):
     margin = json.loads((ADAPTER_DIR / "metrics.json").read_text())["noise_margin"]
     one_each = {}
     for example in examples(read_rows([ADAPTER_DIR / "examples.jsonl"]), margin):
-        one_each.setdefault(example["label"], example)
+        one_each.setdefault(example.label, example)
     assert set(one_each) == set(ACTIONS)
     model, tokenizer = load_embedded_model()
     tokenizer.padding_side = "right"  # as train_intervener pads
-    dataset = Dataset.from_list(
-        [{"prompt": e["prompt"], "completion": e["completion"]} for e in one_each.values()]
-    )
+    dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in one_each.values()])
     config = IntervenerConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(one_each))
     trainer = CompletionHeadSFTTrainer(
         model=model,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -39,6 +40,24 @@ COMMAND_STATUSES: tuple[str, ...] = get_args(CommandStatus)
 def json_number(value: float | None) -> float | None:
     """A number for JSON, which has no NaN or Infinity: those become null."""
     return value if value is not None and math.isfinite(value) else None
+
+
+def finite_or_null(value: Any) -> Any:
+    """The value with every NaN or infinite float inside it (dicts, lists, tuples) replaced by None: the one
+    way a non-finite number is persisted as JSON (the API, the journal, collected rows, results files).
+    Its readers take null back as not finite (a metric's NaN, a diverged branch's outcome)."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, Mapping):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_line(value: Any) -> str:
+    """`value` as strict JSON text (`finite_or_null`: no NaN or Infinity tokens), one line of a .jsonl file."""
+    return json.dumps(finite_or_null(value), allow_nan=False)
 
 
 def _no_text_or_bool(value: Any) -> Any:

@@ -157,8 +157,8 @@ def observations(count: int) -> list:
     for lr in (1.5625e-4, 1e-2, 0.64, 1.25e-3, 0.08):
         rows = []
         collect_run(RunSpec(shape="tiny", lr=lr, policy="random", seed=7), on_row=rows.append)
-        seen += [row["observation"] for row in rows]
-    return [observation_of({"observation": o}) for o in seen[:count]]
+        seen += rows
+    return [observation_of(row) for row in seen[:count]]
 
 
 def bench_tools(repeats: int) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.agents.intervener_data import noise_margin, observation_of, read_rows, regret
 from selfsteer.agents.reflector import PROMPTS, SYSTEM, Actor, decision_prompt, outcome_reason
 from selfsteer.agents.registry import make_supervisor
@@ -49,10 +50,10 @@ TEST_FRACTION = 0.2
 _ACTION = re.compile(r"\b(double|halve|keep)\b")
 
 
-def split_of_row(row: dict) -> str:
-    if evaluation_workload(row["spec"]) is not None:
+def split_of_row(row: CounterfactualRow) -> str:
+    if evaluation_workload(row.spec) is not None:
         return "test"
-    return split_of(f"decisions/{workload_key(row['spec'])}", TEST_FRACTION)
+    return split_of(f"decisions/{workload_key(row.spec)}", TEST_FRACTION)
 
 
 def action_of(answer: str) -> str | None:
@@ -61,24 +62,22 @@ def action_of(answer: str) -> str | None:
     return found.group(1) if found else None
 
 
-def item_id(row: dict) -> str:
-    return f"{row['run']}@{row['step']}"
+def item_id(row: CounterfactualRow) -> str:
+    return f"{row.run}@{row.step}"
 
 
 # -----------------------------------------------------------------------------------------------------
 # the verdict: exact, from the row's outcomes
 
 
-def outcome_text(row: dict, action: str) -> str:
+def outcome_text(row: CounterfactualRow, action: str) -> str:
     """What the run showed after `action`: the eval loss at the decision and after the horizon."""
-    losses = row["observation"].get("eval_loss") or []
+    losses = row.observed.eval_loss
     before = losses[-1][1] if losses else None
-    return outcome_reason(
-        action, before, row["outcomes"][action], row.get("horizon") or row["spec"].get("eval_steps")
-    )
+    return outcome_reason(action, before, row.outcomes[action], row.horizon or row.spec.get("eval_steps"))
 
 
-def validator(row: dict, margin: float):
+def validator(row: CounterfactualRow, margin: float):
     def validate(answer: str) -> Verdict:
         action = action_of(answer)
         if action is None:
@@ -98,7 +97,7 @@ def validator(row: dict, margin: float):
 _cache_lock = threading.Lock()
 
 
-def first_tries(directory: Path, rows: list[dict], policy: str) -> dict[str, str]:
+def first_tries(directory: Path, rows: list[CounterfactualRow], policy: str) -> dict[str, str]:
     """The policy's action at each row, from DIR/first-tries/POLICY.jsonl where decided before."""
     slug = re.sub(r"[^\w.-]+", "_", policy)
     path = directory / "first-tries" / f"{slug}.jsonl"
@@ -137,7 +136,7 @@ def loader(directory: str):
         split: str = "train", n: int | None = None, seed: int = 0, policy: str | None = None
     ) -> list[Problem]:
         check_split(split)
-        rows = [r for r in read_rows([root]) if all(a in r["outcomes"] for a in ACTIONS)]
+        rows = [r for r in read_rows([root]) if all(a in r.outcomes for a in ACTIONS)]
         if not rows:
             raise ValueError(f"no decision rows in {root}: collect some with `selfsteer decisions collect`")
         margin = noise_margin(rows)

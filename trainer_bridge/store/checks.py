@@ -9,10 +9,9 @@ import json
 import math
 import numbers
 import operator
-from collections.abc import Mapping
 from typing import Any
 
-from selfsteer.trainer_bridge.records import json_number
+from selfsteer.trainer_bridge.records import finite_or_null
 from selfsteer.trainer_bridge.store.errors import StoreError
 
 _JSON_COLUMNS = {
@@ -46,22 +45,11 @@ def _json(value: Any, what: str, nan_as_null: bool = False) -> str | None:
     if value is None:
         return None
     if nan_as_null:
-        value = _finite_or_null(value)
+        value = finite_or_null(value)
     try:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"{what} must be JSON (no NaN or Infinity, no custom objects): {exc}") from exc
-
-
-def _finite_or_null(value: Any) -> Any:
-    """The value with every NaN or infinite float inside it (dicts, lists, tuples) replaced by None."""
-    if isinstance(value, float):
-        return json_number(value)
-    if isinstance(value, Mapping):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_null(item) for item in value]
-    return value
 
 
 def _text(value: Any, what: str) -> str:
