@@ -4,6 +4,7 @@ Real training runs of the tiny workload."""
 
 import json
 import math
+import tarfile
 
 import pytest
 from datasets import load_from_disk
@@ -24,6 +25,7 @@ from selfsteer.agents.intervener_data import (
     regret,
 )
 from selfsteer.agents.observation import Observation
+from selfsteer.evals.check_calibration import SHIPPED
 from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, RunSpec, collect_run, default_specs
 from selfsteer.evals.lr_suite import DEFAULT_LRS
 
@@ -154,6 +156,21 @@ def test_a_diverged_branch_is_null_on_disk_and_diverged_when_read_back(tmp_path)
     (legacy,) = read_rows([path])
     assert legacy.outcomes == back.outcomes and math.isnan(observation_of(legacy).eval_loss[-1][1])
     assert prompt_messages(observation_of(legacy)) == prompt_messages(seen)
+
+
+def test_every_shipped_row_loads_as_a_row_and_is_written_back_byte_for_byte():
+    """The rows collected before the type (the shipped archive, the adapter's examples) read through it
+    unchanged: the same line comes back out."""
+    with tarfile.open(SHIPPED) as archive:
+        files = [
+            archive.extractfile(m).read().decode()
+            for m in archive.getmembers()
+            if m.name.endswith("rows.jsonl")
+        ]
+    files.append((SHIPPED.parent / "examples.jsonl").read_text())
+    lines = [line for text in files for line in text.splitlines() if line.strip()]
+    assert len(lines) > 3000
+    assert all(CounterfactualRow.from_json(line).to_json() == line for line in lines)
 
 
 def test_collect_writes_strict_json_when_a_loss_is_not_finite(tmp_path, monkeypatch):

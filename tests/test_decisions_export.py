@@ -7,7 +7,7 @@ import sys
 
 from datasets import load_from_disk
 
-from selfsteer.agents.observation import Observation
+from selfsteer.agents.observation import SERIES, Observation
 from selfsteer.graphs.supervise import _finite
 from selfsteer.trainer_bridge.records import NewDecision
 from selfsteer.trainer_bridge.store import Store
@@ -104,7 +104,12 @@ def test_a_stored_observation_reads_back_with_null_or_spelled_out_non_finite_los
     ]
     rows += [{"step": s, "name": "loss", "value": math.nan if s == 30 else 3.1} for s in range(1, 31)]
     observation = Observation.from_metrics(rows, step=30, lr=1e-3, max_steps=100)
-    as_null, as_text = finite_or_null(observation.record()), _finite(observation.record())
+    as_null = finite_or_null(observation.record())
+    # As decisions stored it before (graphs.supervise._finite): "nan", "inf".
+    spelled = {
+        k: [[step, v if math.isfinite(v) else str(v)] for step, v in getattr(observation, k)] for k in SERIES
+    }
+    as_text = {**observation.record(), **spelled}
     assert as_null["eval_loss"] == [[10, 3.0], [20, None], [30, None]]
     for stored in (as_null, as_text):
         back = Observation.from_record(json.loads(json.dumps(stored)))
