@@ -2,7 +2,7 @@
 decision point, a line of rows.jsonl) and the labelled chat example made of it (agents/intervener_data.py,
 `selfsteer decisions export --counterfactual`). Written here once, read everywhere by attribute.
 
-Persisted as strict JSON: a non-finite number is null (`records.json_line`), as in the API and the journal.
+Persisted as strict JSON: a non-finite number is null (`records.strict_json`), as in the API and the journal.
 A branch that diverged has the outcome None (null; older files may spell it NaN, read as None too), which
 the labels count as an infinite loss. The row's observation is `Observation.to_dict()` as JSON holds it: a
 non-finite loss None (older files' NaN tokens are read as None too), which `Observation.from_record` (the
@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
 
 from selfsteer.agents.observation import Observation
-from selfsteer.trainer_bridge.records import Action, finite_or_null, json_line, json_number
+from selfsteer.trainer_bridge.records import Action, finite_or_null, json_number, strict_json
 
 # An eval loss a branch reached: None where it was not finite (the branch diverged).
 Outcome = Annotated[float | None, AfterValidator(json_number)]
@@ -39,7 +39,7 @@ class _Line(BaseModel):
         return cls.model_validate(json.loads(line))
 
     def to_json(self) -> str:
-        return json_line(self.model_dump())
+        return strict_json(self.model_dump())
 
 
 class Behaviour(_Line):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from selfsteer.agents.observation import Observation
 from selfsteer.prompts import load_strategy
-from selfsteer.trainer_bridge.records import Decision, json_line
+from selfsteer.trainer_bridge.records import Decision, strict_json
 
 
 def decision_rows(store, run_id: str | None = None) -> list[dict]:
@@ -56,17 +56,17 @@ def export_decisions(store, out: str | Path, fmt: str = "jsonl", run_id: str | N
 def write_rows(rows: list[dict], out: str | Path, fmt: str, json_fields: tuple[str, ...]) -> None:
     """Rows as JSON lines, or as a Hugging Face dataset folder (`datasets.load_from_disk`), where the
     nested, free-form `json_fields` go as JSON text: one schema for every row. The JSON is strict: a
-    non-finite number is null (`records.json_line`)."""
+    non-finite number is null (`records.strict_json`)."""
     out = Path(out)
     if fmt == "jsonl":
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w") as f:
             for row in rows:
-                f.write(json_line(row) + "\n")
+                f.write(strict_json(row) + "\n")
     elif fmt == "hf":
         from datasets import Dataset
 
-        flat = [{**r, **{k: json_line(r[k]) for k in json_fields}} for r in rows]
+        flat = [{**r, **{k: strict_json(r[k]) for k in json_fields}} for r in rows]
         Dataset.from_list(flat).save_to_disk(str(out))
     else:
         raise ValueError(f"unknown format {fmt!r}: use jsonl or hf")

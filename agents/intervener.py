@@ -48,8 +48,8 @@ from selfsteer.agents.intervener_data import (
 from selfsteer.agents.llm.chat import LocalChatModel, _with_format_instruction, best_choice
 from selfsteer.agents.llm.local_engines import forget_local_engine
 from selfsteer.agents.llm.weights import load_embedded_model
-from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor
-from selfsteer.trainer_bridge.records import ACTIONS
+from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor, decide_or_fall_back
+from selfsteer.trainer_bridge.records import ACTIONS, strict_json
 
 ADAPTER_DIR = Path(__file__).parent / "intervener"  # the shipped adapter (adapter_model.safetensors)
 EXPLANATION_CHARS = 160
@@ -355,13 +355,13 @@ def train_intervener(config: IntervenerConfig) -> dict:
         "strategy": config.strategy,
         "data": [str(d) for d in config.data],
     }
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=1))  # the strategy, for the supervisor
+    (output / "metrics.json").write_text(strict_json(metrics, indent=1))  # the strategy, for the supervisor
     if config.calibration_rows:
         metrics["choice_bias"] = calibrate(
             output, calibration_sample(train_rows, config.calibration_rows, config.seed)
         )
     metrics["validation"] = score_rows(validation_rows, margin, adapter=output)
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (output / "metrics.json").write_text(strict_json(metrics, indent=1))
     (output / "README.md").write_text(model_card(config, metrics))
     return metrics
 
@@ -392,7 +392,7 @@ def calibrate(adapter: str | Path, rows: list[CounterfactualRow]) -> dict[str, f
         weights = [math.exp(s - top) for s in scores]
         totals = [t + w / sum(weights) for t, w in zip(totals, weights, strict=True)]
     bias = {a: -math.log(t / len(rows)) for a, t in zip(ACTIONS, totals, strict=True)}
-    path.write_text(json.dumps({"choice_bias": {"action": bias}, "rows": len(rows)}, indent=1))
+    path.write_text(strict_json({"choice_bias": {"action": bias}, "rows": len(rows)}, indent=1))
     forget_local_engine(adapter)  # the next load reads the new calibration
     return bias
 
@@ -430,7 +430,7 @@ def score_rows(
         if supervisor is None:
             continue
         if index < explain:
-            decision = supervisor.decide(observation)
+            decision = decide_or_fall_back(supervisor, observation)
             latencies.append(decision.latency_s)
             said = model_explanation(decision)
             answers.append(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.evals.counterfactual import RunSpec, collect_run, default_specs
-from selfsteer.trainer_bridge.records import json_line
+from selfsteer.trainer_bridge.records import strict_json
 
 
 @dataclass
@@ -35,7 +35,7 @@ def collect(config: CollectConfig, progress: bool = True, failures: list | None 
     or as Ray Tune trials (`config.ray`), writing each run's rows to OUT/rows.jsonl and then its summary to
     OUT/runs.jsonl as they come. A run that still fails after `config.retries` is written to
     OUT/failed.jsonl (and to `failures`), reported on stderr, and collected again by the next call.
-    Every file is strict JSON lines: a non-finite number is null (`records.json_line`)."""
+    Every file is strict JSON lines: a non-finite number is null (`records.strict_json`)."""
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -62,14 +62,14 @@ def collect(config: CollectConfig, progress: bool = True, failures: list | None 
             rows_file.flush()
 
         def finished(summary: dict) -> None:  # after its rows: runs.jsonl is what marks a run done
-            runs_file.write(json_line(summary) + "\n")
+            runs_file.write(strict_json(summary) + "\n")
             runs_file.flush()
             summaries.append(summary)
 
         def failed(spec: RunSpec, error: str, attempts: int, **extra) -> None:
             failure = {"run": spec.id, "spec": spec.to_dict(), "error": error, "attempts": attempts, **extra}
             with (out / "failed.jsonl").open("a") as file:
-                file.write(json_line(failure) + "\n")
+                file.write(strict_json(failure) + "\n")
             failures.append(failure)
 
         if config.ray:

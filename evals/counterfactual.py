@@ -40,6 +40,7 @@ grid or from a recipe (whose resolved model section, optimizer and schedule are 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -53,7 +54,7 @@ import torch
 
 from selfsteer.agents.counterfactual_rows import Behaviour, CounterfactualRow
 from selfsteer.agents.observation import Observation
-from selfsteer.agents.supervisors import Decision
+from selfsteer.agents.supervisors import Decision, decide_or_fall_back
 from selfsteer.trainer_bridge import snapshots
 from selfsteer.trainer_bridge.commands import LR_BOUNDS  # the supervision loop's clamp
 from selfsteer.trainer_bridge.records import ACTIONS
@@ -542,7 +543,7 @@ def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
     supervisor = make_supervisor(spec.policy)
     if supervisor is None:
         raise ValueError("the behaviour policy cannot be 'none': use keep")
-    return supervisor.decide
+    return functools.partial(decide_or_fall_back, supervisor)  # a supervisor that fails keeps, as in the loop
 
 
 def collect_run(

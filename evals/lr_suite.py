@@ -58,7 +58,7 @@ from pathlib import Path
 
 from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, OPTIMIZERS, SCHEDULES, SHAPES
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
-from selfsteer.trainer_bridge.records import json_line
+from selfsteer.trainer_bridge.records import strict_json
 
 # Measured here with static runs (selfsteer eval lr-suite --supervisors static ...): the tiny model
 # learns best near 1e-2..5e-2 and blows up at 1.0; the small one near 1e-3, stuck at 1e-1.
@@ -368,9 +368,9 @@ def load_results(path: Path) -> dict[str, dict]:
 
 
 def append_result(path: Path, row: dict) -> None:
-    """A row as a line of results.jsonl, strict JSON: a non-finite number is null (`records.json_line`)."""
+    """A row as a line of results.jsonl, strict JSON: a non-finite number is null (`records.strict_json`)."""
     with path.open("a") as results:
-        results.write(json_line(row) + "\n")
+        results.write(strict_json(row) + "\n")
 
 
 # The losses of a results row (and of a population's members): NaN where not finite.

@@ -66,6 +66,7 @@ from selfsteer.evals.lr_suite import (
 )
 from selfsteer.evals.ray_trials import fit, ray_options, set_trial_threads, start_ray
 from selfsteer.trainer_bridge.commands import LR_BOUNDS
+from selfsteer.trainer_bridge.records import strict_json
 
 # Their INFO lines come at every interval of every member ("Checkpoint successfully created", "Restored on").
 QUIET_LOGGERS = ("ray.train", "ray.tune")
@@ -229,13 +230,13 @@ class Member(tune.Trainable):
             "history": self.history,
             "moves": self.moves,
         }
-        (folder / "member.json").write_text(json.dumps(meta))
+        (folder / "member.json").write_text(strict_json(meta))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         folder = Path(checkpoint_dir)
         meta = json.loads((folder / "member.json").read_text())
         self._close()
-        self.history, self.moves = meta["history"], meta["moves"]
+        self.history, self.moves = _nan_for_null(meta["history"]), meta["moves"]
         # Its own checkpoint at its own lr (a pause, a retry) goes on as it was; anything else is a move,
         # its lr sent through the bridge.
         moved = meta["owner"] != self.trial_name or not math.isclose(meta["lr"], self.lr, rel_tol=1e-9)
@@ -422,6 +423,11 @@ class PopulationLog:
     def load(self) -> dict:
         if self.data is None:
             self.data = json.loads(self.path.read_text()) if self.path.exists() else {"steps": {}, "done": {}}
+            for member in self.data["done"].values():  # strict JSON: its non-finite losses are null
+                for key in ("final_eval_loss", "best_eval_loss"):
+                    if key in member and member[key] is None:
+                        member[key] = math.nan
+                member["history"] = _nan_for_null(member["history"])
         return self.data
 
     def add(self, trial: str, steps: int, done: dict | None = None) -> None:
@@ -431,8 +437,13 @@ class PopulationLog:
             data["done"][trial] = done
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(data))
+        temporary.write_text(strict_json(data))
         temporary.replace(self.path)
+
+
+def _nan_for_null(history: list) -> list:
+    """A member's history ([step, eval loss, lr] each) read back from strict JSON: a null loss was NaN."""
+    return [[step, math.nan if loss is None else loss, lr] for step, loss, lr in history]
 
 
 def population_rows(population: Population, log: dict) -> list[dict]:

@@ -18,7 +18,6 @@ intervals, and the mean regret of the final decisions. Writes OUT/summary.json a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from statistics import mean
 
@@ -26,6 +25,7 @@ from selfsteer.agents.reflector import reflector_chat
 from selfsteer.evals.tasks import load_task
 from selfsteer.evals.tasks.metrics import bootstrap_ci, wilson_ci
 from selfsteer.graphs.reflect import ReflectConfig, run_episodes
+from selfsteer.trainer_bridge.records import strict_json
 
 CONDITIONS = ("trained", "untrained", "plain")
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for s in summaries:
         s.pop("_passed", None)
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    (out / "summary.json").write_text(strict_json(summaries, indent=2))
     (out / "report.md").write_text(report(summaries, args.reflector))
     print(report(summaries, args.reflector))
     return {"summaries": summaries}

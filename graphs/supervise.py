@@ -64,7 +64,13 @@ from selfsteer.tools.bridge_tools import (
     sent_unless_over,
     trained_out,
 )
-from selfsteer.trainer_bridge.records import ACTIONS, FINISHED_PHASES, DecisionUpdate, NewDecision
+from selfsteer.trainer_bridge.records import (
+    ACTIONS,
+    FINISHED_PHASES,
+    DecisionUpdate,
+    NewDecision,
+    finite_or_null,
+)
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH
 
 
@@ -282,7 +288,7 @@ def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Sup
         decision_id = tools.client.record_decision(NewDecision(
             step=state["step"], agent=supervisor.name, action=decision.action,
             explanation=decision.explanation, strategy=supervisor.strategy, model=supervisor.model,
-            observation=_finite(observation.record()), raw_output=decision.raw_output,
+            observation=finite_or_null(observation.record()), raw_output=decision.raw_output,
             lr_before=state["lr"], lr_after=lr_after, latency_s=decision.latency_s, fallback=decision.fallback,
             key=decision_key, retry_of=state.get("retry_of"),
         )).id  # the decision row, as stored # fmt: skip
@@ -363,7 +369,9 @@ def check(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Supe
         if pending["decision_id"] is not None:  # the verdict is part of what followed it
             outcome = {**_outcome({"observation": pending["observation"], "step": pending["step"]}, now)}
             outcome["verdict"] = asdict(verdict)
-            tools.client.update_decision(pending["decision_id"], DecisionUpdate(outcome=_finite(outcome)))
+            tools.client.update_decision(
+                pending["decision_id"], DecisionUpdate(outcome=finite_or_null(outcome))
+            )
         return {"pending_check": None, "rolled_back": False, "awaiting_verdict": False}
     action = pending["action"]
     facts = factual_reflection(action, pending["lr_before"], pending["lr_after"], pending["step"], verdict)
@@ -382,7 +390,7 @@ def check(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Supe
     }
     outcome = {
         **_outcome({"observation": pending["observation"], "step": pending["step"]}, now),
-        "verdict": asdict(verdict),  # stored through _finite below, like the rest of the outcome
+        "verdict": asdict(verdict),  # stored through finite_or_null, like the rest of the outcome
         "reflection_source": "facts" if reflection == facts else "model",
     }
     undone, outcome_more = _undo(state, config, context)
@@ -390,7 +398,7 @@ def check(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Supe
     outcome |= outcome_more
     if pending["decision_id"] is not None:
         update_row = DecisionUpdate(
-            reflection=reflection, outcome=_finite(outcome), rolled_back="rolled_back_to" in outcome
+            reflection=reflection, outcome=finite_or_null(outcome), rolled_back="rolled_back_to" in outcome
         )
         tools.client.update_decision(pending["decision_id"], update_row)
     return update
@@ -675,15 +683,4 @@ def _outcome(state: SupervisionState, now: Observation) -> dict:
         outcome["loss_before"], outcome["loss_after"] = before[-1][1], after[-1][1]
         if math.isfinite(before[-1][1]) and math.isfinite(after[-1][1]):
             outcome["loss_change"] = after[-1][1] - before[-1][1]
-    return _finite(outcome)
-
-
-def _finite(value):
-    """JSON cannot hold NaN: non-finite numbers become strings ("nan", "inf")."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+    return finite_or_null(outcome)

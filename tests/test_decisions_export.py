@@ -8,8 +8,7 @@ import sys
 from datasets import load_from_disk
 
 from selfsteer.agents.observation import SERIES, Observation
-from selfsteer.graphs.supervise import _finite
-from selfsteer.trainer_bridge.records import NewDecision
+from selfsteer.trainer_bridge.records import NewDecision, finite_or_null
 from selfsteer.trainer_bridge.store import Store
 
 
@@ -19,7 +18,7 @@ def fill(store):
     observation = Observation.from_metrics(rows, step=30, lr=1e-3, max_steps=100)
     first = store.add_decision(run, NewDecision(
         step=30, agent="llm", action="halve", explanation="nan loss", strategy="json_history@v1",
-        model="SmolLM2-135M-Instruct", observation=_finite(observation.to_dict()),
+        model="SmolLM2-135M-Instruct", observation=finite_or_null(observation.to_dict()),
         raw_output='{"action": "halve", "explanation": "nan loss"}', lr_before=1e-3, lr_after=5e-4, latency_s=0.2,
     ))  # the exported decision, field by field # fmt: skip
     store.set_decision_outcome(first, {"loss_change": -0.5, "steps": 10})
@@ -73,14 +72,14 @@ def test_a_decision_stores_what_it_used_not_the_whole_history(tmp_path):
 
     short, long = observation_at(1_000), observation_at(20_000)
     assert len(json.dumps(short.to_dict())) > 50_000  # what a decision stored before
-    sizes = [len(json.dumps(_finite(o.record()))) for o in (short, long)]
+    sizes = [len(json.dumps(finite_or_null(o.record()))) for o in (short, long)]
     assert sizes[1] < 1.2 * sizes[0] < 50_000  # bounded by the recent window: not 20x for 20x the history
     db = tmp_path / "s.sqlite"
     with Store(db) as store:
         run = store.create_run("r")
         store.add_decision(run, NewDecision(
             step=20_000, agent="llm", action="keep", strategy="intervener_signals@v1",
-            observation=_finite(long.record()), raw_output="{}",
+            observation=finite_or_null(long.record()), raw_output="{}",
         ))  # a decision with a long observation # fmt: skip
         (row,) = decision_rows(store, run)
     stored = Observation.from_record(row["observation"])

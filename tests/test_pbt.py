@@ -3,6 +3,8 @@ started from another run's Trainer checkpoint goes on exactly as that run did (w
 on), and a population of three start lrs trains each member the same steps as a supervised run, every
 lr move journaled through the bridge, the too-high start rescued."""
 
+import json
+import math
 import signal
 import subprocess
 import sys
@@ -131,6 +133,22 @@ def test_explore_keeps_tunes_lr_within_the_supervisors_bounds():
     assert within_lr_bounds({"lr": 2.0, "other": 1})["lr"] == LR_BOUNDS[1]
     assert within_lr_bounds({"lr": 0.0})["lr"] == LR_BOUNDS[0]
     assert within_lr_bounds({"lr": 0.02}) == {"lr": 0.02}
+
+
+def test_the_population_log_is_strict_json_and_reads_a_diverged_member_back_as_nan(tmp_path):
+    from selfsteer.evals.pbt import PopulationLog
+
+    diverged = {
+        "final_eval_loss": math.nan,
+        "best_eval_loss": 2.5,
+        "history": [[5, 2.5, 0.1], [10, math.inf, 0.2]],
+    }
+    PopulationLog(tmp_path).add("member-1", 10, done=diverged)
+    text = (tmp_path / "population.json").read_text()
+    json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))  # null, not NaN
+    member = PopulationLog(tmp_path).load()["done"]["member-1"]
+    assert math.isnan(member["final_eval_loss"]) and member["best_eval_loss"] == 2.5
+    assert member["history"][0] == [5, 2.5, 0.1] and math.isnan(member["history"][1][1])
 
 
 def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(suite):

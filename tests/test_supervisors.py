@@ -19,6 +19,7 @@ from selfsteer.agents.supervisors import (
     LLMSupervisor,
     RuleSupervisor,
     Supervisor,
+    decide_or_fall_back,
 )
 from selfsteer.graphs.supervise import DECIDE_RETRY, SupervisionContext, supervision_graph
 from selfsteer.prompts import list_strategies, load_strategy
@@ -183,6 +184,13 @@ def test_the_decide_node_does_not_nest_its_retries_in_a_models_own_or_retry_a_bu
 
     decision = decided_by_the_graph(Buggy())
     assert decision["action"] == "keep" and "KeyError" in decision["explanation"] and Buggy.calls == 1
+    # Outside the graph (offline collection, scoring): asked once, then the same fallback.
+    alone = decide_or_fall_back(Buggy(), observe(RISING))
+    assert (alone.action, alone.fallback, Buggy.calls) == (
+        "keep",
+        True,
+        2,
+    ) and "KeyError" in alone.explanation
 
 
 def test_reason_then_answer_keeps_the_reasoning_as_explanation():

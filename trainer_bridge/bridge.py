@@ -478,7 +478,7 @@ class Bridge:
                     "kind": "not_finite",
                     "step": state.global_step,
                     "branch": branch,
-                    "metrics": {k: str(v) for k, v in broken.items()},  # "nan", "inf", "-inf"
+                    "metrics": {k: None for k in broken},  # JSON's non-finite number; the text says which
                     "text": f"not finite: {text} on branch {branch}",
                 }
             )

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from selfsteer.trainer_bridge.commands import CommandError
+from selfsteer.trainer_bridge.records import strict_json
 from selfsteer.trainer_bridge.store import Store
 
 WEIGHTS = "model.safetensors"
@@ -79,7 +80,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     if scheduler is not None:
         torch.save(_unwrap_scheduler(scheduler).state_dict(), path / SCHEDULER)
     torch.save(rng_state(), path / RNG)
-    (path / BRIDGE_STATE).write_text(json.dumps(meta, indent=1))
+    (path / BRIDGE_STATE).write_text(strict_json(meta, indent=1))
 
 
 def read_meta(path: Path) -> dict:

@@ -46,6 +46,7 @@ from selfsteer.trainer_bridge.client import BridgeClient
 from selfsteer.trainer_bridge.config import BridgeConfig
 from selfsteer.trainer_bridge.control import LocalRunControl
 from selfsteer.trainer_bridge.recipe import build_workload
+from selfsteer.trainer_bridge.records import strict_json
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
 Supervisor = Callable[[LocalRunControl, threading.Event], None]
@@ -281,7 +282,7 @@ class RecipeRun:
             self.bridge.finish(summary=summary)
             summary["status"] = self.bridge.phase
         if self.trainer.is_world_process_zero():
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.out_dir / "summary.json").write_text(strict_json(summary, indent=1))
         return summary
 
     def close(self) -> None:

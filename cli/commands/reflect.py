@@ -4,7 +4,6 @@ parser of its arguments (ReflectionGRPOConfig and ReflectTrainArguments)."""
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
 from selfsteer.graphs.reflect import ReflectConfig, mine_failures, reflection_reward, run_episodes
 from selfsteer.prompts import REFLECT_STRATEGIES
 from selfsteer.tools.tasks import CALL_MODES
+from selfsteer.trainer_bridge.records import strict_json
 from selfsteer.trainer_bridge.store import DEFAULT_DB_PATH, Store
 
 # -----------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def _write_episodes(path: Path, results) -> None:
                 ],
                 "reflections": [{k: x[k] for k in ("text", "n_tokens")} for x in r.reflections],
             }
-            file.write(json.dumps(record) + "\n")
+            file.write(strict_json(record) + "\n")
 
 
 def _evaluate(
@@ -229,10 +229,10 @@ def _act(args, problems, store, console, out: Path | None) -> int:
         max_retries=args.max_retries,
     )
     if out:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(strict_json(summary, indent=2))
         console.print(f"wrote {out / 'summary.json'}")
     else:
-        console.print_json(json.dumps(summary))
+        console.print_json(strict_json(summary))
     return 0
 
 
@@ -423,7 +423,7 @@ def _train(config: ReflectionGRPOConfig, arguments: ReflectTrainArguments) -> in
     }  # summary.json's fields # fmt: skip
     zero_std = [entry.get("frac_reward_zero_std", 0.0) for entry in log]
     summary["frac_reward_zero_std"] = sum(zero_std) / len(zero_std) if zero_std else None
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "train_summary.json").write_text(strict_json(summary, indent=2, default=str))
     if log:
         plot_grpo(result["log_history"], out / "reward.png", f"GRPO on reflections: {task}")
     console.print(
