@@ -13,13 +13,13 @@ groups would have a gradient. Zero everywhere means GRPO would never move a weig
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.evals.tasks import load_task
 from selfsteer.graphs.reflect import first_messages, reflect_messages, retry_messages
+from selfsteer.trainer_bridge.records import strict_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"signal {row['groups_with_signal']}/{len(groups)}   repeats {repeated}",
                 flush=True,
             )
-    print(json.dumps(report, indent=2))
+    print(strict_json(report, indent=2))
     return report
 
 

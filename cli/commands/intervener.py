@@ -4,7 +4,6 @@ calibration."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from selfsteer.agents.intervener import (
 from selfsteer.agents.intervener_data import read_rows
 from selfsteer.cli.commands.config_parser import ConfigParser
 from selfsteer.cli.intervener import TRAIN_DESCRIPTION
+from selfsteer.trainer_bridge.records import strict_json
 
 
 def train_parser() -> ConfigParser:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"selfsteer intervener train: {error}", file=sys.stderr)
         return 2
     validation = metrics["validation"]
-    print(json.dumps({k: validation[k] for k in ("intervener", "keep", "rule", "labels")}, indent=1))
+    print(strict_json({k: validation[k] for k in ("intervener", "keep", "rule", "labels")}, indent=1))
     print(f"adapter, card and metrics -> {config.output_dir}")
     return 0
 
@@ -71,6 +71,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         print("selfsteer intervener calibrate: no training rows in --data", file=sys.stderr)
         return 2
     bias = calibrate(args.adapter, calibration_sample(train_rows, args.rows, args.seed))
-    print(json.dumps({"choice_bias": {"action": bias}}, indent=1))
+    print(strict_json({"choice_bias": {"action": bias}}, indent=1))
     print(f"-> {Path(args.adapter) / 'calibration.json'}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from selfsteer.trainer_bridge.records import strict_json
 from selfsteer.trainer_bridge.runner import RecipeRun
 from selfsteer.trainer_bridge.store import Store
 
@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     report["replay_final_eval_loss"] = after
     if before is None:
         report["match"] = None
-        print(json.dumps(report))
+        print(strict_json(report))
         return 0
     report["abs_diff"] = abs(after - before)
     report["match"] = math.isclose(after, before, rel_tol=0.0, abs_tol=args.tolerance)
-    print(json.dumps(report))
+    print(strict_json(report))
     return 0 if report["match"] else 1

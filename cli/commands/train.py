@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from selfsteer.agents.chat_models import ChatModelConfigError
 from selfsteer.cli.commands.common import supervisor_thread_from_args
 from selfsteer.evals.plots import plot_run
 from selfsteer.trainer_bridge.recipe import RecipeError, load_recipe
+from selfsteer.trainer_bridge.records import strict_json
 from selfsteer.trainer_bridge.runner import RecipeRun, ResumePoint
 from selfsteer.trainer_bridge.store import Store, StoreError
 
@@ -91,7 +91,7 @@ def train(recipe: dict, out: Path, args: argparse.Namespace, supervisor, resume=
         k: summary[k]
         for k in ("final_eval_loss", "best_eval_loss", "steps", "compute_steps", "wall_s", "commands")
     }
-    print(json.dumps(shown))
+    print(strict_json(shown))
     if summary.get("decisions"):
         print_decisions(summary["decisions"])
     if summary.get("run_id"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from selfsteer.trainer_bridge.client import BridgeClient
-from selfsteer.trainer_bridge.records import FINISHED_PHASES
+from selfsteer.trainer_bridge.records import FINISHED_PHASES, strict_json
 
 # torch, transformers and the runner stay imported inside the functions that use them: the subscriber
 # process runs this file (--subscribe) and must not import torch.
@@ -57,7 +57,7 @@ async def _subscribe(url: str, n: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     for task in tasks:
         task.cancel()
-    print(json.dumps({"events": sum(counts)}), flush=True)
+    print(strict_json({"events": sum(counts)}), flush=True)
 
 
 class Subscribers:
@@ -288,7 +288,7 @@ def main() -> int:
             f"median {lat['median_ms']:.1f} ms (p90 {lat['p90_ms']:.1f} ms) over {lat['commands']} commands"
         )
     if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=1))
+        Path(args.out).write_text(strict_json(figures, indent=1))
     return 0
 
 

@@ -16,7 +16,6 @@ optimizer).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ from selfsteer.agents.llm.weights import cache_dir, is_cached, load_embedded_mod
 from selfsteer.evals.tasks import load_task
 from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, build_trainer
 from selfsteer.graphs.reflect import reflect_messages, reflection_reward
+from selfsteer.trainer_bridge.records import strict_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"reward {median['reward']:5.2f}   rest {median['rest']:5.2f}",
             flush=True,
         )
-    print(json.dumps(report, indent=2))
+    print(strict_json(report, indent=2))
     return report
 
 

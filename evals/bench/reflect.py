@@ -11,7 +11,6 @@ same strategy, so the answers are the same and only the scheduling differs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.evals.tasks import load_task
 from selfsteer.graphs.reflect import ReflectConfig, run_episodes
+from selfsteer.trainer_bridge.records import strict_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": concurrent["episodes_per_s"] / sequential["episodes_per_s"],
         "same_answers": same,
     }
-    print(json.dumps(report, indent=2))
+    print(strict_json(report, indent=2))
     print(
         f"one at a time: {sequential['episodes_per_s']:.3f} episodes/s   "
         f"{args.episodes} concurrent: {concurrent['episodes_per_s']:.3f} episodes/s   "
