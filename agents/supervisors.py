@@ -115,14 +115,22 @@ class Supervisor:
         return facts
 
 
+def fall_back(supervisor: Supervisor, observation: Observation, error: Exception) -> Decision:
+    """The supervisor's own `fallback` for a failed decision; "keep" when that fails too."""
+    try:
+        return supervisor.fallback(observation, error)
+    except Exception as failure:  # noqa: BLE001 - a plug-in's fallback that fails too
+        return Supervisor.fallback(supervisor, observation, failure)
+
+
 def decide_or_fall_back(supervisor: Supervisor, observation: Observation) -> Decision:
-    """One decision outside the supervision graph: `decide`, or the supervisor's `fallback` when it raises.
-    Asked once: the retries are the graph's (its decide node's `RetryPolicy`), and the embedded model
-    retries a malformed answer by itself."""
+    """One decision outside the supervision graph: `decide`, or `fall_back` when it raises. Asked once:
+    the retries are the graph's (its decide node's `RetryPolicy`), and the embedded model retries a
+    malformed answer by itself."""
     try:
         return supervisor.decide(observation)
     except Exception as error:  # noqa: BLE001 - any failure of a plug-in ends in its safe action
-        return supervisor.fallback(observation, error)
+        return fall_back(supervisor, observation, error)
 
 
 class ReasonedDecision(BaseModel):

@@ -40,7 +40,6 @@ grid or from a recipe (whose resolved model section, optimizer and schedule are 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import random
@@ -48,7 +47,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 
@@ -543,7 +542,7 @@ def behaviour_policy(spec: RunSpec) -> Callable[[Observation], Decision]:
     supervisor = make_supervisor(spec.policy)
     if supervisor is None:
         raise ValueError("the behaviour policy cannot be 'none': use keep")
-    return functools.partial(decide_or_fall_back, supervisor)  # a supervisor that fails keeps, as in the loop
+    return partial(decide_or_fall_back, supervisor)  # a supervisor that fails keeps, as in the loop
 
 
 def collect_run(

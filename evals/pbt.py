@@ -57,6 +57,7 @@ from transformers import TrainerCallback
 
 from selfsteer.evals.lr_suite import (
     PB2_SPAN,
+    RESULT_LOSSES,
     START_FACTORS,
     Cell,
     SuiteConfig,
@@ -424,7 +425,7 @@ class PopulationLog:
         if self.data is None:
             self.data = json.loads(self.path.read_text()) if self.path.exists() else {"steps": {}, "done": {}}
             for member in self.data["done"].values():  # strict JSON: its non-finite losses are null
-                for key in ("final_eval_loss", "best_eval_loss"):
+                for key in RESULT_LOSSES:
                     if key in member and member[key] is None:
                         member[key] = math.nan
                 member["history"] = _nan_for_null(member["history"])

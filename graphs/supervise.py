@@ -52,7 +52,7 @@ from selfsteer.agents.decision import ModelAnswerError
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.reflector import reflecting
 from selfsteer.agents.self_correct import MARGIN, factual_reflection, judge
-from selfsteer.agents.supervisors import Decision, Supervisor
+from selfsteer.agents.supervisors import Decision, Supervisor, fall_back
 from selfsteer.tools.bridge_tools import (
     LR_BOUNDS,
     BridgeClient,
@@ -271,7 +271,7 @@ def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Sup
         tries = runtime.execution_info.node_attempt if runtime.execution_info else DECIDE_RETRY.max_attempts
         if isinstance(error, ModelAnswerError) and tries < DECIDE_RETRY.max_attempts:
             raise  # asked again by DECIDE_RETRY (a probe is not run again: its key returns its result)
-        decision = _fallback(supervisor, observation, error)
+        decision = fall_back(supervisor, observation, error)
     if decision.action in avoid:  # rules and custom supervisors may not know they cannot
         decision = Decision(
             "keep",
@@ -472,14 +472,6 @@ def supervision_graph(checkpointer=None):
 
 
 # the nodes' helpers
-
-
-def _fallback(supervisor: Supervisor, observation: Observation, error: Exception) -> Decision:
-    """The supervisor's own fallback; "keep" when that fails too."""
-    try:
-        return supervisor.fallback(observation, error)
-    except Exception as failure:  # noqa: BLE001 - a plug-in's fallback that fails too
-        return Supervisor.fallback(supervisor, observation, failure)
 
 
 def _release(state: SupervisionState, config: RunnableConfig, context: SupervisionContext) -> bool:
