@@ -15,6 +15,19 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the Ray files (they share one xdist group, so one worker): a start and a
+    shutdown cost about 5 s each, paid once instead of per fixture. One CPU: Tune then trains one
+    trial at a time in one worker process; a second worker process pays its own ~10 s of imports, which
+    on this 2-core machine cost PBT more than it saved (87 s on 3 CPUs, 54 s on one) and gained the
+    other Ray files nothing."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Two items with one node id would run serially, but pytest-xdist schedules by node id and runs
     only one of them (412 of 413 once, silently): refuse them at collection."""
@@ -48,8 +61,10 @@ def pytest_collection_modifyitems(session, config, items):
 RAY_MODULES = {"tests/test_pbt.py", "tests/test_lr_suite_ray.py", "tests/test_counterfactual_ray.py"}
 # The slowest groups, slowest first (junit times of a full run on 2 cores); the rest keep their order.
 SLOWEST_FIRST = [
-    "ray", "test_intervener", "test_local_llm", "test_listen_before_announce", "test_serve_llm",
-    "test_exactly_once", "test_dashboard", "test_train_supervised", "test_bridge_ddp", "test_fuzz_serve_llm",
+    "ray", "test_intervener", "test_local_llm", "test_train_supervised", "test_dashboard", "test_bridge_ddp",
+    "test_serve_llm", "test_fuzz_serve_llm", "test_listen_before_announce", "test_exactly_once", "test_cli",
+    "test_fuzz_api", "test_reflect_grpo", "test_decisions_task", "test_supervise_graph", "test_counterfactual",
+    "test_self_correct", "test_local_chat_tools", "test_plain_loop_ddp", "test_crash_recovery",
 ]  # slowest first, a few per line # fmt: skip
 
 

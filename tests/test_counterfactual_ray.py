@@ -1,4 +1,4 @@
-"""Counterfactual collection on Ray Tune (local Ray, 2 CPUs) against the sequential collector, on tiny
+"""Counterfactual collection on Ray Tune (one local Ray for the Ray files, one CPU) against the sequential collector, on tiny
 real runs: the same rows and runs in the same files, a failing run retried then written to failed.jsonl
 while the others complete, an interrupted collection resumed. One torch thread on both sides, so the
 runs match to the bit."""
@@ -24,7 +24,7 @@ def lines(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def collections(tmp_path_factory, one_torch_thread):
+def collections(tmp_path_factory, one_torch_thread, local_ray):
     sequential, on_ray = tmp_path_factory.mktemp("sequential"), tmp_path_factory.mktemp("ray")
     sequential_failures: list[dict] = []
     collect(CollectConfig(str(sequential), SPECS), progress=False, failures=sequential_failures)
@@ -34,16 +34,10 @@ def collections(tmp_path_factory, one_torch_thread):
     cut_off = {**lines(sequential / "rows.jsonl")[-1], "run": SPECS[1].id}
     (on_ray / "runs.jsonl").write_text(json.dumps(first) + "\n")
     (on_ray / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*kept, cut_off]))
-    ray.init(num_cpus=2, include_dashboard=False)
     ray_failures: list[dict] = []
-    try:
-        summaries = collect(
-            CollectConfig(str(on_ray), SPECS, ray=True, cpus_per_trial=1),
-            progress=False,
-            failures=ray_failures,
-        )
-    finally:
-        ray.shutdown()
+    summaries = collect(
+        CollectConfig(str(on_ray), SPECS, ray=True, cpus_per_trial=1), progress=False, failures=ray_failures
+    )
     return sequential, sequential_failures, on_ray, ray_failures, summaries
 
 

@@ -1,4 +1,4 @@
-"""The lr-suite on Ray Tune (local Ray, 2 CPUs) against the sequential runner, on the same miniature
+"""The lr-suite on Ray Tune (one local Ray for the Ray files, one CPU) against the sequential runner, on the same miniature
 suite of real tiny runs: the same rows, a failing run retried then reported, an interrupted suite
 resumed. One torch thread on both sides, so the runs match to the bit."""
 
@@ -28,18 +28,14 @@ def config(**ray_options) -> SuiteConfig:
 
 
 @pytest.fixture(scope="module")
-def suites(tmp_path_factory, one_torch_thread):
+def suites(tmp_path_factory, one_torch_thread, local_ray):
     sequential, on_ray = tmp_path_factory.mktemp("sequential"), tmp_path_factory.mktemp("ray")
     sequential_report = main(config(), sequential)
     # Interrupted after its first run: results.jsonl holds that one row.
     first = (sequential / "results.jsonl").read_text().splitlines()[0]
     (on_ray / "results.jsonl").write_text(first + "\n")
     shutil.copy(sequential / "suite.sqlite", on_ray / "suite.sqlite")  # its curve, for the report
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        ray_report = main(config(ray=True, cpus_per_trial=1), on_ray)
-    finally:
-        ray.shutdown()
+    ray_report = main(config(ray=True, cpus_per_trial=1), on_ray)
     return sequential, sequential_report, on_ray, ray_report
 
 

@@ -59,7 +59,7 @@ def test_a_run_started_from_a_checkpoint_of_another_goes_on_as_that_run_did(tmp_
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory, one_torch_thread):
+def suite(tmp_path_factory, one_torch_thread, local_ray):
     """A suite of static runs and a PBT population, interrupted (Ctrl+C) once the population has
     checkpoints, then run again: Tune restores the population where it stopped."""
     out = tmp_path_factory.mktemp("pbt")
@@ -91,11 +91,7 @@ def suite(tmp_path_factory, one_torch_thread):
         max_steps={"tiny": 20},
         eval_steps={"tiny": 5},
     )
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        report = main(config, out)
-    finally:
-        ray.shutdown()
+    report = main(config, out)
     return out, report, interrupted
 
 
@@ -167,14 +163,11 @@ def test_every_move_of_the_population_is_a_command_journaled_in_the_suite_store(
 
 
 @pytest.fixture(scope="module")
-def populations_around_the_start(tmp_path_factory, one_torch_thread):
+def populations_around_the_start(tmp_path_factory, one_torch_thread, local_ray):
     """Populations built around a too-high start only (the tiny model blows up at lr 1.0): the start
-    x0.25, x1 and x4 under PBT (pbt-start) and under PB2, in one suite (one Ray start, one static twin),
-    four intervals (PB2's GP needs two results of a member at one lr before it has anything to fit), on
-    one CPU: Tune then trains the members one after another in one worker process. Each worker process
-    starts with about 10 s of imports, and an interval of the tiny model is under a second: on 3 CPUs
-    the two extra workers cost more than they saved (this fixture alone, on a quiet 2-core machine:
-    87 s on 3 CPUs, 54 s on one). The suite above trains its population on 2."""
+    x0.25, x1 and x4 under PBT (pbt-start) and under PB2, in one suite (one static twin), four intervals
+    (PB2's GP needs two results of a member at one lr before it has anything to fit), on the Ray files'
+    one CPU (tests/conftest.py): Tune trains the members one after another in one worker process."""
     out = tmp_path_factory.mktemp("around-the-start")
     config = SuiteConfig(
         recipes=["tiny"],
@@ -185,11 +178,7 @@ def populations_around_the_start(tmp_path_factory, one_torch_thread):
         max_steps={"tiny": 16},
         eval_steps={"tiny": 4},
     )
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        report = main(config, out)
-    finally:
-        ray.shutdown()
+    report = main(config, out)
     return out, load_results(out / "results.jsonl"), report
 
 
