@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 from datasets import load_from_disk
-from helpers.cli import selfsteer
+from helpers.cli import selfsteer_here
 
 from selfsteer.agents.counterfactual_rows import Behaviour, CounterfactualRow, IntervenerExample
 from selfsteer.agents.intervener_data import (
@@ -202,16 +202,16 @@ def test_collect_writes_strict_json_when_a_loss_is_not_finite(tmp_path, monkeypa
 def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):
     out = tmp_path / "cf"
     collect = ["decisions", "collect", "--out", str(out), "--shapes", "tiny", "--seeds", "0", "--limit", "2"]
-    selfsteer(*collect)
+    selfsteer_here(*collect)
     rows = read_rows([out])
     assert len(rows) == 2 * 5 and {r.run for r in rows} == {s.id for s in default_specs((0,), ("tiny",))[:2]}
     for r in rows:
         assert set(r.outcomes) == {"double", "halve", "keep"} and r.horizon == 10
-    selfsteer(*collect)  # done already: nothing is collected twice
+    selfsteer_here(*collect)  # done already: nothing is collected twice
     assert len(read_rows([out])) == 10
 
     jsonl, hf = tmp_path / "cf.jsonl", tmp_path / "cf-hf"
-    said = selfsteer("decisions", "export", "--counterfactual", str(out), "--out", str(jsonl)).stdout
+    said = selfsteer_here("decisions", "export", "--counterfactual", str(out), "--out", str(jsonl))
     assert "10 labelled decision points" in said
     exported = [IntervenerExample.from_json(line) for line in jsonl.read_text().splitlines()]
     margin = noise_margin(rows)
@@ -223,7 +223,7 @@ def test_collect_resumes_and_export_labels_with_grounded_explanations(tmp_path):
         answer = json.loads(example.completion[0]["content"])
         assert answer["action"] == example.label and len(answer["explanation"].split()) <= 30
         assert grounded(answer["explanation"], prompt) and any(ch.isdigit() for ch in answer["explanation"])
-    selfsteer("decisions", "export", "--counterfactual", str(out), "--out", str(hf), "--format", "hf")
+    selfsteer_here("decisions", "export", "--counterfactual", str(out), "--out", str(hf), "--format", "hf")
     dataset = load_from_disk(str(hf))
     assert len(dataset) == 10 and "noise margin" in (hf / "README.md").read_text()
 

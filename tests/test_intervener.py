@@ -9,7 +9,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-from helpers.cli import selfsteer
+from helpers.cli import selfsteer_here
 from safetensors.torch import load_file
 
 from selfsteer.agents.intervener import (
@@ -255,7 +255,7 @@ def test_through_serve_llm_the_intervener_sees_the_same_prompt_and_decides_the_s
 
 def test_train_with_supervisor_intervener(tmp_path):
     out, db = tmp_path / "run", tmp_path / "s.sqlite"
-    selfsteer(
+    selfsteer_here(
         "train", "--recipe", "tiny", "--set", "training.max_steps=200", "--set", "training.eval_steps=10",
         "--supervisor", "intervener", "--pause-while-deciding", "--max-iterations", "2",
         "--port", "0", "--out", str(out), "--db", str(db),

@@ -1,33 +1,27 @@
-"""`selfsteer train --supervisor ...` end to end: a real tiny run, the real embedded model, the plot."""
+"""`selfsteer train --supervisor ...` end to end, through the command line's entry point in the test
+process: a real tiny run, the real embedded model, the plot."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import selfsteer_here
 
 from selfsteer.trainer_bridge.store import Store
 
-CLI = [sys.executable, "-m", "selfsteer.cli.main"]
 
-
-def train(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def train(tmp_path: Path, *extra: str) -> tuple[str, dict]:
+    """`selfsteer train` through its entry point in this process (helpers.cli.selfsteer_here); what it
+    printed, and its summary.json."""
     out = tmp_path / "out"
     # Long enough (a few seconds) for the supervisor to start and catch the evaluations (every 10 steps).
     args = ["train", "--recipe", "tiny", "--set", "training.max_steps=200", "--port", "0"]
-    done = subprocess.run(
-        [*CLI, *args, "--out", str(out), "--db", str(tmp_path / "s.sqlite"), *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done, json.loads((out / "summary.json").read_text())
+    said = selfsteer_here(*args, "--out", str(out), "--db", str(tmp_path / "s.sqlite"), *extra)
+    return said, json.loads((out / "summary.json").read_text())
 
 
 def test_the_embedded_llm_supervises_a_real_run(tmp_path):
-    done, summary = train(
+    said, summary = train(
         tmp_path,
         "--supervisor",
         "llm",
@@ -43,7 +37,7 @@ def test_the_embedded_llm_supervises_a_real_run(tmp_path):
         stored = store.list_decisions(summary["run_id"])
     assert all(d["model"] == "SmolLM2-135M-Instruct" and d["strategy"] == "compact_stats@v1" for d in stored)
     assert all(d["raw_output"].startswith('{"action":') and d["latency_s"] > 0 for d in stored)
-    assert "decisions" in done.stdout and (tmp_path / "out" / "plot.png").stat().st_size > 10_000
+    assert "decisions" in said and (tmp_path / "out" / "plot.png").stat().st_size > 10_000
 
 
 def assert_decisions_were_applied(tmp_path: Path, summary: dict, give_backs: int = 0) -> None:
@@ -87,7 +81,7 @@ def test_a_custom_supervisor_by_module_and_class_and_the_self_correct_flags(tmp_
         "    def decide(self, observation):\n"
         "        return Decision('double', 'scripted')\n"
     )
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.syspath_prepend(tmp_path)  # where the user's module lives
     _, summary = train(
         tmp_path, "--set", "training.learning_rate=0.1", "--supervisor", "my_supervisors:AlwaysDouble",
         "--pause-while-deciding", "--max-iterations", "3", "--self-correct", "--self-correct-budget", "0",

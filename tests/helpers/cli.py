@@ -1,6 +1,8 @@
-"""Running the `selfsteer` command line as a user does: a fresh interpreter, output captured."""
+"""Running the `selfsteer` command line as a user does: a fresh interpreter, output captured; or, for a
+command whose process is not what a test is about, through the same entry point in this process."""
 
 import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -14,6 +16,20 @@ def selfsteer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def selfsteer_here(*args: str) -> str:
+    """Runs `selfsteer ARGS` through its entry point (`cli.main.main`, what the console script calls) in
+    this process, and returns what it printed; fails the test unless it exits 0. A fresh interpreter
+    spends about 5 s importing torch and transformers, which a test process already has: use it for
+    commands that start no server and set no signal handler, where the process is not under test."""
+    from selfsteer.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert code == 0, (code, err.getvalue()[-3000:])
+    return out.getvalue()
 
 
 @contextlib.contextmanager
