@@ -420,10 +420,13 @@ def wait(state: SupervisionState, runtime: Runtime[SupervisionContext]) -> dict:
             return {"finished": True}
         if every and int(run_state.get("step") or 0) >= state.get("step", 0) + every:
             return {}
-        # Newer than what was seen, and than the step it was seen at: after a rollback the branch
-        # left behind holds evaluations past the rollback point that are no news.
-        since = max(state.get("observed_eval_step", 0), state.get("step", 0))
-        if tools.read_metrics(since=since, names=["eval_loss"]):
+        # An evaluation newer than the last one seen, of the weights now training: after a rollback the
+        # branch left behind holds evaluations past the rollback point that are no news. Not "newer than
+        # the step it was seen at": the observation at step E can come before E's evaluation is logged,
+        # and a run held after that evaluation for a decision then waited for this wait, this wait for
+        # the next evaluation, until the hold timed out (300 s).
+        branch = run_state.get("branch") or "main"
+        if tools.read_metrics(since=state.get("observed_eval_step", 0), names=["eval_loss"], branch=branch):
             return {}
         # Steps are no change notice: counting them needs a look every poll_s. Otherwise the next
         # evaluation, command or end wakes an in-process wait; over HTTP this is a poll_s pause.

@@ -349,3 +349,31 @@ def test_decide_alone_falls_back_keeps_what_was_rolled_back_and_stays_within_the
     assert after_check({"awaiting_verdict": True}) == "wait"  # no new decision over an unjudged one
     assert after_check({"rolled_back": True}) == "observe"
     assert after_check({"rolled_back": False}) == "decide"
+
+
+def test_an_evaluation_logged_after_the_observation_at_its_step_is_news_to_wait(tmp_path):
+    """An observation at step 10 can come before step 10's evaluation is logged (the step counter moves
+    first). That evaluation is news: `wait` must wake for it. It did not (it waited for one after step 10),
+    and a run held after its evaluation for a decision then waited for the supervisor, the supervisor for
+    the run, until the hold timed out: test_self_correct's every-steps test took 302 s in a fresh-clone CI
+    run. Here the evaluation is already there: fixed, the wait returns at once with no news flag; broken,
+    it is still waiting when the stop event ends it ({"finished": True})."""
+    from langgraph.runtime import Runtime
+
+    from selfsteer.graphs.supervise import wait
+
+    with LiveRun(tmp_path, ["training.max_steps=100000", "training.eval_steps=10"], gates=[11]) as live:
+        live.gate.wait(11)  # step 10's evaluation is logged; training holds at the end of step 11
+        stop = threading.Event()
+        context = SupervisionContext(BridgeTools(BridgeClient(live.run.url)), Scripted([]), stop_event=stop)
+        state = {"step": 10, "observed_eval_step": 0, "awaiting_verdict": True}
+        woke = {}
+        waiting = threading.Thread(target=lambda: woke.update(wait(state, Runtime(context=context))))
+        waiting.start()
+        waiting.join(60)  # fixed, it returns at once; the bound keeps a broken wait from hanging
+        stop.set()
+        waiting.join(10)
+        live.gate.release(11)
+        live.client.stop()
+        live.join()
+    assert not waiting.is_alive() and woke == {}

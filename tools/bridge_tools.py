@@ -58,9 +58,12 @@ class BridgeTools:
         except httpx.TransportError:
             return False
 
-    def read_metrics(self, since: int | None = None, names: list[str] | None = None) -> list[dict]:
-        """Metric rows {step, name, value, branch} after step `since` (all when None)."""
-        return self.client.metrics(since=since, names=names)
+    def read_metrics(
+        self, since: int | None = None, names: list[str] | None = None, branch: str | None = None
+    ) -> list[dict]:
+        """Metric rows {step, name, value, branch} after step `since` (all when None), of one branch's
+        own rows when `branch` is given."""
+        return self.client.metrics(since=since, names=names, branch=branch)
 
     def read_lineage(self, branch: str) -> list[dict]:
         """The metric rows of the weights training on `branch`: its own, and its ancestors' up to where it

@@ -79,7 +79,9 @@ def main() -> None:
     if args.kill_after:
         method = args.kill_after.split(":")[1]
         only_if = (
-            (lambda self, since=None, names=None: names is not None) if method == "read_metrics" else None
+            (lambda self, since=None, names=None, branch=None: names is not None)
+            if method == "read_metrics"
+            else None
         )
         die_after(KILL_POINTS[args.kill_after], method, args.nth, only_if)
     run_supervision(
