@@ -21,8 +21,9 @@ def selfsteer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def selfsteer_here(*args: str) -> str:
     """Runs `selfsteer ARGS` through its entry point (`cli.main.main`, what the console script calls) in
     this process, and returns what it printed; fails the test unless it exits 0. A fresh interpreter
-    spends about 5 s importing torch and transformers, which a test process already has: use it for
-    commands that start no server and set no signal handler, where the process is not under test."""
+    spends about 5 s importing torch and transformers, which a test process already has. For commands
+    that close what they open (a train run's server and supervisor end with it) and set no signal
+    handler, where the process is not what the test is about."""
     from selfsteer.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
