@@ -1,7 +1,7 @@
-"""Counterfactual collection on Ray Tune (one local Ray for the Ray files, one CPU) against the sequential collector, on tiny
-real runs: the same rows and runs in the same files, a failing run retried then written to failed.jsonl
-while the others complete, an interrupted collection resumed. One torch thread on both sides, so the
-runs match to the bit."""
+"""Counterfactual collection on Ray Tune (the Ray files' one local Ray, one CPU: tests/conftest.py)
+against the sequential collector, on tiny real runs: the same rows and runs in the same files, a failing
+run retried then written to failed.jsonl while the others complete, an interrupted collection resumed.
+One torch thread on both sides, so the runs match to the bit."""
 
 import json
 

@@ -1,6 +1,7 @@
-"""The lr-suite on Ray Tune (one local Ray for the Ray files, one CPU) against the sequential runner, on the same miniature
-suite of real tiny runs: the same rows, a failing run retried then reported, an interrupted suite
-resumed. One torch thread on both sides, so the runs match to the bit."""
+"""The lr-suite on Ray Tune (the Ray files' one local Ray, one CPU: tests/conftest.py) against the
+sequential runner, on the same miniature suite of real tiny runs: the same rows, a failing run retried
+then reported, an interrupted suite resumed. One torch thread on both sides, so the runs match to the
+bit."""
 
 import json
 import shutil

@@ -66,6 +66,9 @@ def assert_decisions_were_applied(tmp_path: Path, summary: dict, give_backs: int
         expected.append(lr)
         lr = next((c["args"]["lr"] for c in reversed(journal) if c["step"] == step), lr)
     assert [used[step] for step in sorted(used)] == pytest.approx(expected, rel=1e-9)
+    for decision in changes:  # the lr it saw is the one in use from its step to the step it took effect at
+        seen = expected[decision["step"] - 1 : decision["applied_step"]]
+        assert seen == pytest.approx([decision["lr_before"]] * len(seen), rel=1e-9), decision
 
 
 def test_a_custom_supervisor_by_module_and_class_and_the_self_correct_flags(tmp_path, monkeypatch):
