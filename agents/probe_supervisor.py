@@ -1,16 +1,26 @@
 """The `probe` supervisor: decides from evidence, not from the look of a loss curve.
 
 Before each decision the loop runs a `probe` (trainer_bridge/probe.py): from an exact snapshot of the
-run, each candidate multiple of the lr in force trains a few steps on the same batches, and each arm's
-eval-slice loss is extrapolated to the horizon. Among the arms whose measured loss is within `margin`
-(relative) of the best measured, the one with the lowest estimate wins, if it beats the x1 arm's
+run, the lr in force and a candidate multiple of it each train a few steps on the same batches, and each
+arm's eval-slice loss is extrapolated to the horizon. Among the arms whose measured loss is within
+`margin` (relative) of the best measured, the one with the lowest estimate wins, if it beats the x1 arm's
 estimate by more than `margin`, or if x1's measured loss is not among them; otherwise keep. The
 extrapolation counters short-horizon bias (measured alone, 4 steps never showed a 100x too low lr on tiny
-a 1% gain), and the measurement keeps it from overruling a clear result. A classical proposer: no model, no absolute lr,
-so nothing to learn about a workload's lr scale, and nothing that fails to transfer.
+a 1% gain), and the measurement keeps it from overruling a clear result. A classical proposer: no model,
+no absolute lr, so nothing to learn about a workload's lr scale, and nothing that fails to transfer.
 
-Its cost is `len(factors) x steps` optimizer steps per decision (journaled with each probe; the lr-suite
-counts them in `compute_steps`).
+Which multiple is probed (`directed`, the default): the update alignment (the hypergradient's sign)
+proposes a direction, x2 when successive steps agree, x0.5 when they oppose; a lowering that won is
+followed by another try lower, and a raise that won, while the alignment still agrees, by one twice as
+large (x2, x4, x8: `max_raise`). Short-horizon bias makes a probe timid about raising (a few steps at a
+higher lr rarely show its gain), so a start 100x too low needs large raises; a lower lr's gain from a too
+high one shows at once, so lowering is never escalated. With no alignment logged, both directions are
+probed. `directed=False` probes every factor every time (the 3-arm probe of docs/lr-suite-probe).
+
+What it may cost (`budget`): the probes' optimizer steps as a share of the run's, 0.5 by default (a run
+costs at most 1.5x a static one). The steps per arm are the budget spread over the run's decisions, at
+most `steps`; where that leaves fewer than 2 per arm, only every k-th decision is probed. The lr-suite
+counts the cost in `compute_steps`, and each probe is journaled with its `cost_steps`.
 """
 
 from __future__ import annotations
@@ -20,15 +30,33 @@ import math
 from selfsteer.agents.observation import Observation, arm_loss
 from selfsteer.agents.supervisors import Decision, LLMSupervisor, Supervisor, embedded_chat_model
 
+MIN_ARM_STEPS = 2  # a start, a halfway and an end point: the least an extrapolation is fitted to
+
 
 class ProbeSupervisor(Supervisor):
-    """factors: the multiples of the lr probed (1 is always among them: the arm to beat).
-    steps: optimizer steps per arm. margin: how much lower (relative) the winner's estimate must be.
-    horizon: the steps each arm is extrapolated to; default twice the interval between evaluations
-    (the decision's effect lasts at least until the next one), at most the steps left."""
+    """factors: the multiples of the lr probed (1 is always among them: the arm to beat); directed probes
+    use the lowest and the highest. steps: optimizer steps per arm, at most. margin: how much lower
+    (relative) the winner's estimate must be. horizon: the steps each arm is extrapolated to; default
+    twice the interval between evaluations (the decision's effect lasts at least until the next one), at
+    most the steps left. budget: the probes' steps as a share of the run's (None: no limit, `steps` per
+    arm). directed: probe x1 and one direction (above); False, every factor. max_raise: the largest
+    escalated raise.
+
+    It remembers its own last moves (to escalate), per run: a decision at or before one it remembers (a
+    new run, or a rollback) forgets those after it."""
 
     name = "probe"
     strategy = "probe"
+
+    @classmethod
+    def from_options(cls, *, chat_model=None, strategy: str | None = None, option: str | None = None):
+        """`probe:full`: every factor at every decision, 4 steps an arm, no budget (the probe measured in
+        docs/lr-suite-probe before the budget)."""
+        if option == "full":
+            return cls(directed=False, budget=None)
+        if option is not None:
+            raise ValueError(f"unknown probe option {option!r}: probe or probe:full")
+        return cls()
 
     def __init__(
         self,
@@ -36,25 +64,69 @@ class ProbeSupervisor(Supervisor):
         steps: int = 4,
         margin: float = 0.01,
         horizon: int | None = None,
+        budget: float | None = 0.5,
+        directed: bool = True,
+        max_raise: float = 8.0,
     ):
         if 1.0 not in factors:
             factors = (*factors, 1.0)
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget is a share of the run's steps, above 0: {budget}")
         self.factors = tuple(sorted(factors))
         self.steps = steps
         self.margin = margin
         self.horizon = horizon
+        self.budget = budget
+        self.directed = directed
+        self.max_raise = max_raise
+        self._moves: dict[int, float] = {}  # decision step -> the factor applied (1: keep)
 
     def evidence(self, observation: Observation) -> dict | None:
-        horizon = self.horizon
-        if horizon is None:
-            evals = [s for s, _ in observation.eval_loss]
-            interval = evals[-1] - evals[-2] if len(evals) >= 2 else (evals[-1] if evals else 2 * self.steps)
-            horizon = 2 * max(interval, 1)
-            if observation.max_steps:
-                horizon = min(horizon, observation.max_steps - observation.step)
-        return {"factors": list(self.factors), "steps": self.steps, "horizon": max(horizon, self.steps)}
+        self._moves = {step: f for step, f in self._moves.items() if step < observation.step}
+        evals = [s for s, _ in observation.eval_loss]
+        interval = evals[-1] - evals[-2] if len(evals) >= 2 else (evals[-1] if evals else 2 * self.steps)
+        interval = max(interval, 1)
+        horizon = self.horizon or 2 * interval
+        if observation.max_steps:
+            horizon = min(horizon, observation.max_steps - observation.step)
+        factors = self._candidates(observation)
+        steps = self.steps
+        if self.budget is not None and observation.max_steps:
+            decisions = max(1, (observation.max_steps - 1) // interval)
+            allowance = self.budget * observation.max_steps / decisions  # steps per decision
+            steps = min(self.steps, int(allowance // len(factors)))
+            if steps < MIN_ARM_STEPS:
+                every = math.ceil(MIN_ARM_STEPS * len(factors) / allowance)
+                if (observation.step // interval - 1) % every:
+                    return None  # over the budget: this decision keeps
+                steps = min(self.steps, MIN_ARM_STEPS)
+        return {"factors": factors, "steps": steps, "horizon": max(horizon, steps)}
+
+    def _candidates(self, observation: Observation) -> list[float]:
+        if not self.directed:
+            return list(self.factors)
+        lower, higher = self.factors[0], self.factors[-1]
+        last = self._moves[max(self._moves)] if self._moves else 1.0
+        alignment = observation.mean_alignment()
+        if last < 1:
+            return [lower, 1.0]  # lowering won: lower still, until x1 holds
+        if alignment is None:
+            return list(self.factors)
+        if alignment <= 0:
+            return [lower, 1.0]
+        raise_by = min(self.max_raise, higher * last) if last > 1 else higher
+        return [1.0, raise_by]
 
     def decide(self, observation: Observation) -> Decision:
+        return self._remember(observation, self._decide(observation))
+
+    def _remember(self, observation: Observation, decision: Decision) -> Decision:
+        self._moves[observation.step] = decision.factor or {"double": 2.0, "halve": 0.5}.get(
+            decision.action, 1.0
+        )
+        return decision
+
+    def _decide(self, observation: Observation) -> Decision:
         probe = observation.probe or {}
         barred = {"double": lambda f: f > 1, "halve": lambda f: f < 1}  # rolled back from here
         arms = [
@@ -144,7 +216,10 @@ class VettedProbeSupervisor(ProbeSupervisor):
         self.strategy, self.model = self.llm.strategy, self.llm.model
 
     def decide(self, observation: Observation) -> Decision:
-        proposal = super().decide(observation)
+        return self._remember(observation, self._vetted(observation))
+
+    def _vetted(self, observation: Observation) -> Decision:
+        proposal = self._decide(observation)
         if proposal.action == "keep":
             return proposal
         answer = self.llm.decide(observation)  # raises when the model gives no answer: see `fallback`
@@ -161,12 +236,12 @@ class VettedProbeSupervisor(ProbeSupervisor):
     def fallback(self, observation: Observation, error: BaseException) -> Decision:
         """The model gave no answer (once the loop's retries were spent): the measured proposal stands."""
         try:
-            proposal = super().decide(observation)
+            proposal = self._decide(observation)
         except Exception:  # noqa: BLE001 - no proposal either: the safe action
-            return super().fallback(observation, error)
+            return self._remember(observation, super().fallback(observation, error))
         if proposal.action == "keep":
-            return proposal
-        return self._stands(proposal, getattr(error, "raw_output", None))
+            return self._remember(observation, proposal)
+        return self._remember(observation, self._stands(proposal, getattr(error, "raw_output", None)))
 
     @staticmethod
     def _stands(proposal: Decision, raw_output: str | None, latency_s: float = 0.0) -> Decision:

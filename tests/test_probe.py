@@ -200,7 +200,7 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
     from selfsteer.agents.observation import Observation
     from selfsteer.agents.probe_supervisor import ProbeSupervisor
 
-    supervisor = ProbeSupervisor(factors=(0.25, 0.5, 2.0, 4.0), margin=0.01)
+    supervisor = ProbeSupervisor(factors=(0.25, 0.5, 2.0, 4.0), margin=0.01, directed=False, budget=None)
     assert supervisor.factors == (0.25, 0.5, 1.0, 2.0, 4.0)  # x1 is always probed: the arm to beat
     evidence = supervisor.evidence(probed())
     assert evidence == {"factors": [0.25, 0.5, 1.0, 2.0, 4.0], "steps": 4, "horizon": 20}  # 2 x the interval
@@ -233,6 +233,60 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
         Decision("double", "", factor=0.5)  # a factor must move the lr the action's way
 
 
+def aligned(step, alignment, max_steps=60, interval=10):
+    """An observation at `step` whose update alignment since the evaluation before last is `alignment`
+    (None: none logged)."""
+    from selfsteer.agents.observation import Observation
+
+    evals = list(range(interval, step, interval))
+    points = [] if alignment is None else [(s, alignment) for s in range(1, step + 1)]
+    return Observation(step=step, lr=0.01, max_steps=max_steps, eval_loss=[(s, 4.0) for s in evals],
+                       update_alignment=points)  # fmt: skip
+
+
+def test_the_directed_probe_follows_the_alignment_escalates_raises_only_and_keeps_to_its_budget():
+    from selfsteer.agents.probe_supervisor import ProbeSupervisor
+    from selfsteer.agents.registry import make_supervisor
+
+    supervisor = make_supervisor("probe")
+    # 60 steps, an evaluation every 10: 5 decisions share 30 steps, 6 each, so 2 arms of 3 steps.
+    assert supervisor.evidence(aligned(11, 0.3)) == {"factors": [1.0, 2.0], "steps": 3, "horizon": 20}
+    assert supervisor.evidence(aligned(11, -0.1))["factors"] == [0.5, 1.0]
+    assert supervisor.evidence(aligned(11, None)) == {"factors": [0.5, 1.0, 2.0], "steps": 2, "horizon": 20}
+    # Raises that win are followed by ones twice as large while the alignment agrees, up to x8.
+    for step, factor, escalated in ((11, 2.0, 4.0), (21, 4.0, 8.0), (31, 8.0, 8.0)):
+        probe = supervisor.evidence(aligned(step, 0.3))
+        assert probe["factors"][-1] == factor
+        decision = supervisor.decide(probed_at(step, arm(1.0, 3.6, 3.5), arm(factor, 3.3, 3.1)))
+        assert (decision.action, decision.factor) == ("double", factor)
+    assert supervisor.evidence(aligned(41, 0.3))["factors"] == [1.0, escalated]
+    assert supervisor.evidence(aligned(41, -0.2))["factors"] == [0.5, 1.0]  # the alignment turned
+    # A rollback to step 21 (or a new run) forgets the moves from there on: x4 again after the x2 at 11.
+    assert supervisor.evidence(aligned(21, 0.3))["factors"] == [1.0, 4.0]
+    # A lowering that won is followed by another try lower, whatever the alignment; never escalated.
+    supervisor.decide(probed_at(21, arm(0.5, 3.3, 3.1), arm(1.0, 3.6, 3.5)))
+    assert supervisor.evidence(aligned(31, 0.3))["factors"] == [0.5, 1.0]
+    supervisor.decide(probed_at(31, arm(0.5, 3.3, 3.1), arm(1.0, 3.6, 3.5)))
+    assert supervisor.evidence(aligned(41, 0.3))["factors"] == [0.5, 1.0]
+    supervisor.decide(probed_at(41, arm(0.5, 3.6, 3.5), arm(1.0, 3.6, 3.5)))  # x1 holds: keep
+    assert supervisor.evidence(aligned(51, 0.3))["factors"] == [1.0, 2.0]
+    # A budget too small for 2 steps an arm at every decision probes every k-th decision only.
+    thrifty = ProbeSupervisor(budget=0.1)  # 6 steps for 5 decisions: 4 a probe, every 4th decision
+    probed_steps = [s for s in (11, 21, 31, 41, 51) if thrifty.evidence(aligned(s, 0.3)) is not None]
+    assert probed_steps == [11, 51] and thrifty.evidence(aligned(11, 0.3))["steps"] == 2
+    # probe:full, the 3-arm probe measured before the budget: every factor, 4 steps, no limit.
+    full = make_supervisor("probe:full")
+    assert full.evidence(aligned(11, 0.3)) == {"factors": [0.5, 1.0, 2.0], "steps": 4, "horizon": 20}
+    with pytest.raises(ValueError, match="probe:full"):
+        make_supervisor("probe:cheap")
+
+
+def probed_at(step, *arms):
+    observation = probed(*arms)
+    observation.step = step
+    return observation
+
+
 def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, one_torch_thread):
     from selfsteer.agents.registry import make_supervisor
     from selfsteer.graphs.supervise import run_supervision
@@ -261,14 +315,17 @@ def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, o
     assert (
         len(decisions) == 2 and len(probes) == 2
     )  # an evaluation at 10 and 20, a probe before each decision
-    assert all(p["status"] == "success" and p["result"]["cost_steps"] == 12 for p in probes)
+    # The budget, half the run's 30 steps over its 2 decisions: 7.5 steps a probe, so 3 for each of 2 arms.
+    assert all(p["status"] == "success" and p["result"]["cost_steps"] == 6 for p in probes)
     for decision, probe in zip(decisions, probes, strict=True):
         seen = decision["observation"]["probe"]
-        assert [a["factor"] for a in seen["arms"]] == [0.5, 1.0, 2.0]
         assert seen["arms"] == probe["result"]["arms"]  # the decision saw what the probe measured
-        assert "Probe: each lr trained 4 steps" in decision["observation"]["views"]["probe"]
-    # Far too low: the measured x2 arm wins, and the lr doubles.
+        assert "Probe: each lr trained 3 steps" in decision["observation"]["views"]["probe"]
+    # Far too low: successive steps agree, so x2 is probed; it wins, and the lr doubles. The next probe
+    # tries a raise twice as large.
+    assert [a["factor"] for a in probes[0]["result"]["arms"]] == [1.0, 2.0]
     assert decisions[0]["action"] == "double" and decisions[0]["lr_after"] == pytest.approx(2e-4)
+    assert [a["factor"] for a in probes[1]["result"]["arms"]] == [1.0, 4.0]
     assert sorted(m["step"] for m in losses) == list(range(1, 31))  # the arms trained off the record
     assert summary["steps"] == 30
 
