@@ -56,7 +56,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, OPTIMIZERS, SCHEDULES, SHAPES
+from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, HELD_OUT_3, OPTIMIZERS, SCHEDULES, SHAPES
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
 from selfsteer.trainer_bridge.records import strict_json
 
@@ -67,12 +67,16 @@ DEFAULT_LRS = {
     "small": {"too_low": 1e-5, "good": 1e-3, "too_high": 1e-1},
     "deep-rmsprop": dict(zip(("too_low", "good", "too_high"), HELD_OUT["start_lrs"], strict=True)),
     "deep-narrow-adagrad": dict(zip(("too_low", "good", "too_high"), HELD_OUT_2["start_lrs"], strict=True)),
+    "wide-shallow-adafactor": dict(
+        zip(("too_low", "good", "too_high"), HELD_OUT_3["start_lrs"], strict=True)
+    ),
 }
 DEFAULT_GRID = {
     "tiny": [1e-3, 5e-2, 0.2],
     "small": [1e-4, 3e-3, 1e-2],
     "deep-rmsprop": [1e-4, 1e-3, 3e-3, 1e-2],
     "deep-narrow-adagrad": [3e-3, 3e-2, 1e-1],
+    "wide-shallow-adafactor": [1e-4, 3e-4, 3e-3, 1e-2, 1e-1],
 }
 # Workloads that are not plain recipes: (recipe, overrides).
 WORKLOADS = {
@@ -90,6 +94,15 @@ WORKLOADS = {
             *SHAPES[HELD_OUT_2["shape"]][1],
             *OPTIMIZERS[HELD_OUT_2["optimizer"]],
             *SCHEDULES[HELD_OUT_2["schedule"]],
+            "training.per_device_train_batch_size=8",
+        ],
+    ),
+    "wide-shallow-adafactor": (  # held out, since 2026-12-07 (docs/held-out-workloads.md)
+        SHAPES[HELD_OUT_3["shape"]][0],
+        [
+            *SHAPES[HELD_OUT_3["shape"]][1],
+            f"training.optim={HELD_OUT_3['optimizer']}",
+            *SCHEDULES[HELD_OUT_3["schedule"]],
             "training.per_device_train_batch_size=8",
         ],
     ),
@@ -112,10 +125,10 @@ class SuiteConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     supervisors: list[str] = field(default_factory=lambda: list(DEFAULT_SUPERVISORS))
     max_steps: dict[str, int] = field(
-        default_factory=lambda: {"tiny": 60, "small": 60, "deep-rmsprop": 60, "deep-narrow-adagrad": 60}
+        default_factory=lambda: {name: 60 for name in ("tiny", "small", *WORKLOADS)}
     )
     eval_steps: dict[str, int] = field(
-        default_factory=lambda: {"tiny": 10, "small": 15, "deep-rmsprop": 10, "deep-narrow-adagrad": 10}
+        default_factory=lambda: {"tiny": 10, "small": 15, **{name: 10 for name in WORKLOADS}}
     )
     explanation_chars: int = 100  # the embedded model's explanations: long ones cost seconds on a CPU
     llm: str = "local"

@@ -26,7 +26,14 @@ from selfsteer.agents.intervener_data import (
 )
 from selfsteer.agents.observation import Observation
 from selfsteer.evals.check_calibration import SHIPPED
-from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, RunSpec, collect_run, default_specs
+from selfsteer.evals.counterfactual import (
+    HELD_OUT,
+    HELD_OUT_2,
+    HELD_OUT_3,
+    RunSpec,
+    collect_run,
+    default_specs,
+)
 from selfsteer.evals.lr_suite import DEFAULT_LRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,6 +83,8 @@ def test_held_out_workloads_are_never_collected():
         {"shape": HELD_OUT_2["shape"]},  # the second held-out workload: shape, optimizer, schedule each
         {"optimizer": HELD_OUT_2["optimizer"]},
         {"schedule": HELD_OUT_2["schedule"]},
+        {"shape": HELD_OUT_3["shape"]},  # the third: its shape and schedule (Adafactor is no grid optimizer)
+        {"schedule": HELD_OUT_3["schedule"]},
         *({"lr": lr} for lr in held_lrs),
         *({"lr": lr * 1.0005} for lr in held_lrs),  # the same cell, written with rounding
     ):
