@@ -42,6 +42,9 @@ class ProbeSupervisor(Supervisor):
     arm). directed: probe x1 and one direction (above); False, every factor. max_raise: the largest
     escalated raise.
 
+    A run of unknown length (no `max_steps` in the observation: a plain loop that never said) cannot be
+    budgeted: each probe trains `steps` an arm there.
+
     It remembers its own last moves (to escalate), per run: a decision at or before one it remembers (a
     new run, or a rollback) forgets those after it."""
 
@@ -90,6 +93,8 @@ class ProbeSupervisor(Supervisor):
         if observation.max_steps:
             horizon = min(horizon, observation.max_steps - observation.step)
         factors = self._candidates(observation)
+        if factors == [1.0]:
+            return None  # both ways rolled back from here: nothing to measure
         steps = self.steps
         if self.budget is not None and observation.max_steps:
             decisions = max(1, (observation.max_steps - 1) // interval)
@@ -106,6 +111,11 @@ class ProbeSupervisor(Supervisor):
         if not self.directed:
             return list(self.factors)
         lower, higher = self.factors[0], self.factors[-1]
+        open_ways = [
+            f for action, f in (("halve", lower), ("double", higher)) if action not in observation.avoid
+        ]
+        if len(open_ways) < 2:  # self-correction's retry: the way rolled back from here is not probed again
+            return sorted([*open_ways, 1.0])
         last = self._moves[max(self._moves)] if self._moves else 1.0
         alignment = observation.mean_alignment()
         if last < 1:

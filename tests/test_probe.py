@@ -270,6 +270,12 @@ def test_the_directed_probe_follows_the_alignment_escalates_raises_only_and_keep
     assert supervisor.evidence(aligned(41, 0.3))["factors"] == [0.5, 1.0]
     supervisor.decide(probed_at(41, arm(0.5, 3.6, 3.5), arm(1.0, 3.6, 3.5)))  # x1 holds: keep
     assert supervisor.evidence(aligned(51, 0.3))["factors"] == [1.0, 2.0]
+    # Self-correction's retry (an action rolled back from this state): the other way only, or nothing.
+    retry = aligned(51, 0.3)
+    retry.avoid = ["double"]
+    assert supervisor.evidence(retry)["factors"] == [0.5, 1.0]
+    retry.avoid = ["double", "halve"]
+    assert supervisor.evidence(retry) is None
     # A budget too small for 2 steps an arm at every decision probes every k-th decision only.
     thrifty = ProbeSupervisor(budget=0.1)  # 6 steps for 5 decisions: 4 a probe, every 4th decision
     probed_steps = [s for s in (11, 21, 31, 41, 51) if thrifty.evidence(aligned(s, 0.3)) is not None]
