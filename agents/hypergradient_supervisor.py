@@ -51,9 +51,7 @@ class HypergradientSupervisor(Supervisor):
         mean = observation.mean_alignment(since)
         if mean is None:
             return Decision("keep", f"no update alignment logged after step {since}: keep")
-        count = sum(
-            1 for s, v in observation.update_alignment if since < s <= observation.step and math.isfinite(v)
-        )
+        count = len(observation.alignments(since))
         figure = f"mean update alignment {mean:+.3f} over the {count} steps after step {since}"
         if mean > self.double_above:
             decision = Decision(

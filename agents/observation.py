@@ -83,12 +83,20 @@ class Observation:
                 changed = step
         return changed
 
-    def mean_alignment(self, since: int | None = None) -> float | None:
-        """The mean update alignment of the steps after `since` (default: the evaluation before the last,
-        the interval the last one closes), up to this step; None when none was logged there."""
+    def alignments(self, since: int | None = None) -> list[float]:
+        """The update alignments of the steps after `since` (default: the evaluation before the last) up to
+        the last evaluation: the interval it closes. Not up to this step: a decision on an evaluation at
+        step E is read at step E + 1, whose alignment may or may not be in the store yet, and one value
+        can flip the sign of a mean near zero; so the same run gives the same values. Up to this step when
+        no evaluation is after `since`."""
         if since is None:
             since = self.eval_loss[-2][0] if len(self.eval_loss) >= 2 else 0
-        values = [v for s, v in self.update_alignment if since < s <= self.step and math.isfinite(v)]
+        until = self.eval_loss[-1][0] if self.eval_loss and self.eval_loss[-1][0] > since else self.step
+        return [v for s, v in self.update_alignment if since < s <= until and math.isfinite(v)]
+
+    def mean_alignment(self, since: int | None = None) -> float | None:
+        """The mean of `alignments(since)`; None when none was logged there."""
+        values = self.alignments(since)
         return statistics.fmean(values) if values else None
 
     def warnings(self) -> list[str]:

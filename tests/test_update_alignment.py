@@ -216,6 +216,10 @@ def test_the_hypergradient_supervisor_reads_the_mean_alignment_of_the_last_inter
     assert (
         supervisor.decide(observed([(s, 0.3 if s % 2 else -0.1) for s in range(11, 21)])).action == "double"
     )
+    # A step after the last evaluation (read or not yet, as the store had it) is not in the interval: the
+    # same run gives the same decision.
+    late = observed(early + [(s, 0.02) for s in range(11, 21)] + [(21, -0.9)], step=21)
+    assert late.mean_alignment() == pytest.approx(0.02) and "10 steps" in supervisor.decide(late).explanation
     # The first evaluation: everything since the start.
     first = observed([(s, 0.3) for s in range(2, 11)], evals=[(10, 4.0)], step=10)
     assert first.signals().splitlines()[-1].startswith("Update alignment over the last interval: mean +0.30")
