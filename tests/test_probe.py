@@ -240,8 +240,8 @@ def aligned(step, alignment, max_steps=60, interval=10):
 
     evals = list(range(interval, step, interval))
     points = [] if alignment is None else [(s, alignment) for s in range(1, step + 1)]
-    return Observation(step=step, lr=0.01, max_steps=max_steps, eval_loss=[(s, 4.0) for s in evals],
-                       update_alignment=points)  # fmt: skip
+    evals = [(s, 4.0) for s in evals]
+    return Observation(step=step, lr=0.01, max_steps=max_steps, eval_loss=evals, update_alignment=points)
 
 
 def test_the_directed_probe_follows_the_alignment_escalates_raises_only_and_keeps_to_its_budget():
