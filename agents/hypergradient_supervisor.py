@@ -23,6 +23,7 @@ other starts alike), and a halving from a good lr late in a run costs little.
 from __future__ import annotations
 
 import math
+import statistics
 
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision, Supervisor
@@ -48,11 +49,11 @@ class HypergradientSupervisor(Supervisor):
                 observation, Decision("halve", "the loss is not finite: the lr is far too high")
             )
         since = observation.eval_loss[-2][0] if len(observation.eval_loss) >= 2 else 0
-        mean = observation.mean_alignment(since)
-        if mean is None:
+        values = observation.alignments(since)
+        if not values:
             return Decision("keep", f"no update alignment logged after step {since}: keep")
-        count = len(observation.alignments(since))
-        figure = f"mean update alignment {mean:+.3f} over the {count} steps after step {since}"
+        mean = statistics.fmean(values)
+        figure = f"mean update alignment {mean:+.3f} over the {len(values)} steps after step {since}"
         if mean > self.double_above:
             decision = Decision(
                 "double",

@@ -131,9 +131,7 @@ class ProbeSupervisor(Supervisor):
         return self._remember(observation, self._decide(observation))
 
     def _remember(self, observation: Observation, decision: Decision) -> Decision:
-        self._moves[observation.step] = decision.factor or {"double": 2.0, "halve": 0.5}.get(
-            decision.action, 1.0
-        )
+        self._moves[observation.step] = decision.apply(1.0)  # the factor applied (1: keep)
         return decision
 
     def _decide(self, observation: Observation) -> Decision:
