@@ -591,22 +591,41 @@ def _concurrent_answers(
 
 
 def reflection_reward(
-    problems: Sequence[Problem], strategy: ReflectStrategy = "reflect_attempt", version: str = "v1"
+    problems: Sequence[Problem],
+    strategy: ReflectStrategy = "reflect_attempt",
+    version: str = "v1",
+    *,
+    actor: BaseChatModel | None = None,
+    retry_temperature: float = 0.0,
+    retry_samples: int = 1,
+    seed: int = 0,
 ) -> Callable[..., list[float]]:
-    """The GRPO reward of reflections: 1 when the retry with the reflection in context passes.
+    """The GRPO reward of reflections: the share of retries with the reflection in context that pass (one
+    retry, unless `retry_samples`: then 1 when it passes, else 0).
 
     The returned function takes (reflections, rows, generate): rows are the dataset columns
     (`problem_id`, `failed_attempt`, `reason`), `generate` answers a list of conversations with the policy
     being trained, so the retry is the current policy's, unless the problem has its own actor
     (`Problem.actor`, Retroformer's frozen actor), which then answers it. `generate` writes plain text, so
-    problems with tools (whose retry would be a tool call) are refused."""
-    with_tools = [problem.id for problem in problems if problem.tools]
-    if with_tools:
+    a problem with tools (whose retry is a tool call) is answered by `actor`, a chat model that calls tools
+    (the frozen embedded model: only the reflection is trained), with the problem's tools bound and its
+    calls decoded under their grammar: `retry_samples` retries each, sampled at `retry_temperature` (0:
+    greedy, one is enough), seeded by `seed` and the order of the calls, so a run is reproducible."""
+    if retry_samples < 1:
+        raise ValueError(f"retry_samples must be 1 or more, not {retry_samples}")
+    with_tools = [problem.id for problem in problems if problem.tools and problem.actor is None]
+    if with_tools and actor is None:
         raise ValueError(
-            f"GRPO with tools-mode retries is not supported ({len(with_tools)} problem(s) offer tools, e.g. "
-            f"{with_tools[0]}): train on text-mode problems (--call-mode text)"
+            f"{len(with_tools)} problem(s) offer tools (e.g. {with_tools[0]}): their retries are tool calls, "
+            "so the reward needs an actor, a chat model that calls tools (actor=...), or text mode"
         )
     by_id = {problem.id: problem for problem in problems}
+    samples = retry_samples if retry_temperature > 0 else 1
+    batches = iter(range(2**62))  # the reward's calls, in order: each batch's retries get seeds of their own
+
+    def tool_retry(problem: Problem, messages: list[Message], call_seed: int) -> str:
+        options = {"temperature": retry_temperature, "seed": call_seed} if retry_temperature > 0 else {}
+        return render_tool_calls(_with_tools(actor, problem).invoke(messages, **options))
 
     def reward(
         reflections: list[str], rows: dict[str, list], generate: Callable[[list[list[Message]]], list[str]]
@@ -625,20 +644,33 @@ def reflection_reward(
                 rows["problem_id"], rows["failed_attempt"], reflections, reasons, strict=True
             )
         ]
-        retries: list[str | None] = [None] * len(batch)
-        acted = [i for i, pid in enumerate(rows["problem_id"]) if by_id[pid].actor is not None]
-        if acted:
-            with ThreadPoolExecutor(len(acted)) as pool:  # the actor's engine batches concurrent calls
-                answers = pool.map(lambda i: by_id[rows["problem_id"][i]].actor(batch[i]), acted)
-                for i, answer in zip(acted, answers, strict=True):
-                    retries[i] = answer
+        problem_of = [by_id[pid] for pid in rows["problem_id"]]
+        first_seed = seed + next(batches) * len(batch) * samples
+        retries: list[list[str] | None] = [None] * len(batch)
+        acted = [i for i, problem in enumerate(problem_of) if problem.actor is not None]
+        called = [i for i, problem in enumerate(problem_of) if problem.actor is None and problem.tools]
+        jobs = [(i, problem_of[i].actor, batch[i]) for i in acted]
+        jobs += [
+            (
+                i,
+                functools.partial(tool_retry, problem_of[i], call_seed=first_seed + i * samples + k),
+                batch[i],
+            )
+            for i in called
+            for k in range(samples)
+        ]
+        if jobs:
+            with ThreadPoolExecutor(len(jobs)) as pool:  # the actor's engine batches concurrent calls
+                answers = list(pool.map(lambda job: job[1](job[2]), jobs))
+            for (i, _, _), answer in zip(jobs, answers, strict=True):
+                retries[i] = [*(retries[i] or []), answer]
         generated = [i for i in range(len(batch)) if retries[i] is None]
         if generated:
             for i, answer in zip(generated, generate([batch[i] for i in generated]), strict=True):
-                retries[i] = answer
+                retries[i] = [answer]
         return [
-            float(by_id[pid].validate(answer).passed)
-            for pid, answer in zip(rows["problem_id"], retries, strict=True)
+            sum(problem.validate(answer).passed for answer in answers) / len(answers)
+            for problem, answers in zip(problem_of, retries, strict=True)
         ]
 
     return reward

@@ -159,7 +159,7 @@ def test_eval_in_text_mode_lists_the_functions_and_binds_no_tools(tmp_path, endp
     assert server.requests[0]["messages"][1]["content"].startswith("Functions:")
 
 
-def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endpoint, capsys, monkeypatch):
+def test_call_mode_is_ignored_for_countdown_and_feedback_refused(tmp_path, endpoint, capsys, monkeypatch):
     server = endpoint(lambda body: "3 + 5")
     db = tmp_path / "s.sqlite"
     code = main(["reflect", "run", "--task", "countdown", "--n", "1", "--call-mode", "tools", "--max-retries", "0",
@@ -169,8 +169,10 @@ def test_call_mode_is_ignored_for_countdown_and_refused_for_train(tmp_path, endp
         [episode] = store.list_episodes()
         assert store.get_run(episode["run_id"])["config"]["call_mode"] is None
     monkeypatch.chdir(tmp_path)
-    code = main(["reflect", "train", "--task", "bfcl:simple_python", "--n", "2"])
-    assert code == 2 and "--call_mode text" in capsys.readouterr().out.replace("\n", " ")
+    code = main(["reflect", "train", "--task", "countdown", "--n", "2", "--feedback"])
+    assert code == 2 and "--feedback is for tasks whose loader takes it" in capsys.readouterr().out.replace(
+        "\n", " "
+    )
     assert not (tmp_path / "runs").exists()
 
 

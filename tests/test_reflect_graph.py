@@ -359,9 +359,39 @@ def test_mine_failures_with_tools_binds_each_problem_and_calls_concurrently():
     assert rows[0]["prompt"][-1]["content"] == REFLECT
 
 
-def test_tools_need_a_model_that_calls_tools_and_grpo_refuses_them():
+def test_tools_need_a_model_that_calls_tools_and_the_reward_an_actor():
     problem, _ = _bfcl_tools_problem()
     with pytest.raises(ValueError, match="cannot call tools.*--call-mode text"):
         run_episodes(FakeListChatModel(responses=["x"]), [problem], ReflectConfig())
-    with pytest.raises(ValueError, match="GRPO with tools-mode retries is not supported"):
+    with pytest.raises(ValueError, match="1 problem.*offer tools.*needs an actor"):
         reflection_reward([PROBLEM, problem])
+    with pytest.raises(ValueError, match="retry_samples must be 1 or more"):
+        reflection_reward([problem], actor=ScriptedChatModel(script=lambda m: "x"), retry_samples=0)
+
+
+def test_reflection_reward_with_tools_is_the_share_of_the_actors_sampled_retries_that_pass():
+    """A tools problem's retry is a tool call by the actor (the frozen model), the problem's tools bound,
+    sampled at the retry temperature with a seed of its own: each reflection's reward is the share of its
+    retries that pass, the policy's `generate` is never called, and the next batch draws new seeds."""
+    problem, gold = _bfcl_tools_problem()
+
+    def actor_script(messages, bound):
+        told = "use the documented values" in messages[-2].content  # the reflection, before "answer again"
+        return tool_calls(gold if told and bound["seed"] % 2 else (gold[0], {}))  # {}: a missing parameter
+
+    actor = ScriptedChatModel(script=actor_script)
+    reward = reflection_reward([problem], actor=actor, retry_temperature=1.0, retry_samples=2, seed=10)
+    rows = {"problem_id": [problem.id] * 2, "failed_attempt": ["[]"] * 2, "reason": ["wrong"] * 2}
+
+    def never(batch):
+        raise AssertionError("tool-call retries are the actor's, not the policy's")
+
+    assert reward(["I will use the documented values.", "No idea."], rows, never) == [0.5, 0.0]
+    assert all(b["tools"] == list(problem.tools) and b["temperature"] == 1.0 for b in actor.bound)
+    assert sorted(b["seed"] for b in actor.bound) == [10, 11, 12, 13]
+    reward(["I will use the documented values.", "No idea."], rows, never)
+    assert sorted(b["seed"] for b in actor.bound[4:]) == [14, 15, 16, 17]
+    greedy = ScriptedChatModel(script=actor_script)
+    one = {name: column[:1] for name, column in rows.items()}
+    assert reflection_reward([problem], actor=greedy, retry_samples=4)(["No idea."], one, never) == [0.0]
+    assert len(greedy.bound) == 1 and "temperature" not in greedy.bound[0]  # greedy: one retry is enough

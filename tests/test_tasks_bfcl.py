@@ -12,6 +12,7 @@ import pytest
 
 from selfsteer.evals.tasks import bfcl, get_loader, load_task, takes_call_mode
 from selfsteer.evals.tasks.bfcl import parse_calls, validate
+from selfsteer.prompts import load_prompts
 
 WEATHER = {
     "name": "get_weather",
@@ -354,3 +355,28 @@ def test_call_mode_reaches_only_loaders_that_take_it():
     # a module:function loader written without call_mode still loads when a call mode is given
     assert not takes_call_mode("selfsteer.evals.tasks.countdown:load")
     assert len(load_task("selfsteer.evals.tasks.countdown:load", "test", n=2, call_mode="tools")) == 2
+
+
+def test_feedback_says_which_check_failed_and_never_the_answer_key():
+    """With feedback, a failed verdict names the check that failed (the parameter, the call count) but not
+    the accepted values or the expected function; the reflect and plain-retry texts cite it."""
+    question, truth = next(
+        (q, t) for q, t in bfcl._records("simple_python") if "." in q["function"][0]["name"]
+    )
+    [gold] = _gold_calls(truth, bfcl.tool_name)
+    keyed = bfcl.make_problem(question, truth, "simple_python", call_mode="tools")
+    [keyless] = [p for p in load_task("bfcl:simple_python", bfcl.split_of(question["id"]), call_mode="tools", feedback=True) if p.id == keyed.id]  # the same item, loaded as a user does # fmt: skip
+    assert keyless.prompts == "feedback" and keyed.prompts is None
+    parameter = next(iter(gold["arguments"]))
+    value = gold["arguments"][parameter]
+    value = value + 997 if isinstance(value, int) else "nonsense-value"  # of the right type, not accepted
+    wrong = json.dumps([{**gold, "arguments": {**gold["arguments"], parameter: value}}])
+    assert "accepted: [" in keyed.validate(wrong).reason
+    reason = keyless.validate(wrong).reason
+    assert f"{parameter}={value!r} is not an accepted value" in reason and "accepted:" not in reason
+    other = json.dumps([{**gold, "name": "other_function"}])
+    assert "expected" in keyed.validate(other).reason
+    assert keyless.validate(other).reason == "wrong function 'other_function'"
+    assert keyless.validate(json.dumps([gold])).passed
+    texts = load_prompts("feedback")
+    assert "{reason}" in texts["reflect"] and "{reason}" in texts["plain_retry"]

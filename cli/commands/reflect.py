@@ -21,7 +21,7 @@ from selfsteer.agents.reflector import REFLECTOR_DIR, is_shipped
 from selfsteer.cli.commands.config_parser import ConfigParser
 from selfsteer.cli.reflect import TRAIN_DESCRIPTION
 from selfsteer.evals.plots import plot_grpo
-from selfsteer.evals.tasks import load_task, takes_call_mode
+from selfsteer.evals.tasks import load_task, takes_call_mode, takes_option
 from selfsteer.evals.tasks.metrics import summarize
 from selfsteer.graphs.grpo_reflection import ReflectionGRPOConfig, train
 from selfsteer.graphs.reflect import ReflectConfig, mine_failures, reflection_reward, run_episodes
@@ -257,9 +257,28 @@ class ReflectTrainArguments:
     call_mode: str = field(
         default="tools",
         metadata={
-            "help": "bfcl: tools or text; train needs text (the policy's retries are plain text). Ignored "
-            "by tasks without call modes (countdown).",
+            "help": "bfcl: tools (the retries are tool calls by the frozen embedded model, decoded under "
+            "the tools' grammar: only the reflection is trained) or text (the policy's own plain-text "
+            "retries). Ignored by tasks without call modes (countdown).",
             "choices": list(CALL_MODES),
+        },
+    )
+    retry_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Tools mode: the frozen actor's retries are sampled at this temperature (0: greedy), so "
+            "that a group's reflections can differ in reward."
+        },
+    )
+    retry_samples: int = field(
+        default=2,
+        metadata={"help": "Tools mode: sampled retries per reflection; the reward is the share that pass."},
+    )
+    feedback: bool = field(
+        default=False,
+        metadata={
+            "help": "bfcl: the reflection and the plain retry are told which check failed (the validator's "
+            "reason without the answer key's accepted values; prompts/reflect_feedback.yaml)."
         },
     )
     strategy: str = field(
@@ -330,20 +349,17 @@ def _train_problems(arguments: ReflectTrainArguments, seed: int) -> list:
         raise ValueError("--policy is for decisions:DIR tasks")
     if arguments.curriculum:
         return _curriculum_problems(arguments, seed)
-    problems = load_task(
+    if arguments.feedback and not takes_option(arguments.task, "feedback"):
+        raise ValueError(f"--feedback is for tasks whose loader takes it (bfcl), not {arguments.task}")
+    return load_task(
         arguments.task,
         split=arguments.split,
         n=arguments.n,
         seed=seed,
         call_mode=arguments.call_mode,
         policy=arguments.policy,
+        feedback=arguments.feedback or None,
     )
-    if any(problem.tools for problem in problems):
-        raise ValueError(
-            "GRPO with tools-mode retries is not supported (the policy's retries are plain text): train "
-            "with --call_mode text"
-        )
-    return problems
 
 
 def _curriculum_problems(arguments, seed: int) -> list:
@@ -406,10 +422,25 @@ def _train(config: ReflectionGRPOConfig, arguments: ReflectTrainArguments) -> in
         f"reflections, rollouts by {rollout}, "
         f"{'LoRA r=' + str(config.lora_r) if config.lora_r else 'every weight'}"
     )
+    actor = None
+    if any(problem.tools for problem in problems):  # tool-call retries: the frozen embedded model's
+        actor = _embedded_chat(None, config.max_retry_tokens)
+        console.print(
+            f"retries: tool calls by the frozen embedded model, {arguments.retry_samples} per reflection "
+            f"at temperature {arguments.retry_temperature}"
+        )
+    reward_fn = reflection_reward(
+        problems,
+        arguments.strategy,
+        actor=actor,
+        retry_temperature=arguments.retry_temperature,
+        retry_samples=arguments.retry_samples,
+        seed=config.seed,
+    )
     result = train(
         config,
         rows,
-        reflection_reward(problems, arguments.strategy),
+        reward_fn,
         resume=arguments.resume,
         engine_factory=LocalEngine if rollout == "engine" else None,
     )

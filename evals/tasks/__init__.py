@@ -77,11 +77,12 @@ def load_task(
     *,
     call_mode: str | None = None,
     policy: str | None = None,
+    feedback: bool | None = None,
 ) -> list[Problem]:
-    """The problems of a task. `call_mode` and `policy` go to loaders that take them (see `takes_option`);
-    for the others they are ignored. None: the loader's own default (bfcl: "text"; decisions: the
-    shipped intervener)."""
-    given = {"call_mode": call_mode, "policy": policy}
+    """The problems of a task. `call_mode`, `policy` and `feedback` go to loaders that take them (see
+    `takes_option`); for the others they are ignored. None: the loader's own default (bfcl: "text", no
+    feedback; decisions: the shipped intervener)."""
+    given = {"call_mode": call_mode, "policy": policy, "feedback": feedback}
     options = {k: v for k, v in given.items() if v is not None and takes_option(name, k)}
     problems = list(get_loader(name)(split=split, n=n, seed=seed, **options))
     for problem in problems:

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import random
 import re
+from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,18 @@ def loader(category: str):
 
 
 def load(
-    category: str, split: str = "train", n: int | None = None, seed: int = 0, call_mode: str = "text"
+    category: str,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    call_mode: str = "text",
+    feedback: bool = False,
 ) -> list[Problem]:
     """Problems of a category. The train categories are split 80/20 by a hash of the item id; the
     held-out live_* categories exist only as test data, whole. `call_mode`: "text" (functions listed in
-    the prompt, calls written as text) or "tools" (functions offered as OpenAI tools)."""
+    the prompt, calls written as text) or "tools" (functions offered as OpenAI tools). `feedback`: the
+    reflection and the plain retry are told what failed (prompts/reflect_feedback.yaml), and so a failed
+    verdict's reason leaves the answer key out (`without_answer_key`)."""
     check_split(split)
     check_call_mode(call_mode)
     if category in HELD_OUT_CATEGORIES:
@@ -113,7 +121,18 @@ def load(
         records = [r for r in _records(category) if split_of(r[0]["id"]) == split]
     if n is not None and n < len(records):
         records = random.Random(f"bfcl-{category}-{seed}").sample(records, n)
-    return [make_problem(question, truth, category, call_mode) for question, truth in records]
+    problems = [make_problem(question, truth, category, call_mode) for question, truth in records]
+    if feedback:
+        problems = [replace(p, validate=_keyless(p.validate), prompts="feedback") for p in problems]
+    return problems
+
+
+def _keyless(validate):
+    def check(answer: str) -> Verdict:
+        verdict = validate(answer)
+        return verdict if verdict.passed else Verdict.fail(without_answer_key(verdict.reason))
+
+    return check
 
 
 def check_call_mode(call_mode: str) -> str:
@@ -327,6 +346,13 @@ def _dotted_name(node: ast.AST) -> str:
 
 # -----------------------------------------------------------------------------
 # checking, as the leaderboard's AST checker does
+
+
+def without_answer_key(reason: str) -> str:
+    """A verdict's reason with what only the answer key knows left out (the accepted values, the expected
+    function's name): the feedback a retry may be shown, which says which check failed, not the answer."""
+    reason = re.sub(r"\s*\(accepted: .*\)$", "", reason)
+    return re.sub(r", expected '[^']*'", "", reason)
 
 
 def validate(answer: str, functions: list[dict], ground_truth: list[dict]) -> Verdict:

@@ -40,7 +40,7 @@ class ScriptedChatModel(BaseChatModel):
         return self.bind(**options)
 
     def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
-        bound = {k: kwargs[k] for k in ("tools", "tool_choice") if k in kwargs}
+        bound = {k: kwargs[k] for k in ("tools", "tool_choice", "temperature", "seed") if k in kwargs}
         self.calls.append(messages)
         self.bound.append(bound)
         two = len(inspect.signature(self.script).parameters) >= 2
