@@ -43,7 +43,8 @@ project's defaults and fields) is a flag of its own name, and so is every field 
 parsed by TRL's TrlParser: --config FILE.yaml sets any of them (a mapping of field names, e.g.
 `scale_rewards: none`, `loss_type: dr_grpo`; unknown keys are refused), and flags on the command line win
 over the file. The task's arguments (listed last): --task, --n, --split, --call_mode, --strategy,
---max_tokens, --policy, --curriculum, --rollout, --no_resume, --threads. ReflectionGRPOConfig's own:
+--max_tokens, --policy, --curriculum, --rollout, --retry_temperature, --retry_samples, --feedback,
+--no_resume, --threads. ReflectionGRPOConfig's own:
 --model, --prompts_per_step, --max_retry_tokens, --lora_r, --refill_attempts, --skip_zero_advantage; and
 GRPOConfig's, with this project's defaults: --output_dir, --max_steps, --num_generations, --learning_rate,
 --beta, --temperature, --max_completion_length, --save_steps, --seed, --use_cpu, ...
@@ -140,6 +141,12 @@ def _episode_arguments() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=32, help="episodes at once (default 32)")
     parser.add_argument("--db", default=None, help="store file (default ./selfsteer.sqlite)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--feedback",
+        action="store_true",
+        help="bfcl: the reflection and the plain retry are told which check failed (the validator's reason "
+        "without the answer key's accepted values; prompts/reflect_feedback.yaml)",
+    )
     decisions = parser.add_argument_group("decisions:DIR tasks")
     decisions.add_argument(
         "--policy",
@@ -152,9 +159,10 @@ def _episode_arguments() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH|none",
         help="who writes the reflections: a trained reflector (a LoRA adapter folder, e.g. OUT/adapter of "
-        "`reflect train`, or a model folder), or none: the untrained embedded model. Default: the shipped "
-        f"reflector ({REFLECTOR_NAME}) where there is one, else none. eval also runs the untrained model "
-        "as the baseline unless --no-baseline",
+        "`reflect train`, or a model folder), or none: the untrained embedded model. decisions:DIR: default "
+        f"the shipped reflector ({REFLECTOR_NAME}) where there is one, else none. bfcl: the first tries and "
+        "the retries stay the untrained embedded model's (the frozen actor), only the reflections are the "
+        "reflector's. eval also runs the untrained model as the baseline unless --no-baseline",
     )
     local = parser.add_argument_group("local model (eval --checkpoint)")
     local.add_argument("--checkpoint", default=None, help="eval: a trained policy folder (e.g. OUT/final)")

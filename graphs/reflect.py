@@ -251,7 +251,8 @@ class ReflectContext:
     """What an episode runs with, given at invoke time (LangGraph's run context):
     `episode_graph().invoke(state, context=ReflectContext(llm, ...))`. The nodes read it from
     `runtime.context`. `memory` (strategy `memory`): one per context unless given, so the episodes run
-    with one context share what they learn."""
+    with one context share what they learn. `reflector`: the model that writes the reflections, where it
+    is not `llm` (a trained reflector beside a frozen actor, Retroformer's split); None: `llm`."""
 
     llm: BaseChatModel
     config: ReflectConfig = field(default_factory=ReflectConfig)
@@ -260,6 +261,7 @@ class ReflectContext:
     model_name: str | None = None
     run_id: str | None = None
     seed: int | None = None
+    reflector: BaseChatModel | None = None
 
     def __post_init__(self):
         if self.memory is None:
@@ -336,7 +338,8 @@ def route(state: EpisodeState, runtime: Runtime[ReflectContext]) -> str:
 
 
 def reflect(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
-    """The model's reflection on the failed attempt(s), in plain text (no tools bound)."""
+    """The reflection on the failed attempt(s), in plain text (no tools bound): the context's reflector's,
+    else the model's."""
     context, problem = runtime.context, state["problem"]
     attempts = [a["response"] for a in state["attempts"]]
     messages = reflect_messages(
@@ -347,7 +350,7 @@ def reflect(state: EpisodeState, runtime: Runtime[ReflectContext]) -> dict:
         _version(problem, context.config),
         [a["reason"] for a in state["attempts"]],
     )
-    answer = context.llm.invoke(messages)
+    answer = (context.reflector or context.llm).invoke(messages)
     text, n_tokens, after = _text(answer).strip(), _n_tokens(answer), len(attempts) - 1
     row = None
     if context.store is not None:

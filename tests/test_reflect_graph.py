@@ -359,6 +359,22 @@ def test_mine_failures_with_tools_binds_each_problem_and_calls_concurrently():
     assert rows[0]["prompt"][-1]["content"] == REFLECT
 
 
+def test_a_reflector_beside_the_model_writes_the_reflections_and_only_them(store):
+    """`reflector=`: the reflection is the reflector's (no tools bound); the attempt and the retry stay the
+    model's (the frozen actor), and what the reflector wrote reaches the retry."""
+    problem, gold = _bfcl_tools_problem()
+    actor = ScriptedChatModel(script=tool_solver(gold))
+    reflector = ScriptedChatModel(script=lambda messages: LESSON)
+    [result] = run_episodes(actor, [problem], ReflectConfig("reflect_attempt"), store, reflector=reflector)
+    assert result.reflections[0]["text"] == LESSON and result.passed_final and not result.passed_first
+    assert reflector.bound == [{}] and reflector.calls[0][-1].content == REFLECT
+    assert [b["tool_choice"] for b in actor.bound] == ["required", "required"]  # attempt and retry only
+    silent = ScriptedChatModel(script=lambda messages: "I have no idea.")
+    actor = ScriptedChatModel(script=tool_solver(gold))
+    [result] = run_episodes(actor, [problem], ReflectConfig("reflect_attempt"), store, reflector=silent)
+    assert not result.passed_final and result.rewards == [0.0]  # the actor alone would have written LESSON
+
+
 def test_tools_need_a_model_that_calls_tools_and_the_reward_an_actor():
     problem, _ = _bfcl_tools_problem()
     with pytest.raises(ValueError, match="cannot call tools.*--call-mode text"):

@@ -47,6 +47,16 @@ def _embedded_chat(directory: str | None, max_tokens: int):
     return chat
 
 
+def _models(args: argparse.Namespace, checkpoint: str | None):
+    """(the model that answers, the one that reflects where it is another, the run's model name). bfcl
+    with --reflector: the embedded model answers (the frozen actor), `checkpoint` (None: the embedded
+    model) reflects."""
+    if not getattr(args, "frozen_actor", False):
+        return _chat_model(args, checkpoint), None, checkpoint or args.llm
+    reflector = _embedded_chat(checkpoint, args.max_tokens)
+    return _chat_model(args), reflector, f"{args.llm} (reflector: {checkpoint or 'none'})"
+
+
 def _chat_model(args: argparse.Namespace, checkpoint: str | None = None):
     if checkpoint or args.llm == "local":
         return _embedded_chat(checkpoint, args.max_tokens)
@@ -63,20 +73,20 @@ def _chat_model(args: argparse.Namespace, checkpoint: str | None = None):
 # actions
 
 
-def _episodes(args, llm, problems, store, model_name: str, strategy: str | None = None):
+def _episodes(args, llm, problems, store, model_name: str, strategy: str | None = None, reflector=None):
     config = ReflectConfig(strategy=strategy or args.strategy, max_retries=args.max_retries)
     run_config = {**_config(args, model_name), "strategy": config.strategy}
     run_id = store.create_run(f"reflect-{args.action}", kind="reflect", config=run_config)
     started = time.perf_counter()
     results = run_episodes(
         llm, problems, config, store, concurrency=args.concurrency, progress=True,
-        model_name=model_name, run_id=run_id, seed=args.seed,
+        model_name=model_name, run_id=run_id, seed=args.seed, reflector=reflector,
     )  # reflect eval's settings, passed through # fmt: skip
     return results, run_id, time.perf_counter() - started
 
 
 def _config(args: argparse.Namespace, model_name: str) -> dict:
-    keys = ("task", "call_mode", "n", "split", "seed", "strategy", "max_retries", "max_tokens", "checkpoint")
+    keys = ("task", "call_mode", "feedback", "n", "split", "seed", "strategy", "max_retries", "max_tokens", "checkpoint", "reflector")  # the run's record # fmt: skip
     return {**{k: getattr(args, k) for k in keys}, "model": model_name}
 
 
@@ -100,15 +110,13 @@ def _write_episodes(path: Path, results) -> None:
 def _evaluate(
     args, problems, store, console, checkpoint: str | None, label: str, strategy: str | None = None
 ) -> dict:
-    model_name = checkpoint or args.llm
+    llm, reflector, model_name = _models(args, checkpoint)
     strategy = strategy or args.strategy
     mode = f", {args.call_mode} mode" if args.call_mode else ""
     console.print(
         f"[bold]{label}[/]: {model_name}, {len(problems)} x {args.task} ({args.split}{mode}), {strategy}"
     )
-    results, run_id, wall = _episodes(
-        args, _chat_model(args, checkpoint), problems, store, model_name, strategy
-    )
+    results, run_id, wall = _episodes(args, llm, problems, store, model_name, strategy, reflector)
     summary = {**summarize(results, seed=args.seed), "model": model_name, "wall_s": wall, "run_id": run_id}
     summary["episodes_per_s"] = len(results) / wall if wall else 0.0
     store.finish_run(run_id, "finished", summary=summary)
@@ -148,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         _resolve_reflector(args)
+        if args.feedback and not takes_option(args.task, "feedback"):
+            raise ValueError(f"--feedback is for tasks whose loader takes it (bfcl), not {args.task}")
         problems = load_task(
             args.task,
             split=args.split,
@@ -155,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             call_mode=args.call_mode,
             policy=args.policy,
+            feedback=args.feedback or None,
         )
         if not takes_call_mode(args.task):  # countdown: no call modes, none recorded
             args.call_mode = None
@@ -174,11 +185,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _resolve_reflector(args: argparse.Namespace) -> None:
-    """--reflector, for the decisions tasks: the model eval runs as the reflecting model (--checkpoint)."""
+    """--reflector: the model eval runs as the reflecting model (--checkpoint). For the decisions tasks
+    the retries are their own frozen actor's; for bfcl (`frozen_actor`) the first tries and the retries
+    are the embedded model's, and only the reflections the reflector's."""
     decisions = args.task.startswith("decisions:")
+    args.frozen_actor = False
     if not decisions:
-        if args.reflector is not None or args.policy is not None:
-            raise ValueError("--reflector and --policy are for decisions:DIR tasks")
+        if args.policy is not None:
+            raise ValueError("--policy is for decisions:DIR tasks")
+        if args.reflector is None:
+            return
+        if not takes_option(args.task, "feedback") or args.llm != "local" or args.checkpoint:
+            raise ValueError(
+                "--reflector is for decisions:DIR tasks, and for bfcl with the embedded model (no --llm, "
+                "no --checkpoint)"
+            )
+        if args.reflector != "none" and not Path(args.reflector).is_dir():
+            raise ValueError(
+                f"--reflector {args.reflector}: no such folder (a LoRA adapter or model folder, or none)"
+            )
+        args.frozen_actor = True
+        args.checkpoint = None if args.reflector == "none" else args.reflector
         return
     if args.checkpoint:
         raise ValueError("decisions tasks take --reflector PATH|none, not --checkpoint")
@@ -190,7 +217,8 @@ def _resolve_reflector(args: argparse.Namespace) -> None:
 
 def _act(args, problems, store, console, out: Path | None) -> int:
     if args.action == "run":
-        results, run_id, wall = _episodes(args, _chat_model(args), problems, store, args.llm)
+        llm, reflector, model_name = _models(args, args.checkpoint)
+        results, run_id, wall = _episodes(args, llm, problems, store, model_name, reflector=reflector)
         for r in results:
             mark = "[green]pass[/]" if r.passed_final else "[red]fail[/]"
             console.print(
