@@ -10,8 +10,8 @@ training problems (greedy, as `reflect train` mines them), samples `--group` ref
 first `--failures` (temperature `--temperature`), and retries each with the reflection in context, per
 strategy, greedy and (with `--retry-temperatures`) sampled. With `--call-mode tools` (bfcl) every answer but
 the reflection is a tool call decoded under the tools' grammar, so a sampled retry is still a well-formed
-call. `--feedback` shows the reflection and the plain retry what failed (prompts/reflect_feedback.yaml:
-the validator's reason, without the answer key's accepted values: `bfcl.without_answer_key`). It prints how many retries passed and how many
+call. `--feedback` (bfcl's loader option) shows the reflection and the plain retry which check failed,
+without the answer key (prompts/reflect_feedback.yaml). It prints how many retries passed and how many
 groups would have a gradient. Zero everywhere means GRPO would never move a weight on this model and task.
 """
 
@@ -25,7 +25,6 @@ import torch
 from selfsteer.agents.llm.chat import LocalChatModel
 from selfsteer.agents.llm.local_engines import get_local_engine
 from selfsteer.evals.tasks import load_task
-from selfsteer.evals.tasks.bfcl import without_answer_key
 from selfsteer.graphs.reflect import first_messages, reflect_messages, render_tool_calls, retry_messages
 from selfsteer.tools.tasks import CALL_MODES
 from selfsteer.trainer_bridge.records import strict_json
@@ -77,14 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         return [future.result().text for future in futures]
 
-    problems = load_task(args.task, split="train", n=args.n, seed=args.seed, call_mode=args.call_mode)
+    problems = load_task(
+        args.task, "train", args.n, args.seed, call_mode=args.call_mode, feedback=args.feedback or None
+    )
     firsts = generate([first_messages(p) for p in problems], args.max_tokens, problems=problems)
-    version = "feedback" if args.feedback else "v1"
     verdicts = [p.validate(a) for p, a in zip(problems, firsts, strict=True)]
     failures = [
-        (p, a, [without_answer_key(v.reason)])
-        for p, a, v in zip(problems, firsts, verdicts, strict=True)
-        if not v.passed
+        (p, a, [v.reason]) for p, a, v in zip(problems, firsts, verdicts, strict=True) if not v.passed
     ]
     report = {
         "task": args.task,
@@ -96,7 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     failures = failures[: args.failures]
     group = args.group
     reflections = generate(
-        [reflect_messages(p, [a], version=version, reasons=r) for p, a, r in failures for _ in range(group)],
+        [
+            reflect_messages(p, [a], version=p.prompts or "v1", reasons=r)
+            for p, a, r in failures
+            for _ in range(group)
+        ],
         64,
         args.temperature,
         args.seed,
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                     strategy,
                     [a],
                     [] if strategy == "retry" else [reflections[i * group + g]],
-                    version=version,
+                    version=p.prompts or "v1",
                     reasons=r,
                 )
                 for i, (p, a, r) in enumerate(failures)
