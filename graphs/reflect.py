@@ -37,6 +37,7 @@ passes), `mine_failures` (first attempts in one batch, failures kept, the GRPO t
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import operator
 import threading
@@ -603,8 +604,8 @@ def reflection_reward(
     retry_samples: int = 1,
     seed: int = 0,
 ) -> Callable[..., list[float]]:
-    """The GRPO reward of reflections: the share of retries with the reflection in context that pass (one
-    retry, unless `retry_samples`: then 1 when it passes, else 0).
+    """The GRPO reward of reflections: the share of the retries with the reflection in context that pass
+    (with one retry: 1 when it passes, else 0).
 
     The returned function takes (reflections, rows, generate): rows are the dataset columns
     (`problem_id`, `failed_attempt`, `reason`), `generate` answers a list of conversations with the policy
@@ -613,7 +614,7 @@ def reflection_reward(
     a problem with tools (whose retry is a tool call) is answered by `actor`, a chat model that calls tools
     (the frozen embedded model: only the reflection is trained), with the problem's tools bound and its
     calls decoded under their grammar: `retry_samples` retries each, sampled at `retry_temperature` (0:
-    greedy, one is enough), seeded by `seed` and the order of the calls, so a run is reproducible."""
+    greedy, one is enough), seeded by `seed` and the order they are drawn in, so a run is reproducible."""
     if retry_samples < 1:
         raise ValueError(f"retry_samples must be 1 or more, not {retry_samples}")
     with_tools = [problem.id for problem in problems if problem.tools and problem.actor is None]
@@ -624,7 +625,7 @@ def reflection_reward(
         )
     by_id = {problem.id: problem for problem in problems}
     samples = retry_samples if retry_temperature > 0 else 1
-    batches = iter(range(2**62))  # the reward's calls, in order: each batch's retries get seeds of their own
+    seeds = itertools.count(seed)  # every sampled retry, in the order drawn, gets a seed of its own
 
     def tool_retry(problem: Problem, messages: list[Message], call_seed: int) -> str:
         options = {"temperature": retry_temperature, "seed": call_seed} if retry_temperature > 0 else {}
@@ -648,20 +649,14 @@ def reflection_reward(
             )
         ]
         problem_of = [by_id[pid] for pid in rows["problem_id"]]
-        first_seed = seed + next(batches) * len(batch) * samples
         retries: list[list[str] | None] = [None] * len(batch)
         acted = [i for i, problem in enumerate(problem_of) if problem.actor is not None]
         called = [i for i, problem in enumerate(problem_of) if problem.actor is None and problem.tools]
         jobs = [(i, problem_of[i].actor, batch[i]) for i in acted]
-        jobs += [
-            (
-                i,
-                functools.partial(tool_retry, problem_of[i], call_seed=first_seed + i * samples + k),
-                batch[i],
-            )
-            for i in called
-            for k in range(samples)
-        ]
+        for i in called:
+            for _ in range(samples):
+                retry = functools.partial(tool_retry, problem_of[i], call_seed=next(seeds))
+                jobs.append((i, retry, batch[i]))
         if jobs:
             with ThreadPoolExecutor(len(jobs)) as pool:  # the actor's engine batches concurrent calls
                 answers = list(pool.map(lambda job: job[1](job[2]), jobs))
