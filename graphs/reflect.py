@@ -236,9 +236,10 @@ def _with_tools(llm: BaseChatModel, problem: Problem):
         ) from error
 
 
-def _answer(llm: BaseChatModel, problem: Problem, messages: list[Message]) -> str:
-    """An attempt at the problem: the model's tool calls (rendered) if the problem has tools, else text."""
-    message = _with_tools(llm, problem).invoke(messages)
+def _answer(llm: BaseChatModel, problem: Problem, messages: list[Message], **options: Any) -> str:
+    """An attempt at the problem: the model's tool calls (rendered) if the problem has tools, else text.
+    `options` go to the model's call (temperature, seed)."""
+    message = _with_tools(llm, problem).invoke(messages, **options)
     return render_tool_calls(message) if problem.tools else _text(message)
 
 
@@ -629,7 +630,7 @@ def reflection_reward(
 
     def tool_retry(problem: Problem, messages: list[Message], call_seed: int) -> str:
         options = {"temperature": retry_temperature, "seed": call_seed} if retry_temperature > 0 else {}
-        return render_tool_calls(_with_tools(actor, problem).invoke(messages, **options))
+        return _answer(actor, problem, messages, **options)
 
     def reward(
         reflections: list[str], rows: dict[str, list], generate: Callable[[list[list[Message]]], list[str]]

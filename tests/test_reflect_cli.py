@@ -169,13 +169,13 @@ def test_call_mode_is_ignored_for_countdown_and_feedback_refused(tmp_path, endpo
         [episode] = store.list_episodes()
         assert store.get_run(episode["run_id"])["config"]["call_mode"] is None
     monkeypatch.chdir(tmp_path)
-    refusals = {
-        "--feedback is for tasks whose loader takes it": ["train", "--task", "countdown", "--feedback"],
-        "--feedback is for tasks whose loader": ["eval", "--task", "countdown", "--feedback"],
-        "--reflector is for decisions:DIR tasks, and for bfcl": ["eval", "--task", "countdown", "--reflector", "none"],
-        "for bfcl with the embedded model": ["eval", "--task", "bfcl:simple_python", "--reflector", "none", "--llm", "openai:x"],
-    }  # one refusal per line # fmt: skip
-    for message, argv in refusals.items():
+    refusals = [
+        ("--feedback is for tasks whose loader takes it", ["train", "--task", "countdown", "--feedback"]),
+        ("--feedback is for tasks whose loader takes it", ["eval", "--task", "countdown", "--feedback"]),
+        ("--reflector is for decisions:DIR tasks, and for bfcl", ["eval", "--task", "countdown", "--reflector", "none"]),
+        ("for bfcl with the embedded model", ["eval", "--task", "bfcl:simple_python", "--reflector", "none", "--llm", "openai:x"]),
+    ]  # one refusal per line # fmt: skip
+    for message, argv in refusals:
         store = [] if argv[0] == "train" else ["--db", str(db)]  # train keeps no store
         assert main(["reflect", *argv, "--n", "2", *store]) == 2, argv
         assert message in " ".join(capsys.readouterr().out.split()), argv

@@ -51,7 +51,7 @@ def _models(args: argparse.Namespace, checkpoint: str | None):
     """(the model that answers, the one that reflects where it is another, the run's model name). bfcl
     with --reflector: the embedded model answers (the frozen actor), `checkpoint` (None: the embedded
     model) reflects."""
-    if not getattr(args, "frozen_actor", False):
+    if not args.frozen_actor:
         return _chat_model(args, checkpoint), None, checkpoint or args.llm
     reflector = _embedded_chat(checkpoint, args.max_tokens)
     return _chat_model(args), reflector, f"{args.llm} (reflector: {checkpoint or 'none'})"
@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         _resolve_reflector(args)
-        if args.feedback and not takes_option(args.task, "feedback"):
-            raise ValueError(f"--feedback is for tasks whose loader takes it (bfcl), not {args.task}")
+        _check_feedback(args.task, args.feedback)
         problems = load_task(
             args.task,
             split=args.split,
@@ -184,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check_feedback(task: str, feedback: bool) -> None:
+    if feedback and not takes_option(task, "feedback"):
+        raise ValueError(f"--feedback is for tasks whose loader takes it (bfcl), not {task}")
+
+
 def _resolve_reflector(args: argparse.Namespace) -> None:
     """--reflector: the model eval runs as the reflecting model (--checkpoint). For the decisions tasks
     the retries are their own frozen actor's; for bfcl (`frozen_actor`) the first tries and the retries
@@ -195,7 +199,7 @@ def _resolve_reflector(args: argparse.Namespace) -> None:
             raise ValueError("--policy is for decisions:DIR tasks")
         if args.reflector is None:
             return
-        if not takes_option(args.task, "feedback") or args.llm != "local" or args.checkpoint:
+        if not takes_call_mode(args.task) or args.llm != "local" or args.checkpoint:
             raise ValueError(
                 "--reflector is for decisions:DIR tasks, and for bfcl with the embedded model (no --llm, "
                 "no --checkpoint)"
@@ -377,8 +381,7 @@ def _train_problems(arguments: ReflectTrainArguments, seed: int) -> list:
         raise ValueError("--policy is for decisions:DIR tasks")
     if arguments.curriculum:
         return _curriculum_problems(arguments, seed)
-    if arguments.feedback and not takes_option(arguments.task, "feedback"):
-        raise ValueError(f"--feedback is for tasks whose loader takes it (bfcl), not {arguments.task}")
+    _check_feedback(arguments.task, arguments.feedback)
     return load_task(
         arguments.task,
         split=arguments.split,
