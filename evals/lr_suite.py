@@ -56,7 +56,15 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from selfsteer.evals.counterfactual import HELD_OUT, HELD_OUT_2, HELD_OUT_3, OPTIMIZERS, SCHEDULES, SHAPES
+from selfsteer.evals.counterfactual import (
+    HELD_OUT,
+    HELD_OUT_2,
+    HELD_OUT_3,
+    HELD_OUT_4,
+    OPTIMIZERS,
+    SCHEDULES,
+    SHAPES,
+)
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
 from selfsteer.trainer_bridge.records import strict_json
 
@@ -70,6 +78,7 @@ DEFAULT_LRS = {
     "wide-shallow-adafactor": dict(
         zip(("too_low", "good", "too_high"), HELD_OUT_3["start_lrs"], strict=True)
     ),
+    "deep-thin-sgd": dict(zip(("too_low", "good", "too_high"), HELD_OUT_4["start_lrs"], strict=True)),
 }
 DEFAULT_GRID = {
     "tiny": [1e-3, 5e-2, 0.2],
@@ -77,6 +86,7 @@ DEFAULT_GRID = {
     "deep-rmsprop": [1e-4, 1e-3, 3e-3, 1e-2],
     "deep-narrow-adagrad": [3e-3, 3e-2, 1e-1],
     "wide-shallow-adafactor": [1e-4, 3e-4, 3e-3, 1e-2, 1e-1],
+    "deep-thin-sgd": [3e-2, 0.1, 1.0, 3.0],
 }
 # Workloads that are not plain recipes: (recipe, overrides).
 WORKLOADS = {
@@ -104,6 +114,15 @@ WORKLOADS = {
             f"training.optim={HELD_OUT_3['optimizer']}",
             *SCHEDULES[HELD_OUT_3["schedule"]],
             "training.per_device_train_batch_size=8",
+        ],
+    ),
+    "deep-thin-sgd": (  # held out, since 2026-12-07 (docs/held-out-workloads.md)
+        SHAPES[HELD_OUT_4["shape"]][0],
+        [
+            *SHAPES[HELD_OUT_4["shape"]][1],
+            "training.optim=sgd",  # torch's SGD as the Trainer builds it: no momentum
+            *SCHEDULES[HELD_OUT_4["schedule"]],
+            "training.per_device_train_batch_size=12",
         ],
     ),
 }

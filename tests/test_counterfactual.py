@@ -30,6 +30,7 @@ from selfsteer.evals.counterfactual import (
     HELD_OUT,
     HELD_OUT_2,
     HELD_OUT_3,
+    HELD_OUT_4,
     RunSpec,
     collect_run,
     default_specs,
@@ -85,6 +86,8 @@ def test_held_out_workloads_are_never_collected():
         {"schedule": HELD_OUT_2["schedule"]},
         {"shape": HELD_OUT_3["shape"]},  # the third: its shape and schedule (Adafactor is no grid optimizer)
         {"schedule": HELD_OUT_3["schedule"]},
+        {"shape": HELD_OUT_4["shape"]},  # the fourth: its shape and schedule (plain SGD is no grid optimizer)
+        {"schedule": HELD_OUT_4["schedule"]},
         *({"lr": lr} for lr in held_lrs),
         *({"lr": lr * 1.0005} for lr in held_lrs),  # the same cell, written with rounding
     ):

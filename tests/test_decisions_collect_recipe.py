@@ -89,6 +89,7 @@ def test_a_bad_or_held_out_recipe_collection_exits_2_and_writes_nothing(tmp_path
 DEEP = ["model.n_layer=3", "model.n_embd=96", "model.n_head=4"]  # on small: HELD_OUT's shape
 DEEP_NARROW = ["model.n_layer=4", "model.n_embd=64", "model.n_head=4"]  # on small: HELD_OUT_2's
 WIDE_SHALLOW = ["model.n_layer=1", "model.n_embd=192", "model.n_head=6"]  # on small: HELD_OUT_3's
+DEEP_THIN = ["model.n_layer=6", "model.n_embd=48", "model.n_head=4"]  # on small: HELD_OUT_4's
 
 
 @pytest.mark.parametrize(
@@ -103,10 +104,12 @@ WIDE_SHALLOW = ["model.n_layer=1", "model.n_embd=192", "model.n_head=6"]  # on s
         ("tiny", ["training.lr_scheduler_type=cosine", "training.warmup_steps=0.1"], 1e-2, "cosine with warm-up"),
         ("small", WIDE_SHALLOW, 1e-2, "the held-out shape 'wide-shallow''s"),
         ("tiny", ["training.lr_scheduler_type=inverse_sqrt", "training.warmup_steps=6"], 1e-2, "inverse_sqrt with warm-up"),
+        ("small", DEEP_THIN, 1e-2, "the held-out shape 'deep-thin''s"),
+        ("tiny", ["training.lr_scheduler_type=constant_with_warmup", "training.warmup_steps=10"], 1e-2, "constant_with_warmup with warm-up"),
         *(("tiny", [], lr * 1.0005, "start lr") for lr in HELD_OUT["start_lrs"]),
     ],
     ids=["deep", "deep-other-data", "deep-narrow", "rmsprop", "adagrad", "cosine-warmup", "cosine-warmup-ratio",
-         "wide-shallow", "inverse-sqrt-warmup", "lr-1e-5", "lr-3e-4", "lr-3e-2"],
+         "wide-shallow", "inverse-sqrt-warmup", "deep-thin", "constant-warmup", "lr-1e-5", "lr-3e-4", "lr-3e-2"],
 )  # one row per held-out workload # fmt: skip
 def test_held_out_workloads_are_refused_whatever_the_recipe(recipe, overrides, lr, why):
     with pytest.raises(ValueError, match="held out for evaluation") as refused:
