@@ -17,7 +17,9 @@ def run(args: argparse.Namespace) -> int:
     recipes, supervisors = args.recipes, args.supervisors
     if args.held_out:
         recipes = (
-            "deep-rmsprop,deep-narrow-adagrad,wide-shallow-adafactor,deep-thin-sgd" if recipes == "tiny,small" else recipes
+            "deep-rmsprop,deep-narrow-adagrad,wide-shallow-adafactor,deep-thin-sgd"
+            if recipes == "tiny,small"
+            else recipes
         )
         supervisors = (
             ",".join(HELD_OUT_SUPERVISORS) if supervisors == ",".join(DEFAULT_SUPERVISORS) else supervisors
