@@ -62,7 +62,11 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         "--supervisor",
         default=default,
         help="who steers the run: none | rule (loss rises or plateaus -> halve) | plateau (PyTorch's "
-        "ReduceLROnPlateau) | llm (a language model, see --llm and --strategy; llm:STRATEGY names the strategy) | intervener (the embedded "
+        "ReduceLROnPlateau) | probe (decides from evidence: x1 and one candidate lr trained a few steps from an "
+        "exact snapshot before each decision, within half the run's steps; probe:full probes x0.5, x1 and x2) | "
+        "probe-llm (the probe proposes, a chat model confirms or vetoes) | hypergradient (the update "
+        "alignment's sign: agreeing steps double, opposing ones halve) | llm (a language model, see --llm and "
+        "--strategy; llm:STRATEGY names the strategy) | intervener (the embedded "
         "model with the shipped adapter trained on counterfactual decisions; intervener:DIR for another "
         "adapter) | tools (a chat model with tool calling acts through the bridge's tools: lr, clipping, "
         "checkpoints, evaluation; needs --llm openai:MODEL with tools) | human (asks on the terminal) | module:Class (your own Supervisor) | "

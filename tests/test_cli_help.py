@@ -54,3 +54,13 @@ def test_selfsteer_help_exits_0_as_a_user_types_it():
         result = python("-m", "selfsteer.cli.main", *argv, "--help")
         assert result.returncode == 0, (argv, result.stderr)
         assert result.stdout.startswith("usage: selfsteer"), (argv, result.stdout[:200])
+
+
+def test_the_supervisor_option_names_every_built_in_supervisor():
+    from selfsteer.agents.registry import BUILT_IN
+
+    result = python("-c", "from selfsteer.cli.main import main; main(['supervise', '--help'])")
+    text = " ".join(result.stdout.split())  # argparse wraps lines where it likes
+    said = text[text.index("--supervisor SUPERVISOR who") : text.index("--strategy STRATEGY prompt")]
+    missing = [name for name in BUILT_IN if f"{name} (" not in said]
+    assert not missing, f"--supervisor's help does not name {missing}"
