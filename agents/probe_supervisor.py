@@ -164,13 +164,16 @@ class ProbeSupervisor(Supervisor):
         horizon = probe.get("horizon")
         if keep is None or not math.isfinite(arm_loss(keep, "estimate")):
             return self._move(
-                best, f"the lr in force diverged in the probe; x{best['factor']:g} reached {estimate:.3f}"
+                best,
+                f"the lr in force diverged in the probe; x{best['factor']:g} reached {estimate:.3f}",
+                probe.get("lr"),
             )
         if keep not in credible:
             return self._move(
                 best,
                 f"probe: x{best['factor']:g} measured {arm_loss(best, 'final'):.3f} after {probe.get('steps')}"
                 f" steps against {arm_loss(keep, 'final'):.3f} at x1",
+                probe.get("lr"),
             )
         base = arm_loss(keep, "estimate")
         gain = (base - estimate) / abs(base) if base else 0.0
@@ -184,11 +187,15 @@ class ProbeSupervisor(Supervisor):
             best,
             f"probe: x{best['factor']:g} reaches {estimate:.3f} at {horizon} steps against {base:.3f} at x1"
             f" ({100 * gain:.1f}% lower)",
+            probe.get("lr"),
         )
 
     @staticmethod
-    def _move(arm: dict, why: str) -> Decision:
+    def _move(arm: dict, why: str, lr: float | None) -> Decision:
+        """The arm's move; where the bounds clamped its lr (a run above them), the factor it measured."""
         factor = arm["factor"]
+        if lr and arm.get("lr") and not math.isclose(arm["lr"], lr * factor, rel_tol=1e-9):
+            factor = arm["lr"] / lr
         if factor == 1.0:
             return Decision("keep", why)
         return Decision("double" if factor > 1 else "halve", why, factor=factor)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from transformers import TrainerCallback
 
 import selfsteer
-from selfsteer.trainer_bridge.commands import InvalidCommand
+from selfsteer.trainer_bridge.commands import LR_BOUNDS, InvalidCommand
 from selfsteer.trainer_bridge.probe import extrapolate
 from selfsteer.trainer_bridge.recipe import load_recipe
 from selfsteer.trainer_bridge.runner import RecipeRun
@@ -34,13 +34,13 @@ def test_extrapolate_recovers_an_exponential_and_keeps_a_rise_rising():
     assert extrapolate(steeper, 40) < extrapolate(steep, 40) < 0
 
 
-def plain_loop(tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict | None = None):
+def plain_loop(tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict | None = None, lr: float = 0.01):
     """A nanoGPT-style loop over a tiny regression model whose batches come from the global RNG; with
     `probe_at`, a probe is sent from inside iteration `probe_at`'s body (it applies at the next
     boundary). Returns the losses logged per step, the final weights and the probe's journal row."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     target = torch.randn(8, 1)
     losses: dict[int, float] = {}
 
@@ -101,6 +101,18 @@ def test_a_probe_in_a_plain_loop_measures_every_arm_and_leaves_the_run_bit_for_b
         m for m in Store(tmp_path / "b" / "runs.db").get_metrics(steer.bridge.run_id) if m["name"] == "loss"
     ]
     assert sorted(m["step"] for m in logged) == list(range(12))
+
+
+def test_a_run_above_the_lr_bounds_is_probed_at_its_own_lr_and_other_arms_at_the_bound(tmp_path):
+    # A start above every lr command's bound (plain SGD's lrs reach 10): x1 is still the run's own future;
+    # clamped with the others, every arm trained at the bound alike and the probe kept the lr for good.
+    plain, *_ = plain_loop(tmp_path / "a", probe_at=None, lr=3.0)
+    _, _, row, _ = plain_loop(tmp_path / "b", probe_at=5, lr=3.0)
+    arms = {arm["factor"]: arm for arm in row["result"]["arms"]}
+    assert row["result"]["lr"] == 3.0
+    assert [arms[f]["lr"] for f in (0.5, 1.0, 2.0)] == [LR_BOUNDS[1], 3.0, LR_BOUNDS[1]]
+    assert arms[1.0]["train_loss"] == [plain[it] for it in range(6, 10)]
+    assert arms[0.5]["train_loss"][1] != arms[1.0]["train_loss"][1]
 
 
 def test_a_probe_is_refused_whole_when_its_arguments_are_wrong_and_fails_clearly_without_train_step(tmp_path):
@@ -224,6 +236,11 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
         supervisor.decide(probed(arm(1.0, None, None), arm(2.0, None, None), arm(0.5, None, None))).action
         == "halve"
     )
+    # From above the bounds (lr 9.6), the lower arm trained at the bound: its move is the factor measured.
+    above = probed(arm(0.5, 23.0, 2.3), arm(1.0, 71.0, 60.0))
+    above.probe["lr"], above.probe["arms"][0]["lr"], above.probe["arms"][1]["lr"] = 9.6, LR_BOUNDS[1], 9.6
+    down = supervisor.decide(above)
+    assert (down.action, down.apply(9.6)) == ("halve", pytest.approx(LR_BOUNDS[1]))
     barred = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.4, 3.2), avoid=["double"]))
     assert barred.action == "keep"  # double was rolled back from this state
     assert supervisor.decide(Observation(step=5, lr=0.01)).action == "keep"  # no evidence: keep

@@ -110,7 +110,10 @@ def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
     try:
         for factor in args.factors:
             snapshots.restore(snapshot, model, optimizer, scheduler)
-            lr = min(max(base_lr * factor, LR_BOUNDS[0]), LR_BOUNDS[1])
+            # x1 is the run's own future, whatever its lr. Another arm stays within the bounds every lr
+            # command keeps to: a run started above them (plain SGD at 9.6) is probed lower at the bound,
+            # where a move would take it. Clamping x1 too had every arm train at the bound, alike.
+            lr = base_lr if factor == 1 else min(max(base_lr * factor, LR_BOUNDS[0]), LR_BOUNDS[1])
             if lr != base_lr:
                 optim.set_lr(optimizer, scheduler, lr)
             train_loss, curve = [], [(0, start)]
