@@ -34,7 +34,9 @@ def test_extrapolate_recovers_an_exponential_and_keeps_a_rise_rising():
     assert extrapolate(steeper, 40) < extrapolate(steep, 40) < 0
 
 
-def plain_loop(tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict | None = None, lr: float = 0.01):
+def plain_loop(
+    tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict | None = None, lr: float = 0.01
+):
     """A nanoGPT-style loop over a tiny regression model whose batches come from the global RNG; with
     `probe_at`, a probe is sent from inside iteration `probe_at`'s body (it applies at the next
     boundary). Returns the losses logged per step, the final weights and the probe's journal row."""
