@@ -148,13 +148,14 @@ class SendAt(TrainerCallback):
             self.uuid = self.run.bridge.submit("probe", self.args, "test", None)["uuid"]
 
 
-def trainer_run(tmp_path, probe: dict | None):
+def trainer_run(tmp_path, probe: dict | None, *more: str):
     overrides = [
         "training.max_steps=12",
         "training.eval_steps=6",
         "training.logging_steps=1",
         "training.learning_rate=5e-3",
         "training.seed=1",
+        *more,
     ]
     run = RecipeRun(
         load_recipe("tiny", overrides), out_dir=tmp_path / "out", db=tmp_path / "runs.db", port=None
@@ -191,6 +192,20 @@ def test_a_probe_under_the_hf_trainer_measures_its_arms_and_the_run_goes_on_bit_
     firsts = {a["train_loss"][0] for a in result["arms"]}
     assert len(firsts) == 1  # the same first batch and weights in every arm
     assert all(len(a["eval_loss"]) == 3 and a["eval_loss"][0][1] == result["start"] for a in result["arms"])
+    assert probed_metrics == metrics
+    for key, value in weights.items():
+        assert torch.equal(probed_weights[key], value)
+
+
+def test_a_probe_under_a_plateau_scheduler_leaves_it_to_the_evaluations(tmp_path, one_torch_thread):
+    # ReduceLROnPlateau steps on an evaluation's metric: the Trainer never steps it per step, nor may a probe.
+    plateau = "training.lr_scheduler_type=reduce_lr_on_plateau"
+    metrics, weights, _ = trainer_run(tmp_path / "a", None, plateau)
+    probed_metrics, probed_weights, row = trainer_run(
+        tmp_path / "b", {"factors": [0.5, 1.0], "steps": 2}, plateau
+    )
+    assert row["status"] == "success", row
+    assert [a["lr"] for a in row["result"]["arms"]] == [pytest.approx(2.5e-3), 5e-3]
     assert probed_metrics == metrics
     for key, value in weights.items():
         assert torch.equal(probed_weights[key], value)

@@ -15,8 +15,10 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import TrainerCallback
 
+from selfsteer.trainer_bridge import optim
 from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import CommandError
 from selfsteer.trainer_bridge.config import BridgeConfig
@@ -120,7 +122,10 @@ class TrainerProbe:
         if args.max_grad_norm:
             trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
         trainer.optimizer.step()
-        trainer.lr_scheduler.step()
+        # As the Trainer's own loop: ReduceLROnPlateau steps on an evaluation's metric, never per step (a
+        # probe that stepped it failed, and the probe supervisor kept every lr for want of evidence).
+        if not isinstance(optim.unwrap_scheduler(trainer.lr_scheduler), ReduceLROnPlateau):
+            trainer.lr_scheduler.step()
         model.zero_grad()
         return loss
 
