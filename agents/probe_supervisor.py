@@ -196,6 +196,7 @@ class ProbeSupervisor(Supervisor):
         factor = arm["factor"]
         if lr and arm.get("lr") and not math.isclose(arm["lr"], lr * factor, rel_tol=1e-9):
             factor = arm["lr"] / lr
+            why = f"{why} (at the lr bound {arm['lr']:g}: x{factor:.3g})"
         if factor == 1.0:
             return Decision("keep", why)
         return Decision("double" if factor > 1 else "halve", why, factor=factor)

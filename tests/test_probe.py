@@ -258,6 +258,7 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
     above.probe["lr"], above.probe["arms"][0]["lr"], above.probe["arms"][1]["lr"] = 9.6, LR_BOUNDS[1], 9.6
     down = supervisor.decide(above)
     assert (down.action, down.apply(9.6)) == ("halve", pytest.approx(LR_BOUNDS[1]))
+    assert "at the lr bound 1: x0.104" in down.explanation
     barred = supervisor.decide(probed(arm(1.0, 3.6, 3.5), arm(2.0, 3.4, 3.2), avoid=["double"]))
     assert barred.action == "keep"  # double was rolled back from this state
     assert supervisor.decide(Observation(step=5, lr=0.01)).action == "keep"  # no evidence: keep
