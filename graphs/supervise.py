@@ -280,8 +280,13 @@ def decide(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Sup
             decision.fallback,
             decision.latency_s,
         )
-    # Within what the run accepts: a supervisor that doubles at the bound stays at the bound.
+    # Within what the run accepts: a supervisor that doubles at the bound stays at the bound. Never against
+    # the decision: a run started outside the bounds (plain SGD at 9.6) stays where it is on a keep, and
+    # is not pulled down by a double.
     lr_after = min(max(decision.apply(state["lr"]), LR_BOUNDS[0]), LR_BOUNDS[1])
+    way = {"keep": 0, "double": 1, "halve": -1}[decision.action]
+    if (lr_after - state["lr"]) * way <= 0:
+        lr_after = state["lr"]
     seen = observation.to_dict()
     decision_id = None
     if state.get("run_id"):

@@ -344,7 +344,12 @@ def test_decide_alone_falls_back_keeps_what_was_rolled_back_and_stays_within_the
     assert barred["iteration"] == 5 and barred["avoid"] == [] and barred["decision_id"] is None
     at_bound = run(Scripted(["double"]), avoid=[], lr=LR_BOUNDS[1])["decision"]
     assert at_bound["action"] == "double" and at_bound["lr_after"] == LR_BOUNDS[1]
-    assert [d["action"] for d in told] == ["keep", "keep", "double"]
+    # A run started above the bounds: a keep leaves its lr (it was journaled as the bound), a double does
+    # not pull it down to the bound, a halve goes to the bound.
+    above = 3 * LR_BOUNDS[1]
+    for action, after in (("keep", above), ("double", above), ("halve", LR_BOUNDS[1])):
+        assert run(Scripted([action]), avoid=[], lr=above)["decision"]["lr_after"] == after, action
+    assert [d["action"] for d in told] == ["keep", "keep", "double", "keep", "double", "halve"]
 
     assert after_check({"awaiting_verdict": True}) == "wait"  # no new decision over an unjudged one
     assert after_check({"rolled_back": True}) == "observe"
