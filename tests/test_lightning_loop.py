@@ -61,7 +61,8 @@ class Actions(L.Callback):
             self.actions.pop(trainer.global_step)(self.client, trainer)
 
 
-def fit(tmp_path: Path, actions: dict, **trainer_kwargs) -> tuple[SteerCallback, dict, Store]:
+def fit(tmp_path: Path, actions: dict, module=None, **trainer_kwargs) -> tuple[SteerCallback, dict, Store]:
+    """`module`: the LightningModule's class (default Regression), made after the seed."""
     torch.manual_seed(0)
     target = torch.randn(8, 1)
     x = torch.randn(STEPS * 8, 8)
@@ -76,7 +77,7 @@ def fit(tmp_path: Path, actions: dict, **trainer_kwargs) -> tuple[SteerCallback,
         **{"gradient_clip_val": 1.0, "val_check_interval": 100, "check_val_every_n_epoch": None, **trainer_kwargs},
     )  # a quiet CPU Trainer for the test # fmt: skip
     try:
-        trainer.fit(Regression(), data, val)
+        trainer.fit((module or Regression)(), data, val)
     finally:
         client.close()
     assert not actions, f"steps never reached: {sorted(actions)}"
@@ -140,6 +141,38 @@ def test_pause_evaluate_clip_rollback_and_stop(tmp_path):
     state = steer.bridge.state()
     assert state["branch"] == "retry" and state["step"] == 13
     assert store.get_run(steer.bridge.run_id)["status"] == "stopped"
+
+
+class Logging(Regression):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_mse", loss)
+        return {"loss": loss}
+
+
+def test_a_probe_trains_its_arms_with_the_modules_own_step_and_the_fit_goes_on_bit_for_bit(tmp_path):
+    sent = {}
+
+    def probe(client, trainer):
+        sent["probe"] = client.probe([0.5, 1.0, 2.0], 3, 8)["uuid"]
+
+    plain, plain_metrics, _ = fit(tmp_path / "a", {}, module=Logging)
+    steer, metrics, store = fit(tmp_path / "b", {6: probe}, module=Logging)
+    row = store.get_command(sent["probe"])
+    assert row["status"] == "success", row
+    result = row["result"]
+    assert row["step"] == 7 and result["cost_steps"] == 9
+    assert [a["lr"] for a in result["arms"]] == pytest.approx([result["lr"] * f for f in (0.5, 1.0, 2.0)])
+    assert result["lr"] == pytest.approx(PEAK * factor(7))  # the scheduled lr in force
+    assert len({a["train_loss"][0] for a in result["arms"]}) == 1  # the same first batch, before any update
+    assert len({a["train_loss"][1] for a in result["arms"]}) == 3  # then each its own lr
+    assert all(math.isfinite(a["estimate"]) for a in result["arms"])
+    # Put back bit for bit: the same losses, lrs and weights as the fit without a probe, and nothing the
+    # module logged in the probe reached the run's metrics.
+    assert metrics == plain_metrics
+    for key, value in plain.trainer.lightning_module.state_dict().items():
+        assert torch.equal(steer.trainer.lightning_module.state_dict()[key], value)
+    assert steer.trainer.callback_metrics["train_mse"] == plain.trainer.callback_metrics["train_mse"]
 
 
 def test_validation_metrics_are_named_as_the_api_names_them():

@@ -12,13 +12,23 @@ evaluate runs the validation loop now, as Lightning's own loop does at `val_chec
 rollback loads weights, optimizer, scheduler and RNG, and the step counter keeps counting on a new
 branch, as under the HF Trainer. The callback's `state_dict` carries the branch in Lightning's own
 checkpoints. Works with `import lightning` and with `import pytorch_lightning`.
+
+A `probe` (trainer_bridge/probe.py) trains with the module's own `training_step` on batches drawn from
+the training data by the step alone, steps the optimizer and the per-step schedulers as Lightning's loop
+does, and measures the loss `training_step` gives on the first `PROBE_EVAL_EXAMPLES` validation examples
+(a `validation_step` logs, and returns nothing to read). What the module logs meanwhile is dropped: the
+probe's steps are not the run's. It needs automatic optimization.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 try:
     from lightning.pytorch import Callback
@@ -29,6 +39,8 @@ from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import CommandError, CommandRegistry
 from selfsteer.trainer_bridge.config import BridgeConfig
 from selfsteer.trainer_bridge.loop import LoopArgs, LoopControl, LoopState, StepContext
+
+PROBE_EVAL_EXAMPLES = 64  # the fixed validation slice a probe measures its arms on, as the HF adapter's
 
 
 class SteerCallback(Callback):
@@ -117,6 +129,8 @@ class SteerCallback(Callback):
             optimizer=trainer.optimizers[0] if trainer.optimizers else None,
             lr_scheduler=schedulers[0].scheduler if schedulers else None,
             evaluate=lambda: self._validate_now(trainer),
+            train_step=lambda i: self._probe_step(trainer, pl_module, i),
+            eval_slice=lambda: self._probe_loss(trainer, pl_module),
         )
 
     def _run_boundary(self, trainer, pl_module, first: bool = False) -> None:
@@ -142,6 +156,90 @@ class SteerCallback(Callback):
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first_iter
         return eval_metrics(trainer.callback_metrics)
+
+    # ---- probes
+
+    def _probe_step(self, trainer, pl_module, i: int) -> float:
+        """One optimizer step on the i-th probe batch of this boundary, as Lightning's automatic loop takes
+        it (accumulation, clipping, per-step schedulers); returns its loss."""
+        if not pl_module.automatic_optimization:
+            raise CommandError(
+                "a probe needs automatic optimization (this module steps its optimizer itself)"
+            )
+        loader = _indexable(trainer.train_dataloader, "training")
+        generator = torch.Generator().manual_seed(trainer.global_step * 1009 + i)
+        accumulate = trainer.accumulate_grad_batches
+        optimizer = trainer.optimizers[0]
+        loss = 0.0
+        with _quiet(pl_module):
+            for _ in range(accumulate):
+                ids = torch.randint(len(loader.dataset), (loader.batch_size,), generator=generator).tolist()
+                batch = trainer.strategy.batch_to_device(loader.collate_fn([loader.dataset[j] for j in ids]))
+                value = _loss(pl_module.training_step(batch, 0))
+                (value / accumulate).backward()
+                loss += float(value.detach()) / accumulate
+        if trainer.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(pl_module.parameters(), trainer.gradient_clip_val)
+        optimizer.step()
+        # The scheduler the snapshot holds (the first), per step, as the loop steps it; a plateau scheduler
+        # steps on validation metrics.
+        schedulers = trainer.lr_scheduler_configs[:1]
+        if (
+            schedulers
+            and schedulers[0].interval == "step"
+            and not isinstance(schedulers[0].scheduler, ReduceLROnPlateau)
+        ):
+            schedulers[0].scheduler.step()
+        optimizer.zero_grad()
+        return loss
+
+    @torch.no_grad()
+    def _probe_loss(self, trainer, pl_module) -> float:
+        """The mean of `training_step`'s loss over the first validation examples, in eval mode."""
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            raise CommandError("this run has no validation data for a probe to measure on")
+        loader = _indexable(loader, "validation")
+        n = min(PROBE_EVAL_EXAMPLES, len(loader.dataset))
+        size = loader.batch_size or n
+        was_training = pl_module.training
+        pl_module.eval()
+        total = 0.0
+        try:
+            with _quiet(pl_module):
+                for start in range(0, n, size):
+                    rows = list(range(start, min(start + size, n)))
+                    batch = trainer.strategy.batch_to_device(
+                        loader.collate_fn([loader.dataset[j] for j in rows])
+                    )
+                    total += float(_loss(pl_module.training_step(batch, 0))) * len(rows)
+        finally:
+            pl_module.train(was_training)
+        return total / n
+
+
+def _indexable(loader: Any, what: str) -> Any:
+    dataset = getattr(loader, "dataset", None)
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise CommandError(
+            f"a probe draws its batches by index, and this run's {what} data is no indexed dataset"
+        )
+    return loader
+
+
+def _loss(output: Any) -> torch.Tensor:
+    return output["loss"] if isinstance(output, dict) else output
+
+
+@contextlib.contextmanager
+def _quiet(pl_module):
+    """What the module logs is dropped: a probe's steps are not the run's."""
+    pl_module.log, pl_module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict  # the class's own again
 
 
 def eval_metrics(metrics: dict) -> dict[str, float]:
