@@ -83,7 +83,9 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser, default: str | Non
         "--every-steps",
         type=int,
         default=0,
-        help="decide at least every N steps, not only after evaluations (default 0: after evaluations)",
+        help="decide at least every N steps, not only after evaluations (default 0: after evaluations). The "
+        "count is read as the run goes: a run is held only at its evaluations, so a run faster than the "
+        "supervisor's look (every 0.2 s) can pass N steps unseen",
     )
     group.add_argument(
         "--self-correct",
