@@ -17,10 +17,19 @@ higher lr rarely show its gain), so a start 100x too low needs large raises; a l
 high one shows at once, so lowering is never escalated. With no alignment logged, both directions are
 probed. `directed=False` probes every factor every time (the 3-arm probe of docs/lr-suite-probe).
 
+A measured restart (`restart`, x1/16 by default): at the first decision, when the probe proposes to
+lower, one more arm trains from the run's start with the whole schedule at that multiple, as many steps as
+the run has done (the run must keep its start: `BridgeConfig.keep_start`). Equal steps, so its loss
+compares with the run's now as measured, no extrapolation. If it is lower by more than `margin`, the run
+goes on from that arm's state (a new branch): a start far too high does its damage before the first
+evaluation, and no later lowering undoes it (docs/lr-suite-probe). A start that is not too high never
+pays for it unless the alignment proposes lowering, and then a much lower start measures worse.
+
 What it may cost (`budget`): the probes' optimizer steps as a share of the run's, 0.5 by default (a run
 costs at most 1.5x a static one). The steps per arm are the budget spread over the run's decisions, at
 most `steps`; where that leaves fewer than 2 per arm, only every k-th decision is probed. The lr-suite
-counts the cost in `compute_steps`, and each probe is journaled with its `cost_steps`.
+counts the cost in `compute_steps`, and each probe is journaled with its `cost_steps`. A restart arm's
+steps come out of the budget too: the later probes have that much less.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ class ProbeSupervisor(Supervisor):
     twice the interval between evaluations (the decision's effect lasts at least until the next one), at
     most the steps left. budget: the probes' steps as a share of the run's (None: no limit, `steps` per
     arm). directed: probe x1 and one direction (above); False, every factor. max_raise: the largest
-    escalated raise.
+    escalated raise. restart: the multiple of the whole schedule a restart arm tries from the start at
+    the first decision (None: never).
 
     A run of unknown length (no `max_steps` in the observation: a plain loop that never said) cannot be
     budgeted: each probe trains `steps` an arm there.
@@ -70,6 +80,7 @@ class ProbeSupervisor(Supervisor):
         budget: float | None = 0.5,
         directed: bool = True,
         max_raise: float = 8.0,
+        restart: float | None = 1 / 16,
     ):
         if 1.0 not in factors:
             factors = (*factors, 1.0)
@@ -82,7 +93,9 @@ class ProbeSupervisor(Supervisor):
         self.budget = budget
         self.directed = directed
         self.max_raise = max_raise
+        self.restart = restart
         self._moves: dict[int, float] = {}  # decision step -> the factor applied (1: keep)
+        self._restart_cost = 0  # optimizer steps the run's restart arm took out of the budget
 
     def evidence(self, observation: Observation) -> dict | None:
         self._moves = {step: f for step, f in self._moves.items() if step < observation.step}
@@ -95,17 +108,23 @@ class ProbeSupervisor(Supervisor):
         factors = self._candidates(observation)
         if factors == [1.0]:
             return None  # both ways rolled back from here: nothing to measure
+        first = not self._moves and len(evals) == 1
+        lowering = factors[0] < 1 and factors[-1] == 1.0  # the probe proposes to lower, and only that
+        restart = self.restart is not None and first and lowering and "halve" not in observation.avoid
+        if first:
+            self._restart_cost = observation.step if restart else 0
         steps = self.steps
         if self.budget is not None and observation.max_steps:
             decisions = max(1, (observation.max_steps - 1) // interval)
-            allowance = self.budget * observation.max_steps / decisions  # steps per decision
+            allowance = (self.budget * observation.max_steps - self._restart_cost) / decisions  # per decision
             steps = min(self.steps, int(allowance // len(factors)))
             if steps < MIN_ARM_STEPS:
                 every = math.ceil(MIN_ARM_STEPS * len(factors) / allowance)
                 if (observation.step // interval - 1) % every:
                     return None  # over the budget: this decision keeps
                 steps = min(self.steps, MIN_ARM_STEPS)
-        return {"factors": factors, "steps": steps, "horizon": max(horizon, steps)}
+        wanted = {"factors": factors, "steps": steps, "horizon": max(horizon, steps)}
+        return {**wanted, "restart": [self.restart]} if restart else wanted
 
     def _candidates(self, observation: Observation) -> list[float]:
         if not self.directed:
@@ -145,6 +164,9 @@ class ProbeSupervisor(Supervisor):
         if not arms:
             why = probe.get("error") or "no probe was run"
             return Decision("keep", f"no evidence ({why}): keep")
+        restart = self._restart(probe) if "halve" not in observation.avoid else None
+        if restart is not None:
+            return restart
         keep = next((arm for arm in arms if arm["factor"] == 1.0), None)
         finite = [arm for arm in arms if math.isfinite(arm_loss(arm, "estimate"))]
         if not finite:
@@ -189,6 +211,24 @@ class ProbeSupervisor(Supervisor):
             f" ({100 * gain:.1f}% lower)",
             probe.get("lr"),
         )
+
+    def _restart(self, probe: dict) -> Decision | None:
+        """The restart arm that measured lower than the run now (by more than the margin), as a move."""
+        now = probe.get("start")
+        arms = [arm for arm in probe.get("restarts") or [] if math.isfinite(arm_loss(arm, "final"))]
+        if not arms or now is None or not probe.get("lr"):
+            return None
+        best = min(arms, key=lambda arm: arm_loss(arm, "final"))
+        if arm_loss(best, "final") >= now * (1 - self.margin):
+            return None
+        factor = best["lr"] / probe["lr"]
+        if factor >= 1:
+            return None
+        why = (
+            f"restart: trained from the start at x{best['factor']:g} for the same {probe.get('step')} steps, the"
+            f" loss is {arm_loss(best, 'final'):.3f} against {now:.3f} now: go on from there"
+        )
+        return Decision("halve", why, factor=factor, restart=best["checkpoint"])
 
     @staticmethod
     def _move(arm: dict, why: str, lr: float | None) -> Decision:
@@ -244,7 +284,12 @@ class VettedProbeSupervisor(ProbeSupervisor):
         if answer.action == proposal.action:
             why = f"{proposal.explanation}; confirmed: {answer.explanation}"
             return Decision(
-                proposal.action, why, answer.raw_output, latency_s=answer.latency_s, factor=proposal.factor
+                proposal.action,
+                why,
+                answer.raw_output,
+                latency_s=answer.latency_s,
+                factor=proposal.factor,
+                restart=proposal.restart,
             )
         why = f"vetoed x{proposal.factor:g} ({answer.action}): {answer.explanation} [{proposal.explanation}]"
         return Decision("keep", why, answer.raw_output, latency_s=answer.latency_s)
@@ -262,4 +307,12 @@ class VettedProbeSupervisor(ProbeSupervisor):
     @staticmethod
     def _stands(proposal: Decision, raw_output: str | None, latency_s: float = 0.0) -> Decision:
         why = f"{proposal.explanation}; the model gave no valid answer, so the measured proposal stands"
-        return Decision(proposal.action, why, raw_output, True, latency_s, factor=proposal.factor)
+        return Decision(
+            proposal.action,
+            why,
+            raw_output,
+            True,
+            latency_s,
+            factor=proposal.factor,
+            restart=proposal.restart,
+        )

@@ -62,6 +62,9 @@ class Decision:
     # A multiple other than the action's own (2 or 0.5), for a supervisor that measured it (probe: x4
     # is a "double" by 4); it must move the lr the action's way.
     factor: float | None = None
+    # A measured restart (probe): the in-memory checkpoint of a restart arm the loop loads into a new
+    # branch instead of setting the lr (the arm's state, trained from the start at the lr it chose).
+    restart: str | None = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -70,6 +73,8 @@ class Decision:
             way = {"double": self.factor > 1, "halve": 0 < self.factor < 1, "keep": self.factor == 1}
             if not way[self.action]:
                 raise ValueError(f"factor {self.factor} does not {self.action} the lr")
+        if self.restart is not None and (self.action == "keep" or self.factor is None):
+            raise ValueError("a restart moves the lr by the factor its arm measured: an action and a factor")
 
     def apply(self, lr: float) -> float:
         if self.acted and self.lr_after is not None:

@@ -338,7 +338,12 @@ def act(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Superv
                     "avoided": state["observation"].get("avoid") or [],
                 }
             lr_key = context.key(state["run_id"], config, "lr", iteration)
-            row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
+            if decision.get("restart"):  # the arm's state, with its lr: loaded into a new branch
+                row = tools.client.load_checkpoint(
+                    decision["restart"], f"restart-{iteration}", idempotency_key=lr_key
+                )
+            else:
+                row = tools.set_lr(decision["lr_after"], idempotency_key=lr_key)
             update["sent_lr"] = {"uuid": row["uuid"], "lr": decision["lr_after"]}
             if "pending_check" in update:
                 update["pending_check"]["command_uuid"] = row["uuid"]

@@ -35,7 +35,12 @@ def test_extrapolate_recovers_an_exponential_and_keeps_a_rise_rising():
 
 
 def plain_loop(
-    tmp_path, probe_at: int | None, steps: int = 12, probe_args: dict | None = None, lr: float = 0.01
+    tmp_path,
+    probe_at: int | None,
+    steps: int = 12,
+    probe_args: dict | None = None,
+    lr: float = 0.01,
+    keep_start: bool = False,
 ):
     """A nanoGPT-style loop over a tiny regression model whose batches come from the global RNG; with
     `probe_at`, a probe is sent from inside iteration `probe_at`'s body (it applies at the next
@@ -65,7 +70,7 @@ def plain_loop(
 
     steer = selfsteer.attach(
         model, optimizer, max_steps=steps, evaluate=evaluate, train_step=train_step,
-        port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out", announce=False,
+        port=None, db=tmp_path / "runs.db", output_dir=tmp_path / "out", announce=False, keep_start=keep_start,
     )  # the probe loop's attach settings # fmt: skip
     uuid = None
     for it in steer.steps():
@@ -103,6 +108,30 @@ def test_a_probe_in_a_plain_loop_measures_every_arm_and_leaves_the_run_bit_for_b
         m for m in Store(tmp_path / "b" / "runs.db").get_metrics(steer.bridge.run_id) if m["name"] == "loss"
     ]
     assert sorted(m["step"] for m in logged) == list(range(12))
+
+
+def test_a_restart_arm_trains_from_the_start_at_its_multiple_and_ends_a_checkpoint(tmp_path):
+    # The loop's batches come from the global RNG, which the start's snapshot restores: an arm from the
+    # start at x0.25 is the run started at lr 0.0025, to the step.
+    lower, *_ = plain_loop(tmp_path / "a", probe_at=None, lr=0.0025)
+    plain, weights, _, _ = plain_loop(tmp_path / "b", probe_at=None)
+    probed, probed_weights, row, steer = plain_loop(
+        tmp_path / "c", probe_at=5, probe_args={"steps": 2, "restart": [0.25]}, keep_start=True
+    )
+    assert row["status"] == "success", row
+    (arm,) = row["result"]["restarts"]
+    assert arm["train_loss"] == [lower[it] for it in range(6)]  # 6 steps: as many as the run had done
+    assert arm["lr"] == pytest.approx(0.0025) and math.isfinite(arm["final"])
+    assert row["result"]["cost_steps"] == 3 * 2 + 6
+    assert steer.bridge.checkpoints[arm["checkpoint"]]["memory"]
+    assert arm["checkpoint"] in steer.bridge.memory_checkpoints
+    # The run itself went on as if nothing had happened.
+    assert probed == plain
+    for key, value in weights.items():
+        assert torch.equal(probed_weights[key], value)
+    # Without the start kept, the probe is refused whole, and says why.
+    *_, refused, _ = plain_loop(tmp_path / "d", probe_at=5, probe_args={"restart": [0.25]})
+    assert refused["status"] == "failed" and "keep_start" in refused["error"]
 
 
 def test_a_run_above_the_lr_bounds_is_probed_at_its_own_lr_and_other_arms_at_the_bound(tmp_path):
@@ -268,6 +297,34 @@ def test_the_probe_supervisor_takes_the_best_measured_arm_beyond_its_margin_and_
         Decision("double", "", factor=0.5)  # a factor must move the lr the action's way
 
 
+def test_the_probe_asks_for_a_restart_arm_once_and_goes_on_from_it_only_when_it_measured_lower():
+    from selfsteer.agents.registry import make_supervisor
+
+    supervisor = make_supervisor("probe")
+    # The first decision, lowering proposed: one arm from the start at x1/16, its steps out of the budget.
+    first = supervisor.evidence(aligned(11, -0.1))
+    assert first["restart"] == [1 / 16] and first["factors"] == [0.5, 1.0] and first["steps"] == 2
+    assert "restart" not in supervisor.evidence(aligned(11, 0.3))  # a raise proposed: no restart arm
+    assert "restart" not in (supervisor.evidence(aligned(21, -0.1)) or {})  # not the first decision
+
+    def restarted(final):
+        observation = probed_at(11, arm(0.5, 20.0, 18.0), arm(1.0, 30.0, 40.0))
+        restart = {"factor": 1 / 16, "lr": 0.01 / 16, "final": final, "checkpoint": "restart-x0.0625-at-11"}
+        observation.probe.update(start=33.0, lr=0.01, step=11, restarts=[restart])
+        return observation
+
+    supervisor.evidence(aligned(11, -0.1))
+    decision = supervisor.decide(restarted(3.4))
+    assert (decision.action, decision.restart) == ("halve", "restart-x0.0625-at-11")
+    assert decision.factor == pytest.approx(1 / 16) and "restart" in decision.explanation
+    # The restart arm's 11 steps came out of the budget: every other decision is probed now.
+    assert supervisor.evidence(aligned(21, -0.1)) is None
+    assert supervisor.evidence(aligned(31, -0.1))["factors"] == [0.5, 1.0]  # a lowering won: lower still
+    supervisor.evidence(aligned(11, -0.1))  # a new run
+    worse = supervisor.decide(restarted(33.0))  # no lower than the run now: the probe's own move
+    assert (worse.action, worse.restart, worse.factor) == ("halve", None, 0.5)
+
+
 def aligned(step, alignment, max_steps=60, interval=10):
     """An observation at `step` whose update alignment since the evaluation before last is `alignment`
     (None: none logged)."""
@@ -369,6 +426,52 @@ def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, o
     assert [a["factor"] for a in probes[1]["result"]["arms"]] == [1.0, 4.0]
     assert sorted(m["step"] for m in losses) == list(range(1, 31))  # the arms trained off the record
     assert summary["steps"] == 30
+
+
+def test_from_a_far_too_high_start_the_probe_measures_a_restart_and_goes_on_from_it(
+    tmp_path, one_torch_thread
+):
+    from selfsteer.agents.registry import make_supervisor
+    from selfsteer.graphs.supervise import run_supervision
+
+    def supervise(control, stop):
+        run_supervision(
+            control, make_supervisor("probe"), db=str(tmp_path / "graph.sqlite"), stop_event=stop,
+            pause_while_deciding=True,
+        )  # the held probe of the test above # fmt: skip
+
+    recipe = load_recipe(
+        "tiny", ["training.learning_rate=1.0", "training.max_steps=30", "training.eval_steps=10"]
+    )
+    run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
+                    hold_for_supervisor=True)  # the held run of test_run_control's # fmt: skip
+    try:
+        summary = run.train()
+        journal = run.bridge.store.list_commands(run.run_id)
+        decisions = run.bridge.store.list_decisions(run.run_id)
+        eval_loss = {(m["branch"], m["step"]): m["value"] for m in run.bridge.store.get_metrics(run.run_id)
+                     if m["name"] == "eval_loss"}  # by branch and step # fmt: skip
+    finally:
+        run.close()
+    # lr 1.0 wrecks tiny within its first 10 steps. At the first decision the probe lowers, and an arm
+    # trained from the start at x1/16 for as many steps measures far lower than the run: the run goes on
+    # from that arm, in a new branch.
+    probe = next(c for c in journal if c["type"] == "probe")
+    (arm,) = probe["result"]["restarts"]
+    assert arm["factor"] == 1 / 16 and arm["final"] < probe["result"]["start"] / 2
+    first = decisions[0]
+    assert first["action"] == "halve" and first["explanation"].startswith("restart:")
+    assert first["lr_after"] == pytest.approx(1 / 16, rel=0.01)
+    load = next(c for c in journal if c["type"] == "load_checkpoint")
+    assert (
+        load["args"] == {"checkpoint": arm["checkpoint"], "branch": "restart-1"}
+        and load["status"] == "success"
+    )
+    assert eval_loss[("restart-1", 20)] < eval_loss[("main", 10)] / 2
+    assert summary["final_eval_loss"] < 5  # left at 1.0, tiny ends above 17 (the lr-suite's static rows)
+    assert summary["compute_steps"] == 30 + sum(
+        c["result"]["cost_steps"] for c in journal if c["type"] == "probe"
+    )
 
 
 class Answers:

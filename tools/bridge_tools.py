@@ -106,13 +106,16 @@ class BridgeTools:
         steps: int | None = None,
         horizon: int | None = None,
         idempotency_key: str | None = None,
+        restart: list[float] | None = None,
     ) -> dict:
         """Measure before deciding: train `steps` steps at each multiple of the current lr in `factors`
         (default 0.5, 1, 2) from an exact snapshot, on the same batches, then restore it. Returns the
         probe's table: per arm its eval-slice loss after the steps (`final`) and extrapolated to `horizon`
-        steps (`estimate`), and `best_factor`; or {"error": why} when it could not run."""
+        steps (`estimate`), and `best_factor`; or {"error": why} when it could not run. `restart`: also
+        train from the run's start at these multiples of its schedule (`restarts`: each arm's loss now and
+        the in-memory checkpoint it ended as)."""
         try:
-            row = self.client.probe(factors, steps, horizon, idempotency_key=idempotency_key)
+            row = self.client.probe(factors, steps, horizon, idempotency_key=idempotency_key, restart=restart)
             # A probe trains: on a loaded machine it outlasts a pause's wait many times over, and a wait
             # given up on would leave it running ahead of every later command.
             row = self.client.wait(row["uuid"], timeout=max(self.wait_s, PROBE_WAIT_S))

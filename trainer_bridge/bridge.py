@@ -40,7 +40,7 @@ from uuid import uuid4
 import torch.distributed as dist
 
 from selfsteer.trainer_bridge import checkpoints as ckpt
-from selfsteer.trainer_bridge import optim
+from selfsteer.trainer_bridge import optim, snapshots
 from selfsteer.trainer_bridge.alignment import METRIC as ALIGNMENT_METRIC
 from selfsteer.trainer_bridge.alignment import UpdateAlignment, trained_parameters
 from selfsteer.trainer_bridge.commands import (
@@ -95,6 +95,7 @@ class Bridge:
         self.branches: dict[str, dict] = {"main": {"name": "main", "parent": None}}
         self.checkpoints: dict[str, dict] = {}
         self.memory_checkpoints: OrderedDict[str, Any] = OrderedDict()  # name -> snapshots.Snapshot
+        self.start: Any = None  # a snapshots.Snapshot of step 0, with config.keep_start
         self._snapshot: dict[str, Any] = {"step": 0}
         self._published_paused = False  # as told in the last state event
         self._last_metrics: dict[str, float | None] = {}
@@ -358,6 +359,8 @@ class Bridge:
         self._last_log = (time.perf_counter(), ctx.step)
         # Before any checkpoint: every saved scheduler state then says whether an lr is held constant.
         optim.make_holdable(ctx.lr_scheduler)
+        if self.config.keep_start and self._resume is None and ctx.optimizer is not None:
+            self.start = snapshots.take(ctx.model, ctx.optimizer, ctx.lr_scheduler, ctx.step)
         self.boundary(ctx)
 
     def boundary(self, ctx: StepContext) -> None:

@@ -132,8 +132,11 @@ class _Commands:
         steps: int | None = None,
         horizon: int | None = None,
         idempotency_key: str | None = None,
+        restart: list[float] | None = None,
     ):
-        args = _drop_none({"factors": factors, "steps": steps, "horizon": horizon})
+        args = _drop_none(
+            {"factors": factors, "steps": steps, "horizon": horizon, "restart": restart or None}
+        )
         return self.send("probe", idempotency_key=idempotency_key, **args)
 
     def reload_data(self, dataset: str | None = None, idempotency_key: str | None = None):

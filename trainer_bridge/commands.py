@@ -237,10 +237,13 @@ class ProbeArgs(Args):
     steps: Annotated[int, Field(strict=True, ge=1, le=200)] = 4
     # Where each arm's eval-slice loss is extrapolated to, in steps from now (default: 2 x steps).
     horizon: Annotated[int, Field(strict=True, ge=1, le=100_000)] | None = None
+    # Restart arms: from the run's start (kept with BridgeConfig keep_start), the whole schedule times each
+    # factor, as many steps as the run has trained; each ends an in-memory checkpoint a loop may load.
+    restart: list[ProbeFactor] = Field(default_factory=list, max_length=4)
 
     @model_validator(mode="after")
     def _distinct(self) -> ProbeArgs:
-        if len(set(self.factors)) != len(self.factors):
+        if len(set(self.factors)) != len(self.factors) or len(set(self.restart)) != len(self.restart):
             raise ValueError("each factor once: two arms at one lr measure the same thing")
         if self.horizon is not None and self.horizon < self.steps:
             raise ValueError("the horizon is where each arm is extrapolated to: at least steps")

@@ -63,7 +63,7 @@ class RunControl(Protocol):
     ): ...
     def evaluate(self, idempotency_key: str | None = None): ...
     def probe(self, factors: list[float] | None = None, steps: int | None = None, horizon: int | None = None,
-              idempotency_key: str | None = None): ...  # one line per command, like the stubs above # fmt: skip
+              idempotency_key: str | None = None, restart: list[float] | None = None): ...  # one line per command, like the stubs above # fmt: skip
 
 
 class LocalRunControl(_Commands):

@@ -23,9 +23,9 @@ from selfsteer.trainer_bridge.commands import (
 from selfsteer.trainer_bridge.data import SwappableDataset
 from selfsteer.trainer_bridge.loop import StepContext
 from selfsteer.trainer_bridge.probe import run_probe
+from selfsteer.trainer_bridge.snapshots import MEMORY_CHECKPOINTS
 
 BUILTINS = CommandRegistry()
-MEMORY_CHECKPOINTS = 8  # in-memory checkpoints kept per run, the oldest dropped first
 command = BUILTINS.register
 
 
@@ -145,14 +145,10 @@ def save_checkpoint(ctx: StepContext, args: SaveCheckpointArgs) -> dict:
         if ctx.optimizer is None:
             raise CommandError("the optimizer does not exist yet (training has not started)")
         # Every rank keeps its own copy of its own state: no file, nothing to agree on.
-        bridge.memory_checkpoints[name] = snapshots.take(
+        snapshot = snapshots.take(
             ctx.model, ctx.optimizer, ctx.lr_scheduler, ctx.step, max_grad_norm=ctx.args.max_grad_norm
         )
-        while len(bridge.memory_checkpoints) > MEMORY_CHECKPOINTS:
-            bridge.memory_checkpoints.popitem(last=False)
-        info = {"name": name, "path": None, "memory": True, "step": ctx.step, "branch": bridge.branch}
-        bridge.checkpoints[name] = info
-        return info
+        return snapshots.keep(bridge, name, snapshot)
     path = bridge.checkpoint_dir(ctx) / name
     error = None
     if bridge.is_main:

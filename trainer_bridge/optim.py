@@ -287,6 +287,29 @@ def set_lr(optimizer: Any, scheduler: Any, lr: float, schedule: str = "scale") -
     return info
 
 
+def scale_schedule(optimizer: Any, scheduler: Any, factor: float) -> float:
+    """Multiplies the whole lr schedule by `factor`, wherever it is (at a warm-up's first step too, where
+    `set_lr` has no lr to scale from). Returns the lr the next step uses."""
+    if isinstance(scheduler, LrScale):
+        scheduler.scale *= factor
+        if scheduler.held is not None:
+            scheduler.held *= factor
+        for group in unwrap_optimizer(optimizer).param_groups:
+            group["lr"] *= factor
+        return scheduler.current()
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    groups = optimizer.param_groups
+    if hasattr(inner, "base_lrs"):
+        inner.base_lrs = [base * factor for base in inner.base_lrs]
+    for group in groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if inner is not None and hasattr(inner, "_last_lr"):
+        inner._last_lr = [group["lr"] for group in groups]
+    return float(groups[0]["lr"])
+
+
 def apply(
     optimizer: Any, scheduler: Any, args: SetOptimizerArgs, decay_groups: list[int], steps: int
 ) -> dict | None:

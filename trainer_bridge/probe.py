@@ -98,6 +98,8 @@ def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
         )
     if ctx.optimizer is None:
         raise CommandError("the optimizer does not exist yet (training has not started)")
+    if args.restart and ctx.bridge.start is None:
+        raise CommandError("restart arms need the run's start: this run kept none (BridgeConfig keep_start)")
     started = time.perf_counter()
     model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.lr_scheduler
     snapshot = snapshots.take(model, optimizer, scheduler, ctx.step)
@@ -131,6 +133,7 @@ def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
                 "factor": factor, "lr": lr, "train_loss": train_loss, "eval_loss": [list(p) for p in curve],
                 "final": curve[-1][1], "estimate": estimate, "diverged": not math.isfinite(estimate),
             })  # one arm per factor # fmt: skip
+        restarts = [_restart_arm(ctx, factor) for factor in args.restart]
     finally:
         snapshots.restore(snapshot, model, optimizer, scheduler)
         model.train(was_training)
@@ -144,6 +147,26 @@ def run_probe(ctx: StepContext, args: ProbeArgs) -> dict:
         "start": start,
         "arms": arms,
         "best_factor": best,
-        "cost_steps": sum(len(arm["train_loss"]) for arm in arms),
+        "restarts": restarts,
+        "cost_steps": sum(len(arm["train_loss"]) for arm in [*arms, *restarts]),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _restart_arm(ctx: StepContext, factor: float) -> dict:
+    """From the run's start, the schedule times `factor`, as many steps as the run has trained (so its loss
+    compares with the run's now as it is: no extrapolation), then kept as an in-memory checkpoint."""
+    model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.lr_scheduler
+    snapshots.restore(ctx.bridge.start, model, optimizer, scheduler)
+    optim.scale_schedule(optimizer, scheduler, factor)
+    train_loss = []
+    for i in range(ctx.step - ctx.bridge.start.step):
+        train_loss.append(float(ctx.train_step(i)))
+        if not math.isfinite(train_loss[-1]):
+            break
+    final = _measure(ctx) if train_loss and math.isfinite(train_loss[-1]) else math.inf
+    name = f"restart-x{factor:g}-at-{ctx.step}"
+    point = snapshots.take(model, optimizer, scheduler, ctx.step, max_grad_norm=ctx.args.max_grad_norm)
+    snapshots.keep(ctx.bridge, name, point)
+    lr = lr_in_force(optimizer, scheduler)
+    return {"factor": factor, "lr": lr, "train_loss": train_loss, "final": final, "checkpoint": name}

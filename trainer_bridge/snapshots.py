@@ -16,6 +16,8 @@ import torch
 from selfsteer.trainer_bridge.checkpoints import rng_state, set_rng_state
 from selfsteer.trainer_bridge.optim import unwrap_scheduler
 
+MEMORY_CHECKPOINTS = 8  # in-memory checkpoints kept per run, the oldest dropped first
+
 
 @dataclass
 class Snapshot:
@@ -54,3 +56,14 @@ def nbytes(snapshot: Snapshot) -> int:
     for state in snapshot.optimizer.get("state", {}).values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def keep(bridge: Any, name: str, snapshot: Snapshot) -> dict:
+    """Keeps `snapshot` as the bridge's in-memory checkpoint `name`, which `load_checkpoint` finds; the
+    latest MEMORY_CHECKPOINTS are kept. Returns its checkpoint info."""
+    bridge.memory_checkpoints[name] = snapshot
+    while len(bridge.memory_checkpoints) > MEMORY_CHECKPOINTS:
+        bridge.memory_checkpoints.popitem(last=False)
+    info = {"name": name, "path": None, "memory": True, "step": snapshot.step, "branch": bridge.branch}
+    bridge.checkpoints[name] = info
+    return info

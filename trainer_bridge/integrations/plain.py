@@ -72,6 +72,7 @@ class Steer:
         commands: CommandRegistry | None = None,
         announce: bool = True,
         start_paused: bool = False,
+        keep_start: bool = False,
         replay_of: str | None = None,
         update_alignment: bool | None = None,
     ):
@@ -86,6 +87,7 @@ class Steer:
         probes (default `evaluate`; one that draws random batches draws the same ones each time).
         batch_size: examples per optimizer step on one process (for samples/s).
         start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first).
+        keep_start: keep a copy of the weights at step 0, for a probe's restart arms (`BridgeConfig`).
         replay_of: a run of this loop in the same store whose journaled commands are applied again at
         their steps (the loop itself must be the same, with the same seed; a run that went back to an
         earlier step replays each command at its first visit of its step). update_alignment: log the
@@ -115,7 +117,7 @@ class Steer:
             run_kind="replay" if replay_of else "train",
             run_config={"loop": "plain", "max_steps": max_steps, **(run_config or {})},
             checkpoint_dir=str(Path(output_dir) / "checkpoints"), auto_finish=False, announce=announce,
-            start_paused=start_paused, replay_of=replay_of, update_alignment=update_alignment,
+            start_paused=start_paused, keep_start=keep_start, replay_of=replay_of, update_alignment=update_alignment,
         )  # the plain loop's bridge settings # fmt: skip
         self.bridge = Bridge(config, registry=commands, data_factories=data_factories)
         self.bridge.step_log_offset = -1  # the loop logs iteration `it`'s loss at step `it`
