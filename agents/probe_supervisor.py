@@ -96,9 +96,11 @@ class ProbeSupervisor(Supervisor):
         self.restart = restart
         self._moves: dict[int, float] = {}  # decision step -> the factor applied (1: keep)
         self._restart_cost = 0  # optimizer steps the run's restart arm took out of the budget
+        self._unprobed = "no probe was run"  # why evidence() asked for none, for the decision to say
 
     def evidence(self, observation: Observation) -> dict | None:
         self._moves = {step: f for step, f in self._moves.items() if step < observation.step}
+        self._unprobed = "no probe was run"
         evals = [s for s, _ in observation.eval_loss]
         interval = evals[-1] - evals[-2] if len(evals) >= 2 else (evals[-1] if evals else 2 * self.steps)
         interval = max(interval, 1)
@@ -121,7 +123,8 @@ class ProbeSupervisor(Supervisor):
             if steps < MIN_ARM_STEPS:
                 every = math.ceil(MIN_ARM_STEPS * len(factors) / allowance)
                 if (observation.step // interval - 1) % every:
-                    return None  # over the budget: this decision keeps
+                    self._unprobed = f"within the budget, one decision in {every} is probed"
+                    return None  # this decision keeps
                 steps = min(self.steps, MIN_ARM_STEPS)
         wanted = {"factors": factors, "steps": steps, "horizon": max(horizon, steps)}
         return {**wanted, "restart": [self.restart]} if restart else wanted
@@ -162,7 +165,7 @@ class ProbeSupervisor(Supervisor):
             if not any(barred[action](arm["factor"]) for action in observation.avoid if action in barred)
         ]
         if not arms:
-            why = probe.get("error") or "no probe was run"
+            why = probe.get("error") or self._unprobed
             return Decision("keep", f"no evidence ({why}): keep")
         restart = self._restart(probe) if "halve" not in observation.avoid else None
         if restart is not None:

@@ -319,6 +319,7 @@ def test_the_probe_asks_for_a_restart_arm_once_and_goes_on_from_it_only_when_it_
     assert decision.factor == pytest.approx(1 / 16) and "restart" in decision.explanation
     # The restart arm's 11 steps came out of the budget: every other decision is probed now.
     assert supervisor.evidence(aligned(21, -0.1)) is None
+    assert "one decision in 2 is probed" in supervisor.decide(aligned(21, -0.1)).explanation
     assert supervisor.evidence(aligned(31, -0.1))["factors"] == [0.5, 1.0]  # a lowering won: lower still
     supervisor.evidence(aligned(11, -0.1))  # a new run
     worse = supervisor.decide(restarted(33.0))  # no lower than the run now: the probe's own move
