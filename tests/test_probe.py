@@ -470,6 +470,19 @@ def test_from_a_far_too_high_start_the_probe_measures_a_restart_and_goes_on_from
     )
     assert eval_loss[("restart-1", 20)] < eval_loss[("main", 10)] / 2
     assert summary["final_eval_loss"] < 5  # left at 1.0, tiny ends above 17 (the lr-suite's static rows)
+    # A replay runs the restart arm again, to the bit, and forks to it at the same step.
+    replay = RecipeRun(
+        recipe, tmp_path / "replay", db=tmp_path / "runs.sqlite", port=None, replay_of=summary["run_id"]
+    )
+    try:
+        again = replay.train()
+        replayed = [
+            c["type"] for c in replay.bridge.store.list_commands(replay.run_id) if c["source"] == "replay"
+        ]
+    finally:
+        replay.close()
+    assert replayed == ["probe", "load_checkpoint"]  # the restart's probe, then the fork; no plain probe
+    assert again["final_eval_loss"] == summary["final_eval_loss"]
     assert summary["compute_steps"] == 30 + sum(
         c["result"]["cost_steps"] for c in journal if c["type"] == "probe"
     )

@@ -267,8 +267,9 @@ class CommandSpec:
     args_model: type[Args]
     handler: Handler
     description: str = ""
-    # Whether `replay` applies it again. Pause/resume change nothing a replay could observe.
-    replay: bool = True
+    # Whether `replay` applies it again (or a function of the journaled args that says so). Pause/resume
+    # change nothing a replay could observe.
+    replay: bool | Callable[[dict], bool] = True
     # Extra checks against the live run, at submit time (e.g. momentum on an optimizer without it).
     check: Check | None = None
 
@@ -282,7 +283,7 @@ class CommandRegistry:
         name: str,
         args_model: type[Args] = NoArgs,
         description: str = "",
-        replay: bool = True,
+        replay: bool | Callable[[dict], bool] = True,
         check: Check | None = None,
     ) -> Callable[[Handler], Handler]:
         """Decorator: `@registry.register("set_dropout", DropoutArgs)` over `def f(ctx, args): ...`.
@@ -355,7 +356,8 @@ def replay_plan(store: Store, registry: CommandRegistry, run_id: str) -> dict[in
     by_step: dict[int, list[dict]] = {}
     for command in store.list_commands(run_id, status="success"):
         spec = registry.specs.get(command["type"])
-        if command["source"] == "trainer" or (spec is not None and not spec.replay):
+        replays = spec is None or (spec.replay(command["args"]) if callable(spec.replay) else spec.replay)
+        if command["source"] == "trainer" or not replays:
             continue  # the Trainer's own saves happen again by themselves
         by_step.setdefault(command["step"], []).append(command)
     for commands in by_step.values():

@@ -121,7 +121,9 @@ def evaluate(ctx: StepContext, args: NoArgs) -> dict:
     "fixed eval slice; then restore the snapshot bit for bit. The result: per arm its train losses, "
     "slice losses and an estimate extrapolated to `horizon` steps; `best_factor`; `cost_steps` (the "
     "optimizer steps it paid for). The run itself goes on as if it had not happened.",
-    replay=False,  # it changes nothing a replay could observe
+    # Its arms change nothing a replay could observe; restart arms end as checkpoints a later
+    # load_checkpoint may fork to, so a replay runs those again (the same arms, to the bit).
+    replay=lambda args: bool(args.get("restart")),
 )
 def probe(ctx: StepContext, args: ProbeArgs) -> dict:
     return run_probe(ctx, args)
