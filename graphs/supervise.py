@@ -562,19 +562,21 @@ def _undo(state: SupervisionState, config: RunnableConfig, context: SupervisionC
             "rolled_back": True,
         }
         return update, {"rolled_back_to": pending["checkpoint"], "branch": branch, "extra_steps": spent}
-    # Over the budget (or no rollback point): keep the weights, give the lr back.
+    # Over the budget (or no rollback point): keep the weights, give the lr back, within the bounds the
+    # command keeps to (a run started above them goes back to the bound, not to its start).
     revert_key = context.key(state["run_id"], config, "revert", iteration)
+    back = min(max(pending["lr_before"], LR_BOUNDS[0]), LR_BOUNDS[1])
     try:
-        row = tools.set_lr(pending["lr_before"], idempotency_key=revert_key)
+        row = tools.set_lr(back, idempotency_key=revert_key)
     except BridgeHTTPError as error:
         if error.status_code != 409:
             raise
         return {"finished": True}, {"why_not_rolled_back": f"{why}; the run ended first"}
     update = {
         "reverts": state.get("reverts", 0) + 1,
-        "lr": pending["lr_before"],
-        "observation": {**state["observation"], "lr": pending["lr_before"]},
-        "sent_lr": {"uuid": row["uuid"], "lr": pending["lr_before"]},
+        "lr": back,
+        "observation": {**state["observation"], "lr": back},
+        "sent_lr": {"uuid": row["uuid"], "lr": back},
     }
     return update, {"reverted": True, "why_not_rolled_back": why}
 
