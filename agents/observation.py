@@ -31,6 +31,8 @@ class Observation:
     avoid: list[str] = field(default_factory=list)
     # Evidence: the result of a `probe` sent before this decision (trainer_bridge/probe.py), or None.
     probe: dict | None = None
+    # Whether the run keeps a copy of its start, from which a probe can train restart arms.
+    start_kept: bool = False
 
     @classmethod
     def from_metrics(

@@ -19,7 +19,8 @@ probed. `directed=False` probes every factor every time (the 3-arm probe of docs
 
 A measured restart (`restart`, x1/16 by default): at the first decision, when the probe proposes to
 lower, one more arm trains from the run's start with the whole schedule at that multiple, as many steps as
-the run has done (the run must keep its start: `BridgeConfig.keep_start`). Equal steps, so its loss
+the run has done (where the run keeps its start: `BridgeConfig.keep_start`, by default for models of at
+most 50M trained parameters). Equal steps, so its loss
 compares with the run's now as measured, no extrapolation. If it is lower by more than `margin`, the run
 goes on from that arm's state (a new branch): a start far too high does its damage before the first
 evaluation, and no later lowering undoes it (docs/lr-suite-probe). A start that is not too high never
@@ -112,7 +113,13 @@ class ProbeSupervisor(Supervisor):
             return None  # both ways rolled back from here: nothing to measure
         first = not self._moves and len(evals) == 1
         lowering = factors[0] < 1 and factors[-1] == 1.0  # the probe proposes to lower, and only that
-        restart = self.restart is not None and first and lowering and "halve" not in observation.avoid
+        restart = (
+            self.restart is not None
+            and observation.start_kept
+            and first
+            and lowering
+            and "halve" not in observation.avoid
+        )
         if first:
             self._restart_cost = observation.step if restart else 0
         steps = self.steps

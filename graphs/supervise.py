@@ -225,6 +225,7 @@ def observe(state: SupervisionState, config: RunnableConfig, runtime: Runtime[Su
     if sent and tools.client.command(sent["uuid"])["status"] in ("pending", "running"):
         lr = sent["lr"]  # sent, not yet applied: the run will have it at its next step
     observation = Observation.from_metrics(rows, step=step, lr=lr, max_steps=run_state.get("max_steps"))
+    observation.start_kept = bool(run_state.get("start_kept"))
     if state.get("decision_id") is not None:
         tools.client.update_decision(
             state["decision_id"], DecisionUpdate(outcome=_outcome(state, observation))

@@ -5,6 +5,7 @@ Trainer (real runs, real store). The extrapolation is checked on curves whose an
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -301,11 +302,14 @@ def test_the_probe_asks_for_a_restart_arm_once_and_goes_on_from_it_only_when_it_
     from selfsteer.agents.registry import make_supervisor
 
     supervisor = make_supervisor("probe")
+    assert "restart" not in supervisor.evidence(aligned(11, -0.1))  # a run that kept no start: no arm
+    kept = partial(aligned, start_kept=True)
+
     # The first decision, lowering proposed: one arm from the start at x1/16, its steps out of the budget.
-    first = supervisor.evidence(aligned(11, -0.1))
+    first = supervisor.evidence(kept(11, -0.1))
     assert first["restart"] == [1 / 16] and first["factors"] == [0.5, 1.0] and first["steps"] == 2
-    assert "restart" not in supervisor.evidence(aligned(11, 0.3))  # a raise proposed: no restart arm
-    assert "restart" not in (supervisor.evidence(aligned(21, -0.1)) or {})  # not the first decision
+    assert "restart" not in supervisor.evidence(kept(11, 0.3))  # a raise proposed: no restart arm
+    assert "restart" not in (supervisor.evidence(kept(21, -0.1)) or {})  # not the first decision
 
     def restarted(final):
         observation = probed_at(11, arm(0.5, 20.0, 18.0), arm(1.0, 30.0, 40.0))
@@ -313,28 +317,35 @@ def test_the_probe_asks_for_a_restart_arm_once_and_goes_on_from_it_only_when_it_
         observation.probe.update(start=33.0, lr=0.01, step=11, restarts=[restart])
         return observation
 
-    supervisor.evidence(aligned(11, -0.1))
+    supervisor.evidence(kept(11, -0.1))
     decision = supervisor.decide(restarted(3.4))
     assert (decision.action, decision.restart) == ("halve", "restart-x0.0625-at-11")
     assert decision.factor == pytest.approx(1 / 16) and "restart" in decision.explanation
     # The restart arm's 11 steps came out of the budget: every other decision is probed now.
-    assert supervisor.evidence(aligned(21, -0.1)) is None
-    assert "one decision in 2 is probed" in supervisor.decide(aligned(21, -0.1)).explanation
-    assert supervisor.evidence(aligned(31, -0.1))["factors"] == [0.5, 1.0]  # a lowering won: lower still
-    supervisor.evidence(aligned(11, -0.1))  # a new run
+    assert supervisor.evidence(kept(21, -0.1)) is None
+    assert "one decision in 2 is probed" in supervisor.decide(kept(21, -0.1)).explanation
+    assert supervisor.evidence(kept(31, -0.1))["factors"] == [0.5, 1.0]  # a lowering won: lower still
+    supervisor.evidence(kept(11, -0.1))  # a new run
     worse = supervisor.decide(restarted(33.0))  # no lower than the run now: the probe's own move
     assert (worse.action, worse.restart, worse.factor) == ("halve", None, 0.5)
 
 
-def aligned(step, alignment, max_steps=60, interval=10):
+def aligned(step, alignment, max_steps=60, interval=10, start_kept=False):
     """An observation at `step` whose update alignment since the evaluation before last is `alignment`
-    (None: none logged)."""
+    (None: none logged), of a run that keeps its start or not."""
     from selfsteer.agents.observation import Observation
 
     evals = list(range(interval, step, interval))
     points = [] if alignment is None else [(s, alignment) for s in range(1, step + 1)]
     evals = [(s, 4.0) for s in evals]
-    return Observation(step=step, lr=0.01, max_steps=max_steps, eval_loss=evals, update_alignment=points)
+    return Observation(
+        step=step,
+        lr=0.01,
+        max_steps=max_steps,
+        eval_loss=evals,
+        update_alignment=points,
+        start_kept=start_kept,
+    )
 
 
 def test_the_directed_probe_follows_the_alignment_escalates_raises_only_and_keeps_to_its_budget():

@@ -286,6 +286,7 @@ class Bridge:
             "branch": self.branch,
             "url": self.url,
             "world_size": self.world_size,
+            "start_kept": self.start is not None,
             "metrics": dict(self._last_metrics),
         }
 
@@ -359,8 +360,8 @@ class Bridge:
         self._last_log = (time.perf_counter(), ctx.step)
         # Before any checkpoint: every saved scheduler state then says whether an lr is held constant.
         optim.make_holdable(ctx.lr_scheduler)
-        if self.config.keep_start and self._resume is None and ctx.optimizer is not None:
-            self.start = snapshots.take(ctx.model, ctx.optimizer, ctx.lr_scheduler, ctx.step)
+        if self._resume is None:  # None: a copy of a small model's weights
+            self.start = snapshots.start(ctx, self.config.keep_start, ALIGNMENT_AUTO_MAX_PARAMS)
         self.boundary(ctx)
 
     def boundary(self, ctx: StepContext) -> None:

@@ -38,7 +38,8 @@ class BridgeConfig:
     start_paused: bool = False
     # An in-memory copy of the run before its first step (the weights; the optimizer holds no state yet),
     # from which a probe can train restart arms: a start found too high, measured from the start again.
-    keep_start: bool = False
+    # None: kept when the trained parameters are few enough for update_alignment's auto rule (50M).
+    keep_start: bool | None = None
     # Log `update_alignment` every optimizer step: the cosine between the step's gradient and the previous
     # step's update, reversed (the hypergradient's sign; trainer_bridge/alignment.py). Costs one float32
     # copy of the trained parameters (on every rank) and a copy, a subtraction and a dot product a step.

@@ -110,6 +110,7 @@ class RunState(Record):
     paused: bool = Field(description="held by a pause command: no step is taken until resume")
     url: str | None
     world_size: int
+    start_kept: bool = Field(False, description="a copy of step 0 is kept: a probe can train restart arms")
     metrics: dict[str, Number] = Field(description="The latest value of each metric; null: NaN or infinite.")
 
 

@@ -235,9 +235,6 @@ class RecipeRun:
                 resume_run_id=resume.run_id if resume else None,
                 resume_checkpoint=resume.checkpoint if resume else None,
                 announce=False,  # the caller says where the run is served (selfsteer train prints it)
-                # A copy of the weights at step 0, where a probe's restart arms start (a replay runs the
-                # original's again).
-                keep_start=supervisor is not None or replay_of is not None,
             )
             self.trainer = InteractiveTrainer(**kwargs, bridge=config, data_factories=workload.data_factories)
             self.bridge = self.trainer.bridge

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from selfsteer.trainer_bridge.alignment import trained_parameters
 from selfsteer.trainer_bridge.checkpoints import rng_state, set_rng_state
 from selfsteer.trainer_bridge.optim import unwrap_scheduler
 
@@ -56,6 +57,16 @@ def nbytes(snapshot: Snapshot) -> int:
     for state in snapshot.optimizer.get("state", {}).values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def start(ctx: Any, wanted: bool | None, auto_max_params: int) -> Snapshot | None:
+    """The run before its first step (a StepContext's), for a probe's restart arms: when `wanted`, or
+    (None) when the optimizer trains at most `auto_max_params` parameters."""
+    if ctx.optimizer is None:
+        return None
+    if wanted is None:
+        wanted = trained_parameters(ctx.optimizer) <= auto_max_params
+    return take(ctx.model, ctx.optimizer, ctx.lr_scheduler, ctx.step) if wanted else None
 
 
 def keep(bridge: Any, name: str, snapshot: Snapshot) -> dict:

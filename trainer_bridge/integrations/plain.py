@@ -72,7 +72,7 @@ class Steer:
         commands: CommandRegistry | None = None,
         announce: bool = True,
         start_paused: bool = False,
-        keep_start: bool = False,
+        keep_start: bool | None = None,
         replay_of: str | None = None,
         update_alignment: bool | None = None,
     ):
@@ -87,7 +87,8 @@ class Steer:
         probes (default `evaluate`; one that draws random batches draws the same ones each time).
         batch_size: examples per optimizer step on one process (for samples/s).
         start_paused: hold at step 0 until a `resume` (a supervisor or a person looks first).
-        keep_start: keep a copy of the weights at step 0, for a probe's restart arms (`BridgeConfig`).
+        keep_start: keep a copy of the weights at step 0, for a probe's restart arms (`BridgeConfig`;
+        default: for a model of at most 50M trained parameters).
         replay_of: a run of this loop in the same store whose journaled commands are applied again at
         their steps (the loop itself must be the same, with the same seed; a run that went back to an
         earlier step replays each command at its first visit of its step). update_alignment: log the
