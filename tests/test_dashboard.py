@@ -505,8 +505,9 @@ def test_a_probe_shows_as_a_table_of_its_arms_with_the_winner_marked(tmp_path, o
     snapshot; the probe card shows one row per arm with the numbers the journal holds (lr, slice loss
     after the steps, estimate at the horizon, change against x1), the winner marked, and a caption with
     the step, steps per arm, horizon and cost. A second probe, sent over the API where the loop held
-    itself again, has an arm that overflows: it shows as the latest, its diverged arm says so, and the
-    first can still be picked. The history shows the run's probe too."""
+    itself again, has an arm that overflows and a restart arm from the run's start: it shows as the
+    latest, its diverged arm says so, its restart arm shows against the run's loss now, and the first
+    can still be picked. The history shows the run's probe too."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -567,7 +568,7 @@ def test_a_probe_shows_as_a_table_of_its_arms_with_the_winner_marked(tmp_path, o
         # Resumed from the page; the loop holds at step 10, where a probe with an arm at 64 x the lr comes.
         page.by_id("run-resume").click()
         page.wait_until(lambda: steer.step == 10 and steer.bridge.paused, "the loop to hold at step 10")
-        second = client.wait(client.probe(factors=[0.5, 1.0, 2.0, 64.0])["uuid"])
+        second = client.wait(client.probe(factors=[0.5, 1.0, 2.0, 64.0], restart=[0.25])["uuid"])
         assert second["status"] == "success" and second["step"] == 10, second
         overflowed = second["result"]["arms"][3]
         assert overflowed["diverged"] and overflowed["final"] is None and overflowed["estimate"] is None
@@ -654,3 +655,19 @@ def assert_probe_table(page: Page, command: dict) -> None:
         else:
             assert _number(cell["change"]) == pytest.approx((arm["estimate"] / keep - 1) * 100, abs=0.051)
     assert [a["factor"] for a in result["arms"]].count(result["best_factor"]) == 1
+    # Restart arms (from the run's start), each loss against the run's now; none: no table.
+    restarts = page.by_id("probe-restarts").get_by_test_id("probe-restart")
+    assert restarts.count() == len(result.get("restarts") or [])
+    for i, arm in enumerate(result.get("restarts") or []):
+        row = restarts.nth(i)
+        assert float(row.get_attribute("data-factor")) == arm["factor"]
+        assert _number(row.get_by_test_id("probe-restart-lr").inner_text()) == pytest.approx(
+            arm["lr"], rel=5e-3
+        )
+        assert _number(row.get_by_test_id("probe-restart-final").inner_text()) == pytest.approx(
+            arm["final"], rel=1e-3
+        )
+        change = (arm["final"] / result["start"] - 1) * 100
+        assert _number(row.get_by_test_id("probe-restart-change").inner_text()) == pytest.approx(
+            change, abs=0.051
+        )

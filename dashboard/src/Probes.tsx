@@ -1,11 +1,12 @@
 // The run's probes (trainer_bridge/probe.py): each arm trained a few steps at a multiple of the lr from the
 // same snapshot, then the run was put back. The latest probe shows as a table, an earlier one when picked
 // by its step: each arm's lr, its slice loss after the steps, its estimate at the horizon and how that
-// estimate compares with the ×1 arm's (the run's own lr); the winner (lowest estimate) is marked.
+// estimate compares with the ×1 arm's (the run's own lr); the winner (lowest estimate) is marked. Restart
+// arms (trained from the run's start) show below, each loss against the run's now.
 
 import { useState } from "react";
 import { fmtChange, fmtFactor, fmtLr, fmtNum } from "./format";
-import type { Command, ProbeArm, ProbeResult } from "./types";
+import type { Command, ProbeArm, ProbeRestart, ProbeResult } from "./types";
 
 /** The table of a probe that succeeded; null for anything else (pending, failed, another command). */
 export function probeResult(command: Command): ProbeResult | null {
@@ -153,7 +154,48 @@ function ProbeTable({ result, uuid }: { result: ProbeResult; uuid: string }) {
           })}
         </tbody>
       </table>
+      {result.restarts && result.restarts.length > 0 && <RestartTable restarts={result.restarts} now={result.start} />}
     </>
+  );
+}
+
+/** Restart arms: from the run's start at a multiple of its whole schedule, as many steps as the run had
+ * trained, so each loss compares with the run's now as measured (no estimate). */
+function RestartTable({ restarts, now }: { restarts: ProbeRestart[]; now: number | null }) {
+  return (
+    <table className="table probe-table" data-testid="probe-restarts">
+      <thead>
+        <tr>
+          <th title="trained from the run's start, the whole schedule times this">from the start</th>
+          <th>lr</th>
+          <th className="num" title="the eval slice's loss after as many steps as the run had trained">
+            after {restarts[0]?.train_loss.length}
+          </th>
+          <th className="num" title="against the run's slice loss now (lower is better)">
+            vs now
+          </th>
+        </tr>
+      </thead>
+      <tbody>
+        {restarts.map((arm) => {
+          const change = arm.final !== null && now !== null && now > 0 ? (arm.final / now - 1) * 100 : null;
+          return (
+            <tr key={arm.factor} data-testid="probe-restart" data-factor={arm.factor}>
+              <td className="mono">{fmtFactor(arm.factor)}</td>
+              <td className="mono" data-testid="probe-restart-lr">
+                {fmtLr(arm.lr)}
+              </td>
+              <td className="num" data-testid="probe-restart-final">
+                {arm.final === null ? "diverged" : fmtNum(arm.final)}
+              </td>
+              <td className={`num${change !== null && change < 0 ? " probe-lower" : ""}`} data-testid="probe-restart-change">
+                {fmtChange(change)}
+              </td>
+            </tr>
+          );
+        })}
+      </tbody>
+    </table>
   );
 }
 

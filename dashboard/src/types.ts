@@ -46,6 +46,16 @@ export interface ProbeArm {
   diverged: boolean;
 }
 
+/** A restart arm: from the run's start, the whole schedule times `factor`, as many steps as the run had
+ * trained; `final` is its eval-slice loss then (null: not finite), to compare with the run's now (`start`). */
+export interface ProbeRestart {
+  factor: number;
+  lr: number;
+  train_loss: (number | null)[];
+  final: number | null;
+  checkpoint: string; // the in-memory checkpoint it ended as
+}
+
 export interface ProbeResult {
   step: number;
   lr: number;
@@ -53,6 +63,7 @@ export interface ProbeResult {
   horizon: number;
   start: number | null;
   arms: ProbeArm[];
+  restarts?: ProbeRestart[]; // absent in probes journaled before restart arms existed
   best_factor: number | null; // the arm with the lowest estimate; null: every arm diverged
   cost_steps: number; // optimizer steps the probe trained, all arms together
   seconds: number;
