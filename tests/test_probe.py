@@ -397,31 +397,36 @@ def probed_at(step, *arms):
     return observation
 
 
-def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, one_torch_thread):
+def probed_run(tmp_path, lr: float) -> tuple[dict, Store, list]:
+    """A tiny run of 30 steps (an evaluation every 10) from `lr`, held at each evaluation for the probe
+    supervisor, which pauses it while deciding. Returns its summary, its store and its recipe."""
     from selfsteer.agents.registry import make_supervisor
     from selfsteer.graphs.supervise import run_supervision
 
     def supervise(control, stop):
         run_supervision(
-            control,
-            make_supervisor("probe"),
-            db=str(tmp_path / "graph.sqlite"),
-            stop_event=stop,
+            control, make_supervisor("probe"), db=str(tmp_path / "graph.sqlite"), stop_event=stop,
             pause_while_deciding=True,
-        )
+        )  # the held probe # fmt: skip
 
     recipe = load_recipe(
-        "tiny", ["training.learning_rate=1e-4", "training.max_steps=30", "training.eval_steps=10"]
+        "tiny", [f"training.learning_rate={lr:e}", "training.max_steps=30", "training.eval_steps=10"]
     )
     run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
                     hold_for_supervisor=True)  # the held run of test_run_control's # fmt: skip
     try:
         summary = run.train()
-        probes = [c for c in run.bridge.store.list_commands(run.run_id) if c["type"] == "probe"]
-        decisions = run.bridge.store.list_decisions(run.run_id)
-        losses = [m for m in run.bridge.store.get_metrics(run.run_id) if m["name"] == "loss"]
     finally:
         run.close()
+    return summary, Store(tmp_path / "runs.sqlite"), recipe
+
+
+def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, one_torch_thread):
+    summary, store, _ = probed_run(tmp_path, 1e-4)
+    run_id = summary["run_id"]
+    probes = [c for c in store.list_commands(run_id) if c["type"] == "probe"]
+    decisions = store.list_decisions(run_id)
+    losses = [m for m in store.get_metrics(run_id) if m["name"] == "loss"]
     assert (
         len(decisions) == 2 and len(probes) == 2
     )  # an evaluation at 10 and 20, a probe before each decision
@@ -443,28 +448,11 @@ def test_the_probe_supervisor_steers_a_real_run_from_a_too_low_start(tmp_path, o
 def test_from_a_far_too_high_start_the_probe_measures_a_restart_and_goes_on_from_it(
     tmp_path, one_torch_thread
 ):
-    from selfsteer.agents.registry import make_supervisor
-    from selfsteer.graphs.supervise import run_supervision
-
-    def supervise(control, stop):
-        run_supervision(
-            control, make_supervisor("probe"), db=str(tmp_path / "graph.sqlite"), stop_event=stop,
-            pause_while_deciding=True,
-        )  # the held probe of the test above # fmt: skip
-
-    recipe = load_recipe(
-        "tiny", ["training.learning_rate=1.0", "training.max_steps=30", "training.eval_steps=10"]
-    )
-    run = RecipeRun(recipe, tmp_path / "out", db=tmp_path / "runs.sqlite", port=0, supervisor=supervise,
-                    hold_for_supervisor=True)  # the held run of test_run_control's # fmt: skip
-    try:
-        summary = run.train()
-        journal = run.bridge.store.list_commands(run.run_id)
-        decisions = run.bridge.store.list_decisions(run.run_id)
-        eval_loss = {(m["branch"], m["step"]): m["value"] for m in run.bridge.store.get_metrics(run.run_id)
-                     if m["name"] == "eval_loss"}  # by branch and step # fmt: skip
-    finally:
-        run.close()
+    summary, store, recipe = probed_run(tmp_path, 1.0)
+    journal = store.list_commands(summary["run_id"])
+    decisions = store.list_decisions(summary["run_id"])
+    eval_loss = {(m["branch"], m["step"]): m["value"] for m in store.get_metrics(summary["run_id"])
+                 if m["name"] == "eval_loss"}  # by branch and step # fmt: skip
     # lr 1.0 wrecks tiny within its first 10 steps. At the first decision the probe lowers, and an arm
     # trained from the start at x1/16 for as many steps measures far lower than the run: the run goes on
     # from that arm, in a new branch.
