@@ -48,7 +48,7 @@ from selfsteer.agents.intervener_data import (
 from selfsteer.agents.llm.chat import LocalChatModel, _with_format_instruction, best_choice
 from selfsteer.agents.llm.local_engines import forget_local_engine
 from selfsteer.agents.llm.weights import load_embedded_model
-from selfsteer.agents.supervisors import LLMSupervisor, RuleSupervisor, decide_or_fall_back
+from selfsteer.agents.supervisors import LLMSupervisor, decide_or_fall_back
 from selfsteer.trainer_bridge.records import ACTIONS, strict_json
 
 ADAPTER_DIR = Path(__file__).parent / "intervener"  # the shipped adapter (adapter_model.safetensors)
@@ -407,26 +407,36 @@ def _half_precision(path: Path) -> None:
 
 
 def score_rows(
-    rows: list[CounterfactualRow], margin: float, adapter: str | Path | None = None, explain: int = 20
+    rows: list[CounterfactualRow],
+    margin: float,
+    adapter: str | Path | None = None,
+    explain: int = 20,
+    policies: tuple[str, ...] = ("keep", "rule"),
 ) -> dict:
-    """The model's decisions on labelled rows against their labels and outcomes, beside the baselines
-    that need no model (always keep, the rule supervisor): accuracy (with a 95% Wilson interval), mean
-    regret of the chosen action, and for the first `explain` rows the full answer with its grounding."""
+    """The model's decisions on labelled rows against their labels and outcomes, beside `policies` that
+    need no model (supervisors by name, each made afresh for every run's rows, deciding from the row's
+    observation: `hypergradient` reads its update alignment, `probe:full` its probe table where the rows
+    were collected with `--probe`): accuracy (with a 95% Wilson interval), mean regret of the chosen
+    action, and for the first `explain` rows the full answer with its grounding."""
+    from selfsteer.agents.registry import make_supervisor
 
     # the model writes its own explanations, for the card; its actions are the template mode's (tested)
     supervisor = IntervenerSupervisor(adapter, explanations="model") if adapter is not None else None
     data = examples(rows, margin, supervisor.strategy_name if supervisor else STRATEGY)
-    rule = RuleSupervisor()
-    chosen: dict[str, list[str]] = {"keep": [], "rule": []}
+    chosen: dict[str, list[str]] = {name: [] for name in policies}
     if supervisor is not None:
         chosen["intervener"] = []
-    answers, latencies = [], []
+    answers, latencies, made = [], [], {}
 
     pairs = zip(rows, data, strict=True)
     for index, (row, example) in enumerate(tqdm(pairs, total=len(rows), desc="scoring", unit="row")):
         observation = observation_of(row)
-        chosen["keep"].append("keep")
-        chosen["rule"].append(rule.decide(observation).action)
+        if made.get("run") != row.run:  # a supervisor remembers its run: a new one for each run
+            made = {"run": row.run, **{name: make_supervisor(name) for name in policies if name != "keep"}}
+        for name in policies:
+            chosen[name].append(
+                "keep" if name == "keep" else decide_or_fall_back(made[name], observation).action
+            )
         if supervisor is None:
             continue
         if index < explain:

@@ -29,7 +29,8 @@ from selfsteer.trainer_bridge.records import ACTIONS
 
 STRATEGY = "intervener"  # the table of lr and losses per evaluation
 SIGNALS = "intervener_signals"  # the loss's moves in %, its spread, the lr as multiples; no table
-STRATEGIES = (STRATEGY, SIGNALS)
+EVIDENCE = "intervener_evidence"  # the signals and the probe's arms against x1 (rows collected with --probe)
+STRATEGIES = (STRATEGY, SIGNALS, EVIDENCE)
 # The median: the probes' spread is heavy-tailed (a run near divergence lands 10% apart under another data
 # order: the 90% quantile measured 11%, which labels nearly every row "keep"), so its robust scale is the
 # typical noise; an action must beat keep by more than that. See `selfsteer decisions export`.
@@ -110,6 +111,8 @@ def explain(observation: Observation, action: str, strategy: str = STRATEGY) -> 
     """A short reason for `action`, citing only numbers of the strategy's prompt."""
     if strategy == SIGNALS:
         return _explain_signals(observation, action)
+    if strategy == EVIDENCE:
+        return _explain_evidence(observation, action)
     rows = [line.split(" | ") for line in observation.table().splitlines()[1:]]
     lr = rows[-1][1] if rows else f"{observation.lr:.3g}"
     evals = [r[3] for r in rows if r[3] not in ("-", "nan")]
@@ -176,6 +179,24 @@ def _explain_signals(observation: Observation, action: str) -> str:
     if move[1] == "rose":
         return f"{moved}; no change is clearly better, so keep the rate."
     return f"{moved}: steady progress, so keep the rate."
+
+
+_ARM = re.compile(r"^x(\S+): (.*) now, (.*) extrapolated", re.MULTILINE)
+
+
+def _explain_evidence(observation: Observation, action: str) -> str:
+    """The probe's arm in the action's direction, as the prompt states it against x1; the signals' reason
+    where the probe has no such arm."""
+    arms = {float(factor): (now, later) for factor, now, later in _ARM.findall(observation.probe_text())}
+    factor = {"double": max(arms, default=1.0), "halve": min(arms, default=1.0)}.get(action)
+    if factor is not None and factor != 1.0:
+        now, later = arms[factor]
+        return (
+            f"In the probe x{factor:g} {now} now and {later} extrapolated against x1, so {action} the rate."
+        )
+    if action == "keep" and len(arms) > 1:
+        return "No other lr in the probe is clearly better than x1, so keep the rate."
+    return _explain_signals(observation, action)
 
 
 def numbers(text: str) -> set[str]:

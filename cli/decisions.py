@@ -92,6 +92,14 @@ def add_parser(subparsers, name: str) -> None:
         "--horizon", type=int, default=None, help="steps each branch trains (default: to the next decision)"
     )
     collect.add_argument(
+        "--probe",
+        action="store_true",
+        help="probe each decision point first, as `--supervisor probe:full` does (x0.5, x1 and x2 of the lr, "
+        "4 steps each from an exact snapshot, extrapolated to two evaluation intervals): each row's "
+        "observation carries the table, so a probe supervisor can be scored on the rows (`intervener "
+        "validate`)",
+    )
+    collect.add_argument(
         "--shard", default="0/1", help="I/N: collect every N-th run from the I-th (default 0/1)"
     )
     collect.add_argument("--limit", type=int, default=None, help="collect at most this many runs")

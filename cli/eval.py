@@ -42,13 +42,15 @@ def add_parser(subparsers, name: str) -> None:
     suite.add_argument(
         "--recipes",
         default="tiny,small",
-        help="workloads: recipes, or the held-out deep-rmsprop, deep-narrow-adagrad, wide-shallow-adafactor and deep-thin-sgd "
+        help="workloads: recipes, or the held-out deep-rmsprop, deep-narrow-adagrad, wide-shallow-adafactor, deep-thin-sgd and "
+        "mid-nesterov-restarts "
         "(never collected or tuned on; docs/held-out-workloads.md) (default tiny,small)",
     )
     suite.add_argument(
         "--held-out",
         action="store_true",
-        help="the held-out cells: --recipes deep-rmsprop,deep-narrow-adagrad,wide-shallow-adafactor,deep-thin-sgd --supervisors "
+        help="the held-out cells: --recipes deep-rmsprop,deep-narrow-adagrad,wide-shallow-adafactor,deep-thin-sgd,"
+        "mid-nesterov-restarts --supervisors "
         "static,cosine,plateau,rule,llm:intervener,intervener (unless given)",
     )
     suite.add_argument(

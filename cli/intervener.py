@@ -67,3 +67,29 @@ def add_parser(subparsers, name: str) -> None:
     calibrate.add_argument(
         "--seed", type=int, default=0, help="the training seed (the sample draws from seed + 1)"
     )
+    validate = actions.add_parser(
+        "validate",
+        help="score supervisors on labelled decision rows: accuracy, regret",
+        description="Scores policies on counterfactual rows (`decisions collect`; label: the best action at "
+        "the rows' horizon, keep unless another beats it by the noise margin the rows' own noise branches "
+        "measure): accuracy against the label with a 95% Wilson interval, mean regret of the chosen action "
+        "(relative to the best action's eval loss, capped at 1), and the actions chosen. The model-free "
+        "policies decide from each row's observation: `hypergradient` from its update alignment, "
+        "`probe:full` from its probe table (rows collected with --probe; without one it keeps). Writes "
+        "--out (JSON) and prints a table.",
+    )
+    validate.add_argument(
+        "--data", nargs="+", required=True, metavar="DIR", help="folders from `decisions collect`"
+    )
+    validate.add_argument("--seeds", default=None, help="only the rows of these seeds (default: every row)")
+    validate.add_argument(
+        "--adapter",
+        default="intervener",
+        help="the intervener to score: intervener (the shipped adapter, default), an adapter folder, or none",
+    )
+    validate.add_argument(
+        "--policies",
+        default="keep,rule,hypergradient,probe:full",
+        help="model-free supervisors to score beside it (default keep,rule,hypergradient,probe:full)",
+    )
+    validate.add_argument("--out", default=None, help="write the scores here (JSON)")

@@ -29,7 +29,7 @@ of any recipe (a built-in name or a YAML file) with `--set` overrides (`RunSpec.
 (the recipe's name with what the overrides change, in brackets; `training.optim`; the scheduler type
 with its warm-up), so `workload_key(row.spec)` names the workload of a row of either kind.
 
-Held-out workloads (HELD_OUT, HELD_OUT_2) are refused by construction: no spec with a held-out model
+Held-out workloads (evals/held_out.py) are refused by construction: no spec with a held-out model
 shape, optimizer family or schedule, or a start lr of the held-out cells can be collected, from the
 grid or from a recipe (whose resolved model section, optimizer and schedule are compared).
 
@@ -46,19 +46,32 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache, partial
+from types import SimpleNamespace
 
 import torch
 
 from selfsteer.agents.counterfactual_rows import Behaviour, CounterfactualRow
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision, decide_or_fall_back
+from selfsteer.evals.held_out import (
+    EVALUATION_WORKLOADS,
+    HELD_OUT,
+    HELD_OUT_2,
+    HELD_OUT_SCHEDULES,
+    HELD_OUT_SHAPES,
+)
 from selfsteer.trainer_bridge import snapshots
-from selfsteer.trainer_bridge.commands import LR_BOUNDS  # the supervision loop's clamp
+from selfsteer.trainer_bridge.alignment import UpdateAlignment
+from selfsteer.trainer_bridge.commands import LR_BOUNDS, ProbeArgs  # LR_BOUNDS: the supervision loop's clamp
 from selfsteer.trainer_bridge.records import ACTIONS
 
 PROBE = "keep_reseeded"  # the noise probe's branch name
+# A probed run's probe at each decision point (`RunSpec.probe`): what `--supervisor probe:full` asks for, on
+# the slice the HF adapter measures (the first 64 eval examples).
+PROBE_ARGS = ProbeArgs(factors=[0.5, 1.0, 2.0], steps=4)
+PROBE_SLICE = 64
 
 # Model shapes, as recipe overrides. "deep" is held out.
 SHAPES: dict[str, tuple[str, list[str]]] = {
@@ -79,6 +92,7 @@ SHAPES: dict[str, tuple[str, list[str]]] = {
         "small",
         ["model.n_layer=6", "model.n_embd=48", "model.n_head=4", "data.eval_blocks=128"],
     ),
+    "mid": ("small", ["model.n_layer=2", "model.n_embd=80", "model.n_head=5", "data.eval_blocks=128"]),
 }
 # Optimizers: HF `optim` plus its `optim_args`. RMSprop is held out.
 OPTIMIZERS: dict[str, list[str]] = {
@@ -93,6 +107,10 @@ SCHEDULES: dict[str, list[str]] = {
     "cosine_warmup": ["training.lr_scheduler_type=cosine", "training.warmup_steps=6"],
     "inverse_sqrt_warmup": ["training.lr_scheduler_type=inverse_sqrt", "training.warmup_steps=6"],
     "constant_warmup": ["training.lr_scheduler_type=constant_with_warmup", "training.warmup_steps=10"],
+    "cosine_restarts": [
+        "training.lr_scheduler_type=cosine_with_restarts",
+        "training.lr_scheduler_kwargs={num_cycles: 3}",
+    ],
 }
 # Where each optimizer learns well on these workloads (measured with static runs), and the start
 # multipliers around it: far too low to far too high.
@@ -100,58 +118,6 @@ SCHEDULES: dict[str, list[str]] = {
 # 3e-4 3.07, 1e-3 3.39, 3e-3 3.40, 1e-2 3.54, 3e-2 3.67, 0.1 5.97.
 GOOD_LR = {"adamw": 1e-2, "sgd": 0.1, "rmsprop": 3e-4}
 START_MULTIPLIERS = (1 / 64, 1 / 8, 1, 8, 64)
-# Never collected: a model shape, an optimizer, and the start lrs of the held-out cells. The lr-suite's held-out cells
-# come from here (evals/lr_suite.py WORKLOADS["deep-rmsprop"]).
-HELD_OUT = {"shape": "deep", "optimizer": "rmsprop", "start_lrs": (1e-5, 3e-4, 3e-2)}
-# A second held-out workload, defined before issue 25's supervisors were tuned (docs/held-out-workloads.md):
-# its shape, optimizer family and schedule are each never collected. Its start lrs are 1/32, 1 and 32
-# times the best of a static grid (60 steps, seed 0: 1e-3 4.46, 3e-3 3.63, 1e-2 3.21, 3e-2 3.26,
-# 1e-1 3.21, 3e-1 3.38, 1.0 3.46).
-HELD_OUT_2 = {
-    "shape": "deep-narrow",
-    "optimizer": "adagrad",
-    "schedule": "cosine_warmup",
-    "start_lrs": (3.125e-4, 1e-2, 0.32),
-}
-# A third, defined 2026-12-07 before anything ran on it (docs/held-out-workloads.md): its shape and schedule are
-# refused; its optimizer, Adafactor, only reflector-heldout's evaluation rows used (nothing trains on it). Start
-# lrs 1/32, 1 and 32 times the best of a static grid (60 steps, seed 0: 1e-5 4.98, 1e-4 4.00, 3e-4 3.26,
-# 1e-3 2.86, 3e-3 2.92, 1e-2 3.16, 3e-2 3.50, 0.1 3.64, 0.3 4.51, 1.0 72.9).
-HELD_OUT_3 = {
-    "shape": "wide-shallow",
-    "optimizer": "adafactor",
-    "schedule": "inverse_sqrt_warmup",
-    "start_lrs": (3.125e-5, 1e-3, 3.2e-2),
-}
-# A fourth, defined 2026-12-07 before anything ran on it, to judge a change to the probe that its first three had
-# motivated (docs/held-out-workloads.md): its shape and schedule are refused; plain SGD (no momentum) is a setting
-# no supervisor was tuned on (the grid's SGD has momentum 0.9). Start lrs: 1/32, 1 and 32 times the best of a
-# static grid (60 steps, seed 0: 0.03 3.84, 0.1 3.51, 0.3 3.46, 1.0 3.92, 3.0 4.75, 10 10.7).
-HELD_OUT_4 = {
-    "shape": "deep-thin",
-    "optimizer": "sgd-plain",
-    "schedule": "constant_warmup",
-    "start_lrs": (9.375e-3, 0.3, 9.6),
-}
-HELD_OUT_SHAPES = (HELD_OUT["shape"], HELD_OUT_2["shape"], HELD_OUT_3["shape"], HELD_OUT_4["shape"])
-HELD_OUT_SCHEDULES = (HELD_OUT_2["schedule"], HELD_OUT_3["schedule"], HELD_OUT_4["schedule"])
-# Workloads collected only to evaluate on (docs/held-out-workloads.md), never trained on: a reflector's
-# (issue 26). They are recipe runs, refused like any other where their shape, optimizer or schedule is
-# held out, but their start lrs may be HELD_OUT's (a grid of half-decades passes 3e-4 and 3e-2): those
-# rows are evaluation rows themselves. `evaluation_workload(spec)` says whether a row is one of them.
-EVALUATION_WORKLOADS = {
-    "reflector-heldout": {  # defined 2026-12-06 for issue 26
-        "recipe": "tiny",
-        "overrides": (
-            "model.n_layer=2", "model.n_embd=48", "model.n_head=3", "training.optim=adafactor",
-            "training.lr_scheduler_type=linear", "training.warmup_steps=0", "training.max_steps=60",
-            "training.eval_steps=10", "training.per_device_train_batch_size=8",
-        ),
-        "lrs": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
-        "seeds": (0, 1, 2, 3),
-        "policy": "random",
-    },
-}  # the overrides as --set takes them # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -174,6 +140,7 @@ class RunSpec:
     eval_steps: int = 10  # a decision point after each evaluation, as the supervision loop does
     horizon: int | None = None  # steps each branch runs (default: to the next decision point)
     policy: str = "random"  # who picks the action the run takes: random | keep | rule | intervener | ...
+    probe: bool = False  # probe each decision point first (PROBE_ARGS): its observation carries the table
     base_recipe: str | None = None  # a recipe run: the recipe (built-in name or YAML file); None: the grid
     overrides: tuple[str, ...] = ()  # a recipe run's `--set KEY=VALUE`s, applied in this order
 
@@ -220,6 +187,7 @@ class RunSpec:
         seed: int = 0,
         policy: str = "random",
         horizon: int | None = None,
+        probe: bool = False,
         max_steps: int | None = None,
         eval_steps: int | None = None,
         batch_size: int | None = None,
@@ -234,6 +202,7 @@ class RunSpec:
             seed=seed,
             policy=policy,
             horizon=horizon,
+            probe=probe,
             max_steps=max_steps or workload["max_steps"],
             eval_steps=eval_steps or workload["eval_steps"],
             batch_size=batch_size or workload["batch_size"],
@@ -245,7 +214,7 @@ class RunSpec:
     def id(self) -> str:
         return (
             f"{self.shape}-{self.optimizer}-{self.schedule}-b{self.batch_size}-lr{self.lr:.3g}-s{self.seed}"
-            f"-{self.policy.replace(':', '_').replace('/', '_')}"
+            f"-{self.policy.replace(':', '_').replace('/', '_')}{'-probed' if self.probe else ''}"
         )
 
     @property
@@ -356,8 +325,13 @@ def resolve_recipe(recipe: str, overrides: tuple[str, ...]) -> dict:
             held.append(f"optimizer: {family} is a held-out family")
     for name in HELD_OUT_SCHEDULES:
         held_schedule = dict(o.split("=", 1) for o in SCHEDULES[name])
-        if held_schedule["training.lr_scheduler_type"] in schedule and training.warmup_steps:
-            held.append(f"schedule: {held_schedule['training.lr_scheduler_type']} with warm-up is held out")
+        warms_up = "training.warmup_steps" in held_schedule  # held out with warm-up only, or at all
+        if held_schedule["training.lr_scheduler_type"] in schedule and (
+            training.warmup_steps or not warms_up
+        ):
+            held.append(
+                f"schedule: {held_schedule['training.lr_scheduler_type']}{' with warm-up' * warms_up} is held out"
+            )
 
     def integer(key: str, default: int) -> int:
         value = resolved["training"].get(key)
@@ -475,6 +449,8 @@ class CounterfactualRun:
         )
         trainer.create_optimizer_and_scheduler(num_training_steps=spec.max_steps)
         self.optimizer, self.scheduler = trainer.optimizer, trainer.lr_scheduler
+        self.alignment = UpdateAlignment()  # as the core logs it: the hypergradient and the probe read it
+        self.alignment.attach(self.optimizer)
         self.step = 0
         self.metrics: list[dict] = []  # {step, name, value}, as the Trainer logs them
         self.data_seed = spec.seed if data_seed is None else data_seed
@@ -515,10 +491,12 @@ class CounterfactualRun:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            alignment = self.alignment.take()
             for name, value in (
                 ("loss", loss.item()),
                 ("grad_norm", grad_norm.item()),
                 ("learning_rate", lr),
+                *((("update_alignment", alignment),) if alignment is not None else ()),
             ):
                 self.metrics.append({"step": self.step, "name": name, "value": value})
 
@@ -547,6 +525,50 @@ class CounterfactualRun:
             self.metrics, step=self.step, lr=self.lr, max_steps=self.spec.max_steps
         )
 
+    # -- probes: the core's, as a live run under the Trainer is probed -----------------------------------
+
+    def probe(self) -> dict:
+        """The core's probe (trainer_bridge/probe.py) from this step, PROBE_ARGS's arms extrapolated to two
+        evaluation intervals (at most the steps left), the state put back exactly."""
+        from selfsteer.trainer_bridge.loop import StepContext
+        from selfsteer.trainer_bridge.probe import run_probe
+
+        horizon = max(PROBE_ARGS.steps, min(2 * self.spec.eval_steps, self.spec.max_steps - self.step))
+        ctx = StepContext(
+            bridge=None, args=self.args, state=SimpleNamespace(global_step=self.step), control=None,
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            train_step=self._probe_step, eval_slice=self._eval_slice,
+        )  # what run_probe reads of a boundary # fmt: skip
+        self.alignment.active = False  # the arms' steps are not the run's
+        try:
+            return run_probe(ctx, PROBE_ARGS.model_copy(update={"horizon": horizon}))
+        finally:
+            self.alignment.active = True
+
+    def _probe_step(self, i: int) -> float:
+        """One step on the i-th probe batch: drawn as the HF adapter draws them, from (seed, step, i)."""
+        generator = torch.Generator().manual_seed((self.spec.seed * 1_000_003 + self.step) * 1009 + i)
+        ids = torch.randint(
+            len(self.train_data), (self.args.per_device_train_batch_size,), generator=generator
+        )
+        batch = torch.stack([self.train_data[int(j)]["input_ids"] for j in ids]).to(self.model.device)
+        loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    @torch.no_grad()
+    def _eval_slice(self) -> float:
+        self.model.eval()
+        n = min(PROBE_SLICE, len(self.eval_data))
+        ids = torch.stack([self.eval_data[i]["input_ids"] for i in range(n)]).to(self.model.device)
+        loss = self.model(input_ids=ids, labels=ids).loss.item()
+        self.model.train()
+        return loss
+
     # -- snapshots --------------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
@@ -556,6 +578,7 @@ class CounterfactualRun:
     def restore(self, snapshot: Snapshot) -> None:
         snapshots.restore(snapshot.state, self.model, self.optimizer, self.scheduler)
         self.step, self.metrics = snapshot.step, list(snapshot.metrics)
+        self.alignment.forget()  # the last update was another branch's
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -600,6 +623,8 @@ def collect_run(
         interval()
         while run.step < spec.max_steps:
             observation = run.observation()
+            if spec.probe:
+                observation = replace(observation, probe=run.probe())
             decision = decide(observation)
             taken.append(decision.action)
             if not forks:

@@ -29,7 +29,7 @@ each run under every supervisor:
   schedule. Its runs do not depend on the start, so the cells of one workload and seed share one run
   (its row repeated with `same_run_as`). On the held-out workload these two replace its RMSprop.
 Workloads are built-in recipes, or the held-out workload `deep-rmsprop` (a model shape, an optimizer and
-start learning rates that counterfactual collection never runs: evals/counterfactual.py HELD_OUT).
+start learning rates that counterfactual collection never runs: evals/held_out.py HELD_OUT).
 Extra static runs at other learning rates complete a grid, so that each run's *regret* can be taken
 against the best static learning rate of that grid (same workload and seed).
 
@@ -56,15 +56,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from selfsteer.evals.counterfactual import (
-    HELD_OUT,
-    HELD_OUT_2,
-    HELD_OUT_3,
-    HELD_OUT_4,
-    OPTIMIZERS,
-    SCHEDULES,
-    SHAPES,
-)
+from selfsteer.evals.counterfactual import OPTIMIZERS, SCHEDULES, SHAPES
+from selfsteer.evals.held_out import HELD_OUT, HELD_OUT_2, HELD_OUT_3, HELD_OUT_4, HELD_OUT_5
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, ROWS
 from selfsteer.trainer_bridge.records import strict_json
 
@@ -79,6 +72,7 @@ DEFAULT_LRS = {
         zip(("too_low", "good", "too_high"), HELD_OUT_3["start_lrs"], strict=True)
     ),
     "deep-thin-sgd": dict(zip(("too_low", "good", "too_high"), HELD_OUT_4["start_lrs"], strict=True)),
+    "mid-nesterov-restarts": dict(zip(("too_low", "good", "too_high"), HELD_OUT_5["start_lrs"], strict=True)),
 }
 DEFAULT_GRID = {
     "tiny": [1e-3, 5e-2, 0.2],
@@ -87,6 +81,7 @@ DEFAULT_GRID = {
     "deep-narrow-adagrad": [3e-3, 3e-2, 1e-1],
     "wide-shallow-adafactor": [1e-4, 3e-4, 3e-3, 1e-2, 1e-1],
     "deep-thin-sgd": [3e-2, 0.1, 1.0, 3.0],
+    "mid-nesterov-restarts": [1e-2, 3e-2, 0.3, 1.0],
 }
 # Workloads that are not plain recipes: (recipe, overrides).
 WORKLOADS = {
@@ -123,6 +118,16 @@ WORKLOADS = {
             "training.optim=sgd",  # torch's SGD as the Trainer builds it: no momentum
             *SCHEDULES[HELD_OUT_4["schedule"]],
             "training.per_device_train_batch_size=12",
+        ],
+    ),
+    "mid-nesterov-restarts": (  # held out, since 2026-12-07 (docs/held-out-workloads.md)
+        SHAPES[HELD_OUT_5["shape"]][0],
+        [
+            *SHAPES[HELD_OUT_5["shape"]][1],
+            "training.optim=sgd",
+            "training.optim_args=momentum=0.95,nesterov=True",
+            *SCHEDULES[HELD_OUT_5["schedule"]],
+            "training.per_device_train_batch_size=10",
         ],
     ),
 }

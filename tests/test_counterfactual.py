@@ -26,15 +26,8 @@ from selfsteer.agents.intervener_data import (
 )
 from selfsteer.agents.observation import Observation
 from selfsteer.evals.check_calibration import SHIPPED
-from selfsteer.evals.counterfactual import (
-    HELD_OUT,
-    HELD_OUT_2,
-    HELD_OUT_3,
-    HELD_OUT_4,
-    RunSpec,
-    collect_run,
-    default_specs,
-)
+from selfsteer.evals.counterfactual import RunSpec, collect_run, default_specs
+from selfsteer.evals.held_out import HELD_OUT, HELD_OUT_2, HELD_OUT_3, HELD_OUT_4
 from selfsteer.evals.lr_suite import DEFAULT_LRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

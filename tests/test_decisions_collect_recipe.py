@@ -8,14 +8,8 @@ import pytest
 
 from selfsteer.agents.intervener_data import read_rows
 from selfsteer.cli.main import main
-from selfsteer.evals.counterfactual import (
-    EVALUATION_WORKLOADS,
-    HELD_OUT,
-    RunSpec,
-    default_specs,
-    evaluation_workload,
-    workload_key,
-)
+from selfsteer.evals.counterfactual import RunSpec, default_specs, evaluation_workload, workload_key
+from selfsteer.evals.held_out import EVALUATION_WORKLOADS, HELD_OUT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

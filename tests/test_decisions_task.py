@@ -20,7 +20,8 @@ import pytest
 from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.agents.intervener_data import noise_margin, read_rows, regret
 from selfsteer.cli.main import main
-from selfsteer.evals.counterfactual import EVALUATION_WORKLOADS, workload_key
+from selfsteer.evals.counterfactual import workload_key
+from selfsteer.evals.held_out import EVALUATION_WORKLOADS
 from selfsteer.evals.tasks import decisions, load_task
 from selfsteer.graphs.reflect import ReflectConfig, reflection_reward, run_episodes
 from selfsteer.trainer_bridge.records import ACTIONS

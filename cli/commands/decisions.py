@@ -59,6 +59,8 @@ def _collect(args: argparse.Namespace) -> int:
             specs = recipe_specs(args.recipe, args.set, lrs, seeds, policy=args.policy)
         if args.horizon is not None:
             specs = [replace(s, horizon=args.horizon) for s in specs]
+        if args.probe:
+            specs = [replace(s, probe=True) for s in specs]
         shard = _shard(args.shard)
     except ValueError as error:
         print(f"selfsteer decisions collect: {error}", file=sys.stderr)

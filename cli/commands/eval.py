@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from selfsteer.agents.registry import BUILT_IN
-from selfsteer.evals.lr_suite import SuiteConfig
+from selfsteer.evals.lr_suite import WORKLOADS, SuiteConfig
 from selfsteer.evals.lr_suite_names import BASELINES, DEFAULT_SUPERVISORS, HELD_OUT_SUPERVISORS, POPULATIONS
 from selfsteer.evals.lr_suite_run import main
 
@@ -16,11 +16,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipes, supervisors = args.recipes, args.supervisors
     if args.held_out:
-        recipes = (
-            "deep-rmsprop,deep-narrow-adagrad,wide-shallow-adafactor,deep-thin-sgd"
-            if recipes == "tiny,small"
-            else recipes
-        )
+        recipes = ",".join(WORKLOADS) if recipes == "tiny,small" else recipes
         supervisors = (
             ",".join(HELD_OUT_SUPERVISORS) if supervisors == ",".join(DEFAULT_SUPERVISORS) else supervisors
         )

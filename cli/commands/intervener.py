@@ -1,5 +1,5 @@
-"""`selfsteer intervener train|calibrate`: TRL's parser of IntervenerConfig, the training and the
-calibration."""
+"""`selfsteer intervener train|calibrate|validate`: TRL's parser of IntervenerConfig, the training, the
+calibration and the scoring on labelled rows."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 from selfsteer.agents.intervener import (
+    ADAPTER_DIR,
     IntervenerConfig,
     calibrate,
     calibration_sample,
+    score_rows,
     split,
     train_intervener,
 )
-from selfsteer.agents.intervener_data import read_rows
+from selfsteer.agents.intervener_data import noise_margin, read_rows
 from selfsteer.cli.commands.config_parser import ConfigParser
 from selfsteer.cli.intervener import TRAIN_DESCRIPTION
 from selfsteer.trainer_bridge.records import strict_json
@@ -41,6 +43,8 @@ def parse_train_args(argv: list[str]) -> IntervenerConfig:
 def run(args: argparse.Namespace) -> int:
     if args.action == "calibrate":
         return _calibrate(args)
+    if args.action == "validate":
+        return _validate(args)
 
     config = parse_train_args(args.args)
     try:
@@ -73,4 +77,39 @@ def _calibrate(args: argparse.Namespace) -> int:
     bias = calibrate(args.adapter, calibration_sample(train_rows, args.rows, args.seed))
     print(strict_json({"choice_bias": {"action": bias}}, indent=1))
     print(f"-> {Path(args.adapter) / 'calibration.json'}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    adapter = {"intervener": ADAPTER_DIR, "none": None}.get(args.adapter, args.adapter)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        print(f"selfsteer intervener validate: {adapter} is not an adapter folder", file=sys.stderr)
+        return 2
+    try:
+        rows = read_rows(args.data)
+        if args.seeds is not None:
+            seeds = {int(s) for s in args.seeds.split(",") if s.strip()}
+            rows = [row for row in rows if row.spec["seed"] in seeds]
+        if not rows:
+            raise ValueError("no rows to score (check --data and --seeds)")
+        margin = noise_margin(rows)
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        scores = score_rows(rows, margin, adapter=adapter, explain=0, policies=policies)
+    except ValueError as error:
+        print(f"selfsteer intervener validate: {error}", file=sys.stderr)
+        return 2
+    scores = {"rows": len(rows), "margin": margin, **scores}
+    print(f"{len(rows)} rows, noise margin {margin:.2%}, labels {scores['labels']}\n")
+    print("| policy | accuracy [95% CI] | mean regret | actions |\n| --- | --- | --- | --- |")
+    for name in [*policies, *(["intervener"] if adapter is not None else [])]:
+        score = scores[name]
+        low, high = score["accuracy_ci95"]
+        print(
+            f"| {name} | {score['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {score['mean_regret']:.4f} "
+            f"| {score['actions']} |"
+        )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(strict_json(scores, indent=1) + "\n")
+        print(f"-> {args.out}")
     return 0
