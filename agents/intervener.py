@@ -34,6 +34,7 @@ from selfsteer.agents.chat_models import make_chat_model
 from selfsteer.agents.counterfactual_rows import CounterfactualRow, IntervenerExample
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener_data import (
+    BASELINES,
     STRATEGIES,
     STRATEGY,
     examples,
@@ -360,7 +361,7 @@ def train_intervener(config: IntervenerConfig) -> dict:
         metrics["choice_bias"] = calibrate(
             output, calibration_sample(train_rows, config.calibration_rows, config.seed)
         )
-    metrics["validation"] = score_rows(validation_rows, margin, adapter=output)
+    metrics["validation"] = score_rows(validation_rows, margin, adapter=output, policies=BASELINES)
     (output / "metrics.json").write_text(strict_json(metrics, indent=1))
     (output / "README.md").write_text(model_card(config, metrics))
     return metrics
@@ -570,9 +571,7 @@ relative to the best action's (capped at 1), averaged.
 
 | policy | accuracy | mean regret | actions |
 | --- | --- | --- | --- |
-{row("intervener")}
-{row("keep")}
-{row("rule")}
+{chr(10).join(row(name) for name in ("intervener", *BASELINES))}
 
 Labels: {validation["labels"]}. The model's own explanations grounded (every number in the prompt, at
 most {MAX_WORDS} words; others are replaced by the factual template at decision time):

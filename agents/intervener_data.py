@@ -35,6 +35,9 @@ STRATEGIES = (STRATEGY, SIGNALS, EVIDENCE)
 # order: the 90% quantile measured 11%, which labels nearly every row "keep"), so its robust scale is the
 # typical noise; an action must beat keep by more than that. See `selfsteer decisions export`.
 NOISE_QUANTILE = 0.5
+# Scored beside an adapter on labelled rows (agents/intervener.py score_rows): no model, each deciding from the
+# row's observation (the probe from its probe table, where the rows were collected with --probe; else it keeps).
+BASELINES = ("keep", "rule", "hypergradient", "probe:full")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?")
 
 

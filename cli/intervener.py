@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from selfsteer.agents.intervener_data import BASELINES
 from selfsteer.cli.common import add_config_command
 
 DESCRIPTION = """\
@@ -89,7 +90,7 @@ def add_parser(subparsers, name: str) -> None:
     )
     validate.add_argument(
         "--policies",
-        default="keep,rule,hypergradient,probe:full",
-        help="model-free supervisors to score beside it (default keep,rule,hypergradient,probe:full)",
+        default=",".join(BASELINES),
+        help=f"model-free supervisors to score beside it (default {','.join(BASELINES)})",
     )
     validate.add_argument("--out", default=None, help="write the scores here (JSON)")

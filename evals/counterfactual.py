@@ -230,8 +230,11 @@ class RunSpec:
         return load_recipe(base, recipe_overrides(self, shape))
 
     def to_dict(self) -> dict:
-        """What rows and summaries store: a grid cell as it always was (without the recipe fields)."""
+        """What rows and summaries store: a grid cell as it always was (without the recipe fields), an
+        unprobed run without `probe`."""
         spec = asdict(self)
+        if not self.probe:
+            del spec["probe"]
         if self.base_recipe is None:
             del spec["base_recipe"], spec["overrides"]
         else:

@@ -27,7 +27,7 @@ from selfsteer.agents.intervener_data import (
 from selfsteer.agents.observation import Observation
 from selfsteer.evals.check_calibration import SHIPPED
 from selfsteer.evals.counterfactual import RunSpec, collect_run, default_specs
-from selfsteer.evals.held_out import HELD_OUT, HELD_OUT_2, HELD_OUT_3, HELD_OUT_4
+from selfsteer.evals.held_out import HELD_OUT, HELD_OUT_2, HELD_OUT_3, HELD_OUT_4, HELD_OUT_5
 from selfsteer.evals.lr_suite import DEFAULT_LRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,6 +81,8 @@ def test_held_out_workloads_are_never_collected():
         {"schedule": HELD_OUT_3["schedule"]},
         {"shape": HELD_OUT_4["shape"]},  # the fourth: its shape and schedule (plain SGD is no grid optimizer)
         {"schedule": HELD_OUT_4["schedule"]},
+        {"shape": HELD_OUT_5["shape"]},  # the fifth: its shape and schedule
+        {"schedule": HELD_OUT_5["schedule"]},
         *({"lr": lr} for lr in held_lrs),
         *({"lr": lr * 1.0005} for lr in held_lrs),  # the same cell, written with rounding
     ):

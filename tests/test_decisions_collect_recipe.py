@@ -84,6 +84,7 @@ DEEP = ["model.n_layer=3", "model.n_embd=96", "model.n_head=4"]  # on small: HEL
 DEEP_NARROW = ["model.n_layer=4", "model.n_embd=64", "model.n_head=4"]  # on small: HELD_OUT_2's
 WIDE_SHALLOW = ["model.n_layer=1", "model.n_embd=192", "model.n_head=6"]  # on small: HELD_OUT_3's
 DEEP_THIN = ["model.n_layer=6", "model.n_embd=48", "model.n_head=4"]  # on small: HELD_OUT_4's
+MID = ["model.n_layer=2", "model.n_embd=80", "model.n_head=5"]  # on small: HELD_OUT_5's
 
 
 @pytest.mark.parametrize(
@@ -100,10 +101,12 @@ DEEP_THIN = ["model.n_layer=6", "model.n_embd=48", "model.n_head=4"]  # on small
         ("tiny", ["training.lr_scheduler_type=inverse_sqrt", "training.warmup_steps=6"], 1e-2, "inverse_sqrt with warm-up"),
         ("small", DEEP_THIN, 1e-2, "the held-out shape 'deep-thin''s"),
         ("tiny", ["training.lr_scheduler_type=constant_with_warmup", "training.warmup_steps=10"], 1e-2, "constant_with_warmup with warm-up"),
+        ("small", MID, 1e-2, "the held-out shape 'mid''s"),
+        ("tiny", ["training.lr_scheduler_type=cosine_with_restarts"], 1e-2, "cosine_with_restarts is held out"),
         *(("tiny", [], lr * 1.0005, "start lr") for lr in HELD_OUT["start_lrs"]),
     ],
     ids=["deep", "deep-other-data", "deep-narrow", "rmsprop", "adagrad", "cosine-warmup", "cosine-warmup-ratio",
-         "wide-shallow", "inverse-sqrt-warmup", "deep-thin", "constant-warmup", "lr-1e-5", "lr-3e-4", "lr-3e-2"],
+         "wide-shallow", "inverse-sqrt-warmup", "deep-thin", "constant-warmup", "mid", "cosine-restarts", "lr-1e-5", "lr-3e-4", "lr-3e-2"],
 )  # one row per held-out workload # fmt: skip
 def test_held_out_workloads_are_refused_whatever_the_recipe(recipe, overrides, lr, why):
     with pytest.raises(ValueError, match="held out for evaluation") as refused:

@@ -16,7 +16,7 @@ from selfsteer.agents.intervener import (
     split,
     train_intervener,
 )
-from selfsteer.agents.intervener_data import noise_margin, read_rows
+from selfsteer.agents.intervener_data import BASELINES, noise_margin, read_rows
 from selfsteer.cli.commands.config_parser import ConfigParser
 from selfsteer.cli.intervener import TRAIN_DESCRIPTION
 from selfsteer.trainer_bridge.records import strict_json
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"selfsteer intervener train: {error}", file=sys.stderr)
         return 2
     validation = metrics["validation"]
-    print(strict_json({k: validation[k] for k in ("intervener", "keep", "rule", "labels")}, indent=1))
+    print(strict_json({k: validation[k] for k in ("intervener", *BASELINES, "labels")}, indent=1))
     print(f"adapter, card and metrics -> {config.output_dir}")
     return 0
 
