@@ -35,8 +35,11 @@ from selfsteer.agents.counterfactual_rows import CounterfactualRow, IntervenerEx
 from selfsteer.agents.decision import LRDecision
 from selfsteer.agents.intervener_data import (
     BASELINES,
+    EVIDENCE,
+    EVIDENCE_STEPS,
     STRATEGIES,
     STRATEGY,
+    evidence_probe,
     examples,
     explain,
     grounded,
@@ -106,6 +109,16 @@ class IntervenerSupervisor(LLMSupervisor):
                 explanation=(str, Field(default="", max_length=0, description=described.description)),
             )
             self._decide = chat_model.with_structured_output(self._schema, include_raw=True)
+
+    def evidence(self, observation) -> dict | None:
+        """An adapter trained on probed rows (strategy intervener_evidence) decides from the probe they
+        carried: the same one is run before each decision. Others need none."""
+        if self.strategy_name != EVIDENCE:
+            return None
+        evals = [step for step, _ in observation.eval_loss]
+        interval = evals[-1] - evals[-2] if len(evals) >= 2 else (evals[-1] if evals else EVIDENCE_STEPS)
+        left = observation.max_steps - observation.step if observation.max_steps else None
+        return evidence_probe(max(interval, 1), left)
 
     def messages(self, observation) -> list[tuple[str, str]]:
         messages = super().messages(observation)

@@ -35,10 +35,24 @@ STRATEGIES = (STRATEGY, SIGNALS, EVIDENCE)
 # order: the 90% quantile measured 11%, which labels nearly every row "keep"), so its robust scale is the
 # typical noise; an action must beat keep by more than that. See `selfsteer decisions export`.
 NOISE_QUANTILE = 0.5
+# The probe an evidence intervener's rows carry (`decisions collect --probe`) and the one it asks for live: what
+# `probe:full` asks, x0.5, x1 and x2, 4 steps each, extrapolated to two evaluation intervals (`evidence_probe`).
+EVIDENCE_FACTORS, EVIDENCE_STEPS = (0.5, 1.0, 2.0), 4
 # Scored beside an adapter on labelled rows (agents/intervener.py score_rows): no model, each deciding from the
 # row's observation (the probe from its probe table, where the rows were collected with --probe; else it keeps).
 BASELINES = ("keep", "rule", "hypergradient", "probe:full")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def evidence_probe(interval: int, steps_left: int | None) -> dict:
+    """The probe args of an evidence intervener's decision: every factor, extrapolated to two evaluation
+    intervals, at most the steps left (and at least the arms' steps)."""
+    horizon = 2 * interval if steps_left is None else min(2 * interval, steps_left)
+    return {
+        "factors": list(EVIDENCE_FACTORS),
+        "steps": EVIDENCE_STEPS,
+        "horizon": max(EVIDENCE_STEPS, horizon),
+    }
 
 
 # -----------------------------------------------------------------------------------------------------

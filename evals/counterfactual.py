@@ -53,6 +53,7 @@ from types import SimpleNamespace
 import torch
 
 from selfsteer.agents.counterfactual_rows import Behaviour, CounterfactualRow
+from selfsteer.agents.intervener_data import evidence_probe
 from selfsteer.agents.observation import Observation
 from selfsteer.agents.supervisors import Decision, decide_or_fall_back
 from selfsteer.evals.held_out import (
@@ -68,9 +69,8 @@ from selfsteer.trainer_bridge.commands import LR_BOUNDS, ProbeArgs  # LR_BOUNDS:
 from selfsteer.trainer_bridge.records import ACTIONS
 
 PROBE = "keep_reseeded"  # the noise probe's branch name
-# A probed run's probe at each decision point (`RunSpec.probe`): what `--supervisor probe:full` asks for, on
-# the slice the HF adapter measures (the first 64 eval examples).
-PROBE_ARGS = ProbeArgs(factors=[0.5, 1.0, 2.0], steps=4)
+# A probed run's probe at each decision point (`RunSpec.probe`): an evidence intervener's (agents/intervener_data.py
+# evidence_probe), on the slice the HF adapter measures (the first 64 eval examples).
 PROBE_SLICE = 64
 
 # Model shapes, as recipe overrides. "deep" is held out.
@@ -140,7 +140,7 @@ class RunSpec:
     eval_steps: int = 10  # a decision point after each evaluation, as the supervision loop does
     horizon: int | None = None  # steps each branch runs (default: to the next decision point)
     policy: str = "random"  # who picks the action the run takes: random | keep | rule | intervener | ...
-    probe: bool = False  # probe each decision point first (PROBE_ARGS): its observation carries the table
+    probe: bool = False  # probe each decision point first (as an evidence intervener asks): its observation carries the table
     base_recipe: str | None = None  # a recipe run: the recipe (built-in name or YAML file); None: the grid
     overrides: tuple[str, ...] = ()  # a recipe run's `--set KEY=VALUE`s, applied in this order
 
@@ -531,12 +531,11 @@ class CounterfactualRun:
     # -- probes: the core's, as a live run under the Trainer is probed -----------------------------------
 
     def probe(self) -> dict:
-        """The core's probe (trainer_bridge/probe.py) from this step, PROBE_ARGS's arms extrapolated to two
-        evaluation intervals (at most the steps left), the state put back exactly."""
+        """The core's probe (trainer_bridge/probe.py) from this step, as an evidence intervener asks for it
+        (`evidence_probe`), the state put back exactly."""
         from selfsteer.trainer_bridge.loop import StepContext
         from selfsteer.trainer_bridge.probe import run_probe
 
-        horizon = max(PROBE_ARGS.steps, min(2 * self.spec.eval_steps, self.spec.max_steps - self.step))
         ctx = StepContext(
             bridge=None, args=self.args, state=SimpleNamespace(global_step=self.step), control=None,
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
@@ -544,7 +543,9 @@ class CounterfactualRun:
         )  # what run_probe reads of a boundary # fmt: skip
         self.alignment.active = False  # the arms' steps are not the run's
         try:
-            return run_probe(ctx, PROBE_ARGS.model_copy(update={"horizon": horizon}))
+            return run_probe(
+                ctx, ProbeArgs(**evidence_probe(self.spec.eval_steps, self.spec.max_steps - self.step))
+            )
         finally:
             self.alignment.active = True
 

@@ -4,6 +4,7 @@ supervisors scored on labelled rows (`intervener validate`)."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -85,3 +86,25 @@ def test_validate_refuses_what_it_cannot_score(tmp_path, capsys):
     assert "no collected data" in capsys.readouterr().err
     assert main(["intervener", "validate", "--data", str(tmp_path), "--adapter", str(tmp_path)]) == 2
     assert "not an adapter folder" in capsys.readouterr().err
+
+
+def test_an_evidence_adapter_asks_for_the_probe_its_rows_carried(collected, tmp_path):
+    from selfsteer.agents.intervener import ADAPTER_DIR, IntervenerSupervisor
+
+    *_, probed_rows = collected
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER_DIR, adapter)
+    metrics = json.loads((adapter / "metrics.json").read_text())
+    (adapter / "metrics.json").write_text(json.dumps({**metrics, "strategy": EVIDENCE}))
+    table_reader, evidence_reader = IntervenerSupervisor(), IntervenerSupervisor(adapter)
+    for row in probed_rows:
+        observation = row.observed
+        assert table_reader.evidence(observation) is None  # the shipped adapter reads the table: no probe
+        wanted = evidence_reader.evidence(observation)
+        table = observation.probe  # what collection ran at this decision point
+        assert wanted == {"factors": [0.5, 1.0, 2.0], "steps": table["steps"], "horizon": table["horizon"]}
+        prompt = evidence_reader.messages(observation)[-1][1]
+        assert observation.probe_text() in prompt and "Learning rate:" in prompt
+        decision = evidence_reader.decide(observation)
+        assert decision.action in ("double", "halve", "keep") and not decision.fallback
+        assert grounded(decision.explanation, prompt)
