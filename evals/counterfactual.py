@@ -29,6 +29,12 @@ of any recipe (a built-in name or a YAML file) with `--set` overrides (`RunSpec.
 (the recipe's name with what the overrides change, in brackets; `training.optim`; the scheduler type
 with its warm-up), so `workload_key(row.spec)` names the workload of a row of either kind.
 
+A probed run (`--probe`) first probes each decision point with the core's probe (trainer_bridge/probe.py), as
+an evidence intervener asks for it live (`intervener_data.evidence_probe`: x0.5, x1, x2, 4 steps each), and the
+row's observation carries the table, so a supervisor that decides from a probe can be trained and scored on the
+rows; the probe puts the state back exactly, so the run and its branches are the unprobed run's to the last digit.
+Every run logs the update alignment as the core does (trainer_bridge/alignment.py).
+
 Held-out workloads (evals/held_out.py) are refused by construction: no spec with a held-out model
 shape, optimizer family or schedule, or a start lr of the held-out cells can be collected, from the
 grid or from a recipe (whose resolved model section, optimizer and schedule are compared).
@@ -140,7 +146,7 @@ class RunSpec:
     eval_steps: int = 10  # a decision point after each evaluation, as the supervision loop does
     horizon: int | None = None  # steps each branch runs (default: to the next decision point)
     policy: str = "random"  # who picks the action the run takes: random | keep | rule | intervener | ...
-    probe: bool = False  # probe each decision point first (as an evidence intervener asks): its observation carries the table
+    probe: bool = False  # probe each decision point first (evidence_probe): its row's observation carries it
     base_recipe: str | None = None  # a recipe run: the recipe (built-in name or YAML file); None: the grid
     overrides: tuple[str, ...] = ()  # a recipe run's `--set KEY=VALUE`s, applied in this order
 
