@@ -37,7 +37,7 @@ HELD_OUT_4 = {
     "schedule": "constant_warmup",
     "start_lrs": (9.375e-3, 0.3, 9.6),
 }
-# A fifth, defined 2026-12-07 before the evidence intervener (agents/intervener/evidence) was trained
+# A fifth, defined 2026-12-07 before the evidence intervener (docs/lr-suite-probe/evidence) was trained
 # (docs/held-out-workloads.md): its shape and its schedule are refused; SGD with Nesterov momentum 0.95 is a setting
 # nothing was collected or tuned on (the grid's SGD: momentum 0.9, no Nesterov). Start lrs: 1/32, 1 and 32 times
 # the best of a static grid (60 steps, seed 0: 3e-3 3.95, 1e-2 3.47, 3e-2 3.28, 0.1 3.15, 0.3 3.29, 1.0 3.47).
