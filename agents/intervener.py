@@ -115,10 +115,9 @@ class IntervenerSupervisor(LLMSupervisor):
         carried: the same one is run before each decision. Others need none."""
         if self.strategy_name != EVIDENCE:
             return None
-        evals = [step for step, _ in observation.eval_loss]
-        interval = evals[-1] - evals[-2] if len(evals) >= 2 else (evals[-1] if evals else EVIDENCE_STEPS)
         left = observation.max_steps - observation.step if observation.max_steps else None
-        return evidence_probe(max(interval, 1), left)
+        interval = observation.eval_interval()
+        return evidence_probe(max(EVIDENCE_STEPS if interval is None else interval, 1), left)
 
     def messages(self, observation) -> list[tuple[str, str]]:
         messages = super().messages(observation)

@@ -96,6 +96,14 @@ class Observation:
         until = self.eval_loss[-1][0] if self.eval_loss and self.eval_loss[-1][0] > since else self.step
         return [v for s, v in self.update_alignment if since < s <= until and math.isfinite(v)]
 
+    def eval_interval(self) -> int | None:
+        """Steps between the last two evaluations (the first evaluation's step when there is one); None
+        before any evaluation."""
+        evals = [step for step, _ in self.eval_loss]
+        if not evals:
+            return None
+        return evals[-1] - evals[-2] if len(evals) >= 2 else evals[-1]
+
     def mean_alignment(self, since: int | None = None) -> float | None:
         """The mean of `alignments(since)`; None when none was logged there."""
         values = self.alignments(since)

@@ -103,8 +103,8 @@ class ProbeSupervisor(Supervisor):
         self._moves = {step: f for step, f in self._moves.items() if step < observation.step}
         self._unprobed = "no probe was run"
         evals = [s for s, _ in observation.eval_loss]
-        interval = evals[-1] - evals[-2] if len(evals) >= 2 else (evals[-1] if evals else 2 * self.steps)
-        interval = max(interval, 1)
+        interval = observation.eval_interval()
+        interval = max(2 * self.steps if interval is None else interval, 1)
         horizon = self.horizon or 2 * interval
         if observation.max_steps:
             horizon = min(horizon, observation.max_steps - observation.step)

@@ -492,37 +492,44 @@ class CounterfactualRun:
         self.model.train()
         for _ in range(steps):
             lr = self.lr
-            batch = self.batch(self.step, data_seed)
-            loss = self.model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = self._optimizer_step(self.batch(self.step, data_seed))
             self.step += 1
             alignment = self.alignment.take()
             for name, value in (
-                ("loss", loss.item()),
-                ("grad_norm", grad_norm.item()),
+                ("loss", loss),
+                ("grad_norm", grad_norm),
                 ("learning_rate", lr),
                 *((("update_alignment", alignment),) if alignment is not None else ()),
             ):
                 self.metrics.append({"step": self.step, "name": name, "value": value})
 
-    @torch.no_grad()
+    def _optimizer_step(self, batch: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step on `batch`, as the Trainer takes it: its loss and the gradient norm."""
+        loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grad_norm.item()
+
     def evaluate(self) -> float:
+        value = self._eval_loss(len(self.eval_data))
+        self.metrics.append({"step": self.step, "name": "eval_loss", "value": value})
+        return value
+
+    @torch.no_grad()
+    def _eval_loss(self, n: int) -> float:
+        """The mean loss over the first `n` eval examples, in the Trainer's eval batches."""
         self.model.eval()
         size, total, count = self.args.per_device_eval_batch_size, 0.0, 0
-        for start in range(0, len(self.eval_data), size):
-            ids = torch.stack(
-                [self.eval_data[i]["input_ids"] for i in range(start, min(start + size, len(self.eval_data)))]
-            ).to(self.model.device)
+        for start in range(0, n, size):
+            rows = [self.eval_data[i]["input_ids"] for i in range(start, min(start + size, n))]
+            ids = torch.stack(rows).to(self.model.device)
             total += self.model(input_ids=ids, labels=ids).loss.item() * len(ids)
             count += len(ids)
         self.model.train()
-        value = total / count
-        self.metrics.append({"step": self.step, "name": "eval_loss", "value": value})
-        return value
+        return total / count
 
     def set_lr(self, lr: float) -> None:
         from selfsteer.trainer_bridge.optim import set_lr
@@ -562,22 +569,10 @@ class CounterfactualRun:
             len(self.train_data), (self.args.per_device_train_batch_size,), generator=generator
         )
         batch = torch.stack([self.train_data[int(j)]["input_ids"] for j in ids]).to(self.model.device)
-        loss = self.model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return self._optimizer_step(batch)[0]
 
-    @torch.no_grad()
     def _eval_slice(self) -> float:
-        self.model.eval()
-        n = min(PROBE_SLICE, len(self.eval_data))
-        ids = torch.stack([self.eval_data[i]["input_ids"] for i in range(n)]).to(self.model.device)
-        loss = self.model(input_ids=ids, labels=ids).loss.item()
-        self.model.train()
-        return loss
+        return self._eval_loss(min(PROBE_SLICE, len(self.eval_data)))
 
     # -- snapshots --------------------------------------------------------------------------------------
 
