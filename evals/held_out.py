@@ -65,4 +65,16 @@ EVALUATION_WORKLOADS = {
         "seeds": (0, 1, 2, 3),
         "policy": "random",
     },
+    "reflector-heldout-2": {  # defined 2026-12-07 for issue 26, to score the reflector chosen on validation rows
+        "recipe": "tiny",
+        "overrides": (
+            "model.n_layer=3", "model.n_embd=40", "model.n_head=4", "training.optim=adafactor",
+            "training.lr_scheduler_type=warmup_stable_decay", "training.warmup_steps=5",
+            "training.lr_scheduler_kwargs={num_decay_steps: 20}", "training.max_steps=60",
+            "training.eval_steps=10", "training.per_device_train_batch_size=8",
+        ),
+        "lrs": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
+        "seeds": tuple(range(8)),
+        "policy": "random",
+    },
 }  # the overrides as --set takes them # fmt: skip
