@@ -22,7 +22,7 @@ from pathlib import Path
 from statistics import mean
 
 from selfsteer.agents.reflector import reflector_chat
-from selfsteer.evals.tasks import load_task
+from selfsteer.evals.tasks import get_loader, load_task
 from selfsteer.evals.tasks.metrics import bootstrap_ci, wilson_ci
 from selfsteer.graphs.reflect import ReflectConfig, run_episodes
 from selfsteer.trainer_bridge.records import strict_json
@@ -35,8 +35,20 @@ def paired_ci(differences: list[float]) -> tuple[float, float]:
     return bootstrap_ci(differences, n_boot=4000)
 
 
-def evaluate(task: str, reflector: str, policy: str | None, max_tokens: int, n: int | None) -> dict:
-    problems = load_task(task, split="test", n=n, policy=policy)
+def evaluate(
+    task: str,
+    reflector: str,
+    policy: str | None,
+    max_tokens: int,
+    n: int | None,
+    unseen_by: tuple[int, tuple[int, ...]] | None = None,
+) -> dict:
+    """`unseen_by=(N, seeds)`: the train split's items that training with `--n N --seed S` (each S) never
+    drew, for choosing between reflectors without scoring any on test rows; None: the test rows."""
+    if unseen_by is None:
+        problems = load_task(task, split="test", n=n, policy=policy)
+    else:
+        problems = get_loader(task)(split="train", n=n, policy=policy, not_drawn_by=unseen_by)
     failed = [p for p in problems if not p.validate(p.first_answer).passed]
     models = {"trained": reflector_chat(reflector, max_tokens), "untrained": reflector_chat(None, max_tokens)}
     outcomes: dict[str, dict] = {}
@@ -53,7 +65,7 @@ def evaluate(task: str, reflector: str, policy: str | None, max_tokens: int, n: 
             "reflections": [r.reflections[0]["text"] if r.reflections else "" for r in results][:5],
         }
     summary = {
-        "task": task,
+        "task": task if unseen_by is None else f"{task} (train items not drawn by {unseen_by})",
         "n_items": len(problems),
         "n_failed_first": len(failed),
         "first_try_acc": 1 - len(failed) / len(problems) if problems else 0.0,
@@ -68,6 +80,15 @@ def evaluate(task: str, reflector: str, policy: str | None, max_tokens: int, n: 
         summary[f"trained_minus_{other}_ci95"] = list(paired_ci(differences)) if differences else [0.0, 0.0]
     summary["_passed"] = {c: outcomes[c]["passed"] for c in CONDITIONS}
     return summary
+
+
+def unseen_by(text: str) -> tuple[int, tuple[int, ...]]:
+    """N:SEEDS, as `--unseen-by` takes it: 1000:0,1 -> (1000, (0, 1))."""
+    try:
+        n, seeds = text.split(":")
+        return int(n), tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:SEEDS such as 1000:0,1, not {text!r}") from None
 
 
 def pooled(summaries: list[dict]) -> dict:
@@ -139,11 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
         "--max-tokens", type=int, default=48, help="reflection length (default 48, as trained)"
     )
     parser.add_argument("--n", type=int, default=None, help="at most this many test items per task")
+    parser.add_argument(
+        "--unseen-by",
+        type=unseen_by,
+        default=None,
+        metavar="N:SEEDS",
+        help="validation rows instead of test rows: the train split's items that `reflect train --n N` "
+        "with each of these --seed values never drew (e.g. 1000:0,1), to choose between reflectors",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     summaries = [
-        evaluate(t, args.reflector, args.policy, args.max_tokens, args.n) for t in args.tasks.split(",")
+        evaluate(t, args.reflector, args.policy, args.max_tokens, args.n, args.unseen_by)
+        for t in args.tasks.split(",")
     ]
     if len(summaries) > 1:
         summaries.append(pooled(summaries))

@@ -20,6 +20,7 @@ import pytest
 from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.agents.intervener_data import noise_margin, read_rows, regret
 from selfsteer.cli.main import main
+from selfsteer.evals import reflector_eval
 from selfsteer.evals.counterfactual import workload_key
 from selfsteer.evals.held_out import EVALUATION_WORKLOADS
 from selfsteer.evals.tasks import decisions, load_task
@@ -94,6 +95,21 @@ def test_the_split_is_by_workload_and_the_evaluation_workload_is_test_only(rows_
             keys[split].add(workload_key(row.spec))
     assert keys["train"] == {TRAIN_WORKLOAD}
     assert keys["test"] == {TEST_WORKLOAD, "tiny[n_embd=48,n_head=3,n_layer=2]-adafactor-linear"}
+
+
+def test_validation_rows_are_the_train_items_no_training_draw_took(rows_dir):
+    load = decisions.loader(str(rows_dir))
+    train = {p.id for p in load(split="train", policy="keep")}
+    drawn = {s: {p.id for p in load(split="train", n=5, seed=s, policy="keep")} for s in (0, 1)}
+    assert drawn[0] != drawn[1]  # the two seeds draw different items
+    unseen = {p.id for p in load(split="train", policy="keep", not_drawn_by=(5, (0, 1)))}
+    assert unseen == train - drawn[0] - drawn[1] and unseen
+    # The evaluation's option: N:SEEDS, and a clear error for anything else.
+    assert reflector_eval.unseen_by("1000:0,1") == (1000, (0, 1))
+    with pytest.raises(SystemExit):
+        reflector_eval.main(
+            ["--tasks", task(rows_dir), "--reflector", "x", "--unseen-by", "0,1", "--out", "o"]
+        )
 
 
 def test_first_tries_are_the_policys_decisions_and_are_cached(rows_dir):

@@ -128,20 +128,37 @@ def first_tries(directory: Path, rows: list[CounterfactualRow], policy: str) -> 
 # the loader
 
 
+def _draw(rows: list[CounterfactualRow], seed: int) -> list[CounterfactualRow]:
+    """The rows in the order a load with this seed takes them (its first n are the items it returns)."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def loader(directory: str):
     """The task over the rows collected in `directory` (searched recursively for rows.jsonl)."""
     root = Path(directory)
 
     def load(
-        split: str = "train", n: int | None = None, seed: int = 0, policy: str | None = None
+        split: str = "train",
+        n: int | None = None,
+        seed: int = 0,
+        policy: str | None = None,
+        not_drawn_by: tuple[int, tuple[int, ...]] | None = None,
     ) -> list[Problem]:
+        """`not_drawn_by=(N, seeds)` leaves out the items that loading this split with `n=N` and each of
+        these seeds returns: the rows that training runs on those draws never saw (validation rows)."""
         check_split(split)
         rows = [r for r in read_rows([root]) if all(a in r.outcomes for a in ACTIONS)]
         if not rows:
             raise ValueError(f"no decision rows in {root}: collect some with `selfsteer decisions collect`")
         margin = noise_margin(rows)
         chosen = [row for row in rows if split_of_row(row) == split]
-        random.Random(seed).shuffle(chosen)
+        if not_drawn_by is not None:
+            n_drawn, seeds = not_drawn_by
+            drawn = {item_id(row) for s in seeds for row in _draw(chosen, s)[:n_drawn]}
+            chosen = [row for row in chosen if item_id(row) not in drawn]
+        chosen = _draw(chosen, seed)
         chosen = chosen[:n] if n is not None else chosen
         policy_name = policy or DEFAULT_POLICY
         tries = first_tries(root, chosen, policy_name)
