@@ -540,14 +540,14 @@ def _calibration_text(metrics: dict) -> str:
     )
 
 
+def score_row(name: str, score: dict) -> str:
+    """One policy's scores (`score_rows`) as a markdown table row: accuracy [95% CI] | mean regret | actions."""
+    low, high = score["accuracy_ci95"]
+    return f"| {name} | {score['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {score['mean_regret']:.4f} | {score['actions']} |"
+
+
 def model_card(config: IntervenerConfig, metrics: dict) -> str:
     validation = metrics["validation"]
-
-    def row(name: str) -> str:
-        v = validation[name]
-        low, high = v["accuracy_ci95"]
-        return f"| {name} | {v['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {v['mean_regret']:.4f} | {v['actions']} |"
-
     answers = "\n".join(
         f'- label {a["label"]}, answered {a["action"]}: "{a["explanation"]}" (grounded: {a["grounded"]})'
         for a in validation.get("answers", [])[:3]
@@ -583,7 +583,7 @@ relative to the best action's (capped at 1), averaged.
 
 | policy | accuracy | mean regret | actions |
 | --- | --- | --- | --- |
-{chr(10).join(row(name) for name in ("intervener", *BASELINES))}
+{chr(10).join(score_row(name, validation[name]) for name in ("intervener", *BASELINES))}
 
 Labels: {validation["labels"]}. The model's own explanations grounded (every number in the prompt, at
 most {MAX_WORDS} words; others are replaced by the factual template at decision time):

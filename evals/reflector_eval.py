@@ -42,17 +42,20 @@ def evaluate(
     max_tokens: int,
     n: int | None,
     unseen_by: tuple[int, tuple[int, ...]] | None = None,
+    conditions: tuple[str, ...] = CONDITIONS,
 ) -> dict:
     """`unseen_by=(N, seeds)`: the train split's items that training with `--n N --seed S` (each S) never
-    drew, for choosing between reflectors without scoring any on test rows; None: the test rows."""
+    drew, for choosing between reflectors without scoring any on test rows; None: the test rows.
+    `conditions`: a subset of CONDITIONS (the others are not run, nor their differences)."""
     if unseen_by is None:
         problems = load_task(task, split="test", n=n, policy=policy)
     else:
         problems = get_loader(task)(split="train", n=n, policy=policy, not_drawn_by=unseen_by)
     failed = [p for p in problems if not p.validate(p.first_answer).passed]
-    models = {"trained": reflector_chat(reflector, max_tokens), "untrained": reflector_chat(None, max_tokens)}
+    models = {"trained": reflector_chat(reflector, max_tokens) if "trained" in conditions else None}
+    models["untrained"] = reflector_chat(None, max_tokens)
     outcomes: dict[str, dict] = {}
-    for condition in CONDITIONS:
+    for condition in conditions:
         strategy = "retry" if condition == "plain" else "reflect_attempt"
         llm = models.get(condition, models["untrained"])  # plain: the model is never asked
         results = run_episodes(llm, failed, ReflectConfig(strategy=strategy), progress=True)
@@ -70,16 +73,18 @@ def evaluate(
         "n_failed_first": len(failed),
         "first_try_acc": 1 - len(failed) / len(problems) if problems else 0.0,
         "regret_first_mean": mean(p.validate(p.first_answer).cost for p in failed) if failed else 0.0,
-        **{c: {k: v for k, v in outcomes[c].items() if k != "passed"} for c in CONDITIONS},
+        **{c: {k: v for k, v in outcomes[c].items() if k != "passed"} for c in conditions},
     }
-    for other in ("plain", "untrained"):
-        differences = [
-            a - b for a, b in zip(outcomes["trained"]["passed"], outcomes[other]["passed"], strict=True)
-        ]
-        summary[f"trained_minus_{other}"] = mean(differences) if differences else 0.0
-        summary[f"trained_minus_{other}_ci95"] = list(paired_ci(differences)) if differences else [0.0, 0.0]
-    summary["_passed"] = {c: outcomes[c]["passed"] for c in CONDITIONS}
-    return summary
+    summary["_passed"] = {c: outcomes[c]["passed"] for c in conditions}
+    return {**summary, **differences(summary["_passed"])}
+
+
+def conditions(text: str) -> tuple[str, ...]:
+    """--conditions: a comma-separated subset of CONDITIONS, kept in their order."""
+    chosen = {c.strip() for c in text.split(",") if c.strip()}
+    if not chosen or chosen - set(CONDITIONS):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(CONDITIONS)}, not {text!r}")
+    return tuple(c for c in CONDITIONS if c in chosen)
 
 
 def unseen_by(text: str) -> tuple[int, tuple[int, ...]]:
@@ -91,27 +96,41 @@ def unseen_by(text: str) -> tuple[int, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"expected N:SEEDS such as 1000:0,1, not {text!r}") from None
 
 
+def differences(passed: dict[str, list[float]]) -> dict:
+    """trained - plain and trained - untrained, paired on the same items, where both conditions ran."""
+    out: dict = {}
+    for other in ("plain", "untrained"):
+        if "trained" not in passed or other not in passed:
+            continue
+        paired = [a - b for a, b in zip(passed["trained"], passed[other], strict=True)]
+        out[f"trained_minus_{other}"] = mean(paired) if paired else 0.0
+        out[f"trained_minus_{other}_ci95"] = list(paired_ci(paired)) if paired else [0.0, 0.0]
+    return out
+
+
 def pooled(summaries: list[dict]) -> dict:
-    passed = {c: [x for s in summaries for x in s["_passed"][c]] for c in CONDITIONS}
-    out: dict = {"task": "pooled", "n_failed_first": len(passed["plain"])}
-    for c in CONDITIONS:
+    conditions = [c for c in CONDITIONS if all(c in s["_passed"] for s in summaries)]
+    passed = {c: [x for s in summaries for x in s["_passed"][c]] for c in conditions}
+    out: dict = {"task": "pooled", "n_failed_first": sum(s["n_failed_first"] for s in summaries)}
+    for c in conditions:
         out[c] = {
             "retry_acc": mean(passed[c]) if passed[c] else 0.0,
             "retry_ci95": list(wilson_ci(int(sum(passed[c])), len(passed[c]))),
         }
-    for other in ("plain", "untrained"):
-        differences = [a - b for a, b in zip(passed["trained"], passed[other], strict=True)]
-        out[f"trained_minus_{other}"] = mean(differences) if differences else 0.0
-        out[f"trained_minus_{other}_ci95"] = list(paired_ci(differences)) if differences else [0.0, 0.0]
-    return out
+    return {**out, **differences(passed)}
 
 
 def report(summaries: list[dict], reflector: str) -> str:
     def ci(pair) -> str:
         return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
+    def cell(s: dict, key: str, signed: bool = False) -> str:  # a condition or a difference; "-": not run
+        if key in CONDITIONS:
+            return f"{s[key]['retry_acc']:.3f} {ci(s[key]['retry_ci95'])}" if key in s else "-"
+        return f"{s[key]:{'+' if signed else ''}.3f} {ci(s[key + '_ci95'])}" if key in s else "-"
+
     lines = [
-        f"# Reflector on held-out decision rows: {reflector}",
+        f"# Reflector on decision rows: {reflector}",
         "",
         "Retry accuracy on the failed first tries (the shipped intervener's decisions), 95% Wilson intervals;",
         "differences paired on the same items, 95% paired-bootstrap intervals. The failed action is barred in",
@@ -121,12 +140,9 @@ def report(summaries: list[dict], reflector: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
-        cells = [f"{s[c]['retry_acc']:.3f} {ci(s[c]['retry_ci95'])}" for c in CONDITIONS]
-        lines.append(
-            f"| {s['task']} | {s['n_failed_first']} | {' | '.join(cells)} | "
-            f"{s['trained_minus_plain']:+.3f} {ci(s['trained_minus_plain_ci95'])} | "
-            f"{s['trained_minus_untrained']:+.3f} {ci(s['trained_minus_untrained_ci95'])} |"
-        )
+        cells = [cell(s, c) for c in CONDITIONS]
+        cells += [cell(s, f"trained_minus_{other}", signed=True) for other in ("plain", "untrained")]
+        lines.append(f"| {s['task']} | {s['n_failed_first']} | {' | '.join(cells)} |")
     regrets = [s for s in summaries if "regret_first_mean" in s]
     if regrets:
         lines += [
@@ -141,7 +157,7 @@ def report(summaries: list[dict], reflector: str) -> str:
         for s in regrets:
             lines.append(
                 f"| {s['task']} | {s['regret_first_mean']:.4f} | "
-                + " | ".join(f"{s[c]['regret_final_mean']:.4f}" for c in CONDITIONS)
+                + " | ".join(f"{s[c]['regret_final_mean']:.4f}" if c in s else "-" for c in CONDITIONS)
                 + " |"
             )
     return "\n".join(lines) + "\n"
@@ -161,6 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--n", type=int, default=None, help="at most this many test items per task")
     parser.add_argument(
+        "--conditions",
+        default=",".join(CONDITIONS),
+        type=conditions,
+        help=f"which retries to run, comma-separated (default {','.join(CONDITIONS)})",
+    )
+    parser.add_argument(
         "--unseen-by",
         type=unseen_by,
         default=None,
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     summaries = [
-        evaluate(t, args.reflector, args.policy, args.max_tokens, args.n, args.unseen_by)
+        evaluate(t, args.reflector, args.policy, args.max_tokens, args.n, args.unseen_by, args.conditions)
         for t in args.tasks.split(",")
     ]
     if len(summaries) > 1:

@@ -106,10 +106,19 @@ def test_validation_rows_are_the_train_items_no_training_draw_took(rows_dir):
     assert unseen == train - drawn[0] - drawn[1] and unseen
     # The evaluation's option: N:SEEDS, and a clear error for anything else.
     assert reflector_eval.unseen_by("1000:0,1") == (1000, (0, 1))
-    with pytest.raises(SystemExit):
-        reflector_eval.main(
-            ["--tasks", task(rows_dir), "--reflector", "x", "--unseen-by", "0,1", "--out", "o"]
-        )
+    for bad in (["--unseen-by", "0,1"], ["--conditions", "trained,good"]):
+        with pytest.raises(SystemExit):
+            reflector_eval.main(["--tasks", task(rows_dir), "--reflector", "x", "--out", "o", *bad])
+
+
+def test_reflector_eval_runs_only_the_conditions_asked_on_validation_rows(rows_dir, tmp_path):
+    args = ["--tasks", task(rows_dir), "--reflector", "unused", "--policy", "keep", "--unseen-by", "5:0,1"]
+    summary = reflector_eval.main([*args, "--conditions", "plain", "--out", str(tmp_path)])["summaries"][0]
+    unseen = decisions.loader(str(rows_dir))(split="train", policy="keep", not_drawn_by=(5, (0, 1)))
+    failed = [p for p in unseen if not p.validate("keep").passed]
+    assert summary["n_items"] == len(unseen) and summary["n_failed_first"] == len(failed) > 0
+    assert "plain" in summary and "trained" not in summary and "trained_minus_plain" not in summary
+    assert "| - | - | " in (tmp_path / "report.md").read_text()  # trained and untrained: not run
 
 
 def test_first_tries_are_the_policys_decisions_and_are_cached(rows_dir):

@@ -12,6 +12,7 @@ from selfsteer.agents.intervener import (
     IntervenerConfig,
     calibrate,
     calibration_sample,
+    score_row,
     score_rows,
     split,
     train_intervener,
@@ -102,12 +103,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{len(rows)} rows, noise margin {margin:.2%}, labels {scores['labels']}\n")
     print("| policy | accuracy [95% CI] | mean regret | actions |\n| --- | --- | --- | --- |")
     for name in [*policies, *(["intervener"] if adapter is not None else [])]:
-        score = scores[name]
-        low, high = score["accuracy_ci95"]
-        print(
-            f"| {name} | {score['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {score['mean_regret']:.4f} "
-            f"| {score['actions']} |"
-        )
+        print(score_row(name, scores[name]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(strict_json(scores, indent=1) + "\n")
