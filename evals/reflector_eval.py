@@ -13,6 +13,10 @@ The failed action is barred in all three (the actor scores only the others), so 
 reflection has to clear. Per task and pooled: retry accuracy on the failed first tries with 95% Wilson
 intervals, the paired differences (trained - plain, trained - untrained) with 95% paired-bootstrap
 intervals, and the mean regret of the final decisions. Writes OUT/summary.json and OUT/report.md.
+
+To choose between reflectors without scoring any on test rows, `--unseen-by N:SEEDS` scores validation
+rows instead: the train split's items that `reflect train --n N --seed S` drew for none of the seeds
+(docs/reflector/README.md, "A second look"). `--conditions` runs only some of the three retries.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ def evaluate(
     else:
         problems = get_loader(task)(split="train", n=n, policy=policy, not_drawn_by=unseen_by)
     failed = [p for p in problems if not p.validate(p.first_answer).passed]
-    models = {"trained": reflector_chat(reflector, max_tokens) if "trained" in conditions else None}
-    models["untrained"] = reflector_chat(None, max_tokens)
+    models: dict[str, object] = {}  # loaded when a condition first needs one
     outcomes: dict[str, dict] = {}
     for condition in conditions:
         strategy = "retry" if condition == "plain" else "reflect_attempt"
-        llm = models.get(condition, models["untrained"])  # plain: the model is never asked
+        which = "trained" if condition == "trained" else "untrained"  # plain: the model is never asked
+        if which not in models:
+            models[which] = reflector_chat(reflector if which == "trained" else None, max_tokens)
+        llm = models[which]
         results = run_episodes(llm, failed, ReflectConfig(strategy=strategy), progress=True)
         passed = [float(r.passed_final) for r in results]
         outcomes[condition] = {
