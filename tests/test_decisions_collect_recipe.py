@@ -132,6 +132,9 @@ def test_neighbours_of_held_out_workloads_and_the_evaluation_workload_are_collec
         "tiny[n_embd=48,n_head=3,n_layer=2]-adafactor-linear"
     }
     assert {(s.max_steps, s.eval_steps, s.batch_size) for s in specs} == {(60, 10, 8)}
+    for name, other in EVALUATION_WORKLOADS.items():  # every one collectable, its rows named back (test only)
+        runs = [RunSpec.from_recipe(other["recipe"], other["overrides"], lr=lr) for lr in other["lrs"]]
+        assert {evaluation_workload(s.to_dict()) for s in runs} == {name}
     with pytest.raises(ValueError, match="start lr"):  # the same lr on another workload is refused
         RunSpec.from_recipe(workload["recipe"], workload["overrides"][:3], lr=3e-4)
 
