@@ -102,7 +102,6 @@ class ProbeSupervisor(Supervisor):
     def evidence(self, observation: Observation) -> dict | None:
         self._moves = {step: f for step, f in self._moves.items() if step < observation.step}
         self._unprobed = "no probe was run"
-        evals = [s for s, _ in observation.eval_loss]
         interval = observation.eval_interval()
         interval = max(2 * self.steps if interval is None else interval, 1)
         horizon = self.horizon or 2 * interval
@@ -111,7 +110,7 @@ class ProbeSupervisor(Supervisor):
         factors = self._candidates(observation)
         if factors == [1.0]:
             return None  # both ways rolled back from here: nothing to measure
-        first = not self._moves and len(evals) == 1
+        first = not self._moves and len(observation.eval_loss) == 1
         lowering = factors[0] < 1 and factors[-1] == 1.0  # the probe proposes to lower, and only that
         restart = (
             self.restart is not None
