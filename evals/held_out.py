@@ -77,4 +77,16 @@ EVALUATION_WORKLOADS = {
         "seeds": tuple(range(8)),
         "policy": "random",
     },
+    "reflector-heldout-3": {  # defined 2026-12-08 for issue 26, to score a retrained reflector once
+        "recipe": "tiny",
+        "overrides": (
+            "model.n_layer=4", "model.n_embd=32", "model.n_head=2", "training.optim=rmsprop",
+            "training.lr_scheduler_type=polynomial", "training.warmup_steps=5",
+            "training.lr_scheduler_kwargs={power: 2.0}", "training.max_steps=60",
+            "training.eval_steps=10", "training.per_device_train_batch_size=12",
+        ),
+        "lrs": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+        "seeds": tuple(range(8)),
+        "policy": "random",
+    },
 }  # the overrides as --set takes them # fmt: skip

@@ -8,8 +8,12 @@ evaluation-only workloads).
 Three ways to retry each failed first try (the shipped intervener's decision), on the same items:
 - `trained`: the trained reflector writes the reflection, the frozen actor retries with it in context;
 - `untrained`: the same with the untrained embedded model writing the reflection;
-- `plain`: no reflection, only the news of the failure (strategy retry).
-The failed action is barred in all three (the actor scores only the others), so `plain` is the bar a
+- `plain`: no reflection, only the news of the failure (strategy retry);
+- `table` (with `--table-from DIR`): no model at all, a lookup table from the failed action and whether
+  the loss rose after it (both in the failure reason) to the retry that passed most often on the failed
+  first tries of a training draw of DIR's train split (`--table-draw N:SEED`, reflect train's --n and
+  --seed): what the reason alone is worth to a learner.
+The failed action is barred in all of them (the actor scores only the others), so `plain` is the bar a
 reflection has to clear. Per task and pooled: retry accuracy on the failed first tries with 95% Wilson
 intervals, the paired differences (trained - plain, trained - untrained) with 95% paired-bootstrap
 intervals, and the mean regret of the final decisions. Writes OUT/summary.json and OUT/report.md.
@@ -27,11 +31,13 @@ from statistics import mean
 
 from selfsteer.agents.reflector import reflector_chat
 from selfsteer.evals.tasks import get_loader, load_task
+from selfsteer.evals.tasks.decisions import action_of, fit_retry_table, table_retry
 from selfsteer.evals.tasks.metrics import bootstrap_ci, wilson_ci
 from selfsteer.graphs.reflect import ReflectConfig, run_episodes
 from selfsteer.trainer_bridge.records import strict_json
 
-CONDITIONS = ("trained", "untrained", "plain")
+CONDITIONS = ("trained", "untrained", "plain", "table")
+DEFAULT_CONDITIONS = CONDITIONS[:3]
 
 
 def paired_ci(differences: list[float]) -> tuple[float, float]:
@@ -46,11 +52,13 @@ def evaluate(
     max_tokens: int,
     n: int | None,
     unseen_by: tuple[int, tuple[int, ...]] | None = None,
-    conditions: tuple[str, ...] = CONDITIONS,
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS,
+    table: dict[tuple[str, str], str] | None = None,
 ) -> dict:
     """`unseen_by=(N, seeds)`: the train split's items that training with `--n N --seed S` (each S) never
     drew, for choosing between reflectors without scoring any on test rows; None: the test rows.
-    `conditions`: a subset of CONDITIONS (the others are not run, nor their differences)."""
+    `conditions`: a subset of CONDITIONS (the others are not run, nor their differences); `table`, the
+    fitted retry table, is needed for "table"."""
     if unseen_by is None:
         problems = load_task(task, split="test", n=n, policy=policy)
     else:
@@ -59,6 +67,9 @@ def evaluate(
     models: dict[str, object] = {}  # loaded when a condition first needs one
     outcomes: dict[str, dict] = {}
     for condition in conditions:
+        if condition == "table":
+            outcomes[condition] = table_outcome(failed, table)
+            continue
         strategy = "retry" if condition == "plain" else "reflect_attempt"
         which = "trained" if condition == "trained" else "untrained"  # plain: the model is never asked
         if which not in models:
@@ -85,12 +96,44 @@ def evaluate(
     return {**summary, **differences(summary["_passed"])}
 
 
+def table_outcome(failed: list, table: dict[tuple[str, str], str] | None) -> dict:
+    """The table's retries of the failed first tries, scored as the others are."""
+    if table is None:
+        raise ValueError("the table condition needs a fitted table (--table-from DIR)")
+    verdicts = []
+    for problem in failed:
+        first = problem.validate(problem.first_answer)
+        verdicts.append(problem.validate(table_retry(table, action_of(problem.first_answer), first.reason)))
+    passed = [float(v.passed) for v in verdicts]
+    return {
+        "retry_acc": mean(passed) if passed else 0.0,
+        "retry_ci95": list(wilson_ci(int(sum(passed)), len(passed))),
+        "regret_final_mean": mean(v.cost for v in verdicts) if verdicts else 0.0,
+        "passed": passed,
+    }
+
+
+def fitted_table(directory: str, draw: tuple[int, int], policy: str | None) -> dict[tuple[str, str], str]:
+    """The retry table fitted on the training draw (`reflect train --n N --seed S`) of decisions:DIR."""
+    n, seed = draw
+    return fit_retry_table(get_loader(f"decisions:{directory}")(split="train", n=n, seed=seed, policy=policy))
+
+
 def conditions(text: str) -> tuple[str, ...]:
     """--conditions: a comma-separated subset of CONDITIONS, kept in their order."""
     chosen = {c.strip() for c in text.split(",") if c.strip()}
     if not chosen or chosen - set(CONDITIONS):
         raise argparse.ArgumentTypeError(f"expected some of {','.join(CONDITIONS)}, not {text!r}")
     return tuple(c for c in CONDITIONS if c in chosen)
+
+
+def draw(text: str) -> tuple[int, int]:
+    """N:SEED, as `--table-draw` takes it: 1000:0 -> (1000, 0)."""
+    try:
+        n, seed = text.split(":")
+        return int(n), int(seed)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:SEED such as 1000:0, not {text!r}") from None
 
 
 def unseen_by(text: str) -> tuple[int, tuple[int, ...]]:
@@ -102,10 +145,13 @@ def unseen_by(text: str) -> tuple[int, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"expected N:SEEDS such as 1000:0,1, not {text!r}") from None
 
 
+OTHERS = ("plain", "untrained", "table")  # what the trained reflector is compared with
+
+
 def differences(passed: dict[str, list[float]]) -> dict:
-    """trained - plain and trained - untrained, paired on the same items, where both conditions ran."""
+    """trained - plain, - untrained and - table, paired on the same items, where both conditions ran."""
     out: dict = {}
-    for other in ("plain", "untrained"):
+    for other in OTHERS:
         if "trained" not in passed or other not in passed:
             continue
         paired = [a - b for a, b in zip(passed["trained"], passed[other], strict=True)]
@@ -142,12 +188,13 @@ def report(summaries: list[dict], reflector: str) -> str:
         "differences paired on the same items, 95% paired-bootstrap intervals. The failed action is barred in",
         "every condition.",
         "",
-        "| rows | failed first tries | trained | untrained | plain retry | trained - plain | trained - untrained |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| rows | failed first tries | trained | untrained | plain retry | table | trained - plain "
+        "| trained - untrained | trained - table |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         cells = [cell(s, c) for c in CONDITIONS]
-        cells += [cell(s, f"trained_minus_{other}", signed=True) for other in ("plain", "untrained")]
+        cells += [cell(s, f"trained_minus_{other}", signed=True) for other in OTHERS]
         lines.append(f"| {s['task']} | {s['n_failed_first']} | {' | '.join(cells)} |")
     regrets = [s for s in summaries if "regret_first_mean" in s]
     if regrets:
@@ -157,8 +204,8 @@ def report(summaries: list[dict], reflector: str) -> str:
             "",
         ]
         lines += [
-            "| rows | first try | trained | untrained | plain retry |",
-            "| --- | --- | --- | --- | --- |",
+            "| rows | first try | trained | untrained | plain retry | table |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for s in regrets:
             lines.append(
@@ -184,9 +231,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=None, help="at most this many test items per task")
     parser.add_argument(
         "--conditions",
-        default=",".join(CONDITIONS),
+        default=",".join(DEFAULT_CONDITIONS),
         type=conditions,
-        help=f"which retries to run, comma-separated (default {','.join(CONDITIONS)})",
+        help=f"which retries to run, comma-separated, of {','.join(CONDITIONS)} (default "
+        f"{','.join(DEFAULT_CONDITIONS)}; table needs --table-from)",
+    )
+    parser.add_argument(
+        "--table-from",
+        default=None,
+        metavar="DIR",
+        help="decision rows whose training draw fits the table retry (e.g. runs/cf); adds table to the "
+        "conditions",
+    )
+    parser.add_argument(
+        "--table-draw",
+        type=draw,
+        default=(1000, 0),
+        metavar="N:SEED",
+        help="the training draw the table is fitted on, as reflect train --n N --seed SEED (default 1000:0)",
     )
     parser.add_argument(
         "--unseen-by",
@@ -198,9 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    chosen, table = args.conditions, None
+    if args.table_from is not None:
+        table = fitted_table(args.table_from, args.table_draw, args.policy)
+        chosen = tuple(c for c in CONDITIONS if c in chosen or c == "table")
+    elif "table" in chosen:
+        parser.error("--conditions table needs --table-from DIR")
 
     summaries = [
-        evaluate(t, args.reflector, args.policy, args.max_tokens, args.n, args.unseen_by, args.conditions)
+        evaluate(t, args.reflector, args.policy, args.max_tokens, args.n, args.unseen_by, chosen, table)
         for t in args.tasks.split(",")
     ]
     if len(summaries) > 1:

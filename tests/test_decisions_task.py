@@ -121,6 +121,52 @@ def test_reflector_eval_runs_only_the_conditions_asked_on_validation_rows(rows_d
     assert "| - | - | " in (tmp_path / "report.md").read_text()  # trained and untrained: not run
 
 
+def test_the_retry_table_learns_from_training_failures_and_scores_test_failures_by_the_reason_alone(
+    rows_dir, tmp_path
+):
+    # The cell is what the reason says: the failed action, and whether the loss rose (or diverged).
+    assert decisions.failure_cell("keep", "went from 3.100 to 3.200 (+3.2%) in 10 steps") == ("keep", "rose")
+    assert decisions.failure_cell("double", "went from 3.100 to 3.000 (-3.2%) in 10 steps") == (
+        "double",
+        "fell",
+    )
+    assert decisions.failure_cell("double", "the loss diverged (NaN) within 10 steps.") == ("double", "rose")
+
+    train = decisions.loader(str(rows_dir))(split="train", policy="keep")
+    table = decisions.fit_retry_table(train)
+    expected: dict = {}
+    for problem in train:
+        verdict = problem.validate("keep")
+        if not verdict.passed:
+            cell = expected.setdefault(
+                decisions.failure_cell("keep", verdict.reason), {"double": 0, "halve": 0}
+            )
+            for retry in cell:
+                cell[retry] += problem.validate(retry).passed
+    assert expected and set(table) == set(expected)
+    for cell, counts in expected.items():
+        assert table[cell] != "keep" and counts[table[cell]] == max(counts.values())
+    assert (
+        decisions.table_retry({}, "double", "x") == "keep"
+        and decisions.table_retry({}, "keep", "x") == "halve"
+    )
+
+    # On test rows the table runs with no model loaded (--reflector is never read), scored as the others.
+    args = ["--tasks", task(rows_dir), "--reflector", "unused", "--policy", "keep", "--out", str(tmp_path)]
+    summary = reflector_eval.main([*args, "--conditions", "table", "--table-from", str(rows_dir)])[
+        "summaries"
+    ][0]
+    failed = [
+        p for p in load_task(task(rows_dir), split="test", policy="keep") if not p.validate("keep").passed
+    ]
+    retries = [decisions.table_retry(table, "keep", p.validate("keep").reason) for p in failed]
+    passed = [p.validate(r).passed for p, r in zip(failed, retries, strict=True)]
+    assert summary["table"]["retry_acc"] == pytest.approx(sum(passed) / len(passed))
+    assert "trained" not in summary and "plain" not in summary
+    with pytest.raises(SystemExit):
+        reflector_eval.main([*args, "--conditions", "table"])  # no --table-from: nothing to fit it on
+
+
 def test_first_tries_are_the_policys_decisions_and_are_cached(rows_dir):
     problems = load_task(task(rows_dir), split="test", policy="keep")
     assert {p.first_answer for p in problems} == {"keep"} and all(p.actor for p in problems)

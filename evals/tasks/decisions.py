@@ -91,6 +91,47 @@ def validator(row: CounterfactualRow, margin: float):
 
 
 # -----------------------------------------------------------------------------------------------------
+# a model-free retry: a table fitted on training failures
+
+
+_CHANGE = re.compile(r"\(([+-]\d+(?:\.\d+)?)%\)")
+
+
+def failure_cell(action: str, reason: str) -> tuple[str, str]:
+    """What every retry reads of a failure, coarsely: the failed action, and whether the eval loss rose
+    after it ("rose"; a diverged run too) or not ("fell") by the reason's own words."""
+    change = _CHANGE.search(reason)
+    rose = "diverged" in reason or (change is not None and float(change.group(1)) > 0)
+    return action, "rose" if rose else "fell"
+
+
+def fit_retry_table(problems: list[Problem]) -> dict[tuple[str, str], str]:
+    """For each failure cell (`failure_cell`) of these problems' failed first tries, the action left
+    (the failed one barred) whose retry passes most often; ties go to ACTIONS' order. A baseline any
+    reflection should beat: it reads only what the failure reason says, and learns from the same rows."""
+    passes: dict[tuple[str, str], dict[str, int]] = {}
+    for problem in problems:
+        verdict = problem.validate(problem.first_answer or "")
+        action = action_of(problem.first_answer or "")
+        if verdict.passed or action is None:
+            continue
+        counts = passes.setdefault(
+            failure_cell(action, verdict.reason), {a: 0 for a in ACTIONS if a != action}
+        )
+        for retry in counts:
+            counts[retry] += problem.validate(retry).passed
+    return {
+        cell: max(counts, key=lambda a: (counts[a], -ACTIONS.index(a))) for cell, counts in passes.items()
+    }
+
+
+def table_retry(table: dict[tuple[str, str], str], action: str, reason: str) -> str:
+    """The table's retry after `action` failed for `reason`; in a cell it never saw, keep (halve after
+    a failed keep): undo the change."""
+    return table.get(failure_cell(action, reason), "halve" if action == "keep" else "keep")
+
+
+# -----------------------------------------------------------------------------------------------------
 # the first tries: a supervisor's decisions, cached
 
 
