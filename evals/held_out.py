@@ -80,7 +80,8 @@ EVALUATION_WORKLOADS = {
     "reflector-heldout-3": {  # defined 2026-12-08 for issue 26, to score a retrained reflector once
         "recipe": "tiny",
         "overrides": (
-            "model.n_layer=4", "model.n_embd=32", "model.n_head=2", "training.optim=rmsprop",
+            "model.n_layer=4", "model.n_embd=32", "model.n_head=2", "training.optim=adamw_torch",
+            "training.adam_beta1=0.5", "training.adam_beta2=0.9", "training.weight_decay=0.0",
             "training.lr_scheduler_type=polynomial", "training.warmup_steps=5",
             "training.lr_scheduler_kwargs={power: 2.0}", "training.max_steps=60",
             "training.eval_steps=10", "training.per_device_train_batch_size=12",
