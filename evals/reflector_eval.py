@@ -5,7 +5,7 @@ evaluation-only workloads).
     python -m selfsteer.evals.reflector_eval --tasks decisions:/data/cf,decisions:/data/reflector-heldout \\
         --reflector agents/reflector --out docs/reflector
 
-Three ways to retry each failed first try (the shipped intervener's decision), on the same items:
+Ways to retry each failed first try (the shipped intervener's decision), on the same items:
 - `trained`: the trained reflector writes the reflection, the frozen actor retries with it in context;
 - `untrained`: the same with the untrained embedded model writing the reflection;
 - `plain`: no reflection, only the news of the failure (strategy retry);
@@ -15,7 +15,7 @@ Three ways to retry each failed first try (the shipped intervener's decision), o
   --seed): what the reason alone is worth to a learner.
 The failed action is barred in all of them (the actor scores only the others), so `plain` is the bar a
 reflection has to clear. Per task and pooled: retry accuracy on the failed first tries with 95% Wilson
-intervals, the paired differences (trained - plain, trained - untrained) with 95% paired-bootstrap
+intervals, the paired differences (trained - plain, - untrained, - table) with 95% paired-bootstrap
 intervals, and the mean regret of the final decisions. Writes OUT/summary.json and OUT/report.md.
 
 To choose between reflectors without scoring any on test rows, `--unseen-by N:SEEDS` scores validation
