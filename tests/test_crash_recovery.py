@@ -29,11 +29,19 @@ RECIPE = [
 HELD_TRAIN = Path(__file__).parent / "helpers" / "held_train.py"
 
 
+PAUSE_AT = 30  # past the first Trainer save (step 20), and not the step right after a save
+
+
 def selfsteer_train(*args: str, held: Path | None = None) -> subprocess.Popen:
     """`selfsteer train`; with `held`, the CLI plus a `hold` command that blocks the training thread until
-    the file `held` exists (tests/helpers/held_train.py)."""
+    the file `held` exists, and a pause of its own at the boundary before step PAUSE_AT
+    (tests/helpers/held_train.py)."""
     program = [str(HELD_TRAIN)] if held else ["-m", "selfsteer.cli.main"]
-    env = {**os.environ, "SELFSTEER_TEST_RELEASE": str(held)} if held else None
+    env = (
+        {**os.environ, "SELFSTEER_TEST_RELEASE": str(held), "SELFSTEER_TEST_PAUSE_AT": str(PAUSE_AT)}
+        if held
+        else None
+    )
     return subprocess.Popen(
         [sys.executable, *program, "train", "--port", "0", *args],
         stdout=subprocess.PIPE,
@@ -50,28 +58,21 @@ def url_of(process: subprocess.Popen) -> str:
     raise AssertionError(f"no URL line (exit code {process.wait()})")
 
 
-def paused_off_a_save_step(client: BridgeClient) -> int:
-    """Pauses the run at a step boundary whose previous step was no Trainer save step, so the steps
-    trained before the kill go past the latest checkpoint (the resumed run retrains one of them: the
-    weights can be compared). A pause holds the boundary before the step's loss is logged and saved."""
-    while True:
-        client.wait(client.pause()["uuid"])
-        step = client.state()["step"]
-        if (step - 1) % SAVE_STEPS != 0:
-            return step
-        client.wait(client.resume()["uuid"])
-        wait_for(lambda step=step: client.state()["step"] > step, "a step after the save step")
-
-
 def test_a_killed_trainer_loses_no_command_and_resumes_the_same_run(tmp_path):
     db, out, release = tmp_path / "store.sqlite", tmp_path / "run", tmp_path / "release"
     trainer = selfsteer_train(*RECIPE, "--db", str(db), "--out", str(out), held=release)
     try:
         with BridgeClient(url_of(trainer), source="test") as client:
             run_id = client.state()["run_id"]
+            # Paused at PAUSE_AT by the run itself: the steps trained before the kill go past the latest
+            # checkpoint (the resumed run retrains some of them: the weights can be compared), and a
+            # fast machine cannot finish the run first. The pause holds the boundary before the step's
+            # loss is logged.
+            wait_for(lambda: client.state()["paused"], "the pause at PAUSE_AT")
+            held_at = client.state()["step"]
+            assert held_at == PAUSE_AT and (held_at - 1) % SAVE_STEPS != 0
             wait_for(lambda: any(c["source"] == "trainer" for c in client.commands()), "a Trainer checkpoint")
             applied = client.wait(client.set_lr(1e-3)["uuid"])
-            held_at = paused_off_a_save_step(client)
             holding = client.send("hold")["uuid"]  # the training thread blocks in it until `release` ...
             wait_for(lambda: client.command(holding)["status"] == "running", "the hold to start")
             waiting = [

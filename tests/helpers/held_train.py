@@ -1,8 +1,12 @@
-"""`selfsteer train` with one extra command, `hold`, for the crash test: its handler blocks the training
-thread at a step boundary until the file named by $SELFSTEER_TEST_RELEASE exists (a hold the test
-controls, where a slow evaluation was a race with the machine's speed). Everything else is the real CLI.
+"""`selfsteer train` with two things for the crash test, both under the test's control rather than the
+machine's speed:
+- a command, `hold`: its handler blocks the training thread at a step boundary until the file named by
+  $SELFSTEER_TEST_RELEASE exists (where a slow evaluation was a race);
+- $SELFSTEER_TEST_PAUSE_AT=N: the run pauses itself at the boundary before step N, as a `pause` command
+  applied there would (where a test that paused a fast run by request found it already finished).
+Everything else is the real CLI.
 
-    SELFSTEER_TEST_RELEASE=/tmp/x python tests/helpers/held_train.py train --port 0 --recipe tiny ...
+    SELFSTEER_TEST_RELEASE=/tmp/x SELFSTEER_TEST_PAUSE_AT=30 python tests/helpers/held_train.py train ...
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from pathlib import Path
 
 from selfsteer.cli.main import main
+from selfsteer.trainer_bridge.bridge import Bridge
 from selfsteer.trainer_bridge.commands import CommandError, NoArgs
 from selfsteer.trainer_bridge.handlers import BUILTINS
 
@@ -28,6 +33,18 @@ def hold(ctx, args: NoArgs) -> dict:
             raise CommandError(f"{release} never appeared")
         time.sleep(0.02)
     return {"held_at": ctx.step}
+
+
+_boundary = Bridge.boundary
+
+
+def boundary(self: Bridge, ctx) -> None:
+    if ctx.step == int(os.environ.get("SELFSTEER_TEST_PAUSE_AT", "-1")):
+        self.paused = True  # held here, applying commands, until a `resume` (or the kill)
+    _boundary(self, ctx)
+
+
+Bridge.boundary = boundary
 
 
 if __name__ == "__main__":
