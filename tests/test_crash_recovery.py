@@ -34,7 +34,7 @@ PAUSE_AT = 30  # past the first Trainer save (step 20), and not the step right a
 
 def selfsteer_train(*args: str, held: Path | None = None) -> subprocess.Popen:
     """`selfsteer train`; with `held`, the CLI plus a `hold` command that blocks the training thread until
-    the file `held` exists, and a pause of its own at the boundary before step PAUSE_AT
+    the file `held` exists, and a pause of its own at the step boundary PAUSE_AT
     (tests/helpers/held_train.py)."""
     program = [str(HELD_TRAIN)] if held else ["-m", "selfsteer.cli.main"]
     env = (

@@ -2,7 +2,7 @@
 machine's speed:
 - a command, `hold`: its handler blocks the training thread at a step boundary until the file named by
   $SELFSTEER_TEST_RELEASE exists (where a slow evaluation was a race);
-- $SELFSTEER_TEST_PAUSE_AT=N: the run pauses itself at the boundary before step N, as a `pause` command
+- $SELFSTEER_TEST_PAUSE_AT=N: the run pauses itself at the step boundary whose step is N, as a `pause` command
   applied there would (where a test that paused a fast run by request found it already finished).
 Everything else is the real CLI.
 
