@@ -76,12 +76,8 @@ def evaluate(
             models[which] = reflector_chat(reflector if which == "trained" else None, max_tokens)
         llm = models[which]
         results = run_episodes(llm, failed, ReflectConfig(strategy=strategy), progress=True)
-        passed = [float(r.passed_final) for r in results]
         outcomes[condition] = {
-            "retry_acc": mean(passed) if passed else 0.0,
-            "retry_ci95": list(wilson_ci(int(sum(passed)), len(passed))),
-            "regret_final_mean": mean(r.attempts[-1]["cost"] for r in results) if results else 0.0,
-            "passed": passed,
+            **scored([r.passed_final for r in results], [r.attempts[-1]["cost"] for r in results]),
             "reflections": [r.reflections[0]["text"] if r.reflections else "" for r in results][:5],
         }
     summary = {
@@ -96,6 +92,18 @@ def evaluate(
     return {**summary, **differences(summary["_passed"])}
 
 
+def scored(passed: list[bool], costs: list[float]) -> dict:
+    """One condition's retries: accuracy with its Wilson interval, the mean regret after them, and each
+    item's pass (kept for the paired differences)."""
+    passes = [float(p) for p in passed]
+    return {
+        "retry_acc": mean(passes) if passes else 0.0,
+        "retry_ci95": list(wilson_ci(int(sum(passes)), len(passes))),
+        "regret_final_mean": mean(costs) if costs else 0.0,
+        "passed": passes,
+    }
+
+
 def table_outcome(failed: list, table: dict[tuple[str, str], str] | None) -> dict:
     """The table's retries of the failed first tries, scored as the others are."""
     if table is None:
@@ -104,13 +112,7 @@ def table_outcome(failed: list, table: dict[tuple[str, str], str] | None) -> dic
     for problem in failed:
         first = problem.validate(problem.first_answer)
         verdicts.append(problem.validate(table_retry(table, action_of(problem.first_answer), first.reason)))
-    passed = [float(v.passed) for v in verdicts]
-    return {
-        "retry_acc": mean(passed) if passed else 0.0,
-        "retry_ci95": list(wilson_ci(int(sum(passed)), len(passed))),
-        "regret_final_mean": mean(v.cost for v in verdicts) if verdicts else 0.0,
-        "passed": passed,
-    }
+    return scored([v.passed for v in verdicts], [v.cost for v in verdicts])
 
 
 def fitted_table(directory: str, draw: tuple[int, int], policy: str | None) -> dict[tuple[str, str], str]:

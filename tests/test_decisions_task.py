@@ -19,6 +19,7 @@ import pytest
 
 from selfsteer.agents.counterfactual_rows import CounterfactualRow
 from selfsteer.agents.intervener_data import noise_margin, read_rows, regret
+from selfsteer.agents.reflector import outcome_reason
 from selfsteer.cli.main import main
 from selfsteer.evals import reflector_eval
 from selfsteer.evals.counterfactual import workload_key
@@ -131,6 +132,10 @@ def test_the_retry_table_learns_from_training_failures_and_scores_test_failures_
         "fell",
     )
     assert decisions.failure_cell("double", "the loss diverged (NaN) within 10 steps.") == ("double", "rose")
+    # ... as the task's own reasons word it (agents/reflector.outcome_reason), which the cell parses.
+    assert decisions.failure_cell("halve", outcome_reason("halve", 3.1, 3.2, 10)) == ("halve", "rose")
+    assert decisions.failure_cell("halve", outcome_reason("halve", 3.1, 3.0, 10)) == ("halve", "fell")
+    assert decisions.failure_cell("keep", outcome_reason("keep", 3.1, float("nan"), 10)) == ("keep", "rose")
 
     train = decisions.loader(str(rows_dir))(split="train", policy="keep")
     table = decisions.fit_retry_table(train)
